@@ -1,0 +1,214 @@
+//! One weight-access API over both formats: [`ModelFiles`] opens a GGUF file or an HF directory and hands out
+//! [`WeightView`]s by [`LlamaTensor`] role, checked against the [`LlamaConfig`]. The forward pass never sees file
+//! formats or tensor names.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{GenerationConfig, LlamaConfig};
+use crate::dtype::GgmlType;
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+use crate::hf::HfWeights;
+
+/// The role of a weight tensor in a Llama model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LlamaTensor {
+    TokenEmbedding,
+    OutputNorm,
+    /// Only present when embeddings are not tied.
+    LmHead,
+    AttnNorm(usize),
+    Wq(usize),
+    Wk(usize),
+    Wv(usize),
+    Wo(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl LlamaTensor {
+    /// The tensor's name in GGUF files (llama.cpp naming).
+    pub fn gguf_name(self) -> String {
+        use LlamaTensor::*;
+        match self {
+            TokenEmbedding => "token_embd.weight".into(),
+            OutputNorm => "output_norm.weight".into(),
+            LmHead => "output.weight".into(),
+            AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            Wq(l) => format!("blk.{l}.attn_q.weight"),
+            Wk(l) => format!("blk.{l}.attn_k.weight"),
+            Wv(l) => format!("blk.{l}.attn_v.weight"),
+            Wo(l) => format!("blk.{l}.attn_output.weight"),
+            FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Gate(l) => format!("blk.{l}.ffn_gate.weight"),
+            Up(l) => format!("blk.{l}.ffn_up.weight"),
+            Down(l) => format!("blk.{l}.ffn_down.weight"),
+        }
+    }
+
+    /// The tensor's name in Hugging Face `LlamaForCausalLM` checkpoints.
+    pub fn hf_name(self) -> String {
+        use LlamaTensor::*;
+        match self {
+            TokenEmbedding => "model.embed_tokens.weight".into(),
+            OutputNorm => "model.norm.weight".into(),
+            LmHead => "lm_head.weight".into(),
+            AttnNorm(l) => format!("model.layers.{l}.input_layernorm.weight"),
+            Wq(l) => format!("model.layers.{l}.self_attn.q_proj.weight"),
+            Wk(l) => format!("model.layers.{l}.self_attn.k_proj.weight"),
+            Wv(l) => format!("model.layers.{l}.self_attn.v_proj.weight"),
+            Wo(l) => format!("model.layers.{l}.self_attn.o_proj.weight"),
+            FfnNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+            Gate(l) => format!("model.layers.{l}.mlp.gate_proj.weight"),
+            Up(l) => format!("model.layers.{l}.mlp.up_proj.weight"),
+            Down(l) => format!("model.layers.{l}.mlp.down_proj.weight"),
+        }
+    }
+
+    /// Row-major shape the config implies (`[out, in]` for matrices).
+    pub fn expected_shape(self, c: &LlamaConfig) -> Vec<usize> {
+        use LlamaTensor::*;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        match self {
+            TokenEmbedding | LmHead => vec![c.vocab_size, h],
+            OutputNorm | AttnNorm(_) | FfnNorm(_) => vec![h],
+            Wq(_) => vec![c.num_heads * hd, h],
+            Wk(_) | Wv(_) => vec![c.num_kv_heads * hd, h],
+            Wo(_) => vec![h, c.num_heads * hd],
+            Gate(_) | Up(_) => vec![c.intermediate_size, h],
+            Down(_) => vec![h, c.intermediate_size],
+        }
+    }
+
+    /// Every tensor role of a model with this config, in load order.
+    pub fn all(c: &LlamaConfig) -> Vec<LlamaTensor> {
+        use LlamaTensor::*;
+        let mut v = vec![TokenEmbedding, OutputNorm];
+        if !c.tie_word_embeddings {
+            v.push(LmHead);
+        }
+        for l in 0..c.num_layers {
+            v.extend([AttnNorm(l), Wq(l), Wk(l), Wv(l), Wo(l), FfnNorm(l), Gate(l), Up(l), Down(l)]);
+        }
+        v
+    }
+}
+
+/// A borrowed tensor: raw bytes in the file's dtype, row-major shape.
+#[derive(Debug, Clone)]
+pub struct WeightView<'a> {
+    pub name: String,
+    pub dtype: GgmlType,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone)]
+pub enum WeightStore {
+    Gguf(GgufFile),
+    Hf(HfWeights),
+}
+
+/// Which on-disk format a model path holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf,
+    HfDirectory,
+}
+
+/// An opened model: config and weights. (Tokenizer and chat template live in [`crate::tokenizer`] and
+/// [`crate::chat`]; [`ModelFiles::gguf`] gives access to GGUF metadata for them.)
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub config: LlamaConfig,
+    pub generation: GenerationConfig,
+    pub store: WeightStore,
+}
+
+impl ModelFiles {
+    /// Opens a `.gguf` file or a Hugging Face directory.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            Self::open_hf(path)
+        } else {
+            let g = GgufFile::open(path)?;
+            let config = LlamaConfig::from_gguf(&g)?;
+            let generation = GenerationConfig { eos_token_ids: config.eos_token_ids.clone(), ..Default::default() };
+            let m = Self { path: path.into(), format: ModelFormat::Gguf, config, generation, store: WeightStore::Gguf(g) };
+            m.check_all()?;
+            Ok(m)
+        }
+    }
+
+    fn open_hf(dir: &Path) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("config.json");
+        let json = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.exists() {
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
+            GenerationConfig::from_json(&gen_path, &text)?
+        } else {
+            GenerationConfig::default()
+        };
+        let config = LlamaConfig::from_hf_json(&cfg_path, &json, Some(&generation))?;
+        let weights = HfWeights::open(dir)?;
+        let m = Self { path: dir.into(), format: ModelFormat::HfDirectory, config, generation, store: WeightStore::Hf(weights) };
+        m.check_all()?;
+        Ok(m)
+    }
+
+    /// The GGUF file, when the model is one (tokenizer and chat template metadata live there).
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.store {
+            WeightStore::Gguf(g) => Some(g),
+            WeightStore::Hf(_) => None,
+        }
+    }
+
+    /// Validates every tensor's presence, shape and dtype up front, so loading fails fast with a precise error.
+    fn check_all(&self) -> Result<(), ModelError> {
+        for t in LlamaTensor::all(&self.config) {
+            self.weight(t)?;
+        }
+        Ok(())
+    }
+
+    /// The tensor for `role`, checked against the config's shape.
+    pub fn weight(&self, role: LlamaTensor) -> Result<WeightView<'_>, ModelError> {
+        let expected = role.expected_shape(&self.config);
+        let (name, path, dtype, shape, data) = match &self.store {
+            WeightStore::Gguf(g) => {
+                let name = role.gguf_name();
+                let info = g
+                    .tensor_info(&name)
+                    .ok_or_else(|| ModelError::MissingTensor { path: g.path().into(), name: name.clone() })?;
+                (name, g.path(), info.dtype, info.shape(), g.tensor_bytes(info))
+            }
+            WeightStore::Hf(w) => {
+                let name = role.hf_name();
+                let info = w
+                    .tensor_info(&name)
+                    .ok_or_else(|| ModelError::MissingTensor { path: w.primary_path().into(), name: name.clone() })?;
+                (name, w.tensor_path(info), info.dtype, info.shape.clone(), w.tensor_bytes(info))
+            }
+        };
+        if shape != expected {
+            return Err(ModelError::WrongShape { path: path.into(), name, actual: shape, expected });
+        }
+        let is_norm = matches!(role, LlamaTensor::OutputNorm | LlamaTensor::AttnNorm(_) | LlamaTensor::FfnNorm(_));
+        let supported = match dtype {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => true,
+            GgmlType::Q8K | GgmlType::Q8_1 => false,
+            _ => !is_norm,
+        };
+        if !supported {
+            return Err(ModelError::dtype(path, &name, dtype));
+        }
+        Ok(WeightView { name, dtype, shape, data })
+    }
+}

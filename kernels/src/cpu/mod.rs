@@ -1,0 +1,5 @@
+//! CPU kernels. SIMD (AVX2 + FMA) paths are picked at run time; every kernel also has a
+//! portable scalar path.
+
+pub mod quant;
+pub mod ops;

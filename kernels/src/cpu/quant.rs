@@ -1,0 +1,282 @@
+//! GGML block quantization on the CPU: dequantization of GGUF tensor data, Q8 quantization of
+//! activations, and quantized dot products / matrix-vector products.
+//!
+//! # Formats
+//! The block layouts are those of llama.cpp (`ggml-common.h`); every multi-byte field is little
+//! endian and the `f16` scales are IEEE half floats. [`dequantize_row`] is bit-exact with
+//! ggml's `dequantize_row_*` and gguf-py's `gguf.quants.dequantize` (both compute every element
+//! with the same sequence of f32 operations; this module never fuses them into FMAs).
+//!
+//! # Quantized dot products
+//! Activations are quantized per block of [`QK8`] values into [`BlockQ8`] (llama.cpp's
+//! `block_q8_1` with f32 instead of f16 scales). [`vec_dot_q8`] and [`gemv_q8`] multiply raw
+//! weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with such a row: the products inside a block are
+//! summed exactly in integers, then scaled and accumulated in f32.
+//!
+//! # Determinism
+//! The SIMD path (AVX2 + FMA + F16C) is chosen at run time; CPUs without it use portable scalar
+//! code that sums in another order (results agree to ~1e-6 relative, not bitwise). On a given
+//! CPU each function is a pure function of its inputs: [`gemv_q8`] gives, for each row, exactly
+//! the bits [`vec_dot_q8`] gives, whatever the number of rows per call.
+
+use half::f16;
+
+pub use ferrite_common::dtype::GgmlType;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod kquants;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+/// Errors of [`dequantize_row`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    /// The operation is not implemented for this type (e.g. dequantizing `q8_1` / `q8_K`, which
+    /// only ever hold activations).
+    #[error("unsupported tensor type {0} for this operation")]
+    Unsupported(GgmlType),
+    /// `elements` is not a whole number of blocks, or `bytes` is not the size of that many blocks.
+    #[error("{elements} elements of type {dtype} do not match {bytes} bytes of data")]
+    BadLength { dtype: GgmlType, elements: usize, bytes: usize },
+}
+
+/// Number of values in one [`BlockQ8`].
+pub const QK8: usize = 32;
+
+/// One block of quantized activations: `x[i] ≈ d * qs[i]`, with `s = d * sum(qs)` (used by the
+/// types with a per-block minimum, Q4_1 and Q5_1).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK8],
+}
+
+/// Which implementation the dispatching functions use on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+/// AVX2 + FMA + F16C (every AVX2 CPU has F16C; checking it keeps the `unsafe` calls sound).
+/// `is_x86_feature_detected!` caches its answer, so this is a couple of loads.
+#[inline]
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Dequantize `dst.len()` elements (a multiple of the block size) of type `t` stored in `src`
+/// (exactly `t.bytes_for(dst.len())` bytes) into `dst`.
+///
+/// Supports F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K,
+/// bit-exact with ggml / gguf-py. Q8_1 and Q8_K give [`QuantError::Unsupported`].
+pub fn dequantize_row(t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    use GgmlType::*;
+    if matches!(t, Q8_1 | Q8K) {
+        return Err(QuantError::Unsupported(t));
+    }
+    if t.bytes_for(dst.len()) != Some(src.len()) {
+        return Err(QuantError::BadLength { dtype: t, elements: dst.len(), bytes: src.len() });
+    }
+    let ts = t.type_size();
+    let blocks = src.chunks_exact(ts).zip(dst.chunks_exact_mut(t.block_size()));
+    match t {
+        F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
+        BF16 => blocks.for_each(|(b, y)| {
+            y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+        }),
+        Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
+        Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
+        Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
+        Q5_1 => blocks.for_each(|(b, y)| dequant_q5_1(b, y)),
+        Q8_0 => blocks.for_each(|(b, y)| dequant_q8_0(b, y)),
+        Q2K => blocks.for_each(|(b, y)| kquants::dequant_q2_k(b, y)),
+        Q3K => blocks.for_each(|(b, y)| kquants::dequant_q3_k(b, y)),
+        Q4K => blocks.for_each(|(b, y)| kquants::dequant_q4_k(b, y)),
+        Q5K => blocks.for_each(|(b, y)| kquants::dequant_q5_k(b, y)),
+        Q6K => blocks.for_each(|(b, y)| kquants::dequant_q6_k(b, y)),
+        Q8_1 | Q8K => unreachable!("rejected above"),
+    }
+    Ok(())
+}
+
+/// block_q4_0 { f16 d; u8 qs[16] }: element j is the low nibble of qs[j], element j+16 the high
+/// one; value `d * (q - 8)`.
+fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    for j in 0..16 {
+        y[j] = d * (i32::from(qs[j] & 0x0F) - 8) as f32;
+        y[j + 16] = d * (i32::from(qs[j] >> 4) - 8) as f32;
+    }
+}
+
+/// block_q4_1 { f16 d; f16 m; u8 qs[16] }: value `d * q + m`.
+fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qs = &b[4..20];
+    for j in 0..16 {
+        y[j] = d * f32::from(qs[j] & 0x0F) + m;
+        y[j + 16] = d * f32::from(qs[j] >> 4) + m;
+    }
+}
+
+/// block_q5_0 { f16 d; u8 qh[4]; u8 qs[16] }: bit j of the little-endian u32 `qh` is bit 4 of
+/// element j; value `d * (q - 16)`.
+fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..16 {
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = d * ((u32::from(qs[j] & 0x0F) | h0) as i32 - 16) as f32;
+        y[j + 16] = d * ((u32::from(qs[j] >> 4) | h1) as i32 - 16) as f32;
+    }
+}
+
+/// block_q5_1 { f16 d; f16 m; u8 qh[4]; u8 qs[16] }: value `d * q + m`.
+fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    for j in 0..16 {
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = d * (u32::from(qs[j] & 0x0F) | h0) as f32 + m;
+        y[j + 16] = d * (u32::from(qs[j] >> 4) | h1) as f32 + m;
+    }
+}
+
+/// block_q8_0 { f16 d; i8 qs[32] }: value `d * q`.
+fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (y, &q) in y.iter_mut().zip(&b[2..34]) {
+        *y = d * f32::from(q as i8);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+// ---------------------------------------------------------------------------------------------
+
+/// Quantize a row of activations (`x.len() == out.len() * QK8`) into blocks with llama.cpp's
+/// `quantize_row_q8_1_ref` rounding: `d = amax / 127`, `q = round(x * (1 / d))` (round half away
+/// from zero), `s = d * sum(q)`; a block with `d == 0` is all zeros. Inputs must be finite.
+///
+/// The SIMD and scalar paths give identical blocks.
+pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+    debug_assert_eq!(x.len(), out.len() * QK8, "quantize_row_q8: length mismatch");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        Isa::Avx2 => unsafe { avx2::quantize_row_q8(x, out) },
+        Isa::Scalar => scalar::quantize_row_q8(x, out),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot products
+// ---------------------------------------------------------------------------------------------
+
+/// True if [`vec_dot_q8`] / [`gemv_q8`] support weights of type `t`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+pub fn supports_q8_dot(t: GgmlType) -> bool {
+    use GgmlType::*;
+    matches!(t, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+}
+
+/// Dot product of one weight row (raw GGML blocks of type `t`, `w.len() == x.len() *
+/// t.type_size()`) with a quantized activation row.
+///
+/// Per block `b`: Q4_0: `d_w*d_x*sum((q-8)*xq)`; Q4_1: `d_w*d_x*sum(q*xq) + m_w*s_x`;
+/// Q5_0: `d_w*d_x*sum((q-16)*xq)`; Q5_1: like Q4_1; Q8_0: `d_w*d_x*sum(q*xq)`.
+///
+/// Unsupported types (see [`supports_q8_dot`]) hit a `debug_assert!` and return 0.0 in release
+/// builds. Inconsistent lengths hit a `debug_assert!`; in release the common whole blocks are
+/// used. `x.qs` must not hold -128 (never produced by [`quantize_row_q8`]).
+pub fn vec_dot_q8(t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
+    debug_assert!(supports_q8_dot(t), "vec_dot_q8: unsupported type {t}");
+    debug_assert_eq!(w.len(), x.len() * t.type_size(), "vec_dot_q8: length mismatch");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        Isa::Avx2 => unsafe { avx2::vec_dot(t, w, x) },
+        Isa::Scalar => scalar::vec_dot(t, w, x),
+    }
+}
+
+/// `out[r] = vec_dot_q8(t, &w[r * row_bytes..][..row_bytes], x)` for each of the `out.len()`
+/// consecutive rows of `w` (`row_bytes == x.len() * t.type_size()`, `w.len() >= out.len() *
+/// row_bytes`). Bit-identical to calling [`vec_dot_q8`] row by row; the CPU feature dispatch is
+/// done once per call.
+///
+/// Unsupported types hit a `debug_assert!` and leave `out` untouched in release builds.
+/// Inconsistent lengths hit a `debug_assert!`; in release only the rows that fit in `w` are
+/// written.
+pub fn gemv_q8(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
+    debug_assert!(supports_q8_dot(t), "gemv_q8: unsupported type {t}");
+    debug_assert_eq!(row_bytes, x.len() * t.type_size(), "gemv_q8: row length mismatch");
+    debug_assert!(w.len() >= out.len() * row_bytes, "gemv_q8: weight matrix too short");
+    if !supports_q8_dot(t) || out.is_empty() {
+        return;
+    }
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let rows = w.len() / row_bytes;
+    let out_len = out.len().min(rows);
+    let out = &mut out[..out_len];
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        Isa::Avx2 => unsafe { avx2::gemv(t, w, row_bytes, x, out) },
+        Isa::Scalar => {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                *o = scalar::vec_dot(t, row, x);
+            }
+        }
+    }
+}
+
+/// f32 dot product of `a` and `b[..a.len()]` with a fixed reduction order: 4 accumulators of 8
+/// lanes over chunks of 32, remaining chunks of 8 into the first accumulator, a fixed tree
+/// reduction, then the last `len % 8` products added one by one. The AVX2 path uses FMA, the
+/// scalar path separate multiply and add, so they differ in the last bits.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len(), "dot_f32: length mismatch");
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        Isa::Avx2 => unsafe { avx2::dot_f32(a, b) },
+        Isa::Scalar => scalar::dot_f32(a, b),
+    }
+}

@@ -1,0 +1,138 @@
+//! `ferrite bench`: prefill and batched-decode throughput on CPU, next to this machine's measured memory bandwidth
+//! (decode at batch 1 streams every weight once per token, so `bandwidth / weight bytes` is its roofline).
+
+use std::time::Instant;
+
+use anyhow::bail;
+use ferrite_common::model::ModelFiles;
+use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_worker::cpu::{CpuBackend, CpuOptions};
+use ferrite_worker::generate::argmax;
+use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
+use rayon::prelude::*;
+
+use super::{ModelArgs, resolve_model};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Decode steps per batch size.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// Batch sizes for the decode measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Sustained read bandwidth in GB/s: all threads sum a 512 MiB buffer, median of several passes.
+fn memory_bandwidth_gbs(pool: &rayon::ThreadPool) -> f64 {
+    let n = 512 << 20 >> 3;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut runs = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        let s: u64 = pool.install(|| buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).sum());
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        runs.push((n * 8) as f64 / secs / 1e9);
+    }
+    median(runs)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.repeat == 0 || a.decode_steps == 0 || a.prompt_tokens == 0 || a.batch.contains(&0) {
+        bail!("--repeat, --decode-steps, --prompt-tokens and --batch sizes must be > 0");
+    }
+    let path = resolve_model(a.model.model.clone())?;
+    let files = ModelFiles::open(&path)?;
+    let vocab = files.config.vocab_size as u32;
+    let max_batch = a.batch.iter().copied().max().unwrap_or(1);
+    let decode_prompt = 16;
+    let per_seq = (decode_prompt + a.decode_steps).div_ceil(DEFAULT_BLOCK_SIZE);
+    let blocks = a.prompt_tokens.div_ceil(DEFAULT_BLOCK_SIZE).max(per_seq * max_batch);
+    let opts = CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
+    let mut backend = CpuBackend::load(&files, &opts)?;
+    let threads = if a.model.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.model.threads };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let bw = memory_bandwidth_gbs(&pool);
+    let weight_mb = backend.weight_bytes() as f64 / 1e6;
+    let roofline = bw * 1e3 / weight_mb;
+    println!("model: {}", path.display());
+    println!("threads: {threads}, precision: {:?}", a.model.precision);
+    println!("memory bandwidth (read): {bw:.1} GB/s; weights streamed per decode step: {weight_mb:.1} MB");
+    println!("batch-1 decode roofline (bandwidth / weight bytes): {roofline:.0} tok/s");
+
+    // Deterministic pseudo-random prompt tokens.
+    let tok = |i: usize| ((i as u64 * 2_654_435_761) % u64::from(vocab.min(40_000))) as u32 + 100;
+
+    // Prefill.
+    let prompt: Vec<u32> = (0..a.prompt_tokens).map(tok).collect();
+    let mut runs = Vec::new();
+    for _ in 0..a.repeat {
+        let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
+        let table = alloc.ensure(0, prompt.len())?.to_vec();
+        let t = Instant::now();
+        backend.forward(&ForwardBatch {
+            seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
+        })?;
+        runs.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    println!("prefill ({} tokens): {:.0} tok/s", a.prompt_tokens, median(runs));
+
+    // Decode at each batch size: every sequence has a 16-token prompt, then `decode_steps` batched steps.
+    for &b in &a.batch {
+        let mut runs = Vec::new();
+        for _ in 0..a.repeat {
+            let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
+            let mut last: Vec<u32> = Vec::with_capacity(b);
+            let mut tables = Vec::with_capacity(b);
+            for s in 0..b {
+                let p: Vec<u32> = (0..decode_prompt).map(|i| tok(i + 31 * s)).collect();
+                let table = alloc.ensure(s as u64, decode_prompt + a.decode_steps)?.to_vec();
+                let logits = backend.forward(&ForwardBatch {
+                    seqs: vec![SeqInput { tokens: &p, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
+                })?;
+                last.push(logits.last(0).map_or(0, argmax));
+                tables.push(table);
+            }
+            let t = Instant::now();
+            for step in 0..a.decode_steps {
+                let toks = last.clone();
+                let batch = ForwardBatch {
+                    seqs: (0..b)
+                        .map(|s| SeqInput {
+                            tokens: std::slice::from_ref(&toks[s]),
+                            start_pos: decode_prompt + step,
+                            block_table: &tables[s],
+                            logits: LogitsWanted::Last,
+                        })
+                        .collect(),
+                };
+                let logits = backend.forward(&batch)?;
+                for (s, l) in last.iter_mut().enumerate() {
+                    *l = logits.last(s).map_or(0, argmax);
+                }
+            }
+            runs.push((b * a.decode_steps) as f64 / t.elapsed().as_secs_f64());
+        }
+        let tps = median(runs);
+        if b == 1 {
+            println!("decode batch {b}: {tps:.1} tok/s ({:.0}% of roofline)", 100.0 * tps / roofline);
+        } else {
+            println!("decode batch {b}: {tps:.1} tok/s");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Subcommands of the `ferrite` binary, and the options they share.
+
+pub mod bench;
+pub mod export;
+pub mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use ferrite_worker::cpu::weights::WeightPrecision;
+
+/// File name of the default model (SmolLM2-135M-Instruct, GGUF Q4_1), fetched by `scripts/fetch-model.sh`.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Options every model-running command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file or a Hugging Face model directory. Default: the cached default model (fetched on first use).
+    #[arg(long, env = "FERRITE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// CPU threads (0 = one per core).
+    #[arg(long, env = "FERRITE_CPU_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Weight precision on CPU: `native` keeps GGUF quantized blocks, `f32` dequantizes everything.
+    #[arg(long, value_enum, default_value_t = Precision::Native)]
+    pub precision: Precision,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Native,
+    F32,
+}
+
+impl From<Precision> for WeightPrecision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::Native => WeightPrecision::Native,
+            Precision::F32 => WeightPrecision::F32,
+        }
+    }
+}
+
+/// The repository this binary was built from (for the default model cache and the fetch script).
+fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Resolves `--model`, falling back to the default model: `$FERRITE_MODEL_DIR/<file>` (default `<repo>/models`),
+/// fetched with `scripts/fetch-model.sh` when missing.
+pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = arg {
+        if !p.exists() {
+            bail!("model path {} does not exist", p.display());
+        }
+        return Ok(p);
+    }
+    let dir = std::env::var_os("FERRITE_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"));
+    let path = dir.join(DEFAULT_MODEL_FILE);
+    if path.exists() {
+        return Ok(path);
+    }
+    let script = repo_root().join("scripts/fetch-model.sh");
+    if !script.exists() {
+        bail!("default model not found at {} and no fetch script at {}; pass --model", path.display(), script.display());
+    }
+    tracing::info!("fetching the default model with {}", script.display());
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .env("FERRITE_MODEL_DIR", &dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed", script.display());
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}

@@ -1,0 +1,38 @@
+//! `ferrite`: the command-line entry point. Parses arguments, sets up logging on stderr, and dispatches to a
+//! subcommand. Everything else lives in library code.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Ferrite: an OpenAI-compatible Llama inference cluster.
+#[derive(Parser)]
+#[command(name = "ferrite", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt and print it on stdout.
+    Generate(commands::generate::Args),
+    /// Write a Hugging Face model directory (safetensors, config, tokenizer) from a GGUF model.
+    ExportHf(commands::export::Args),
+    /// Measure prefill and decode throughput, and this machine's memory bandwidth.
+    Bench(commands::bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRITE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Generate(a) => commands::generate::run(a),
+        Command::ExportHf(a) => commands::export::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    }
+}

@@ -1,0 +1,94 @@
+//! Shared helpers for Ferrite's cross-crate tests: locating the default model (fetched through
+//! `scripts/fetch-model.sh`, the only download tests may do) and the transformers reference outputs in
+//! `../shared/reference/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Path of the default model GGUF: `$FERRITE_MODEL` if set, else whatever `scripts/fetch-model.sh` prints (it
+/// downloads once and caches).
+pub fn default_model() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("FERRITE_MODEL") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new("bash")
+            .arg(workspace_root().join("scripts/fetch-model.sh"))
+            .output()
+            .expect("run scripts/fetch-model.sh");
+        assert!(out.status.success(), "fetch-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+    })
+    .clone()
+}
+
+/// The reference folder: `$FERRITE_REFERENCE_DIR`, else `<workspace>/../shared/reference`.
+pub fn reference_dir() -> PathBuf {
+    std::env::var("FERRITE_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("../shared/reference"))
+}
+
+/// `reference.json`, parsed.
+pub fn reference() -> &'static Value {
+    static REF: OnceLock<Value> = OnceLock::new();
+    REF.get_or_init(|| {
+        let p = reference_dir().join("reference.json");
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&text).expect("reference.json parses")
+    })
+}
+
+/// One reference case.
+#[derive(Debug, Clone)]
+pub struct RefCase {
+    pub name: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub margins: Vec<f32>,
+    pub top10: Vec<(Vec<u32>, Vec<f32>)>,
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("float") as f32).collect()
+}
+
+/// All generation cases of `reference.json`, sorted by name.
+pub fn ref_cases() -> Vec<RefCase> {
+    let cases = reference()["cases"].as_object().expect("cases object");
+    let mut out: Vec<RefCase> = cases
+        .iter()
+        .map(|(name, c)| RefCase {
+            name: name.clone(),
+            prompt_ids: ids(&c["prompt_ids"]),
+            greedy_ids: ids(&c["greedy_ids"]),
+            margins: floats(&c["top1_margin_per_step"]),
+            top10: c["top10_per_step"]
+                .as_array()
+                .map(|steps| steps.iter().map(|s| (ids(&s["ids"]), floats(&s["logits"]))).collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The full last-position logits of a case (`logits_<name>.f32`).
+pub fn ref_logits(name: &str) -> Vec<f32> {
+    let p = reference_dir().join(format!("logits_{name}.f32"));
+    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}

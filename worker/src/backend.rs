@@ -1,0 +1,120 @@
+//! The narrow seam between the model runner and the hardware: [`Backend::forward`] runs one batched step of the
+//! Llama model over paged KV storage. The CPU backend ([`crate::cpu::CpuBackend`]) implements it now; the CUDA backend
+//! implements the same trait later.
+
+use std::ops::Range;
+
+use ferrite_common::config::LlamaConfig;
+
+/// Which logits a sequence wants back from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None (a prefill chunk that does not end the prompt).
+    None,
+    /// The last position only (decode, or the last prefill chunk).
+    Last,
+    /// Every position of the step (tests, prompt logprobs).
+    All,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone)]
+pub struct SeqInput<'a> {
+    /// New tokens to run through the model.
+    pub tokens: &'a [u32],
+    /// How many tokens of this sequence are already in the KV cache; `tokens[i]` has position `start_pos + i`.
+    pub start_pos: usize,
+    /// Physical KV block ids covering positions `0 .. start_pos + tokens.len()`.
+    pub block_table: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+/// A batched step: any number of sequences, each with any number of new tokens.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardBatch<'a> {
+    pub seqs: Vec<SeqInput<'a>>,
+}
+
+/// Logits of a step, row-major `[rows, vocab]`; `ranges[i]` are the rows of sequence `i`.
+#[derive(Debug, Clone, Default)]
+pub struct Logits {
+    pub vocab: usize,
+    pub data: Vec<f32>,
+    pub ranges: Vec<Range<usize>>,
+}
+
+impl Logits {
+    /// The logit rows of sequence `i` (empty when it asked for none).
+    pub fn seq(&self, i: usize) -> &[f32] {
+        let r = &self.ranges[i];
+        &self.data[r.start * self.vocab..r.end * self.vocab]
+    }
+
+    /// The last logit row of sequence `i`, if it asked for any.
+    pub fn last(&self, i: usize) -> Option<&[f32]> {
+        let r = &self.ranges[i];
+        (r.end > r.start).then(|| &self.data[(r.end - 1) * self.vocab..r.end * self.vocab])
+    }
+}
+
+/// Why a step could not run. Nothing is written to the KV cache when a step is rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    #[error("sequence {seq}: token id {id} is out of range (vocab size {vocab})")]
+    InvalidToken { seq: usize, id: u32, vocab: usize },
+    #[error("sequence {seq}: position {pos} exceeds the model's maximum context {max}")]
+    ContextOverflow { seq: usize, pos: usize, max: usize },
+    #[error("sequence {seq}: block table has {have} blocks, {need} needed for {tokens} tokens")]
+    BlockTableTooShort { seq: usize, have: usize, need: usize, tokens: usize },
+    #[error("sequence {seq}: block id {block} is out of range ({num_blocks} blocks)")]
+    InvalidBlock { seq: usize, block: u32, num_blocks: usize },
+    #[error("sequence {seq} has no tokens")]
+    EmptySequence { seq: usize },
+}
+
+/// Facts about a backend the engine needs once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub name: &'static str,
+    pub num_kv_blocks: usize,
+    pub block_size: usize,
+}
+
+/// Runs the model. Implementations must be batch invariant: a sequence's logits are bitwise identical whatever else
+/// is in the batch.
+pub trait Backend: Send {
+    fn config(&self) -> &LlamaConfig;
+    fn info(&self) -> BackendInfo;
+    /// Runs one step: writes the new tokens' K/V into the cache at their block-table slots, returns the logits asked
+    /// for.
+    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError>;
+}
+
+/// Validates a batch against the model and KV geometry (shared by backends, so errors are identical).
+pub fn validate_batch(
+    batch: &ForwardBatch<'_>,
+    config: &LlamaConfig,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<(), BackendError> {
+    for (seq, s) in batch.seqs.iter().enumerate() {
+        if s.tokens.is_empty() {
+            return Err(BackendError::EmptySequence { seq });
+        }
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(BackendError::InvalidToken { seq, id, vocab: config.vocab_size });
+        }
+        let end = s.start_pos + s.tokens.len();
+        if end > config.max_position_embeddings {
+            return Err(BackendError::ContextOverflow { seq, pos: end - 1, max: config.max_position_embeddings });
+        }
+        let need = end.div_ceil(block_size);
+        if s.block_table.len() < need {
+            return Err(BackendError::BlockTableTooShort { seq, have: s.block_table.len(), need, tokens: end });
+        }
+        if let Some(&block) = s.block_table[..need].iter().find(|&&b| b as usize >= num_blocks) {
+            return Err(BackendError::InvalidBlock { seq, block, num_blocks });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Multi-threaded `y = x · Wᵀ` over [`Matrix`] formats.
+//!
+//! Work is split over weight rows only, never over the reduction dimension, and each activation row is quantized on
+//! its own: every output element is one dot product of one weight row with one activation row, computed the same way
+//! whatever the batch size. That is what makes the forward pass batch invariant.
+
+use ferrite_kernels::cpu::quant::{BlockQ8, QK8, dequantize_row, dot_f32, gemv_q8, quantize_row_q8};
+use rayon::prelude::*;
+
+use super::weights::{Linear, Matrix};
+
+/// Weight rows per task: small enough to balance two to a few threads, large enough to amortize scheduling.
+const MIN_ROWS_PER_TASK: usize = 16;
+/// Weight rows per cache tile when the batch has many activation rows.
+const TILE_ROWS: usize = 16;
+
+/// Activations prepared for one or more matmuls that share the same input.
+pub struct Prepared<'a> {
+    x: &'a [f32],
+    n: usize,
+    cols: usize,
+    q8: Option<Vec<BlockQ8>>,
+}
+
+impl<'a> Prepared<'a> {
+    /// `x` is `[n, cols]`. Quantizes to Q8 blocks when `quantize` (in parallel over rows).
+    pub fn new(x: &'a [f32], n: usize, cols: usize, quantize: bool) -> Self {
+        debug_assert_eq!(x.len(), n * cols);
+        let q8 = quantize.then(|| {
+            let per_row = cols / QK8;
+            let mut q = vec![BlockQ8::default(); n * per_row];
+            q.par_chunks_mut(per_row).zip(x.par_chunks(cols)).for_each(|(q, x)| quantize_row_q8(x, q));
+            q
+        });
+        Self { x, n, cols, q8 }
+    }
+
+    fn q8_row(&self, b: usize) -> &[BlockQ8] {
+        let per_row = self.cols / QK8;
+        &self.q8.as_ref().expect("prepared with quantize=true")[b * per_row..(b + 1) * per_row]
+    }
+
+    fn f32_row(&self, b: usize) -> &[f32] {
+        &self.x[b * self.cols..(b + 1) * self.cols]
+    }
+}
+
+/// `out[b, out_offset + r] = x_b · W_r` for every activation row `b` and weight row `r`; `out` has `out_stride`
+/// columns.
+pub fn matmul_into(w: &Matrix, x: &Prepared<'_>, out: &mut [f32], out_stride: usize, out_offset: usize) {
+    let rows = w.rows();
+    let n = x.n;
+    debug_assert_eq!(w.cols(), x.cols);
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per_task = rows.div_ceil(threads * 4).max(MIN_ROWS_PER_TASK);
+    let tasks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rows_per_task))
+        .into_par_iter()
+        .map(|t| {
+            let r0 = t * rows_per_task;
+            let r1 = (r0 + rows_per_task).min(rows);
+            let mut local = vec![0f32; n * (r1 - r0)];
+            compute_rows(w, x, r0, r1, &mut local);
+            (r0, local)
+        })
+        .collect();
+    for (r0, local) in tasks {
+        let width = local.len() / n;
+        for b in 0..n {
+            out[b * out_stride + out_offset + r0..][..width].copy_from_slice(&local[b * width..(b + 1) * width]);
+        }
+    }
+}
+
+/// `local[b, r - r0]` for weight rows `r0..r1`, tiled so a tile of weight rows stays in cache across the batch.
+fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut [f32]) {
+    let width = r1 - r0;
+    let mut scratch = Vec::new();
+    for t0 in (r0..r1).step_by(TILE_ROWS) {
+        let t1 = (t0 + TILE_ROWS).min(r1);
+        for b in 0..x.n {
+            let out = &mut local[b * width + (t0 - r0)..b * width + (t1 - r0)];
+            match w {
+                Matrix::Blocks { dtype, row_bytes, data, .. } if w.wants_q8() => {
+                    gemv_q8(*dtype, &data[t0 * row_bytes..t1 * row_bytes], *row_bytes, x.q8_row(b), out);
+                }
+                Matrix::Blocks { dtype, cols, row_bytes, data, .. } => {
+                    scratch.resize(*cols, 0.0);
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let r = t0 + i;
+                        dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], &mut scratch)
+                            .expect("row geometry validated at load");
+                        *o = dot_f32(&scratch, x.f32_row(b));
+                    }
+                }
+                Matrix::F32 { cols, data, .. } => {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let r = t0 + i;
+                        *o = dot_f32(&data[r * cols..(r + 1) * cols], x.f32_row(b));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `[n, out_features]` output of a (possibly split) linear layer.
+pub fn linear(l: &Linear, x: &[f32], n: usize, cols: usize, out: &mut Vec<f32>) {
+    let width = l.out_features();
+    out.clear();
+    out.resize(n * width, 0.0);
+    match l {
+        Linear::Fused(m) => {
+            let p = Prepared::new(x, n, cols, m.wants_q8());
+            matmul_into(m, &p, out, width, 0);
+        }
+        Linear::Split(parts) => {
+            let p = Prepared::new(x, n, cols, parts.iter().any(Matrix::wants_q8));
+            let mut off = 0;
+            for m in parts {
+                matmul_into(m, &p, out, width, off);
+                off += m.rows();
+            }
+        }
+    }
+}
+
+/// `[n, rows]` output of one matrix.
+pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(n * w.rows(), 0.0);
+    let p = Prepared::new(x, n, w.cols(), w.wants_q8());
+    matmul_into(w, &p, out, w.rows(), 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrite_common::dtype::GgmlType;
+    use ferrite_kernels::cpu::quant::dequantize_row;
+
+    /// Random Q4_1 matrix: f16 scale 0.01..0.02, f16 min -0.1, random nibbles.
+    fn q4_1(rows: usize, cols: usize, seed: u64) -> Matrix {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let row_bytes = cols / 32 * 20;
+        let mut data = Vec::with_capacity(rows * row_bytes);
+        for _ in 0..rows * cols / 32 {
+            data.extend(half::f16::from_f32(0.01 + (next() % 100) as f32 * 1e-4).to_le_bytes());
+            data.extend(half::f16::from_f32(-0.1).to_le_bytes());
+            data.extend((0..16).map(|_| next() as u8));
+        }
+        Matrix::Blocks { dtype: GgmlType::Q4_1, rows, cols, row_bytes, data }
+    }
+
+    fn dequant(m: &Matrix) -> Matrix {
+        let Matrix::Blocks { dtype, rows, cols, data, .. } = m else { unreachable!() };
+        let mut out = vec![0f32; rows * cols];
+        dequantize_row(*dtype, data, &mut out).unwrap();
+        Matrix::F32 { rows: *rows, cols: *cols, data: out }
+    }
+
+    #[test]
+    fn quantized_matmul_tracks_f32_and_is_batch_invariant() {
+        let (rows, cols, n) = (100, 96, 5);
+        let w = q4_1(rows, cols, 1);
+        let wf = dequant(&w);
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let (mut yq, mut yf) = (Vec::new(), Vec::new());
+        matmul(&w, &x, n, &mut yq);
+        matmul(&wf, &x, n, &mut yf);
+        for b in 0..n {
+            for r in 0..rows {
+                let (q, f) = (yq[b * rows + r], yf[b * rows + r]);
+                assert!((q - f).abs() < 0.02 * (1.0 + f.abs()), "b {b} r {r}: {q} vs {f}");
+            }
+            // Same row alone gives the same bits.
+            let mut alone = Vec::new();
+            matmul(&w, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+            assert_eq!(alone, yq[b * rows..(b + 1) * rows]);
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The CPU backend: the Llama forward pass on GGUF-quantized (or f32) weights with paged f32 KV storage.
+//!
+//! Pipeline per step (all sequences' new tokens stacked into one `[T, hidden]` activation matrix):
+//! embed → L × [RMSNorm → fused QKV → RoPE → write K,V at block-table slots → causal attention over the paged cache
+//! → o_proj + residual → RMSNorm → fused gate/up → SiLU·up → down + residual] → final norm → lm_head for the rows
+//! that want logits. Model reference: Touvron et al. 2023 (Llama); transformers `modeling_llama.py`.
+
+mod matmul;
+pub mod weights;
+
+use std::sync::Arc;
+
+use ferrite_common::config::{LlamaConfig, RopeStyle};
+use ferrite_common::error::ModelError;
+use ferrite_common::model::ModelFiles;
+use ferrite_kernels::cpu::ops::{RopePairing, attend_one, rms_norm, rope, silu_mul};
+use rayon::prelude::*;
+
+use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
+use weights::{LlamaWeights, WeightPrecision};
+
+/// CPU backend options.
+#[derive(Debug, Clone)]
+pub struct CpuOptions {
+    pub precision: WeightPrecision,
+    /// Worker threads for matmuls and attention (0 = one per core).
+    pub threads: usize,
+    /// KV blocks to allocate.
+    pub num_kv_blocks: usize,
+    pub block_size: usize,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        Self { precision: WeightPrecision::Native, threads: 0, num_kv_blocks: 256, block_size: crate::kv::DEFAULT_BLOCK_SIZE }
+    }
+}
+
+/// Paged KV storage: per layer `[num_blocks, block_size, n_kv_heads, head_dim]` f32 for K and for V.
+struct KvStore {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Floats per layer.
+    layer_stride: usize,
+    /// Floats per token slot (`n_kv_heads · head_dim`).
+    slot_stride: usize,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+impl KvStore {
+    fn new(c: &LlamaConfig, num_blocks: usize, block_size: usize) -> Self {
+        let slot_stride = c.num_kv_heads * c.head_dim;
+        let layer_stride = num_blocks * block_size * slot_stride;
+        let total = layer_stride * c.num_layers;
+        Self { k: vec![0.0; total], v: vec![0.0; total], layer_stride, slot_stride, block_size, num_blocks }
+    }
+
+    /// Float offset of token position `pos` of a sequence with `table`, in `layer`.
+    fn offset(&self, layer: usize, table: &[u32], pos: usize) -> usize {
+        let slot = table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
+        layer * self.layer_stride + slot * self.slot_stride
+    }
+}
+
+/// Scratch buffers reused across steps.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// The Llama model on CPU.
+pub struct CpuBackend {
+    config: LlamaConfig,
+    weights: LlamaWeights,
+    inv_freq: Vec<f32>,
+    pairing: RopePairing,
+    kv: KvStore,
+    pool: Arc<rayon::ThreadPool>,
+    scratch: Scratch,
+}
+
+impl CpuBackend {
+    /// Loads weights from `model` (GGUF or HF directory) and allocates the KV store.
+    pub fn load(model: &ModelFiles, opts: &CpuOptions) -> Result<Self, ModelError> {
+        let config = model.config.clone();
+        let weights = LlamaWeights::load(model, opts.precision)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads)
+            .thread_name(|i| format!("ferrite-cpu-{i}"))
+            .build()
+            .map_err(|e| ModelError::InvalidConfig { path: model.path.clone(), detail: format!("thread pool: {e}") })
+            .map(Arc::new)?;
+        let pairing = match config.rope_style {
+            RopeStyle::Interleaved => RopePairing::Interleaved,
+            RopeStyle::Half => RopePairing::Half,
+        };
+        Ok(Self {
+            inv_freq: config.rope_inv_freq(),
+            kv: KvStore::new(&config, opts.num_kv_blocks, opts.block_size),
+            config,
+            weights,
+            pairing,
+            pool,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Bytes of weights one decode step streams from memory (every matrix once; norms are negligible).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.matrix_bytes()
+    }
+
+    fn forward_inner(&mut self, batch: &ForwardBatch<'_>) -> Logits {
+        let c = &self.config;
+        let (hidden, hd) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let q_width = nh * hd;
+        let kv_width = nkv * hd;
+        let qkv_width = q_width + 2 * kv_width;
+        let ffn = c.intermediate_size;
+
+        // Token-level bookkeeping: (sequence, position) of each stacked row.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            rows.extend((0..seq.tokens.len()).map(|i| (s, seq.start_pos + i)));
+        }
+        let t = rows.len();
+        let sc = &mut self.scratch;
+        sc.x.resize(t * hidden, 0.0);
+        for (row, tok) in sc.x.chunks_exact_mut(hidden).zip(batch.seqs.iter().flat_map(|s| s.tokens)) {
+            self.weights.embedding.row_f32(*tok as usize, row);
+        }
+        sc.h.resize(t * hidden, 0.0);
+        sc.attn.resize(t * q_width, 0.0);
+        sc.act.resize(t * ffn, 0.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = c.gqa_group();
+
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            // Attention block.
+            sc.h.par_chunks_mut(hidden)
+                .zip(sc.x.par_chunks(hidden))
+                .for_each(|(h, x)| rms_norm(x, &lw.attn_norm, c.rms_norm_eps, h));
+            matmul::linear(&lw.qkv, &sc.h, t, hidden, &mut sc.qkv);
+            sc.qkv.par_chunks_mut(qkv_width).zip(&rows).for_each(|(row, &(_, pos))| {
+                rope(&mut row[..q_width + kv_width], hd, pos, &self.inv_freq, self.pairing);
+            });
+            for (row, &(s, pos)) in sc.qkv.chunks_exact(qkv_width).zip(&rows) {
+                let off = self.kv.offset(l, batch.seqs[s].block_table, pos);
+                self.kv.k[off..off + kv_width].copy_from_slice(&row[q_width..q_width + kv_width]);
+                self.kv.v[off..off + kv_width].copy_from_slice(&row[q_width + kv_width..]);
+            }
+            let kv = &self.kv;
+            let qkv = &sc.qkv;
+            let work = |scores: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
+                let (r, head) = (i / nh, i % nh);
+                let (s, pos) = rows[r];
+                let table = batch.seqs[s].block_table;
+                let q = &qkv[r * qkv_width + head * hd..][..hd];
+                let kvh = head / group;
+                let key = |p: usize| &kv.k[kv.offset(l, table, p) + kvh * hd..][..hd];
+                let value = |p: usize| &kv.v[kv.offset(l, table, p) + kvh * hd..][..hd];
+                attend_one(q, pos + 1, scale, key, value, scores, out);
+            };
+            // Small decode steps are cheaper on one thread than fanned out; the result is identical either way.
+            let ctx_work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
+            if ctx_work > 16 * 1024 {
+                sc.attn.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, work);
+            } else {
+                let mut scores = Vec::new();
+                sc.attn.chunks_mut(hd).enumerate().for_each(|item| work(&mut scores, item));
+            }
+            matmul::matmul(&lw.wo, &sc.attn, t, &mut sc.proj);
+            sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
+
+            // MLP block.
+            sc.h.par_chunks_mut(hidden)
+                .zip(sc.x.par_chunks(hidden))
+                .for_each(|(h, x)| rms_norm(x, &lw.ffn_norm, c.rms_norm_eps, h));
+            matmul::linear(&lw.gate_up, &sc.h, t, hidden, &mut sc.gate_up);
+            sc.act.par_chunks_mut(ffn).zip(sc.gate_up.par_chunks(2 * ffn)).for_each(|(a, gu)| {
+                let (g, u) = gu.split_at(ffn);
+                silu_mul(g, u, a);
+            });
+            matmul::matmul(&lw.down, &sc.act, t, &mut sc.proj);
+            sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
+        }
+
+        // Rows that want logits.
+        let mut picked = Vec::new();
+        let mut ranges = Vec::with_capacity(batch.seqs.len());
+        let mut first_row = 0;
+        for seq in &batch.seqs {
+            let n = seq.tokens.len();
+            let start = picked.len();
+            match seq.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => picked.push(first_row + n - 1),
+                LogitsWanted::All => picked.extend(first_row..first_row + n),
+            }
+            ranges.push(start..picked.len());
+            first_row += n;
+        }
+        let mut normed = vec![0f32; picked.len() * hidden];
+        for (h, &r) in normed.chunks_exact_mut(hidden).zip(&picked) {
+            rms_norm(&sc.x[r * hidden..(r + 1) * hidden], &self.weights.output_norm, c.rms_norm_eps, h);
+        }
+        let mut data = Vec::new();
+        if !picked.is_empty() {
+            matmul::matmul(self.weights.lm_head(), &normed, picked.len(), &mut data);
+        }
+        Logits { vocab: c.vocab_size, data, ranges }
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+impl Backend for CpuBackend {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo { name: "cpu", num_kv_blocks: self.kv.num_blocks, block_size: self.kv.block_size }
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
+        validate_batch(batch, &self.config, self.kv.block_size, self.kv.num_blocks)?;
+        if batch.seqs.is_empty() {
+            return Ok(Logits { vocab: self.config.vocab_size, data: Vec::new(), ranges: Vec::new() });
+        }
+        let pool = Arc::clone(&self.pool);
+        Ok(pool.install(|| self.forward_inner(batch)))
+    }
+}

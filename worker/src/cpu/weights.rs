@@ -1,0 +1,219 @@
+//! CPU weight storage. Matrices stay in their GGML block format when a quantized dot product exists for it (Q4_0,
+//! Q4_1, Q8_0: activations are quantized to Q8 blocks, as llama.cpp does); other block formats (K-quants, ...) are
+//! dequantized one row at a time inside the dot product; float formats are widened to f32 at load.
+
+use ferrite_common::config::LlamaConfig;
+use ferrite_common::dtype::GgmlType;
+use ferrite_common::error::ModelError;
+use ferrite_common::model::{LlamaTensor, ModelFiles, WeightView};
+use ferrite_kernels::cpu::quant::{dequantize_row, supports_q8_dot};
+
+/// How the CPU backend keeps weights in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightPrecision {
+    /// Keep GGML blocks; Q8-quantize activations for the dot products (fast path).
+    #[default]
+    Native,
+    /// Dequantize everything to f32 at load; f32 activations (the reference path).
+    F32,
+}
+
+/// A `[rows, cols]` row-major weight matrix.
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    /// Raw GGML blocks; `row_bytes` bytes per row.
+    Blocks { dtype: GgmlType, rows: usize, cols: usize, row_bytes: usize, data: Vec<u8> },
+    F32 { rows: usize, cols: usize, data: Vec<f32> },
+}
+
+impl Matrix {
+    pub fn rows(&self) -> usize {
+        match self {
+            Matrix::Blocks { rows, .. } | Matrix::F32 { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Matrix::Blocks { cols, .. } | Matrix::F32 { cols, .. } => *cols,
+        }
+    }
+
+    /// Bytes in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Matrix::Blocks { data, .. } => data.len(),
+            Matrix::F32 { data, .. } => data.len() * 4,
+        }
+    }
+
+    /// True when the matmul should quantize activations to Q8 blocks.
+    pub fn wants_q8(&self) -> bool {
+        matches!(self, Matrix::Blocks { dtype, .. } if supports_q8_dot(*dtype))
+    }
+
+    /// Row `r` as f32 (embedding lookup).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Matrix::Blocks { dtype, row_bytes, data, .. } => {
+                // Lengths were validated at load; a failure here is a bug.
+                dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], out)
+                    .expect("row geometry validated at load");
+            }
+            Matrix::F32 { cols, data, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
+        }
+    }
+
+    fn load(path: &std::path::Path, w: &WeightView<'_>, precision: WeightPrecision) -> Result<Self, ModelError> {
+        let (rows, cols) = match w.shape[..] {
+            [r, c] => (r, c),
+            [c] => (1, c),
+            _ => {
+                return Err(ModelError::WrongShape {
+                    path: path.into(),
+                    name: w.name.clone(),
+                    actual: w.shape.clone(),
+                    expected: vec![],
+                });
+            }
+        };
+        let bad = |_| ModelError::UnsupportedDtype { path: path.into(), name: w.name.clone(), dtype: w.dtype.to_string() };
+        let keep_blocks = precision == WeightPrecision::Native && w.dtype.is_quantized();
+        if keep_blocks {
+            let row_bytes = w.dtype.bytes_for(cols).ok_or_else(|| ModelError::Malformed {
+                path: path.into(),
+                detail: format!("tensor `{}`: {cols} columns are not whole {} blocks", w.name, w.dtype),
+            })?;
+            // Check that every row can be dequantized (a type without a dequantizer fails here, at load).
+            let mut probe = vec![0f32; cols];
+            dequantize_row(w.dtype, &w.data[..row_bytes], &mut probe).map_err(bad)?;
+            return Ok(Matrix::Blocks { dtype: w.dtype, rows, cols, row_bytes, data: w.data.to_vec() });
+        }
+        let mut data = vec![0f32; rows * cols];
+        dequantize_row(w.dtype, w.data, &mut data).map_err(bad)?;
+        Ok(Matrix::F32 { rows, cols, data })
+    }
+
+    /// Stacks matrices with the same column count and format row-wise (fused QKV, fused gate/up). `None` if the
+    /// formats differ.
+    fn concat_rows(parts: Vec<Matrix>) -> Result<Matrix, Vec<Matrix>> {
+        let same = parts.windows(2).all(|p| match (&p[0], &p[1]) {
+            (Matrix::Blocks { dtype: a, cols: ca, .. }, Matrix::Blocks { dtype: b, cols: cb, .. }) => a == b && ca == cb,
+            (Matrix::F32 { cols: ca, .. }, Matrix::F32 { cols: cb, .. }) => ca == cb,
+            _ => false,
+        });
+        if !same || parts.is_empty() {
+            return Err(parts);
+        }
+        let rows = parts.iter().map(Matrix::rows).sum();
+        Ok(match &parts[0] {
+            Matrix::Blocks { dtype, cols, row_bytes, .. } => Matrix::Blocks {
+                dtype: *dtype,
+                rows,
+                cols: *cols,
+                row_bytes: *row_bytes,
+                data: parts.iter().flat_map(|p| if let Matrix::Blocks { data, .. } = p { data.as_slice() } else { &[] }).copied().collect(),
+            },
+            Matrix::F32 { cols, .. } => Matrix::F32 {
+                rows,
+                cols: *cols,
+                data: parts.iter().flat_map(|p| if let Matrix::F32 { data, .. } = p { data.as_slice() } else { &[] }).copied().collect(),
+            },
+        })
+    }
+}
+
+/// A linear layer whose output is several matrices' outputs side by side (fused when their formats allow).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Fused(Matrix),
+    Split(Vec<Matrix>),
+}
+
+impl Linear {
+    fn new(parts: Vec<Matrix>) -> Self {
+        match Matrix::concat_rows(parts) {
+            Ok(m) => Linear::Fused(m),
+            Err(parts) => Linear::Split(parts),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Fused(m) => m.bytes(),
+            Linear::Split(p) => p.iter().map(Matrix::bytes).sum(),
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Fused(m) => m.rows(),
+            Linear::Split(p) => p.iter().map(Matrix::rows).sum(),
+        }
+    }
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    /// Q, K, V rows stacked: `[(n_heads + 2 n_kv) · head_dim, hidden]`.
+    pub qkv: Linear,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up rows stacked: `[2 · ffn, hidden]`.
+    pub gate_up: Linear,
+    pub down: Matrix,
+}
+
+/// All weights of the model.
+#[derive(Debug, Clone)]
+pub struct LlamaWeights {
+    pub embedding: Matrix,
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Vec<f32>,
+    /// `None` when tied to the embedding.
+    pub lm_head: Option<Matrix>,
+}
+
+impl LlamaWeights {
+    pub fn load(model: &ModelFiles, precision: WeightPrecision) -> Result<Self, ModelError> {
+        let c: &LlamaConfig = &model.config;
+        let path = model.path.as_path();
+        let mat = |t: LlamaTensor| -> Result<Matrix, ModelError> { Matrix::load(path, &model.weight(t)?, precision) };
+        let vec = |t: LlamaTensor| -> Result<Vec<f32>, ModelError> {
+            match Matrix::load(path, &model.weight(t)?, WeightPrecision::F32)? {
+                Matrix::F32 { data, .. } => Ok(data),
+                Matrix::Blocks { .. } => unreachable!("F32 precision always widens"),
+            }
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            layers.push(LayerWeights {
+                attn_norm: vec(LlamaTensor::AttnNorm(l))?,
+                qkv: Linear::new(vec![mat(LlamaTensor::Wq(l))?, mat(LlamaTensor::Wk(l))?, mat(LlamaTensor::Wv(l))?]),
+                wo: mat(LlamaTensor::Wo(l))?,
+                ffn_norm: vec(LlamaTensor::FfnNorm(l))?,
+                gate_up: Linear::new(vec![mat(LlamaTensor::Gate(l))?, mat(LlamaTensor::Up(l))?]),
+                down: mat(LlamaTensor::Down(l))?,
+            });
+        }
+        Ok(Self {
+            embedding: mat(LlamaTensor::TokenEmbedding)?,
+            layers,
+            output_norm: vec(LlamaTensor::OutputNorm)?,
+            lm_head: if c.tie_word_embeddings { None } else { Some(mat(LlamaTensor::LmHead)?) },
+        })
+    }
+
+    /// Total bytes of all matrices as stored, counting the (tied) lm_head once more: decode reads the embedding
+    /// rows of a few tokens but the whole lm_head.
+    pub fn matrix_bytes(&self) -> usize {
+        let layer = |l: &LayerWeights| l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes();
+        self.layers.iter().map(layer).sum::<usize>() + self.lm_head().bytes()
+    }
+
+    pub fn lm_head(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embedding)
+    }
+}
