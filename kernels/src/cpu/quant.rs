@@ -39,7 +39,11 @@ pub enum QuantError {
     Unsupported(GgmlType),
     /// `elements` is not a whole number of blocks, or `bytes` is not the size of that many blocks.
     #[error("{elements} elements of type {dtype} do not match {bytes} bytes of data")]
-    BadLength { dtype: GgmlType, elements: usize, bytes: usize },
+    BadLength {
+        dtype: GgmlType,
+        elements: usize,
+        bytes: usize,
+    },
 }
 
 /// Number of values in one [`BlockQ8`].
@@ -99,10 +103,16 @@ pub fn dequantize_row(t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Qu
         return Err(QuantError::Unsupported(t));
     }
     if t.bytes_for(dst.len()) != Some(src.len()) {
-        return Err(QuantError::BadLength { dtype: t, elements: dst.len(), bytes: src.len() });
+        return Err(QuantError::BadLength {
+            dtype: t,
+            elements: dst.len(),
+            bytes: src.len(),
+        });
     }
     let ts = t.type_size();
-    let blocks = src.chunks_exact(ts).zip(dst.chunks_exact_mut(t.block_size()));
+    let blocks = src
+        .chunks_exact(ts)
+        .zip(dst.chunks_exact_mut(t.block_size()));
     match t {
         F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
@@ -222,7 +232,11 @@ pub fn supports_q8_dot(t: GgmlType) -> bool {
 /// used. `x.qs` must not hold -128 (never produced by [`quantize_row_q8`]).
 pub fn vec_dot_q8(t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
     debug_assert!(supports_q8_dot(t), "vec_dot_q8: unsupported type {t}");
-    debug_assert_eq!(w.len(), x.len() * t.type_size(), "vec_dot_q8: length mismatch");
+    debug_assert_eq!(
+        w.len(),
+        x.len() * t.type_size(),
+        "vec_dot_q8: length mismatch"
+    );
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
@@ -241,8 +255,15 @@ pub fn vec_dot_q8(t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
 /// written.
 pub fn gemv_q8(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
     debug_assert!(supports_q8_dot(t), "gemv_q8: unsupported type {t}");
-    debug_assert_eq!(row_bytes, x.len() * t.type_size(), "gemv_q8: row length mismatch");
-    debug_assert!(w.len() >= out.len() * row_bytes, "gemv_q8: weight matrix too short");
+    debug_assert_eq!(
+        row_bytes,
+        x.len() * t.type_size(),
+        "gemv_q8: row length mismatch"
+    );
+    debug_assert!(
+        w.len() >= out.len() * row_bytes,
+        "gemv_q8: weight matrix too short"
+    );
     if !supports_q8_dot(t) || out.is_empty() {
         return;
     }

@@ -11,7 +11,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -158,7 +161,9 @@ mod tests {
     #[test]
     fn scale_min_k4_matches_gguf_py_unpacking() {
         // gguf-py Q4_K.get_scale_min, written out for one byte pattern.
-        let q: [u8; 12] = [0xC1, 0x82, 0x43, 0x04, 0xFF, 0x3E, 0x7D, 0xBC, 0x5A, 0xA5, 0x0F, 0xF0];
+        let q: [u8; 12] = [
+            0xC1, 0x82, 0x43, 0x04, 0xFF, 0x3E, 0x7D, 0xBC, 0x5A, 0xA5, 0x0F, 0xF0,
+        ];
         for j in 0..8 {
             let (d, m) = (&q[0..4], &q[4..8]);
             let md = &q[8..12];
@@ -166,7 +171,10 @@ mod tests {
                 (d[j] & 0x3F, m[j] & 0x3F)
             } else {
                 let k = j - 4;
-                ((md[k] & 0x0F) | ((d[k] >> 2) & 0x30), (md[k] >> 4) | ((m[k] >> 2) & 0x30))
+                (
+                    (md[k] & 0x0F) | ((d[k] >> 2) & 0x30),
+                    (md[k] >> 4) | ((m[k] >> 2) & 0x30),
+                )
             };
             assert_eq!(scale_min_k4(j, &q), (sc, mn), "sub-block {j}");
         }

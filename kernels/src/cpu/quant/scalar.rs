@@ -35,7 +35,11 @@ fn block_dot(t: GgmlType, b: &[u8], x: &BlockQ8) -> (i32, f32, f32) {
                 s += (i32::from(qs[j] & 0x0F) - zero) * i32::from(xq[j]);
                 s += (i32::from(qs[j] >> 4) - zero) * i32::from(xq[j + 16]);
             }
-            let m = if t == GgmlType::Q4_1 { f16_at(b, 2) } else { 0.0 };
+            let m = if t == GgmlType::Q4_1 {
+                f16_at(b, 2)
+            } else {
+                0.0
+            };
             (s, f16_at(b, 0), m)
         }
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
@@ -49,11 +53,19 @@ fn block_dot(t: GgmlType, b: &[u8], x: &BlockQ8) -> (i32, f32, f32) {
                 s += ((i32::from(qs[j] & 0x0F) | h0) - zero) * i32::from(xq[j]);
                 s += ((i32::from(qs[j] >> 4) | h1) - zero) * i32::from(xq[j + 16]);
             }
-            let m = if t == GgmlType::Q5_1 { f16_at(b, 2) } else { 0.0 };
+            let m = if t == GgmlType::Q5_1 {
+                f16_at(b, 2)
+            } else {
+                0.0
+            };
             (s, f16_at(b, 0), m)
         }
         GgmlType::Q8_0 => {
-            let s = b[2..34].iter().zip(xq).map(|(&q, &y)| i32::from(q as i8) * i32::from(y)).sum();
+            let s = b[2..34]
+                .iter()
+                .zip(xq)
+                .map(|(&q, &y)| i32::from(q as i8) * i32::from(y))
+                .sum();
             (s, f16_at(b, 0), 0.0)
         }
         _ => (0, 0.0, 0.0),

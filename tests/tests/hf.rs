@@ -1,0 +1,218 @@
+//! The Hugging Face directory path: `export-hf` from the default GGUF, then loading that directory must give the same
+//! greedy tokens as the GGUF path (this exercises un-permuted Q/K with half-rotation RoPE, safetensors loading,
+//! tokenizer.json and tokenizer_config.json). Plus small generated models for sharding and bad-file errors.
+
+use std::path::Path;
+
+use ferrite_common::error::ModelError;
+use ferrite_common::model::ModelFiles;
+use ferrite_common::text::TextAssets;
+use ferrite_tests::{default_model, ref_cases, reference};
+use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_worker::cpu::weights::WeightPrecision;
+use ferrite_worker::cpu::{CpuBackend, CpuOptions};
+use ferrite_worker::export::{ExportDtype, export_hf};
+use ferrite_worker::generate::{GenerateParams, generate};
+use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
+use serde_json::json;
+
+fn export(dtype: ExportDtype) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = ModelFiles::open(&default_model()).unwrap();
+    let text = TextAssets::load(&gguf).unwrap();
+    export_hf(&gguf, &text.tokenizer, dir.path(), dtype).unwrap();
+    dir
+}
+
+fn last_logits(b: &mut CpuBackend, prompt: &[u32]) -> Vec<f32> {
+    let mut alloc = SimpleBlockAllocator::new(64, 16);
+    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let batch = ForwardBatch {
+        seqs: vec![SeqInput { tokens: prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
+    };
+    b.forward(&batch).unwrap().last(0).unwrap().to_vec()
+}
+
+#[test]
+fn exported_hf_directory_matches_gguf_greedy_and_text() {
+    let dir = export(ExportDtype::F32);
+    let hf = ModelFiles::open(dir.path()).unwrap();
+    let gguf = ModelFiles::open(&default_model()).unwrap();
+    assert_eq!(hf.config.rope_style, ferrite_common::config::RopeStyle::Half);
+    assert_eq!(hf.config.num_kv_heads, gguf.config.num_kv_heads);
+    assert_eq!(hf.config.eos_token_ids, gguf.config.eos_token_ids);
+
+    // Text side: tokenizer.json and the chat template from tokenizer_config.json behave like the GGUF ones.
+    let (t_hf, t_gguf) = (TextAssets::load(&hf).unwrap(), TextAssets::load(&gguf).unwrap());
+    for case in reference()["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(t_hf.tokenizer.encode(text, false).unwrap().get_ids(), want.as_slice(), "{text:?}");
+    }
+    assert_eq!(t_hf.render_user_prompt("Hi").unwrap(), t_gguf.render_user_prompt("Hi").unwrap());
+
+    let opts = CpuOptions { precision: WeightPrecision::F32, num_kv_blocks: 64, ..CpuOptions::default() };
+    let mut b = CpuBackend::load(&hf, &opts).unwrap();
+    for case in ref_cases() {
+        let mut alloc = SimpleBlockAllocator::new(64, 16);
+        let params = GenerateParams { max_tokens: case.greedy_ids.len(), stop_token_ids: vec![2], ..Default::default() };
+        let got = generate(&mut b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap().tokens;
+        assert_eq!(got, case.greedy_ids, "{}: HF-path greedy tokens", case.name);
+    }
+}
+
+#[test]
+fn bf16_export_loads_and_stays_close() {
+    let dir = export(ExportDtype::Bf16);
+    let hf = ModelFiles::open(dir.path()).unwrap();
+    let opts = CpuOptions { num_kv_blocks: 64, ..CpuOptions::default() };
+    let mut b = CpuBackend::load(&hf, &opts).unwrap();
+    let case = &ref_cases()[0];
+    let got = last_logits(&mut b, &case.prompt_ids);
+    let want = ferrite_tests::ref_logits(&case.name);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    // bf16 keeps 8 mantissa bits: weights move by up to 2^-9 relative, far below the quantization step of Q4_1.
+    assert!(err <= 0.05 * scale, "bf16 export drifts {}", err / scale);
+}
+
+// ---- Small generated models -------------------------------------------------------------------------------------
+
+const TINY: (usize, usize, usize, usize, usize, usize) = (64, 96, 2, 4, 2, 128); // hidden, ffn, layers, heads, kv, vocab
+
+fn tiny_config() -> serde_json::Value {
+    let (h, f, l, nh, nkv, v) = TINY;
+    json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": f,
+           "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 64},
+           "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2})
+}
+
+/// (name, shape, values) of a deterministic random tiny Llama.
+fn tiny_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let (h, f, l, nh, nkv, v) = TINY;
+    let hd = h / nh;
+    let mut seed = 12345u64;
+    let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    };
+    let mut t = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h], rnd(v * h, 1.0)),
+        ("model.norm.weight".to_string(), vec![h], rnd(h, 0.2).iter().map(|x| x + 1.0).collect()),
+        ("lm_head.weight".to_string(), vec![v, h], rnd(v * h, 0.5)),
+    ];
+    for i in 0..l {
+        let p = format!("model.layers.{i}.");
+        t.push((format!("{p}input_layernorm.weight"), vec![h], rnd(h, 0.2).iter().map(|x| x + 1.0).collect()));
+        t.push((format!("{p}post_attention_layernorm.weight"), vec![h], rnd(h, 0.2).iter().map(|x| x + 1.0).collect()));
+        t.push((format!("{p}self_attn.q_proj.weight"), vec![nh * hd, h], rnd(nh * hd * h, 0.4)));
+        t.push((format!("{p}self_attn.k_proj.weight"), vec![nkv * hd, h], rnd(nkv * hd * h, 0.4)));
+        t.push((format!("{p}self_attn.v_proj.weight"), vec![nkv * hd, h], rnd(nkv * hd * h, 0.4)));
+        t.push((format!("{p}self_attn.o_proj.weight"), vec![h, nh * hd], rnd(h * nh * hd, 0.3)));
+        t.push((format!("{p}mlp.gate_proj.weight"), vec![f, h], rnd(f * h, 0.3)));
+        t.push((format!("{p}mlp.up_proj.weight"), vec![f, h], rnd(f * h, 0.3)));
+        t.push((format!("{p}mlp.down_proj.weight"), vec![h, f], rnd(h * f, 0.3)));
+    }
+    t
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn write_tiny(dir: &Path, config: &serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), tensors);
+}
+
+fn tiny_logits(dir: &Path) -> Vec<f32> {
+    let m = ModelFiles::open(dir).unwrap();
+    let mut b = CpuBackend::load(&m, &CpuOptions { num_kv_blocks: 4, ..CpuOptions::default() }).unwrap();
+    last_logits(&mut b, &[3, 17, 99, 4, 5, 6, 120, 0, 1])
+}
+
+#[test]
+fn sharded_checkpoint_equals_single_file() {
+    let (one, sharded) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let tensors = tiny_tensors();
+    write_tiny(one.path(), &tiny_config(), &tensors);
+    std::fs::write(sharded.path().join("config.json"), tiny_config().to_string()).unwrap();
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    write_safetensors(&sharded.path().join("model-00001-of-00002.safetensors"), a);
+    write_safetensors(&sharded.path().join("model-00002-of-00002.safetensors"), b);
+    let mut map = serde_json::Map::new();
+    for (n, _, _) in a {
+        map.insert(n.clone(), json!("model-00001-of-00002.safetensors"));
+    }
+    for (n, _, _) in b {
+        map.insert(n.clone(), json!("model-00002-of-00002.safetensors"));
+    }
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), json!({"weight_map": map}).to_string()).unwrap();
+    let (x, y) = (tiny_logits(one.path()), tiny_logits(sharded.path()));
+    assert_eq!(x, y);
+    assert!(x.iter().all(|v| v.is_finite()) && x.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn bad_hf_directories_get_typed_errors_naming_the_file() {
+    let tensors = tiny_tensors();
+    let check = |config: serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)], pred: fn(&ModelError) -> bool, needle: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny(dir.path(), &config, tensors);
+        let e = ModelFiles::open(dir.path()).unwrap_err();
+        assert!(pred(&e), "unexpected error: {e}");
+        assert!(e.to_string().contains(needle), "`{e}` should mention `{needle}`");
+    };
+    // Missing tensor.
+    let missing: Vec<_> = tensors.iter().filter(|t| t.0 != "model.layers.1.mlp.up_proj.weight").cloned().collect();
+    check(tiny_config(), &missing, |e| matches!(e, ModelError::MissingTensor { .. }), "model.layers.1.mlp.up_proj.weight");
+    // Wrong shape.
+    let mut wrong = tensors.clone();
+    wrong[0].1 = vec![64, 128];
+    check(tiny_config(), &wrong, |e| matches!(e, ModelError::WrongShape { .. }), "model.embed_tokens.weight");
+    // Unsupported architecture and bad hyper-parameters.
+    let mut c = tiny_config();
+    c["architectures"] = json!(["GPT2LMHeadModel"]);
+    check(c, &tensors, |e| matches!(e, ModelError::UnsupportedArchitecture { .. }), "config.json");
+    let mut c = tiny_config();
+    c["num_key_value_heads"] = json!(3);
+    check(c, &tensors, |e| matches!(e, ModelError::InvalidConfig { .. }), "num_key_value_heads");
+
+    // Truncated safetensors.
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny(dir.path(), &tiny_config(), &tensors);
+    let p = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = ModelFiles::open(dir.path()).unwrap_err();
+    assert!(matches!(e, ModelError::Truncated { .. }), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+
+    // Unsupported dtype (int8 weights).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), tiny_config().to_string()).unwrap();
+    let data = vec![0u8; 4];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I8, vec![4], &data).unwrap();
+    safetensors::serialize_to_file(vec![("model.norm.weight", view)], None, &dir.path().join("model.safetensors")).unwrap();
+    let e = ModelFiles::open(dir.path()).unwrap_err();
+    assert!(matches!(e, ModelError::UnsupportedDtype { .. }), "{e}");
+
+    // No weights at all.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), tiny_config().to_string()).unwrap();
+    let e = ModelFiles::open(dir.path()).unwrap_err();
+    assert!(matches!(e, ModelError::Io { .. }) && e.to_string().contains("model.safetensors"), "{e}");
+}
