@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::dtype::GgmlType;
 use crate::error::ModelError;
-use crate::mmap::MappedFile;
+use ferrite_kernels::host::MappedFile;
 
 const GGUF_MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -131,7 +131,7 @@ impl GgufFile {
     /// Maps and parses `path`. Checks magic, version, that every tensor lies inside the file and that its byte size
     /// matches its dtype and shape.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let map = Arc::new(MappedFile::open(path)?);
+        let map = Arc::new(MappedFile::open(path).map_err(|e| ModelError::io(path, e))?);
         Self::parse(path, map)
     }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::dtype::GgmlType;
 use crate::error::ModelError;
-use crate::mmap::MappedFile;
+use ferrite_kernels::host::MappedFile;
 
 /// One tensor inside a memory-mapped safetensors shard.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ impl HfWeights {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
         for (i, path) in files.into_iter().enumerate() {
-            let map = Arc::new(MappedFile::open(&path)?);
+            let map = Arc::new(MappedFile::open(&path).map_err(|e| ModelError::io(&path, e))?);
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| match e {
                 safetensors::SafeTensorError::MetadataIncompleteBuffer
                 | safetensors::SafeTensorError::InvalidHeaderLength

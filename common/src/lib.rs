@@ -11,11 +11,11 @@
 
 pub mod chat;
 pub mod config;
-pub mod dtype;
+/// GGML tensor types (defined next to the kernels that compute on them).
+pub use ferrite_kernels::dtype;
 pub mod error;
 pub mod gguf;
 pub mod hf;
-pub mod mmap;
 pub mod model;
 pub mod text;
 pub mod tokenizer;

@@ -5,8 +5,14 @@
 //! kernels (compiled at run time with NVRTC) will join them later; the CPU functions are their
 //! reference twins, so every CUDA kernel is tested against the CPU function of the same name.
 //!
+//! It also holds the two other low-level pieces everything else builds on: [`dtype`] (GGML block layouts) and
+//! [`host`] (read-only memory maps of model files). Together with the worker's CUDA code, this crate is the only
+//! place `unsafe` is allowed.
+//!
 //! Numerics are deterministic: a function gives the same bits for the same inputs on a given
 //! CPU, whatever the batch it is called with. SIMD paths are chosen at run time
 //! (`is_x86_feature_detected!`) and fall back to portable scalar code.
 
 pub mod cpu;
+pub mod dtype;
+pub mod host;

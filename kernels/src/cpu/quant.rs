@@ -21,7 +21,7 @@
 
 use half::f16;
 
-pub use ferrite_common::dtype::GgmlType;
+pub use crate::dtype::GgmlType;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

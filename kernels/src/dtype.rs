@@ -1,7 +1,7 @@
 //! Tensor element types as stored on disk: GGML block formats (GGUF) and plain floats (safetensors).
 //!
 //! This module only describes layouts (block size, bytes per block). The arithmetic on them lives in
-//! `ferrite-kernels` (`cpu::quant`).
+//! [`crate::cpu::quant`].
 
 use std::fmt;
 
