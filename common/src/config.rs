@@ -59,13 +59,13 @@ impl LlamaConfig {
                 self.hidden_size, self.num_layers, self.vocab_size, self.intermediate_size
             ));
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return err(format!("head_dim ({}) must be even and > 0", self.head_dim));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
@@ -154,10 +154,8 @@ impl LlamaConfig {
         let num_kv_heads = if g.get("llama.attention.head_count_kv").is_some() { uint("llama.attention.head_count_kv")? } else { num_heads };
         let head_dim = if g.get("llama.attention.key_length").is_some() {
             uint("llama.attention.key_length")?
-        } else if num_heads > 0 {
-            hidden_size / num_heads
         } else {
-            0
+            hidden_size.checked_div(num_heads).unwrap_or(0)
         };
         let vocab_size = match g.get("llama.vocab_size") {
             Some(_) => uint("llama.vocab_size")?,
@@ -174,11 +172,10 @@ impl LlamaConfig {
         let bos = g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
         let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
-        if let Some(eot) = g.get("tokenizer.ggml.eot_token_id").and_then(|v| v.as_u64()) {
-            if !eos_token_ids.contains(&(eot as u32)) {
+        if let Some(eot) = g.get("tokenizer.ggml.eot_token_id").and_then(|v| v.as_u64())
+            && !eos_token_ids.contains(&(eot as u32)) {
                 eos_token_ids.push(eot as u32);
             }
-        }
         let cfg = LlamaConfig {
             hidden_size,
             intermediate_size: uint("llama.feed_forward_length")?,
@@ -210,7 +207,7 @@ impl LlamaConfig {
             return Err(ModelError::UnsupportedArchitecture { path: path.into(), arch });
         }
         let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        let head_dim = c.head_dim.unwrap_or(if c.num_attention_heads > 0 { c.hidden_size / c.num_attention_heads } else { 0 });
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size.checked_div(c.num_attention_heads).unwrap_or(0));
         let rope_scaling = match c.rope_scaling {
             None => None,
             Some(s) => {

@@ -83,7 +83,7 @@ impl GgmlType {
 
     /// Bytes taken by `n` elements, `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        (n % self.block_size() == 0).then(|| n / self.block_size() * self.type_size())
+        n.is_multiple_of(self.block_size()).then(|| n / self.block_size() * self.type_size())
     }
 
     /// True for block-quantized types.

@@ -48,9 +48,9 @@ fn logits_are_batch_invariant_in_prefill_and_decode() {
             seqs: prompts.iter().zip(&tables).map(|(p, t)| seq(&next, p.len(), t, LogitsWanted::Last)).collect(),
         })
         .unwrap();
-    for i in 0..prompts.len() {
-        assert!(pre.seq(i) == alone[i].0.as_slice(), "prefill logits of sequence {i} differ in a batch");
-        assert!(dec.seq(i) == alone[i].1.as_slice(), "decode logits of sequence {i} differ in a batch");
+    for (i, (pre_alone, dec_alone)) in alone.iter().enumerate() {
+        assert!(pre.seq(i) == pre_alone.as_slice(), "prefill logits of sequence {i} differ in a batch");
+        assert!(dec.seq(i) == dec_alone.as_slice(), "decode logits of sequence {i} differ in a batch");
     }
 }
 
@@ -77,7 +77,8 @@ fn chunked_prefill_equals_one_shot() {
 fn bad_batches_get_typed_errors() {
     let mut b = backend();
     let table = [0u32, 1];
-    let cases: Vec<(ForwardBatch<'_>, fn(&BackendError) -> bool)> = vec![
+    type Case<'a> = (ForwardBatch<'a>, fn(&BackendError) -> bool);
+    let cases: Vec<Case<'_>> = vec![
         (ForwardBatch { seqs: vec![seq(&[], 0, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::EmptySequence { .. })),
         (ForwardBatch { seqs: vec![seq(&[49_152], 0, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::InvalidToken { id: 49_152, .. })),
         (ForwardBatch { seqs: vec![seq(&[1; 40], 0, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::BlockTableTooShort { .. })),
@@ -88,4 +89,39 @@ fn bad_batches_get_typed_errors() {
         let e = b.forward(&batch).unwrap_err();
         assert!(ok(&e), "unexpected error {e}");
     }
+}
+
+#[test]
+fn generate_with_chunked_prefill_gives_the_same_tokens() {
+    use ferrite_worker::generate::{GenerateParams, generate};
+    let mut b = backend();
+    let case = ref_cases().into_iter().find(|c| c.name == "chat_limerick").expect("case");
+    let run = |b: &mut CpuBackend, chunk: usize| {
+        let mut alloc = SimpleBlockAllocator::new(128, 16);
+        let params = GenerateParams { max_tokens: 12, prefill_chunk: chunk, ..Default::default() };
+        let out = generate(b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap();
+        assert_eq!(alloc.num_free(), 128, "generate frees its blocks");
+        out.tokens
+    };
+    let one = run(&mut b, 0);
+    assert_eq!(run(&mut b, 5), one);
+    assert_eq!(run(&mut b, 16), one);
+}
+
+#[test]
+fn generate_errors_are_typed_and_free_blocks() {
+    use ferrite_worker::generate::{GenerateError, GenerateParams, generate};
+    let mut b = backend();
+    let mut alloc = SimpleBlockAllocator::new(8, 16);
+    let params = GenerateParams { max_tokens: 4, ..Default::default() };
+    let e = generate(&mut b, &mut alloc, 0, &[1, 2, 60_000], &params, |_| {}).unwrap_err();
+    assert!(matches!(e, GenerateError::Backend(BackendError::InvalidToken { id: 60_000, .. })), "{e}");
+    assert_eq!(generate(&mut b, &mut alloc, 0, &[], &params, |_| {}).unwrap_err(), GenerateError::EmptyPrompt);
+    let hot = GenerateParams { temperature: f32::NAN, ..params.clone() };
+    assert!(matches!(generate(&mut b, &mut alloc, 0, &[1], &hot, |_| {}), Err(GenerateError::BadTemperature(_))));
+    // More tokens than the allocator holds: a typed KV error, not a panic.
+    let long = GenerateParams { max_tokens: 200, ..params };
+    let e = generate(&mut b, &mut alloc, 0, &[1; 100], &long, |_| {}).unwrap_err();
+    assert!(matches!(e, GenerateError::Kv(_)), "{e}");
+    assert_eq!(alloc.num_free(), 8, "every error path frees the sequence's blocks");
 }
