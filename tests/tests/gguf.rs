@@ -8,50 +8,13 @@ use ferrite_common::dtype::GgmlType;
 use ferrite_common::error::ModelError;
 use ferrite_common::gguf::writer::{Meta, TensorIn, to_bytes};
 use ferrite_common::model::ModelFiles;
-use ferrite_tests::default_model;
+use ferrite_tests::{default_model, tiny};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
-use serde_json::json;
 
-const H: usize = 64;
-const FFN: usize = 96;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV: usize = 2;
-const VOCAB: usize = 128;
-const HD: usize = H / HEADS;
-
-/// Deterministic pseudo-random tensors in HF naming and layout.
-fn tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut seed = 99u64;
-    let mut rnd = |n: usize, scale: f32, offset: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale + offset
-            })
-            .collect()
-    };
-    let mut t = vec![
-        ("model.embed_tokens.weight".to_string(), vec![VOCAB, H], rnd(VOCAB * H, 1.0, 0.0)),
-        ("model.norm.weight".to_string(), vec![H], rnd(H, 0.2, 1.0)),
-        ("lm_head.weight".to_string(), vec![VOCAB, H], rnd(VOCAB * H, 0.5, 0.0)),
-    ];
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}.");
-        t.push((format!("{p}input_layernorm.weight"), vec![H], rnd(H, 0.2, 1.0)));
-        t.push((format!("{p}post_attention_layernorm.weight"), vec![H], rnd(H, 0.2, 1.0)));
-        t.push((format!("{p}self_attn.q_proj.weight"), vec![HEADS * HD, H], rnd(HEADS * HD * H, 0.5, 0.0)));
-        t.push((format!("{p}self_attn.k_proj.weight"), vec![KV * HD, H], rnd(KV * HD * H, 0.5, 0.0)));
-        t.push((format!("{p}self_attn.v_proj.weight"), vec![KV * HD, H], rnd(KV * HD * H, 0.5, 0.0)));
-        t.push((format!("{p}self_attn.o_proj.weight"), vec![H, HEADS * HD], rnd(H * HEADS * HD, 0.3, 0.0)));
-        t.push((format!("{p}mlp.gate_proj.weight"), vec![FFN, H], rnd(FFN * H, 0.3, 0.0)));
-        t.push((format!("{p}mlp.up_proj.weight"), vec![FFN, H], rnd(FFN * H, 0.3, 0.0)));
-        t.push((format!("{p}mlp.down_proj.weight"), vec![H, FFN], rnd(H * FFN, 0.3, 0.0)));
-    }
-    t
-}
+const H: usize = tiny::HIDDEN;
+const HD: usize = tiny::HEAD_DIM;
 
 /// llama.cpp `convert_hf_to_gguf.py` `permute`: HF row `h·d + i·d/2 + j` → GGUF row `h·d + 2j + i`.
 fn permute(w: &[f32], heads: usize) -> Vec<f32> {
@@ -94,15 +57,15 @@ fn gguf_name(hf: &str) -> String {
 }
 
 fn gguf_bytes(arch: &str, drop: Option<&str>) -> Vec<u8> {
-    let ts = tensors();
+    let ts = tiny::tensors();
     let data: Vec<(String, Vec<u64>, Vec<u8>)> = ts
         .iter()
         .filter(|(n, _, _)| Some(gguf_name(n).as_str()) != drop)
         .map(|(n, shape, v)| {
             let v = if n.ends_with("q_proj.weight") {
-                permute(v, HEADS)
+                permute(v, tiny::HEADS)
             } else if n.ends_with("k_proj.weight") {
-                permute(v, KV)
+                permute(v, tiny::KV_HEADS)
             } else {
                 v.clone()
             };
@@ -117,31 +80,16 @@ fn gguf_bytes(arch: &str, drop: Option<&str>) -> Vec<u8> {
             ("general.architecture", Meta::Str(arch)),
             ("llama.context_length", Meta::U32(256)),
             ("llama.embedding_length", Meta::U32(H as u32)),
-            ("llama.block_count", Meta::U32(LAYERS as u32)),
-            ("llama.feed_forward_length", Meta::U32(FFN as u32)),
-            ("llama.attention.head_count", Meta::U32(HEADS as u32)),
-            ("llama.attention.head_count_kv", Meta::U32(KV as u32)),
+            ("llama.block_count", Meta::U32(tiny::LAYERS as u32)),
+            ("llama.feed_forward_length", Meta::U32(tiny::FFN as u32)),
+            ("llama.attention.head_count", Meta::U32(tiny::HEADS as u32)),
+            ("llama.attention.head_count_kv", Meta::U32(tiny::KV_HEADS as u32)),
             ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
             ("llama.rope.freq_base", Meta::F32(10000.0)),
-            ("llama.vocab_size", Meta::U32(VOCAB as u32)),
+            ("llama.vocab_size", Meta::U32(tiny::VOCAB as u32)),
         ],
         &tensors,
     )
-}
-
-fn write_hf(dir: &Path) {
-    let config = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": FFN,
-        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV, "vocab_size": VOCAB,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false});
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let ts = tensors();
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        ts.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
 fn logits(model: &Path) -> Vec<f32> {
@@ -163,7 +111,7 @@ fn permuted_gguf_and_hf_layouts_give_the_same_logits() {
     std::fs::write(&gguf, gguf_bytes("llama", None)).unwrap();
     let hf = dir.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
-    write_hf(&hf);
+    tiny::write_hf(&hf, &tiny::hf_config(false), &tiny::tensors());
     let (a, b) = (logits(&gguf), logits(&hf));
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
     let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));

@@ -7,6 +7,7 @@ use std::path::Path;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
+use ferrite_tests::tiny::{self, write_hf as write_tiny, write_safetensors};
 use ferrite_tests::{default_model, ref_cases, reference};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
@@ -78,64 +79,8 @@ fn bf16_export_loads_and_stays_close() {
 
 // ---- Small generated models -------------------------------------------------------------------------------------
 
-const TINY: (usize, usize, usize, usize, usize, usize) = (64, 96, 2, 4, 2, 128); // hidden, ffn, layers, heads, kv, vocab
-
 fn tiny_config() -> serde_json::Value {
-    let (h, f, l, nh, nkv, v) = TINY;
-    json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": f,
-           "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
-           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 64},
-           "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2})
-}
-
-/// (name, shape, values) of a deterministic random tiny Llama.
-fn tiny_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let (h, f, l, nh, nkv, v) = TINY;
-    let hd = h / nh;
-    let mut seed = 12345u64;
-    let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
-    };
-    let mut t = vec![
-        ("model.embed_tokens.weight".to_string(), vec![v, h], rnd(v * h, 1.0)),
-        ("model.norm.weight".to_string(), vec![h], rnd(h, 0.2).iter().map(|x| x + 1.0).collect()),
-        ("lm_head.weight".to_string(), vec![v, h], rnd(v * h, 0.5)),
-    ];
-    for i in 0..l {
-        let p = format!("model.layers.{i}.");
-        t.push((format!("{p}input_layernorm.weight"), vec![h], rnd(h, 0.2).iter().map(|x| x + 1.0).collect()));
-        t.push((format!("{p}post_attention_layernorm.weight"), vec![h], rnd(h, 0.2).iter().map(|x| x + 1.0).collect()));
-        t.push((format!("{p}self_attn.q_proj.weight"), vec![nh * hd, h], rnd(nh * hd * h, 0.4)));
-        t.push((format!("{p}self_attn.k_proj.weight"), vec![nkv * hd, h], rnd(nkv * hd * h, 0.4)));
-        t.push((format!("{p}self_attn.v_proj.weight"), vec![nkv * hd, h], rnd(nkv * hd * h, 0.4)));
-        t.push((format!("{p}self_attn.o_proj.weight"), vec![h, nh * hd], rnd(h * nh * hd, 0.3)));
-        t.push((format!("{p}mlp.gate_proj.weight"), vec![f, h], rnd(f * h, 0.3)));
-        t.push((format!("{p}mlp.up_proj.weight"), vec![f, h], rnd(f * h, 0.3)));
-        t.push((format!("{p}mlp.down_proj.weight"), vec![h, f], rnd(h * f, 0.3)));
-    }
-    t
-}
-
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
-fn write_tiny(dir: &Path, config: &serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    write_safetensors(&dir.join("model.safetensors"), tensors);
+    tiny::hf_config(true)
 }
 
 fn tiny_logits(dir: &Path) -> Vec<f32> {
@@ -147,7 +92,7 @@ fn tiny_logits(dir: &Path) -> Vec<f32> {
 #[test]
 fn sharded_checkpoint_equals_single_file() {
     let (one, sharded) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let tensors = tiny_tensors();
+    let tensors = tiny::tensors();
     write_tiny(one.path(), &tiny_config(), &tensors);
     std::fs::write(sharded.path().join("config.json"), tiny_config().to_string()).unwrap();
     let (a, b) = tensors.split_at(tensors.len() / 2);
@@ -168,8 +113,8 @@ fn sharded_checkpoint_equals_single_file() {
 
 #[test]
 fn bad_hf_directories_get_typed_errors_naming_the_file() {
-    let tensors = tiny_tensors();
-    let check = |config: serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)], pred: fn(&ModelError) -> bool, needle: &str| {
+    let tensors = tiny::tensors();
+    let check = |config: serde_json::Value, tensors: &[tiny::Tensor], pred: fn(&ModelError) -> bool, needle: &str| {
         let dir = tempfile::tempdir().unwrap();
         write_tiny(dir.path(), &config, tensors);
         let e = ModelFiles::open(dir.path()).unwrap_err();
