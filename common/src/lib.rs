@@ -5,6 +5,8 @@
 //! - [`config`]: [`config::LlamaConfig`], the one model description both formats produce.
 //! - [`model`]: [`model::ModelFiles`], one weight-access API by tensor role over both formats.
 //! - [`tokenizer`] and [`chat`]: HF `tokenizers` built from GGUF metadata or `tokenizer.json`; chat templates.
+//! - [`hash`]: the chained prefix-cache block hash (router and worker share it).
+//! - [`proto`]: the gRPC protocol between router and worker; [`sampling`]: validated sampling parameters.
 //! - [`dtype`]: GGML block formats (layout facts only; the math is in `ferrite-kernels`).
 //!
 //! Errors are typed ([`error::ModelError`]) and always name the file they are about.
@@ -16,6 +18,9 @@ pub use ferrite_kernels::dtype;
 pub mod error;
 pub mod gguf;
 pub mod hf;
+pub mod hash;
 pub mod model;
+pub mod proto;
+pub mod sampling;
 pub mod text;
 pub mod tokenizer;
