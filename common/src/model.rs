@@ -162,6 +162,23 @@ impl ModelFiles {
         Ok(m)
     }
 
+    /// A 128-bit identity of the weights: xxh3-128 over the config and, per tensor, its role, dtype, shape and the
+    /// first and last 4 KiB of its bytes. Seeds the prefix-cache hash, so two workers serving the same weights share
+    /// block hashes (in any format they were loaded from it stays stable for the same files).
+    pub fn fingerprint(&self) -> [u8; 16] {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(format!("{:?}", self.config).as_bytes());
+        for role in LlamaTensor::all(&self.config) {
+            if let Ok(w) = self.weight(role) {
+                buf.extend_from_slice(format!("{role:?}|{}|{:?}|", w.dtype, w.shape).as_bytes());
+                let n = w.data.len().min(4096);
+                buf.extend_from_slice(&w.data[..n]);
+                buf.extend_from_slice(&w.data[w.data.len() - n..]);
+            }
+        }
+        xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes()
+    }
+
     /// The GGUF file, when the model is one (tokenizer and chat template metadata live there).
     pub fn gguf(&self) -> Option<&GgufFile> {
         match &self.store {

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod engine;
 pub mod export;
 pub mod generate;
 pub mod kv;

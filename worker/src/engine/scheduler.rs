@@ -1,0 +1,373 @@
+//! The continuous-batching scheduler (vLLM v1 style): a pure state machine with no IO.
+//!
+//! Every sequence has `tokens` (prompt + generated) and `num_computed` (tokens whose KV is in the cache); a step
+//! lets `num_computed` catch up under a token budget. [`Scheduler::schedule`] visits **running** sequences first
+//! (decode = 1 token, an unfinished prefill = a chunk), then admits **waiting** ones (prefix-cache hits first, so
+//! their cached blocks are skipped; never the whole prompt, so at least one token is computed and logits exist).
+//! When blocks run out, the newest running sequence is **preempted by recompute**: its blocks are freed (full ones
+//! stay in the prefix cache), `num_computed` resets to 0, and it goes to the front of the queue.
+//!
+//! Blocks are held by [`BlockTable`]s, which return them to the pool when dropped: a sequence that is removed for any
+//! reason cannot leak KV blocks.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use ferrite_common::hash::BlockHasher;
+
+use super::block_pool::{BlockId, BlockPool, PoolUsage};
+
+/// Engine-internal id of one sequence (one of the `n` completions of a request).
+pub type SeqId = u64;
+
+/// Scheduler limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Tokens computed per step, summed over sequences.
+    pub max_num_batched_tokens: usize,
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Sequences allowed to wait; more are rejected (admission control).
+    pub max_waiting: usize,
+    /// Maximum context (prompt + generated) of one sequence.
+    pub max_model_len: usize,
+}
+
+/// Why a sequence was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    #[error("the worker is overloaded: {waiting} requests are already waiting (limit {limit})")]
+    Overloaded { waiting: usize, limit: usize },
+    #[error("the request needs {needed} KV blocks but the worker has only {capacity}")]
+    TooLarge { needed: usize, capacity: usize },
+}
+
+/// A sequence's KV blocks; dropping it returns them to the pool (tail first).
+#[derive(Debug)]
+pub struct BlockTable {
+    pool: Rc<RefCell<BlockPool>>,
+    ids: Vec<BlockId>,
+}
+
+impl BlockTable {
+    fn new(pool: &Rc<RefCell<BlockPool>>) -> Self {
+        Self { pool: Rc::clone(pool), ids: Vec::new() }
+    }
+
+    pub fn ids(&self) -> &[BlockId] {
+        &self.ids
+    }
+}
+
+impl Drop for BlockTable {
+    fn drop(&mut self) {
+        self.pool.borrow_mut().free(self.ids.drain(..).rev());
+    }
+}
+
+/// One sequence.
+#[derive(Debug)]
+pub struct Sequence {
+    pub id: SeqId,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub num_computed: usize,
+    pub blocks: BlockTable,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_prompt_tokens: usize,
+    /// Hash of the chain before the first block (from the cache salt).
+    root_hash: u64,
+    /// Hashes of full blocks of `tokens`, computed lazily.
+    hashes: Vec<u64>,
+    /// Full blocks already registered in the pool.
+    num_registered: usize,
+    /// Not schedulable until this sequence has computed its prompt (n > 1 copies wait for the first, then hit its
+    /// cached prompt blocks).
+    pub wait_for: Option<SeqId>,
+    admitted_once: bool,
+}
+
+impl Sequence {
+    pub fn num_generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduled {
+    pub id: SeqId,
+    /// Position of the first new token (= tokens already in the cache).
+    pub start: usize,
+    pub num_tokens: usize,
+    /// True when this step computes the sequence's last known token, so its logits give the next one.
+    pub sample: bool,
+}
+
+/// The scheduler.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: Rc<RefCell<BlockPool>>,
+    hasher: BlockHasher,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+    /// Sequences preempted so far.
+    pub preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, pool: BlockPool, hasher: BlockHasher) -> Self {
+        debug_assert_eq!(pool.block_size(), hasher.block_size());
+        Self {
+            cfg,
+            pool: Rc::new(RefCell::new(pool)),
+            hasher,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.hasher.block_size()
+    }
+
+    /// Queues a new sequence. `max_len` bounds prompt + generation (used to reject what can never fit).
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_len: usize, cache_salt: &[u8], wait_for: Option<SeqId>) -> Result<(), AdmissionError> {
+        let needed = max_len.min(self.cfg.max_model_len).div_ceil(self.block_size());
+        let capacity = self.pool.borrow().capacity();
+        if needed > capacity {
+            return Err(AdmissionError::TooLarge { needed, capacity });
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(AdmissionError::Overloaded { waiting: self.waiting.len(), limit: self.cfg.max_waiting });
+        }
+        let seq = Sequence {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            blocks: BlockTable::new(&self.pool),
+            cached_prompt_tokens: 0,
+            root_hash: self.hasher.root(cache_salt),
+            hashes: Vec::new(),
+            num_registered: 0,
+            wait_for,
+            admitted_once: false,
+        };
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    /// Appends a sampled token to a sequence.
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Removes a sequence (finished or aborted); its blocks go back to the pool now.
+    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        let seq = self.seqs.remove(&id);
+        // Copies waiting on this one may go now.
+        for s in self.seqs.values_mut() {
+            if s.wait_for == Some(id) {
+                s.wait_for = None;
+            }
+        }
+        seq
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Prompt tokens of waiting sequences not yet computed (for load reports).
+    pub fn waiting_tokens(&self) -> usize {
+        self.waiting.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.tokens.len() - s.num_computed).sum()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn usage(&self) -> PoolUsage {
+        self.pool.borrow().usage()
+    }
+
+    /// Prefix-cache (queries, hits) in blocks.
+    pub fn prefix_stats(&self) -> (u64, u64) {
+        let p = self.pool.borrow();
+        (p.queries, p.hits)
+    }
+
+    pub fn check_invariants(&self) {
+        self.pool.borrow().check_invariants();
+        let held: usize = self.seqs.values().map(|s| s.blocks.ids.len()).sum();
+        assert!(held >= self.usage().in_use, "every in-use block is held by a sequence");
+    }
+
+    /// Makes sure `seq` has blocks for `num_tokens` tokens.
+    fn grow(&mut self, id: SeqId, num_tokens: usize) -> bool {
+        let bs = self.block_size();
+        let seq = self.seqs.get_mut(&id).expect("scheduled sequence exists");
+        let need = num_tokens.div_ceil(bs).saturating_sub(seq.blocks.ids.len());
+        if need == 0 {
+            return true;
+        }
+        match self.pool.borrow_mut().allocate(need) {
+            Ok(ids) => {
+                seq.blocks.ids.extend(ids);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        self.running.retain(|&r| r != id);
+        let seq = self.seqs.get_mut(&id).expect("running sequence exists");
+        seq.blocks = BlockTable::new(&self.pool); // drops (frees) the old table; full blocks stay cached
+        seq.num_computed = 0;
+        seq.num_registered = 0;
+        self.waiting.push_front(id);
+        self.preemptions += 1;
+    }
+
+    /// Walks the sequence's full-block hashes from the start and takes every cached block until the first miss,
+    /// leaving at least one token to compute.
+    fn take_prefix_hits(&mut self, id: SeqId) {
+        let bs = self.block_size();
+        let hasher = self.hasher;
+        let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
+        ensure_hashes(&hasher, seq);
+        // Never the whole sequence: the last token must be computed to produce logits.
+        let max_blocks = (seq.tokens.len() - 1) / bs;
+        let mut pool = self.pool.borrow_mut();
+        for j in 0..max_blocks {
+            let tokens = &seq.tokens[j * bs..(j + 1) * bs];
+            match pool.lookup_and_touch(seq.hashes[j], tokens) {
+                Some(b) => seq.blocks.ids.push(b),
+                None => break,
+            }
+        }
+        seq.num_computed = seq.blocks.ids.len() * bs;
+        seq.num_registered = seq.blocks.ids.len();
+        if !seq.admitted_once {
+            seq.cached_prompt_tokens = seq.num_computed.min(seq.prompt_len);
+        }
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> Vec<Scheduled> {
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut plan = Vec::new();
+        let mut preempted = false;
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let (start, len) = {
+                let s = &self.seqs[&id];
+                (s.num_computed, s.tokens.len())
+            };
+            let n = (len - start).min(budget);
+            if !self.grow(id, start + n) {
+                // Out of blocks: preempt the newest running sequence (possibly this one) and retry.
+                let victim = *self.running.last().expect("non-empty");
+                self.preempt(victim);
+                preempted = true;
+                // If the victim was this sequence, `i` now points at the next one.
+                continue;
+            }
+            plan.push(Scheduled { id, start, num_tokens: n, sample: start + n == len });
+            budget -= n;
+            i += 1;
+        }
+
+        if !preempted {
+            let mut k = 0;
+            while k < self.waiting.len() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+                let id = self.waiting[k];
+                if self.seqs[&id].wait_for.is_some_and(|p| self.seqs.get(&p).is_some_and(|p| p.num_computed < p.prompt_len)) {
+                    k += 1;
+                    continue;
+                }
+                if self.seqs[&id].blocks.ids.is_empty() {
+                    self.take_prefix_hits(id);
+                }
+                let (start, len) = {
+                    let s = &self.seqs[&id];
+                    (s.num_computed, s.tokens.len())
+                };
+                let n = (len - start).min(budget);
+                if !self.grow(id, start + n) {
+                    // Give the hits back and stop admitting this step.
+                    let s = self.seqs.get_mut(&id).expect("exists");
+                    s.blocks = BlockTable::new(&self.pool);
+                    s.num_computed = 0;
+                    s.num_registered = 0;
+                    break;
+                }
+                self.waiting.remove(k);
+                let s = self.seqs.get_mut(&id).expect("exists");
+                s.admitted_once = true;
+                self.running.push(id);
+                plan.push(Scheduled { id, start, num_tokens: n, sample: start + n == len });
+                budget -= n;
+            }
+        }
+        plan
+    }
+
+    /// Records that a planned step ran: advances `num_computed` and registers blocks that became full.
+    pub fn complete(&mut self, plan: &[Scheduled]) {
+        let bs = self.block_size();
+        let hasher = self.hasher;
+        for s in plan {
+            let Some(seq) = self.seqs.get_mut(&s.id) else { continue };
+            seq.num_computed = s.start + s.num_tokens;
+            let full = seq.num_computed / bs;
+            if full > seq.num_registered {
+                ensure_hashes(&hasher, seq);
+                let mut pool = self.pool.borrow_mut();
+                for j in seq.num_registered..full {
+                    pool.register(seq.blocks.ids[j], seq.hashes[j], &seq.tokens[j * bs..(j + 1) * bs]);
+                }
+                seq.num_registered = full;
+            }
+        }
+    }
+}
+
+/// Extends `seq.hashes` to cover every full block of its tokens.
+fn ensure_hashes(hasher: &BlockHasher, seq: &mut Sequence) {
+    let bs = hasher.block_size();
+    let full = seq.tokens.len() / bs;
+    while seq.hashes.len() < full {
+        let j = seq.hashes.len();
+        let parent = if j == 0 { seq.root_hash } else { seq.hashes[j - 1] };
+        let h = hasher.block(parent, &seq.tokens[j * bs..(j + 1) * bs]);
+        seq.hashes.push(h);
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;
