@@ -67,31 +67,36 @@ fn f32_path_matches_reference_logits_and_greedy_tokens() {
     }
 }
 
-/// The fast path quantizes activations per 32-element block before each matmul, as llama.cpp does. That rounding
-/// error is not in the reference, so its logits drift: measured max abs error ≤ 0.08 · max|logit| over all cases
-/// (the bound below leaves headroom). A reference step whose top-1 margin is larger than twice the observed error
-/// cannot legitimately flip, so teacher-forced argmax must match there.
+/// The fast path keeps Q4_1/Q8_0 weight blocks and quantizes each activation row to int16 blocks of 32 for integer
+/// dot products. That rounding (≤ amax/65534 per element) is the only difference from the f32 path; measured max logit
+/// error is 0.8–2e-4 × max|logit| over all cases, so it meets the same 1e-3 bound as the f32 path. llama.cpp's int8
+/// activations land at 2–7e-2 here (BENCHMARKS.md), enough to flip low-margin tokens.
+/// Greedy tokens must equal the reference where the reference's top-1 margin exceeds twice our observed error bound;
+/// in practice that is every step of every case (asserted below by counting).
 #[test]
-fn quantized_path_stays_within_bound() {
-    const BOUND: f32 = 0.1;
+fn quantized_path_matches_reference_within_bound() {
+    const BOUND: f32 = 1e-3;
     let mut b = backend(WeightPrecision::Native);
-    let mut checked = 0;
+    let (mut checked, mut total) = (0, 0);
     for case in ref_cases() {
         let want = ref_logits(&case.name);
         let mut forced = case.prompt_ids.clone();
         forced.extend(&case.greedy_ids);
         let steps = all_logits(&mut b, &forced);
         let last = &steps[case.prompt_ids.len() - 1];
+        let scale = max_abs(&want);
         let err = max_err(last, &want);
-        assert!(err <= BOUND * max_abs(&want), "{}: max abs error {} x max|logit|", case.name, err / max_abs(&want));
-        for (i, &tok) in case.greedy_ids.iter().enumerate().take(16) {
-            let margin = case.margins[i];
-            if margin > 2.0 * BOUND * max_abs(&want) {
-                let got = argmax(&steps[case.prompt_ids.len() - 1 + i]);
-                assert_eq!(got, tok, "{} step {i} (reference margin {margin})", case.name);
+        assert!(err <= BOUND * scale, "{}: max abs error {} x max|logit|", case.name, err / scale);
+        // Teacher-forced argmax at every step whose reference margin cannot legitimately flip.
+        for (i, &tok) in case.greedy_ids.iter().enumerate() {
+            total += 1;
+            if case.margins.get(i).is_some_and(|&m| m > 2.0 * BOUND * scale) {
+                assert_eq!(argmax(&steps[case.prompt_ids.len() - 1 + i]), tok, "{} step {i}", case.name);
                 checked += 1;
             }
         }
+        // Free-running greedy generation reproduces the reference text.
+        assert_eq!(greedy(&mut b, &case), case.greedy_ids, "{}: greedy tokens", case.name);
     }
-    assert!(checked > 0, "the bound is so loose that no step was checked");
+    assert!(checked * 10 >= total * 9, "only {checked}/{total} steps had a margin above the bound");
 }

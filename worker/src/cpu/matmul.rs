@@ -4,7 +4,7 @@
 //! its own: every output element is one dot product of one weight row with one activation row, computed the same way
 //! whatever the batch size. That is what makes the forward pass batch invariant.
 
-use ferrite_kernels::cpu::quant::{BlockQ8, QK8, dequantize_row, dot_f32, gemv_q8, quantize_row_q8};
+use ferrite_kernels::cpu::quant::{BlockQ16, QK16, dequantize_row, dot_f32, gemv_q16, quantize_row_q16};
 use rayon::prelude::*;
 
 use super::weights::{Linear, Matrix};
@@ -19,25 +19,25 @@ pub struct Prepared<'a> {
     x: &'a [f32],
     n: usize,
     cols: usize,
-    q8: Option<Vec<BlockQ8>>,
+    q16: Option<Vec<BlockQ16>>,
 }
 
 impl<'a> Prepared<'a> {
-    /// `x` is `[n, cols]`. Quantizes to Q8 blocks when `quantize` (in parallel over rows).
+    /// `x` is `[n, cols]`. Quantizes each row to int16 blocks when `quantize` (in parallel over rows).
     pub fn new(x: &'a [f32], n: usize, cols: usize, quantize: bool) -> Self {
         debug_assert_eq!(x.len(), n * cols);
-        let q8 = quantize.then(|| {
-            let per_row = cols / QK8;
-            let mut q = vec![BlockQ8::default(); n * per_row];
-            q.par_chunks_mut(per_row).zip(x.par_chunks(cols)).for_each(|(q, x)| quantize_row_q8(x, q));
+        let q16 = quantize.then(|| {
+            let per_row = cols / QK16;
+            let mut q = vec![BlockQ16::default(); n * per_row];
+            q.par_chunks_mut(per_row).zip(x.par_chunks(cols)).for_each(|(q, x)| quantize_row_q16(x, q));
             q
         });
-        Self { x, n, cols, q8 }
+        Self { x, n, cols, q16 }
     }
 
-    fn q8_row(&self, b: usize) -> &[BlockQ8] {
-        let per_row = self.cols / QK8;
-        &self.q8.as_ref().expect("prepared with quantize=true")[b * per_row..(b + 1) * per_row]
+    fn q16_row(&self, b: usize) -> &[BlockQ16] {
+        let per_row = self.cols / QK16;
+        &self.q16.as_ref().expect("prepared with quantize=true")[b * per_row..(b + 1) * per_row]
     }
 
     fn f32_row(&self, b: usize) -> &[f32] {
@@ -80,8 +80,8 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
         for b in 0..x.n {
             let out = &mut local[b * width + (t0 - r0)..b * width + (t1 - r0)];
             match w {
-                Matrix::Blocks { dtype, row_bytes, data, .. } if w.wants_q8() => {
-                    gemv_q8(*dtype, &data[t0 * row_bytes..t1 * row_bytes], *row_bytes, x.q8_row(b), out);
+                Matrix::Blocks { dtype, row_bytes, data, .. } if w.wants_int_dot() => {
+                    gemv_q16(*dtype, &data[t0 * row_bytes..t1 * row_bytes], *row_bytes, x.q16_row(b), out);
                 }
                 Matrix::Blocks { dtype, cols, row_bytes, data, .. } => {
                     scratch.resize(*cols, 0.0);
@@ -110,11 +110,11 @@ pub fn linear(l: &Linear, x: &[f32], n: usize, cols: usize, out: &mut Vec<f32>) 
     out.resize(n * width, 0.0);
     match l {
         Linear::Fused(m) => {
-            let p = Prepared::new(x, n, cols, m.wants_q8());
+            let p = Prepared::new(x, n, cols, m.wants_int_dot());
             matmul_into(m, &p, out, width, 0);
         }
         Linear::Split(parts) => {
-            let p = Prepared::new(x, n, cols, parts.iter().any(Matrix::wants_q8));
+            let p = Prepared::new(x, n, cols, parts.iter().any(Matrix::wants_int_dot));
             let mut off = 0;
             for m in parts {
                 matmul_into(m, &p, out, width, off);
@@ -128,7 +128,7 @@ pub fn linear(l: &Linear, x: &[f32], n: usize, cols: usize, out: &mut Vec<f32>) 
 pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut Vec<f32>) {
     out.clear();
     out.resize(n * w.rows(), 0.0);
-    let p = Prepared::new(x, n, w.cols(), w.wants_q8());
+    let p = Prepared::new(x, n, w.cols(), w.wants_int_dot());
     matmul_into(w, &p, out, w.rows(), 0);
 }
 

@@ -19,14 +19,30 @@ use core::ptr::{addr_of, read_unaligned};
 
 use super::{BlockQ8, GgmlType, QK8};
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
+pub(super) const Q4_0: u8 = 0;
+pub(super) const Q4_1: u8 = 1;
+pub(super) const Q5_0: u8 = 2;
+pub(super) const Q5_1: u8 = 3;
+pub(super) const Q8_0: u8 = 4;
+
+/// A block of quantized activations that the row kernels below can multiply with weight blocks
+/// ([`BlockQ8`] here, `BlockQ16` in `avx2_q16.rs`).
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]` with `d: f32` at offset 0 and `s: f32` at offset 4:
+/// [`scales`] reads them through casts of the block pointer.
+pub(super) unsafe trait ActBlock: Sized {
+    /// The integer products of one weight block of kernel type `K` and one activation block,
+    /// summed in 8 i32 lanes converted to f32; the conversion must be exact.
+    ///
+    /// # Safety
+    /// `w` must point at `type_size(K)` readable bytes and `x` at a valid block; the CPU must
+    /// support avx2, fma and f16c.
+    unsafe fn block<const K: u8>(w: *const u8, x: *const Self) -> __m256;
+}
 
 /// Bytes per block of kernel type `K`.
-const fn type_size(k: u8) -> usize {
+pub(super) const fn type_size(k: u8) -> usize {
     match k {
         Q4_0 => 18,
         Q4_1 => 20,
@@ -37,14 +53,14 @@ const fn type_size(k: u8) -> usize {
 }
 
 /// Whether kernel type `K` has a per-block minimum `m` (adds `m_w * s_x` per block).
-const fn has_min(k: u8) -> bool {
+pub(super) const fn has_min(k: u8) -> bool {
     matches!(k, Q4_1 | Q5_1)
 }
 
 /// Horizontal sum of 8 lanes: `((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
@@ -72,7 +88,7 @@ fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
 /// `p` must point at 16 readable bytes; the CPU must support avx2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 16 readable bytes at `p`; loadu has no alignment needs.
     let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast::<__m128i>())) };
     let both = _mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
@@ -82,7 +98,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 /// Bit `e` of `qh` -> byte `e` all ones (0xFF) or zero, for e in 0..32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bytes_from_bits(qh: u32) -> __m256i {
+pub(super) fn bytes_from_bits(qh: u32) -> __m256i {
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
         0x0202_0202_0202_0202,
@@ -102,23 +118,24 @@ fn bytes_from_bits(qh: u32) -> __m256i {
 /// a false dependency on whatever that register held, often the previous FMA's accumulator.
 ///
 /// # Safety
-/// `wa` / `wb` must point at `type_size(K)` readable bytes and `xa` / `xb` at valid `BlockQ8`s;
-/// the CPU must support avx2, fma and f16c.
+/// `wa` / `wb` must point at `type_size(K)` readable bytes and `xa` / `xb` at valid blocks; the
+/// CPU must support avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scales<const K: u8>(
+pub(super) unsafe fn scales<const K: u8, B: ActBlock>(
     wa: *const u8,
-    xa: *const BlockQ8,
+    xa: *const B,
     wb: *const u8,
-    xb: *const BlockQ8,
+    xb: *const B,
 ) -> (__m128, __m128) {
     // SAFETY: unaligned reads of the first 2 or 4 bytes of each weight block (>= 18 bytes), and
-    // an unaligned 8-byte read of `d, s` or an aligned f32 read of `d` (BlockQ8 is 4-aligned) of
-    // each activation block; all readable by the caller's guarantee.
+    // an unaligned 8-byte read of `d, s` or an aligned f32 read of `d` (`ActBlock`s start with
+    // `d: f32, s: f32`, so they are 4-aligned) of each activation block; all readable by the
+    // caller's guarantee.
     unsafe {
         if has_min(K) {
             // [d_w, m_w] * [d_x, s_x]
-            let one = |w: *const u8, x: *const BlockQ8| {
+            let one = |w: *const u8, x: *const B| {
                 let wdm = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(w.cast::<i32>())));
                 let xds = _mm_castsi128_ps(_mm_loadl_epi64(x.cast::<__m128i>()));
                 _mm_mul_ps(wdm, xds)
@@ -128,50 +145,45 @@ unsafe fn scales<const K: u8>(
             let da = u32::from(read_unaligned(wa.cast::<u16>()));
             let db = u32::from(read_unaligned(wb.cast::<u16>()));
             let wd = _mm_cvtph_ps(_mm_cvtsi32_si128((da | (db << 16)) as i32));
-            let xd = _mm_unpacklo_ps(
-                _mm_load_ss(addr_of!((*xa).d)),
-                _mm_load_ss(addr_of!((*xb).d)),
-            );
+            let xd = _mm_unpacklo_ps(_mm_load_ss(xa.cast::<f32>()), _mm_load_ss(xb.cast::<f32>()));
             let p = _mm_mul_ps(wd, xd);
             (p, _mm_movehdup_ps(p))
         }
     }
 }
 
-/// The integer products of one weight block of kernel type `K` and one activation block, summed
-/// in 8 lanes (lane k: elements 4k..4k+4 of the 32-byte vectors below), as f32.
-///
-/// # Safety
-/// `w` must point at `type_size(K)` readable bytes and `x` at a valid `BlockQ8`; the CPU must
-/// support avx2, fma and f16c.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block<const K: u8>(w: *const u8, x: *const BlockQ8) -> __m256 {
-    // SAFETY: every read below is an unaligned read inside the `type_size(K)` bytes at `w` or
-    // the BlockQ8 at `x`, which the caller guarantees are readable.
-    unsafe {
-        let y = _mm256_loadu_si256(addr_of!((*x).qs).cast::<__m256i>());
-        match K {
-            Q4_0 => {
-                // sum((q - 8) * y) = sum(q * y) - sum(8 * y), per i16 pair (|.| <= 3810 + 2032)
-                let qy = _mm256_maddubs_epi16(nibbles(w.add(2)), y);
-                let ey = _mm256_maddubs_epi16(_mm256_set1_epi8(8), y);
-                let dot = _mm256_sub_epi16(qy, ey);
-                _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+// SAFETY: `BlockQ8` is `#[repr(C)]` and starts with `d: f32, s: f32`.
+unsafe impl ActBlock for BlockQ8 {
+    /// Lane k: elements 4k..4k+4 of the 32-byte vectors below.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<const K: u8>(w: *const u8, x: *const BlockQ8) -> __m256 {
+        // SAFETY: every read below is an unaligned read inside the `type_size(K)` bytes at `w`
+        // or the BlockQ8 at `x`, which the caller guarantees are readable.
+        unsafe {
+            let y = _mm256_loadu_si256(addr_of!((*x).qs).cast::<__m256i>());
+            match K {
+                Q4_0 => {
+                    // sum((q - 8) * y) = sum(q * y) - sum(8 * y), per i16 pair (|.| <= 3810 + 2032)
+                    let qy = _mm256_maddubs_epi16(nibbles(w.add(2)), y);
+                    let ey = _mm256_maddubs_epi16(_mm256_set1_epi8(8), y);
+                    let dot = _mm256_sub_epi16(qy, ey);
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+                }
+                Q4_1 => mul_sum_us8(nibbles(w.add(4)), y),
+                Q5_0 => {
+                    // q - 16 as i8: nibble | (high bit ? 0x00 : 0xF0)
+                    let hi = bytes_from_bits(read_unaligned(w.add(2).cast::<u32>()));
+                    let hi = _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8));
+                    mul_sum_i8(_mm256_or_si256(nibbles(w.add(6)), hi), y)
+                }
+                Q5_1 => {
+                    let hi = bytes_from_bits(read_unaligned(w.add(4).cast::<u32>()));
+                    let hi = _mm256_and_si256(hi, _mm256_set1_epi8(0x10));
+                    mul_sum_us8(_mm256_or_si256(nibbles(w.add(8)), hi), y)
+                }
+                _ => mul_sum_i8(_mm256_loadu_si256(w.add(2).cast::<__m256i>()), y),
             }
-            Q4_1 => mul_sum_us8(nibbles(w.add(4)), y),
-            Q5_0 => {
-                // q - 16 as i8: nibble | (high bit ? 0x00 : 0xF0)
-                let hi = bytes_from_bits(read_unaligned(w.add(2).cast::<u32>()));
-                let hi = _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8));
-                mul_sum_i8(_mm256_or_si256(nibbles(w.add(6)), hi), y)
-            }
-            Q5_1 => {
-                let hi = bytes_from_bits(read_unaligned(w.add(4).cast::<u32>()));
-                let hi = _mm256_and_si256(hi, _mm256_set1_epi8(0x10));
-                mul_sum_us8(_mm256_or_si256(nibbles(w.add(8)), hi), y)
-            }
-            _ => mul_sum_i8(_mm256_loadu_si256(w.add(2).cast::<__m256i>()), y),
         }
     }
 }
@@ -185,7 +197,7 @@ unsafe fn block<const K: u8>(w: *const u8, x: *const BlockQ8) -> __m256 {
 /// The CPU must support avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
     let ts = type_size(K);
     let nb = x.len().min(w.len() / ts);
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -204,8 +216,8 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
                 xp.add(i),
                 xp.add(i + 1),
             );
-            let (sa, sb) = scales::<K>(wa, xa, wb, xb);
-            (sa, sb, block::<K>(wa, xa), block::<K>(wb, xb))
+            let (sa, sb) = scales::<K, B>(wa, xa, wb, xb);
+            (sa, sb, B::block::<K>(wa, xa), B::block::<K>(wb, xb))
         };
         acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(sa), pa, acc0);
         acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(sb), pb, acc1);
@@ -219,7 +231,7 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
         // SAFETY: i < nb, so block i lies inside `w` and `x`.
         let (sa, pa) = unsafe {
             let (wa, xa) = (wp.add(i * ts), xp.add(i));
-            (scales::<K>(wa, xa, wa, xa).0, block::<K>(wa, xa))
+            (scales::<K, B>(wa, xa, wa, xa).0, B::block::<K>(wa, xa))
         };
         acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(sa), pa, acc0);
         if has_min(K) {
@@ -234,47 +246,54 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
     sum
 }
 
-/// `vec_dot_q8` for the supported types; 0.0 for the others.
+/// `vec_dot_q8` / `vec_dot_q16` for the supported types; 0.0 for the others.
 ///
 /// # Safety
 /// The CPU must support avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn vec_dot(t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
+pub(super) unsafe fn vec_dot<B: ActBlock>(t: GgmlType, w: &[u8], x: &[B]) -> f32 {
     // SAFETY (all arms): same CPU-feature requirement as this function.
     unsafe {
         match t {
-            GgmlType::Q4_0 => row::<Q4_0>(w, x),
-            GgmlType::Q4_1 => row::<Q4_1>(w, x),
-            GgmlType::Q5_0 => row::<Q5_0>(w, x),
-            GgmlType::Q5_1 => row::<Q5_1>(w, x),
-            GgmlType::Q8_0 => row::<Q8_0>(w, x),
+            GgmlType::Q4_0 => row::<Q4_0, B>(w, x),
+            GgmlType::Q4_1 => row::<Q4_1, B>(w, x),
+            GgmlType::Q5_0 => row::<Q5_0, B>(w, x),
+            GgmlType::Q5_1 => row::<Q5_1, B>(w, x),
+            GgmlType::Q8_0 => row::<Q8_0, B>(w, x),
             _ => 0.0,
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv_k<const K: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
+unsafe fn gemv_k<const K: u8, B: ActBlock>(w: &[u8], row_bytes: usize, x: &[B], out: &mut [f32]) {
     for (o, r) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
         // SAFETY: same CPU-feature requirement as this function.
-        *o = unsafe { row::<K>(r, x) };
+        *o = unsafe { row::<K, B>(r, x) };
     }
 }
 
-/// `gemv_q8` for the supported types (`row_bytes > 0`); leaves `out` untouched for the others.
+/// `gemv_q8` / `gemv_q16` for the supported types (`row_bytes > 0`); leaves `out` untouched
+/// for the others.
 ///
 /// # Safety
 /// The CPU must support avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn gemv(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
+pub(super) unsafe fn gemv<B: ActBlock>(
+    t: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[B],
+    out: &mut [f32],
+) {
     // SAFETY (all arms): same CPU-feature requirement as this function.
     unsafe {
         match t {
-            GgmlType::Q4_0 => gemv_k::<Q4_0>(w, row_bytes, x, out),
-            GgmlType::Q4_1 => gemv_k::<Q4_1>(w, row_bytes, x, out),
-            GgmlType::Q5_0 => gemv_k::<Q5_0>(w, row_bytes, x, out),
-            GgmlType::Q5_1 => gemv_k::<Q5_1>(w, row_bytes, x, out),
-            GgmlType::Q8_0 => gemv_k::<Q8_0>(w, row_bytes, x, out),
+            GgmlType::Q4_0 => gemv_k::<Q4_0, B>(w, row_bytes, x, out),
+            GgmlType::Q4_1 => gemv_k::<Q4_1, B>(w, row_bytes, x, out),
+            GgmlType::Q5_0 => gemv_k::<Q5_0, B>(w, row_bytes, x, out),
+            GgmlType::Q5_1 => gemv_k::<Q5_1, B>(w, row_bytes, x, out),
+            GgmlType::Q8_0 => gemv_k::<Q8_0, B>(w, row_bytes, x, out),
             _ => {}
         }
     }
