@@ -19,6 +19,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Write a Hugging Face model directory (safetensors, config, tokenizer) from a GGUF model.
     ExportHf(commands::export::Args),
+    /// Serve a model over gRPC as a worker (token ids in, token ids out).
+    Worker(commands::worker::Args),
     /// Measure prefill and decode throughput, and this machine's memory bandwidth.
     Bench(commands::bench::Args),
 }
@@ -34,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => commands::generate::run(a),
         Command::ExportHf(a) => commands::export::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Worker(a) => commands::worker::run(a),
     }
 }

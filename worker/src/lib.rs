@@ -1,9 +1,12 @@
 //! Ferrite worker: runs a Llama model.
 //!
 //! - [`backend`]: the [`backend::Backend`] trait (one batched forward step over paged KV storage) and its batch types.
-//! - [`cpu`]: the CPU backend (GGUF-quantized weights, Q8 activations, AVX2 dot products, rayon threads).
+//! - [`cpu`]: the CPU backend (GGUF-quantized weights, int16-quantized activations, AVX2/AVX-512 integer dot products, rayon threads).
 //! - [`kv`]: KV block allocation behind [`kv::BlockAllocator`].
 //! - [`generate`]: single-request generation (prefill + decode loop) with greedy or temperature sampling.
+//! - [`engine`]: the serving engine — block pool with prefix caching, continuous-batching scheduler, sampler, and
+//!   the engine thread.
+//! - [`service`] / [`server`]: the gRPC worker service (token ids in, token ids out) and its startup.
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
 
 pub mod backend;
@@ -12,3 +15,5 @@ pub mod engine;
 pub mod export;
 pub mod generate;
 pub mod kv;
+pub mod server;
+pub mod service;

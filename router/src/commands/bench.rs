@@ -6,7 +6,10 @@ use std::time::Instant;
 use anyhow::bail;
 use ferrite_common::model::ModelFiles;
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_common::sampling::{SamplingParams, StoppingParams};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
+use ferrite_worker::engine::core::{Engine, EngineConfig, EngineOutput, EngineRequest};
+use ferrite_worker::engine::scheduler::SchedulerConfig;
 use ferrite_worker::generate::argmax;
 use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
 use rayon::prelude::*;
@@ -29,6 +32,9 @@ pub struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also measure through the serving engine (continuous batching, prefix cache).
+    #[arg(long)]
+    engine: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -134,5 +140,86 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("decode batch {b}: {tps:.1} tok/s");
         }
     }
+    if a.engine {
+        drop(backend);
+        engine_bench(&files, &a)?;
+    }
+    Ok(())
+}
+
+/// Aggregate decode throughput with 1, 8 and 32 concurrent requests through the engine, and time to first token of a
+/// 400-token prompt cold versus with its prefix cached.
+fn engine_bench(files: &ModelFiles, a: &Args) -> anyhow::Result<()> {
+    let blocks = 1024;
+    let backend = CpuBackend::load(
+        files,
+        &CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE },
+    )?;
+    let engine = Engine::spawn(
+        Box::new(backend),
+        EngineConfig {
+            scheduler: SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs: 64, max_waiting: 1024, max_model_len: 2048 },
+            model_fingerprint: files.fingerprint(),
+            eos_token_ids: Vec::new(),
+        },
+    )?;
+    let vocab = files.config.vocab_size as u64;
+    let tok = |i: u64| ((i * 2_654_435_761) % vocab.min(40_000)) as u32 + 100;
+    let request = |id: String, prompt: Vec<u32>, max_new: u32| EngineRequest {
+        request_id: id,
+        prompt,
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        stopping: StoppingParams { max_new_tokens: max_new, ignore_eos: true, ..StoppingParams::default() },
+        n: 1,
+        cache_salt: Vec::new(),
+    };
+    let mut single = 0.0;
+    for &streams in &a.batch {
+        let mut runs = Vec::new();
+        for r in 0..a.repeat {
+            let t = Instant::now();
+            let rxs: Vec<_> = (0..streams)
+                .map(|s| {
+                    let prompt = (0..16).map(|i| tok((r * 1000 + s * 31 + i) as u64)).collect();
+                    engine.submit(request(format!("b{streams}-{r}-{s}"), prompt, a.decode_steps as u32))
+                })
+                .collect();
+            let mut tokens = 0usize;
+            for mut rx in rxs {
+                while let Some(out) = rx.blocking_recv() {
+                    match out {
+                        EngineOutput::Tokens { tokens: t, .. } => tokens += t.len(),
+                        EngineOutput::Finished { .. } => break,
+                        other => anyhow::bail!("engine: {other:?}"),
+                    }
+                }
+            }
+            runs.push(tokens as f64 / t.elapsed().as_secs_f64());
+        }
+        let tps = median(runs);
+        if streams == 1 {
+            single = tps;
+        }
+        let ratio = if single > 0.0 { format!(" ({:.2}x one stream)", tps / single) } else { String::new() };
+        println!("engine: {streams} concurrent streams: {tps:.1} tok/s aggregate{ratio}");
+    }
+    // Time to first token, 400-token shared prefix: cold, then warm (a different 8-token suffix).
+    let ttft = |id: String, prompt: Vec<u32>| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let mut rx = engine.submit(request(id, prompt, 1));
+        match rx.blocking_recv() {
+            Some(EngineOutput::Tokens { .. }) => Ok(t.elapsed().as_secs_f64()),
+            other => anyhow::bail!("engine: {other:?}"),
+        }
+    };
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for r in 0..a.repeat as u64 {
+        let prefix: Vec<u32> = (0..400).map(|i| tok(50_000 + r * 1000 + i)).collect();
+        let with = |suffix: u64| prefix.iter().copied().chain((0..8).map(|i| tok(suffix + i))).collect::<Vec<u32>>();
+        cold.push(ttft(format!("cold{r}"), with(1))?);
+        warm.push(ttft(format!("warm{r}"), with(2))?);
+    }
+    let (cold, warm) = (median(cold), median(warm));
+    println!("engine: time to first token, 408-token prompt: cold {:.1} ms, 400-token prefix cached {:.1} ms ({:.1}x faster)", cold * 1e3, warm * 1e3, cold / warm);
     Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod export;
 pub mod generate;
+pub mod worker;
 
 use std::path::PathBuf;
 

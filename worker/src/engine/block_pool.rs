@@ -304,7 +304,7 @@ mod tests {
         for step in 0..2000u64 {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let r = (s >> 33) as usize;
-            if r % 3 == 0 && !owned.is_empty() {
+            if r.is_multiple_of(3) && !owned.is_empty() {
                 let v = owned.swap_remove(r % owned.len());
                 p.free(v.into_iter().rev());
             } else if let Ok(mut v) = p.allocate(1 + r % 4) {

@@ -2,5 +2,6 @@
 //! sampling ([`sampler`]), and the engine thread that drives a [`crate::backend::Backend`].
 
 pub mod block_pool;
+pub mod core;
 pub mod sampler;
 pub mod scheduler;

@@ -1,0 +1,224 @@
+//! The worker over gRPC on loopback with the default model: concurrency, batching-independence, prefix caching,
+//! cancellation, abort, sampling options and bad requests. Every test starts its own worker on 127.0.0.1:0.
+
+use std::time::Duration;
+
+use ferrite_common::proto::worker as pb;
+use ferrite_common::proto::worker::worker_client::WorkerClient;
+use ferrite_tests::{default_model, ref_cases};
+use ferrite_worker::cpu::weights::WeightPrecision;
+use ferrite_worker::server::{Worker, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn start(max_waiting: usize) -> WorkerClient<Channel> {
+    let cfg = WorkerConfig {
+        model: default_model(),
+        model_id: None,
+        kv_cache_mib: 96,
+        max_num_batched_tokens: 256,
+        max_num_seqs: 32,
+        max_waiting,
+        max_model_len: 1024,
+        threads: 2,
+        precision: WeightPrecision::Native,
+    };
+    let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(worker.serve(listener, std::future::pending()));
+    WorkerClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+fn req(id: &str, prompt: &[u32], max_new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: id.into(),
+        prompt_ids: prompt.to_vec(),
+        sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        max_new_tokens: max_new,
+        ..Default::default()
+    }
+}
+
+/// Completed output of one request: tokens per completion index, and the Finished messages.
+#[derive(Debug, Default)]
+struct Done {
+    tokens: Vec<Vec<u32>>,
+    finished: Vec<pb::Finished>,
+    logprobs: Vec<pb::TokenLogprobs>,
+}
+
+async fn collect(client: &mut WorkerClient<Channel>, r: pb::GenerateRequest) -> Result<Done, tonic::Status> {
+    let mut stream = client.generate(r).await?.into_inner();
+    let mut done = Done::default();
+    while let Some(msg) = stream.next().await {
+        match msg?.kind.expect("kind set") {
+            pb::generate_response::Kind::Chunk(c) => {
+                let i = c.index as usize;
+                if done.tokens.len() <= i {
+                    done.tokens.resize(i + 1, Vec::new());
+                }
+                done.tokens[i].extend(c.token_ids);
+                done.logprobs.extend(c.logprobs);
+            }
+            pb::generate_response::Kind::Finished(f) => done.finished.push(f),
+        }
+    }
+    Ok(done)
+}
+
+async fn wait_idle(client: &mut WorkerClient<Channel>) -> pb::HealthResponse {
+    for _ in 0..200 {
+        let h = client.health(pb::HealthRequest {}).await.unwrap().into_inner();
+        if h.running == 0 && h.waiting == 0 && h.kv_blocks_used == 0 {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("worker did not become idle: {:?}", client.health(pb::HealthRequest {}).await.unwrap().into_inner());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_complete_and_kv_returns_to_zero() {
+    let mut client = start(256).await;
+    let cases = ref_cases();
+    let alone = collect(&mut client, req("alone", &cases[0].prompt_ids, 8)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let mut c = client.clone();
+        let prompt = cases[i % cases.len()].prompt_ids.clone();
+        tasks.push(tokio::spawn(async move { collect(&mut c, req(&format!("r{i}"), &prompt, 8)).await }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let done = t.await.unwrap().unwrap();
+        assert_eq!(done.finished.len(), 1, "stream {i} ends with one Finished");
+        let f = &done.finished[0];
+        assert!(f.reason == pb::FinishReason::Length as i32 || f.reason == pb::FinishReason::Stop as i32);
+        assert_eq!(f.completion_tokens as usize, done.tokens[0].len());
+        if i % cases.len() == 0 {
+            assert_eq!(done.tokens[0], alone.tokens[0], "greedy output is the same alone and among 32 streams");
+        }
+    }
+    let h = wait_idle(&mut client).await;
+    assert!(h.healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cached_run_gives_the_same_tokens() {
+    let mut client = start(16).await;
+    let case = ref_cases().into_iter().find(|c| c.name == "long_context").unwrap();
+    let cold = collect(&mut client, req("cold", &case.prompt_ids, 12)).await.unwrap();
+    let warm = collect(&mut client, req("warm", &case.prompt_ids, 12)).await.unwrap();
+    assert_eq!(cold.finished[0].cached_tokens, 0);
+    assert!(warm.finished[0].cached_tokens >= 192, "cached {}", warm.finished[0].cached_tokens);
+    assert_eq!(warm.tokens, cold.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request() {
+    let mut client = start(16).await;
+    let case = &ref_cases()[0];
+    let mut stream = client.generate(req("cancel-me", &case.prompt_ids, 500)).await.unwrap().into_inner();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+    wait_idle(&mut client).await;
+
+    let mut stream = client.generate(req("abort-me", &case.prompt_ids, 500)).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+    let found = client.abort(pb::AbortRequest { request_id: "abort-me".into() }).await.unwrap().into_inner().found;
+    assert!(found);
+    let mut last = None;
+    while let Some(m) = stream.next().await {
+        last = Some(m.unwrap());
+    }
+    match last.and_then(|m| m.kind) {
+        Some(pb::generate_response::Kind::Finished(f)) => assert_eq!(f.reason, pb::FinishReason::Abort as i32),
+        other => panic!("expected Finished(ABORT), got {other:?}"),
+    }
+    let again = client.abort(pb::AbortRequest { request_id: "abort-me".into() }).await.unwrap().into_inner().found;
+    assert!(!again, "abort is idempotent");
+    wait_idle(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_options_seeds_n_and_logprobs() {
+    let mut client = start(64).await;
+    let prompt = ref_cases()[1].prompt_ids.clone();
+    let sampled = |id: &str, n: u32| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams { temperature: Some(0.9), top_p: Some(0.95), top_k: Some(50), ..Default::default() }),
+        seed: Some(42),
+        n,
+        ..req(id, &prompt, 10)
+    };
+    let a = collect(&mut client, sampled("s1", 1)).await.unwrap();
+    // The same seed among other traffic gives the same tokens.
+    let mut noise = Vec::new();
+    for i in 0..4 {
+        let mut c = client.clone();
+        let p = prompt.clone();
+        noise.push(tokio::spawn(async move { collect(&mut c, req(&format!("noise{i}"), &p, 10)).await }));
+    }
+    let b = collect(&mut client, sampled("s2", 1)).await.unwrap();
+    for t in noise {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(a.tokens, b.tokens);
+    // n = 3: three completions; the copies reuse the prompt's cached blocks.
+    let n3 = collect(&mut client, sampled("n3", 3)).await.unwrap();
+    assert_eq!(n3.finished.len(), 3);
+    assert_eq!(n3.tokens.len(), 3);
+    assert_eq!(n3.tokens[0], a.tokens[0], "completion 0 uses the request seed like n = 1");
+    // Logprobs with alternatives.
+    let lp = pb::GenerateRequest { logprobs: true, top_logprobs: 5, ..req("lp", &prompt, 4) };
+    let done = collect(&mut client, lp).await.unwrap();
+    assert_eq!(done.logprobs.len(), 4);
+    for (l, &tok) in done.logprobs.iter().zip(&done.tokens[0]) {
+        assert_eq!(l.top.len(), 5);
+        assert!(l.logprob <= 0.0);
+        assert_eq!(l.top[0].token_id, tok, "greedy picks the top alternative");
+    }
+    // ignore_eos + min_tokens + stop ids.
+    let forced = pb::GenerateRequest { min_tokens: 6, stop_token_ids: vec![28], ..req("stop", &prompt, 30) };
+    let done = collect(&mut client, forced).await.unwrap();
+    let f = &done.finished[0];
+    assert!(done.tokens[0].len() >= 6);
+    if f.reason == pb::FinishReason::Stop as i32 {
+        assert!(f.matched_stop_token.is_some());
+    }
+    wait_idle(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_invalid_argument_naming_the_field() {
+    let mut client = start(16).await;
+    let ok = req("x", &[1, 2, 3], 4);
+    let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (pb::GenerateRequest { prompt_ids: vec![], ..ok.clone() }, "prompt_ids"),
+        (pb::GenerateRequest { prompt_ids: vec![1, 999_999], ..ok.clone() }, "prompt_ids"),
+        (pb::GenerateRequest { request_id: String::new(), ..ok.clone() }, "request_id"),
+        (pb::GenerateRequest { max_new_tokens: 5000, ..ok.clone() }, "max_new_tokens"),
+        (pb::GenerateRequest { sampling: Some(pb::SamplingParams { temperature: Some(-1.0), ..Default::default() }), ..ok.clone() }, "temperature"),
+        (pb::GenerateRequest { sampling: Some(pb::SamplingParams { top_p: Some(0.0), ..Default::default() }), ..ok.clone() }, "top_p"),
+        (pb::GenerateRequest { sampling: Some(pb::SamplingParams { min_p: Some(2.0), ..Default::default() }), ..ok.clone() }, "min_p"),
+        (pb::GenerateRequest { top_logprobs: 3, ..ok.clone() }, "top_logprobs"),
+        (pb::GenerateRequest { stop_token_ids: vec![49_152], ..ok.clone() }, "stop_token_ids"),
+        (pb::GenerateRequest { logit_bias: vec![pb::LogitBias { token_id: 1, bias: 500.0 }], ..ok.clone() }, "logit_bias"),
+        (pb::GenerateRequest { n: 100, ..ok.clone() }, "`n`"),
+        (pb::GenerateRequest { min_tokens: 9, ..ok.clone() }, "min_tokens"),
+    ];
+    for (r, field) in cases {
+        let e = collect(&mut client, r).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().contains(field), "`{}` should name {field}", e.message());
+    }
+    // Admission control: a request larger than the whole KV cache is refused up front.
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.hash_version, ferrite_common::hash::HASH_VERSION);
+    assert_eq!((info.block_size, info.max_model_len, info.vocab_size), (16, 1024, 49_152));
+    assert_eq!(info.model_fingerprint.len(), 16);
+    wait_idle(&mut client).await;
+}

@@ -1,0 +1,144 @@
+//! Starting a worker: load the model, size the KV cache, start the engine thread and serve gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ferrite_common::error::ModelError;
+use ferrite_common::model::ModelFiles;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::backend::Backend;
+use crate::cpu::weights::WeightPrecision;
+use crate::cpu::{CpuBackend, CpuOptions};
+use crate::engine::core::{Engine, EngineConfig, EngineHandle};
+use crate::engine::scheduler::SchedulerConfig;
+use crate::kv::DEFAULT_BLOCK_SIZE;
+use crate::service::{ModelInfo, WorkerService};
+
+/// Worker settings (validated by [`WorkerConfig::validate`]).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub model: PathBuf,
+    /// Name reported in `Info` (default: the model file or directory name).
+    pub model_id: Option<String>,
+    /// CPU KV cache size.
+    pub kv_cache_mib: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_waiting: usize,
+    /// Caps the model's context (0 = the model's own).
+    pub max_model_len: usize,
+    pub threads: usize,
+    pub precision: WeightPrecision,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("invalid worker config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl WorkerConfig {
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let err = |m: &str| Err(WorkerError::Config(m.into()));
+        if self.kv_cache_mib == 0 {
+            return err("--kv-cache-mib must be > 0");
+        }
+        if self.max_num_batched_tokens == 0 || self.max_num_seqs == 0 {
+            return err("--max-num-batched-tokens and --max-num-seqs must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// A loaded worker, ready to serve.
+pub struct Worker {
+    pub service: WorkerService,
+    pub engine: EngineHandle,
+    pub info: ModelInfo,
+}
+
+/// Bytes of KV per block: K and V, every layer, f32 on CPU.
+pub fn kv_bytes_per_block(c: &ferrite_common::config::LlamaConfig, block_size: usize) -> usize {
+    2 * c.num_layers * c.num_kv_heads * c.head_dim * block_size * std::mem::size_of::<f32>()
+}
+
+impl Worker {
+    /// Loads the model and starts the engine thread.
+    pub fn load(cfg: &WorkerConfig) -> Result<Self, WorkerError> {
+        cfg.validate()?;
+        let files = ModelFiles::open(&cfg.model)?;
+        let c = &files.config;
+        let per_block = kv_bytes_per_block(c, DEFAULT_BLOCK_SIZE);
+        let num_blocks = cfg.kv_cache_mib * (1 << 20) / per_block;
+        let max_model_len = match cfg.max_model_len {
+            0 => c.max_position_embeddings,
+            m => m.min(c.max_position_embeddings),
+        };
+        if num_blocks < 2 {
+            return Err(WorkerError::Config(format!("--kv-cache-mib {} holds no KV block ({per_block} bytes each)", cfg.kv_cache_mib)));
+        }
+        let backend = CpuBackend::load(
+            &files,
+            &CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE },
+        )?;
+        let fingerprint = files.fingerprint();
+        let text = ferrite_common::text::TextAssets::load(&files)?;
+        let info = ModelInfo {
+            model_id: cfg.model_id.clone().unwrap_or_else(|| {
+                files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            }),
+            fingerprint,
+            block_size: DEFAULT_BLOCK_SIZE as u32,
+            kv_blocks_total: (num_blocks - 1) as u32,
+            max_model_len: max_model_len as u32,
+            vocab_size: c.vocab_size as u32,
+            eos_ids: text.eos_token_ids.clone(),
+            backend: backend.info().name.to_string(),
+        };
+        let engine = Engine::spawn(
+            Box::new(backend),
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    max_num_batched_tokens: cfg.max_num_batched_tokens,
+                    max_num_seqs: cfg.max_num_seqs,
+                    max_waiting: cfg.max_waiting,
+                    max_model_len,
+                },
+                model_fingerprint: fingerprint,
+                eos_token_ids: text.eos_token_ids,
+            },
+        )?;
+        tracing::info!(model = %info.model_id, kv_blocks = num_blocks, max_model_len, "worker ready");
+        Ok(Self { service: WorkerService::new(engine.clone(), info.clone()), engine, info })
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` resolves.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
+        tonic::transport::Server::builder()
+            .add_service(self.service.into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Binds `addr`, loads the model and serves until Ctrl-C / SIGTERM.
+pub async fn run(cfg: WorkerConfig, addr: SocketAddr) -> Result<(), WorkerError> {
+    let worker = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || Worker::load(&cfg)
+    })
+    .await
+    .map_err(|e| WorkerError::Config(format!("model loading panicked: {e}")))??;
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "worker listening");
+    worker.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+}

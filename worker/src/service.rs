@@ -1,0 +1,199 @@
+//! The worker's gRPC service (`ferrite.worker.v1.Worker`): validates requests, hands them to the engine and streams
+//! token ids back. The router owns text; nothing here sees a string of user content.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use ferrite_common::hash::HASH_VERSION;
+use ferrite_common::proto::worker as pb;
+use ferrite_common::sampling::{ParamError, SamplingParams, StoppingParams};
+use tokio_stream::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::core::{EngineError, EngineHandle, EngineOutput, EngineRequest, FinishReason};
+use crate::engine::scheduler::AdmissionError;
+
+/// Static facts about the served model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model_id: String,
+    pub fingerprint: [u8; 16],
+    pub block_size: u32,
+    pub kv_blocks_total: u32,
+    pub max_model_len: u32,
+    pub vocab_size: u32,
+    pub eos_ids: Vec<u32>,
+    pub backend: String,
+}
+
+/// Maximum completions per request.
+pub const MAX_N: u32 = 16;
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct WorkerService {
+    engine: EngineHandle,
+    info: ModelInfo,
+}
+
+impl WorkerService {
+    pub fn new(engine: EngineHandle, info: ModelInfo) -> Self {
+        Self { engine, info }
+    }
+
+    pub fn into_server(self) -> pb::worker_server::WorkerServer<Self> {
+        pb::worker_server::WorkerServer::new(self)
+    }
+
+    /// Checks a request against the model; the message names the offending field.
+    pub fn validate(&self, r: &pb::GenerateRequest) -> Result<EngineRequest, Status> {
+        let bad = |e: ParamError| Status::invalid_argument(e.to_string());
+        let field = |f: &str, m: String| Status::invalid_argument(format!("`{f}` {m}"));
+        if r.request_id.is_empty() {
+            return Err(field("request_id", "must not be empty".into()));
+        }
+        if r.prompt_ids.is_empty() {
+            return Err(field("prompt_ids", "must not be empty".into()));
+        }
+        let vocab = self.info.vocab_size;
+        if let Some(id) = r.prompt_ids.iter().find(|&&t| t >= vocab) {
+            return Err(field("prompt_ids", format!("contains token id {id}, out of range (vocab size {vocab})")));
+        }
+        let max_len = self.info.max_model_len as usize;
+        let prompt = r.prompt_ids.len();
+        if prompt >= max_len {
+            return Err(field("prompt_ids", format!("has {prompt} tokens; the model's context is {max_len}")));
+        }
+        if prompt + r.max_new_tokens as usize > max_len {
+            return Err(field(
+                "max_new_tokens",
+                format!("({}) + prompt ({prompt} tokens) exceeds the model's context ({max_len})", r.max_new_tokens),
+            ));
+        }
+        if r.n > MAX_N {
+            return Err(field("n", format!("must be <= {MAX_N}, got {}", r.n)));
+        }
+        let sampling = SamplingParams::from_proto(r.sampling.as_ref(), &r.logit_bias, r.seed);
+        sampling.validate(vocab as usize).map_err(bad)?;
+        let stopping = StoppingParams {
+            max_new_tokens: r.max_new_tokens,
+            min_tokens: r.min_tokens,
+            stop_token_ids: r.stop_token_ids.clone(),
+            ignore_eos: r.ignore_eos,
+            logprobs: r.logprobs,
+            top_logprobs: r.top_logprobs,
+        };
+        stopping.validate(vocab as usize).map_err(bad)?;
+        Ok(EngineRequest {
+            request_id: r.request_id.clone(),
+            prompt: r.prompt_ids.clone(),
+            sampling,
+            stopping,
+            n: r.n.max(1),
+            cache_salt: r.cache_salt.clone(),
+        })
+    }
+}
+
+fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
+    use pb::generate_response::Kind;
+    Ok(pb::GenerateResponse {
+        kind: Some(match out {
+            EngineOutput::Tokens { index, tokens, logprobs } => Kind::Chunk(pb::TokenChunk {
+                index,
+                token_ids: tokens,
+                logprobs: logprobs
+                    .into_iter()
+                    .map(|l| pb::TokenLogprobs {
+                        logprob: l.logprob,
+                        top: l.top.into_iter().map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob }).collect(),
+                    })
+                    .collect(),
+            }),
+            EngineOutput::Finished { index, reason, matched_stop, prompt_tokens, completion_tokens, cached_tokens } => {
+                Kind::Finished(pb::Finished {
+                    index,
+                    reason: match reason {
+                        FinishReason::Stop => pb::FinishReason::Stop,
+                        FinishReason::Length => pb::FinishReason::Length,
+                        FinishReason::Abort => pb::FinishReason::Abort,
+                    } as i32,
+                    matched_stop_token: matched_stop,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                })
+            }
+            EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::Overloaded { .. })) => {
+                return Err(Status::resource_exhausted(e.to_string()));
+            }
+            EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::TooLarge { .. })) => {
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+            EngineOutput::Rejected(e @ EngineError::DuplicateId(_)) => return Err(Status::already_exists(e.to_string())),
+            EngineOutput::Rejected(e @ EngineError::ShutDown) => return Err(Status::unavailable(e.to_string())),
+            EngineOutput::Failed(msg) => return Err(Status::internal(format!("generation failed: {msg}"))),
+        }),
+    })
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = self.validate(request.get_ref())?;
+        let mut rx = self.engine.submit(req);
+        // Admission errors become the call's status (not a stream item), so clients can retry elsewhere.
+        let first = match rx.recv().await {
+            Some(EngineOutput::Rejected(e)) => return Err(to_proto(EngineOutput::Rejected(e)).unwrap_err()),
+            Some(first) => first,
+            None => return Err(Status::unavailable("the engine has shut down")),
+        };
+        // Dropping this stream (client gone) drops `rx`; the engine sees the closed channel and aborts the request.
+        let stream = tokio_stream::once(first).chain(UnboundedReceiverStream::new(rx)).map(to_proto);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        let found = self.engine.abort(&request.get_ref().request_id).await;
+        Ok(Response::new(pb::AbortResponse { found }))
+    }
+
+    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        let s = &self.engine.stats;
+        let running = s.running.load(Ordering::Relaxed) as u32;
+        let waiting = s.waiting.load(Ordering::Relaxed) as u32;
+        let busy = running + waiting > 0;
+        let age = if busy { self.engine.last_step_age_ms() } else { 0 };
+        Ok(Response::new(pb::HealthResponse {
+            // A busy engine that has not finished a step in 30 s is stuck (the watchdog rule of ARCHITECTURE.md).
+            healthy: age < 30_000,
+            running,
+            waiting,
+            kv_blocks_total: s.kv_blocks_total.load(Ordering::Relaxed) as u32,
+            kv_blocks_used: s.kv_blocks_used.load(Ordering::Relaxed) as u32,
+            last_step_age_ms: age,
+        }))
+    }
+
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        let i = &self.info;
+        Ok(Response::new(pb::WorkerInfo {
+            model_id: i.model_id.clone(),
+            model_fingerprint: i.fingerprint.to_vec(),
+            block_size: i.block_size,
+            kv_blocks_total: i.kv_blocks_total,
+            tp: 1,
+            max_model_len: i.max_model_len,
+            hash_version: HASH_VERSION,
+            eos_ids: i.eos_ids.clone(),
+            backend: i.backend.clone(),
+            vocab_size: i.vocab_size,
+        }))
+    }
+}
