@@ -1,0 +1,91 @@
+//! Engine properties on the default model: the chunk size never changes outputs, preemption under memory pressure
+//! never changes outputs, and every block comes back.
+
+use std::sync::atomic::Ordering;
+
+use ferrite_common::model::ModelFiles;
+use ferrite_common::sampling::{SamplingParams, StoppingParams};
+use ferrite_tests::{default_model, ref_cases};
+use ferrite_worker::cpu::{CpuBackend, CpuOptions};
+use ferrite_worker::engine::core::{Engine, EngineConfig, EngineHandle, EngineOutput, EngineRequest, FinishReason};
+use ferrite_worker::engine::scheduler::SchedulerConfig;
+
+fn engine(budget: usize, kv_blocks: usize) -> EngineHandle {
+    let files = ModelFiles::open(&default_model()).unwrap();
+    let backend = CpuBackend::load(&files, &CpuOptions { num_kv_blocks: kv_blocks, ..CpuOptions::default() }).unwrap();
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs: 16, max_waiting: 64, max_model_len: 2048 },
+        model_fingerprint: files.fingerprint(),
+        eos_token_ids: vec![2],
+    };
+    Engine::spawn(Box::new(backend), cfg).unwrap()
+}
+
+fn request(id: &str, prompt: &[u32], max_new: u32) -> EngineRequest {
+    EngineRequest {
+        request_id: id.into(),
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        stopping: StoppingParams { max_new_tokens: max_new, ignore_eos: true, ..StoppingParams::default() },
+        n: 1,
+        cache_salt: Vec::new(),
+    }
+}
+
+/// Submits all requests at once and returns each one's tokens.
+fn run_all(e: &EngineHandle, reqs: Vec<EngineRequest>) -> Vec<Vec<u32>> {
+    let rxs: Vec<_> = reqs.into_iter().map(|r| e.submit(r)).collect();
+    rxs.into_iter()
+        .map(|mut rx| {
+            let mut toks = Vec::new();
+            while let Some(out) = rx.blocking_recv() {
+                match out {
+                    EngineOutput::Tokens { tokens, .. } => toks.extend(tokens),
+                    EngineOutput::Finished { reason, .. } => {
+                        assert_eq!(reason, FinishReason::Length);
+                        break;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            toks
+        })
+        .collect()
+}
+
+fn wait_free(e: &EngineHandle) {
+    for _ in 0..400 {
+        if e.stats.kv_blocks_used.load(Ordering::Relaxed) == 0 && e.stats.running.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("blocks still in use: {}", e.stats.kv_blocks_used.load(Ordering::Relaxed));
+}
+
+#[test]
+fn chunk_size_does_not_change_outputs() {
+    let case = ref_cases().into_iter().find(|c| c.name == "long_context").unwrap();
+    let mut outs = Vec::new();
+    for budget in [7, 16, 61, 512] {
+        let e = engine(budget, 64);
+        outs.push(run_all(&e, vec![request("x", &case.prompt_ids, 6)]).remove(0));
+        wait_free(&e);
+    }
+    assert!(outs.windows(2).all(|w| w[0] == w[1]), "{outs:?}");
+}
+
+#[test]
+fn preemption_under_memory_pressure_does_not_change_outputs() {
+    let cases = ref_cases();
+    let prompts: Vec<Vec<u32>> = cases.iter().filter(|c| c.prompt_ids.len() < 80).take(6).map(|c| c.prompt_ids.clone()).collect();
+    let reqs = |tag: &str| prompts.iter().enumerate().map(|(i, p)| request(&format!("{tag}{i}"), p, 40)).collect::<Vec<_>>();
+    let roomy = engine(256, 256);
+    let alone: Vec<Vec<u32>> = reqs("a").into_iter().map(|r| run_all(&roomy, vec![r]).remove(0)).collect();
+    // 20 blocks of 16 tokens cannot hold six sequences of ~45-80 tokens at once: the scheduler must preempt.
+    let tight = engine(256, 21);
+    let together = run_all(&tight, reqs("t"));
+    assert!(tight.stats.preemptions.load(Ordering::Relaxed) > 0, "expected preemptions");
+    assert_eq!(together, alone);
+    wait_free(&tight);
+}
