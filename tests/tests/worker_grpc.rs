@@ -14,6 +14,11 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn start(max_waiting: usize) -> WorkerClient<Channel> {
+    start_with_metrics(max_waiting).await.0
+}
+
+/// Starts a worker and its metrics endpoint; returns the client and the metrics address.
+async fn start_with_metrics(max_waiting: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
     let cfg = WorkerConfig {
         model: default_model(),
         model_id: None,
@@ -26,10 +31,25 @@ async fn start(max_waiting: usize) -> WorkerClient<Channel> {
         precision: WeightPrecision::Native,
     };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
+    let metrics = ferrite_worker::metrics::spawn(&worker.engine, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(worker.serve(listener, std::future::pending()));
-    WorkerClient::connect(format!("http://{addr}")).await.unwrap()
+    (WorkerClient::connect(format!("http://{addr}")).await.unwrap(), metrics)
+}
+
+/// GET /metrics over a plain TCP connection.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing"))
 }
 
 fn req(id: &str, prompt: &[u32], max_new: u32) -> pb::GenerateRequest {
@@ -107,13 +127,21 @@ async fn concurrent_streams_complete_and_kv_returns_to_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_cached_run_gives_the_same_tokens() {
-    let mut client = start(16).await;
+    let (mut client, metrics) = start_with_metrics(16).await;
     let case = ref_cases().into_iter().find(|c| c.name == "long_context").unwrap();
     let cold = collect(&mut client, req("cold", &case.prompt_ids, 12)).await.unwrap();
     let warm = collect(&mut client, req("warm", &case.prompt_ids, 12)).await.unwrap();
     assert_eq!(cold.finished[0].cached_tokens, 0);
     assert!(warm.finished[0].cached_tokens >= 192, "cached {}", warm.finished[0].cached_tokens);
     assert_eq!(warm.tokens, cold.tokens);
+    wait_idle(&mut client).await;
+    let text = scrape(metrics).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(metric(&text, "ferrite_worker_prefix_cache_hits_total") >= 12.0, "{text}");
+    assert!(metric(&text, "ferrite_worker_prefix_hit_tokens_total") >= 192.0);
+    assert!(metric(&text, "ferrite_worker_generated_tokens_total") >= 24.0);
+    assert_eq!(metric(&text, "ferrite_worker_kv_blocks{state=\"used\"}"), 0.0);
+    assert!(metric(&text, "ferrite_worker_kv_blocks{state=\"cached_free\"}") >= 12.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 //! - [`engine`]: the serving engine — block pool with prefix caching, continuous-batching scheduler, sampler, and
 //!   the engine thread.
 //! - [`service`] / [`server`]: the gRPC worker service (token ids in, token ids out) and its startup.
+//! - [`metrics`]: Prometheus `/metrics` of a worker.
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
 
 pub mod backend;
@@ -15,5 +16,6 @@ pub mod engine;
 pub mod export;
 pub mod generate;
 pub mod kv;
+pub mod metrics;
 pub mod server;
 pub mod service;

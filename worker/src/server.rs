@@ -130,14 +130,18 @@ impl Worker {
     }
 }
 
-/// Binds `addr`, loads the model and serves until Ctrl-C / SIGTERM.
-pub async fn run(cfg: WorkerConfig, addr: SocketAddr) -> Result<(), WorkerError> {
+/// Binds `addr`, loads the model and serves until Ctrl-C; with `metrics_addr`, also serves Prometheus `/metrics`.
+pub async fn run(cfg: WorkerConfig, addr: SocketAddr, metrics_addr: Option<SocketAddr>) -> Result<(), WorkerError> {
     let worker = tokio::task::spawn_blocking({
         let cfg = cfg.clone();
         move || Worker::load(&cfg)
     })
     .await
     .map_err(|e| WorkerError::Config(format!("model loading panicked: {e}")))??;
+    if let Some(m) = metrics_addr {
+        let bound = crate::metrics::spawn(&worker.engine, m).await?;
+        tracing::info!(addr = %bound, "metrics on /metrics");
+    }
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "worker listening");
     worker.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await

@@ -11,6 +11,9 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "FERRITE_WORKER_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address for Prometheus `/metrics` (off when not given).
+    #[arg(long, env = "FERRITE_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     model: ModelArgs,
     /// Name reported to routers (default: the model file name).
@@ -47,6 +50,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run_worker(cfg, a.listen))?;
+    rt.block_on(run_worker(cfg, a.listen, a.metrics_listen))?;
     Ok(())
 }
