@@ -14,17 +14,17 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn start(max_waiting: usize) -> WorkerClient<Channel> {
-    start_with_metrics(max_waiting).await.0
+    start_with_metrics(max_waiting, 32).await.0
 }
 
 /// Starts a worker and its metrics endpoint; returns the client and the metrics address.
-async fn start_with_metrics(max_waiting: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
+async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
     let cfg = WorkerConfig {
         model: default_model(),
         model_id: None,
         kv_cache_mib: 96,
         max_num_batched_tokens: 256,
-        max_num_seqs: 32,
+        max_num_seqs,
         max_waiting,
         max_model_len: 1024,
         threads: 2,
@@ -127,7 +127,7 @@ async fn concurrent_streams_complete_and_kv_returns_to_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_cached_run_gives_the_same_tokens() {
-    let (mut client, metrics) = start_with_metrics(16).await;
+    let (mut client, metrics) = start_with_metrics(16, 32).await;
     let case = ref_cases().into_iter().find(|c| c.name == "long_context").unwrap();
     let cold = collect(&mut client, req("cold", &case.prompt_ids, 12)).await.unwrap();
     let warm = collect(&mut client, req("warm", &case.prompt_ids, 12)).await.unwrap();
@@ -248,5 +248,35 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     assert_eq!(info.hash_version, ferrite_common::hash::HASH_VERSION);
     assert_eq!((info.block_size, info.max_model_len, info.vocab_size), (16, 1024, 49_152));
     assert_eq!(info.model_fingerprint.len(), 16);
+    wait_idle(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_resource_exhausted_and_loses_nothing() {
+    // One running sequence and room for two waiting: a burst of eight gets some RESOURCE_EXHAUSTED answers, the rest
+    // complete normally, and nothing stays allocated.
+    let (mut client, _) = start_with_metrics(2, 1).await;
+    let prompt = ref_cases()[0].prompt_ids.clone();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = client.clone();
+        let p = prompt.clone();
+        tasks.push(tokio::spawn(async move { collect(&mut c, req(&format!("o{i}"), &p, 16)).await }));
+    }
+    let (mut ok, mut rejected) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(done) => {
+                assert_eq!(done.tokens[0].len(), 16);
+                ok += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(e.message().contains("overloaded"), "{}", e.message());
+                rejected += 1;
+            }
+        }
+    }
+    assert!(ok >= 3 && rejected >= 1, "ok {ok}, rejected {rejected}");
     wait_idle(&mut client).await;
 }
