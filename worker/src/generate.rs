@@ -2,11 +2,11 @@
 //! limit. Used by `ferrite generate`, the benchmarks and the reference tests. (The serving engine with continuous
 //! batching builds on the same [`Backend`] and [`BlockAllocator`] seams.)
 
-use rand::SeedableRng;
-use rand::distr::Distribution;
-use rand::rngs::StdRng;
+use ferrite_common::sampling::{SamplingParams, StoppingParams};
 
 use crate::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
+pub use crate::engine::sampler::argmax;
+use crate::engine::sampler::Sampler;
 use crate::kv::{BlockAllocator, KvError, SeqId};
 
 /// Why generation stopped.
@@ -55,31 +55,6 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Index of the largest logit (the lowest index wins ties; NaN never wins).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
-        }
-    }
-    best as u32
-}
-
-fn sample(logits: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
-    if temperature == 0.0 {
-        return argmax(logits);
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|&l| f64::from((l - max) / temperature).exp()).collect();
-    match rand::distr::weighted::WeightedIndex::new(&weights) {
-        Ok(d) => d.sample(rng) as u32,
-        Err(_) => argmax(logits),
-    }
-}
-
 /// Generates up to `params.max_tokens` tokens after `prompt`, calling `on_token` as each is produced.
 /// The sequence's KV blocks are freed before returning, on success or error.
 pub fn generate(
@@ -109,7 +84,13 @@ fn run(
     params: &GenerateParams,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<Generation, GenerateError> {
-    let mut rng = StdRng::seed_from_u64(params.seed);
+    let sampling = SamplingParams { temperature: params.temperature, seed: Some(params.seed), ..SamplingParams::default() };
+    let mut sampler = Sampler::new(sampling, &StoppingParams::default(), &[], prompt, params.seed, 0);
+    let mut sample = |logits: &[f32], generated: usize| {
+        let (tok, _) = sampler.sample(&mut logits.to_vec(), generated);
+        sampler.record(tok);
+        tok
+    };
     let mut tokens: Vec<u32> = Vec::new();
     let chunk = if params.prefill_chunk == 0 { prompt.len() } else { params.prefill_chunk };
     // Prefill.
@@ -129,7 +110,7 @@ fn run(
         };
         let logits = backend.forward(&batch)?;
         if last {
-            next = logits.last(0).map(|l| sample(l, params.temperature, &mut rng));
+            next = logits.last(0).map(|l| sample(l, 0));
         }
         done = end;
     }
@@ -151,7 +132,7 @@ fn run(
             seqs: vec![SeqInput { tokens: std::slice::from_ref(&tok), start_pos: pos, block_table: &table, logits: LogitsWanted::Last }],
         };
         let logits = backend.forward(&batch)?;
-        next = logits.last(0).map(|l| sample(l, params.temperature, &mut rng));
+        next = logits.last(0).map(|l| sample(l, tokens.len()));
         pos += 1;
     }
     Ok(Generation { tokens, finish: FinishReason::Length })
@@ -165,18 +146,5 @@ mod tests {
     fn argmax_ties_and_nan() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5, 0.1]), 1);
-    }
-
-    #[test]
-    fn temperature_sampling_is_seeded() {
-        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let draw = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..20).map(|_| sample(&logits, 1.0, &mut rng)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(7), draw(7));
-        assert_ne!(draw(7), draw(8));
-        let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(sample(&logits, 0.0, &mut rng), argmax(&logits));
     }
 }
