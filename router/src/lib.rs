@@ -1,1 +1,7 @@
+//! Ferrite router: the OpenAI-compatible front end.
+//!
+//! The router owns text: chat templates, tokenization, detokenization and stop strings; workers see token ids only.
+//! Built so far: [`text::stop`] (the stop-string jail). The HTTP server, routing and raft follow (ARCHITECTURE.md).
+//! The crate also ships the `ferrite` binary (`src/main.rs`, subcommands in `src/commands/`).
 
+pub mod text;

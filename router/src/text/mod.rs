@@ -1,0 +1,3 @@
+//! Text handling on the router side: stop strings (and, next, incremental detokenization per choice).
+
+pub mod stop;
