@@ -1,7 +1,8 @@
 //! Ferrite router: the OpenAI-compatible front end.
 //!
 //! The router owns text: chat templates, tokenization, detokenization and stop strings; workers see token ids only.
-//! Built so far: [`text::stop`] (the stop-string jail). The HTTP server, routing and raft follow (ARCHITECTURE.md).
+//! Built so far: [`text::stop`] (the stop-string jail) and [`openai::error`] (the OpenAI error envelope). The HTTP server, routing and raft follow (ARCHITECTURE.md).
 //! The crate also ships the `ferrite` binary (`src/main.rs`, subcommands in `src/commands/`).
 
+pub mod openai;
 pub mod text;

@@ -1,0 +1,3 @@
+//! The OpenAI wire format. Only this module knows it (ARCHITECTURE.md invariant).
+
+pub mod error;
