@@ -6,3 +6,4 @@
 
 pub mod openai;
 pub mod text;
+pub mod validate;
