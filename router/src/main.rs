@@ -19,6 +19,10 @@ enum Command {
     Generate(commands::generate::Args),
     /// Write a Hugging Face model directory (safetensors, config, tokenizer) from a GGUF model.
     ExportHf(commands::export::Args),
+    /// Serve the OpenAI-compatible API with an embedded CPU worker (one process, the local stack).
+    Serve(commands::serve::Args),
+    /// Serve the OpenAI-compatible API in front of separately running workers.
+    Router(commands::router::Args),
     /// Serve a model over gRPC as a worker (token ids in, token ids out).
     Worker(commands::worker::Args),
     /// Measure prefill and decode throughput, and this machine's memory bandwidth.
@@ -37,5 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::ExportHf(a) => commands::export::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Worker(a) => commands::worker::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Router(a) => commands::router::run(a),
     }
 }

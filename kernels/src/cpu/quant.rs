@@ -16,6 +16,8 @@
 //! [`vec_dot_q16`] and [`gemv_q16`] do the same with activations quantized to int16
 //! ([`BlockQ16`], `d = amax / 32767`): ~258x finer than int8 at nearly the same speed (the
 //! weight quants are widened to i16 and multiplied with `vpmaddwd`, 256- or 512-bit).
+//! [`gemm_q16`] multiplies a tile of weight rows with several activation rows at once, widening
+//! each weight block once for up to 8 activation rows, with the same bits as [`vec_dot_q16`].
 //!
 //! # Determinism
 //! The SIMD path (AVX2 + FMA + F16C) is chosen at run time; CPUs without it use portable scalar
@@ -23,7 +25,8 @@
 //! products ([`vec_dot_q16`], [`gemv_q16`]) use AVX-512 (avx512f + avx512bw + gfni) where
 //! available, again with its own summation order. On a given CPU each function is a pure
 //! function of its inputs: [`gemv_q8`] gives, for each row, exactly the bits [`vec_dot_q8`]
-//! gives, whatever the number of rows per call (likewise [`gemv_q16`] and [`vec_dot_q16`]).
+//! gives, whatever the number of rows per call (likewise [`gemv_q16`], [`gemm_q16`] and
+//! [`vec_dot_q16`]).
 
 use half::f16;
 
@@ -449,6 +452,84 @@ pub fn gemv_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &m
         IsaQ16::Scalar => {
             for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
                 *o = scalar::vec_dot(t, row, x);
+            }
+        }
+    }
+}
+
+/// `out[b * out_stride + r] = vec_dot_q16(t, row r of w, x[b])` for every weight row `r` in
+/// `0..rows` (`rows = w.len() / row_bytes`) and activation row `b` in `0..n`, where `x` holds the
+/// `n` activation rows of `blocks_per_row = row_bytes / t.type_size()` blocks each, contiguously.
+///
+/// Bit-identical to calling [`vec_dot_q16`] (or [`gemv_q16`]) per (row, activation row) on the
+/// same CPU: the SIMD paths compute exactly the same block sums, scale products, FMA
+/// accumulations and final reduction, only interleaved over up to 8 (AVX-512) or 4 (AVX2)
+/// activation rows per unpacked weight block. Keep `w` (a tile of weight rows) and `x` small
+/// enough to stay in L1 / L2: the activation rows are processed in groups, each group against
+/// every row of `w`.
+///
+/// Unsupported types hit a `debug_assert!` and leave `out` untouched in release builds.
+/// Inconsistent lengths (`x.len() != n * blocks_per_row`, `out` shorter than `(n - 1) *
+/// out_stride + rows`) hit a `debug_assert!`; in release only the activation rows that fit in
+/// both `x` and `out` are computed.
+pub fn gemm_q16(
+    t: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ16],
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    debug_assert!(supports_q16_dot(t), "gemm_q16: unsupported type {t}");
+    if !supports_q16_dot(t) || n == 0 || row_bytes == 0 {
+        return;
+    }
+    let nb = row_bytes / t.type_size();
+    let rows = w.len() / row_bytes;
+    debug_assert_eq!(
+        row_bytes,
+        nb * t.type_size(),
+        "gemm_q16: row_bytes is not a whole number of blocks"
+    );
+    debug_assert_eq!(x.len(), n * nb, "gemm_q16: activation length mismatch");
+    debug_assert!(
+        n == 1 || out_stride >= rows,
+        "gemm_q16: out_stride {out_stride} < rows {rows}"
+    );
+    debug_assert!(
+        out.len() >= (n - 1) * out_stride + rows,
+        "gemm_q16: output too short"
+    );
+    // Activation rows that fit in `x` and whose outputs fit in `out`.
+    let fit_x = if nb == 0 { n } else { x.len() / nb };
+    let fit_out = if out.len() < rows {
+        0
+    } else {
+        (out.len() - rows)
+            .checked_div(out_stride)
+            .map_or(n, |q| q + 1)
+    };
+    let n = n.min(fit_x).min(fit_out);
+    if n == 0 || rows == 0 {
+        return;
+    }
+    let w = &w[..rows * row_bytes];
+    let x = &x[..n * nb];
+    match isa_q16() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa_q16()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        IsaQ16::Avx2 => unsafe { avx2_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa_q16()` returned Avx512, so the CPU supports avx512f, avx512bw, gfni, avx2,
+        // fma and f16c.
+        IsaQ16::Avx512 => unsafe { avx512_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride) },
+        IsaQ16::Scalar => {
+            for (b, xb) in x.chunks_exact(nb.max(1)).take(n).enumerate() {
+                let o = &mut out[b * out_stride..][..rows];
+                for (o, row) in o.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                    *o = scalar::vec_dot(t, row, xb);
+                }
             }
         }
     }

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod export;
 pub mod generate;
+pub mod router;
+pub mod serve;
 pub mod worker;
 
 use std::path::PathBuf;

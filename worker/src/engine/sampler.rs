@@ -1,44 +1,73 @@
 //! Per-sequence token sampling, in vLLM v1's order of operations:
 //!
-//! 1. logprobs (when asked) from the **raw** logits (log-softmax before any processing, vLLM's default);
-//! 2. logit bias; repetition penalty over prompt ∪ output (positive logits divided, negative multiplied); presence and
-//!    frequency penalties over the output only; while fewer than `min_tokens` are generated, eos and stop ids masked;
-//! 3. temperature 0 ⇒ argmax; otherwise logits / temperature → top-k → softmax → top-p → min-p → one uniform draw
-//!    from the sequence's own RNG, walked over the kept tokens in ascending id order.
+//! 1. logprobs (when asked) from the **raw** logits: log-softmax before any processing (vLLM's default
+//!    `logprobs_mode = raw_logprobs`), with the normalizer summed in f64;
+//! 2. logit bias; repetition penalty over prompt ∪ output (positive logits divided, others multiplied); frequency
+//!    (count × penalty) and presence (once) penalties over the output only; while fewer than `min_tokens` are
+//!    generated, the stop ids and the model's eos ids are masked to -inf (vLLM's `MinTokensLogitsProcessor` over
+//!    `all_stop_token_ids`, which holds the eos ids even with `ignore_eos`: that flag only tells the engine not to
+//!    stop on eos, the sampler never reads it);
+//! 3. temperature below 1e-5 (vLLM's `_SAMPLING_EPS`, 0 included) ⇒ argmax in one pass (lowest id on ties, NaN never
+//!    wins); otherwise logits / temperature → top-k (exactly k, lowest ids win boundary ties) → softmax → top-p
+//!    (smallest most-likely prefix whose mass reaches `top_p`) → min-p (drop p < min_p · p_max) → one uniform f64
+//!    from the sequence's own RNG, walked as an inverse CDF over the kept tokens in ascending id order, so the result
+//!    never depends on sort stability.
 //!
-//! The RNG is per sequence and seeded from the request seed and the completion index, so the same seed gives the same
-//! tokens whatever else is in the batch (the logits are batch invariant too).
+//! The RNG is per sequence, seeded from the request seed mixed with the completion index, so the `n` completions of
+//! a request differ, each is reproducible, and the same seed gives the same tokens whatever else is in the batch.
+//!
+//! NaN logits count as -inf and +inf as `f32::MAX`; nothing here panics on any logits. Scratch buffers live in the
+//! [`Sampler`], so a step allocates only the returned top-logprob list. Full sorts happen only for top-p, and over
+//! the k survivors when top-k is set; the default sampling path (no top-k/top-p) does not sort at all.
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`); it also keeps `1 / temperature` finite.
+const GREEDY_BELOW: f32 = 1e-5;
+
 /// Log-probability info for one sampled token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub token: u32,
     pub logprob: f32,
-    /// The most likely tokens with their logprobs, best first.
+    /// The most likely tokens with their logprobs, best first (lower id first on ties).
     pub top: Vec<(u32, f32)>,
 }
 
-/// Sampling state of one sequence.
+/// The sampling state of one sequence (one of the `n` completions of a request).
 pub struct Sampler {
     params: SamplingParams,
     logprobs: bool,
     top_logprobs: usize,
     min_tokens: usize,
-    /// Masked while fewer than `min_tokens` tokens are generated.
+    /// Stop ids and eos ids, masked while fewer than `min_tokens` tokens are generated.
     stop_ids: Vec<u32>,
     rng: StdRng,
+    /// Output token → occurrences (presence, frequency and repetition penalties).
     counts: HashMap<u32, u32>,
+    /// Prompt tokens (repetition penalty); left empty when that penalty is off.
     prompt_tokens: HashSet<u32>,
+    /// Scratch: sanitized raw logits for logprobs.
+    raw: Vec<f32>,
+    /// Scratch: (scaled logit, id) candidates.
     cand: Vec<(f32, u32)>,
+    /// Scratch: (unnormalized probability, id) of the kept candidates.
+    weights: Vec<(f64, u32)>,
+}
+
+/// Descending by value, ascending id on ties.
+fn desc<T: Copy + Into<f64>>(a: &(T, u32), b: &(T, u32)) -> Ordering {
+    b.0.into().total_cmp(&a.0.into()).then(a.1.cmp(&b.1))
 }
 
 impl Sampler {
+    /// `seed`: the request's seed (or one drawn by the engine), mixed with `index`, the completion index among `n`.
+    /// `eos_ids`: the model's eos ids, masked (with the stop ids) until `stop.min_tokens` tokens are generated.
     pub fn new(params: SamplingParams, stop: &StoppingParams, eos_ids: &[u32], prompt: &[u32], seed: u64, index: u32) -> Self {
         let mut stop_ids = stop.stop_token_ids.clone();
         stop_ids.extend_from_slice(eos_ids);
@@ -51,31 +80,37 @@ impl Sampler {
             rng: StdRng::seed_from_u64(seed ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             counts: HashMap::new(),
             prompt_tokens,
+            raw: Vec::new(),
             cand: Vec::new(),
+            weights: Vec::new(),
             params,
         }
     }
 
-    /// Records a generated token for the penalties.
+    /// Records a generated token for the penalties. The engine calls this after [`Sampler::sample`].
     pub fn record(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
     }
 
     /// Picks the next token from the raw logits of the last position (`logits` is scratch and gets modified).
+    /// `num_generated` is the number of tokens this sequence has generated so far.
     pub fn sample(&mut self, logits: &mut [f32], num_generated: usize) -> (u32, Option<TokenLogprob>) {
-        for l in logits.iter_mut() {
-            if l.is_nan() {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        // Raw logprobs need the unprocessed logits of the token chosen later, so keep a copy only when asked.
-        let raw = self.logprobs.then(|| (log_sum_exp(logits), logits.to_vec()));
+        // Raw logprobs need the unprocessed logit of the token chosen later, so keep a copy only when asked.
+        let lse = if self.logprobs {
+            self.raw.clear();
+            self.raw.extend(logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l.min(f32::MAX) }));
+            Some(log_sum_exp(&self.raw))
+        } else {
+            None
+        };
         self.apply_penalties(logits, num_generated);
-        let token = if self.params.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
-        let info = raw.map(|(lse, raw)| TokenLogprob {
-            token,
-            logprob: (f64::from(raw[token as usize]) - lse) as f32,
-            top: top_n(&raw, self.top_logprobs).into_iter().map(|(id, l)| (id, (f64::from(l) - lse) as f32)).collect(),
+        let token = if self.params.temperature < GREEDY_BELOW { argmax(logits) } else { self.draw(logits) };
+        let info = lse.map(|lse| {
+            let (max, ln_z) = lse;
+            let lp = |l: f32| ((f64::from(l) - max) - ln_z) as f32;
+            let logprob = self.raw.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+            let top = top_n(&self.raw, self.top_logprobs, &mut self.cand).into_iter().map(|(id, l)| (id, lp(l))).collect();
+            TokenLogprob { token, logprob, top }
         });
         (token, info)
     }
@@ -88,17 +123,18 @@ impl Sampler {
             }
         }
         if p.repetition_penalty != 1.0 {
-            let penalize = |l: &mut f32| *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
-            for &t in self.prompt_tokens.iter().chain(self.counts.keys().filter(|t| !self.prompt_tokens.contains(t))) {
+            let r = p.repetition_penalty;
+            let output_only = self.counts.keys().filter(|t| !self.prompt_tokens.contains(t));
+            for &t in self.prompt_tokens.iter().chain(output_only) {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    penalize(l);
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
                 }
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             for (&t, &c) in &self.counts {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                    *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
                 }
             }
         }
@@ -111,56 +147,76 @@ impl Sampler {
         }
     }
 
+    /// Temperature, top-k, softmax, top-p, min-p, then one draw.
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().filter(|(_, l)| **l > f32::NEG_INFINITY).map(|(i, &l)| (l * inv_t, i as u32)));
+        // NaN and -inf drop out here (NaN > -inf is false); overflow to +inf is clamped so differences stay finite.
+        self.cand.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
+            let s = l * inv_t;
+            (s > f32::NEG_INFINITY).then(|| (s.min(f32::MAX), i as u32))
+        }));
         if self.cand.is_empty() {
-            return argmax(logits);
+            return argmax(logits); // every token is masked: nothing to draw from
         }
-        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let k = p.top_k as usize;
+        let mut id_order = true;
         if k > 0 && k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, by_logit_desc);
+            self.cand.select_nth_unstable_by(k - 1, desc);
             self.cand.truncate(k);
+            id_order = false;
         }
-        self.cand.sort_unstable_by(by_logit_desc);
-        let max = self.cand[0].0;
-        let mut probs: Vec<f64> = self.cand.iter().map(|&(l, _)| f64::from(l - max).exp()).collect();
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= z);
-        let mut keep = probs.len();
+        let max = self.cand.iter().fold(f32::MIN, |m, c| m.max(c.0));
+        self.weights.clear();
+        // The top token's weight is exactly exp(0) = 1, and top-k and top-p always keep it.
+        self.weights.extend(self.cand.iter().map(|&(l, id)| (f64::from((l - max).exp()), id)));
         if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, q) in probs.iter().enumerate() {
-                cum += q;
-                if cum >= f64::from(p.top_p) {
-                    keep = i + 1;
+            let target = f64::from(p.top_p) * self.weights.iter().map(|w| w.0).sum::<f64>();
+            // Once the tokens of weight ≥ τ hold the target mass, the nucleus lies among them: sort only those
+            // (τ = 1e-3, 1e-6, … of the top weight; usually a few hundred tokens instead of the whole vocabulary).
+            let mut tau = 1e-3;
+            while tau > 0.0 {
+                let mass: f64 = self.weights.iter().filter(|w| w.0 >= tau).map(|w| w.0).sum();
+                if mass >= target {
+                    self.weights.retain(|w| w.0 >= tau);
                     break;
                 }
+                tau = if tau > 1e-12 { tau * 1e-3 } else { 0.0 };
             }
+            self.weights.sort_unstable_by(desc);
+            let mut cum = 0.0;
+            let keep = self.weights.iter().position(|w| {
+                cum += w.0;
+                cum >= target
+            });
+            self.weights.truncate(keep.map_or(usize::MAX, |i| i + 1));
+            id_order = false;
         }
         if p.min_p > 0.0 {
-            let floor = f64::from(p.min_p) * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+            let floor = f64::from(p.min_p); // min_p × p_max, with p_max's weight 1
+            self.weights.retain(|w| w.0 >= floor);
         }
-        // Kept tokens in ascending id order so the draw does not depend on sort stability.
-        let mut kept: Vec<(u32, f64)> = self.cand[..keep].iter().zip(&probs[..keep]).map(|(&(_, id), &q)| (id, q)).collect();
-        kept.sort_unstable_by_key(|&(id, _)| id);
-        let total: f64 = kept.iter().map(|&(_, q)| q).sum();
+        if !id_order {
+            self.weights.sort_unstable_by_key(|w| w.1);
+        }
+        let total: f64 = self.weights.iter().map(|w| w.0).sum();
         let mut u = self.rng.random::<f64>() * total;
-        for &(id, q) in &kept {
-            if u < q {
-                return id;
+        let mut last = None;
+        for &(w, id) in &self.weights {
+            if w > 0.0 {
+                if u < w {
+                    return id;
+                }
+                u -= w;
+                last = Some(id); // rounding can leave u ≥ the last weight: fall back to the last possible token
             }
-            u -= q;
         }
-        kept.last().map_or(0, |&(id, _)| id)
+        last.unwrap_or_else(|| argmax(logits))
     }
 }
 
-/// Index of the largest value (lowest index on ties; NaN never wins).
+/// Index of the largest value (lowest index on ties; NaN never wins; 0 when nothing beats -inf).
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     let mut best_v = f32::NEG_INFINITY;
@@ -173,28 +229,170 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-fn log_sum_exp(v: &[f32]) -> f64 {
+/// `(max, ln Σ exp(v - max))` in f64 (`v` holds no NaN or +inf), so a log-softmax is `(x - max) - ln_z` without
+/// losing precision to a huge `max`; `(0, 0)` when every value is -inf.
+fn log_sum_exp(v: &[f32]) -> (f64, f64) {
     let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
-        return 0.0;
+        return (0.0, 0.0);
     }
-    let s: f64 = v.iter().map(|&x| f64::from(x - max).exp()).sum();
-    f64::from(max) + s.ln()
+    let s: f64 = v.iter().map(|&x| f64::from((x - max).exp())).sum();
+    (f64::from(max), s.ln())
 }
 
-/// The `n` largest values with their ids, best first (lower id first on ties).
-fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut c: Vec<(f32, u32)> = v.iter().enumerate().map(|(i, &x)| (x, i as u32)).collect();
-    let cmp = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    let n = n.min(c.len());
-    if n < c.len() {
-        c.select_nth_unstable_by(n, cmp);
-        c.truncate(n);
+/// The `n` largest values with their ids, best first (lower id first on ties), in one pass keeping a sorted buffer
+/// of at most `n` (`v` holds no NaN; `scratch` is reused).
+fn top_n(v: &[f32], n: usize, scratch: &mut Vec<(f32, u32)>) -> Vec<(u32, f32)> {
+    scratch.clear();
+    if n == 0 {
+        return Vec::new();
     }
-    c.sort_unstable_by(cmp);
-    c.into_iter().map(|(x, i)| (i, x)).collect()
+    for (i, &x) in v.iter().enumerate() {
+        if scratch.len() == n {
+            // Equal values already kept have lower ids, so only a strictly larger value gets in.
+            if scratch.last().is_some_and(|l| x <= l.0) {
+                continue;
+            }
+            scratch.pop();
+        }
+        let at = scratch.partition_point(|b| b.0 >= x);
+        scratch.insert(at, (x, i as u32));
+    }
+    scratch.iter().map(|&(x, i)| (i, x)).collect()
 }
 
 #[cfg(test)]
 #[path = "sampler_tests.rs"]
 mod tests;
+
+/// Edge cases beyond the main tests: ties, non-finite logits, tiny temperatures, top-k as the only filter.
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+
+    fn sampler(params: SamplingParams, stop: StoppingParams) -> Sampler {
+        Sampler::new(params, &stop, &[], &[], 7, 0)
+    }
+
+    #[test]
+    fn greedy_ties_take_the_lowest_id_and_tiny_temperature_is_greedy() {
+        let l = vec![1.0, 3.0, 3.0, f32::NAN, 2.0];
+        let mut s = sampler(SamplingParams { temperature: 0.0, ..Default::default() }, StoppingParams::default());
+        assert_eq!(s.sample(&mut l.clone(), 0).0, 1);
+        // 1 / 1e-40 would overflow to inf; below 1e-5 is greedy as in vLLM.
+        let mut s = sampler(SamplingParams { temperature: 1e-40, ..Default::default() }, StoppingParams::default());
+        assert_eq!(s.sample(&mut l.clone(), 0).0, 1);
+    }
+
+    #[test]
+    fn top_k_keeps_exactly_k_with_lowest_ids_on_boundary_ties() {
+        // Four tokens tie for the top; k = 2 keeps ids 1 and 3, and draws only those, roughly evenly.
+        let l = vec![0.0, 5.0, 1.0, 5.0, 5.0, 5.0];
+        let mut s = sampler(SamplingParams { top_k: 2, ..Default::default() }, StoppingParams::default());
+        let mut counts = [0usize; 6];
+        for _ in 0..4000 {
+            counts[s.sample(&mut l.clone(), 0).0 as usize] += 1;
+        }
+        assert_eq!(counts[0] + counts[2] + counts[4] + counts[5], 0, "{counts:?}");
+        assert!((1700..2300).contains(&counts[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn top_k_with_temperature_matches_the_renormalized_softmax() {
+        let l = [2.0f32, 0.0, 1.0, -1.0, 1.5];
+        let (t, n) = (0.7, 30_000);
+        let mut s = sampler(SamplingParams { temperature: t, top_k: 3, ..Default::default() }, StoppingParams::default());
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            counts[s.sample(&mut l.to_vec(), 0).0 as usize] += 1;
+        }
+        let kept = [0usize, 2, 4];
+        let z: f64 = kept.iter().map(|&i| (f64::from(l[i]) / f64::from(t)).exp()).sum();
+        let chi2: f64 = kept
+            .iter()
+            .map(|&i| {
+                let e = (f64::from(l[i]) / f64::from(t)).exp() / z * n as f64;
+                (counts[i] as f64 - e).powi(2) / e
+            })
+            .sum();
+        assert!(chi2 < 13.8, "chi² {chi2} over 2 dof (p = 0.001), counts {counts:?}");
+        assert_eq!(counts[1] + counts[3], 0);
+    }
+
+    #[test]
+    fn top_p_nucleus_spans_weight_thresholds_and_keeps_lowest_ids_on_ties() {
+        // One dominant token and 2000 tied ones at e^-10 of its weight: the nucleus needs tied tokens below the first
+        // threshold (1e-3), and takes them by ascending id.
+        let mut l = vec![0.0f32; 2001];
+        l[0] = 10.0;
+        let w = f64::from((-10.0f32).exp());
+        let k_ref = ((0.95 * (1.0 + 2000.0 * w) - 1.0) / w).ceil() as u32; // tied tokens in the nucleus
+        let mut s = sampler(SamplingParams { top_p: 0.95, ..Default::default() }, StoppingParams::default());
+        let drawn: Vec<u32> = (0..20_000).map(|_| s.sample(&mut l.clone(), 0).0).collect();
+        let max = *drawn.iter().max().unwrap();
+        assert!(max <= k_ref && max > k_ref * 9 / 10, "max drawn id {max}, nucleus 0..={k_ref}");
+        let top = drawn.iter().filter(|&&t| t == 0).count() as f64 / drawn.len() as f64;
+        assert!((top - 1.0 / (1.0 + f64::from(k_ref) * w)).abs() < 0.01, "top share {top}");
+    }
+
+    #[test]
+    fn non_finite_logits_never_panic() {
+        let stop = StoppingParams { logprobs: true, top_logprobs: 3, ..Default::default() };
+        let cases: Vec<Vec<f32>> = vec![
+            vec![f32::NAN, 1.0, f32::NAN],
+            vec![f32::NAN; 4],
+            vec![f32::NEG_INFINITY; 4],
+            vec![f32::INFINITY, 1.0, f32::INFINITY],
+            vec![f32::MAX, -f32::MAX, 0.0],
+            vec![0.5],
+        ];
+        for l in cases {
+            for params in [
+                SamplingParams { temperature: 0.0, ..Default::default() },
+                SamplingParams::default(),
+                SamplingParams { temperature: 0.3, top_k: 2, top_p: 0.5, min_p: 0.2, ..Default::default() },
+                SamplingParams { repetition_penalty: 1.3, presence_penalty: 1.0, logit_bias: vec![(0, 5.0)], ..Default::default() },
+            ] {
+                let mut s = sampler(params, stop.clone());
+                s.record(0);
+                let (tok, lp) = s.sample(&mut l.clone(), 1);
+                assert!((tok as usize) < l.len(), "{l:?}");
+                let lp = lp.unwrap();
+                assert!(!lp.logprob.is_nan() && lp.top.iter().all(|t| !t.1.is_nan()), "{l:?}: {lp:?}");
+            }
+        }
+        // A NaN token is never drawn, and +inf tokens share the mass with raw logprob ln(1/2).
+        let mut s = sampler(SamplingParams::default(), stop);
+        for _ in 0..100 {
+            let (tok, lp) = s.sample(&mut vec![f32::INFINITY, f32::NAN, f32::INFINITY, 3.0], 0);
+            assert!(tok == 0 || tok == 2);
+            assert!((lp.unwrap().logprob - 0.5f32.ln()).abs() < 1e-6);
+        }
+    }
+}
+#[cfg(test)]
+mod tmp_bench {
+    use super::*;
+    #[test]
+    fn tmp_bench_sampler() {
+        let v = 128_000;
+        let base: Vec<f32> = (0..v).map(|i| ((i as u64 * 2654435761 % 1000) as f32) / 100.0 - 5.0).collect();
+        for (name, p) in [
+            ("greedy", SamplingParams { temperature: 0.0, ..Default::default() }),
+            ("default", SamplingParams::default()),
+            ("top_k50", SamplingParams { top_k: 50, ..Default::default() }),
+            ("top_p0.9", SamplingParams { top_p: 0.9, ..Default::default() }),
+            ("k50+p0.9+minp", SamplingParams { top_k: 50, top_p: 0.9, min_p: 0.05, ..Default::default() }),
+        ] {
+            for lp in [false, true] {
+                let stop = StoppingParams { logprobs: lp, top_logprobs: if lp { 5 } else { 0 }, ..Default::default() };
+                let mut s = Sampler::new(p.clone(), &stop, &[2], &[1, 2, 3], 1, 0);
+                let mut l = base.clone();
+                let n = 50;
+                let t = std::time::Instant::now();
+                for _ in 0..n { l.copy_from_slice(&base); std::hint::black_box(s.sample(&mut l, 5)); }
+                eprintln!("BENCH {name} logprobs={lp}: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+            }
+        }
+    }
+}

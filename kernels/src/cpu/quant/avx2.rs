@@ -197,7 +197,7 @@ unsafe impl ActBlock for BlockQ8 {
 /// The CPU must support avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
+pub(super) unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
     let ts = type_size(K);
     let nb = x.len().min(w.len() / ts);
     let (wp, xp) = (w.as_ptr(), x.as_ptr());

@@ -18,8 +18,10 @@
 use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
-use super::avx2::{ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, bytes_from_bits, nibbles};
-use super::{BlockQ16, QK16};
+use super::avx2::{
+    ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, bytes_from_bits, has_min, hsum, nibbles, row, type_size,
+};
+use super::{BlockQ16, GgmlType, QK16};
 
 /// 16 bytes of packed nibbles -> (elements 0..16, elements 16..32) as unsigned i16.
 ///
@@ -51,41 +53,72 @@ unsafe impl ActBlock for BlockQ16 {
         // SAFETY: every read below is an unaligned read inside the `type_size(K)` bytes at `w`
         // or the BlockQ16 at `x` (`qs` is 64 bytes), which the caller guarantees are readable.
         unsafe {
-            let xp = addr_of!((*x).qs).cast::<__m256i>();
-            let (x0, x1) = (_mm256_loadu_si256(xp), _mm256_loadu_si256(xp.add(1)));
-            let (w0, w1) = match K {
-                Q4_0 => {
-                    let (lo, hi) = nibbles16(w.add(2));
-                    let eight = _mm256_set1_epi16(8);
-                    (_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight))
-                }
-                Q4_1 => nibbles16(w.add(4)),
-                Q5_0 => {
-                    // q - 16 as i8: nibble | (high bit ? 0x00 : 0xF0), then sign-extended.
-                    let hi = bytes_from_bits(read_unaligned(w.add(2).cast::<u32>()));
-                    let hi = _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8));
-                    let q = _mm256_or_si256(nibbles(w.add(6)), hi);
-                    (
-                        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                        _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                    )
-                }
-                Q5_1 => {
-                    let hi = bytes_from_bits(read_unaligned(w.add(4).cast::<u32>()));
-                    let hi = _mm256_and_si256(hi, _mm256_set1_epi8(0x10));
-                    let q = _mm256_or_si256(nibbles(w.add(8)), hi);
-                    (
-                        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
-                    )
-                }
-                _ => (
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(2).cast::<__m128i>())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(18).cast::<__m128i>())),
-                ),
-            };
-            let dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-            _mm256_cvtepi32_ps(dot)
+            let (w0, w1) = quants16::<K>(w);
+            dot16(w0, w1, x)
+        }
+    }
+}
+
+/// The integer products of the widened weight quants `(w0, w1)` of one block (see
+/// [`quants16`]) with one activation block, in 8 f32 lanes (lane k: elements 2k, 2k+1, 2k+16,
+/// 2k+17).
+///
+/// # Safety
+/// `x` must point at a valid `BlockQ16`; the CPU must support avx2, fma and f16c.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot16(w0: __m256i, w1: __m256i, x: *const BlockQ16) -> __m256 {
+    // SAFETY: two unaligned reads of the 64-byte `qs` of the BlockQ16 at `x`, which the caller
+    // guarantees is readable.
+    unsafe {
+        let xp = addr_of!((*x).qs).cast::<__m256i>();
+        let (x0, x1) = (_mm256_loadu_si256(xp), _mm256_loadu_si256(xp.add(1)));
+        let dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        _mm256_cvtepi32_ps(dot)
+    }
+}
+
+/// The 32 weight quants of one block of kernel type `K` as i16 (minus the offset 8 / 16 of
+/// Q4_0 / Q5_0): elements 0..16, then 16..32.
+///
+/// # Safety
+/// `w` must point at `type_size(K)` readable bytes; the CPU must support avx2, fma and f16c.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quants16<const K: u8>(w: *const u8) -> (__m256i, __m256i) {
+    // SAFETY: every read below is an unaligned read inside the `type_size(K)` bytes at `w`,
+    // which the caller guarantees are readable.
+    unsafe {
+        match K {
+            Q4_0 => {
+                let (lo, hi) = nibbles16(w.add(2));
+                let eight = _mm256_set1_epi16(8);
+                (_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight))
+            }
+            Q4_1 => nibbles16(w.add(4)),
+            Q5_0 => {
+                // q - 16 as i8: nibble | (high bit ? 0x00 : 0xF0), then sign-extended.
+                let hi = bytes_from_bits(read_unaligned(w.add(2).cast::<u32>()));
+                let hi = _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8));
+                let q = _mm256_or_si256(nibbles(w.add(6)), hi);
+                (
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                )
+            }
+            Q5_1 => {
+                let hi = bytes_from_bits(read_unaligned(w.add(4).cast::<u32>()));
+                let hi = _mm256_and_si256(hi, _mm256_set1_epi8(0x10));
+                let q = _mm256_or_si256(nibbles(w.add(8)), hi);
+                (
+                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+                )
+            }
+            _ => (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(2).cast::<__m128i>())),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(18).cast::<__m128i>())),
+            ),
         }
     }
 }
@@ -144,5 +177,249 @@ pub(super) unsafe fn quantize_row_q16(x: &[f32], out: &mut [BlockQ16]) {
         yb.d = d;
         // |sum| <= 32 * 32767 < 2^24: exact in f32.
         yb.s = d * sum as f32;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched products (`gemm_q16`)
+// ---------------------------------------------------------------------------------------------
+
+/// Stride (in activation rows) of the scale tables of the batched kernels: a group holds at most
+/// `G` activation rows.
+pub(super) const G: usize = 8;
+
+/// f32s of scratch the batched kernels need for `nb` blocks per row: the group's table (`2 * G`
+/// per block) and one weight row's scale products (`G` per block).
+pub(super) const fn scratch_len(nb: usize) -> usize {
+    3 * G * nb
+}
+
+/// The scale table of a group of `na <= G` activation rows of `nb` blocks each (`x`, contiguous):
+/// `t[2G * i + b]` is `d` and `t[2G * i + G + b]` is `s` of block `i` of row `b`; lanes `b >= na`
+/// are 0.
+pub(super) fn fill_table(x: &[BlockQ16], nb: usize, na: usize, t: &mut [f32]) {
+    for (i, ti) in t[..2 * G * nb].chunks_exact_mut(2 * G).enumerate() {
+        ti.fill(0.0);
+        for b in 0..na {
+            let blk = &x[b * nb + i];
+            ti[b] = blk.d;
+            ti[G + b] = blk.s;
+        }
+    }
+}
+
+/// First pass of the batched kernels over one weight row of kernel type `K` (`nb` blocks at `w`)
+/// and a group's table `t` (see [`fill_table`]): writes `scale[G * i + b] = d_w * d_x` of block
+/// `i` and activation row `b` (the lane 0 of `avx2::scales`), and returns in lane `b` the sums of
+/// `m_w * s_x` over the even and the odd blocks (0 for the types without a minimum), accumulated
+/// from 0 in block order exactly as `row` does in lane 1 of `accm0` / `accm1`.
+///
+/// # Safety
+/// `w` must point at `nb * type_size(K)` readable bytes, `t` at `2 * G * nb` readable f32s and
+/// `scale` at `G * nb` writable f32s; the CPU must support avx2, fma and f16c.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn row_scales<const K: u8>(
+    w: *const u8,
+    nb: usize,
+    t: *const f32,
+    scale: *mut f32,
+) -> (__m256, __m256) {
+    let ts = type_size(K);
+    // One block: its `d_w * d_x` products stored, its `m_w * s_x` products returned.
+    // SAFETY: block `i < nb` lies inside the caller's ranges.
+    let one = |i: usize| unsafe {
+        let (wb, tb) = (w.add(i * ts), t.add(2 * G * i));
+        let dx = _mm256_loadu_ps(tb);
+        if has_min(K) {
+            // [d_w, m_w] from one conversion, as in `avx2::scales`.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(wb.cast::<i32>())));
+            let d = _mm256_broadcastss_ps(dm);
+            let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+            _mm256_storeu_ps(scale.add(G * i), _mm256_mul_ps(d, dx));
+            _mm256_mul_ps(m, _mm256_loadu_ps(tb.add(G)))
+        } else {
+            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(read_unaligned(
+                wb.cast::<u16>(),
+            ))));
+            _mm256_storeu_ps(
+                scale.add(G * i),
+                _mm256_mul_ps(_mm256_broadcastss_ps(d), dx),
+            );
+            _mm256_setzero_ps()
+        }
+    };
+    let mut accm0 = _mm256_setzero_ps();
+    let mut accm1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 1 < nb {
+        let (ma, mb) = (one(i), one(i + 1));
+        if has_min(K) {
+            accm0 = _mm256_add_ps(accm0, ma);
+            accm1 = _mm256_add_ps(accm1, mb);
+        }
+        i += 2;
+    }
+    if i < nb {
+        let ma = one(i);
+        if has_min(K) {
+            accm0 = _mm256_add_ps(accm0, ma);
+        }
+    }
+    (accm0, accm1)
+}
+
+/// Lane `b` of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn lanes(v: __m256) -> [f32; G] {
+    let mut a = [0.0f32; G];
+    // SAFETY: `a` holds 8 f32s; storeu has no alignment needs.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+    a
+}
+
+/// `out[b * out_stride + r] = row::<K, BlockQ16>(row r of w, activation row b)` for the `NA`
+/// activation rows of `x` (`nb` blocks each) and every row of `w`, with the same operations per
+/// (row, activation row) as `row`: each weight block is widened once and multiplied with the
+/// `NA` activation blocks into `2 * NA` independent accumulators.
+///
+/// # Safety
+/// `x.len() >= NA * nb`, `row_bytes >= nb * type_size(K)`, `table` filled by [`fill_table`] for
+/// these rows, `scale.len() >= G * nb`, `out` long enough for every (b, r) (checked); the CPU
+/// must support avx2, fma and f16c.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_group<const K: u8, const NA: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ16],
+    nb: usize,
+    table: &[f32],
+    scale: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let ts = type_size(K);
+    debug_assert!(x.len() >= NA * nb && row_bytes >= nb * ts);
+    debug_assert!(table.len() >= 2 * G * nb && scale.len() >= G * nb);
+    let xp = x.as_ptr();
+    for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+        let wp = wr.as_ptr();
+        // SAFETY: the row holds nb blocks, the table and scratch are long enough (see above).
+        let (accm0, accm1) = unsafe { row_scales::<K>(wp, nb, table.as_ptr(), scale.as_mut_ptr()) };
+        let sp = scale.as_ptr();
+        let mut acc0 = [_mm256_setzero_ps(); NA];
+        let mut acc1 = [_mm256_setzero_ps(); NA];
+        let mut i = 0;
+        while i + 1 < nb {
+            // SAFETY: blocks i and i + 1 < nb of the weight row and of each activation row, and
+            // scale entries below G * nb.
+            unsafe {
+                let (a0, a1) = quants16::<K>(wp.add(i * ts));
+                for b in 0..NA {
+                    let p = dot16(a0, a1, xp.add(b * nb + i));
+                    let s = _mm256_broadcast_ss(&*sp.add(G * i + b));
+                    acc0[b] = _mm256_fmadd_ps(s, p, acc0[b]);
+                }
+                let (b0, b1) = quants16::<K>(wp.add((i + 1) * ts));
+                for b in 0..NA {
+                    let p = dot16(b0, b1, xp.add(b * nb + i + 1));
+                    let s = _mm256_broadcast_ss(&*sp.add(G * (i + 1) + b));
+                    acc1[b] = _mm256_fmadd_ps(s, p, acc1[b]);
+                }
+            }
+            i += 2;
+        }
+        if i < nb {
+            // SAFETY: as above for block i < nb.
+            unsafe {
+                let (a0, a1) = quants16::<K>(wp.add(i * ts));
+                for b in 0..NA {
+                    let p = dot16(a0, a1, xp.add(b * nb + i));
+                    let s = _mm256_broadcast_ss(&*sp.add(G * i + b));
+                    acc0[b] = _mm256_fmadd_ps(s, p, acc0[b]);
+                }
+            }
+        }
+        let m = lanes(_mm256_add_ps(accm0, accm1));
+        for b in 0..NA {
+            let mut sum = hsum(_mm256_add_ps(acc0[b], acc1[b]));
+            if has_min(K) {
+                sum += m[b];
+            }
+            out[b * out_stride + r] = sum;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_k<const K: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ16],
+    nb: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let mut scratch = vec![0.0f32; scratch_len(nb)];
+    let (table, scale) = scratch.split_at_mut(2 * G * nb);
+    let mut b0 = 0;
+    while b0 < n {
+        let na = match n - b0 {
+            r if r >= 4 => 4,
+            r if r >= 2 => 2,
+            _ => 1,
+        };
+        let xg = &x[b0 * nb..(b0 + na) * nb];
+        let og = &mut out[b0 * out_stride..];
+        // SAFETY (all calls): same CPU-feature requirement as this function; xg holds na rows
+        // of nb blocks, every weight row nb blocks, and the table is filled for xg.
+        unsafe {
+            if na == 1 {
+                for (o, wr) in og.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                    *o = row::<K, BlockQ16>(wr, xg);
+                }
+            } else {
+                fill_table(xg, nb, na, table);
+                match na {
+                    4 => gemm_group::<K, 4>(w, row_bytes, xg, nb, table, scale, og, out_stride),
+                    _ => gemm_group::<K, 2>(w, row_bytes, xg, nb, table, scale, og, out_stride),
+                }
+            }
+        }
+        b0 += na;
+    }
+}
+
+/// `gemm_q16` for the supported types (`row_bytes >= nb * type_size`, `x.len() >= n * nb`,
+/// `out` long enough for every (b, r)); leaves `out` untouched for the others. Bit-identical to
+/// [`avx2::vec_dot`](super::avx2::vec_dot) per (row, activation row).
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn gemm(
+    t: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ16],
+    nb: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    // SAFETY (all arms): same CPU-feature requirement as this function.
+    unsafe {
+        match t {
+            GgmlType::Q4_0 => gemm_k::<Q4_0>(w, row_bytes, x, nb, n, out, out_stride),
+            GgmlType::Q4_1 => gemm_k::<Q4_1>(w, row_bytes, x, nb, n, out, out_stride),
+            GgmlType::Q5_0 => gemm_k::<Q5_0>(w, row_bytes, x, nb, n, out, out_stride),
+            GgmlType::Q5_1 => gemm_k::<Q5_1>(w, row_bytes, x, nb, n, out, out_stride),
+            GgmlType::Q8_0 => gemm_k::<Q8_0>(w, row_bytes, x, nb, n, out, out_stride),
+            _ => {}
+        }
     }
 }

@@ -673,6 +673,134 @@ fn gemv_q16_is_bitwise_row_by_row() {
     }
 }
 
+/// Checks `gemm` (a `gemm_q16` implementation) against `dot` (the matching `vec_dot_q16`) bit for
+/// bit, for every type, several batch sizes, row counts and row lengths; the padding between
+/// output rows must stay untouched.
+fn check_gemm_bitwise(
+    name: &str,
+    gemm: impl Fn(GgmlType, &[u8], usize, &[BlockQ16], usize, &mut [f32], usize),
+    dot: impl Fn(GgmlType, &[u8], &[BlockQ16]) -> f32,
+) {
+    let mut rng = StdRng::seed_from_u64(17);
+    for &t in &DOT_TYPES {
+        for &nb in &[1usize, 2, 3, 18] {
+            let row_bytes = nb * t.type_size();
+            for &rows in &[1usize, 3, 16, 17] {
+                let w = random_weights(t, rows * nb, &mut rng);
+                for &n in &[1usize, 2, 3, 4, 5, 8, 13] {
+                    let x = quantize16(&random_acts(n * nb * QK16, &mut rng));
+                    let stride = rows + 3;
+                    let mut out = vec![f32::NAN; (n - 1) * stride + rows];
+                    gemm(t, &w, row_bytes, &x, n, &mut out, stride);
+                    for (b, xb) in x.chunks_exact(nb).enumerate() {
+                        for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+                            let want = dot(t, wr, xb);
+                            let got = out[b * stride + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{name} {t} nb={nb} rows={rows} n={n}: b={b} r={r}: {got} vs {want}"
+                            );
+                        }
+                        if b + 1 < n {
+                            let pad = &out[b * stride + rows..(b + 1) * stride];
+                            assert!(pad.iter().all(|v| v.is_nan()), "{name}: padding written");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_q16_is_bitwise_vec_dot() {
+    check_gemm_bitwise("dispatch", gemm_q16, vec_dot_q16);
+    // The AVX2 path too when dispatch picks AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && isa_q16() != IsaQ16::Avx2 {
+        check_gemm_bitwise(
+            "avx2",
+            |t, w, row_bytes, x, n, out, stride| {
+                let nb = row_bytes / t.type_size();
+                // SAFETY: checked has_avx2(); the lengths are consistent.
+                unsafe { avx2_q16::gemm(t, w, row_bytes, x, nb, n, out, stride) }
+            },
+            // SAFETY: checked has_avx2().
+            |t, w, x| unsafe { avx2::vec_dot(t, w, x) },
+        );
+    }
+}
+
+#[test]
+fn gemm_q16_matches_gemv_q16_in_a_tile() {
+    // The worker's use: a tile of rows out of a larger matrix, outputs at a column offset.
+    let mut rng = StdRng::seed_from_u64(18);
+    let (t, cols, rows, n) = (GgmlType::Q4_1, 576usize, 40usize, 11usize);
+    let row_bytes = t.bytes_for(cols).unwrap();
+    let w = random_weights(t, rows * cols / QK16, &mut rng);
+    let x = quantize16(&random_acts(n * cols, &mut rng));
+    let nb = cols / QK16;
+    let (r0, r1, stride, off) = (7usize, 30usize, 50usize, 5usize);
+    let mut out = vec![0.0f32; n * stride];
+    gemm_q16(
+        t,
+        &w[r0 * row_bytes..r1 * row_bytes],
+        row_bytes,
+        &x,
+        n,
+        &mut out[off..],
+        stride,
+    );
+    for b in 0..n {
+        let mut want = vec![0.0f32; r1 - r0];
+        gemv_q16(
+            t,
+            &w[r0 * row_bytes..r1 * row_bytes],
+            row_bytes,
+            &x[b * nb..(b + 1) * nb],
+            &mut want,
+        );
+        assert_eq!(
+            bits(&out[b * stride + off..][..r1 - r0]),
+            bits(&want),
+            "b={b}"
+        );
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[test]
+fn gemm_q16_clamps_inconsistent_lengths_in_release() {
+    let mut rng = StdRng::seed_from_u64(19);
+    let t = GgmlType::Q8_0;
+    let row_bytes = 2 * t.type_size();
+    let w = random_weights(t, 3 * 2, &mut rng);
+    let x = quantize16(&random_acts(5 * 2 * QK16, &mut rng));
+    // Room for 2 full output rows of stride 4 (the third would need 4 * 2 + 3 = 11 entries).
+    let mut out = vec![f32::NAN; 10];
+    gemm_q16(t, &w, row_bytes, &x, 5, &mut out, 4);
+    for b in 0..2 {
+        for r in 0..3 {
+            let want = vec_dot_q16(t, &w[r * row_bytes..][..row_bytes], &x[b * 2..][..2]);
+            assert_eq!(out[b * 4 + r].to_bits(), want.to_bits());
+        }
+    }
+    assert!(out[3].is_nan() && out[7].is_nan() && out[8].is_nan() && out[9].is_nan());
+    // Unsupported types leave `out` untouched.
+    let mut out = [7.0f32; 4];
+    gemm_q16(
+        GgmlType::Q4K,
+        &[0u8; 144],
+        144,
+        &[BlockQ16::default(); 8],
+        1,
+        &mut out,
+        4,
+    );
+    assert_eq!(out, [7.0; 4]);
+}
+
 #[cfg(not(debug_assertions))]
 #[test]
 fn unsupported_q16_dot_types_are_inert_in_release() {
@@ -765,4 +893,63 @@ fn bench_vec_dot_q4_1_576() {
         black_box(dot_f32(black_box(&xf), black_box(&b)));
     });
     println!("dot_f32 x{n}: {ns:.1} ns");
+}
+
+/// Batched int16 products vs the per-activation-row gemv loop (the worker's tile shape):
+/// `cargo test --release -p ferrite-kernels --lib -- --ignored --nocapture bench_gemm`.
+#[test]
+#[ignore]
+fn bench_gemm_q16_q4_1_1536x576() {
+    use std::hint::black_box;
+    let mut rng = StdRng::seed_from_u64(9);
+    let (t, rows, cols) = (GgmlType::Q4_1, 1536usize, 576usize);
+    let row_bytes = t.bytes_for(cols).unwrap();
+    let nb = cols / QK16;
+    let w = random_weights(t, rows * nb, &mut rng);
+    println!("isa q16 {:?}", isa_q16());
+    for &n in &[1usize, 4, 8, 32] {
+        let x = quantize16(&random_acts(n * cols, &mut rng));
+        let mut out = vec![0.0f32; n * rows];
+        let iters = (400 / n).max(10);
+        let ns_gemv = best_ns(iters, || {
+            for (xb, o) in x.chunks_exact(nb).zip(out.chunks_exact_mut(rows)) {
+                gemv_q16(t, black_box(&w), row_bytes, black_box(xb), o);
+            }
+        });
+        // The worker's tiling: 16 weight rows at a time against every activation row.
+        let ns_gemm = best_ns(iters, || {
+            for r0 in (0..rows).step_by(16) {
+                let tile = &w[r0 * row_bytes..(r0 + 16) * row_bytes];
+                gemm_q16(
+                    t,
+                    black_box(tile),
+                    row_bytes,
+                    black_box(&x),
+                    n,
+                    &mut out[r0..],
+                    rows,
+                );
+            }
+        });
+        let ns_whole = best_ns(iters, || {
+            gemm_q16(
+                t,
+                black_box(&w),
+                row_bytes,
+                black_box(&x),
+                n,
+                &mut out,
+                rows,
+            );
+        });
+        let per = (rows * n) as f64;
+        println!(
+            "{t} {rows}x{cols} n={n:>2}: gemv loop {:.2} ns, gemm 16-row tiles {:.2} ns, \
+             gemm whole {:.2} ns per (row x activation row); tiles {:.2}x gemv",
+            ns_gemv / per,
+            ns_gemm / per,
+            ns_whole / per,
+            ns_gemv / ns_gemm
+        );
+    }
 }

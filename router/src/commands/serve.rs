@@ -1,0 +1,106 @@
+//! `ferrite serve`: the one-command local stack — the OpenAI-compatible router and an embedded CPU worker in one
+//! process (the worker listens on a loopback port; the router talks to it over gRPC like to any worker).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferrite_common::model::ModelFiles;
+use ferrite_common::text::TextAssets;
+use ferrite_router::server::{AppState, RouterConfig, serve_http};
+use ferrite_router::validate::Limits;
+use ferrite_router::workers::WorkerPool;
+use ferrite_worker::metrics::WorkerMetrics;
+use ferrite_worker::server::{Worker, WorkerConfig};
+
+use super::{ModelArgs, resolve_model};
+
+/// HTTP front-end options shared by `serve` and `router`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Address to listen on (use 0.0.0.0 to accept remote clients).
+    #[arg(long, env = "FERRITE_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, env = "FERRITE_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Extra names clients may use as `model` (repeatable), e.g. `meta/llama-3.1-8b-instruct`.
+    #[arg(long = "served-model-name", env = "FERRITE_SERVED_MODEL_NAMES", value_delimiter = ',')]
+    pub served_model_names: Vec<String>,
+    /// Requests in flight before new ones get HTTP 429.
+    #[arg(long, env = "FERRITE_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+    /// Largest request body in bytes (HTTP 413 above).
+    #[arg(long, env = "FERRITE_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+}
+
+impl HttpArgs {
+    pub fn config(&self, model_id: &str) -> RouterConfig {
+        let mut names = vec![model_id.to_string()];
+        names.extend(self.served_model_names.iter().filter(|n| n.as_str() != model_id).cloned());
+        RouterConfig { model_names: names, max_concurrent_requests: self.max_concurrent_requests.max(1), max_body_bytes: self.max_body_bytes }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// CPU KV cache size in MiB.
+    #[arg(long, env = "FERRITE_KV_CACHE_MIB", default_value_t = 512)]
+    kv_cache_mib: usize,
+    /// Tokens computed per engine step (the chunked-prefill budget).
+    #[arg(long, env = "FERRITE_MAX_NUM_BATCHED_TOKENS", default_value_t = 256)]
+    max_num_batched_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, env = "FERRITE_MAX_NUM_SEQS", default_value_t = 32)]
+    max_num_seqs: usize,
+    /// Cap on the context length (0 = the model's).
+    #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
+    max_model_len: usize,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let path = resolve_model(a.model.model.clone())?;
+    let cfg = WorkerConfig {
+        model: path.clone(),
+        model_id: None,
+        kv_cache_mib: a.kv_cache_mib,
+        max_num_batched_tokens: a.max_num_batched_tokens,
+        max_num_seqs: a.max_num_seqs,
+        max_waiting: a.http.max_concurrent_requests.max(1) * 16,
+        max_model_len: a.max_model_len,
+        threads: a.model.threads,
+        precision: a.model.precision.into(),
+    };
+    cfg.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await??;
+        let files = ModelFiles::open(&path)?;
+        let text = Arc::new(TextAssets::load(&files)?);
+        let metrics = Arc::new(WorkerMetrics::new(&worker.engine)?);
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc_addr = grpc.local_addr()?;
+        let info = worker.info.clone();
+        tokio::spawn(async move {
+            if let Err(e) = worker.serve(grpc, std::future::pending()).await {
+                tracing::error!(error = %e, "embedded worker stopped");
+            }
+        });
+        let pool = WorkerPool::new(&[format!("http://{grpc_addr}")]).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        pool.info(Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{}", e.message)).context("embedded worker")?;
+        let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
+        let extra: ferrite_router::server::ExtraMetrics = Arc::new(move || metrics.render());
+        let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, Some(extra)).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        serve_http(Arc::new(state), a.http.addr()).await?;
+        anyhow::Ok(())
+    })
+}

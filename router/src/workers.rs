@@ -1,0 +1,145 @@
+//! The router's view of its workers: gRPC clients with in-flight counts, least-loaded selection, readiness, and an
+//! abort-on-drop guard so a request whose client went away is aborted on the worker.
+//!
+//! (Prefix-cache-aware routing over KV events and raft-managed membership replace the static list later.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferrite_common::proto::worker as pb;
+use ferrite_common::proto::worker::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+use crate::openai::error::{ApiError, ErrorKind};
+
+/// One worker endpoint.
+#[derive(Debug)]
+pub struct WorkerSlot {
+    pub addr: String,
+    pub client: WorkerClient<Channel>,
+    inflight: AtomicUsize,
+}
+
+/// The workers this router sends requests to.
+#[derive(Debug, Clone)]
+pub struct WorkerPool {
+    workers: Arc<Vec<WorkerSlot>>,
+}
+
+/// Holds a worker's in-flight count up while a request runs, and aborts the request on the worker if dropped before
+/// [`Lease::finish`] (client disconnect, stop string, error).
+#[derive(Debug)]
+pub struct Lease {
+    pool: WorkerPool,
+    index: usize,
+    request_id: Option<String>,
+}
+
+impl Lease {
+    pub fn client(&self) -> WorkerClient<Channel> {
+        self.pool.workers[self.index].client.clone()
+    }
+
+    pub fn set_request(&mut self, id: String) {
+        self.request_id = Some(id);
+    }
+
+    /// The request ended normally on the worker: nothing to abort.
+    pub fn finish(&mut self) {
+        self.request_id = None;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let slot = &self.pool.workers[self.index];
+        slot.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(id) = self.request_id.take() {
+            let mut client = slot.client.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = client.abort(pb::AbortRequest { request_id: id }).await;
+                });
+            }
+        }
+    }
+}
+
+impl WorkerPool {
+    /// Connects lazily to every address (`http://host:port`).
+    pub fn new(addrs: &[String]) -> Result<Self, ApiError> {
+        let mut workers = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            let endpoint = Channel::from_shared(a.clone())
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("bad worker address {a}: {e}")))?
+                .connect_timeout(Duration::from_secs(2));
+            workers.push(WorkerSlot { addr: a.clone(), client: WorkerClient::new(endpoint.connect_lazy()), inflight: AtomicUsize::new(0) });
+        }
+        Ok(Self { workers: Arc::new(workers) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// The worker with the fewest requests in flight (ties: the first).
+    pub fn pick(&self) -> Result<Lease, ApiError> {
+        let (index, slot) = self
+            .workers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| w.inflight.load(Ordering::Relaxed))
+            .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "no workers configured"))?;
+        slot.inflight.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease { pool: self.clone(), index, request_id: None })
+    }
+
+    /// True when at least one worker answers `Health` as healthy within a second.
+    pub async fn any_ready(&self) -> bool {
+        for w in self.workers.iter() {
+            let mut c = w.client.clone();
+            let health = tokio::time::timeout(Duration::from_secs(1), c.health(pb::HealthRequest {})).await;
+            if let Ok(Ok(h)) = health
+                && h.into_inner().healthy
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `Info` of the first worker that answers, retrying for up to `wait`.
+    pub async fn info(&self, wait: Duration) -> Result<pb::WorkerInfo, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            for w in self.workers.iter() {
+                let mut c = w.client.clone();
+                if let Ok(Ok(i)) = tokio::time::timeout(Duration::from_secs(1), c.info(pb::InfoRequest {})).await {
+                    return Ok(i.into_inner());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::new(ErrorKind::Unavailable, "no worker answered Info"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Maps a worker's gRPC status to the client-facing error.
+pub fn status_to_api(s: &tonic::Status) -> ApiError {
+    match s.code() {
+        tonic::Code::InvalidArgument => {
+            let param = s.message().split('`').nth(1).map(str::to_string);
+            ApiError { param, ..ApiError::new(ErrorKind::InvalidRequest, s.message()) }
+        }
+        tonic::Code::ResourceExhausted => ApiError::new(ErrorKind::RateLimited, "The server is overloaded; retry later."),
+        tonic::Code::Unavailable => ApiError::new(ErrorKind::Unavailable, s.message()),
+        _ => ApiError::new(ErrorKind::Internal, format!("worker: {s}")),
+    }
+}

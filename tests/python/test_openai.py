@@ -1,0 +1,545 @@
+"""End-to-end tests of `ferrite serve` through the official `openai` client (plus raw httpx where the SDK hides
+the wire format). Every request is greedy or seeded and bounded (max_tokens <= 32, except the one disconnect test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import ALIAS, load_reference
+
+EOS_ID = 2
+IM_END = "<|im_end|>"
+
+try:
+    _REF = load_reference()
+    CASES = _REF["cases"]
+except OSError as e:  # reported by test_reference_available; parametrized tests collect as empty
+    _REF, CASES = None, {}
+    _REF_ERROR = str(e)
+
+COMPLETION_CASES = sorted(k for k, c in CASES.items() if c["kind"] == "completion")
+CHAT_CASES = sorted(k for k, c in CASES.items() if c["kind"] == "chat")
+
+
+def expected_text(case: dict) -> str:
+    """Reference text as the server returns it: special tokens skipped (the reference decodes the eos as <|im_end|>)."""
+    text = case["greedy_text"]
+    if text.endswith(IM_END):
+        text = text[: -len(IM_END)]
+    assert IM_END not in text
+    return text
+
+
+def expected_finish(case: dict) -> str:
+    return "stop" if case["greedy_ids"][-1] == EOS_ID else "length"
+
+
+def limerick() -> list[dict]:
+    return CASES["chat_limerick"]["messages"]
+
+
+def once_upon_text() -> str:
+    return CASES["once_upon"]["greedy_text"]
+
+
+def stream_completion(client, **kw):
+    """(text, finish_reason, chunks) of a streamed completion."""
+    text, finish, chunks = "", None, []
+    with client.completions.create(stream=True, **kw) as stream:
+        for chunk in stream:
+            chunks.append(chunk)
+            for c in chunk.choices:
+                assert c.index == 0
+                text += c.text or ""
+                if c.finish_reason is not None:
+                    finish = c.finish_reason
+    return text, finish, chunks
+
+
+def stream_chat(client, **kw):
+    """(content, finish_reason, chunks) of a streamed chat completion; checks the role comes first."""
+    text, finish, chunks, saw_role = "", None, [], False
+    with client.chat.completions.create(stream=True, **kw) as stream:
+        for chunk in stream:
+            chunks.append(chunk)
+            assert chunk.object == "chat.completion.chunk"
+            for c in chunk.choices:
+                assert c.index == 0
+                if not saw_role:
+                    assert c.delta.role == "assistant", f"first chunk has no assistant role: {chunk}"
+                    saw_role = True
+                text += c.delta.content or ""
+                if c.finish_reason is not None:
+                    finish = c.finish_reason
+    assert saw_role, "stream had no choice chunks"
+    return text, finish, chunks
+
+
+def metric(text: str, name: str, labels: dict | None = None) -> float | None:
+    """Value of one Prometheus sample (None if absent)."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if labels is None or all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(4))
+    return None
+
+
+def error_envelope(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert {"message", "type", "param", "code"} <= set(err), err
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+def test_reference_available():
+    assert _REF is not None, f"reference.json not readable: {_REF_ERROR}"
+    assert COMPLETION_CASES and CHAT_CASES
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 0. Service endpoints and /v1/models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_health_endpoints(http):
+    for path in ("/v1/health/live", "/v1/health/ready", "/health"):
+        r = http.get(path)
+        assert r.status_code == 200, f"{path}: {r.status_code} {r.text}"
+
+
+def test_metrics_endpoint(http):
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    assert metric(r.text, "ferrite_worker_running") is not None, r.text[:2000]
+    assert metric(r.text, "ferrite_worker_kv_blocks", {"state": "used"}) is not None, r.text[:2000]
+
+
+def test_models_list(client, model):
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert model in ids and ALIAS in ids, ids
+    for m in models.data:
+        assert m.object == "model"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. The seed snippets, streamed and not
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_seed_completion(client, model):
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=16, temperature=0)
+    resp = client.completions.create(**kw)
+    assert resp.object == "text_completion"
+    assert len(resp.choices) == 1 and resp.choices[0].index == 0
+    text = resp.choices[0].text
+    assert text and once_upon_text().startswith(text), text
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 16
+
+    streamed, finish, _ = stream_completion(client, **kw)
+    assert streamed == text
+    assert finish == "length"
+
+
+def test_seed_chat(client, model):
+    kw = dict(model=model, messages=limerick(), max_tokens=32, temperature=0)
+    resp = client.chat.completions.create(**kw)
+    assert resp.object == "chat.completion"
+    msg = resp.choices[0].message
+    assert msg.role == "assistant"
+    assert msg.content == expected_text(CASES["chat_limerick"])
+    assert resp.choices[0].finish_reason == "stop"
+
+    streamed, finish, _ = stream_chat(client, **kw)
+    assert streamed == msg.content
+    assert finish == "stop"
+
+
+def test_raw_sse_wire_format(http, model):
+    """The SDK hides framing: check `data: ` events, JSON chunks and the final `data: [DONE]`."""
+    body = {"model": model, "messages": limerick(), "max_tokens": 8, "temperature": 0, "stream": True}
+    events = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line or line.startswith(":"):
+                continue
+            assert line.startswith("data: "), line
+            events.append(line[len("data: ") :])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Greedy output equals the transformers reference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", COMPLETION_CASES)
+def test_reference_completion(client, model, name):
+    case = CASES[name]
+    resp = client.completions.create(
+        model=model, prompt=case["prompt_text"], max_tokens=len(case["greedy_ids"]), temperature=0
+    )
+    choice = resp.choices[0]
+    assert choice.text == expected_text(case)
+    assert choice.finish_reason == expected_finish(case)
+    assert resp.usage.prompt_tokens == len(case["prompt_ids"])
+
+
+@pytest.mark.parametrize("name", CHAT_CASES)
+def test_reference_chat(client, model, name):
+    case = CASES[name]
+    resp = client.chat.completions.create(
+        model=model, messages=case["messages"], max_tokens=len(case["greedy_ids"]), temperature=0
+    )
+    choice = resp.choices[0]
+    assert choice.message.content == expected_text(case)
+    assert choice.finish_reason == expected_finish(case)
+    # The reference prompt is the model's chat template (with its default system prompt) applied to the messages.
+    assert resp.usage.prompt_tokens == len(case["prompt_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Usage numbers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_usage_completion(client, model):
+    case = CASES["once_upon"]
+    n = len(case["greedy_ids"])
+    assert case["greedy_ids"][-1] != EOS_ID
+    resp = client.completions.create(model=model, prompt=case["prompt_text"], max_tokens=n, temperature=0)
+    u = resp.usage
+    assert u.prompt_tokens == len(case["prompt_ids"])
+    assert u.completion_tokens == n
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details is not None and u.prompt_tokens_details.cached_tokens is not None
+
+
+def test_usage_chat_stopped_at_eos(client, model):
+    case = CASES["chat_capital"]
+    n = len(case["greedy_ids"])
+    assert case["greedy_ids"][-1] == EOS_ID
+    resp = client.chat.completions.create(model=model, messages=case["messages"], max_tokens=n, temperature=0)
+    u = resp.usage
+    assert u.prompt_tokens == len(case["prompt_ids"])
+    # Generated tokens, with or without the eos that ended the sequence.
+    assert u.completion_tokens in (n - 1, n), u
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+
+def test_prefix_cache_reports_cached_tokens(client, model):
+    # A nonce up front keeps the first request a cache miss even against a long-running server.
+    prompt = f"[{uuid.uuid4().hex}] " + CASES["long_context"]["prompt_text"]
+    kw = dict(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    first = client.completions.create(**kw).usage
+    assert first.prompt_tokens > 64
+    assert first.prompt_tokens_details is not None
+    assert (first.prompt_tokens_details.cached_tokens or 0) == 0
+    second = client.completions.create(**kw).usage
+    assert second.prompt_tokens == first.prompt_tokens
+    cached = second.prompt_tokens_details.cached_tokens
+    assert 0 < cached <= second.prompt_tokens, second
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Sampling options and response shapes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", [" city", ["metropolis", "Haven"]], ids=["string", "list"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_stop_strings_completion(client, model, stop, stream):
+    ref = once_upon_text()
+    stops = [stop] if isinstance(stop, str) else stop
+    cut = min(ref.index(s) for s in stops)
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=32, temperature=0, stop=stop)
+    if stream:
+        text, finish, _ = stream_completion(client, **kw)
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, finish = choice.text, choice.finish_reason
+    assert text == ref[:cut]
+    assert finish == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_stop_string_chat(client, model, stream):
+    ref = expected_text(CASES["chat_limerick"])
+    kw = dict(model=model, messages=limerick(), max_tokens=32, temperature=0, stop=["marvel"])
+    if stream:
+        text, finish, _ = stream_chat(client, **kw)
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        text, finish = choice.message.content, choice.finish_reason
+    assert text == ref[: ref.index("marvel")]
+    assert finish == "stop"
+
+
+def test_n2_completion(client, model):
+    resp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0.8, seed=7, n=2)
+    assert sorted(c.index for c in resp.choices) == [0, 1]
+    assert all(c.text for c in resp.choices)
+    assert 2 <= resp.usage.completion_tokens <= 16  # summed over choices
+
+
+def test_n2_chat(client, model):
+    resp = client.chat.completions.create(model=model, messages=limerick(), max_tokens=8, temperature=0.8, seed=7, n=2)
+    assert sorted(c.index for c in resp.choices) == [0, 1]
+    assert all(c.message.role == "assistant" and c.message.content for c in resp.choices)
+
+
+def test_logprobs_completion(client, model):
+    resp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3)
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    assert lp is not None
+    n = resp.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == choice.text  # ASCII continuation: tokens decode piecewise
+    assert all(isinstance(o, int) for o in lp.text_offset) and lp.text_offset == sorted(lp.text_offset)
+    for tok, tok_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert isinstance(tok, str) and isinstance(tok_lp, float) and tok_lp <= 1e-6
+        assert isinstance(top, dict) and 1 <= len(top) <= 4  # up to 3 (+ the sampled token, vLLM-style)
+        assert all(isinstance(k, str) and isinstance(v, float) and v <= 1e-6 for k, v in top.items())
+        # Greedy: the chosen token is the most likely one.
+        assert math.isclose(tok_lp, max(top.values()), abs_tol=1e-4), (tok, tok_lp, top)
+
+
+def test_logprobs_chat(client, model):
+    resp = client.chat.completions.create(
+        model=model, messages=limerick(), max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = resp.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == resp.usage.completion_tokens == 8
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert isinstance(t.token, str) and isinstance(t.logprob, float) and t.logprob <= 1e-6
+        if t.bytes is not None:
+            assert bytes(t.bytes).decode("utf-8", errors="replace") == t.token
+        assert len(t.top_logprobs) == 3
+        vals = [x.logprob for x in t.top_logprobs]
+        assert vals == sorted(vals, reverse=True)
+        assert all(isinstance(x.token, str) for x in t.top_logprobs)
+        assert math.isclose(t.logprob, vals[0], abs_tol=1e-4)
+
+
+def test_logprobs_absent_by_default(client, model):
+    resp = client.chat.completions.create(model=model, messages=limerick(), max_tokens=2, temperature=0)
+    assert resp.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_seed_reproduces_sampling(client, model, kind):
+    def once():
+        if kind == "completion":
+            return client.completions.create(
+                model=model, prompt="Once upon a time", max_tokens=16, temperature=0.8, seed=1234
+            ).choices[0].text
+        return client.chat.completions.create(
+            model=model, messages=limerick(), max_tokens=16, temperature=0.8, seed=1234
+        ).choices[0].message.content
+
+    a, b = once(), once()
+    assert a and a == b
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_stream_include_usage(client, model, kind):
+    kw = dict(model=model, max_tokens=8, temperature=0, stream_options={"include_usage": True})
+    if kind == "completion":
+        text, finish, chunks = stream_completion(client, prompt="Once upon a time", **kw)
+    else:
+        text, finish, chunks = stream_chat(client, messages=limerick(), **kw)
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens == 8
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 8
+    if kind == "completion":
+        assert last.usage.prompt_tokens == len(CASES["once_upon"]["prompt_ids"])
+    assert all(c.usage is None for c in chunks[:-1])
+    assert text and finish == "length"
+
+
+def test_stream_without_usage_has_no_usage_chunk(client, model):
+    _, _, chunks = stream_chat(client, model=model, messages=limerick(), max_tokens=4, temperature=0)
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_model(client):
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+    assert ei.value.status_code == 404
+    assert ei.value.code == "model_not_found"
+
+
+def test_unknown_model_chat(client):
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert ei.value.code == "model_not_found"
+
+
+def test_temperature_out_of_range(client, model):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=model, prompt="hi", max_tokens=1, temperature=3)
+    assert ei.value.param == "temperature"
+    assert ei.value.code == "invalid_value"
+
+
+def test_prompt_too_long(client, model, models_list):
+    # Past any context: the model's (8192 for SmolLM2) or whatever /v1/models advertises.
+    limit = max([m.get("max_model_len") or 0 for m in models_list["data"]] + [8192])
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=model, prompt="hello " * (limit + 1000), max_tokens=16)
+    assert ei.value.code == "context_length_exceeded"
+
+
+def test_prompt_plus_max_tokens_too_long_chat(client, model, models_list):
+    limit = max([m.get("max_model_len") or 0 for m in models_list["data"]] + [8192])
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello " * (limit + 1000)}], max_tokens=16
+        )
+    assert ei.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_malformed_json(http, path):
+    r = http.post(path, content=b'{"model": "x", "prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = error_envelope(r)
+    assert err["type"] == "invalid_request_error"
+    assert isinstance(err["code"], str) and err["code"]
+
+
+def test_wrong_field_type(http, model):
+    r = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": "many"})
+    assert r.status_code == 400, r.text
+    error_envelope(r)
+
+
+def test_max_tokens_zero(client, model, http):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=model, prompt="hi", max_tokens=0)
+    assert ei.value.status_code == 400
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+    )
+    assert r.status_code == 400, r.text
+    error_envelope(r)
+
+
+def test_error_envelope_on_404(http):
+    r = http.post("/v1/completions", json={"model": "no-such-model", "prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 404
+    err = error_envelope(r)
+    assert err["code"] == "model_not_found"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Concurrency and client disconnects
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_streams(client, model):
+    """16 streams at once (continuous batching): all finish, and greedy text still matches the reference."""
+    chat_case = CASES["chat_capital"]
+
+    def job(i: int):
+        if i % 2 == 0:
+            return ("completion",) + stream_completion(
+                client, model=model, prompt="Once upon a time", max_tokens=16, temperature=0
+            )[:2]
+        return ("chat",) + stream_chat(
+            client, model=model, messages=chat_case["messages"], max_tokens=len(chat_case["greedy_ids"]), temperature=0
+        )[:2]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(job, range(16), timeout=180))
+    assert len(results) == 16
+    for kind, text, finish in results:
+        if kind == "completion":
+            assert finish == "length" and once_upon_text().startswith(text) and text, text
+        else:
+            assert finish == "stop" and text == expected_text(chat_case), text
+
+
+def test_disconnect_frees_resources(base_url, http, model):
+    before = http.get("/metrics").text
+    aborts_before = metric(before, "ferrite_worker_aborts_total")
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
+    got = 0
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    got += 1
+                    if got == 3:
+                        break
+    assert got == 3
+    # Client gone: the sequence must be aborted and its KV blocks freed.
+    deadline = time.monotonic() + 5.0
+    running = used = None
+    while time.monotonic() < deadline:
+        text = http.get("/metrics").text
+        running = metric(text, "ferrite_worker_running")
+        used = metric(text, "ferrite_worker_kv_blocks", {"state": "used"})
+        if running == 0 and used == 0:
+            break
+        time.sleep(0.1)
+    assert running == 0 and used == 0, f"running={running} kv used={used} 5 s after the disconnect"
+    if aborts_before is not None:
+        assert metric(text, "ferrite_worker_aborts_total") > aborts_before, "the disconnected request was not aborted"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. --served-model-name alias
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_alias_completion(client, model):
+    kw = dict(prompt="Once upon a time", max_tokens=8, temperature=0)
+    via_alias = client.completions.create(model=ALIAS, **kw)
+    direct = client.completions.create(model=model, **kw)
+    assert via_alias.choices[0].text == direct.choices[0].text
+    assert via_alias.choices[0].text
+
+
+def test_alias_chat_stream(client, model):
+    text, finish, chunks = stream_chat(client, model=ALIAS, messages=limerick(), max_tokens=8, temperature=0)
+    assert text and finish == "length"
+    assert expected_text(CASES["chat_limerick"]).startswith(text)
