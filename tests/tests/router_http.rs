@@ -22,6 +22,10 @@ use tower::ServiceExt;
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 async fn stack(max_body_bytes: usize) -> (axum::Router, EngineHandle) {
+    stack_with(max_body_bytes, 64).await
+}
+
+async fn stack_with(max_body_bytes: usize, max_concurrent_requests: usize) -> (axum::Router, EngineHandle) {
     let cfg = WorkerConfig {
         model: default_model(),
         model_id: None,
@@ -41,7 +45,7 @@ async fn stack(max_body_bytes: usize) -> (axum::Router, EngineHandle) {
     let pool = WorkerPool::new(&[format!("http://{addr}")]).unwrap();
     let info = pool.info(Duration::from_secs(10)).await.unwrap();
     let text = Arc::new(TextAssets::load(&ModelFiles::open(&default_model()).unwrap()).unwrap());
-    let config = RouterConfig { model_names: vec![info.model_id, "alias/llama".into()], max_concurrent_requests: 64, max_body_bytes };
+    let config = RouterConfig { model_names: vec![info.model_id, "alias/llama".into()], max_concurrent_requests, max_body_bytes };
     let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
     (app(Arc::new(AppState::new(text, pool, config, limits, None).unwrap())), engine)
 }
@@ -201,4 +205,38 @@ async fn a_client_that_disconnects_mid_stream_frees_the_worker() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the worker kept the request after the client left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_429_and_no_worker_is_503() {
+    let (app, _) = stack_with(1 << 20, 1).await;
+    // A streaming request holds the only permit until its stream ends.
+    let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let req = Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(body.to_string())).unwrap();
+    let held = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    let (s, v, raw) = post_json(&app, "/v1/completions", json!({"model": MODEL, "prompt": "x", "max_tokens": 1})).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{raw}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    drop(held);
+
+    // A router whose only worker is not running: not ready, and requests get 503 with a generic message.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let pool = WorkerPool::new(&[format!("http://{closed}")]).unwrap();
+    let text = Arc::new(TextAssets::load(&ModelFiles::open(&default_model()).unwrap()).unwrap());
+    let config = RouterConfig { model_names: vec![MODEL.into()], max_concurrent_requests: 4, max_body_bytes: 1 << 20 };
+    let limits = Limits { max_model_len: 1024, vocab_size: 49_152 };
+    let dead = app_with(text, pool, config, limits);
+    let ready = dead.clone().oneshot(Request::get("/v1/health/ready").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let live = dead.clone().oneshot(Request::get("/v1/health/live").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    let (s, v, raw) = post_json(&dead, "/v1/completions", json!({"model": MODEL, "prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{raw}");
+    assert!(!raw.contains(&closed.to_string()), "no internal addresses in the body: {raw}");
+    assert_eq!(v["error"]["code"], "no_worker_ready");
+}
+
+fn app_with(text: Arc<TextAssets>, pool: WorkerPool, config: RouterConfig, limits: Limits) -> axum::Router {
+    app(Arc::new(AppState::new(text, pool, config, limits, None).unwrap()))
 }
