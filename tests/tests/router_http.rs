@@ -240,3 +240,22 @@ async fn full_queue_is_429_and_no_worker_is_503() {
 fn app_with(text: Arc<TextAssets>, pool: WorkerPool, config: RouterConfig, limits: Limits) -> axum::Router {
     app(Arc::new(AppState::new(text, pool, config, limits, None).unwrap()))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_lists_token_prompts_and_echo() {
+    let (app, _) = stack(1 << 20).await;
+    let one = |p: &str| json!({"model": MODEL, "prompt": p, "max_tokens": 5, "temperature": 0});
+    let (_, a, _) = post_json(&app, "/v1/completions", one("Once upon a time")).await;
+    let (_, b, _) = post_json(&app, "/v1/completions", one("The capital of France is")).await;
+    let both = json!({"model": MODEL, "prompt": ["Once upon a time", "The capital of France is"], "max_tokens": 5, "temperature": 0});
+    let (s, v, raw) = post_json(&app, "/v1/completions", both).await;
+    assert_eq!(s, StatusCode::OK, "{raw}");
+    assert_eq!(v["choices"][0]["text"], a["choices"][0]["text"]);
+    assert_eq!(v["choices"][1]["text"], b["choices"][0]["text"]);
+    assert_eq!(v["choices"][1]["index"], 1);
+    assert_eq!(v["usage"]["prompt_tokens"], 9);
+    // Token-id prompts and echo.
+    let ids = reference()["cases"]["once_upon"]["prompt_ids"].clone();
+    let (_, t, _) = post_json(&app, "/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "echo": true})).await;
+    assert_eq!(t["choices"][0]["text"].as_str().unwrap(), format!("Once upon a time{}", a["choices"][0]["text"].as_str().unwrap()));
+}
