@@ -94,9 +94,15 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
     resp
 }
 
+/// Marks a streaming response: its end-to-end latency is recorded when the stream ends, not here.
+#[derive(Clone, Copy)]
+struct Streaming;
+
 fn record(st: &AppState, ep: Endpoint, resp: &Response, t0: Instant) {
     st.metrics.requests.with_label_values(&[ep.label(), resp.status().as_str()]).inc();
-    st.metrics.e2e.with_label_values(&[ep.label()]).observe(t0.elapsed().as_secs_f64());
+    if resp.extensions().get::<Streaming>().is_none() {
+        st.metrics.e2e.with_label_values(&[ep.label()]).observe(t0.elapsed().as_secs_f64());
+    }
 }
 
 async fn completions_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -186,11 +192,15 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
     }
     st.metrics.ttft.with_label_values(&[ep.label()]).observe(t0.elapsed().as_secs_f64());
     let (out_tx, out_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let st2 = Arc::clone(st);
     tokio::spawn(async move {
         writer.stream(rx, out_tx).await;
+        st2.metrics.e2e.with_label_values(&[ep.label()]).observe(t0.elapsed().as_secs_f64());
         drop(permit);
     });
-    Ok(Sse::new(ReceiverStream::new(out_rx)).keep_alive(KeepAlive::default()).into_response())
+    let mut resp = Sse::new(ReceiverStream::new(out_rx)).keep_alive(KeepAlive::default()).into_response();
+    resp.extensions_mut().insert(Streaming);
+    Ok(resp)
 }
 
 struct Writer {
