@@ -27,6 +27,8 @@ enum Command {
     Worker(commands::worker::Args),
     /// Measure prefill and decode throughput, and this machine's memory bandwidth.
     Bench(commands::bench::Args),
+    /// Load-test an OpenAI-compatible server (Ferrite, llama.cpp, vLLM...).
+    Loadgen(commands::loadgen::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(a) => commands::worker::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Router(a) => commands::router::run(a),
+        Command::Loadgen(a) => commands::loadgen::run(a),
     }
 }

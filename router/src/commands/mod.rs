@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod export;
 pub mod generate;
+pub mod loadgen;
 pub mod router;
 pub mod serve;
 pub mod worker;
