@@ -502,7 +502,7 @@ pub fn gemm_q16(
         "gemm_q16: output too short"
     );
     // Activation rows that fit in `x` and whose outputs fit in `out`.
-    let fit_x = if nb == 0 { n } else { x.len() / nb };
+    let fit_x = x.len().checked_div(nb).unwrap_or(n);
     let fit_out = if out.len() < rows {
         0
     } else {
@@ -525,7 +525,8 @@ pub fn gemm_q16(
         // fma and f16c.
         IsaQ16::Avx512 => unsafe { avx512_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride) },
         IsaQ16::Scalar => {
-            for (b, xb) in x.chunks_exact(nb.max(1)).take(n).enumerate() {
+            for b in 0..n {
+                let xb = &x[b * nb..(b + 1) * nb];
                 let o = &mut out[b * out_stride..][..rows];
                 for (o, row) in o.iter_mut().zip(w.chunks_exact(row_bytes)) {
                     *o = scalar::vec_dot(t, row, xb);

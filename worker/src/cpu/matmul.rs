@@ -4,7 +4,7 @@
 //! its own: every output element is one dot product of one weight row with one activation row, computed the same way
 //! whatever the batch size. That is what makes the forward pass batch invariant.
 
-use ferrite_kernels::cpu::quant::{BlockQ16, QK16, dequantize_row, dot_f32, gemv_q16, quantize_row_q16};
+use ferrite_kernels::cpu::quant::{BlockQ16, QK16, dequantize_row, dot_f32, gemm_q16, quantize_row_q16};
 use rayon::prelude::*;
 
 use super::weights::{Linear, Matrix};
@@ -72,17 +72,34 @@ pub fn matmul_into(w: &Matrix, x: &Prepared<'_>, out: &mut [f32], out_stride: us
 }
 
 /// `local[b, r - r0]` for weight rows `r0..r1`, tiled so a tile of weight rows stays in cache across the batch.
+///
+/// Int-dot matrices go through `gemm_q16`, which unpacks each weight block once for a group of activation rows and
+/// gives exactly the bits of one `gemv_q16` per activation row (so the result does not depend on the batch).
 fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut [f32]) {
+    /// Weight bytes per `gemm_q16` call: it runs each group of (up to 8) activation rows, repacked into L1, against
+    /// every row of the tile, so the tile should stay in L2 between groups.
+    const GEMM_TILE_BYTES: usize = 256 << 10;
     let width = r1 - r0;
+    if let Matrix::Blocks { dtype, row_bytes, data, .. } = w
+        && w.wants_int_dot()
+    {
+        let q = x.q16.as_deref().expect("prepared with quantize=true");
+        // `gemm_q16` takes the activation rows back to back, as `q16_row` cuts them.
+        debug_assert!((0..x.n).all(|b| std::ptr::eq(x.q16_row(b), &q[b * q.len() / x.n..(b + 1) * q.len() / x.n])));
+        let tile_rows = (GEMM_TILE_BYTES / (*row_bytes).max(1)).max(TILE_ROWS);
+        for t0 in (r0..r1).step_by(tile_rows) {
+            let t1 = (t0 + tile_rows).min(r1);
+            let tile = &data[t0 * row_bytes..t1 * row_bytes];
+            gemm_q16(*dtype, tile, *row_bytes, q, x.n, &mut local[t0 - r0..], width);
+        }
+        return;
+    }
     let mut scratch = Vec::new();
     for t0 in (r0..r1).step_by(TILE_ROWS) {
         let t1 = (t0 + TILE_ROWS).min(r1);
         for b in 0..x.n {
             let out = &mut local[b * width + (t0 - r0)..b * width + (t1 - r0)];
             match w {
-                Matrix::Blocks { dtype, row_bytes, data, .. } if w.wants_int_dot() => {
-                    gemv_q16(*dtype, &data[t0 * row_bytes..t1 * row_bytes], *row_bytes, x.q16_row(b), out);
-                }
                 Matrix::Blocks { dtype, cols, row_bytes, data, .. } => {
                     scratch.resize(*cols, 0.0);
                     for (i, o) in out.iter_mut().enumerate() {

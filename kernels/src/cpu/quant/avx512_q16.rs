@@ -14,6 +14,16 @@
 //! Q4_0 17.3 / 14.3, Q4_1 15.4 / 13.8, Q5_0 26.1 / 17.3, Q5_1 25.6 / 16.2, Q8_0 13.7 / 11.9;
 //! with `vpsrlvw` + `vpand` instead of the affine op Q4_1 took 15.0.
 //!
+//! `gemm_q16` ([`gemm`]) runs up to 8 activation rows against each widened weight block: per
+//! (block, activation row) one `vpmaddwd` (memory operand), one `vcvtdq2ps` and one FMA with an
+//! embedded-broadcast scale, which is the floor as long as the bits must be those of [`row`]. The
+//! activation rows are repacked so every 512-bit load is one aligned cache line (the 72-byte
+//! `BlockQ16` makes 7 of 8 loads split, ~40% slower), the scale products of the next weight row
+//! are computed alongside (their minimum-term sums are a chain of dependent adds), and the 8
+//! final reductions are transposed into one. Same VM, Q4_1 1536 x 576, ns per (row x activation
+//! row): gemv loop 13.7, gemm 8.0 at 4 rows, 6.2 at 8 or more (`bench_gemm_q16_q4_1_1536x576`).
+//! Rows much longer than ~3000 elements no longer keep a group in L1 (4096: only 1.2x).
+//!
 //! Every function is `unsafe` only because it needs a CPU with avx512f, avx512bw, gfni, avx2,
 //! fma and f16c, and reads only whole blocks inside its slices.
 
@@ -21,7 +31,7 @@ use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
 use super::avx2::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, has_min, hsum, scales, type_size};
-use super::avx2_q16::{G, fill_table, lanes, row_scales, scratch_len};
+use super::avx2_q16::{G, Group, Lanes};
 use super::{BlockQ16, GgmlType};
 
 /// 16 bytes of packed nibbles -> 32 x i16: the low nibbles (elements 0..16), then the high ones.
@@ -225,81 +235,226 @@ fn reduce(acc0: __m512, acc1: __m512) -> f32 {
     hsum(v)
 }
 
-/// `out[b * out_stride + r] = row::<K>(row r of w, activation row b)` for the `NA` activation
-/// rows of `x` (`nb` blocks each) and every row of `w`, with the same operations per (row,
-/// activation row) as [`row`]: each weight block is widened once and multiplied with the `NA`
-/// activation blocks into `2 * NA` independent accumulators; the scale products and the minimum
-/// terms come from `avx2_q16::row_scales`.
+/// [`reduce`] of 8 accumulator pairs at once, with the same additions in the same order:
+/// `v = acc0 + acc1`, `lo256(v) + hi256(v)`, `lo128 + hi128`, lanes `[0] + [2]` and `[1] + [3]`,
+/// then `[0] + [1]`. Returns `r` with the result of pair `b` in lane `4b` for `b < 4` and
+/// `4(b - 4) + 1` for `b >= 4` (see [`reduced_lane`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+fn reduce8(acc0: &[__m512; 8], acc1: &[__m512; 8]) -> __m512 {
+    let v: [__m512; 8] = core::array::from_fn(|b| _mm512_add_ps(acc0[b], acc1[b]));
+    // h[k] = [lo256(v[2k]) + hi256(v[2k]) | lo256(v[2k + 1]) + hi256(v[2k + 1])]
+    let h: [__m512; 4] = core::array::from_fn(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b); // [a.0, a.1, b.0, b.1] (128-bit)
+        let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b); // [a.2, a.3, b.2, b.3]
+        _mm512_add_ps(lo, hi)
+    });
+    // q[j] = [s4 of 4j, 4j + 1, 4j + 2, 4j + 3] with s4 = lo128 + hi128 of the 256-bit sums.
+    let q: [__m512; 2] = core::array::from_fn(|j| {
+        let (a, b) = (h[2 * j], h[2 * j + 1]);
+        let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b); // [a.0, a.2, b.0, b.2]
+        let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b); // [a.1, a.3, b.1, b.3]
+        _mm512_add_ps(lo, hi)
+    });
+    // 128-bit lane k: [s4_k[0] + s4_k[2], s4_k[1] + s4_k[3], same for k + 4].
+    let c = _mm512_shuffle_ps::<0b01_00_01_00>(q[0], q[1]);
+    let d = _mm512_shuffle_ps::<0b11_10_11_10>(q[0], q[1]);
+    let s2 = _mm512_add_ps(c, d);
+    // 128-bit lane k: [r_k, r_{k + 4}, r_k, r_{k + 4}].
+    let e = _mm512_shuffle_ps::<0b10_00_10_00>(s2, s2);
+    let f = _mm512_shuffle_ps::<0b11_01_11_01>(s2, s2);
+    _mm512_add_ps(e, f)
+}
+
+/// The lane of [`reduce8`]'s result that holds pair `b`.
+const fn reduced_lane(b: usize) -> usize {
+    if b < 4 { 4 * b } else { 4 * (b - 4) + 1 }
+}
+
+/// The scale products of weight block `wb` of kernel type `K` with the group's `table` entry of
+/// the same block, stored at `scale` and returned: `[d_w, m_w, d_w, m_w, ..] * table`, so lane
+/// `2b` is `d_w * d_x` of activation row `b` (the lane 0 of `scales`) and lane `2b + 1` is
+/// `m_w * s_x` (its lane 1) for the types with a minimum (`d_w * s_x`, unused, for the others).
 ///
 /// # Safety
-/// `x.len() >= NA * nb`, `row_bytes >= nb * type_size(K)`, `table` filled by `fill_table` for
-/// these rows, `scale.len() >= G * nb`, `out` long enough for every (b, r) (checked); the CPU
-/// must support avx512f, avx512bw, gfni, avx2, fma and f16c.
-#[allow(clippy::too_many_arguments)]
+/// `wb` must point at `type_size(K)` readable bytes, `table` and `scale` at (aligned) entries;
+/// the CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+unsafe fn block_scales<const K: u8>(
+    wb: *const u8,
+    table: *const Lanes,
+    scale: *mut Lanes,
+) -> __m512 {
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        // [d_w, m_w] (or [d_w, d_w]) repeated: one conversion, exact.
+        let dm = if has_min(K) {
+            _mm512_cvtph_ps(_mm256_set1_epi32(read_unaligned(wb.cast::<i32>())))
+        } else {
+            _mm512_cvtph_ps(_mm256_set1_epi16(read_unaligned(wb.cast::<i16>())))
+        };
+        let p = _mm512_mul_ps(dm, _mm512_load_ps(table.cast::<f32>()));
+        _mm512_store_ps(scale.cast::<f32>(), p);
+        p
+    }
+}
+
+/// The scale products of every block of one weight row (`nb` blocks at `w`) into `scale[..nb]`
+/// (see [`block_scales`]); returns, for the types with a minimum, `accm0 + accm1` of [`row`] in
+/// lanes `2b + 1`: the sums of the `m_w * s_x` of the even and of the odd blocks, accumulated
+/// from 0 in block order, then added.
+///
+/// # Safety
+/// `w` must point at `nb * type_size(K)` readable bytes, `table` and `scale` at `nb` entries;
+/// the CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+unsafe fn row_scales<const K: u8>(
+    w: *const u8,
+    nb: usize,
+    table: *const Lanes,
+    scale: *mut Lanes,
+) -> __m512 {
+    let ts = type_size(K);
+    // SAFETY: block `i < nb` lies inside the caller's ranges.
+    let one = |i: usize| unsafe { block_scales::<K>(w.add(i * ts), table.add(i), scale.add(i)) };
+    let mut accm0 = _mm512_setzero_ps();
+    let mut accm1 = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 1 < nb {
+        let (pa, pb) = (one(i), one(i + 1));
+        if has_min(K) {
+            accm0 = _mm512_add_ps(accm0, pa);
+            accm1 = _mm512_add_ps(accm1, pb);
+        }
+        i += 2;
+    }
+    if i < nb {
+        let pa = one(i);
+        if has_min(K) {
+            accm0 = _mm512_add_ps(accm0, pa);
+        }
+    }
+    _mm512_add_ps(accm0, accm1)
+}
+
+/// `out[b * out_stride + r] = row::<K>(row r of w, activation row b)` for the `NA` activation
+/// rows of group `g` (`nb` blocks each) and every row of `w`, with the same operations per (row,
+/// activation row) as [`row`]: each weight block is widened once and multiplied with the `NA`
+/// activation blocks into `2 * NA` independent accumulators; the scale products and the minimum
+/// terms of the next row ([`block_scales`], a chain of dependent adds) are computed alongside,
+/// into the other half of `g.scale`; the final reductions of 8 rows are done side by side
+/// ([`reduce8`]).
+///
+/// # Safety
+/// `row_bytes >= nb * type_size(K)`, `g` filled with `NA` rows of `nb` blocks, `out` long enough
+/// for every (b, r) (checked); the CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
 unsafe fn gemm_group<const K: u8, const NA: usize>(
     w: &[u8],
     row_bytes: usize,
-    x: &[BlockQ16],
+    g: &mut Group,
     nb: usize,
-    table: &[f32],
-    scale: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
 ) {
     let ts = type_size(K);
-    debug_assert!(x.len() >= NA * nb && row_bytes >= nb * ts);
-    debug_assert!(table.len() >= 2 * G * nb && scale.len() >= G * nb);
-    let xp = x.as_ptr();
-    // Activation block i of row b and the scale product of (block i, row b).
-    // SAFETY (callers below): i < nb and b < NA.
-    let y = |b: usize, i: usize| unsafe {
-        _mm512_loadu_si512(addr_of!((*xp.add(b * nb + i)).qs).cast::<__m512i>())
-    };
-    for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
-        let wp = wr.as_ptr();
-        // SAFETY: the row holds nb blocks, the table and scratch are long enough (see above).
-        let (accm0, accm1) = unsafe { row_scales::<K>(wp, nb, table.as_ptr(), scale.as_mut_ptr()) };
-        let sp = scale.as_ptr();
+    let rows = w.len() / row_bytes;
+    assert!(NA <= G && row_bytes >= nb * ts && g.table.len() >= nb && g.scale.len() >= 2 * nb);
+    if rows == 0 {
+        return;
+    }
+    let (yp, tp) = (g.qs.as_ptr(), g.table.as_ptr());
+    // The two halves of `g.scale`: this row's scale products and the next row's.
+    let (mut cur, mut next) = (g.scale.as_mut_ptr(), g.scale.as_mut_ptr().wrapping_add(nb));
+    // The activation quants of block i of row b.
+    // SAFETY (callers below): i < nb and b < NA; the lines are 64-byte aligned.
+    let y = |b: usize, i: usize| unsafe { _mm512_load_si512(yp.add(G * i + b).cast::<__m512i>()) };
+    // The block product of widened weight quants q with block i of row b.
+    let p = |q: __m512i, b: usize, i: usize| _mm512_cvtepi32_ps(_mm512_madd_epi16(q, y(b, i)));
+    // SAFETY: row 0 holds nb blocks, the table and scratch nb entries (asserted above).
+    let mut m = unsafe { row_scales::<K>(w.as_ptr(), nb, tp, cur) };
+    for r in 0..rows {
+        // SAFETY: r < rows.
+        let wp = unsafe { w.as_ptr().add(r * row_bytes) };
+        let has_next = r + 1 < rows;
+        // Next row's scales of block i into `next`, returned; not called on the last row.
+        // SAFETY (callers below): i < nb, row r + 1 exists.
+        let next_scales = |i: usize| unsafe {
+            block_scales::<K>(wp.add(row_bytes + i * ts), tp.add(i), next.add(i))
+        };
+        // The scale product of block i and row b (this row).
+        // SAFETY (callers below): i < nb and b < NA.
+        let s = |b: usize, i: usize| unsafe { _mm512_set1_ps((*cur.add(i)).0[2 * b]) };
+        let mut accm0 = _mm512_setzero_ps();
+        let mut accm1 = _mm512_setzero_ps();
         let mut acc0 = [_mm512_setzero_ps(); NA];
         let mut acc1 = [_mm512_setzero_ps(); NA];
         let mut i = 0;
         while i + 1 < nb {
-            // SAFETY: blocks i and i + 1 < nb of the weight row and of each activation row, and
-            // scale entries below G * nb.
-            unsafe {
-                let qa = quants::<K>(wp.add(i * ts));
-                let qb = quants::<K>(wp.add((i + 1) * ts));
-                for b in 0..NA {
-                    let pa = _mm512_cvtepi32_ps(_mm512_madd_epi16(qa, y(b, i)));
-                    let sa = _mm512_set1_ps(*sp.add(G * i + b));
-                    acc0[b] = _mm512_fmadd_ps(sa, pa, acc0[b]);
-                    let pb = _mm512_cvtepi32_ps(_mm512_madd_epi16(qb, y(b, i + 1)));
-                    let sb = _mm512_set1_ps(*sp.add(G * (i + 1) + b));
-                    acc1[b] = _mm512_fmadd_ps(sb, pb, acc1[b]);
+            if has_next {
+                let (na, nb_) = (next_scales(i), next_scales(i + 1));
+                if has_min(K) {
+                    accm0 = _mm512_add_ps(accm0, na);
+                    accm1 = _mm512_add_ps(accm1, nb_);
                 }
+            }
+            // SAFETY: blocks i and i + 1 < nb of the weight row.
+            let (qa, qb) = unsafe {
+                (
+                    quants::<K>(wp.add(i * ts)),
+                    quants::<K>(wp.add((i + 1) * ts)),
+                )
+            };
+            for b in 0..NA {
+                acc0[b] = _mm512_fmadd_ps(s(b, i), p(qa, b, i), acc0[b]);
+                acc1[b] = _mm512_fmadd_ps(s(b, i + 1), p(qb, b, i + 1), acc1[b]);
             }
             i += 2;
         }
         if i < nb {
-            // SAFETY: as above for block i < nb.
-            unsafe {
-                let qa = quants::<K>(wp.add(i * ts));
-                for b in 0..NA {
-                    let pa = _mm512_cvtepi32_ps(_mm512_madd_epi16(qa, y(b, i)));
-                    let sa = _mm512_set1_ps(*sp.add(G * i + b));
-                    acc0[b] = _mm512_fmadd_ps(sa, pa, acc0[b]);
+            if has_next {
+                let na = next_scales(i);
+                if has_min(K) {
+                    accm0 = _mm512_add_ps(accm0, na);
                 }
             }
-        }
-        let m = lanes(_mm256_add_ps(accm0, accm1));
-        for b in 0..NA {
-            let mut sum = reduce(acc0[b], acc1[b]);
-            if has_min(K) {
-                sum += m[b];
+            // SAFETY: block i < nb of the weight row.
+            let qa = unsafe { quants::<K>(wp.add(i * ts)) };
+            for (b, acc) in acc0.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(s(b, i), p(qa, b, i), *acc);
             }
-            out[b * out_stride + r] = sum;
         }
+        let mut sums = [0.0f32; 2 * G];
+        if NA == 8 {
+            let a0: &[__m512; 8] = acc0[..].try_into().expect("NA == 8");
+            let a1: &[__m512; 8] = acc1[..].try_into().expect("NA == 8");
+            let mut v = reduce8(a0, a1);
+            if has_min(K) {
+                // Lane 2b + 1 of m to lane reduced_lane(b): `sum += m` as in `row`.
+                let idx = _mm512_setr_epi32(1, 9, 1, 9, 3, 11, 3, 11, 5, 13, 5, 13, 7, 15, 7, 15);
+                v = _mm512_add_ps(v, _mm512_permutexvar_ps(idx, m));
+            }
+            // SAFETY: `sums` holds 16 f32s; storeu has no alignment needs.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), v) };
+            for b in 0..NA {
+                out[b * out_stride + r] = sums[reduced_lane(b)];
+            }
+        } else {
+            // SAFETY: `sums` holds 16 f32s; storeu has no alignment needs.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), m) };
+            for b in 0..NA {
+                let mut sum = reduce(acc0[b], acc1[b]);
+                if has_min(K) {
+                    sum += sums[2 * b + 1];
+                }
+                out[b * out_stride + r] = sum;
+            }
+        }
+        m = _mm512_add_ps(accm0, accm1);
+        core::mem::swap(&mut cur, &mut next);
     }
 }
 
@@ -313,8 +468,6 @@ unsafe fn gemm_k<const K: u8>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let mut scratch = vec![0.0f32; scratch_len(nb)];
-    let (table, scale) = scratch.split_at_mut(2 * G * nb);
     let mut b0 = 0;
     while b0 < n {
         let na = match n - b0 {
@@ -325,21 +478,24 @@ unsafe fn gemm_k<const K: u8>(
         };
         let xg = &x[b0 * nb..(b0 + na) * nb];
         let og = &mut out[b0 * out_stride..];
-        // SAFETY (all calls): same CPU-feature requirement as this function; xg holds na rows
-        // of nb blocks, every weight row nb blocks, and the table is filled for xg.
-        unsafe {
-            if na == 1 {
-                for (o, wr) in og.iter_mut().zip(w.chunks_exact(row_bytes)) {
-                    *o = row::<K>(wr, xg);
-                }
-            } else {
-                fill_table(xg, nb, na, table);
-                match na {
-                    8 => gemm_group::<K, 8>(w, row_bytes, xg, nb, table, scale, og, out_stride),
-                    4 => gemm_group::<K, 4>(w, row_bytes, xg, nb, table, scale, og, out_stride),
-                    _ => gemm_group::<K, 2>(w, row_bytes, xg, nb, table, scale, og, out_stride),
-                }
+        if na == 1 {
+            for (o, wr) in og.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                // SAFETY: same CPU-feature requirement as this function.
+                *o = unsafe { row::<K>(wr, xg) };
             }
+        } else {
+            Group::with(|g| {
+                g.fill(xg, nb, na);
+                // SAFETY: same CPU-feature requirement as this function; every weight row holds
+                // nb blocks and the group is filled with na rows of nb blocks.
+                unsafe {
+                    match na {
+                        8 => gemm_group::<K, 8>(w, row_bytes, g, nb, og, out_stride),
+                        4 => gemm_group::<K, 4>(w, row_bytes, g, nb, og, out_stride),
+                        _ => gemm_group::<K, 2>(w, row_bytes, g, nb, og, out_stride),
+                    }
+                }
+            });
         }
         b0 += na;
     }

@@ -895,61 +895,79 @@ fn bench_vec_dot_q4_1_576() {
     println!("dot_f32 x{n}: {ns:.1} ns");
 }
 
-/// Batched int16 products vs the per-activation-row gemv loop (the worker's tile shape):
-/// `cargo test --release -p ferrite-kernels --lib -- --ignored --nocapture bench_gemm`.
+/// Batched int16 products vs the per-activation-row gemv loop, in ns per (weight row x activation
+/// row): `cargo test --release -p ferrite-kernels --lib -- --ignored --nocapture bench_gemm`.
 #[test]
 #[ignore]
 fn bench_gemm_q16_q4_1_1536x576() {
     use std::hint::black_box;
     let mut rng = StdRng::seed_from_u64(9);
-    let (t, rows, cols) = (GgmlType::Q4_1, 1536usize, 576usize);
-    let row_bytes = t.bytes_for(cols).unwrap();
-    let nb = cols / QK16;
-    let w = random_weights(t, rows * nb, &mut rng);
     println!("isa q16 {:?}", isa_q16());
-    for &n in &[1usize, 4, 8, 32] {
-        let x = quantize16(&random_acts(n * cols, &mut rng));
-        let mut out = vec![0.0f32; n * rows];
-        let iters = (400 / n).max(10);
-        let ns_gemv = best_ns(iters, || {
-            for (xb, o) in x.chunks_exact(nb).zip(out.chunks_exact_mut(rows)) {
-                gemv_q16(t, black_box(&w), row_bytes, black_box(xb), o);
-            }
-        });
-        // The worker's tiling: 16 weight rows at a time against every activation row.
-        let ns_gemm = best_ns(iters, || {
-            for r0 in (0..rows).step_by(16) {
-                let tile = &w[r0 * row_bytes..(r0 + 16) * row_bytes];
+    for (t, rows, cols) in [
+        (GgmlType::Q4_1, 1536usize, 576usize),
+        (GgmlType::Q4_1, 576, 1536),
+        (GgmlType::Q8_0, 1536, 576),
+        (GgmlType::Q4_1, 512, 4096),
+    ] {
+        let row_bytes = t.bytes_for(cols).unwrap();
+        let nb = cols / QK16;
+        let w = random_weights(t, rows * nb, &mut rng);
+        for &n in &[1usize, 4, 8, 32] {
+            let x = quantize16(&random_acts(n * cols, &mut rng));
+            let mut out = vec![0.0f32; n * rows];
+            let iters = (400 / n).max(10) * 576 / cols;
+            let ns_gemv = best_ns(iters, || {
+                for (xb, o) in x.chunks_exact(nb).zip(out.chunks_exact_mut(rows)) {
+                    gemv_q16(t, black_box(&w), row_bytes, black_box(xb), o);
+                }
+            });
+            let ns_gemm = best_ns(iters, || {
                 gemm_q16(
                     t,
-                    black_box(tile),
+                    black_box(&w),
                     row_bytes,
                     black_box(&x),
                     n,
-                    &mut out[r0..],
+                    &mut out,
                     rows,
                 );
-            }
-        });
-        let ns_whole = best_ns(iters, || {
-            gemm_q16(
-                t,
-                black_box(&w),
-                row_bytes,
-                black_box(&x),
-                n,
-                &mut out,
-                rows,
+            });
+            let per = (rows * n) as f64;
+            print!(
+                "{t} {rows}x{cols} n={n:>2}: gemv loop {:5.2} ns, gemm {:5.2} ns ({:.2}x)",
+                ns_gemv / per,
+                ns_gemm / per,
+                ns_gemv / ns_gemm
             );
-        });
-        let per = (rows * n) as f64;
-        println!(
-            "{t} {rows}x{cols} n={n:>2}: gemv loop {:.2} ns, gemm 16-row tiles {:.2} ns, \
-             gemm whole {:.2} ns per (row x activation row); tiles {:.2}x gemv",
-            ns_gemv / per,
-            ns_gemm / per,
-            ns_whole / per,
-            ns_gemv / ns_gemm
-        );
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512_q16() {
+                // SAFETY: AVX-512 dispatch implies avx2, fma and f16c.
+                let ns_gemv = best_ns(iters, || unsafe {
+                    for (xb, o) in x.chunks_exact(nb).zip(out.chunks_exact_mut(rows)) {
+                        avx2::gemv(t, black_box(&w), row_bytes, black_box(xb), o);
+                    }
+                });
+                // SAFETY: as above; the lengths are consistent.
+                let ns_gemm = best_ns(iters, || unsafe {
+                    avx2_q16::gemm(
+                        t,
+                        black_box(&w),
+                        row_bytes,
+                        black_box(&x),
+                        nb,
+                        n,
+                        &mut out,
+                        rows,
+                    );
+                });
+                print!(
+                    "; avx2 path: gemv loop {:5.2} ns, gemm {:5.2} ns ({:.2}x)",
+                    ns_gemv / per,
+                    ns_gemm / per,
+                    ns_gemv / ns_gemm
+                );
+            }
+            println!();
+        }
     }
 }
