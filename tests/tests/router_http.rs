@@ -36,6 +36,7 @@ async fn stack_with(max_body_bytes: usize, max_concurrent_requests: usize) -> (a
         max_model_len: 1024,
         threads: 2,
         precision: WeightPrecision::Native,
+        backend: Default::default(),
     };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let engine = worker.engine.clone();

@@ -29,6 +29,7 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
         max_model_len: 1024,
         threads: 2,
         precision: WeightPrecision::Native,
+        backend: Default::default(),
     };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let metrics = ferrite_worker::metrics::spawn(&worker.engine, "127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -8,6 +8,7 @@
 //!   the engine thread.
 //! - [`service`] / [`server`]: the gRPC worker service (token ids in, token ids out) and its startup.
 //! - [`metrics`]: Prometheus `/metrics` of a worker.
+//! - [`instant`]: a no-compute backend for measuring engine/gRPC/router overhead.
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
 
 pub mod backend;
@@ -15,6 +16,7 @@ pub mod cpu;
 pub mod engine;
 pub mod export;
 pub mod generate;
+pub mod instant;
 pub mod kv;
 pub mod metrics;
 pub mod server;

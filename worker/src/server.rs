@@ -31,6 +31,18 @@ pub struct WorkerConfig {
     pub max_model_len: usize,
     pub threads: usize,
     pub precision: WeightPrecision,
+    /// Which backend runs the model.
+    pub backend: BackendKind,
+}
+
+/// The worker's compute backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// The CPU Llama.
+    #[default]
+    Cpu,
+    /// No computation (overhead measurements only; see [`crate::instant`]).
+    Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +97,13 @@ impl Worker {
         if num_blocks < 2 {
             return Err(WorkerError::Config(format!("--kv-cache-mib {} holds no KV block ({per_block} bytes each)", cfg.kv_cache_mib)));
         }
-        let backend = CpuBackend::load(
-            &files,
-            &CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE },
-        )?;
+        let backend: Box<dyn Backend> = match cfg.backend {
+            BackendKind::Cpu => Box::new(CpuBackend::load(
+                &files,
+                &CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE },
+            )?),
+            BackendKind::Instant => Box::new(crate::instant::InstantBackend::new(c.clone(), num_blocks, DEFAULT_BLOCK_SIZE)),
+        };
         let fingerprint = files.fingerprint();
         let text = ferrite_common::text::TextAssets::load(&files)?;
         let info = ModelInfo {
@@ -104,7 +119,7 @@ impl Worker {
             backend: backend.info().name.to_string(),
         };
         let engine = Engine::spawn(
-            Box::new(backend),
+            backend,
             EngineConfig {
                 scheduler: SchedulerConfig {
                     max_num_batched_tokens: cfg.max_num_batched_tokens,

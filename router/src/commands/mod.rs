@@ -30,6 +30,25 @@ pub struct ModelArgs {
     pub precision: Precision,
 }
 
+/// `serve` / `worker` backend choice.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The CPU Llama.
+    #[default]
+    Cpu,
+    /// Computes nothing (next token = last + 1): only for measuring engine, gRPC and router overhead.
+    Instant,
+}
+
+impl From<Backend> for ferrite_worker::server::BackendKind {
+    fn from(b: Backend) -> Self {
+        match b {
+            Backend::Cpu => Self::Cpu,
+            Backend::Instant => Self::Instant,
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     Native,

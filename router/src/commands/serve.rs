@@ -53,6 +53,9 @@ pub struct Args {
     http: HttpArgs,
     #[command(flatten)]
     model: ModelArgs,
+    /// Compute backend (`instant` only measures overhead; it does not run the model).
+    #[arg(long, value_enum, env = "FERRITE_BACKEND", default_value_t = super::Backend::Cpu)]
+    backend: super::Backend,
     /// CPU KV cache size in MiB.
     #[arg(long, env = "FERRITE_KV_CACHE_MIB", default_value_t = 512)]
     kv_cache_mib: usize,
@@ -79,6 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_model_len: a.max_model_len,
         threads: a.model.threads,
         precision: a.model.precision.into(),
+        backend: a.backend.into(),
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

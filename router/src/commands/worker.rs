@@ -16,6 +16,9 @@ pub struct Args {
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     model: ModelArgs,
+    /// Compute backend (`instant` only measures overhead; it does not run the model).
+    #[arg(long, value_enum, env = "FERRITE_BACKEND", default_value_t = super::Backend::Cpu)]
+    backend: super::Backend,
     /// Name reported to routers (default: the model file name).
     #[arg(long, env = "FERRITE_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
@@ -47,6 +50,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_model_len: a.max_model_len,
         threads: a.model.threads,
         precision: a.model.precision.into(),
+        backend: a.backend.into(),
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
