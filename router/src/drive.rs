@@ -90,6 +90,9 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
         };
         match msg.kind {
             Some(pb::generate_response::Kind::Chunk(c)) => {
+                if c.index == 0 {
+                    cached = c.cached_prompt_tokens;
+                }
                 let Some(ch) = choices.get_mut(c.index as usize) else { continue };
                 for (k, &tok) in c.token_ids.iter().enumerate() {
                     if ch.done {

@@ -260,3 +260,17 @@ async fn prompt_lists_token_prompts_and_echo() {
     let (_, t, _) = post_json(&app, "/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "echo": true})).await;
     assert_eq!(t["choices"][0]["text"].as_str().unwrap(), format!("Once upon a time{}", a["choices"][0]["text"].as_str().unwrap()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tokens_are_reported_when_a_stop_string_ends_the_request() {
+    let (app, _) = stack(1 << 20).await;
+    let prompt = reference()["cases"]["long_context"]["prompt_text"].clone();
+    let free = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    let (_, v, _) = post_json(&app, "/v1/completions", free).await;
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = text.chars().take(3).collect();
+    let req = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stop": stop});
+    let (_, v, raw) = post_json(&app, "/v1/completions", req).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{raw}");
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= 192, "{raw}");
+}

@@ -101,8 +101,9 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
     use pb::generate_response::Kind;
     Ok(pb::GenerateResponse {
         kind: Some(match out {
-            EngineOutput::Tokens { index, tokens, logprobs } => Kind::Chunk(pb::TokenChunk {
+            EngineOutput::Tokens { index, tokens, logprobs, cached_prompt_tokens } => Kind::Chunk(pb::TokenChunk {
                 index,
+                cached_prompt_tokens,
                 token_ids: tokens,
                 logprobs: logprobs
                     .into_iter()

@@ -41,7 +41,7 @@ pub enum FinishReason {
 /// What the engine streams back for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineOutput {
-    Tokens { index: u32, tokens: Vec<u32>, logprobs: Vec<TokenLogprob> },
+    Tokens { index: u32, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, cached_prompt_tokens: u32 },
     Finished { index: u32, reason: FinishReason, matched_stop: Option<u32>, prompt_tokens: u32, completion_tokens: u32, cached_tokens: u32 },
     /// The request was not run (nothing was generated).
     Rejected(EngineError),
@@ -326,8 +326,9 @@ impl Engine {
             let (index, request) = (meta.index, meta.request.clone());
             let max_new = meta.max_new_tokens;
             let Some(state) = self.requests.get(&request) else { continue };
-            let _ = state.tx.send(EngineOutput::Tokens { index, tokens: vec![tok], logprobs: lp.into_iter().collect() });
             let seq = self.sched.get(p.id).expect("exists");
+            let cached_prompt_tokens = seq.cached_prompt_tokens as u32;
+            let _ = state.tx.send(EngineOutput::Tokens { index, tokens: vec![tok], logprobs: lp.into_iter().collect(), cached_prompt_tokens });
             let generated = seq.num_generated();
             let stop = &state.stopping;
             let reason = if generated >= stop.min_tokens as usize
