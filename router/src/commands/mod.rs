@@ -30,6 +30,44 @@ pub struct ModelArgs {
     pub precision: Precision,
 }
 
+/// Engine options shared by `serve` and `worker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Compute backend (`instant` only measures overhead; it does not run the model).
+    #[arg(long, value_enum, env = "FERRITE_BACKEND", default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+    /// CPU KV cache size in MiB.
+    #[arg(long, env = "FERRITE_KV_CACHE_MIB", default_value_t = 512)]
+    pub kv_cache_mib: usize,
+    /// Tokens computed per engine step, over all sequences (the chunked-prefill budget).
+    #[arg(long, env = "FERRITE_MAX_NUM_BATCHED_TOKENS", default_value_t = 256)]
+    pub max_num_batched_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, env = "FERRITE_MAX_NUM_SEQS", default_value_t = 32)]
+    pub max_num_seqs: usize,
+    /// Cap on the context length (0 = the model's).
+    #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
+    pub max_model_len: usize,
+}
+
+impl EngineArgs {
+    /// The worker config for `model`, with `max_waiting` sequences allowed to queue.
+    pub fn worker_config(&self, model: PathBuf, model_id: Option<String>, max_waiting: usize, m: &ModelArgs) -> ferrite_worker::server::WorkerConfig {
+        ferrite_worker::server::WorkerConfig {
+            model,
+            model_id,
+            kv_cache_mib: self.kv_cache_mib,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            max_waiting,
+            max_model_len: self.max_model_len,
+            threads: m.threads,
+            precision: m.precision.into(),
+            backend: self.backend.into(),
+        }
+    }
+}
+
 /// `serve` / `worker` backend choice.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {

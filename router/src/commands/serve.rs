@@ -12,9 +12,9 @@ use ferrite_router::server::{AppState, RouterConfig, serve_http};
 use ferrite_router::validate::Limits;
 use ferrite_router::workers::WorkerPool;
 use ferrite_worker::metrics::WorkerMetrics;
-use ferrite_worker::server::{Worker, WorkerConfig};
+use ferrite_worker::server::Worker;
 
-use super::{ModelArgs, resolve_model};
+use super::{EngineArgs, ModelArgs, resolve_model};
 
 /// HTTP front-end options shared by `serve` and `router`.
 #[derive(clap::Args, Debug, Clone)]
@@ -53,37 +53,13 @@ pub struct Args {
     http: HttpArgs,
     #[command(flatten)]
     model: ModelArgs,
-    /// Compute backend (`instant` only measures overhead; it does not run the model).
-    #[arg(long, value_enum, env = "FERRITE_BACKEND", default_value_t = super::Backend::Cpu)]
-    backend: super::Backend,
-    /// CPU KV cache size in MiB.
-    #[arg(long, env = "FERRITE_KV_CACHE_MIB", default_value_t = 512)]
-    kv_cache_mib: usize,
-    /// Tokens computed per engine step (the chunked-prefill budget).
-    #[arg(long, env = "FERRITE_MAX_NUM_BATCHED_TOKENS", default_value_t = 256)]
-    max_num_batched_tokens: usize,
-    /// Sequences running at once.
-    #[arg(long, env = "FERRITE_MAX_NUM_SEQS", default_value_t = 32)]
-    max_num_seqs: usize,
-    /// Cap on the context length (0 = the model's).
-    #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
-    max_model_len: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = resolve_model(a.model.model.clone())?;
-    let cfg = WorkerConfig {
-        model: path.clone(),
-        model_id: None,
-        kv_cache_mib: a.kv_cache_mib,
-        max_num_batched_tokens: a.max_num_batched_tokens,
-        max_num_seqs: a.max_num_seqs,
-        max_waiting: a.http.max_concurrent_requests.max(1) * 16,
-        max_model_len: a.max_model_len,
-        threads: a.model.threads,
-        precision: a.model.precision.into(),
-        backend: a.backend.into(),
-    };
+    let cfg = a.engine.worker_config(path.clone(), None, a.http.max_concurrent_requests.max(1) * 16, &a.model);
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
