@@ -1,8 +1,9 @@
 //! KV block allocation: which physical KV blocks a sequence owns.
 //!
 //! Backends store K/V in fixed-size blocks addressed by block tables ([`crate::backend::SeqInput::block_table`]).
-//! [`BlockAllocator`] is the interface the engine's paged cache (with prefix caching and reference counts) implements;
-//! [`SimpleBlockAllocator`] is the plain free-list implementation used by single-sequence generation and tests.
+//! [`BlockAllocator`] with [`SimpleBlockAllocator`] (a plain free list, no sharing) serves single-request generation,
+//! benchmarks and backend tests. The serving engine manages blocks itself, with reference counts and prefix caching
+//! (`crate::engine::block_pool` and `crate::engine::scheduler`).
 
 use std::collections::HashMap;
 
