@@ -371,6 +371,31 @@ pub fn vec_dot_q16(t: GgmlType, w: &[u8], x: &[BlockQ16]) -> f32 {
     }
 }
 
+/// Argument checks shared by the gemv entry points: `None` when there is nothing to compute (unsupported type, no
+/// output, or zero-length rows, whose outputs are set to 0); otherwise the part of `out` that has rows in `w`.
+fn gemv_rows<'o>(
+    name: &str,
+    supported: bool,
+    t: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    blocks: usize,
+    out: &'o mut [f32],
+) -> Option<&'o mut [f32]> {
+    debug_assert!(supported, "{name}: unsupported type {t}");
+    debug_assert_eq!(row_bytes, blocks * t.type_size(), "{name}: row length mismatch");
+    debug_assert!(w.len() >= out.len() * row_bytes, "{name}: weight matrix too short");
+    if !supported || out.is_empty() {
+        return None;
+    }
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return None;
+    }
+    let rows = (w.len() / row_bytes).min(out.len());
+    Some(&mut out[..rows])
+}
+
 /// `out[r] = vec_dot_q8(t, &w[r * row_bytes..][..row_bytes], x)` for each of the `out.len()`
 /// consecutive rows of `w` (`row_bytes == x.len() * t.type_size()`, `w.len() >= out.len() *
 /// row_bytes`). Bit-identical to calling [`vec_dot_q8`] row by row; the CPU feature dispatch is
@@ -380,26 +405,9 @@ pub fn vec_dot_q16(t: GgmlType, w: &[u8], x: &[BlockQ16]) -> f32 {
 /// Inconsistent lengths hit a `debug_assert!`; in release only the rows that fit in `w` are
 /// written.
 pub fn gemv_q8(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
-    debug_assert!(supports_q8_dot(t), "gemv_q8: unsupported type {t}");
-    debug_assert_eq!(
-        row_bytes,
-        x.len() * t.type_size(),
-        "gemv_q8: row length mismatch"
-    );
-    debug_assert!(
-        w.len() >= out.len() * row_bytes,
-        "gemv_q8: weight matrix too short"
-    );
-    if !supports_q8_dot(t) || out.is_empty() {
+    let Some(out) = gemv_rows("gemv_q8", supports_q8_dot(t), t, w, row_bytes, x.len(), out) else {
         return;
-    }
-    if row_bytes == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let rows = w.len() / row_bytes;
-    let out_len = out.len().min(rows);
-    let out = &mut out[..out_len];
+    };
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
@@ -421,26 +429,9 @@ pub fn gemv_q8(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut
 /// Inconsistent lengths hit a `debug_assert!`; in release only the rows that fit in `w` are
 /// written.
 pub fn gemv_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &mut [f32]) {
-    debug_assert!(supports_q16_dot(t), "gemv_q16: unsupported type {t}");
-    debug_assert_eq!(
-        row_bytes,
-        x.len() * t.type_size(),
-        "gemv_q16: row length mismatch"
-    );
-    debug_assert!(
-        w.len() >= out.len() * row_bytes,
-        "gemv_q16: weight matrix too short"
-    );
-    if !supports_q16_dot(t) || out.is_empty() {
+    let Some(out) = gemv_rows("gemv_q16", supports_q16_dot(t), t, w, row_bytes, x.len(), out) else {
         return;
-    }
-    if row_bytes == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let rows = w.len() / row_bytes;
-    let out_len = out.len().min(rows);
-    let out = &mut out[..out_len];
+    };
     match isa_q16() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa_q16()` returned Avx2, so the CPU supports avx2, fma and f16c.
