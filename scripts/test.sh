@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust workspace (one optimized build; the model tests need optimized code), then the Python
-# suite that drives `ferrite serve` with the official `openai` SDK.
+# Runs every test: the Rust workspace (one optimized build, with the `cuda` feature so the CUDA code compiles and
+# every kernel is compiled by NVRTC; the GPU tests skip without a device), a type check of the default no-CUDA
+# build, then the Python suite that drives `ferrite serve` with the official `openai` SDK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --release --workspace "$@"
-cargo build --release --bin ferrite
+FEATURES="ferrite-router/cuda,ferrite-tests/cuda"
+
 if [[ ! -x .venv-py/bin/python ]]; then
   python3 -m venv .venv-py
 fi
-.venv-py/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+# NVRTC 13.0 (not newer: driver 580's JIT takes PTX ISA <= 9.0) compiles the kernels in the tests; no GPU needed.
+.venv-py/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt "nvidia-cuda-nvrtc==13.0.*"
+NVRTC_LIB=$(.venv-py/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FERRITE_REQUIRE_NVRTC=1
+
+cargo test --release --workspace --features "$FEATURES" "$@"
+cargo build --release --bin ferrite --features "$FEATURES"
+cargo check --release --workspace --all-targets
 .venv-py/bin/python -m pytest tests/python -q

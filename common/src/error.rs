@@ -52,7 +52,7 @@ impl ModelError {
         ModelError::InvalidConfig { path: path.into(), detail: detail.into() }
     }
 
-    pub(crate) fn dtype(path: impl Into<PathBuf>, name: &str, dtype: GgmlType) -> Self {
+    pub fn dtype(path: impl Into<PathBuf>, name: &str, dtype: GgmlType) -> Self {
         ModelError::UnsupportedDtype { path: path.into(), name: name.to_string(), dtype: dtype.to_string() }
     }
 }

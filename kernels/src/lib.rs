@@ -1,9 +1,9 @@
 //! Ferrite compute kernels.
 //!
-//! Today this crate holds the CPU kernels ([`cpu`]): GGML block (de)quantization, quantized
-//! matrix-vector products and the other per-token building blocks of a forward pass. CUDA
-//! kernels (compiled at run time with NVRTC) will join them later; the CPU functions are their
-//! reference twins, so every CUDA kernel is tested against the CPU function of the same name.
+//! It holds the CPU kernels ([`cpu`]): GGML block (de)quantization, quantized matrix-vector products and the other
+//! per-token building blocks of a forward pass; and, with the `cuda` feature, the CUDA kernels (`cuda`, compiled at
+//! run time with NVRTC). The CPU functions are the CUDA kernels' reference twins: `tests/parity.rs` runs one test body
+//! per kernel on the CPU always and on CUDA when a device exists.
 //!
 //! It also holds the two other low-level pieces everything else builds on: [`dtype`] (GGML block layouts) and
 //! [`host`] (read-only memory maps of model files). Together with the worker's CUDA code, this crate is the only
@@ -14,5 +14,7 @@
 //! (`is_x86_feature_detected!`) and fall back to portable scalar code.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod host;

@@ -19,7 +19,7 @@ enum Command {
     Generate(commands::generate::Args),
     /// Write a Hugging Face model directory (safetensors, config, tokenizer) from a GGUF model.
     ExportHf(commands::export::Args),
-    /// Serve the OpenAI-compatible API with an embedded CPU worker (one process, the local stack).
+    /// Serve the OpenAI-compatible API with an embedded worker (one process; CPU, or `--backend cuda`).
     Serve(commands::serve::Args),
     /// Serve the OpenAI-compatible API in front of separately running workers.
     Router(commands::router::Args),
@@ -29,6 +29,9 @@ enum Command {
     Bench(commands::bench::Args),
     /// Load-test an OpenAI-compatible server (Ferrite, llama.cpp, vLLM...).
     Loadgen(commands::loadgen::Args),
+    /// Measure the CUDA backend (decode, prefill) next to this GPU's copy bandwidth and GEMM rate.
+    #[cfg(feature = "cuda")]
+    GpuBench(commands::gpu_bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +45,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => commands::generate::run(a),
         Command::ExportHf(a) => commands::export::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        #[cfg(feature = "cuda")]
+        Command::GpuBench(a) => commands::gpu_bench::run(a),
         Command::Worker(a) => commands::worker::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Router(a) => commands::router::run(a),

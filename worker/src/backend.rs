@@ -1,6 +1,6 @@
 //! The narrow seam between the model runner and the hardware: [`Backend::forward`] runs one batched step of the
-//! Llama model over paged KV storage. The CPU backend ([`crate::cpu::CpuBackend`]) implements it now; the CUDA backend
-//! implements the same trait later.
+//! Llama model over paged KV storage. The CPU backend ([`crate::cpu::CpuBackend`]) and the CUDA backend
+//! (`crate::cuda::CudaBackend`, feature `cuda`) implement it.
 
 use std::ops::Range;
 
@@ -70,6 +70,9 @@ pub enum BackendError {
     InvalidBlock { seq: usize, block: u32, num_blocks: usize },
     #[error("sequence {seq} has no tokens")]
     EmptySequence { seq: usize },
+    /// The device failed (a CUDA error): the step's output is lost and its KV writes are unspecified.
+    #[error("device error: {0}")]
+    Device(String),
 }
 
 /// Facts about a backend the engine needs once.

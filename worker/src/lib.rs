@@ -2,6 +2,7 @@
 //!
 //! - [`backend`]: the [`backend::Backend`] trait (one batched forward step over paged KV storage) and its batch types.
 //! - [`cpu`]: the CPU backend (GGUF-quantized weights, int16-quantized activations, AVX2/AVX-512 integer dot products, rayon threads).
+//! - `cuda` (feature `cuda`): the CUDA backend (bf16 weights and KV cache, cuBLAS GEMMs, our NVRTC kernels).
 //! - [`kv`]: KV block allocation behind [`kv::BlockAllocator`].
 //! - [`generate`]: single-request generation (prefill + decode loop) with greedy or temperature sampling.
 //! - [`engine`]: the serving engine — block pool with prefix caching, continuous-batching scheduler, sampler, and
@@ -13,6 +14,8 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod export;
 pub mod generate;

@@ -33,6 +33,9 @@ pub struct WorkerConfig {
     pub precision: WeightPrecision,
     /// Which backend runs the model.
     pub backend: BackendKind,
+    /// CUDA: device ordinal and the fraction of its memory to use (weights + activations + KV cache).
+    pub cuda_device: usize,
+    pub gpu_memory_utilization: f32,
 }
 
 /// The worker's compute backend.
@@ -43,6 +46,9 @@ pub enum BackendKind {
     Cpu,
     /// No computation (overhead measurements only; see [`crate::instant`]).
     Instant,
+    /// The CUDA Llama (needs the `cuda` feature at build time and a GPU at run time; the KV cache is sized from
+    /// free device memory, not `kv_cache_mib`).
+    Cuda,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,9 @@ impl WorkerConfig {
         }
         if self.max_num_batched_tokens == 0 || self.max_num_seqs == 0 {
             return err("--max-num-batched-tokens and --max-num-seqs must be > 0");
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return err("--gpu-memory-utilization must be in (0, 1]");
         }
         Ok(())
     }
@@ -98,12 +107,29 @@ impl Worker {
             return Err(WorkerError::Config(format!("--kv-cache-mib {} holds no KV block ({per_block} bytes each)", cfg.kv_cache_mib)));
         }
         let backend: Box<dyn Backend> = match cfg.backend {
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Box::new(crate::cuda::CudaBackend::load(
+                &files,
+                &crate::cuda::CudaOptions {
+                    device: cfg.cuda_device,
+                    gpu_memory_utilization: cfg.gpu_memory_utilization,
+                    block_size: DEFAULT_BLOCK_SIZE,
+                    max_kv_blocks: None,
+                    max_batch_tokens: cfg.max_num_batched_tokens,
+                },
+            )?),
+            #[cfg(not(feature = "cuda"))]
+            BackendKind::Cuda => {
+                return Err(WorkerError::Config("this binary was built without CUDA support (cargo build --features cuda)".into()));
+            }
             BackendKind::Cpu => Box::new(CpuBackend::load(
                 &files,
                 &CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE },
             )?),
             BackendKind::Instant => Box::new(crate::instant::InstantBackend::new(c.clone(), num_blocks, DEFAULT_BLOCK_SIZE)),
         };
+        // The backend decides: CUDA sizes its cache from free device memory.
+        let num_blocks = backend.info().num_kv_blocks;
         let fingerprint = files.fingerprint();
         let text = ferrite_common::text::TextAssets::load(&files)?;
         let info = ModelInfo {

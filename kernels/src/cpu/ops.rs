@@ -104,6 +104,19 @@ pub fn attend_one<'a>(
     }
 }
 
+/// Index of the largest value (lowest index on ties; NaN never wins; 0 when nothing beats -inf).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &x) in v.iter().enumerate() {
+        if x > best_v {
+            best = i;
+            best_v = x;
+        }
+    }
+    best as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod export;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu_bench;
 pub mod loadgen;
 pub mod router;
 pub mod serve;
@@ -39,12 +41,18 @@ pub struct EngineArgs {
     /// CPU KV cache size in MiB.
     #[arg(long, env = "FERRITE_KV_CACHE_MIB", default_value_t = 512)]
     pub kv_cache_mib: usize,
-    /// Tokens computed per engine step, over all sequences (the chunked-prefill budget).
-    #[arg(long, env = "FERRITE_MAX_NUM_BATCHED_TOKENS", default_value_t = 256)]
+    /// Tokens computed per engine step, over all sequences (the chunked-prefill budget). 0: 256 on CPU, 2048 on CUDA.
+    #[arg(long, env = "FERRITE_MAX_NUM_BATCHED_TOKENS", default_value_t = 0)]
     pub max_num_batched_tokens: usize,
-    /// Sequences running at once.
-    #[arg(long, env = "FERRITE_MAX_NUM_SEQS", default_value_t = 32)]
+    /// Sequences running at once. 0: 32 on CPU, 256 on CUDA.
+    #[arg(long, env = "FERRITE_MAX_NUM_SEQS", default_value_t = 0)]
     pub max_num_seqs: usize,
+    /// CUDA: fraction of the GPU's memory to use for weights, activations and the KV cache (the rest of it).
+    #[arg(long, env = "FERRITE_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+    /// CUDA: device ordinal.
+    #[arg(long, env = "FERRITE_CUDA_DEVICE", default_value_t = 0)]
+    pub cuda_device: usize,
     /// Cap on the context length (0 = the model's).
     #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: usize,
@@ -57,13 +65,23 @@ impl EngineArgs {
             model,
             model_id,
             kv_cache_mib: self.kv_cache_mib,
-            max_num_batched_tokens: self.max_num_batched_tokens,
-            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: match (self.max_num_batched_tokens, self.backend) {
+                (0, Backend::Cuda) => 2048,
+                (0, _) => 256,
+                (n, _) => n,
+            },
+            max_num_seqs: match (self.max_num_seqs, self.backend) {
+                (0, Backend::Cuda) => 256,
+                (0, _) => 32,
+                (n, _) => n,
+            },
             max_waiting,
             max_model_len: self.max_model_len,
             threads: m.threads,
             precision: m.precision.into(),
             backend: self.backend.into(),
+            cuda_device: self.cuda_device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
         }
     }
 }
@@ -76,6 +94,8 @@ pub enum Backend {
     Cpu,
     /// Computes nothing (next token = last + 1): only for measuring engine, gRPC and router overhead.
     Instant,
+    /// The CUDA Llama on one GPU (bf16; binaries built with `--features cuda`).
+    Cuda,
 }
 
 impl From<Backend> for ferrite_worker::server::BackendKind {
@@ -83,6 +103,7 @@ impl From<Backend> for ferrite_worker::server::BackendKind {
         match b {
             Backend::Cpu => Self::Cpu,
             Backend::Instant => Self::Instant,
+            Backend::Cuda => Self::Cuda,
         }
     }
 }

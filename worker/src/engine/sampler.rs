@@ -216,18 +216,7 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value (lowest index on ties; NaN never wins; 0 when nothing beats -inf).
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &x) in v.iter().enumerate() {
-        if x > best_v {
-            best = i;
-            best_v = x;
-        }
-    }
-    best as u32
-}
+pub use ferrite_kernels::cpu::ops::argmax;
 
 /// `(max, ln Σ exp(v - max))` in f64 (`v` holds no NaN or +inf), so a log-softmax is `(x - max) - ln_z` without
 /// losing precision to a huge `max`; `(0, 0)` when every value is -inf.

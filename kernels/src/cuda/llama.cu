@@ -1,0 +1,333 @@
+// Ferrite CUDA kernels for the Llama forward pass. Compiled at run time with NVRTC (see `kernels/src/cuda/mod.rs`).
+//
+// Conventions:
+// - bf16 values are carried as raw `unsigned short` bits (no cuda_bf16.h, so NVRTC needs no include path); the
+//   conversions round to nearest even exactly like `half::bf16::from_f32`, so the CPU twins can reproduce them.
+// - Activations between kernels are f32 (the residual stream, GEMM outputs) or bf16 (GEMM inputs).
+// - The KV cache of one layer is `[num_slots, n_kv_heads, head_dim]` bf16 for K and for V; slot = block·block_size +
+//   offset. A slot of -1 means "padding, do not write".
+// - Every kernel bounds-checks its indices against the sizes it is given and never reads past them.
+// Each kernel's CPU reference twin is named in its comment (ferrite_kernels::cpu::ops unless said otherwise).
+
+typedef unsigned short bf16;
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+__device__ __forceinline__ float bf2f(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
+
+__device__ __forceinline__ bf16 f2bf(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u) {
+        // Inf stays Inf; NaN stays a (quiet) NaN.
+        return (bf16)((u >> 16) | ((u & 0xffffu) ? 0x40u : 0u));
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). Every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < nwarps ? partial[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    float r = total;
+    __syncthreads();
+    return r;
+}
+
+// Embedding gather: out[r, :] = f32(table[tokens[r], :]). Twin: Matrix::row_f32 on a bf16 table.
+// grid (T), block (256).
+extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const int* __restrict__ tokens,
+                                        float* __restrict__ out, int hidden, int vocab) {
+    const int r = blockIdx.x;
+    const int tok = tokens[r];
+    if (tok < 0 || tok >= vocab) return;  // validated on the host; never read out of bounds
+    const bf16* row = table + (size_t)tok * hidden;
+    float* o = out + (size_t)r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = bf2f(row[i]);
+}
+
+// Fused residual add + RMSNorm. For output row r, the residual row is xr = rows ? rows[r] : r.
+// If `add` is non-null: x[xr, :] += add[xr, :] (written back). Then out[r, :] = bf16(w * (x * rsqrt(mean(x²)+eps))).
+// Twin: rms_norm (after add_in_place). grid (R), block (256..1024).
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ add,
+                                        const float* __restrict__ w, bf16* __restrict__ out,
+                                        const int* __restrict__ rows, int hidden, float eps) {
+    const int r = blockIdx.x;
+    const int xr = rows ? rows[r] : r;
+    float* xrow = x + (size_t)xr * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xrow[i];
+        if (add) {
+            v += add[(size_t)xr * hidden + i];
+            xrow[i] = v;
+        }
+        ss += v * v;
+    }
+    const float scale = rsqrtf(block_sum(ss) / (float)hidden + eps);
+    bf16* o = out + (size_t)r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f2bf(w[i] * (xrow[i] * scale));
+}
+
+// Rotary embedding in place on the Q and K parts of the fused QKV rows (f32). pos[r] is row r's position; inv_freq
+// has head_dim/2 entries (llama3 scaling already folded in on the host). interleaved != 0 rotates pairs (2i, 2i+1)
+// (GGUF layout), else (i, i + d/2) (Hugging Face rotate_half). Twin: rope. grid (T), block (128..1024).
+extern "C" __global__ void rope_qk(float* __restrict__ qkv, const int* __restrict__ pos,
+                                   const float* __restrict__ inv_freq, int n_heads, int n_kv, int head_dim,
+                                   int row_stride, int interleaved) {
+    const int r = blockIdx.x;
+    const int half = head_dim / 2;
+    const int pairs = (n_heads + n_kv) * half;
+    float* row = qkv + (size_t)r * row_stride;
+    const float p = (float)pos[r];
+    for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+        const int head = j / half, i = j % half;
+        float s, c;
+        sincosf(p * inv_freq[i], &s, &c);
+        float* h = row + head * head_dim;
+        const int a = interleaved ? 2 * i : i;
+        const int b = interleaved ? 2 * i + 1 : i + half;
+        const float x0 = h[a], x1 = h[b];
+        h[a] = x0 * c - x1 * s;
+        h[b] = x1 * c + x0 * s;
+    }
+}
+
+// SwiGLU on the fused gate/up GEMM output: out[r, i] = bf16(silu(gu[r, i]) * gu[r, ffn + i]). Twin: silu_mul.
+// grid (ceil(ffn/256), T), block (256).
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out, int ffn) {
+    const int r = blockIdx.y;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= ffn) return;
+    const float g = gate_up[(size_t)r * 2 * ffn + i];
+    const float u = gate_up[(size_t)r * 2 * ffn + ffn + i];
+    out[(size_t)r * ffn + i] = f2bf(g / (1.0f + expf(-g)) * u);
+}
+
+// Writes row r's K and V (from the fused QKV row, after RoPE) into the paged cache at slots[r]; slot -1 is skipped.
+// Twin: the CPU backend's KV write (copy at KvStore::offset). grid (T), block (128..1024).
+extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* __restrict__ k_cache,
+                                          bf16* __restrict__ v_cache, const int* __restrict__ slots,
+                                          int q_width, int kv_width, int row_stride, long long num_slots) {
+    const int r = blockIdx.x;
+    const long long slot = slots[r];
+    if (slot < 0 || slot >= num_slots) return;
+    const float* row = qkv + (size_t)r * row_stride;
+    for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
+        k_cache[slot * kv_width + i] = f2bf(row[q_width + i]);
+        v_cache[slot * kv_width + i] = f2bf(row[q_width + kv_width + i]);
+    }
+}
+
+#define ATT_WARPS 4
+#define ATT_MAX_GROUP 8
+#define ATT_MAX_HD 128
+
+// Paged attention for any mix of prefill and decode rows. Query row r (a token at position ctx_len[r]-1) attends
+// causally over positions [0, ctx_len[r]) of its sequence, whose block table starts at tables[table_off[r]].
+// One block handles one row, one KV head (all `group` query heads that share it, so K/V are read once for the group)
+// and one partition of `part_size` positions. With num_parts == 1 it writes the normalized bf16 output
+// out[r, head·hd + d]; otherwise it writes unnormalized partials (part_out[r, head, p, d], part_ml[r, head, p, {max,
+// sum}]) that attention_reduce combines. Twin: attend_one. grid (T, n_kv, num_parts), block (32·ATT_WARPS).
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                const int* __restrict__ tables, const int* __restrict__ table_off, const int* __restrict__ ctx_len,
+                bf16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_ml, int n_heads,
+                int n_kv, int head_dim, int row_stride, int block_size, float scale, int part_size, int num_parts) {
+    const int r = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = n_heads / n_kv;
+    const int epl = head_dim / 32;  // elements per lane: 1, 2 or 4
+    const int ctx = ctx_len[r];
+    const int start = part * part_size;
+    const int end = min(ctx, start + part_size);
+    const int kv_width = n_kv * head_dim;
+
+    __shared__ float q_s[ATT_MAX_GROUP][ATT_MAX_HD];
+    __shared__ float acc_s[ATT_WARPS][ATT_MAX_GROUP][ATT_MAX_HD];
+    __shared__ float m_s[ATT_WARPS][ATT_MAX_GROUP];
+    __shared__ float l_s[ATT_WARPS][ATT_MAX_GROUP];
+
+    const float* qrow = qkv + (size_t)r * row_stride + (size_t)kvh * group * head_dim;
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) q_s[i / head_dim][i % head_dim] = qrow[i];
+    __syncthreads();
+
+    float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP], acc[ATT_MAX_GROUP][4];
+#pragma unroll
+    for (int g = 0; g < ATT_MAX_GROUP; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[g][e] = 0.0f;
+    }
+    const int* table = tables + table_off[r];
+    for (int t = start + warp; t < end; t += ATT_WARPS) {
+        const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
+        const bf16* kp = k_cache + slot * kv_width + kvh * head_dim + lane * epl;
+        const bf16* vp = v_cache + slot * kv_width + kvh * head_dim + lane * epl;
+        float k[4], v[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            k[e] = e < epl ? bf2f(kp[e]) : 0.0f;
+            v[e] = e < epl ? bf2f(vp[e]) : 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < ATT_MAX_GROUP; g++) {
+            if (g < group) {
+                float s = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (e < epl) s += q_s[g][lane * epl + e] * k[e];
+                s = warp_sum(s) * scale;
+                const float m_new = fmaxf(m[g], s);
+                const float corr = __expf(m[g] - m_new);
+                const float p = __expf(s - m_new);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[g][e] = acc[g][e] * corr + p * v[e];
+                m[g] = m_new;
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < ATT_MAX_GROUP; g++) {
+        if (g < group) {
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (e < epl) acc_s[warp][g][lane * epl + e] = acc[g][e];
+            if (lane == 0) {
+                m_s[warp][g] = m[g];
+                l_s[warp][g] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    // Combine the warps: thread i handles (g, d) pairs.
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
+        const int g = i / head_dim, d = i % head_dim;
+        float mx = -INFINITY;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, m_s[w][g]);
+        float sum = 0.0f, o = 0.0f;
+        if (mx != -INFINITY) {
+            for (int w = 0; w < ATT_WARPS; w++) {
+                const float f = __expf(m_s[w][g] - mx);  // 0 for warps that saw no position
+                sum += l_s[w][g] * f;
+                o += acc_s[w][g][d] * f;
+            }
+        }
+        const int head = kvh * group + g;
+        if (num_parts == 1) {
+            out[(size_t)r * n_heads * head_dim + head * head_dim + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+        } else {
+            const size_t pi = ((size_t)r * n_heads + head) * num_parts + part;
+            part_out[pi * head_dim + d] = o;
+            if (d == 0) {
+                part_ml[pi * 2] = mx;
+                part_ml[pi * 2 + 1] = sum;
+            }
+        }
+    }
+}
+
+// Combines paged_attention's partitions: out = Σ_p o_p·e^{m_p−M} / Σ_p l_p·e^{m_p−M}. Empty partitions (sum 0) add
+// nothing. grid (T, n_heads), block (head_dim).
+extern "C" __global__ void attention_reduce(const float* __restrict__ part_out, const float* __restrict__ part_ml,
+                                            bf16* __restrict__ out, int n_heads, int head_dim, int num_parts) {
+    const int r = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+    if (d >= head_dim) return;
+    const size_t base = ((size_t)r * n_heads + head) * num_parts;
+    float mx = -INFINITY;
+    for (int p = 0; p < num_parts; p++)
+        if (part_ml[(base + p) * 2 + 1] > 0.0f) mx = fmaxf(mx, part_ml[(base + p) * 2]);
+    float sum = 0.0f, o = 0.0f;
+    for (int p = 0; p < num_parts; p++) {
+        const float l = part_ml[(base + p) * 2 + 1];
+        if (l > 0.0f) {
+            const float f = __expf(part_ml[(base + p) * 2] - mx);
+            sum += l * f;
+            o += part_out[(base + p) * head_dim + d] * f;
+        }
+    }
+    out[(size_t)r * n_heads * head_dim + head * head_dim + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+}
+
+// Greedy sampling on the device: ids[r] = argmax_i logits[r, i] (lowest index on ties, NaN never wins).
+// Twin: the engine sampler's argmax. grid (R), block (1024).
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __restrict__ ids, int vocab) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const int r = blockIdx.x;
+    const float* row = logits + (size_t)r * vocab;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = row[i];
+        if (v > bv) {  // strictly greater: keeps the lowest index of this thread's stride; NaN compares false
+            bv = v;
+            bi = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) {
+                bv = best_v[w];
+                bi = best_i[w];
+            }
+        }
+        ids[r] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+
+// Deterministic pseudo-random bf16 fill (benchmarks with random weights generated on the device): out[i] =
+// bf16(offset + scale · u), u uniform in [-1, 1) from a 64-bit mix of (seed, i). grid-stride loop.
+extern "C" __global__ void fill_random_bf16(bf16* __restrict__ out, unsigned long long n, unsigned long long seed,
+                                            float scale, float offset) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long z = seed + i * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) * (1.0f / 8388608.0f) - 1.0f;  // 24 bits → [-1, 1)
+        out[i] = f2bf(offset + scale * u);
+    }
+}

@@ -1,0 +1,370 @@
+//! CUDA kernels (feature `cuda`): the sources in `llama.cu`, compiled with NVRTC at start-up, and typed launchers.
+//!
+//! cudarc loads the CUDA libraries dynamically, so this module builds without CUDA installed; NVRTC is needed only
+//! to compile, a driver and device only to launch. [`compile`] works without a GPU (CI uses it to check that every
+//! kernel compiles for sm_80 and sm_90); [`CudaKernels::load`] compiles to a CUBIN for the device's own architecture
+//! (so the driver's PTX JIT version never matters) and keeps the module for the life of the process.
+//!
+//! Launchers take raw device addresses (`u64`, as [`DevicePtr`](cudarc::driver::DevicePtr) gives them) and are
+//! `unsafe`: the caller guarantees the buffers are live, on this context, and as large as the sizes say. Every
+//! launcher checks the launch itself; [`CudaKernels::check`] surfaces asynchronous faults.
+
+mod gemm;
+
+pub use gemm::Gemm;
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{Ptx, result as nvrtc_result, sys as nvrtc_sys};
+
+/// The kernel source (one translation unit).
+pub const LLAMA_CU: &str = include_str!("llama.cu");
+
+/// Every kernel in [`LLAMA_CU`], in launch-order of a forward pass.
+pub const KERNEL_NAMES: &[&str] = &[
+    "embed_gather",
+    "add_rms_norm",
+    "rope_qk",
+    "kv_cache_write",
+    "paged_attention",
+    "attention_reduce",
+    "silu_mul",
+    "argmax_rows",
+    "fill_random_bf16",
+];
+
+/// Attention limits baked into `paged_attention` (`ATT_MAX_GROUP`, `ATT_MAX_HD`).
+pub const ATTENTION_MAX_GROUP: usize = 8;
+pub const ATTENTION_MAX_HEAD_DIM: usize = 128;
+const ATTENTION_THREADS: u32 = 128;
+
+/// Why CUDA work failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("NVRTC is not available (libnvrtc not found): {0}")]
+    NvrtcMissing(String),
+    #[error("kernel compilation for {arch} failed: {log}")]
+    Compile { arch: String, log: String },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Compiled kernel image.
+#[derive(Debug, Clone)]
+pub enum Image {
+    /// Device code for one architecture (`sm_XY`).
+    Cubin(Vec<u8>),
+    /// PTX text (any architecture the driver can JIT it for).
+    Ptx(String),
+}
+
+/// Whether the NVRTC library can be loaded (never panics).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: probing for a shared library has no preconditions; cudarc documents this as non-panicking.
+    unsafe { nvrtc_sys::is_culib_present() }
+}
+
+/// Compiles [`LLAMA_CU`] with NVRTC for `arch` (`"sm_90"`, `"compute_90"`, ...): `sm_*` gives a CUBIN, `compute_*`
+/// PTX. Needs libnvrtc but no GPU.
+pub fn compile(arch: &str) -> Result<Image, CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NvrtcMissing("set LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel's lib".into()));
+    }
+    let src = CString::new(LLAMA_CU).expect("kernel source has no NUL bytes");
+    let name = CString::new("llama.cu").expect("static name");
+    let prog = nvrtc_result::create_program(&src, Some(&name))
+        .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("create program: {e:?}") })?;
+    // No --use_fast_math: it turns sincosf into approximations that are wrong for RoPE angles of thousands of
+    // radians. The kernels call the fast intrinsics (__expf) where they are accurate enough.
+    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    let opts_ref: Vec<&str> = opts.iter().map(String::as_str).collect();
+    // SAFETY: `prog` is a live program created above and destroyed exactly once at the end of this function; every
+    // buffer handed to NVRTC is sized from the matching NVRTC size query.
+    let result = unsafe {
+        let compiled = nvrtc_result::compile_program(prog, &opts_ref);
+        let log = nvrtc_result::get_program_log(prog)
+            .map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match compiled {
+            Err(e) => Err(CudaError::Compile { arch: arch.into(), log: format!("{e:?}\n{log}") }),
+            Ok(()) if arch.starts_with("sm_") => {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| CudaError::Compile {
+                    arch: arch.into(),
+                    log: format!("cubin size: {e:?}"),
+                })?;
+                let mut buf = vec![0u8; size];
+                nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()).result().map_err(|e| CudaError::Compile {
+                    arch: arch.into(),
+                    log: format!("get cubin: {e:?}"),
+                })?;
+                Ok(Image::Cubin(buf))
+            }
+            Ok(()) => {
+                let ptx = nvrtc_result::get_ptx(prog)
+                    .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("get ptx: {e:?}") })?;
+                Ok(Image::Ptx(CStr::from_ptr(ptx.as_ptr()).to_string_lossy().into_owned()))
+            }
+        }
+    };
+    // SAFETY: `prog` was created above and is not used after this call.
+    let _ = unsafe { nvrtc_result::destroy_program(prog) };
+    result
+}
+
+fn grid(x: usize, y: usize, z: usize) -> (u32, u32, u32) {
+    (x as u32, y as u32, z as u32)
+}
+
+fn cfg(grid_dim: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Threads for a row-wise kernel over `n` elements.
+fn row_threads(n: usize) -> u32 {
+    (n.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+/// Shapes of one attention launch.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub rows: usize,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    /// Floats between consecutive QKV rows.
+    pub row_stride: usize,
+    pub block_size: usize,
+    pub scale: f32,
+    /// Positions per partition; `num_parts · part_size` must cover the longest context of the launch.
+    pub part_size: usize,
+    pub num_parts: usize,
+}
+
+/// The loaded kernels of one device, launching on one stream.
+pub struct CudaKernels {
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    arch: String,
+}
+
+impl CudaKernels {
+    /// Compiles the kernels for the stream's device (`sm_XY` CUBIN) and loads them.
+    pub fn load(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
+        let ctx: &Arc<CudaContext> = stream.context();
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = format!("sm_{major}{minor}");
+        let ptx = match compile(&arch)? {
+            Image::Cubin(bin) => Ptx::from_binary(bin),
+            Image::Ptx(src) => Ptx::from_src(src),
+        };
+        let module = ctx.load_module(ptx)?;
+        let mut funcs = HashMap::new();
+        for &name in KERNEL_NAMES {
+            funcs.insert(name, module.load_function(name)?);
+        }
+        Ok(Self { stream, funcs, arch })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The architecture the kernels were compiled for (`sm_90`, ...).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Waits for the stream and reports any asynchronous fault.
+    pub fn check(&self) -> Result<(), CudaError> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    fn func(&self, name: &'static str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    /// `out[r, :] = f32(table[tokens[r], :])` for `rows` rows.
+    ///
+    /// # Safety
+    /// `table` holds `vocab · hidden` bf16, `tokens` `rows` i32, `out` `rows · hidden` f32, all live on this device.
+    pub unsafe fn embed_gather(&self, table: u64, tokens: u64, out: u64, rows: usize, hidden: usize, vocab: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (h, v) = (hidden as i32, vocab as i32);
+        let mut b = self.stream.launch_builder(self.func("embed_gather"));
+        b.arg(&table).arg(&tokens).arg(&out).arg(&h).arg(&v);
+        // SAFETY: sizes per this function's contract; the kernel bounds-checks token ids.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// Fused residual add + RMSNorm over `rows` output rows (see `add_rms_norm` in `llama.cu`). `add` and `row_ids`
+    /// may be 0 (null).
+    ///
+    /// # Safety
+    /// `x` (and `add` if non-null) hold every residual row addressed, `w` `hidden` f32, `out` `rows · hidden` bf16,
+    /// `row_ids` (if non-null) `rows` valid residual row indices.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn add_rms_norm(&self, x: u64, add: u64, w: u64, out: u64, row_ids: u64, rows: usize, hidden: usize, eps: f32) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(self.func("add_rms_norm"));
+        b.arg(&x).arg(&add).arg(&w).arg(&out).arg(&row_ids).arg(&h).arg(&eps);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads(hidden).min(1024))) }?;
+        Ok(())
+    }
+
+    /// RoPE in place on the Q and K heads of `rows` fused QKV rows.
+    ///
+    /// # Safety
+    /// `qkv` holds `rows · row_stride` f32 with `(n_heads + n_kv) · head_dim ≤ row_stride`, `pos` `rows` i32,
+    /// `inv_freq` `head_dim / 2` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rope_qk(&self, qkv: u64, pos: u64, inv_freq: u64, rows: usize, n_heads: usize, n_kv: usize, head_dim: usize, row_stride: usize, interleaved: bool) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (nh, nkv, hd, rs, il) = (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved));
+        let mut b = self.stream.launch_builder(self.func("rope_qk"));
+        b.arg(&qkv).arg(&pos).arg(&inv_freq).arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&il);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads((n_heads + n_kv) * head_dim / 2).min(512))) }?;
+        Ok(())
+    }
+
+    /// `out[r, i] = bf16(silu(gu[r, i]) · gu[r, ffn + i])`.
+    ///
+    /// # Safety
+    /// `gate_up` holds `rows · 2·ffn` f32, `out` `rows · ffn` bf16.
+    pub unsafe fn silu_mul(&self, gate_up: u64, out: u64, rows: usize, ffn: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = ffn as i32;
+        let mut b = self.stream.launch_builder(self.func("silu_mul"));
+        b.arg(&gate_up).arg(&out).arg(&f);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(ffn.div_ceil(256), rows, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// Writes each row's K and V into the layer's paged cache at `slots[r]` (-1 skips the row).
+    ///
+    /// # Safety
+    /// `qkv` holds `rows · row_stride` f32, `slots` `rows` i32, each cache `num_slots · kv_width` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kv_cache_write(&self, qkv: u64, k_cache: u64, v_cache: u64, slots: u64, rows: usize, q_width: usize, kv_width: usize, row_stride: usize, num_slots: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (qw, kw, rs, ns) = (q_width as i32, kv_width as i32, row_stride as i32, num_slots as i64);
+        let mut b = self.stream.launch_builder(self.func("kv_cache_write"));
+        b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&slots).arg(&qw).arg(&kw).arg(&rs).arg(&ns);
+        // SAFETY: per this function's contract; the kernel skips out-of-range slots.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads(kv_width).min(512))) }?;
+        Ok(())
+    }
+
+    /// Paged attention (any mix of prefill and decode rows), then the partition reduce when `num_parts > 1`.
+    ///
+    /// # Safety
+    /// `qkv` holds `rows · row_stride` f32; `tables`/`table_off`/`ctx_len` describe, per row, a block table whose
+    /// blocks cover `ctx_len[r]` positions inside the caches; `out` holds `rows · n_heads · head_dim` bf16;
+    /// `part_out` / `part_ml` (when `num_parts > 1`) hold `rows · n_heads · num_parts · head_dim` and
+    /// `rows · n_heads · num_parts · 2` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn paged_attention(&self, s: &AttentionShape, qkv: u64, k_cache: u64, v_cache: u64, tables: u64, table_off: u64, ctx_len: u64, out: u64, part_out: u64, part_ml: u64) -> Result<(), CudaError> {
+        if s.rows == 0 {
+            return Ok(());
+        }
+        let group = s.n_heads / s.n_kv.max(1);
+        if s.n_kv == 0 || s.n_heads % s.n_kv != 0 || group > ATTENTION_MAX_GROUP || s.head_dim % 32 != 0 || s.head_dim > ATTENTION_MAX_HEAD_DIM || s.num_parts == 0 {
+            return Err(CudaError::Unsupported(format!(
+                "attention with {} heads / {} KV heads / head_dim {} (need group ≤ {ATTENTION_MAX_GROUP}, head_dim a multiple of 32 ≤ {ATTENTION_MAX_HEAD_DIM})",
+                s.n_heads, s.n_kv, s.head_dim
+            )));
+        }
+        let (nh, nkv, hd, rs, bs, ps, np) = (s.n_heads as i32, s.n_kv as i32, s.head_dim as i32, s.row_stride as i32, s.block_size as i32, s.part_size as i32, s.num_parts as i32);
+        let mut b = self.stream.launch_builder(self.func("paged_attention"));
+        b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&tables).arg(&table_off).arg(&ctx_len).arg(&out).arg(&part_out).arg(&part_ml);
+        b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&bs).arg(&s.scale).arg(&ps).arg(&np);
+        // SAFETY: per this function's contract; shapes checked against the kernel's static limits above.
+        unsafe { b.launch(cfg(grid(s.rows, s.n_kv, s.num_parts), ATTENTION_THREADS)) }?;
+        if s.num_parts > 1 {
+            let mut r = self.stream.launch_builder(self.func("attention_reduce"));
+            r.arg(&part_out).arg(&part_ml).arg(&out).arg(&nh).arg(&hd).arg(&np);
+            // SAFETY: per this function's contract.
+            unsafe { r.launch(cfg(grid(s.rows, s.n_heads, 1), s.head_dim as u32)) }?;
+        }
+        Ok(())
+    }
+
+    /// `ids[r] = argmax(logits[r, :])` (lowest index on ties).
+    ///
+    /// # Safety
+    /// `logits` holds `rows · vocab` f32, `ids` `rows` i32.
+    pub unsafe fn argmax_rows(&self, logits: u64, ids: u64, rows: usize, vocab: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(self.func("argmax_rows"));
+        b.arg(&logits).arg(&ids).arg(&v);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
+    /// Fills `n` bf16 values with `offset + scale · u`, `u` uniform in [-1, 1), a fixed function of `(seed, i)`.
+    ///
+    /// # Safety
+    /// `out` holds `n` bf16.
+    pub unsafe fn fill_random_bf16(&self, out: u64, n: usize, seed: u64, scale: f32, offset: f32) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(self.func("fill_random_bf16"));
+        b.arg(&out).arg(&n64).arg(&seed).arg(&scale).arg(&offset);
+        // SAFETY: per this function's contract (grid-stride loop bounded by n).
+        unsafe { b.launch(cfg(grid(n.div_ceil(256).min(65536), 1, 1), 256)) }?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI sets `FERRITE_REQUIRE_NVRTC=1` (and installs the NVRTC wheel), so a kernel that does not compile fails CI.
+    #[test]
+    fn every_kernel_compiles_for_sm80_and_sm90() {
+        if !nvrtc_available() {
+            assert!(std::env::var_os("FERRITE_REQUIRE_NVRTC").is_none(), "FERRITE_REQUIRE_NVRTC is set but libnvrtc was not found");
+            eprintln!("skipped: libnvrtc not found (set FERRITE_REQUIRE_NVRTC=1 to make this an error)");
+            return;
+        }
+        for arch in ["sm_80", "sm_90", "compute_90"] {
+            match compile(arch) {
+                Ok(Image::Cubin(bin)) => assert!(bin.len() > 1000, "{arch}: cubin of {} bytes", bin.len()),
+                Ok(Image::Ptx(ptx)) => {
+                    for name in KERNEL_NAMES {
+                        assert!(ptx.contains(&format!(".entry {name}")), "{arch}: {name} missing from the PTX");
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The CUDA side of the parity tests: uploads inputs, poisons outputs with NaN, launches, reads back.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm};
+use half::bf16;
+
+use super::{AttnCase, Ops};
+
+const NAN_BF16: u16 = 0x7fc0;
+
+pub struct CudaOps {
+    stream: Arc<CudaStream>,
+    kernels: CudaKernels,
+    gemm: Gemm,
+}
+
+impl CudaOps {
+    /// `None` when no device (or driver) is present, unless `FERRITE_REQUIRE_CUDA=1`, which makes that a failure.
+    pub fn new() -> Option<Self> {
+        let require = std::env::var_os("FERRITE_REQUIRE_CUDA").is_some_and(|v| v == "1");
+        let ctx = match std::panic::catch_unwind(|| CudaContext::new(0)) {
+            Ok(Ok(ctx)) => ctx,
+            other => {
+                assert!(!require, "FERRITE_REQUIRE_CUDA=1 but no CUDA device: {:?}", other.map(|r| r.err()));
+                return None;
+            }
+        };
+        let stream = ctx.new_stream().expect("stream");
+        let kernels = CudaKernels::load(Arc::clone(&stream)).expect("kernels compile and load");
+        let gemm = Gemm::new(Arc::clone(&stream)).expect("cuBLAS");
+        Some(Self { stream, kernels, gemm })
+    }
+
+    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        self.stream.clone_htod(v).expect("upload")
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    fn down<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Vec<T> {
+        self.kernels.check().expect("kernels ran without a fault");
+        self.stream.clone_dtoh(s).expect("download")
+    }
+
+    fn down_bf16(&self, s: &CudaSlice<u16>) -> Vec<f32> {
+        self.down(s).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect()
+    }
+
+    fn nan_f32(&self, n: usize) -> CudaSlice<f32> {
+        self.up(&vec![f32::NAN; n])
+    }
+
+    fn nan_bf16(&self, n: usize) -> CudaSlice<u16> {
+        self.up(&vec![NAN_BF16; n])
+    }
+
+    /// Uploads the case, writes K/V, returns the device caches and per-row metadata.
+    fn write_case(&self, case: &AttnCase) -> (CudaSlice<f32>, CudaSlice<u16>, CudaSlice<u16>) {
+        let qkv = self.up(&case.qkv);
+        let k = self.up(&case.k_cache);
+        let v = self.up(&case.v_cache);
+        let slots: Vec<i32> = case.rows.iter().map(|&(s, p)| case.slot(s, p) as i32).collect();
+        let slots_d = self.up(&slots);
+        let (q_width, kv_width) = (case.nh * case.hd, case.nkv * case.hd);
+        // SAFETY: every buffer is sized from the case as the launcher's contract asks.
+        unsafe {
+            self.kernels
+                .kv_cache_write(self.ptr(&qkv), self.ptr(&k), self.ptr(&v), self.ptr(&slots_d), case.rows.len(), q_width, kv_width, case.stride(), case.num_blocks * case.block_size)
+                .expect("launch");
+        }
+        self.kernels.check().expect("kv_cache_write");
+        (qkv, k, v)
+    }
+}
+
+impl Ops for CudaOps {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn embed_gather(&mut self, table: &[u16], tokens: &[i32], hidden: usize) -> Vec<f32> {
+        let (t, ids, out) = (self.up(table), self.up(tokens), self.nan_f32(tokens.len() * hidden));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.kernels.embed_gather(self.ptr(&t), self.ptr(&ids), self.ptr(&out), tokens.len(), hidden, table.len() / hidden) }.expect("launch");
+        self.down(&out)
+    }
+
+    fn add_rms_norm(&mut self, x: &mut [f32], add: Option<&[f32]>, w: &[f32], rows: Option<&[i32]>, hidden: usize, eps: f32) -> Vec<f32> {
+        let xd = self.up(x);
+        let addd = add.map(|a| self.up(a));
+        let wd = self.up(w);
+        let rowsd = rows.map(|r| self.up(r));
+        let n = rows.map_or(x.len() / hidden, <[i32]>::len);
+        let out = self.nan_bf16(n * hidden);
+        let add_ptr = addd.as_ref().map_or(0, |a| self.ptr(a));
+        let rows_ptr = rowsd.as_ref().map_or(0, |r| self.ptr(r));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.kernels.add_rms_norm(self.ptr(&xd), add_ptr, self.ptr(&wd), self.ptr(&out), rows_ptr, n, hidden, eps) }.expect("launch");
+        x.copy_from_slice(&self.down(&xd));
+        self.down_bf16(&out)
+    }
+
+    fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool) {
+        let (q, p, f) = (self.up(qkv), self.up(pos), self.up(inv_freq));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.kernels.rope_qk(self.ptr(&q), self.ptr(&p), self.ptr(&f), pos.len(), nh, nkv, hd, stride, interleaved) }.expect("launch");
+        qkv.copy_from_slice(&self.down(&q));
+    }
+
+    fn silu_mul(&mut self, gate_up: &[f32], rows: usize, ffn: usize) -> Vec<f32> {
+        let (gu, out) = (self.up(gate_up), self.nan_bf16(rows * ffn));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.kernels.silu_mul(self.ptr(&gu), self.ptr(&out), rows, ffn) }.expect("launch");
+        self.down_bf16(&out)
+    }
+
+    fn attention(&mut self, case: &AttnCase, part_size: Option<usize>) -> Vec<f32> {
+        let (qkv, k, v) = self.write_case(case);
+        let mut tables = Vec::new();
+        let mut offs = Vec::new();
+        for t in &case.tables {
+            offs.push(tables.len() as i32);
+            tables.extend(t.iter().map(|&b| b as i32));
+        }
+        let table_off: Vec<i32> = case.rows.iter().map(|&(s, _)| offs[s]).collect();
+        let ctx_len: Vec<i32> = case.rows.iter().map(|&(_, p)| p as i32 + 1).collect();
+        let max_ctx = case.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(1);
+        let part_size = part_size.unwrap_or(max_ctx);
+        let num_parts = max_ctx.div_ceil(part_size);
+        let n = case.rows.len();
+        let shape = AttentionShape {
+            rows: n,
+            n_heads: case.nh,
+            n_kv: case.nkv,
+            head_dim: case.hd,
+            row_stride: case.stride(),
+            block_size: case.block_size,
+            scale: 1.0 / (case.hd as f32).sqrt(),
+            part_size,
+            num_parts,
+        };
+        let (t, o, c) = (self.up(&tables), self.up(&table_off), self.up(&ctx_len));
+        let out = self.nan_bf16(n * case.nh * case.hd);
+        let part_out = self.nan_f32(n * case.nh * num_parts * case.hd);
+        let part_ml = self.nan_f32(n * case.nh * num_parts * 2);
+        // SAFETY: sizes per the launcher's contract; the tables cover every row's context.
+        unsafe {
+            self.kernels.paged_attention(
+                &shape,
+                self.ptr(&qkv),
+                self.ptr(&k),
+                self.ptr(&v),
+                self.ptr(&t),
+                self.ptr(&o),
+                self.ptr(&c),
+                self.ptr(&out),
+                self.ptr(&part_out),
+                self.ptr(&part_ml),
+            )
+        }
+        .expect("launch");
+        self.down_bf16(&out)
+    }
+
+    fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>) {
+        let (_, k, v) = self.write_case(case);
+        let (kc, vc) = (self.down_bf16(&k), self.down_bf16(&v));
+        let kv = case.nkv * case.hd;
+        let mut ko = Vec::new();
+        let mut vo = Vec::new();
+        for &(s, pos) in &case.rows {
+            let slot = case.slot(s, pos);
+            ko.extend_from_slice(&kc[slot * kv..][..kv]);
+            vo.extend_from_slice(&vc[slot * kv..][..kv]);
+        }
+        (ko, vo)
+    }
+
+    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32> {
+        let rows = logits.len() / vocab;
+        let (l, ids) = (self.up(logits), self.up(&vec![-1i32; rows]));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.kernels.argmax_rows(self.ptr(&l), self.ptr(&ids), rows, vocab) }.expect("launch");
+        self.down(&ids).into_iter().map(|i| i as u32).collect()
+    }
+
+    fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+        let (xd, wd, y) = (self.up(x), self.up(w), self.nan_f32(rows * out));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.gemm.linear(self.ptr(&xd), self.ptr(&wd), self.ptr(&y), rows, inp, out) }.expect("gemm");
+        self.down(&y)
+    }
+}

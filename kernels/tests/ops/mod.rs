@@ -1,0 +1,236 @@
+//! The two backends of the parity tests behind one host-side interface: [`CpuOps`] (the CPU reference twins) and,
+//! with the `cuda` feature, `cuda::CudaOps` (the NVRTC kernels and cuBLAS). All bf16 data crosses as raw bits.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use ferrite_kernels::cpu::ops::{RopePairing, argmax, attend_one, rms_norm, rope, silu_mul};
+use half::bf16;
+use rand::Rng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+fn to_f32(b: u16) -> f32 {
+    bf16::from_bits(b).to_f32()
+}
+
+fn round(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// Host-side view of every kernel.
+pub trait Ops {
+    fn name(&self) -> &'static str;
+    fn embed_gather(&mut self, table: &[u16], tokens: &[i32], hidden: usize) -> Vec<f32>;
+    /// Returns the bf16 output (as f32); updates `x` with the residual add.
+    fn add_rms_norm(&mut self, x: &mut [f32], add: Option<&[f32]>, w: &[f32], rows: Option<&[i32]>, hidden: usize, eps: f32) -> Vec<f32>;
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool);
+    fn silu_mul(&mut self, gate_up: &[f32], rows: usize, ffn: usize) -> Vec<f32>;
+    /// Writes the case's new K/V into its cache, then attends; `[rows, nh·hd]` (bf16 as f32).
+    fn attention(&mut self, case: &AttnCase, part_size: Option<usize>) -> Vec<f32>;
+    /// Writes the case's new K/V into its cache and reads back each row's slot: `([rows, kv_width], same for V)`.
+    fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>);
+    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32>;
+    fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
+}
+
+/// A paged-attention problem: sequences with cached prefixes and new rows, scattered over shuffled blocks.
+pub struct AttnCase {
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// `[rows, (nh + 2 nkv)·hd]` f32: the new rows' Q, K, V.
+    pub qkv: Vec<f32>,
+    /// Per row: (sequence, position).
+    pub rows: Vec<(usize, usize)>,
+    pub tables: Vec<Vec<u32>>,
+    /// Initial caches `[num_blocks·block_size, nkv·hd]` bf16.
+    pub k_cache: Vec<u16>,
+    pub v_cache: Vec<u16>,
+}
+
+impl AttnCase {
+    /// `seqs[i] = (cached prefix length, new tokens)`.
+    pub fn random(rng: &mut StdRng, nh: usize, nkv: usize, hd: usize, block_size: usize, seqs: &[(usize, usize)]) -> Self {
+        let need: Vec<usize> = seqs.iter().map(|&(p, n)| (p + n).div_ceil(block_size)).collect();
+        let num_blocks = need.iter().sum::<usize>() + 5;
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        ids.shuffle(rng);
+        let mut tables = Vec::new();
+        let mut next = 0;
+        for &k in &need {
+            tables.push(ids[next..next + k].to_vec());
+            next += k;
+        }
+        let kv_width = nkv * hd;
+        let slots = num_blocks * block_size;
+        let mut cache = || (0..slots * kv_width).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_bits()).collect::<Vec<u16>>();
+        let (k_cache, v_cache) = (cache(), cache());
+        let rows: Vec<(usize, usize)> = seqs.iter().enumerate().flat_map(|(s, &(p, n))| (p..p + n).map(move |pos| (s, pos))).collect();
+        let stride = (nh + 2 * nkv) * hd;
+        let qkv = (0..rows.len() * stride).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Self { nh, nkv, hd, block_size, num_blocks, qkv, rows, tables, k_cache, v_cache }
+    }
+
+    pub fn stride(&self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hd
+    }
+
+    pub fn slot(&self, seq: usize, pos: usize) -> usize {
+        self.tables[seq][pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+
+    /// The caches (f32) after the new rows are written, bf16-rounded.
+    pub fn written_caches(&self) -> (Vec<f32>, Vec<f32>) {
+        let kv = self.nkv * self.hd;
+        let q_width = self.nh * self.hd;
+        let mut k: Vec<f32> = self.k_cache.iter().map(|&b| to_f32(b)).collect();
+        let mut v: Vec<f32> = self.v_cache.iter().map(|&b| to_f32(b)).collect();
+        for (r, &(s, pos)) in self.rows.iter().enumerate() {
+            let row = &self.qkv[r * self.stride()..][..self.stride()];
+            let slot = self.slot(s, pos);
+            for i in 0..kv {
+                k[slot * kv + i] = round(row[q_width + i]);
+                v[slot * kv + i] = round(row[q_width + kv + i]);
+            }
+        }
+        (k, v)
+    }
+
+    /// Each row's written K and V, `[rows, kv_width]`.
+    pub fn written_kv(&self) -> (Vec<f64>, Vec<f64>) {
+        let (kv, q_width) = (self.nkv * self.hd, self.nh * self.hd);
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for r in 0..self.rows.len() {
+            let row = &self.qkv[r * self.stride()..][..self.stride()];
+            k.extend(row[q_width..q_width + kv].iter().map(|&x| f64::from(round(x))));
+            v.extend(row[q_width + kv..].iter().map(|&x| f64::from(round(x))));
+        }
+        (k, v)
+    }
+
+    /// f64 reference output `[rows, nh·hd]`.
+    pub fn reference(&self) -> Vec<f64> {
+        let (kc, vc) = self.written_caches();
+        let (hd, kv) = (self.hd, self.nkv * self.hd);
+        let group = self.nh / self.nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = Vec::new();
+        for (r, &(s, pos)) in self.rows.iter().enumerate() {
+            for head in 0..self.nh {
+                let q = &self.qkv[r * self.stride() + head * hd..][..hd];
+                let kvh = head / group;
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|t| {
+                        let k = &kc[self.slot(s, t) * kv + kvh * hd..][..hd];
+                        q.iter().zip(k).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    out.push((0..=pos).map(|t| e[t] / z * f64::from(vc[self.slot(s, t) * kv + kvh * hd + d])).sum());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The CPU reference twins.
+pub struct CpuOps;
+
+impl Ops for CpuOps {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn embed_gather(&mut self, table: &[u16], tokens: &[i32], hidden: usize) -> Vec<f32> {
+        tokens.iter().flat_map(|&t| table[t as usize * hidden..][..hidden].iter().map(|&b| to_f32(b))).collect()
+    }
+
+    fn add_rms_norm(&mut self, x: &mut [f32], add: Option<&[f32]>, w: &[f32], rows: Option<&[i32]>, hidden: usize, eps: f32) -> Vec<f32> {
+        let all: Vec<i32> = (0..(x.len() / hidden) as i32).collect();
+        let rows = rows.unwrap_or(&all);
+        let mut out = vec![0f32; rows.len() * hidden];
+        for (o, &r) in out.chunks_exact_mut(hidden).zip(rows) {
+            let xr = &mut x[r as usize * hidden..][..hidden];
+            if let Some(add) = add {
+                for (a, b) in xr.iter_mut().zip(&add[r as usize * hidden..]) {
+                    *a += b;
+                }
+            }
+            rms_norm(xr, w, eps, o);
+        }
+        out.iter().map(|&v| round(v)).collect()
+    }
+
+    fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool) {
+        let pairing = if interleaved { RopePairing::Interleaved } else { RopePairing::Half };
+        for (row, &p) in qkv.chunks_exact_mut(stride).zip(pos) {
+            rope(&mut row[..(nh + nkv) * hd], hd, p as usize, inv_freq, pairing);
+        }
+    }
+
+    fn silu_mul(&mut self, gate_up: &[f32], rows: usize, ffn: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * ffn];
+        for (o, gu) in out.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
+            let (g, u) = gu.split_at(ffn);
+            silu_mul(g, u, o);
+        }
+        out.iter().map(|&v| round(v)).collect()
+    }
+
+    fn attention(&mut self, case: &AttnCase, _part_size: Option<usize>) -> Vec<f32> {
+        let (kc, vc) = case.written_caches();
+        let (hd, kv) = (case.hd, case.nkv * case.hd);
+        let group = case.nh / case.nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; case.rows.len() * case.nh * hd];
+        let mut scores = Vec::new();
+        for (r, &(s, pos)) in case.rows.iter().enumerate() {
+            for head in 0..case.nh {
+                let q = &case.qkv[r * case.stride() + head * hd..][..hd];
+                let kvh = head / group;
+                let key = |t: usize| &kc[case.slot(s, t) * kv + kvh * hd..][..hd];
+                let value = |t: usize| &vc[case.slot(s, t) * kv + kvh * hd..][..hd];
+                attend_one(q, pos + 1, scale, key, value, &mut scores, &mut out[(r * case.nh + head) * hd..][..hd]);
+            }
+        }
+        out.iter().map(|&v| round(v)).collect()
+    }
+
+    fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>) {
+        let (kc, vc) = case.written_caches();
+        let kv = case.nkv * case.hd;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for &(s, pos) in &case.rows {
+            let slot = case.slot(s, pos);
+            k.extend_from_slice(&kc[slot * kv..][..kv]);
+            v.extend_from_slice(&vc[slot * kv..][..kv]);
+        }
+        (k, v)
+    }
+
+    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32> {
+        logits.chunks_exact(vocab).map(argmax).collect()
+    }
+
+    fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+        let wf: Vec<f32> = w.iter().map(|&b| to_f32(b)).collect();
+        let mut y = vec![0f32; rows * out];
+        for r in 0..rows {
+            let xr: Vec<f32> = x[r * inp..][..inp].iter().map(|&b| to_f32(b)).collect();
+            for o in 0..out {
+                y[r * out + o] = ferrite_kernels::cpu::quant::dot_f32(&xr, &wf[o * inp..][..inp]);
+            }
+        }
+        y
+    }
+}

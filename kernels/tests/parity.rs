@@ -1,0 +1,237 @@
+//! Kernel parity: one test body per kernel, run on the CPU twins always and on the CUDA kernels when a device exists
+//! (feature `cuda`; `FERRITE_REQUIRE_CUDA=1` turns "no device" into a failure, as `scripts/gpu-check.sh` does).
+//!
+//! Each body draws fresh random inputs (the seed is printed), computes an f64 reference inline, and checks the
+//! backend's output by relative error ‖out − ref‖ / ‖ref‖: ≤ 1e-2 where the output or operands are bf16, ≤ 1e-3 for
+//! f32 outputs. NaN never passes; outputs are poisoned with NaN before each device run, so an unwritten element
+//! fails.
+
+mod ops;
+
+use half::bf16;
+use ops::{AttnCase, Ops};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn fresh_rng(test: &str) -> StdRng {
+    let seed = std::env::var("FERRITE_PARITY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    eprintln!("{test}: seed {seed} (FERRITE_PARITY_SEED to replay)");
+    StdRng::seed_from_u64(seed)
+}
+
+fn randv(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-amp..amp)).collect()
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+/// ‖out − ref‖ / ‖ref‖, with NaN (or length mismatch) reported as infinity.
+fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() || out.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out.iter().zip(reference).map(|(&o, &r)| (f64::from(o) - r).powi(2)).sum();
+    let den: f64 = reference.iter().map(|r| r * r).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn assert_close(what: &str, backend: &str, out: &[f32], reference: &[f64], tol: f64) {
+    let e = rel_err(out, reference);
+    eprintln!("{backend:>5} {what}: rel err {e:.2e} (tol {tol:.0e})");
+    assert!(e <= tol, "{backend} {what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+fn check_embed_gather(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("embed_gather");
+    let (vocab, hidden) = (1000, 576);
+    let table: Vec<u16> = randv(&mut rng, vocab * hidden, 1.0).iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+    let tokens: Vec<i32> = (0..37).map(|_| rng.random_range(0..vocab as i32)).collect();
+    let out = ops.embed_gather(&table, &tokens, hidden);
+    let reference: Vec<f64> =
+        tokens.iter().flat_map(|&t| table[t as usize * hidden..][..hidden].iter().map(|&b| f64::from(bf16::from_bits(b).to_f32()))).collect();
+    assert_close("embed_gather", ops.name(), &out, &reference, 0.0);
+}
+
+fn check_add_rms_norm(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("add_rms_norm");
+    for (rows, hidden) in [(1, 576), (19, 576), (5, 4096)] {
+        let x = randv(&mut rng, rows * hidden, 3.0);
+        let add = randv(&mut rng, rows * hidden, 1.0);
+        let w = randv(&mut rng, hidden, 2.0);
+        let eps = 1e-5;
+        // Every row, with the residual add.
+        let mut x1 = x.clone();
+        let out = ops.add_rms_norm(&mut x1, Some(&add), &w, None, hidden, eps);
+        let summed: Vec<f64> = x.iter().zip(&add).map(|(&a, &b)| f64::from(a) + f64::from(b)).collect();
+        let reference = rms_reference(&summed, &w, hidden, eps, None);
+        assert_close(&format!("add_rms_norm {rows}x{hidden} out"), ops.name(), &out, &reference, 1e-2);
+        assert_close(&format!("add_rms_norm {rows}x{hidden} residual"), ops.name(), &x1, &summed, 1e-6);
+        // A gathered subset of rows, no add (the final norm).
+        let picked: Vec<i32> = (0..rows as i32).filter(|r| r % 2 == 0).collect();
+        let mut x2 = x.clone();
+        let out = ops.add_rms_norm(&mut x2, None, &w, Some(&picked), hidden, eps);
+        let plain: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let reference = rms_reference(&plain, &w, hidden, eps, Some(&picked));
+        assert_close(&format!("rms_norm gathered {}x{hidden}", picked.len()), ops.name(), &out, &reference, 1e-2);
+    }
+}
+
+fn rms_reference(x: &[f64], w: &[f32], hidden: usize, eps: f32, rows: Option<&[i32]>) -> Vec<f64> {
+    let all: Vec<i32> = (0..(x.len() / hidden) as i32).collect();
+    let rows = rows.unwrap_or(&all);
+    let mut out = Vec::new();
+    for &r in rows {
+        let row = &x[r as usize * hidden..][..hidden];
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / hidden as f64;
+        let s = 1.0 / (ms + f64::from(eps)).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &wi)| v * s * f64::from(wi)));
+    }
+    out
+}
+
+fn check_rope(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("rope_qk");
+    for (nh, nkv, hd) in [(9, 3, 64), (32, 8, 128)] {
+        for interleaved in [true, false] {
+            let stride = (nh + 2 * nkv) * hd;
+            let rows = 6;
+            let qkv = randv(&mut rng, rows * stride, 2.0);
+            let pos: Vec<i32> = (0..rows).map(|_| rng.random_range(0..8192)).collect();
+            let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+            let mut out = qkv.clone();
+            ops.rope_qk(&mut out, &pos, &inv, nh, nkv, hd, stride, interleaved);
+            let mut reference: Vec<f64> = qkv.iter().map(|&v| f64::from(v)).collect();
+            for r in 0..rows {
+                for head in 0..nh + nkv {
+                    let h = &mut reference[r * stride + head * hd..][..hd];
+                    for i in 0..hd / 2 {
+                        let ang = f64::from(pos[r] as f32 * inv[i]);
+                        let (s, c) = ang.sin_cos();
+                        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + hd / 2) };
+                        let (x0, x1) = (h[a], h[b]);
+                        h[a] = x0 * c - x1 * s;
+                        h[b] = x1 * c + x0 * s;
+                    }
+                }
+            }
+            assert_close(&format!("rope {nh}/{nkv}x{hd} interleaved={interleaved}"), ops.name(), &out, &reference, 1e-3);
+        }
+    }
+}
+
+fn check_silu_mul(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("silu_mul");
+    for (rows, ffn) in [(1, 1536), (7, 14336)] {
+        let gu = randv(&mut rng, rows * 2 * ffn, 6.0);
+        let out = ops.silu_mul(&gu, rows, ffn);
+        let mut reference = Vec::new();
+        for r in 0..rows {
+            for i in 0..ffn {
+                let g = f64::from(gu[r * 2 * ffn + i]);
+                reference.push(g / (1.0 + (-g).exp()) * f64::from(gu[r * 2 * ffn + ffn + i]));
+            }
+        }
+        assert_close(&format!("silu_mul {rows}x{ffn}"), ops.name(), &out, &reference, 1e-2);
+    }
+}
+
+fn check_attention(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("paged_attention");
+    for (nh, nkv, hd) in [(9, 3, 64), (32, 8, 128)] {
+        // Three sequences: a decode row at a long context, a prefill chunk over a cached prefix, a fresh prompt.
+        let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9)]);
+        let reference = case.reference();
+        for part_size in [None, Some(128)] {
+            let out = ops.attention(&case, part_size);
+            let what = format!("attention {nh}/{nkv}x{hd} parts={part_size:?}");
+            assert_close(&what, ops.name(), &out, &reference, 1e-2);
+        }
+        // The cache write itself: every written slot holds bf16(K), bf16(V) of its row.
+        let (k, v) = ops.kv_cache_write(&case);
+        let (k_ref, v_ref) = case.written_kv();
+        assert_close(&format!("kv_cache_write K {nkv}x{hd}"), ops.name(), &k, &k_ref, 0.0);
+        assert_close(&format!("kv_cache_write V {nkv}x{hd}"), ops.name(), &v, &v_ref, 0.0);
+    }
+}
+
+fn check_argmax(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("argmax_rows");
+    let vocab = 49152;
+    let mut logits = randv(&mut rng, 4 * vocab, 10.0);
+    // Row 1: a tie (lowest id wins); row 2: NaNs never win; row 3: all -inf gives 0.
+    logits[vocab + 100] = 50.0;
+    logits[vocab + 9000] = 50.0;
+    logits[2 * vocab + 5] = f32::NAN;
+    logits[2 * vocab + 77] = 60.0;
+    for v in &mut logits[3 * vocab..] {
+        *v = f32::NEG_INFINITY;
+    }
+    let ids = ops.argmax_rows(&logits, vocab);
+    let want: Vec<u32> = logits.chunks(vocab).map(ferrite_kernels::cpu::ops::argmax).collect();
+    assert_eq!(want[1..], [100, 77, 0]);
+    assert_eq!(ids, want, "{} argmax_rows", ops.name());
+}
+
+fn check_linear(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("linear");
+    for (rows, inp, out) in [(1, 576, 1728), (33, 4096, 1024), (128, 1536, 576)] {
+        let x: Vec<u16> = randv(&mut rng, rows * inp, 1.0).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let w: Vec<u16> = randv(&mut rng, out * inp, 0.1).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let y = ops.linear(&x, &w, rows, inp, out);
+        let f = |b: u16| f64::from(bf16::from_bits(b).to_f32());
+        let mut reference = vec![0f64; rows * out];
+        for r in 0..rows {
+            for o in 0..out {
+                reference[r * out + o] = (0..inp).map(|i| f(x[r * inp + i]) * f(w[o * inp + i])).sum();
+            }
+        }
+        // bf16 operands, f32 accumulation: the error is the accumulation's, far under the bf16 bound.
+        assert_close(&format!("linear {rows}x{inp}->{out}"), ops.name(), &y, &reference, 1e-3);
+    }
+}
+
+/// Every check, against one backend.
+fn run_all(ops: &mut dyn Ops, which: &str) {
+    match which {
+        "embed_gather" => check_embed_gather(ops),
+        "add_rms_norm" => check_add_rms_norm(ops),
+        "rope" => check_rope(ops),
+        "silu_mul" => check_silu_mul(ops),
+        "attention" => check_attention(ops),
+        "argmax" => check_argmax(ops),
+        "linear" => check_linear(ops),
+        other => unreachable!("{other}"),
+    }
+}
+
+macro_rules! parity_tests {
+    ($($name:ident),*) => {
+        mod cpu {
+            $(#[test] fn $name() { super::run_all(&mut super::ops::CpuOps, stringify!($name)); })*
+        }
+        #[cfg(feature = "cuda")]
+        mod cuda {
+            $(#[test] fn $name() {
+                match super::ops::cuda::CudaOps::new() {
+                    Some(mut ops) => super::run_all(&mut ops, stringify!($name)),
+                    None => eprintln!("skipped: no CUDA device"),
+                }
+            })*
+        }
+    };
+}
+
+parity_tests!(embed_gather, add_rms_norm, rope, silu_mul, attention, argmax, linear);
+
+#[test]
+fn rel_err_rejects_nan_and_accepts_exact() {
+    assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+    assert!(rel_err(&[f32::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+    assert!(rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
+    assert_eq!(bf16_round(&[1.0 + 1e-4]), vec![1.0]);
+}

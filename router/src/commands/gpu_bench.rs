@@ -1,0 +1,212 @@
+//! `ferrite gpu-bench` (feature `cuda`): decode and prefill speed of the CUDA backend next to this GPU's measured
+//! ceilings (device-to-device copy bandwidth, bf16 GEMM rate), all in one run.
+//!
+//! Without `--model` it builds a Llama-3.1-8B-shaped model (32 layers, hidden 4096, 32/8 heads, ffn 14336, vocab
+//! 128256) with random bf16 weights generated on the device, and fills the KV cache with random values, so nothing
+//! is timed on zeros. Decode at batch B: B sequences with `--ctx` cached tokens each run one-token steps (argmax on the
+//! device), timed with the host clock around each synchronized step (what a serving step costs); the roofline is every
+//! weight byte plus the KV bytes read, over the measured copy bandwidth. Prefill: one `--prefill-tokens` prompt from
+//! an empty cache; its FLOPs (matrices + causal attention) over the measured 8192³ GEMM rate.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use ferrite_common::config::{LlamaConfig, RopeStyle};
+use ferrite_common::model::ModelFiles;
+use ferrite_kernels::cuda::{CudaKernels, Gemm};
+use ferrite_worker::backend::{ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_worker::cuda::{CudaBackend, CudaOptions};
+use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A model to load (GGUF or HF directory). Default: a Llama-3.1-8B-shaped model with random weights.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Cached context per sequence for the decode measurement.
+    #[arg(long, default_value_t = 1024)]
+    ctx: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    batch: Vec<usize>,
+    /// Timed decode steps per batch size (median reported).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 1024)]
+    prefill_tokens: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+}
+
+/// Llama-3.1-8B's shape.
+pub fn llama_8b_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_layers: 32,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        vocab_size: 128256,
+        max_position_embeddings: 131072,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        rope_scaling: None,
+        rope_style: RopeStyle::Half,
+        tie_word_embeddings: false,
+        bos_token_id: Some(128000),
+        eos_token_ids: vec![128001, 128009],
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Milliseconds per call of `f`, median of `reps` after `warm` warm-ups, timed with device events.
+fn time_events(stream: &Arc<CudaStream>, warm: usize, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let ctx = stream.context();
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let start = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(stream)?;
+        f()?;
+        end.record(stream)?;
+        end.synchronize()?;
+        times.push(f64::from(start.elapsed_ms(&end)?));
+    }
+    Ok(median(times))
+}
+
+fn random_bf16(k: &CudaKernels, n: usize, seed: u64) -> anyhow::Result<CudaSlice<u16>> {
+    let stream = k.stream();
+    // SAFETY: filled by the kernel below before any read.
+    let buf = unsafe { stream.alloc::<u16>(n) }?;
+    // SAFETY: `buf` holds n bf16.
+    unsafe { k.fill_random_bf16(buf.device_ptr(stream).0, n, seed, 1.0, 0.0) }?;
+    Ok(buf)
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers.
+fn copy_bandwidth(k: &CudaKernels) -> anyhow::Result<f64> {
+    let stream = k.stream();
+    let n = 512 << 20; // bf16 elements: 1 GiB
+    let src = random_bf16(k, n, 7)?;
+    let mut dst = random_bf16(k, n, 8)?;
+    let ms = time_events(stream, 3, 10, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    Ok(2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// bf16 GEMM rate (our configuration: bf16 in, f32 accumulate and out) in TFLOP/s for `[m, k] · [n, k]ᵀ`.
+fn gemm_rate(k: &CudaKernels, m: usize, kk: usize, n: usize) -> anyhow::Result<f64> {
+    let stream = k.stream();
+    let gemm = Gemm::new(Arc::clone(stream))?;
+    let x = random_bf16(k, m * kk, 11)?;
+    let w = random_bf16(k, n * kk, 12)?;
+    // SAFETY: written by the GEMM before any read.
+    let y = unsafe { stream.alloc::<f32>(m * n) }?;
+    let (xp, wp, yp) = (x.device_ptr(stream).0, w.device_ptr(stream).0, y.device_ptr(stream).0);
+    // SAFETY: buffers sized m·k, n·k and m·n as `linear` requires.
+    let ms = time_events(stream, 3, 10, || Ok(unsafe { gemm.linear(xp, wp, yp, m, kk, n) }?))?;
+    Ok(2.0 * (m * kk * n) as f64 / (ms * 1e-3) / 1e12)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.batch.is_empty() || a.batch.contains(&0) || a.steps == 0 || a.ctx == 0 || a.prefill_tokens == 0 {
+        bail!("--batch sizes, --steps, --ctx and --prefill-tokens must be > 0");
+    }
+    let max_batch = a.batch.iter().copied().max().unwrap_or(1);
+    let per_seq = (a.ctx + 1).div_ceil(DEFAULT_BLOCK_SIZE);
+    let blocks = 1 + (max_batch * per_seq).max(a.prefill_tokens.div_ceil(DEFAULT_BLOCK_SIZE));
+    let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), ..CudaOptions::default() };
+    let t0 = Instant::now();
+    let (mut backend, label) = match &a.model {
+        Some(p) => {
+            let files = ModelFiles::open(p).with_context(|| format!("opening {}", p.display()))?;
+            (CudaBackend::load(&files, &opts)?, p.display().to_string())
+        }
+        None => (CudaBackend::random(&llama_8b_config(), &opts, 1234)?, "llama-3.1-8b shape, random bf16 weights".into()),
+    };
+    backend.randomize_kv(99)?;
+    let c = ferrite_worker::backend::Backend::config(&backend).clone();
+    println!("device: {}  model: {label}  (ready in {:.1} s)", backend.device_name(), t0.elapsed().as_secs_f64());
+
+    let k = backend.kernels();
+    let copy_gbs = copy_bandwidth(k)?;
+    let gemm_tflops = gemm_rate(k, 8192, 8192, 8192)?;
+    let gemm_prefill_tflops = gemm_rate(k, a.prefill_tokens, c.hidden_size, c.intermediate_size)?;
+    println!("ceilings: copy {copy_gbs:.0} GB/s (read + write), bf16 GEMM 8192³ {gemm_tflops:.0} TFLOP/s, prefill-shape GEMM {gemm_prefill_tflops:.0} TFLOP/s");
+
+    let weight_bytes = backend.weight_bytes() as f64;
+    let kv_width = c.num_kv_heads * c.head_dim;
+    let mut rng_tok = 1u32;
+    let mut next_tok = || {
+        rng_tok = rng_tok.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        rng_tok % c.vocab_size as u32
+    };
+    let mut decode = Vec::new();
+    println!("{:>6} {:>6} {:>10} {:>10} {:>10} {:>7}", "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac");
+    for &b in &a.batch {
+        let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
+        let tables: Vec<Vec<u32>> = (0..b).map(|s| alloc.ensure(s as u64, a.ctx + 1).map(<[u32]>::to_vec)).collect::<Result<_, _>>()?;
+        let toks: Vec<[u32; 1]> = (0..b).map(|_| [next_tok()]).collect();
+        let batch = ForwardBatch {
+            seqs: (0..b).map(|s| SeqInput { tokens: &toks[s], start_pos: a.ctx, block_table: &tables[s], logits: LogitsWanted::Last }).collect(),
+        };
+        for _ in 0..3 {
+            backend.forward_greedy(&batch)?;
+        }
+        let mut times = Vec::new();
+        for _ in 0..a.steps {
+            let t = Instant::now();
+            backend.forward_greedy(&batch)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let ms = median(times);
+        let kv_bytes = (b * c.num_layers * 2 * kv_width * (a.ctx + 1) * 2) as f64;
+        let roof_ms = (weight_bytes + kv_bytes) / (copy_gbs * 1e9) * 1e3;
+        println!("{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3}", a.ctx, b as f64 / ms * 1e3, roof_ms / ms);
+        decode.push(json!({"batch": b, "ctx": a.ctx, "ms_per_step": ms, "tokens_per_s": b as f64 / ms * 1e3,
+            "roofline_ms": roof_ms, "fraction_of_roofline": roof_ms / ms}));
+    }
+
+    let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
+    let table = alloc.ensure(0, a.prefill_tokens)?.to_vec();
+    let prompt: Vec<u32> = (0..a.prefill_tokens).map(|_| next_tok()).collect();
+    let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
+    backend.forward_greedy(&batch)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        backend.forward_greedy(&batch)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let prefill_ms = median(times);
+    let t = a.prefill_tokens as f64;
+    let (h, hd) = (c.hidden_size as f64, c.head_dim as f64);
+    let layer_params = h * (c.num_heads + 2 * c.num_kv_heads) as f64 * hd + (c.num_heads as f64 * hd) * h + 3.0 * h * c.intermediate_size as f64;
+    let flops = 2.0 * layer_params * c.num_layers as f64 * t
+        + 2.0 * h * c.vocab_size as f64
+        + 4.0 * c.num_layers as f64 * c.num_heads as f64 * hd * t * t / 2.0;
+    let tflops = flops / (prefill_ms * 1e-3) / 1e12;
+    println!("prefill {} tokens: {prefill_ms:.2} ms, {tflops:.0} TFLOP/s = {:.2} of the 8192³ GEMM rate", a.prefill_tokens, tflops / gemm_tflops);
+
+    if let Some(path) = &a.json_out {
+        let out = json!({
+            "device": backend.device_name(), "model": label, "weight_bytes": weight_bytes,
+            "copy_gbps": copy_gbs, "gemm_tflops_8192": gemm_tflops, "gemm_tflops_prefill_shape": gemm_prefill_tflops,
+            "decode": decode,
+            "prefill": {"tokens": a.prefill_tokens, "ms": prefill_ms, "tflops": tflops, "fraction_of_gemm": tflops / gemm_tflops},
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}

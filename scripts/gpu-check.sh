@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole GPU check in one go, on a GPU machine with no Rust toolchain and no network (driver 580 / CUDA 13, the
+# CUDA libraries from pip wheels, PyTorch for the baseline). Run scripts/gpu-pack.sh on a development machine first
+# and bring .gpu/ along. Steps (GPU_CHECK_STEPS, comma-separated, default all):
+#   parity     kernel parity against the CPU twins on fresh random inputs (FERRITE_REQUIRE_CUDA=1: no skipping)
+#   reference  the default model end to end against the transformers reference (needs both model parts)
+#   bench      `ferrite gpu-bench`: Llama-3.1-8B shape, random bf16 weights, decode at batch 1/8/32/64 with 1k
+#              context, 1k-token prefill, next to the card's measured copy bandwidth and GEMM rate
+#   torch      the PyTorch eager baseline of the same shape on the same card (scripts/gpu/torch_baseline.py)
+# Logs and JSON go to $OUT (default .gpu/out); the last lines printed are a summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DIR=.gpu
+OUT=${OUT:-$DIR/out}
+STEPS=${GPU_CHECK_STEPS:-parity,reference,bench,torch}
+mkdir -p "$OUT"
+
+for f in "$DIR"/*.xz; do
+  [[ -e $f ]] || continue
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "${f%.xz}"
+  chmod +x "${f%.xz}"
+done
+if [[ -f $DIR/model.part-a && -f $DIR/model.part-b ]]; then
+  cat "$DIR/model.part-a" "$DIR/model.part-b" > "$DIR/model.gguf"
+fi
+
+# CUDA libraries: the driver's libcuda, and cuBLAS / NVRTC from the Python environment's nvidia wheels.
+NV=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
+LIBS=$( [[ -n $NV ]] && find "$NV" -maxdepth 3 -type d -name lib | tr '\n' ':')
+export LD_LIBRARY_PATH="${LIBS}/usr/local/nvidia/lib64:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FERRITE_REQUIRE_CUDA=1 RUST_BACKTRACE=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit: /' | tee -a "$OUT/gpu.txt"
+
+SUMMARY=()
+step() { # name, command...
+  local name=$1 t0=$SECONDS rc
+  shift
+  echo "=== $name: $*"
+  "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  tail -n 40 "$OUT/$name.log"
+  SUMMARY+=("$name: rc=$rc ($((SECONDS - t0)) s)")
+}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+want parity && step parity "$DIR/parity" --test-threads=1 --nocapture
+if want reference; then
+  if [[ -f $DIR/model.gguf ]]; then
+    FERRITE_MODEL=$DIR/model.gguf FERRITE_REFERENCE_DIR=$DIR/reference \
+      step reference "$DIR/cuda_reference" --test-threads=1 --nocapture
+  else
+    SUMMARY+=("reference: not run (model parts missing)")
+  fi
+fi
+want bench && step bench "$DIR/ferrite" gpu-bench --json-out "$OUT/ferrite_8b.json"
+want torch && step torch python3 scripts/gpu/torch_baseline.py --out "$OUT/torch.json"
+
+echo "=== summary"
+cat "$OUT/gpu.txt"
+printf '%s\n' "${SUMMARY[@]}"
+grep -h -E "rel err|FAILED|panicked|test result" "$OUT"/parity.log 2>/dev/null | grep -v " ok" | tail -n 12
