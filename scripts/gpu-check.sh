@@ -7,12 +7,14 @@
 #   bench      `ferrite gpu-bench`: Llama-3.1-8B shape, random bf16 weights, decode at batch 1/8/32/64 with 1k
 #              context, 1k-token prefill, next to the card's measured copy bandwidth and GEMM rate
 #   torch      the PyTorch eager baseline of the same shape on the same card (scripts/gpu/torch_baseline.py)
+#   small      `ferrite gpu-bench` on the default model (needs both model parts)
+#   serve      `ferrite serve --backend cuda` on the default model, one chat completion over HTTP
 # Logs and JSON go to $OUT (default .gpu/out); the last lines printed are a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu
 OUT=${OUT:-$DIR/out}
-STEPS=${GPU_CHECK_STEPS:-parity,reference,bench,torch}
+STEPS=${GPU_CHECK_STEPS:-parity,reference,bench,torch,small,serve}
 mkdir -p "$OUT"
 
 for f in "$DIR"/*.xz; do
@@ -54,8 +56,30 @@ if want reference; then
     SUMMARY+=("reference: not run (model parts missing)")
   fi
 fi
+serve_smoke() {
+  "$DIR/ferrite" serve --backend cuda --model "$DIR/model.gguf" --port 18080 --served-model-name smollm2 &
+  local pid=$! ok=1
+  for _ in $(seq 1 60); do
+    python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:18080/health")' 2>/dev/null && break
+    sleep 1
+  done
+  python3 - <<'PY' && ok=0
+import json, urllib.request
+body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24, "temperature": 0}
+req = urllib.request.Request("http://127.0.0.1:18080/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(req, timeout=60))
+print(json.dumps(out, indent=1))
+assert "Paris" in out["choices"][0]["message"]["content"]
+PY
+  kill $pid; wait $pid 2>/dev/null
+  return $ok
+}
 want bench && step bench "$DIR/ferrite" gpu-bench --json-out "$OUT/ferrite_8b.json"
 want torch && step torch python3 scripts/gpu/torch_baseline.py --out "$OUT/torch.json"
+if [[ -f $DIR/model.gguf ]]; then
+  want small && step small "$DIR/ferrite" gpu-bench --model "$DIR/model.gguf" --json-out "$OUT/ferrite_small.json"
+  want serve && step serve serve_smoke
+fi
 
 echo "=== summary"
 cat "$OUT/gpu.txt"

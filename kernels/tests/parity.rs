@@ -9,7 +9,7 @@
 mod ops;
 
 use half::bf16;
-use ops::{AttnCase, Ops};
+use ops::{AttnCase, AttnPath, Ops};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -146,9 +146,9 @@ fn check_attention(ops: &mut dyn Ops) {
         // Three sequences: a decode row at a long context, a prefill chunk over a cached prefix, a fresh prompt.
         let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9)]);
         let reference = case.reference();
-        for part_size in [None, Some(128)] {
-            let out = ops.attention(&case, part_size);
-            let what = format!("attention {nh}/{nkv}x{hd} parts={part_size:?}");
+        for path in [AttnPath::Paged(None), AttnPath::Paged(Some(128)), AttnPath::Dense] {
+            let out = ops.attention(&case, path);
+            let what = format!("attention {nh}/{nkv}x{hd} {path:?}");
             assert_close(&what, ops.name(), &out, &reference, 1e-2);
         }
         // The cache write itself: every written slot holds bf16(K), bf16(V) of its row.

@@ -116,6 +116,7 @@ impl Worker {
                     block_size: DEFAULT_BLOCK_SIZE,
                     max_kv_blocks: None,
                     max_batch_tokens: cfg.max_num_batched_tokens,
+                    graph_max_batch: cfg.max_num_seqs,
                 },
             )?),
             #[cfg(not(feature = "cuda"))]

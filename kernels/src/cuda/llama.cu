@@ -144,6 +144,7 @@ extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* _
 }
 
 #define ATT_WARPS 4
+#define ATT_KEYS 8
 #define ATT_MAX_GROUP 8
 #define ATT_MAX_HD 128
 
@@ -184,31 +185,55 @@ paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[g][e] = 0.0f;
     }
+    // Each warp takes ATT_KEYS consecutive positions per iteration and issues all their K/V loads before using any
+    // (memory-level parallelism: decode attention is bandwidth-bound), then folds them into its online softmax.
     const int* table = tables + table_off[r];
-    for (int t = start + warp; t < end; t += ATT_WARPS) {
-        const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
-        const bf16* kp = k_cache + slot * kv_width + kvh * head_dim + lane * epl;
-        const bf16* vp = v_cache + slot * kv_width + kvh * head_dim + lane * epl;
-        float k[4], v[4];
+    for (int t0 = start + warp * ATT_KEYS; t0 < end; t0 += ATT_WARPS * ATT_KEYS) {
+        float k[ATT_KEYS][4], v[ATT_KEYS][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            k[e] = e < epl ? bf2f(kp[e]) : 0.0f;
-            v[e] = e < epl ? bf2f(vp[e]) : 0.0f;
+        for (int j = 0; j < ATT_KEYS; j++) {
+            const int t = t0 + j;
+            if (t < end) {
+                const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
+                const bf16* kp = k_cache + slot * kv_width + kvh * head_dim + lane * epl;
+                const bf16* vp = v_cache + slot * kv_width + kvh * head_dim + lane * epl;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    k[j][e] = e < epl ? bf2f(kp[e]) : 0.0f;
+                    v[j][e] = e < epl ? bf2f(vp[e]) : 0.0f;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; e++) k[j][e] = v[j][e] = 0.0f;
+            }
         }
 #pragma unroll
         for (int g = 0; g < ATT_MAX_GROUP; g++) {
             if (g < group) {
-                float s = 0.0f;
+                float sc[ATT_KEYS];
+                float m_new = m[g];
 #pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (e < epl) s += q_s[g][lane * epl + e] * k[e];
-                s = warp_sum(s) * scale;
-                const float m_new = fmaxf(m[g], s);
+                for (int j = 0; j < ATT_KEYS; j++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (e < epl) d += q_s[g][lane * epl + e] * k[j][e];
+                    d = warp_sum(d) * scale;
+                    sc[j] = t0 + j < end ? d : -INFINITY;
+                    m_new = fmaxf(m_new, sc[j]);
+                }
+                // t0 < end, so sc[0] is finite and m_new > -inf.
                 const float corr = __expf(m[g] - m_new);
-                const float p = __expf(s - m_new);
-                l[g] = l[g] * corr + p;
+                l[g] *= corr;
 #pragma unroll
-                for (int e = 0; e < 4; e++) acc[g][e] = acc[g][e] * corr + p * v[e];
+                for (int e = 0; e < 4; e++) acc[g][e] *= corr;
+#pragma unroll
+                for (int j = 0; j < ATT_KEYS; j++) {
+                    const float p = __expf(sc[j] - m_new);
+                    l[g] += p;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[g][e] += p * v[j][e];
+                }
                 m[g] = m_new;
             }
         }
@@ -273,6 +298,54 @@ extern "C" __global__ void attention_reduce(const float* __restrict__ part_out, 
         }
     }
     out[(size_t)r * n_heads * head_dim + head * head_dim + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+}
+
+// ---- Dense prefill attention (one sequence's chunk of new rows; the GEMMs run in cuBLAS) ----
+
+// Gathers positions [0, ctx) of one sequence's K and V from the layer's paged cache into contiguous
+// [ctx, kv_width] bf16. grid (ctx), block (128..1024).
+extern "C" __global__ void gather_kv(const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                                     const int* __restrict__ table, int block_size, int kv_width,
+                                     bf16* __restrict__ k_out, bf16* __restrict__ v_out) {
+    const int t = blockIdx.x;
+    const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
+    for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
+        k_out[(size_t)t * kv_width + i] = k_cache[slot * kv_width + i];
+        v_out[(size_t)t * kv_width + i] = v_cache[slot * kv_width + i];
+    }
+}
+
+// The Q part of n fused QKV rows (f32) as bf16 [n, q_width]. grid (n), block (256).
+extern "C" __global__ void q_to_bf16(const float* __restrict__ qkv, int row_stride, int q_width,
+                                     bf16* __restrict__ out) {
+    const int r = blockIdx.x;
+    for (int i = threadIdx.x; i < q_width; i += blockDim.x)
+        out[(size_t)r * q_width + i] = f2bf(qkv[(size_t)r * row_stride + i]);
+}
+
+// Causal softmax of score rows S[h, i, t] (f32, [heads, n, ctx]) into P (bf16, same shape): row i is the query at
+// position start + i and keeps t <= start + i; masked entries become 0. grid (n, heads), block (256).
+extern "C" __global__ void causal_softmax(const float* __restrict__ s, bf16* __restrict__ p, int n, int ctx,
+                                          int start, float scale) {
+    const int i = blockIdx.x, h = blockIdx.y;
+    const size_t base = ((size_t)h * n + i) * ctx;
+    const int last = min(ctx - 1, start + i);
+    __shared__ float red[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    float mx = -INFINITY;
+    for (int t = threadIdx.x; t <= last; t += blockDim.x) mx = fmaxf(mx, s[base + t] * scale);
+    mx = warp_max(mx);
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = lane < nwarps ? red[lane] : -INFINITY;
+    mx = warp_max(mx);
+    __syncthreads();
+    float sum = 0.0f;
+    for (int t = threadIdx.x; t <= last; t += blockDim.x) sum += __expf(s[base + t] * scale - mx);
+    sum = block_sum(sum);
+    const float inv = 1.0f / sum;
+    for (int t = threadIdx.x; t < ctx; t += blockDim.x)
+        p[base + t] = t <= last ? f2bf(__expf(s[base + t] * scale - mx) * inv) : (bf16)0;
 }
 
 // Greedy sampling on the device: ids[r] = argmax_i logits[r, i] (lowest index on ties, NaN never wins).

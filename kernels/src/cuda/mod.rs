@@ -11,13 +11,13 @@
 
 mod gemm;
 
-pub use gemm::Gemm;
+pub use gemm::{Gemm, Operand};
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{Ptx, result as nvrtc_result, sys as nvrtc_sys};
 
 /// The kernel source (one translation unit).
@@ -32,6 +32,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_attention",
     "attention_reduce",
     "silu_mul",
+    "gather_kv",
+    "q_to_bf16",
+    "causal_softmax",
     "argmax_rows",
     "fill_random_bf16",
 ];
@@ -144,6 +147,37 @@ pub struct AttentionShape {
     /// Positions per partition; `num_parts · part_size` must cover the longest context of the launch.
     pub part_size: usize,
     pub num_parts: usize,
+}
+
+/// Buffers for [`CudaKernels::prefill_attention`]: contiguous K/V of one sequence (up to `max_ctx` positions), its
+/// new rows' Q in bf16 (up to `max_rows`), and the score/probability tiles.
+pub struct PrefillWorkspace {
+    pub max_ctx: usize,
+    pub max_rows: usize,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    q: CudaSlice<u16>,
+    s: CudaSlice<f32>,
+    p: CudaSlice<u16>,
+}
+
+impl PrefillWorkspace {
+    /// `score_bytes` bounds the score (f32) + probability (bf16) tiles together.
+    pub fn new(stream: &Arc<CudaStream>, n_heads: usize, kv_width: usize, head_dim: usize, max_rows: usize, max_ctx: usize, score_bytes: usize) -> Result<Self, CudaError> {
+        let score_elems = (score_bytes / 6).max(n_heads * max_ctx);
+        // SAFETY (all): each buffer is written by a kernel or GEMM before it is read.
+        unsafe {
+            Ok(Self {
+                max_ctx,
+                max_rows,
+                k: stream.alloc(max_ctx * kv_width)?,
+                v: stream.alloc(max_ctx * kv_width)?,
+                q: stream.alloc(max_rows * n_heads * head_dim)?,
+                s: stream.alloc(score_elems)?,
+                p: stream.alloc(score_elems)?,
+            })
+        }
+    }
 }
 
 /// The loaded kernels of one device, launching on one stream.
@@ -306,6 +340,69 @@ impl CudaKernels {
             r.arg(&part_out).arg(&part_ml).arg(&out).arg(&nh).arg(&hd).arg(&np);
             // SAFETY: per this function's contract.
             unsafe { r.launch(cfg(grid(s.rows, s.n_heads, 1), s.head_dim as u32)) }?;
+        }
+        Ok(())
+    }
+
+    /// Dense causal attention for `n` consecutive new rows of one sequence (positions `start .. start + n`) over its
+    /// whole context, through cuBLAS: gather the context's K/V from the paged cache, then per query-row tile
+    /// `S = Q·Kᵀ` (f32), causal softmax to bf16 `P`, `O = P·V` straight into the bf16 attention output. Prefill
+    /// chunks use this (tensor cores); decode rows use [`Self::paged_attention`]. Uses `s.n_heads`, `n_kv`,
+    /// `head_dim`, `row_stride`, `block_size`, `scale`.
+    ///
+    /// # Safety
+    /// `qkv` points at the first of `n` QKV rows (f32, `s.row_stride` apart) whose K/V are already in the caches;
+    /// `table` at the sequence's block table (covering `start + n` positions); `out` at the first of `n` output
+    /// rows (bf16, `n_heads · head_dim` wide); `ws` belongs to this device.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn prefill_attention(&self, gemm: &Gemm, ws: &PrefillWorkspace, s: &AttentionShape, qkv: u64, n: usize, start: usize, k_cache: u64, v_cache: u64, table: u64, out: u64) -> Result<(), CudaError> {
+        let ctx = start + n;
+        if n == 0 {
+            return Ok(());
+        }
+        if ctx > ws.max_ctx || n > ws.max_rows {
+            return Err(CudaError::Unsupported(format!("prefill attention over {ctx} positions / {n} rows exceeds the workspace ({} / {})", ws.max_ctx, ws.max_rows)));
+        }
+        let (nh, nkv, hd) = (s.n_heads, s.n_kv, s.head_dim);
+        let group = nh / nkv;
+        let (q_width, kv_width) = (nh * hd, nkv * hd);
+        let st = &self.stream;
+        let (kp, vp, qp, sp, pp) = (ws.k.device_ptr(st).0, ws.v.device_ptr(st).0, ws.q.device_ptr(st).0, ws.s.device_ptr(st).0, ws.p.device_ptr(st).0);
+        let (bs, kw, rs, qw) = (s.block_size as i32, kv_width as i32, s.row_stride as i32, q_width as i32);
+        let mut b = st.launch_builder(self.func("gather_kv"));
+        b.arg(&k_cache).arg(&v_cache).arg(&table).arg(&bs).arg(&kw).arg(&kp).arg(&vp);
+        // SAFETY: per this function's contract; the workspace holds max_ctx ≥ ctx positions.
+        unsafe { b.launch(cfg(grid(ctx, 1, 1), row_threads(kv_width).min(512))) }?;
+        let mut b = st.launch_builder(self.func("q_to_bf16"));
+        b.arg(&qkv).arg(&rs).arg(&qw).arg(&qp);
+        // SAFETY: per this function's contract; the workspace holds max_rows ≥ n rows.
+        unsafe { b.launch(cfg(grid(n, 1, 1), 256)) }?;
+        let score_elems = ws.s.len();
+        let mut i0 = 0;
+        while i0 < n {
+            let nt = (score_elems / (nh * ctx)).clamp(1, n - i0);
+            let ctx_t = start + i0 + nt; // the tile's last row sees keys up to here
+            let tile = nt * ctx_t;
+            for j in 0..group {
+                let a = Operand { ptr: kp, ld: kv_width, stride: hd };
+                let bq = Operand { ptr: qp + ((i0 * q_width + j * hd) * 2) as u64, ld: q_width, stride: group * hd };
+                let c = Operand { ptr: sp + (j * tile * 4) as u64, ld: ctx_t, stride: group * tile };
+                // SAFETY: S tile of nh·nt·ctx_t ≤ score_elems floats; K rows < ctx_t ≤ ctx; Q rows < n.
+                unsafe { gemm.batched(true, false, ctx_t, nt, hd, a, bq, c, false, nkv) }?;
+            }
+            let (nt_i, ctx_i, start_i) = (nt as i32, ctx_t as i32, (start + i0) as i32);
+            let mut b = st.launch_builder(self.func("causal_softmax"));
+            b.arg(&sp).arg(&pp).arg(&nt_i).arg(&ctx_i).arg(&start_i).arg(&s.scale);
+            // SAFETY: S and P hold nh·nt·ctx_t elements.
+            unsafe { b.launch(cfg(grid(nt, nh, 1), 256)) }?;
+            for j in 0..group {
+                let a = Operand { ptr: vp, ld: kv_width, stride: hd };
+                let bp = Operand { ptr: pp + (j * tile * 2) as u64, ld: ctx_t, stride: group * tile };
+                let c = Operand { ptr: out + ((i0 * q_width + j * hd) * 2) as u64, ld: q_width, stride: group * hd };
+                // SAFETY: output rows i0..i0+nt < n of `out`; P and V as above.
+                unsafe { gemm.batched(false, false, hd, nt, ctx_t, a, bp, c, true, nkv) }?;
+            }
+            i0 += nt;
         }
         Ok(())
     }

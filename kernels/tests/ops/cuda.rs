@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm};
+use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, PrefillWorkspace};
 use half::bf16;
 
-use super::{AttnCase, Ops};
+use super::{AttnCase, AttnPath, Ops};
 
 const NAN_BF16: u16 = 0x7fc0;
 
@@ -118,7 +118,7 @@ impl Ops for CudaOps {
         self.down_bf16(&out)
     }
 
-    fn attention(&mut self, case: &AttnCase, part_size: Option<usize>) -> Vec<f32> {
+    fn attention(&mut self, case: &AttnCase, path: AttnPath) -> Vec<f32> {
         let (qkv, k, v) = self.write_case(case);
         let mut tables = Vec::new();
         let mut offs = Vec::new();
@@ -129,7 +129,10 @@ impl Ops for CudaOps {
         let table_off: Vec<i32> = case.rows.iter().map(|&(s, _)| offs[s]).collect();
         let ctx_len: Vec<i32> = case.rows.iter().map(|&(_, p)| p as i32 + 1).collect();
         let max_ctx = case.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(1);
-        let part_size = part_size.unwrap_or(max_ctx);
+        let part_size = match path {
+            AttnPath::Paged(p) => p.unwrap_or(max_ctx),
+            AttnPath::Dense => max_ctx,
+        };
         let num_parts = max_ctx.div_ceil(part_size);
         let n = case.rows.len();
         let shape = AttentionShape {
@@ -145,6 +148,22 @@ impl Ops for CudaOps {
         };
         let (t, o, c) = (self.up(&tables), self.up(&table_off), self.up(&ctx_len));
         let out = self.nan_bf16(n * case.nh * case.hd);
+        if let AttnPath::Dense = path {
+            // Each sequence's rows through the cuBLAS prefill path; a small score budget forces several row tiles.
+            let ws = PrefillWorkspace::new(&self.stream, case.nh, case.nkv * case.hd, case.hd, n, max_ctx, 6 * case.nh * max_ctx * 4).expect("workspace");
+            let mut r0 = 0;
+            for (s, _) in case.tables.iter().enumerate() {
+                let rows = case.rows.iter().filter(|r| r.0 == s).count();
+                let start = case.rows[r0].1;
+                let qkv_row = self.ptr(&qkv) + (r0 * case.stride() * 4) as u64;
+                let table = self.ptr(&t) + (offs[s] as usize * 4) as u64;
+                let out_row = self.ptr(&out) + (r0 * case.nh * case.hd * 2) as u64;
+                // SAFETY: rows r0..r0+rows belong to sequence s, whose K/V were written by write_case.
+                unsafe { self.kernels.prefill_attention(&self.gemm, &ws, &shape, qkv_row, rows, start, self.ptr(&k), self.ptr(&v), table, out_row) }.expect("prefill attention");
+                r0 += rows;
+            }
+            return self.down_bf16(&out);
+        }
         let part_out = self.nan_f32(n * case.nh * num_parts * case.hd);
         let part_ml = self.nan_f32(n * case.nh * num_parts * 2);
         // SAFETY: sizes per the launcher's contract; the tables cover every row's context.

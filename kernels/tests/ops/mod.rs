@@ -28,11 +28,19 @@ pub trait Ops {
     fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool);
     fn silu_mul(&mut self, gate_up: &[f32], rows: usize, ffn: usize) -> Vec<f32>;
     /// Writes the case's new K/V into its cache, then attends; `[rows, nh·hd]` (bf16 as f32).
-    fn attention(&mut self, case: &AttnCase, part_size: Option<usize>) -> Vec<f32>;
+    fn attention(&mut self, case: &AttnCase, path: AttnPath) -> Vec<f32>;
     /// Writes the case's new K/V into its cache and reads back each row's slot: `([rows, kv_width], same for V)`.
     fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>);
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32>;
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
+}
+
+/// Which attention implementation to run (the CPU has one; CUDA has the paged kernel, optionally split into
+/// partitions of `part_size` positions, and the dense cuBLAS prefill path).
+#[derive(Debug, Clone, Copy)]
+pub enum AttnPath {
+    Paged(Option<usize>),
+    Dense,
 }
 
 /// A paged-attention problem: sequences with cached prefixes and new rows, scattered over shuffled blocks.
@@ -186,7 +194,7 @@ impl Ops for CpuOps {
         out.iter().map(|&v| round(v)).collect()
     }
 
-    fn attention(&mut self, case: &AttnCase, _part_size: Option<usize>) -> Vec<f32> {
+    fn attention(&mut self, case: &AttnCase, _path: AttnPath) -> Vec<f32> {
         let (kc, vc) = case.written_caches();
         let (hd, kv) = (case.hd, case.nkv * case.hd);
         let group = case.nh / case.nkv;

@@ -153,7 +153,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         rng_tok % c.vocab_size as u32
     };
     let mut decode = Vec::new();
-    println!("{:>6} {:>6} {:>10} {:>10} {:>10} {:>7}", "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac");
+    println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
+    println!("{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10}", "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms");
     for &b in &a.batch {
         let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
         let tables: Vec<Vec<u32>> = (0..b).map(|s| alloc.ensure(s as u64, a.ctx + 1).map(<[u32]>::to_vec)).collect::<Result<_, _>>()?;
@@ -171,11 +172,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let ms = median(times);
+        // The same step without graphs (launch overhead made visible).
+        backend.set_graphs_enabled(false);
+        backend.forward_greedy(&batch)?;
+        let mut eager = Vec::new();
+        for _ in 0..a.steps.min(10) {
+            let t = Instant::now();
+            backend.forward_greedy(&batch)?;
+            eager.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        backend.set_graphs_enabled(true);
+        let eager_ms = median(eager);
         let kv_bytes = (b * c.num_layers * 2 * kv_width * (a.ctx + 1) * 2) as f64;
         let roof_ms = (weight_bytes + kv_bytes) / (copy_gbs * 1e9) * 1e3;
-        println!("{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3}", a.ctx, b as f64 / ms * 1e3, roof_ms / ms);
+        println!("{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3}", a.ctx, b as f64 / ms * 1e3, roof_ms / ms);
         decode.push(json!({"batch": b, "ctx": a.ctx, "ms_per_step": ms, "tokens_per_s": b as f64 / ms * 1e3,
-            "roofline_ms": roof_ms, "fraction_of_roofline": roof_ms / ms}));
+            "roofline_ms": roof_ms, "fraction_of_roofline": roof_ms / ms, "eager_ms_per_step": eager_ms}));
     }
 
     let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);

@@ -11,15 +11,17 @@
 //! (exactly chunked prefill: a row's K/V is in the cache before any later row reads it), so no batch can exhaust
 //! device memory. The KV cache takes what `gpu_memory_utilization` leaves after weights and activations.
 
+mod graphs;
+mod step;
 pub mod weights;
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-use ferrite_common::config::{LlamaConfig, RopeStyle};
+use ferrite_common::config::LlamaConfig;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cuda::{ATTENTION_MAX_GROUP, ATTENTION_MAX_HEAD_DIM, AttentionShape, CudaError, CudaKernels, Gemm};
+use ferrite_kernels::cuda::{ATTENTION_MAX_GROUP, ATTENTION_MAX_HEAD_DIM, CudaError, CudaKernels, Gemm, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
 use weights::DeviceWeights;
@@ -36,11 +38,13 @@ pub struct CudaOptions {
     pub max_kv_blocks: Option<usize>,
     /// Rows per sub-step (sizes the activation buffers).
     pub max_batch_tokens: usize,
+    /// Capture decode CUDA graphs for batches up to this many sequences (0: always eager).
+    pub graph_max_batch: usize,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048 }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256 }
     }
 }
 
@@ -57,12 +61,14 @@ impl CudaOptions {
     }
 }
 
-/// Keys per attention partition, at least (shorter partitions cost more in the reduce than they gain).
-const MIN_PART_SIZE: usize = 128;
-/// Floats of attention partition workspace (64 MiB).
-const PART_CAP_FLOATS: usize = 16 << 20;
+/// Floats of attention partition workspace (128 MiB; enough for decode graphs of 256 rows over 4k contexts).
+const PART_CAP_FLOATS: usize = 32 << 20;
 /// Logit rows computed per lm_head GEMM.
 const LOGIT_ROWS_CAP: usize = 256;
+/// Longest context the dense prefill path gathers (longer prompts use the paged kernel).
+const DENSE_MAX_CTX: usize = 16384;
+/// Score + probability tiles of the dense prefill path.
+const DENSE_SCORE_BYTES: usize = 256 << 20;
 /// Device memory kept free beyond our buffers (cuBLAS workspaces, module, graphs).
 const HEADROOM_BYTES: usize = 768 << 20;
 
@@ -126,8 +132,11 @@ pub struct CudaBackend {
     num_blocks: usize,
     block_size: usize,
     scratch: Scratch,
+    prefill_ws: PrefillWorkspace,
     meta: CudaSlice<i32>,
     meta_host: Vec<i32>,
+    graphs: Option<graphs::DecodeGraphs>,
+    use_graphs: bool,
     num_sms: usize,
     device_name: String,
 }
@@ -174,11 +183,13 @@ impl CudaBackend {
         let ctx = Arc::clone(stream.context());
         let gemm = Gemm::new(Arc::clone(&stream))?;
         let scratch = Scratch::new(&config, &stream, opts.max_batch_tokens)?;
+        let kv_width = config.num_kv_heads * config.head_dim;
+        let dense_ctx = config.max_position_embeddings.min(DENSE_MAX_CTX);
+        let prefill_ws = PrefillWorkspace::new(&stream, config.num_heads, kv_width, config.head_dim, opts.max_batch_tokens, dense_ctx, DENSE_SCORE_BYTES)?;
         let inv_freq = stream.clone_htod(&config.rope_inv_freq())?;
         stream.synchronize()?;
 
         let (free, total) = ctx.mem_get_info()?;
-        let kv_width = config.num_kv_heads * config.head_dim;
         let block_bytes = 2 * config.num_layers * opts.block_size * kv_width * 2;
         let allowed = (opts.gpu_memory_utilization as f64 * total as f64) as usize;
         let used = total - free;
@@ -214,7 +225,7 @@ impl CudaBackend {
             kv_mib = (num_blocks * block_bytes) >> 20,
             "CUDA backend ready"
         );
-        Ok(Self {
+        let mut backend = Self {
             config,
             stream,
             kernels,
@@ -226,11 +237,22 @@ impl CudaBackend {
             num_blocks,
             block_size: opts.block_size,
             scratch,
+            prefill_ws,
             meta,
             meta_host: Vec::new(),
+            graphs: None,
+            use_graphs: true,
             num_sms,
             device_name,
-        })
+        };
+        // After the KV cache is reserved, so graph memory never competes with it.
+        if opts.graph_max_batch > 0 {
+            if let Err(e) = backend.capture_graphs(opts.graph_max_batch) {
+                tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
+                backend.graphs = None;
+            }
+        }
+        Ok(backend)
     }
 
     pub fn device_name(&self) -> &str {
@@ -240,6 +262,16 @@ impl CudaBackend {
     /// Bytes of weights one decode step streams.
     pub fn weight_bytes(&self) -> usize {
         self.weights.matrix_bytes()
+    }
+
+    /// Whether decode steps replay captured CUDA graphs (when any were captured); off runs everything eagerly.
+    pub fn set_graphs_enabled(&mut self, on: bool) {
+        self.use_graphs = on;
+    }
+
+    /// Batch sizes with a captured decode graph.
+    pub fn graph_buckets(&self) -> Vec<usize> {
+        self.graphs.as_ref().map(graphs::DecodeGraphs::buckets).unwrap_or_default()
     }
 
     pub fn kernels(&self) -> &CudaKernels {
@@ -272,19 +304,11 @@ impl CudaBackend {
 
     /// The forward pass; logit rows go to `sink` in batch order.
     fn run(&mut self, batch: &ForwardBatch<'_>, mut sink: LogitsSink<'_>) -> Result<(), CudaError> {
-        // Row bookkeeping for the whole step: (sequence, position, token, wants logits).
-        let mut rows: Vec<(usize, usize, u32, bool)> = Vec::new();
-        for (s, seq) in batch.seqs.iter().enumerate() {
-            let n = seq.tokens.len();
-            for (i, &tok) in seq.tokens.iter().enumerate() {
-                let want = match seq.logits {
-                    LogitsWanted::None => false,
-                    LogitsWanted::Last => i + 1 == n,
-                    LogitsWanted::All => true,
-                };
-                rows.push((s, seq.start_pos + i, tok, want));
-            }
+        if let Some(idx) = self.graph_for(batch) {
+            self.replay(batch, idx)?;
+            return self.collect(0, batch.seqs.len(), &mut sink);
         }
+        let rows = step::batch_rows(batch);
         // Flattened block tables, shared by every sub-step.
         let mut tables: Vec<i32> = Vec::new();
         let mut table_off = Vec::with_capacity(batch.seqs.len());
@@ -293,136 +317,37 @@ impl CudaBackend {
             table_off.push(tables.len() as i32);
             tables.extend(seq.block_table[..need].iter().map(|&b| b as i32));
         }
+        let cap = self.scratch.logits.len() / self.config.vocab_size;
         for chunk in rows.chunks(self.scratch.rows) {
-            self.sub_step(batch, chunk, &tables, &table_off, &mut sink)?;
+            let layout = self.encode_eager(batch, chunk, &tables, &table_off)?;
+            self.launch(&layout)?;
+            let mut done = 0;
+            while done < layout.picked {
+                let r = cap.min(layout.picked - done);
+                self.launch_logits(done, r, matches!(sink, LogitsSink::Greedy(_)))?;
+                self.collect(0, r, &mut sink)?;
+                done += r;
+            }
         }
+        self.stream.synchronize()?;
         Ok(())
     }
 
-    fn sub_step(
-        &mut self,
-        batch: &ForwardBatch<'_>,
-        rows: &[(usize, usize, u32, bool)],
-        tables: &[i32],
-        table_off: &[i32],
-        sink: &mut LogitsSink<'_>,
-    ) -> Result<(), CudaError> {
-        let c = &self.config;
-        let n = rows.len();
-        let (hidden, hd, nh, nkv, ffn) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size);
-        let (q_width, kv_width) = (nh * hd, nkv * hd);
-        let qkv_width = q_width + 2 * kv_width;
-        let slots_per_layer = self.num_blocks * self.block_size;
-
-        // Metadata, packed into one upload: tokens | pos | slots | table_off | ctx_len | logit rows | tables.
-        let picked: Vec<i32> = rows.iter().enumerate().filter(|(_, r)| r.3).map(|(i, _)| i as i32).collect();
-        let m = &mut self.meta_host;
-        m.clear();
-        m.extend(rows.iter().map(|r| r.2 as i32));
-        m.extend(rows.iter().map(|r| r.1 as i32));
-        m.extend(rows.iter().map(|&(s, pos, _, _)| {
-            let table = batch.seqs[s].block_table;
-            (table[pos / self.block_size] as usize * self.block_size + pos % self.block_size) as i32
-        }));
-        m.extend(rows.iter().map(|r| table_off[r.0]));
-        m.extend(rows.iter().map(|r| r.1 as i32 + 1));
-        m.extend(&picked);
-        m.extend(tables);
-        if self.meta.len() < m.len() {
-            self.meta = self.stream.alloc_zeros::<i32>(m.len().next_power_of_two())?;
+    /// Copies logit rows `first .. first + rows` of the device buffers to `sink` (ids only, for greedy).
+    fn collect(&mut self, first: usize, rows: usize, sink: &mut LogitsSink<'_>) -> Result<(), CudaError> {
+        let vocab = self.config.vocab_size;
+        match sink {
+            LogitsSink::Host(out) => {
+                let start = out.len();
+                out.resize(start + rows * vocab, 0.0);
+                self.stream.memcpy_dtoh(&self.scratch.logits.slice(first * vocab..(first + rows) * vocab), &mut out[start..])?;
+            }
+            LogitsSink::Greedy(out) => {
+                let mut host = vec![0i32; rows];
+                self.stream.memcpy_dtoh(&self.scratch.ids.slice(first..first + rows), &mut host)?;
+                out.extend(host.iter().map(|&i| i as u32));
+            }
         }
-        self.stream.memcpy_htod(m.as_slice(), &mut self.meta.slice_mut(..m.len()))?;
-        let meta = self.meta.device_ptr(&self.stream).0;
-        let at = |k: usize| meta + (k * n * 4) as u64;
-        let (tokens, pos, slots, toff, ctx_len) = (at(0), at(1), at(2), at(3), at(4));
-        let picked_ptr = at(5);
-        let tables_ptr = picked_ptr + (picked.len() * 4) as u64;
-
-        // Attention partitioning: split long contexts only when rows × KV heads leave the GPU idle.
-        let max_ctx = rows.iter().map(|r| r.1 + 1).max().unwrap_or(1);
-        let want_blocks = 8 * self.num_sms;
-        let mut num_parts = want_blocks.div_ceil(n * nkv).clamp(1, max_ctx.div_ceil(MIN_PART_SIZE).max(1));
-        num_parts = num_parts.min((PART_CAP_FLOATS / (n * nh * hd)).max(1));
-        let part_size = max_ctx.div_ceil(num_parts);
-        let shape = AttentionShape {
-            rows: n,
-            n_heads: nh,
-            n_kv: nkv,
-            head_dim: hd,
-            row_stride: qkv_width,
-            block_size: self.block_size,
-            scale: 1.0 / (hd as f32).sqrt(),
-            part_size,
-            num_parts,
-        };
-
-        let sc = &self.scratch;
-        let p = |s: &CudaSlice<f32>| s.device_ptr(&self.stream).0;
-        let pb = |s: &CudaSlice<u16>| s.device_ptr(&self.stream).0;
-        let (x, h, qkv, attn, proj, gate_up, act) = (p(&sc.x), pb(&sc.h), p(&sc.qkv), pb(&sc.attn), p(&sc.proj), p(&sc.gate_up), pb(&sc.act));
-        let (part_out, part_ml) = (p(&sc.part_out), p(&sc.part_ml));
-        let inv_freq = p(&self.inv_freq);
-        let (k_base, v_base) = (pb(&self.k_cache), pb(&self.v_cache));
-        let interleaved = c.rope_style == RopeStyle::Interleaved;
-        let k = &self.kernels;
-        let g = &self.gemm;
-        let w = &self.weights;
-
-        // SAFETY (every launch below): each buffer was allocated for `scratch.rows ≥ n` rows of its width (or for the
-        // whole model / cache), the metadata arrays hold n entries each (tables: every block of every sequence, all
-        // validated against num_blocks by validate_batch), and all work is ordered on one stream.
-        unsafe {
-            k.embed_gather(pb(&w.embedding.data), tokens, x, n, hidden, c.vocab_size)?;
-            for (l, lw) in w.layers.iter().enumerate() {
-                let add = if l == 0 { 0 } else { proj };
-                k.add_rms_norm(x, add, p(&lw.attn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
-                g.linear(h, lw.qkv.ptr(&self.stream), qkv, n, hidden, qkv_width)?;
-                k.rope_qk(qkv, pos, inv_freq, n, nh, nkv, hd, qkv_width, interleaved)?;
-                let layer_off = (l * slots_per_layer * kv_width * 2) as u64;
-                let (kc, vc) = (k_base + layer_off, v_base + layer_off);
-                k.kv_cache_write(qkv, kc, vc, slots, n, q_width, kv_width, qkv_width, slots_per_layer)?;
-                k.paged_attention(&shape, qkv, kc, vc, tables_ptr, toff, ctx_len, attn, part_out, part_ml)?;
-                g.linear(attn, lw.wo.ptr(&self.stream), proj, n, q_width, hidden)?;
-                k.add_rms_norm(x, proj, p(&lw.ffn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
-                g.linear(h, lw.gate_up.ptr(&self.stream), gate_up, n, hidden, 2 * ffn)?;
-                k.silu_mul(gate_up, act, n, ffn)?;
-                g.linear(act, lw.down.ptr(&self.stream), proj, n, ffn, hidden)?;
-            }
-            if picked.is_empty() {
-                return Ok(());
-            }
-            // Final residual add and norm, only for the rows that want logits (gathered densely into h).
-            k.add_rms_norm(x, proj, p(&w.output_norm), h, picked_ptr, picked.len(), hidden, c.rms_norm_eps)?;
-        }
-        let vocab = c.vocab_size;
-        let lm_head = w.lm_head().ptr(&self.stream);
-        let logits = p(&sc.logits);
-        let ids = sc.ids.device_ptr(&self.stream).0;
-        let cap = self.scratch.logits.len() / vocab;
-        let mut done = 0;
-        while done < picked.len() {
-            let r = cap.min(picked.len() - done);
-            // SAFETY: h holds picked.len() normed rows; logits holds cap·vocab f32 and ids cap i32.
-            unsafe {
-                g.linear(h + (done * hidden * 2) as u64, lm_head, logits, r, hidden, vocab)?;
-            }
-            match sink {
-                LogitsSink::Host(out) => {
-                    let start = out.len();
-                    out.resize(start + r * vocab, 0.0);
-                    self.stream.memcpy_dtoh(&self.scratch.logits.slice(..r * vocab), &mut out[start..])?;
-                }
-                LogitsSink::Greedy(out) => {
-                    // SAFETY: logits holds r·vocab f32, ids at least r i32.
-                    unsafe { k.argmax_rows(logits, ids, r, vocab)? };
-                    let mut host = vec![0i32; r];
-                    self.stream.memcpy_dtoh(&self.scratch.ids.slice(..r), &mut host)?;
-                    out.extend(host.iter().map(|&i| i as u32));
-                }
-            }
-            done += r;
-        }
-        self.stream.synchronize()?;
         Ok(())
     }
 }
