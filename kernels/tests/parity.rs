@@ -179,7 +179,7 @@ fn check_argmax(ops: &mut dyn Ops) {
 
 fn check_linear(ops: &mut dyn Ops) {
     let mut rng = fresh_rng("linear");
-    for (rows, inp, out) in [(1, 576, 1728), (33, 4096, 1024), (128, 1536, 576)] {
+    for (rows, inp, out, small) in [(1, 576, 1728, true), (8, 4096, 1024, true), (5, 1536, 576, true), (33, 4096, 1024, false), (128, 1536, 576, false)] {
         let x: Vec<u16> = randv(&mut rng, rows * inp, 1.0).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let w: Vec<u16> = randv(&mut rng, out * inp, 0.1).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let y = ops.linear(&x, &w, rows, inp, out);
@@ -192,6 +192,10 @@ fn check_linear(ops: &mut dyn Ops) {
         }
         // bf16 operands, f32 accumulation: the error is the accumulation's, far under the bf16 bound.
         assert_close(&format!("linear {rows}x{inp}->{out}"), ops.name(), &y, &reference, 1e-3);
+        if small {
+            let y = ops.gemv(&x, &w, rows, inp, out);
+            assert_close(&format!("gemv {rows}x{inp}->{out}"), ops.name(), &y, &reference, 1e-3);
+        }
     }
 }
 

@@ -144,97 +144,127 @@ extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* _
 }
 
 #define ATT_WARPS 4
-#define ATT_KEYS 8
 #define ATT_MAX_GROUP 8
 #define ATT_MAX_HD 128
+#define ATT_V_UNROLL 8
+
+// 8 bf16 (one 16-byte load) as floats.
+__device__ __forceinline__ void load8(const bf16* p, float* out) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
 
 // Paged attention for any mix of prefill and decode rows. Query row r (a token at position ctx_len[r]-1) attends
-// causally over positions [0, ctx_len[r]) of its sequence, whose block table starts at tables[table_off[r]].
-// One block handles one row, one KV head (all `group` query heads that share it, so K/V are read once for the group)
-// and one partition of `part_size` positions. With num_parts == 1 it writes the normalized bf16 output
-// out[r, head·hd + d]; otherwise it writes unnormalized partials (part_out[r, head, p, d], part_ml[r, head, p, {max,
-// sum}]) that attention_reduce combines. Twin: attend_one. grid (T, n_kv, num_parts), block (32·ATT_WARPS).
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
-paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
-                const int* __restrict__ tables, const int* __restrict__ table_off, const int* __restrict__ ctx_len,
-                bf16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_ml, int n_heads,
-                int n_kv, int head_dim, int row_stride, int block_size, float scale, int part_size, int num_parts) {
+// causally over positions [0, ctx_len[r]) of its sequence, whose block table starts at tables[table_off[r]]; rows
+// with ctx_len 0 are skipped (they take the dense path). One block handles one row, one KV head (all `group` query
+// heads sharing it, so K/V are read once for the group) and one partition of `part_size` positions.
+//
+// Each warp takes 32 positions per iteration, one per lane: a lane computes its key's scores for the group with
+// 16-byte loads of the whole K row (all in flight at once), the warp folds the 32 scores into its online softmax,
+// then lanes switch to owning head dimensions and accumulate P·V over the 32 rows (coalesced V loads, p broadcast
+// by shuffle). With num_parts == 1 it writes the normalized bf16 output out[r, head·HD + d]; otherwise unnormalized
+// partials (part_out[r, head, p, d], part_ml[r, head, p, {max, sum}]) for attention_reduce. Twin: attend_one.
+// grid (T, n_kv, num_parts), block (32·ATT_WARPS).
+template <int HD>
+__device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
+                                     const bf16* __restrict__ v_cache, const int* __restrict__ tables,
+                                     const int* __restrict__ table_off, const int* __restrict__ ctx_len,
+                                     bf16* __restrict__ out, float* __restrict__ part_out,
+                                     float* __restrict__ part_ml, int n_heads, int n_kv, int row_stride,
+                                     int block_size, float scale, int part_size, int num_parts) {
+    constexpr int EPL = HD / 32;  // output dimensions per lane
     const int r = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = n_heads / n_kv;
-    const int epl = head_dim / 32;  // elements per lane: 1, 2 or 4
     const int ctx = ctx_len[r];
     const int start = part * part_size;
     const int end = min(ctx, start + part_size);
-    const int kv_width = n_kv * head_dim;
+    const int kv_width = n_kv * HD;
 
-    __shared__ float q_s[ATT_MAX_GROUP][ATT_MAX_HD];
-    __shared__ float acc_s[ATT_WARPS][ATT_MAX_GROUP][ATT_MAX_HD];
+    __shared__ float q_s[ATT_MAX_GROUP][HD];
+    __shared__ float acc_s[ATT_WARPS][ATT_MAX_GROUP][HD];
     __shared__ float m_s[ATT_WARPS][ATT_MAX_GROUP];
     __shared__ float l_s[ATT_WARPS][ATT_MAX_GROUP];
 
-    const float* qrow = qkv + (size_t)r * row_stride + (size_t)kvh * group * head_dim;
-    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) q_s[i / head_dim][i % head_dim] = qrow[i];
+    if (ctx == 0) return;  // a dense-path row: nothing to write
+    const float* qrow = qkv + (size_t)r * row_stride + (size_t)kvh * group * HD;
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) q_s[i / HD][i % HD] = qrow[i] * scale;
     __syncthreads();
 
-    float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP], acc[ATT_MAX_GROUP][4];
+    float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP], acc[ATT_MAX_GROUP][EPL];
 #pragma unroll
     for (int g = 0; g < ATT_MAX_GROUP; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[g][e] = 0.0f;
+        for (int e = 0; e < EPL; e++) acc[g][e] = 0.0f;
     }
-    // Each warp takes ATT_KEYS consecutive positions per iteration and issues all their K/V loads before using any
-    // (memory-level parallelism: decode attention is bandwidth-bound), then folds them into its online softmax.
     const int* table = tables + table_off[r];
-    for (int t0 = start + warp * ATT_KEYS; t0 < end; t0 += ATT_WARPS * ATT_KEYS) {
-        float k[ATT_KEYS][4], v[ATT_KEYS][4];
+    for (int t0 = start + warp * 32; t0 < end; t0 += ATT_WARPS * 32) {
+        const int t = t0 + lane;
+        const bool valid = t < end;
+        const long long slot = valid ? (long long)table[t / block_size] * block_size + t % block_size : 0;
+        // Scores of this lane's key for every query head of the group.
+        float s[ATT_MAX_GROUP];
 #pragma unroll
-        for (int j = 0; j < ATT_KEYS; j++) {
-            const int t = t0 + j;
-            if (t < end) {
-                const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
-                const bf16* kp = k_cache + slot * kv_width + kvh * head_dim + lane * epl;
-                const bf16* vp = v_cache + slot * kv_width + kvh * head_dim + lane * epl;
+        for (int g = 0; g < ATT_MAX_GROUP; g++) s[g] = 0.0f;
+        if (valid) {
+            const bf16* kp = k_cache + slot * kv_width + kvh * HD;
+            float k[HD];
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    k[j][e] = e < epl ? bf2f(kp[e]) : 0.0f;
-                    v[j][e] = e < epl ? bf2f(vp[e]) : 0.0f;
+            for (int d = 0; d < HD; d += 8) load8(kp + d, k + d);
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+                if (g < group) {
+                    float acc_s_ = 0.0f;
+#pragma unroll
+                    for (int d = 0; d < HD; d++) acc_s_ += q_s[g][d] * k[d];
+                    s[g] = acc_s_;
                 }
-            } else {
-#pragma unroll
-                for (int e = 0; e < 4; e++) k[j][e] = v[j][e] = 0.0f;
             }
         }
+        const int nvalid = min(32, end - t0);
+        float p[ATT_MAX_GROUP];
 #pragma unroll
         for (int g = 0; g < ATT_MAX_GROUP; g++) {
             if (g < group) {
-                float sc[ATT_KEYS];
-                float m_new = m[g];
-#pragma unroll
-                for (int j = 0; j < ATT_KEYS; j++) {
-                    float d = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < 4; e++)
-                        if (e < epl) d += q_s[g][lane * epl + e] * k[j][e];
-                    d = warp_sum(d) * scale;
-                    sc[j] = t0 + j < end ? d : -INFINITY;
-                    m_new = fmaxf(m_new, sc[j]);
-                }
-                // t0 < end, so sc[0] is finite and m_new > -inf.
+                const float sg = valid ? s[g] : -INFINITY;
+                const float m_new = fmaxf(m[g], warp_max(sg));  // lane 0's key is valid, so m_new is finite
                 const float corr = __expf(m[g] - m_new);
-                l[g] *= corr;
+                p[g] = valid ? __expf(sg - m_new) : 0.0f;
+                l[g] = l[g] * corr + warp_sum(p[g]);
 #pragma unroll
-                for (int e = 0; e < 4; e++) acc[g][e] *= corr;
-#pragma unroll
-                for (int j = 0; j < ATT_KEYS; j++) {
-                    const float p = __expf(sc[j] - m_new);
-                    l[g] += p;
-#pragma unroll
-                    for (int e = 0; e < 4; e++) acc[g][e] += p * v[j][e];
-                }
+                for (int e = 0; e < EPL; e++) acc[g][e] *= corr;
                 m[g] = m_new;
+            }
+        }
+        // P·V: lanes own dimensions lane·EPL .. +EPL; rows come ATT_V_UNROLL at a time, loads first.
+        for (int j0 = 0; j0 < nvalid; j0 += ATT_V_UNROLL) {
+            float v[ATT_V_UNROLL][EPL];
+#pragma unroll
+            for (int u = 0; u < ATT_V_UNROLL; u++) {
+                const int j = j0 + u;
+                const long long sj = __shfl_sync(0xffffffffu, slot, j & 31);
+                const bf16* vp = v_cache + sj * kv_width + kvh * HD + lane * EPL;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) v[u][e] = j < nvalid ? bf2f(vp[e]) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_V_UNROLL; u++) {
+                const int j = (j0 + u) & 31;
+#pragma unroll
+                for (int g = 0; g < ATT_MAX_GROUP; g++) {
+                    if (g < group) {
+                        const float pj = __shfl_sync(0xffffffffu, p[g], j);  // 0 past nvalid
+#pragma unroll
+                        for (int e = 0; e < EPL; e++) acc[g][e] += pj * v[u][e];
+                    }
+                }
             }
         }
     }
@@ -242,8 +272,7 @@ paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
     for (int g = 0; g < ATT_MAX_GROUP; g++) {
         if (g < group) {
 #pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (e < epl) acc_s[warp][g][lane * epl + e] = acc[g][e];
+            for (int e = 0; e < EPL; e++) acc_s[warp][g][lane * EPL + e] = acc[g][e];
             if (lane == 0) {
                 m_s[warp][g] = m[g];
                 l_s[warp][g] = l[g];
@@ -252,8 +281,8 @@ paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
     }
     __syncthreads();
     // Combine the warps: thread i handles (g, d) pairs.
-    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
-        const int g = i / head_dim, d = i % head_dim;
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
         float mx = -INFINITY;
         for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, m_s[w][g]);
         float sum = 0.0f, o = 0.0f;
@@ -266,10 +295,10 @@ paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
         }
         const int head = kvh * group + g;
         if (num_parts == 1) {
-            out[(size_t)r * n_heads * head_dim + head * head_dim + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+            out[(size_t)r * n_heads * HD + head * HD + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
         } else {
             const size_t pi = ((size_t)r * n_heads + head) * num_parts + part;
-            part_out[pi * head_dim + d] = o;
+            part_out[pi * HD + d] = o;
             if (d == 0) {
                 part_ml[pi * 2] = mx;
                 part_ml[pi * 2 + 1] = sum;
@@ -277,6 +306,18 @@ paged_attention(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
         }
     }
 }
+
+#define PAGED_ATTENTION(HD)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) paged_attention_hd##HD(                              \
+        const float* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,          \
+        const int* __restrict__ tables, const int* __restrict__ table_off, const int* __restrict__ ctx_len,         \
+        bf16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_ml, int n_heads, int n_kv,   \
+        int head_dim, int row_stride, int block_size, float scale, int part_size, int num_parts) {                  \
+        paged_attention_impl<HD>(qkv, k_cache, v_cache, tables, table_off, ctx_len, out, part_out, part_ml,         \
+                                 n_heads, n_kv, row_stride, block_size, scale, part_size, num_parts);               \
+    }
+PAGED_ATTENTION(64)
+PAGED_ATTENTION(128)
 
 // Combines paged_attention's partitions: out = Σ_p o_p·e^{m_p−M} / Σ_p l_p·e^{m_p−M}. Empty partitions (sum 0) add
 // nothing. grid (T, n_heads), block (head_dim).
@@ -298,6 +339,63 @@ extern "C" __global__ void attention_reduce(const float* __restrict__ part_out, 
         }
     }
     out[(size_t)r * n_heads * head_dim + head * head_dim + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+}
+
+// ---- Small-batch linear layer (decode) ----
+
+#define GEMV_MAX_B 8
+
+// y[b, o] = Σ_i x[b, i] · w[o, i] for b < B ≤ GEMV_MAX_B (decode-sized batches; bf16 in, f32 accumulate and out):
+// one warp per output row, 16-byte weight loads coalesced across the warp with four in flight per lane, x rows
+// from L1/L2 (every warp reads them). Needs in % 8 == 0. Twin: the same product as the cuBLAS linear.
+// grid (ceil(out / 8)), block (256).
+extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                            float* __restrict__ y, int B, int in, int out) {
+    const int lane = threadIdx.x & 31;
+    const int o = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (o >= out) return;
+    const bf16* wr = w + (size_t)o * in;
+    float acc[GEMV_MAX_B];
+#pragma unroll
+    for (int b = 0; b < GEMV_MAX_B; b++) acc[b] = 0.0f;
+    int i = lane * 8;
+    for (; i + 3 * 256 < in; i += 4 * 256) {
+        float wv[4][8];
+#pragma unroll
+        for (int u = 0; u < 4; u++) load8(wr + i + u * 256, wv[u]);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+#pragma unroll
+            for (int b = 0; b < GEMV_MAX_B; b++) {
+                if (b < B) {
+                    float xv[8];
+                    load8(x + (size_t)b * in + i + u * 256, xv);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[b] += wv[u][e] * xv[e];
+                }
+            }
+        }
+    }
+    for (; i < in; i += 256) {
+        float wv[8];
+        load8(wr + i, wv);
+#pragma unroll
+        for (int b = 0; b < GEMV_MAX_B; b++) {
+            if (b < B) {
+                float xv[8];
+                load8(x + (size_t)b * in + i, xv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[b] += wv[e] * xv[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < GEMV_MAX_B; b++) {
+        if (b < B) {
+            const float v = warp_sum(acc[b]);
+            if (lane == 0) y[(size_t)b * out + o] = v;
+        }
+    }
 }
 
 // ---- Dense prefill attention (one sequence's chunk of new rows; the GEMMs run in cuBLAS) ----

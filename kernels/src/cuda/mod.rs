@@ -29,9 +29,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_rms_norm",
     "rope_qk",
     "kv_cache_write",
-    "paged_attention",
+    "paged_attention_hd64",
+    "paged_attention_hd128",
     "attention_reduce",
     "silu_mul",
+    "gemv_bf16",
     "gather_kv",
     "q_to_bf16",
     "causal_softmax",
@@ -39,10 +41,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "fill_random_bf16",
 ];
 
-/// Attention limits baked into `paged_attention` (`ATT_MAX_GROUP`, `ATT_MAX_HD`).
+/// Attention limits baked into `paged_attention_hd*` (`ATT_MAX_GROUP`, the instantiated head sizes).
 pub const ATTENTION_MAX_GROUP: usize = 8;
-pub const ATTENTION_MAX_HEAD_DIM: usize = 128;
+pub const ATTENTION_HEAD_DIMS: &[usize] = &[64, 128];
 const ATTENTION_THREADS: u32 = 128;
+/// Rows `gemv_bf16` handles (`GEMV_MAX_B`).
+pub const GEMV_MAX_ROWS: usize = 8;
 
 /// Why CUDA work failed.
 #[derive(Debug, thiserror::Error)]
@@ -323,14 +327,15 @@ impl CudaKernels {
             return Ok(());
         }
         let group = s.n_heads / s.n_kv.max(1);
-        if s.n_kv == 0 || s.n_heads % s.n_kv != 0 || group > ATTENTION_MAX_GROUP || s.head_dim % 32 != 0 || s.head_dim > ATTENTION_MAX_HEAD_DIM || s.num_parts == 0 {
+        if s.n_kv == 0 || s.n_heads % s.n_kv != 0 || group > ATTENTION_MAX_GROUP || !ATTENTION_HEAD_DIMS.contains(&s.head_dim) || s.num_parts == 0 {
             return Err(CudaError::Unsupported(format!(
-                "attention with {} heads / {} KV heads / head_dim {} (need group ≤ {ATTENTION_MAX_GROUP}, head_dim a multiple of 32 ≤ {ATTENTION_MAX_HEAD_DIM})",
+                "attention with {} heads / {} KV heads / head_dim {} (need group ≤ {ATTENTION_MAX_GROUP}, head_dim one of {ATTENTION_HEAD_DIMS:?})",
                 s.n_heads, s.n_kv, s.head_dim
             )));
         }
         let (nh, nkv, hd, rs, bs, ps, np) = (s.n_heads as i32, s.n_kv as i32, s.head_dim as i32, s.row_stride as i32, s.block_size as i32, s.part_size as i32, s.num_parts as i32);
-        let mut b = self.stream.launch_builder(self.func("paged_attention"));
+        let name = if s.head_dim == 64 { "paged_attention_hd64" } else { "paged_attention_hd128" };
+        let mut b = self.stream.launch_builder(self.func(name));
         b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&tables).arg(&table_off).arg(&ctx_len).arg(&out).arg(&part_out).arg(&part_ml);
         b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&bs).arg(&s.scale).arg(&ps).arg(&np);
         // SAFETY: per this function's contract; shapes checked against the kernel's static limits above.
@@ -404,6 +409,25 @@ impl CudaKernels {
             }
             i0 += nt;
         }
+        Ok(())
+    }
+
+    /// `y[b, o] = Σ_i x[b, i] · w[o, i]` for `rows ≤ GEMV_MAX_ROWS` (the decode-batch alternative to cuBLAS).
+    ///
+    /// # Safety
+    /// `x` holds `rows · inp` bf16, `w` `out · inp` bf16 (16-byte aligned rows: `inp % 8 == 0`), `y` `rows · out` f32.
+    pub unsafe fn gemv_bf16(&self, x: u64, w: u64, y: u64, rows: usize, inp: usize, out: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        if rows > GEMV_MAX_ROWS || inp % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
+            return Err(CudaError::Unsupported(format!("gemv_bf16: {rows} rows (max {GEMV_MAX_ROWS}), in {inp} (must be a multiple of 8)")));
+        }
+        let (b_, i_, o_) = (rows as i32, inp as i32, out as i32);
+        let mut b = self.stream.launch_builder(self.func("gemv_bf16"));
+        b.arg(&x).arg(&w).arg(&y).arg(&b_).arg(&i_).arg(&o_);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(out.div_ceil(8), 1, 1), 256)) }?;
         Ok(())
     }
 

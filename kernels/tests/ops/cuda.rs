@@ -207,6 +207,13 @@ impl Ops for CudaOps {
         self.down(&ids).into_iter().map(|i| i as u32).collect()
     }
 
+    fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+        let (xd, wd, y) = (self.up(x), self.up(w), self.nan_f32(rows * out));
+        // SAFETY: sizes per the launcher's contract.
+        unsafe { self.kernels.gemv_bf16(self.ptr(&xd), self.ptr(&wd), self.ptr(&y), rows, inp, out) }.expect("gemv");
+        self.down(&y)
+    }
+
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
         let (xd, wd, y) = (self.up(x), self.up(w), self.nan_f32(rows * out));
         // SAFETY: sizes per the launcher's contract.

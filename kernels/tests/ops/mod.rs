@@ -33,6 +33,10 @@ pub trait Ops {
     fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>);
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32>;
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
+    /// The small-batch linear kernel (`rows ≤ 8`); on the CPU, the same product as `linear`.
+    fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+        self.linear(x, w, rows, inp, out)
+    }
 }
 
 /// Which attention implementation to run (the CPU has one; CUDA has the paged kernel, optionally split into

@@ -154,6 +154,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut decode = Vec::new();
     println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
+    println!("gemv_bf16 instead of cuBLAS, ((in, out), up to rows): {:?}", backend.gemv_table());
     println!("{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10}", "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms");
     for &b in &a.batch {
         let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);

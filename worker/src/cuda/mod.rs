@@ -13,6 +13,7 @@
 
 mod graphs;
 mod step;
+mod tune;
 pub mod weights;
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use ferrite_common::config::LlamaConfig;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cuda::{ATTENTION_MAX_GROUP, ATTENTION_MAX_HEAD_DIM, CudaError, CudaKernels, Gemm, PrefillWorkspace};
+use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
 use weights::DeviceWeights;
@@ -137,6 +138,8 @@ pub struct CudaBackend {
     meta_host: Vec<i32>,
     graphs: Option<graphs::DecodeGraphs>,
     use_graphs: bool,
+    /// `((in, out), rows)`: decode linear layers of this shape up to `rows` rows run `gemv_bf16` (see `tune`).
+    gemv_rows: Vec<((usize, usize), usize)>,
     num_sms: usize,
     device_name: String,
 }
@@ -163,10 +166,10 @@ impl CudaBackend {
     fn open(c: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>, CudaKernels), CudaError> {
         opts.validate()?;
         let group = c.num_heads / c.num_kv_heads.max(1);
-        if c.head_dim % 32 != 0 || c.head_dim > ATTENTION_MAX_HEAD_DIM || group > ATTENTION_MAX_GROUP {
+        if !ATTENTION_HEAD_DIMS.contains(&c.head_dim) || group > ATTENTION_MAX_GROUP {
             return Err(CudaError::Unsupported(format!(
-                "head_dim {} / GQA group {group}: the CUDA attention kernel needs head_dim a multiple of 32 up to \
-                 {ATTENTION_MAX_HEAD_DIM} and at most {ATTENTION_MAX_GROUP} query heads per KV head",
+                "head_dim {} / GQA group {group}: the CUDA attention kernel is built for head_dim {ATTENTION_HEAD_DIMS:?} \
+                 and at most {ATTENTION_MAX_GROUP} query heads per KV head",
                 c.head_dim
             )));
         }
@@ -242,9 +245,11 @@ impl CudaBackend {
             meta_host: Vec::new(),
             graphs: None,
             use_graphs: true,
+            gemv_rows: Vec::new(),
             num_sms,
             device_name,
         };
+        backend.tune_gemv()?;
         // After the KV cache is reserved, so graph memory never competes with it.
         if opts.graph_max_batch > 0 {
             if let Err(e) = backend.capture_graphs(opts.graph_max_batch) {

@@ -168,6 +168,8 @@ impl CudaBackend {
         let (k_base, v_base) = (self.ptr_u16(&self.k_cache), self.ptr_u16(&self.v_cache));
         let interleaved = c.rope_style == RopeStyle::Interleaved;
         let (k, g, w) = (&self.kernels, &self.gemm, &self.weights);
+        // SAFETY: every call below passes buffers sized for its rows (see the block's SAFETY note).
+        let lin = |x, wt, y, rows, i, o| unsafe { self.linear(x, wt, y, rows, i, o) };
         let st = &self.stream;
 
         // SAFETY (every launch below): each buffer was allocated for `scratch.rows ≥ n` rows of its width (or for the
@@ -178,7 +180,7 @@ impl CudaBackend {
             for (layer, lw) in w.layers.iter().enumerate() {
                 let add = if layer == 0 { 0 } else { proj };
                 k.add_rms_norm(x, add, self.ptr_f32(&lw.attn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
-                g.linear(h, lw.qkv.ptr(st), qkv, n, hidden, qkv_width)?;
+                lin(h, lw.qkv.ptr(st), qkv, n, hidden, qkv_width)?;
                 k.rope_qk(qkv, l.pos, inv_freq, n, nh, nkv, hd, qkv_width, interleaved)?;
                 let layer_off = (layer * slots_per_layer * kv_width * 2) as u64;
                 let (kc, vc) = (k_base + layer_off, v_base + layer_off);
@@ -191,11 +193,11 @@ impl CudaBackend {
                     let out = attn + (r0 * q_width * 2) as u64;
                     k.prefill_attention(g, &self.prefill_ws, &l.shape, qkv_r, len, start, kc, vc, table, out)?;
                 }
-                g.linear(attn, lw.wo.ptr(st), proj, n, q_width, hidden)?;
+                lin(attn, lw.wo.ptr(st), proj, n, q_width, hidden)?;
                 k.add_rms_norm(x, proj, self.ptr_f32(&lw.ffn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
-                g.linear(h, lw.gate_up.ptr(st), gate_up, n, hidden, 2 * ffn)?;
+                lin(h, lw.gate_up.ptr(st), gate_up, n, hidden, 2 * ffn)?;
                 k.silu_mul(gate_up, act, n, ffn)?;
-                g.linear(act, lw.down.ptr(st), proj, n, ffn, hidden)?;
+                lin(act, lw.down.ptr(st), proj, n, ffn, hidden)?;
             }
             // Final residual add and norm, only for the rows that want logits (gathered densely into h).
             k.add_rms_norm(x, proj, self.ptr_f32(&w.output_norm), h, l.picked_rows, l.picked, hidden, c.rms_norm_eps)?;
@@ -213,7 +215,7 @@ impl CudaBackend {
         let logits = self.ptr_f32(&sc.logits);
         // SAFETY: h holds ≥ first + rows normed rows; logits rows·vocab f32; ids ≥ rows i32.
         unsafe {
-            self.gemm.linear(h, self.weights.lm_head().ptr(&self.stream), logits, rows, c.hidden_size, c.vocab_size)?;
+            self.linear(h, self.weights.lm_head().ptr(&self.stream), logits, rows, c.hidden_size, c.vocab_size)?;
             if argmax {
                 self.kernels.argmax_rows(logits, sc.ids.device_ptr(&self.stream).0, rows, c.vocab_size)?;
             }
