@@ -142,7 +142,8 @@ fn check_silu_mul(ops: &mut dyn Ops) {
 
 fn check_attention(ops: &mut dyn Ops) {
     let mut rng = fresh_rng("paged_attention");
-    for (nh, nkv, hd) in [(9, 3, 64), (32, 8, 128)] {
+    // GQA groups 3 and 4 (the ≤ 4 kernels) and 8, at both head sizes.
+    for (nh, nkv, hd) in [(9, 3, 64), (32, 8, 128), (16, 2, 64), (32, 4, 128)] {
         // Three sequences: a decode row at a long context, a prefill chunk over a cached prefix, a fresh prompt.
         let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9)]);
         let reference = case.reference();

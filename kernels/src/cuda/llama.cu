@@ -146,7 +146,7 @@ extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* _
 #define ATT_WARPS 4
 #define ATT_MAX_GROUP 8
 #define ATT_MAX_HD 128
-#define ATT_V_UNROLL 8
+#define ATT_V_CHUNK 16
 
 // 8 bf16 (one 16-byte load) as floats.
 __device__ __forceinline__ void load8(const bf16* p, float* out) {
@@ -170,7 +170,7 @@ __device__ __forceinline__ void load8(const bf16* p, float* out) {
 // by shuffle). With num_parts == 1 it writes the normalized bf16 output out[r, head·HD + d]; otherwise unnormalized
 // partials (part_out[r, head, p, d], part_ml[r, head, p, {max, sum}]) for attention_reduce. Twin: attend_one.
 // grid (T, n_kv, num_parts), block (32·ATT_WARPS).
-template <int HD>
+template <int HD, int MAXG>
 __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
                                      const bf16* __restrict__ v_cache, const int* __restrict__ tables,
                                      const int* __restrict__ table_off, const int* __restrict__ ctx_len,
@@ -186,19 +186,19 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
     const int end = min(ctx, start + part_size);
     const int kv_width = n_kv * HD;
 
-    __shared__ float q_s[ATT_MAX_GROUP][HD];
-    __shared__ float acc_s[ATT_WARPS][ATT_MAX_GROUP][HD];
-    __shared__ float m_s[ATT_WARPS][ATT_MAX_GROUP];
-    __shared__ float l_s[ATT_WARPS][ATT_MAX_GROUP];
+    __shared__ float q_s[MAXG][HD];
+    __shared__ float acc_s[ATT_WARPS][MAXG][HD];
+    __shared__ float m_s[ATT_WARPS][MAXG];
+    __shared__ float l_s[ATT_WARPS][MAXG];
 
     if (ctx == 0) return;  // a dense-path row: nothing to write
     const float* qrow = qkv + (size_t)r * row_stride + (size_t)kvh * group * HD;
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) q_s[i / HD][i % HD] = qrow[i] * scale;
     __syncthreads();
 
-    float m[ATT_MAX_GROUP], l[ATT_MAX_GROUP], acc[ATT_MAX_GROUP][EPL];
+    float m[MAXG], l[MAXG], acc[MAXG][EPL];
 #pragma unroll
-    for (int g = 0; g < ATT_MAX_GROUP; g++) {
+    for (int g = 0; g < MAXG; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
@@ -209,29 +209,37 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
         const int t = t0 + lane;
         const bool valid = t < end;
         const long long slot = valid ? (long long)table[t / block_size] * block_size + t % block_size : 0;
-        // Scores of this lane's key for every query head of the group.
-        float s[ATT_MAX_GROUP];
+        // Scores of this lane's key for every query head of the group: the whole K row is loaded (raw bf16 pairs,
+        // all 16-byte loads in flight), then converted as it is consumed.
+        float s[MAXG];
 #pragma unroll
-        for (int g = 0; g < ATT_MAX_GROUP; g++) s[g] = 0.0f;
+        for (int g = 0; g < MAXG; g++) s[g] = 0.0f;
         if (valid) {
-            const bf16* kp = k_cache + slot * kv_width + kvh * HD;
-            float k[HD];
+            const uint4* kp = reinterpret_cast<const uint4*>(k_cache + slot * kv_width + kvh * HD);
+            uint4 kr[HD / 8];
 #pragma unroll
-            for (int d = 0; d < HD; d += 8) load8(kp + d, k + d);
+            for (int c = 0; c < HD / 8; c++) kr[c] = kp[c];
 #pragma unroll
-            for (int g = 0; g < ATT_MAX_GROUP; g++) {
+            for (int g = 0; g < MAXG; g++) {
                 if (g < group) {
-                    float acc_s_ = 0.0f;
+                    float dot = 0.0f;
 #pragma unroll
-                    for (int d = 0; d < HD; d++) acc_s_ += q_s[g][d] * k[d];
-                    s[g] = acc_s_;
+                    for (int c = 0; c < HD / 8; c++) {
+                        const unsigned int w[4] = {kr[c].x, kr[c].y, kr[c].z, kr[c].w};
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            dot += q_s[g][c * 8 + 2 * i] * __uint_as_float(w[i] << 16);
+                            dot += q_s[g][c * 8 + 2 * i + 1] * __uint_as_float(w[i] & 0xffff0000u);
+                        }
+                    }
+                    s[g] = dot;
                 }
             }
         }
         const int nvalid = min(32, end - t0);
-        float p[ATT_MAX_GROUP];
+        float p[MAXG];
 #pragma unroll
-        for (int g = 0; g < ATT_MAX_GROUP; g++) {
+        for (int g = 0; g < MAXG; g++) {
             if (g < group) {
                 const float sg = valid ? s[g] : -INFINITY;
                 const float m_new = fmaxf(m[g], warp_max(sg));  // lane 0's key is valid, so m_new is finite
@@ -243,33 +251,45 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
                 m[g] = m_new;
             }
         }
-        // P·V: lanes own dimensions lane·EPL .. +EPL; rows come ATT_V_UNROLL at a time, loads first.
-        for (int j0 = 0; j0 < nvalid; j0 += ATT_V_UNROLL) {
-            float v[ATT_V_UNROLL][EPL];
+        // P·V: lanes own dimensions lane·EPL .. +EPL. V rows come ATT_V_CHUNK at a time, all loaded before use
+        // (raw bf16 pairs), then accumulated with p broadcast by shuffle.
 #pragma unroll
-            for (int u = 0; u < ATT_V_UNROLL; u++) {
-                const int j = j0 + u;
-                const long long sj = __shfl_sync(0xffffffffu, slot, j & 31);
-                const bf16* vp = v_cache + sj * kv_width + kvh * HD + lane * EPL;
+        for (int j0 = 0; j0 < 32; j0 += ATT_V_CHUNK) {
+            if (j0 < nvalid) {
+                unsigned int vr[ATT_V_CHUNK][EPL / 2];
 #pragma unroll
-                for (int e = 0; e < EPL; e++) v[u][e] = j < nvalid ? bf2f(vp[e]) : 0.0f;
-            }
+                for (int u = 0; u < ATT_V_CHUNK; u++) {
+                    const int j = j0 + u;
+                    const long long sj = __shfl_sync(0xffffffffu, slot, j);
+                    if (j < nvalid) {
+                        const unsigned int* vp =
+                            reinterpret_cast<const unsigned int*>(v_cache + sj * kv_width + kvh * HD + lane * EPL);
 #pragma unroll
-            for (int u = 0; u < ATT_V_UNROLL; u++) {
-                const int j = (j0 + u) & 31;
+                        for (int e = 0; e < EPL / 2; e++) vr[u][e] = vp[e];
+                    }
+                }
 #pragma unroll
-                for (int g = 0; g < ATT_MAX_GROUP; g++) {
-                    if (g < group) {
-                        const float pj = __shfl_sync(0xffffffffu, p[g], j);  // 0 past nvalid
+                for (int u = 0; u < ATT_V_CHUNK; u++) {
+                    const int j = j0 + u;
+                    if (j < nvalid) {
 #pragma unroll
-                        for (int e = 0; e < EPL; e++) acc[g][e] += pj * v[u][e];
+                        for (int g = 0; g < MAXG; g++) {
+                            if (g < group) {
+                                const float pj = __shfl_sync(0xffffffffu, p[g], j);
+#pragma unroll
+                                for (int e = 0; e < EPL / 2; e++) {
+                                    acc[g][2 * e] += pj * __uint_as_float(vr[u][e] << 16);
+                                    acc[g][2 * e + 1] += pj * __uint_as_float(vr[u][e] & 0xffff0000u);
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
     }
 #pragma unroll
-    for (int g = 0; g < ATT_MAX_GROUP; g++) {
+    for (int g = 0; g < MAXG; g++) {
         if (g < group) {
 #pragma unroll
             for (int e = 0; e < EPL; e++) acc_s[warp][g][lane * EPL + e] = acc[g][e];
@@ -307,17 +327,20 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
     }
 }
 
-#define PAGED_ATTENTION(HD)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) paged_attention_hd##HD(                              \
+#define PAGED_ATTENTION(HD, MAXG)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) paged_attention_hd##HD##_g##MAXG(                   \
         const float* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,          \
         const int* __restrict__ tables, const int* __restrict__ table_off, const int* __restrict__ ctx_len,         \
         bf16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_ml, int n_heads, int n_kv,   \
         int head_dim, int row_stride, int block_size, float scale, int part_size, int num_parts) {                  \
-        paged_attention_impl<HD>(qkv, k_cache, v_cache, tables, table_off, ctx_len, out, part_out, part_ml,         \
-                                 n_heads, n_kv, row_stride, block_size, scale, part_size, num_parts);               \
+        paged_attention_impl<HD, MAXG>(qkv, k_cache, v_cache, tables, table_off, ctx_len, out, part_out, part_ml,   \
+                                       n_heads, n_kv, row_stride, block_size, scale, part_size, num_parts);         \
     }
-PAGED_ATTENTION(64)
-PAGED_ATTENTION(128)
+// Instantiations: head_dim 64 / 128, at most 4 or 8 query heads per KV head (fewer registers when the group is small).
+PAGED_ATTENTION(64, 4)
+PAGED_ATTENTION(64, 8)
+PAGED_ATTENTION(128, 4)
+PAGED_ATTENTION(128, 8)
 
 // Combines paged_attention's partitions: out = Σ_p o_p·e^{m_p−M} / Σ_p l_p·e^{m_p−M}. Empty partitions (sum 0) add
 // nothing. grid (T, n_heads), block (head_dim).

@@ -29,8 +29,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_rms_norm",
     "rope_qk",
     "kv_cache_write",
-    "paged_attention_hd64",
-    "paged_attention_hd128",
+    "paged_attention_hd64_g4",
+    "paged_attention_hd64_g8",
+    "paged_attention_hd128_g4",
+    "paged_attention_hd128_g8",
     "attention_reduce",
     "silu_mul",
     "gemv_bf16",
@@ -334,7 +336,12 @@ impl CudaKernels {
             )));
         }
         let (nh, nkv, hd, rs, bs, ps, np) = (s.n_heads as i32, s.n_kv as i32, s.head_dim as i32, s.row_stride as i32, s.block_size as i32, s.part_size as i32, s.num_parts as i32);
-        let name = if s.head_dim == 64 { "paged_attention_hd64" } else { "paged_attention_hd128" };
+        let name = match (s.head_dim, group <= 4) {
+            (64, true) => "paged_attention_hd64_g4",
+            (64, false) => "paged_attention_hd64_g8",
+            (_, true) => "paged_attention_hd128_g4",
+            (_, false) => "paged_attention_hd128_g8",
+        };
         let mut b = self.stream.launch_builder(self.func(name));
         b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&tables).arg(&table_off).arg(&ctx_len).arg(&out).arg(&part_out).arg(&part_ml);
         b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&bs).arg(&s.scale).arg(&ps).arg(&np);

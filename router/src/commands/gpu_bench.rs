@@ -155,7 +155,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut decode = Vec::new();
     println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
     println!("gemv_bf16 instead of cuBLAS, ((in, out), up to rows): {:?}", backend.gemv_table());
-    println!("{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10}", "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms");
+    println!("{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9}", "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac");
     for &b in &a.batch {
         let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
         let tables: Vec<Vec<u32>> = (0..b).map(|s| alloc.ensure(s as u64, a.ctx + 1).map(<[u32]>::to_vec)).collect::<Result<_, _>>()?;
@@ -184,11 +184,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         backend.set_graphs_enabled(true);
         let eager_ms = median(eager);
+        // Just the step's linear layers, against the weights-only roofline.
+        let linear_ms = backend.time_decode_linears(b)?;
+        let linear_roof = weight_bytes / (copy_gbs * 1e9) * 1e3;
         let kv_bytes = (b * c.num_layers * 2 * kv_width * (a.ctx + 1) * 2) as f64;
         let roof_ms = (weight_bytes + kv_bytes) / (copy_gbs * 1e9) * 1e3;
-        println!("{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3}", a.ctx, b as f64 / ms * 1e3, roof_ms / ms);
+        println!(
+            "{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3} {linear_ms:>10.3} {:>9.3}",
+            a.ctx,
+            b as f64 / ms * 1e3,
+            roof_ms / ms,
+            linear_roof / linear_ms
+        );
         decode.push(json!({"batch": b, "ctx": a.ctx, "ms_per_step": ms, "tokens_per_s": b as f64 / ms * 1e3,
-            "roofline_ms": roof_ms, "fraction_of_roofline": roof_ms / ms, "eager_ms_per_step": eager_ms}));
+            "roofline_ms": roof_ms, "fraction_of_roofline": roof_ms / ms, "eager_ms_per_step": eager_ms,
+            "linear_ms": linear_ms, "linear_fraction_of_weight_roofline": linear_roof / linear_ms}));
     }
 
     let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);

@@ -4,8 +4,10 @@
 //! metadata (padding rows write no KV: slot −1), uploads it in one copy and launches the graph. Everything else runs
 //! eagerly.
 //!
-//! The captured attention covers contexts up to `GRAPH_MAX_CTX` in fixed partitions of `GRAPH_PART_SIZE` keys, so
-//! its grid does not depend on the step; partitions past a row's context do no work.
+//! Graphs are captured per (batch bucket, context class): a class covers contexts up to its length in a fixed
+//! number of partitions chosen for that bucket (enough blocks to fill the GPU, as the eager path does), so the grid
+//! does not depend on the step; partitions past a row's context do no work. Contexts beyond the largest class run
+//! eagerly.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
@@ -15,8 +17,10 @@ use super::CudaBackend;
 use super::step::Layout;
 use crate::backend::{ForwardBatch, LogitsWanted};
 
-const GRAPH_PART_SIZE: usize = 128;
-const GRAPH_MAX_CTX: usize = 4096;
+/// Context classes (longest context each graph covers).
+const CTX_CLASSES: &[usize] = &[1024, 4096];
+/// Keys per partition, at least.
+const MIN_PART: usize = 128;
 const BUCKETS: &[usize] = &[1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
 /// A captured graph. The executable graph is bound to the backend's stream and context, which every call binds to
@@ -29,23 +33,34 @@ unsafe impl Send for Graph {}
 
 /// The captured decode graphs and their persistent metadata buffer.
 pub(super) struct DecodeGraphs {
-    graphs: Vec<(usize, Graph)>,
+    /// (batch bucket, context class, graph), by class then bucket.
+    graphs: Vec<(usize, usize, Graph)>,
     meta: CudaSlice<i32>,
-    max_ctx: usize,
     blocks_per_seq: usize,
-    num_parts: usize,
     host: Vec<i32>,
 }
 
 impl DecodeGraphs {
     pub fn buckets(&self) -> Vec<usize> {
-        self.graphs.iter().map(|g| g.0).collect()
+        let mut b: Vec<usize> = self.graphs.iter().map(|g| g.0).collect();
+        b.dedup();
+        b.sort_unstable();
+        b.dedup();
+        b
     }
 }
 
 impl CudaBackend {
-    fn graph_layout(&self, meta: &CudaSlice<i32>, b: usize, num_parts: usize) -> Layout {
-        Layout::packed(meta.device_ptr(&self.stream).0, b, b, self.attention_shape(b, GRAPH_PART_SIZE, num_parts))
+    /// Partitions for a graph of `b` rows over contexts up to `class`.
+    fn graph_parts(&self, b: usize, class: usize) -> usize {
+        let c = &self.config;
+        let want = (8 * self.num_sms).div_ceil(b * c.num_kv_heads).clamp(1, class.div_ceil(MIN_PART));
+        want.min((self.scratch.part_out.len() / (b * c.num_heads * c.head_dim)).max(1))
+    }
+
+    fn graph_layout(&self, meta: &CudaSlice<i32>, b: usize, class: usize) -> Layout {
+        let parts = self.graph_parts(b, class);
+        Layout::packed(meta.device_ptr(&self.stream).0, b, b, self.attention_shape(b, class.div_ceil(parts), parts))
     }
 
     /// Packs bucket `b`'s metadata for `batch` (empty: all padding) into `host`.
@@ -70,47 +85,49 @@ impl CudaBackend {
     /// Captures the decode graphs for batches up to `max_batch`. On failure the backend stays eager.
     pub(super) fn capture_graphs(&mut self, max_batch: usize) -> Result<(), CudaError> {
         let c = &self.config;
-        let max_ctx = GRAPH_MAX_CTX.min(c.max_position_embeddings);
-        let num_parts = max_ctx.div_ceil(GRAPH_PART_SIZE);
+        let mut classes: Vec<usize> = CTX_CLASSES.iter().map(|&k| k.min(c.max_position_embeddings)).collect();
+        classes.dedup();
+        let max_ctx = *classes.last().expect("classes are not empty");
         let bps = max_ctx.div_ceil(self.block_size);
         let logit_rows = self.scratch.logits.len() / c.vocab_size;
-        let part_rows = self.scratch.part_out.len() / (c.num_heads * num_parts * c.head_dim);
-        let cap = max_batch.min(self.scratch.rows).min(logit_rows).min(part_rows);
+        let cap = max_batch.min(self.scratch.rows).min(logit_rows);
         let sizes: Vec<usize> = BUCKETS.iter().copied().filter(|&b| b <= cap).collect();
         let Some(&largest) = sizes.last() else { return Ok(()) };
         let mut meta = self.stream.alloc_zeros::<i32>(6 * largest + largest * bps)?;
         let mut host = Vec::new();
         let mut graphs = Vec::new();
         let started = std::time::Instant::now();
-        for &b in &sizes {
-            Self::pack_graph_meta(&mut host, &ForwardBatch::default(), b, bps, self.block_size);
-            // Padding-only metadata, so the warm-up run below reads valid addresses.
-            self.stream.memcpy_htod(&host, &mut meta.slice_mut(..host.len()))?;
-            let layout = self.graph_layout(&meta, b, num_parts);
-            // Warm-up outside capture (cuBLAS picks and caches its kernels here).
-            self.launch(&layout)?;
-            self.launch_logits(0, b, true)?;
-            self.stream.synchronize()?;
-            self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let enqueued = self.launch(&layout).and_then(|()| self.launch_logits(0, b, true));
-            let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
-            enqueued?;
-            let graph = graph?.ok_or_else(|| CudaError::Unsupported(format!("empty graph for batch {b}")))?;
-            graphs.push((b, Graph(graph)));
+        for &class in &classes {
+            for &b in &sizes {
+                Self::pack_graph_meta(&mut host, &ForwardBatch::default(), b, bps, self.block_size);
+                // Padding-only metadata, so the warm-up run below reads valid addresses.
+                self.stream.memcpy_htod(&host, &mut meta.slice_mut(..host.len()))?;
+                let layout = self.graph_layout(&meta, b, class);
+                // Warm-up outside capture (cuBLAS picks and caches its kernels here).
+                self.launch(&layout)?;
+                self.launch_logits(0, b, true)?;
+                self.stream.synchronize()?;
+                self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let enqueued = self.launch(&layout).and_then(|()| self.launch_logits(0, b, true));
+                let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+                enqueued?;
+                let graph = graph?.ok_or_else(|| CudaError::Unsupported(format!("empty graph for batch {b}")))?;
+                graphs.push((b, class, Graph(graph)));
+            }
         }
-        tracing::info!(buckets = ?sizes, max_ctx, ms = started.elapsed().as_millis() as u64, "captured decode CUDA graphs");
-        self.graphs = Some(DecodeGraphs { graphs, meta, max_ctx, blocks_per_seq: bps, num_parts, host });
+        tracing::info!(buckets = ?sizes, ctx_classes = ?classes, ms = started.elapsed().as_millis() as u64, "captured decode CUDA graphs");
+        self.graphs = Some(DecodeGraphs { graphs, meta, blocks_per_seq: bps, host });
         Ok(())
     }
 
     /// The bucket index a decode step can replay, if any.
     pub(super) fn graph_for(&self, batch: &ForwardBatch<'_>) -> Option<usize> {
         let g = self.graphs.as_ref().filter(|_| self.use_graphs)?;
-        let fits = batch.seqs.iter().all(|s| s.tokens.len() == 1 && s.logits == LogitsWanted::Last && s.start_pos < g.max_ctx);
-        if !fits || batch.seqs.is_empty() {
+        if batch.seqs.is_empty() || !batch.seqs.iter().all(|s| s.tokens.len() == 1 && s.logits == LogitsWanted::Last) {
             return None;
         }
-        g.graphs.iter().position(|(b, _)| *b >= batch.seqs.len())
+        let ctx = batch.seqs.iter().map(|s| s.start_pos + 1).max()?;
+        g.graphs.iter().position(|&(b, class, _)| ctx <= class && b >= batch.seqs.len())
     }
 
     /// Replays bucket `idx` for `batch`: afterwards `scratch.logits` / `scratch.ids` hold its rows in batch order.
@@ -121,8 +138,7 @@ impl CudaBackend {
         Self::pack_graph_meta(&mut g.host, batch, b, g.blocks_per_seq, block_size);
         let mut dst = g.meta.slice_mut(..g.host.len());
         self.stream.memcpy_htod(&g.host, &mut dst)?;
-        debug_assert!(g.num_parts > 0);
-        g.graphs[idx].1.0.launch()?;
+        g.graphs[idx].2.0.launch()?;
         Ok(())
     }
 }

@@ -84,6 +84,49 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Milliseconds (device events, median of 5) for just the linear layers of one decode step of `rows` rows:
+    /// every layer's QKV, o_proj, gate/up and down, then the lm_head, through the same routing as a step.
+    pub fn time_decode_linears(&self, rows: usize) -> Result<f64, CudaError> {
+        let c = &self.config;
+        let st = &self.stream;
+        let sc = &self.scratch;
+        let rows = rows.min(sc.rows).min(sc.logits.len() / c.vocab_size);
+        let (h, act) = (sc.h.device_ptr(st).0, sc.act.device_ptr(st).0);
+        // SAFETY: h and act hold scratch.rows rows of their widths.
+        unsafe {
+            self.kernels.fill_random_bf16(h, sc.h.len(), 3, 1.0, 0.0)?;
+            self.kernels.fill_random_bf16(act, sc.act.len(), 4, 1.0, 0.0)?;
+        }
+        let (qkv, proj, gate_up, logits) = (sc.qkv.device_ptr(st).0, sc.proj.device_ptr(st).0, sc.gate_up.device_ptr(st).0, sc.logits.device_ptr(st).0);
+        let (hd, hidden, ffn) = (c.head_dim, c.hidden_size, c.intermediate_size);
+        let qkv_width = (c.num_heads + 2 * c.num_kv_heads) * hd;
+        let step = || -> Result<(), CudaError> {
+            // SAFETY: every operand is a scratch buffer sized for ≥ rows rows of its width, or a weight.
+            unsafe {
+                for lw in &self.weights.layers {
+                    self.linear(h, lw.qkv.ptr(st), qkv, rows, hidden, qkv_width)?;
+                    self.linear(act, lw.wo.ptr(st), proj, rows, c.num_heads * hd, hidden)?;
+                    self.linear(h, lw.gate_up.ptr(st), gate_up, rows, hidden, 2 * ffn)?;
+                    self.linear(act, lw.down.ptr(st), proj, rows, ffn, hidden)?;
+                }
+                self.linear(h, self.weights.lm_head().ptr(st), logits, rows, hidden, c.vocab_size)
+            }
+        };
+        step()?;
+        let ctx = st.context();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let (a, b) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
+            a.record(st)?;
+            step()?;
+            b.record(st)?;
+            b.synchronize()?;
+            times.push(f64::from(a.elapsed_ms(&b)?));
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[2])
+    }
+
     /// `((in, out), rows)`: our kernel serves this shape up to `rows` rows.
     pub fn gemv_table(&self) -> &[((usize, usize), usize)] {
         &self.gemv_rows
