@@ -4,10 +4,10 @@
 //! metadata (padding rows write no KV: slot −1), uploads it in one copy and launches the graph. Everything else runs
 //! eagerly.
 //!
-//! Graphs are captured per (batch bucket, context class): a class covers contexts up to its length in a fixed
-//! number of partitions chosen for that bucket (enough blocks to fill the GPU, as the eager path does), so the grid
-//! does not depend on the step; partitions past a row's context do no work. Contexts beyond the largest class run
-//! eagerly.
+//! Graphs are captured per (batch bucket, context class): a class covers contexts up to its length with a fixed
+//! partition size, so the grid does not depend on the step (partitions past a row's context do no work). The size
+//! is chosen so that a context at the class's lower end still gives enough blocks to fill the GPU, as the eager
+//! path's partitioning does. Contexts beyond the largest class run eagerly.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
@@ -18,7 +18,7 @@ use super::step::Layout;
 use crate::backend::{ForwardBatch, LogitsWanted};
 
 /// Context classes (longest context each graph covers).
-const CTX_CLASSES: &[usize] = &[1024, 4096];
+const CTX_CLASSES: &[usize] = &[2048, 8192];
 /// Keys per partition, at least.
 const MIN_PART: usize = 128;
 const BUCKETS: &[usize] = &[1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
@@ -51,16 +51,20 @@ impl DecodeGraphs {
 }
 
 impl CudaBackend {
-    /// Partitions for a graph of `b` rows over contexts up to `class`.
-    fn graph_parts(&self, b: usize, class: usize) -> usize {
+    /// (partition size, partitions) for a graph of `b` rows over contexts in `(lower, class]`.
+    fn graph_parts(&self, b: usize, lower: usize, class: usize) -> (usize, usize) {
         let c = &self.config;
-        let want = (8 * self.num_sms).div_ceil(b * c.num_kv_heads).clamp(1, class.div_ceil(MIN_PART));
-        want.min((self.scratch.part_out.len() / (b * c.num_heads * c.head_dim)).max(1))
+        let want = (8 * self.num_sms).div_ceil(b * c.num_kv_heads);
+        let mut size = (lower.max(1) / want).max(MIN_PART);
+        while b * c.num_heads * class.div_ceil(size) * c.head_dim > self.scratch.part_out.len() {
+            size *= 2;
+        }
+        (size, class.div_ceil(size))
     }
 
-    fn graph_layout(&self, meta: &CudaSlice<i32>, b: usize, class: usize) -> Layout {
-        let parts = self.graph_parts(b, class);
-        Layout::packed(meta.device_ptr(&self.stream).0, b, b, self.attention_shape(b, class.div_ceil(parts), parts))
+    fn graph_layout(&self, meta: &CudaSlice<i32>, b: usize, lower: usize, class: usize) -> Layout {
+        let (size, parts) = self.graph_parts(b, lower, class);
+        Layout::packed(meta.device_ptr(&self.stream).0, b, b, self.attention_shape(b, size, parts))
     }
 
     /// Packs bucket `b`'s metadata for `batch` (empty: all padding) into `host`.
@@ -97,12 +101,13 @@ impl CudaBackend {
         let mut host = Vec::new();
         let mut graphs = Vec::new();
         let started = std::time::Instant::now();
-        for &class in &classes {
+        for (ci, &class) in classes.iter().enumerate() {
+            let lower = if ci == 0 { class / 4 } else { classes[ci - 1] };
             for &b in &sizes {
                 Self::pack_graph_meta(&mut host, &ForwardBatch::default(), b, bps, self.block_size);
                 // Padding-only metadata, so the warm-up run below reads valid addresses.
                 self.stream.memcpy_htod(&host, &mut meta.slice_mut(..host.len()))?;
-                let layout = self.graph_layout(&meta, b, class);
+                let layout = self.graph_layout(&meta, b, lower, class);
                 // Warm-up outside capture (cuBLAS picks and caches its kernels here).
                 self.launch(&layout)?;
                 self.launch_logits(0, b, true)?;
