@@ -146,6 +146,7 @@ extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* _
 #define ATT_WARPS 4
 #define ATT_MAX_GROUP 8
 #define ATT_MAX_HD 128
+#define ATT_V_CHUNK 16
 
 // 8 bf16 (one 16-byte load) as floats.
 __device__ __forceinline__ void load8(const bf16* p, float* out) {
@@ -163,13 +164,12 @@ __device__ __forceinline__ void load8(const bf16* p, float* out) {
 // with ctx_len 0 are skipped (they take the dense path). One block handles one row, one KV head (all `group` query
 // heads sharing it, so K/V are read once for the group) and one partition of `part_size` positions.
 //
-// Each warp takes 8 positions per iteration. Scores: four lanes per key, each with a quarter of the K row (16-byte
-// loads), reduced over the four by two shuffles. P·V: lanes own HD/32 output dimensions and read the 8 V rows
-// coalesced, with p broadcast by shuffle. Every K and V load of an iteration is issued before any is used (one
-// memory round trip per iteration), and the few registers this needs keep many warps resident: decode attention
-// is bandwidth-bound. With num_parts == 1 it writes the normalized bf16 output out[r, head·HD + d]; otherwise
-// unnormalized partials (part_out[r, head, p, d], part_ml[r, head, p, {max, sum}]) for attention_reduce.
-// Twin: attend_one. grid (T, n_kv, num_parts), block (32·ATT_WARPS).
+// Each warp takes 32 positions per iteration, one per lane: a lane computes its key's scores for the group with
+// 16-byte loads of the whole K row (all in flight at once), the warp folds the 32 scores into its online softmax,
+// then lanes switch to owning head dimensions and accumulate P·V over the 32 rows (coalesced V loads, p broadcast
+// by shuffle). With num_parts == 1 it writes the normalized bf16 output out[r, head·HD + d]; otherwise unnormalized
+// partials (part_out[r, head, p, d], part_ml[r, head, p, {max, sum}]) for attention_reduce. Twin: attend_one.
+// grid (T, n_kv, num_parts), block (32·ATT_WARPS).
 template <int HD, int MAXG>
 __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* __restrict__ k_cache,
                                      const bf16* __restrict__ v_cache, const int* __restrict__ tables,
@@ -177,11 +177,9 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
                                      bf16* __restrict__ out, float* __restrict__ part_out,
                                      float* __restrict__ part_ml, int n_heads, int n_kv, int row_stride,
                                      int block_size, float scale, int part_size, int num_parts) {
-    constexpr int DQ = HD / 4;    // K dimensions per lane in the score phase
-    constexpr int EPL = HD / 32;  // output dimensions per lane in the P·V phase
+    constexpr int EPL = HD / 32;  // output dimensions per lane
     const int r = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int kj = lane >> 2, quarter = lane & 3;
     const int group = n_heads / n_kv;
     const int ctx = ctx_len[r];
     const int start = part * part_size;
@@ -207,70 +205,84 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
         for (int e = 0; e < EPL; e++) acc[g][e] = 0.0f;
     }
     const int* table = tables + table_off[r];
-    for (int t0 = start + warp * 8; t0 < end; t0 += ATT_WARPS * 8) {
-        const int t = t0 + kj;
+    for (int t0 = start + warp * 32; t0 < end; t0 += ATT_WARPS * 32) {
+        const int t = t0 + lane;
         const bool valid = t < end;
-        const int nvalid = min(8, end - t0);
         const long long slot = valid ? (long long)table[t / block_size] * block_size + t % block_size : 0;
-        // Issue every load of the iteration: this lane's quarter of its key's K row, and its dimensions of the 8 V rows.
-        uint4 kr[DQ / 8];
+        // Scores of this lane's key for every query head of the group: the whole K row is loaded (raw bf16 pairs,
+        // all 16-byte loads in flight), then converted as it is consumed.
+        float s[MAXG];
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) s[g] = 0.0f;
         if (valid) {
-            const uint4* kp = reinterpret_cast<const uint4*>(k_cache + slot * kv_width + kvh * HD + quarter * DQ);
+            const uint4* kp = reinterpret_cast<const uint4*>(k_cache + slot * kv_width + kvh * HD);
+            uint4 kr[HD / 8];
 #pragma unroll
-            for (int c = 0; c < DQ / 8; c++) kr[c] = kp[c];
-        }
-        unsigned int vr[8][EPL / 2];
+            for (int c = 0; c < HD / 8; c++) kr[c] = kp[c];
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const long long sj = __shfl_sync(0xffffffffu, slot, j * 4);
-            if (j < nvalid) {
-                const unsigned int* vp =
-                    reinterpret_cast<const unsigned int*>(v_cache + sj * kv_width + kvh * HD + lane * EPL);
+            for (int g = 0; g < MAXG; g++) {
+                if (g < group) {
+                    float dot = 0.0f;
 #pragma unroll
-                for (int e = 0; e < EPL / 2; e++) vr[j][e] = vp[e];
+                    for (int c = 0; c < HD / 8; c++) {
+                        // Every lane reads the same q: two broadcast 16-byte shared loads per 8 dimensions.
+                        const float4 qa = *reinterpret_cast<const float4*>(&q_s[g][c * 8]);
+                        const float4 qb = *reinterpret_cast<const float4*>(&q_s[g][c * 8 + 4]);
+                        dot += qa.x * __uint_as_float(kr[c].x << 16) + qa.y * __uint_as_float(kr[c].x & 0xffff0000u);
+                        dot += qa.z * __uint_as_float(kr[c].y << 16) + qa.w * __uint_as_float(kr[c].y & 0xffff0000u);
+                        dot += qb.x * __uint_as_float(kr[c].z << 16) + qb.y * __uint_as_float(kr[c].z & 0xffff0000u);
+                        dot += qb.z * __uint_as_float(kr[c].w << 16) + qb.w * __uint_as_float(kr[c].w & 0xffff0000u);
+                    }
+                    s[g] = dot;
+                }
             }
         }
-        // Scores (the 4 lanes of a key end up with the same value), then the online softmax update.
+        const int nvalid = min(32, end - t0);
         float p[MAXG];
 #pragma unroll
         for (int g = 0; g < MAXG; g++) {
             if (g < group) {
-                float d = 0.0f;
-                if (valid) {
-                    const float* q = &q_s[g][quarter * DQ];
-#pragma unroll
-                    for (int c = 0; c < DQ / 8; c++) {
-                        const unsigned int w[4] = {kr[c].x, kr[c].y, kr[c].z, kr[c].w};
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            d += q[c * 8 + 2 * i] * __uint_as_float(w[i] << 16);
-                            d += q[c * 8 + 2 * i + 1] * __uint_as_float(w[i] & 0xffff0000u);
-                        }
-                    }
-                }
-                d += __shfl_xor_sync(0xffffffffu, d, 1);
-                d += __shfl_xor_sync(0xffffffffu, d, 2);
-                const float sg = valid ? d : -INFINITY;
-                const float m_new = fmaxf(m[g], warp_max(sg));  // key t0 is valid, so m_new is finite
+                const float sg = valid ? s[g] : -INFINITY;
+                const float m_new = fmaxf(m[g], warp_max(sg));  // lane 0's key is valid, so m_new is finite
                 const float corr = __expf(m[g] - m_new);
                 p[g] = valid ? __expf(sg - m_new) : 0.0f;
-                l[g] = l[g] * corr + warp_sum(quarter == 0 ? p[g] : 0.0f);
+                l[g] = l[g] * corr + warp_sum(p[g]);
 #pragma unroll
                 for (int e = 0; e < EPL; e++) acc[g][e] *= corr;
                 m[g] = m_new;
             }
         }
+        // P·V: lanes own dimensions lane·EPL .. +EPL. V rows come ATT_V_CHUNK at a time, all loaded before use
+        // (raw bf16 pairs), then accumulated with p broadcast by shuffle.
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            if (j < nvalid) {
+        for (int j0 = 0; j0 < 32; j0 += ATT_V_CHUNK) {
+            if (j0 < nvalid) {
+                unsigned int vr[ATT_V_CHUNK][EPL / 2];
 #pragma unroll
-                for (int g = 0; g < MAXG; g++) {
-                    if (g < group) {
-                        const float pj = __shfl_sync(0xffffffffu, p[g], j * 4);
+                for (int u = 0; u < ATT_V_CHUNK; u++) {
+                    const int j = j0 + u;
+                    const long long sj = __shfl_sync(0xffffffffu, slot, j);
+                    if (j < nvalid) {
+                        const unsigned int* vp =
+                            reinterpret_cast<const unsigned int*>(v_cache + sj * kv_width + kvh * HD + lane * EPL);
 #pragma unroll
-                        for (int e = 0; e < EPL / 2; e++) {
-                            acc[g][2 * e] += pj * __uint_as_float(vr[j][e] << 16);
-                            acc[g][2 * e + 1] += pj * __uint_as_float(vr[j][e] & 0xffff0000u);
+                        for (int e = 0; e < EPL / 2; e++) vr[u][e] = vp[e];
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < ATT_V_CHUNK; u++) {
+                    const int j = j0 + u;
+                    if (j < nvalid) {
+#pragma unroll
+                        for (int g = 0; g < MAXG; g++) {
+                            if (g < group) {
+                                const float pj = __shfl_sync(0xffffffffu, p[g], j);
+#pragma unroll
+                                for (int e = 0; e < EPL / 2; e++) {
+                                    acc[g][2 * e] += pj * __uint_as_float(vr[u][e] << 16);
+                                    acc[g][2 * e + 1] += pj * __uint_as_float(vr[u][e] & 0xffff0000u);
+                                }
+                            }
                         }
                     }
                 }
