@@ -52,7 +52,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _start_server() -> tuple[subprocess.Popen, str, Path]:
+def _start_server(extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, Path]:
     binary = Path(os.environ.get("FERRITE_BIN", REPO / "target" / "release" / "ferrite"))
     if not binary.is_file():
         pytest.fail(f"server binary not found: {binary} (build with `cargo build --release --bin ferrite` or set FERRITE_BIN)")
@@ -63,7 +63,7 @@ def _start_server() -> tuple[subprocess.Popen, str, Path]:
     for _attempt in range(3):
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
-        cmd = [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port), "--served-model-name", ALIAS]
+        cmd = [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port), "--served-model-name", ALIAS, *extra_args]
         with open(log, "ab") as f:
             f.write(f"$ {' '.join(cmd)}\n".encode())
             f.flush()
@@ -102,6 +102,25 @@ def base_url():
             print(f"\nferrite serve log: {log}")
         else:
             log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start_server():
+    """Starts extra `ferrite serve` processes with more arguments (stopped at the end of the test): returns the base
+    URL. Skipped when the suite runs against an external server."""
+    if os.environ.get("FERRITE_BASE_URL"):
+        pytest.skip("needs to start its own server")
+    started = []
+
+    def start(*extra_args: str) -> str:
+        proc, base, log = _start_server(tuple(extra_args))
+        started.append((proc, log))
+        return base
+
+    yield start
+    for proc, log in started:
+        _stop(proc)
+        log.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ALIAS, load_reference
+from conftest import ALIAS, REQUEST_TIMEOUT_S, load_reference
 
 EOS_ID = 2
 IM_END = "<|im_end|>"
@@ -524,6 +524,34 @@ def test_disconnect_frees_resources(base_url, http, model):
     assert running == 0 and used == 0, f"running={running} kv used={used} 5 s after the disconnect"
     if aborts_before is not None:
         assert metric(text, "ferrite_worker_aborts_total") > aborts_before, "the disconnected request was not aborted"
+
+
+def test_queue_full_gives_429(start_server):
+    """With one request allowed in flight, a second gets 429 (the SDK's RateLimitError, OpenAI envelope), and the
+    server serves again once the first is gone."""
+    base = start_server("--max-concurrent-requests", "1")
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=base, timeout=60) as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the first request is running
+            with pytest.raises(openai.RateLimitError) as err:
+                c.completions.create(model=ALIAS, prompt="Hello", max_tokens=4)
+            assert err.value.status_code == 429
+            envelope = err.value.response.json()["error"]
+            assert envelope["type"] and envelope["code"] and envelope["message"]
+    # The first stream is closed: its permit comes back (the disconnect aborts it).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            out = c.completions.create(model=ALIAS, prompt="Hello", max_tokens=4)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "still 429 10 s after the first request ended"
+            time.sleep(0.2)
+    assert out.usage.completion_tokens == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
