@@ -4,6 +4,7 @@
 //! request on the worker.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ferrite_common::proto::worker as pb;
 use tokio::sync::mpsc;
@@ -27,7 +28,8 @@ pub struct TokenLogprob {
 pub enum Event {
     /// The first message arrived from the worker (the response can start).
     Started,
-    Delta { index: u32, text: String, logprobs: Vec<TokenLogprob> },
+    /// `received`: when the worker message carrying it arrived (router latency is measured from there).
+    Delta { index: u32, text: String, logprobs: Vec<TokenLogprob>, received: Instant },
     Finish { index: u32, reason: &'static str },
     Usage { prompt: u32, completion: u32, cached: u32 },
     Error(ApiError),
@@ -67,7 +69,7 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
     if valid.echo {
         let echo = text.tokenizer.decode(prompt, false).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         for i in 0..n {
-            if tx.send(Event::Delta { index: base + i, text: echo.clone(), logprobs: Vec::new() }).await.is_err() {
+            if tx.send(Event::Delta { index: base + i, text: echo.clone(), logprobs: Vec::new(), received: Instant::now() }).await.is_err() {
                 return Ok(());
             }
         }
@@ -88,6 +90,7 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
             Ok(None) => return Err(ApiError::new(ErrorKind::Internal, "the worker stream ended before the request finished")),
             Err(s) => return Err(status_to_api(&s)),
         };
+        let received = Instant::now();
         match msg.kind {
             Some(pb::generate_response::Kind::Chunk(c)) => {
                 if c.index == 0 {
@@ -109,12 +112,12 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
                     let index = base + c.index;
                     let ev = match ch.jail.push(&piece) {
                         JailOutput::Emit(t) if t.is_empty() && logprobs.is_empty() => None,
-                        JailOutput::Emit(t) => Some(Event::Delta { index, text: t, logprobs }),
+                        JailOutput::Emit(t) => Some(Event::Delta { index, text: t, logprobs, received }),
                         JailOutput::Stopped { text: t, .. } => {
                             ch.done = true;
                             remaining -= 1;
                             completion += ch.tokens;
-                            if tx.send(Event::Delta { index, text: t, logprobs }).await.is_err() {
+                            if tx.send(Event::Delta { index, text: t, logprobs, received }).await.is_err() {
                                 return Ok(());
                             }
                             Some(Event::Finish { index, reason: "stop" })
@@ -141,7 +144,7 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
                 completion += ch.tokens;
                 let index = base + f.index;
                 let rest = ch.jail.flush();
-                if !rest.is_empty() && tx.send(Event::Delta { index, text: rest, logprobs: Vec::new() }).await.is_err() {
+                if !rest.is_empty() && tx.send(Event::Delta { index, text: rest, logprobs: Vec::new(), received }).await.is_err() {
                     return Ok(());
                 }
                 if tx.send(Event::Finish { index, reason: reason(f.reason) }).await.is_err() {

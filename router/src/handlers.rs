@@ -76,7 +76,7 @@ fn request_id(prefix: &str) -> String {
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let t0 = Instant::now();
-    let resp = match completions_inner(&st, body).await {
+    let resp = match completions_inner(&st, body, t0).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -86,7 +86,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let t0 = Instant::now();
-    let resp = match chat_inner(&st, body).await {
+    let resp = match chat_inner(&st, body, t0).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -105,7 +105,7 @@ fn record(st: &AppState, ep: Endpoint, resp: &Response, t0: Instant) {
     }
 }
 
-async fn completions_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0: Instant) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     let model = st.resolve_model(&req.model)?;
     let prompts = match req.prompt {
@@ -125,7 +125,7 @@ async fn completions_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejectio
     }
     let logprobs = req.logprobs.map_or(LogprobsMode::None, LogprobsMode::Completion);
     let valid = validate(req.common, prompts, Some(req.max_tokens.unwrap_or(16)), |_| 16, logprobs, req.echo, st.limits)?;
-    run(st, valid, model, Endpoint::Completions).await
+    run(st, valid, model, Endpoint::Completions, t0).await
 }
 
 fn flatten(c: Option<Content>) -> String {
@@ -136,7 +136,7 @@ fn flatten(c: Option<Content>) -> String {
     }
 }
 
-async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0: Instant) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse(body)?;
     let model = st.resolve_model(&req.model)?;
     if req.messages.is_empty() {
@@ -154,7 +154,7 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> 
     let max_model_len = st.limits.max_model_len;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let valid = validate(req.common, vec![ids], max_tokens, |p| max_model_len.saturating_sub(p) as u32, logprobs, false, st.limits)?;
-    run(st, valid, model, Endpoint::Chat).await
+    run(st, valid, model, Endpoint::Chat, t0).await
 }
 
 /// Starts one driver per prompt; all send into one channel.
@@ -166,12 +166,13 @@ fn spawn_drivers(st: &Arc<AppState>, valid: &Arc<ValidRequest>, id: &str) -> mps
     rx
 }
 
-async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoint) -> Result<Response, ApiError> {
+async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoint, arrived: Instant) -> Result<Response, ApiError> {
     let permit = Arc::clone(&st.permits)
         .try_acquire_owned()
         .map_err(|_| ApiError::new(ErrorKind::RateLimited, "Too many requests in flight; retry later."))?;
     let valid = Arc::new(valid);
     let id = request_id(if ep == Endpoint::Chat { "chatcmpl" } else { "cmpl" });
+    st.metrics.prepare.with_label_values(&[ep.label()]).observe(arrived.elapsed().as_secs_f64());
     let t0 = Instant::now();
     let mut rx = spawn_drivers(st, &valid, &id);
     let writer = Writer { st: Arc::clone(st), valid: Arc::clone(&valid), id, model, created: now(), ep };
@@ -276,7 +277,7 @@ impl Writer {
         while let Some(ev) = rx.recv().await {
             match ev {
                 Event::Started => {}
-                Event::Delta { index, text, logprobs } => {
+                Event::Delta { index, text, logprobs, .. } => {
                     let a = &mut acc[index as usize];
                     a.text.push_str(&text);
                     a.lps.extend(logprobs);
@@ -356,16 +357,20 @@ impl Writer {
                 }
             }
         }
+        let token_hist = self.st.metrics.token.with_label_values(&[self.ep.label()]);
         while let Some(ev) = rx.recv().await {
+            let mut received = None;
             let item = match ev {
                 Event::Started => continue,
-                Event::Delta { index, text, logprobs } => match self.ep {
+                Event::Delta { index, text, logprobs, received: r } => match self.ep {
                     Endpoint::Chat => {
+                        received = Some(r);
                         let lp = self.wants_logprobs().then(|| self.chat_logprobs(&logprobs));
                         let delta = ChatDelta { role: None, content: Some(text) };
                         Self::chunk(&self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None))
                     }
                     Endpoint::Completions => {
+                        received = Some(r);
                         let lp = self.wants_logprobs().then(|| self.completion_logprobs(&logprobs, &mut offsets[index as usize]));
                         Self::chunk(&self.completion_chunk(vec![CompletionChoice { index, text, logprobs: lp, finish_reason: None }], None))
                     }
@@ -394,6 +399,9 @@ impl Writer {
             };
             if out.send(item).await.is_err() {
                 return; // client gone: dropping `rx` stops the drivers, whose leases abort the worker requests
+            }
+            if let Some(r) = received {
+                token_hist.observe(r.elapsed().as_secs_f64());
             }
         }
         if self.valid.include_usage {

@@ -37,6 +37,11 @@ pub struct RouterMetrics {
     pub requests: IntCounterVec,
     pub ttft: HistogramVec,
     pub e2e: HistogramVec,
+    /// The router's own time before the worker sees a request: parse, chat template, tokenize, validate.
+    pub prepare: HistogramVec,
+    /// The router's own time per streamed token: from the worker's chunk arriving to its SSE event being handed to
+    /// the HTTP body (detokenize, stop-string jail, JSON, channels).
+    pub token: HistogramVec,
 }
 
 impl RouterMetrics {
@@ -49,7 +54,18 @@ impl RouterMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(e2e.clone()))?;
-        Ok(Self { registry, requests, ttft, e2e })
+        let fine = vec![1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1];
+        let prepare = HistogramVec::new(
+            HistogramOpts::new("ferrite_router_prepare_seconds", "Router time before the worker sees a request").buckets(fine.clone()),
+            &["endpoint"],
+        )?;
+        let token = HistogramVec::new(
+            HistogramOpts::new("ferrite_router_token_seconds", "Router time per streamed token (worker chunk in, SSE event out)").buckets(fine),
+            &["endpoint"],
+        )?;
+        registry.register(Box::new(prepare.clone()))?;
+        registry.register(Box::new(token.clone()))?;
+        Ok(Self { registry, requests, ttft, e2e, prepare, token })
     }
 }
 

@@ -131,6 +131,16 @@ def test_metrics_endpoint(http):
     assert metric(r.text, "ferrite_worker_kv_blocks", {"state": "used"}) is not None, r.text[:2000]
 
 
+def test_router_latency_histograms(client, model, http):
+    """The router's own time (before the worker, and per streamed token) is exported for Prometheus."""
+    stream_completion(client, model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+    text = http.get("/metrics").text
+    prepared = metric(text, "ferrite_router_prepare_seconds_count", {"endpoint": "completions"})
+    tokens = metric(text, "ferrite_router_token_seconds_count", {"endpoint": "completions"})
+    assert prepared and prepared >= 1, text[:3000]
+    assert tokens and tokens >= 8, text[:3000]
+
+
 def test_models_list(client, model):
     models = client.models.list()
     ids = [m.id for m in models.data]
