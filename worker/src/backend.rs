@@ -91,6 +91,14 @@ pub trait Backend: Send {
     /// Runs one step: writes the new tokens' K/V into the cache at their block-table slots, returns the logits asked
     /// for.
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError>;
+
+    /// Runs a step and returns the greedy token (argmax, lowest id on ties, NaN never wins) of each sequence that
+    /// asked for logits, in batch order. Equal to `forward` + argmax; backends that can take the argmax where the
+    /// logits are (the GPU) override it so only token ids come back.
+    fn forward_greedy(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<u32>, BackendError> {
+        let l = self.forward(batch)?;
+        Ok((0..batch.seqs.len()).filter_map(|i| l.last(i).map(ferrite_kernels::cpu::ops::argmax)).collect())
+    }
 }
 
 /// Validates a batch against the model and KV geometry (shared by backends, so errors are identical).

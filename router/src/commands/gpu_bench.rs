@@ -16,7 +16,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use ferrite_common::config::{LlamaConfig, RopeStyle};
 use ferrite_common::model::ModelFiles;
 use ferrite_kernels::cuda::{CudaKernels, Gemm};
-use ferrite_worker::backend::{ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cuda::{CudaBackend, CudaOptions};
 use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
 use serde_json::json;
@@ -136,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => (CudaBackend::random(&llama_8b_config(), &opts, 1234)?, "llama-3.1-8b shape, random bf16 weights".into()),
     };
     backend.randomize_kv(99)?;
-    let c = ferrite_worker::backend::Backend::config(&backend).clone();
+    let c = backend.config().clone();
     println!("device: {}  model: {label}  (ready in {:.1} s)", backend.device_name(), t0.elapsed().as_secs_f64());
 
     let k = backend.kernels();

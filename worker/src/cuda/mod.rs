@@ -295,14 +295,6 @@ impl CudaBackend {
         self.kernels.check()
     }
 
-    /// Runs a step and returns the greedy token of every logit row (argmax on the device: only the ids cross PCIe).
-    pub fn forward_greedy(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<u32>, BackendError> {
-        validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
-        let mut ids = Vec::new();
-        self.run(batch, LogitsSink::Greedy(&mut ids)).map_err(device_err)?;
-        Ok(ids)
-    }
-
     fn dptr_u16(&self, s: &CudaSlice<u16>) -> u64 {
         s.device_ptr(&self.stream).0
     }
@@ -386,5 +378,13 @@ impl Backend for CudaBackend {
             start += k;
         }
         Ok(Logits { vocab: self.config.vocab_size, data, ranges })
+    }
+
+    /// Argmax on the device: only the ids cross PCIe.
+    fn forward_greedy(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<u32>, BackendError> {
+        validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
+        let mut ids = Vec::new();
+        self.run(batch, LogitsSink::Greedy(&mut ids)).map_err(device_err)?;
+        Ok(ids)
     }
 }

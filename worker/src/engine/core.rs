@@ -301,25 +301,43 @@ impl Engine {
                 })
                 .collect(),
         };
-        let result = self.backend.forward(&batch);
+        // When every sampled sequence is plain greedy, the backend takes the argmax itself (on a GPU only the ids
+        // cross PCIe); otherwise the logits come back for the sampler.
+        let greedy = plan.iter().filter(|p| p.sample).all(|p| {
+            let generated = self.sched.get(p.id).map_or(0, |s| s.num_generated());
+            self.seqs.get(&p.id).is_some_and(|m| m.sampler.is_plain_greedy(generated))
+        });
+        let result = if greedy { self.backend.forward_greedy(&batch).map(StepOut::Ids) } else { self.backend.forward(&batch).map(StepOut::Logits) };
         drop(batch);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.batch_tokens.store(plan.iter().map(|p| p.num_tokens as u64).sum(), Ordering::Relaxed);
-        let logits = match result {
-            Ok(l) => l,
+        let out = match result {
+            Ok(o) => o,
             Err(e) => return self.fail_step(plan, &e),
         };
         self.sched.complete(plan);
+        let mut greedy_ids = match &out {
+            StepOut::Ids(ids) => ids.iter().copied(),
+            StepOut::Logits(_) => [].iter().copied(),
+        };
         for (i, p) in plan.iter().enumerate() {
             if !p.sample {
                 continue;
             }
-            let Some(row) = logits.last(i) else { continue };
-            self.scratch.clear();
-            self.scratch.extend_from_slice(row);
             let meta = self.seqs.get_mut(&p.id).expect("sequence metadata exists");
             let generated = self.sched.get(p.id).map_or(0, |s| s.num_generated());
-            let (tok, lp) = meta.sampler.sample(&mut self.scratch, generated);
+            let (tok, lp) = match &out {
+                StepOut::Ids(_) => {
+                    let Some(tok) = greedy_ids.next() else { continue };
+                    (tok, None)
+                }
+                StepOut::Logits(logits) => {
+                    let Some(row) = logits.last(i) else { continue };
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(row);
+                    meta.sampler.sample(&mut self.scratch, generated)
+                }
+            };
             meta.sampler.record(tok);
             self.sched.append_token(p.id, tok);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -393,4 +411,10 @@ impl Engine {
         s.preemptions.store(self.sched.preemptions, Ordering::Relaxed);
         s.last_step_end_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
+}
+
+/// What a step's forward pass returned: greedy ids (taken by the backend) or logits for the sampler.
+enum StepOut {
+    Ids(Vec<u32>),
+    Logits(crate::backend::Logits),
 }

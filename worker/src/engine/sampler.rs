@@ -87,6 +87,19 @@ impl Sampler {
         }
     }
 
+    /// Whether the next token is plain argmax of the raw logits (greedy, no bias, no penalties, no logprobs, past
+    /// `min_tokens`), so the backend may take it where the logits are ([`crate::backend::Backend::forward_greedy`]).
+    pub fn is_plain_greedy(&self, num_generated: usize) -> bool {
+        let p = &self.params;
+        p.temperature < GREEDY_BELOW
+            && !self.logprobs
+            && p.logit_bias.is_empty()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && num_generated >= self.min_tokens
+    }
+
     /// Records a generated token for the penalties. The engine calls this after [`Sampler::sample`].
     pub fn record(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
