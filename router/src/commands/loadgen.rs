@@ -318,7 +318,10 @@ async fn run_async(a: Args) -> anyhow::Result<()> {
     }
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(conn);
+    // A fresh connection per request (loopback: ~0.1 ms, against requests of 100+ ms): reusing idle keep-alive
+    // connections races with servers that close them (llama-server does), which fails a request now and then with
+    // "connection closed before message completed" and would count against that server.
+    let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(conn);
     let mut ctx = Ctx { client, uri, auth: a.api_key.clone(), model: String::new(), a };
     ctx.model = match ctx.a.model.clone() {
         Some(m) => m,
