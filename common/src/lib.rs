@@ -22,5 +22,6 @@ pub mod hash;
 pub mod model;
 pub mod proto;
 pub mod sampling;
+pub mod shard;
 pub mod text;
 pub mod tokenizer;

@@ -195,6 +195,12 @@ impl ModelFiles {
         Ok(())
     }
 
+    /// The largest quantization block of the matrices (1 for float checkpoints): tensor-parallel splits of input
+    /// columns must be multiples of it.
+    pub fn max_block_size(&self) -> usize {
+        LlamaTensor::all(&self.config).into_iter().filter_map(|t| self.weight(t).ok()).map(|w| w.dtype.block_size()).max().unwrap_or(1)
+    }
+
     /// The tensor for `role`, checked against the config's shape.
     pub fn weight(&self, role: LlamaTensor) -> Result<WeightView<'_>, ModelError> {
         let expected = role.expected_shape(&self.config);

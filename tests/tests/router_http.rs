@@ -39,6 +39,7 @@ async fn stack_with(max_body_bytes: usize, max_concurrent_requests: usize) -> (a
         backend: Default::default(),
         cuda_device: 0,
         gpu_memory_utilization: 0.9,
+        tensor_parallel_size: 1,
     };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let engine = worker.engine.clone();

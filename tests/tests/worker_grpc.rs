@@ -32,6 +32,7 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
         backend: Default::default(),
         cuda_device: 0,
         gpu_memory_utilization: 0.9,
+        tensor_parallel_size: 1,
     };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let metrics = ferrite_worker::metrics::spawn(&worker.engine, "127.0.0.1:0".parse().unwrap()).await.unwrap();

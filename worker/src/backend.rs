@@ -70,6 +70,9 @@ pub enum BackendError {
     InvalidBlock { seq: usize, block: u32, num_blocks: usize },
     #[error("sequence {seq} has no tokens")]
     EmptySequence { seq: usize },
+    /// A tensor-parallel collective failed (a rank timed out or the group was aborted): the step is lost on every rank.
+    #[error("tensor-parallel collective failed: {0}")]
+    Collective(String),
     /// The device failed (a CUDA error): the step's output is lost and its KV writes are unspecified.
     #[error("device error: {0}")]
     Device(String),

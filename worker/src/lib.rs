@@ -8,6 +8,7 @@
 //! - [`engine`]: the serving engine — block pool with prefix caching, continuous-batching scheduler, sampler, and
 //!   the engine thread.
 //! - [`service`] / [`server`]: the gRPC worker service (token ids in, token ids out) and its startup.
+//! - [`tp`]: tensor parallelism — the in-process communicator and the rank-thread CPU backend.
 //! - [`metrics`]: Prometheus `/metrics` of a worker.
 //! - [`instant`]: a no-compute backend for measuring engine/gRPC/router overhead.
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
@@ -24,3 +25,4 @@ pub mod kv;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod tp;

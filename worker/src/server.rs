@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     /// CUDA: device ordinal and the fraction of its memory to use (weights + activations + KV cache).
     pub cuda_device: usize,
     pub gpu_memory_utilization: f32,
+    /// Tensor-parallel ranks (CPU backend: one thread per rank, each holding its shard).
+    pub tensor_parallel_size: usize,
 }
 
 /// The worker's compute backend.
@@ -71,6 +73,9 @@ impl WorkerConfig {
         }
         if self.max_num_batched_tokens == 0 || self.max_num_seqs == 0 {
             return err("--max-num-batched-tokens and --max-num-seqs must be > 0");
+        }
+        if self.tensor_parallel_size == 0 {
+            return err("--tensor-parallel-size must be at least 1");
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             return err("--gpu-memory-utilization must be in (0, 1]");
@@ -123,10 +128,19 @@ impl Worker {
             BackendKind::Cuda => {
                 return Err(WorkerError::Config("this binary was built without CUDA support (cargo build --features cuda)".into()));
             }
+            BackendKind::Cpu if cfg.tensor_parallel_size > 1 => {
+                let plan = ferrite_common::shard::ShardSpec::plan(c, cfg.tensor_parallel_size, files.max_block_size())
+                    .map_err(|e| WorkerError::Config(e.to_string()))?;
+                let opts = CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE };
+                Box::new(crate::tp::cpu::TpCpuBackend::load(&files, &opts, plan)?)
+            }
             BackendKind::Cpu => Box::new(CpuBackend::load(
                 &files,
                 &CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE },
             )?),
+            _ if cfg.tensor_parallel_size > 1 => {
+                return Err(WorkerError::Config("--tensor-parallel-size > 1 runs on the CPU backend only so far (the NCCL path is not built yet)".into()));
+            }
             BackendKind::Instant => Box::new(crate::instant::InstantBackend::new(c.clone(), num_blocks, DEFAULT_BLOCK_SIZE)),
         };
         // The backend decides: CUDA sizes its cache from free device memory.

@@ -53,6 +53,9 @@ pub struct EngineArgs {
     /// CUDA: device ordinal.
     #[arg(long, env = "FERRITE_CUDA_DEVICE", default_value_t = 0)]
     pub cuda_device: usize,
+    /// Tensor-parallel ranks for one model replica (CPU backend: a thread per rank, each loading only its shard).
+    #[arg(long, env = "FERRITE_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// Cap on the context length (0 = the model's).
     #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: usize,
@@ -82,6 +85,7 @@ impl EngineArgs {
             backend: self.backend.into(),
             cuda_device: self.cuda_device,
             gpu_memory_utilization: self.gpu_memory_utilization,
+            tensor_parallel_size: self.tensor_parallel_size,
         }
     }
 }

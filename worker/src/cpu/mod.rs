@@ -17,6 +17,8 @@ use ferrite_kernels::cpu::ops::{RopePairing, attend_one, rms_norm, rope, silu_mu
 use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
+use crate::tp::comm::Communicator;
+use ferrite_common::shard::ShardSpec;
 use weights::{LlamaWeights, WeightPrecision};
 
 /// CPU backend options.
@@ -75,9 +77,20 @@ struct Scratch {
     act: Vec<f32>,
 }
 
-/// The Llama model on CPU.
+/// A tensor-parallel rank's view of its group.
+struct TpRank {
+    comm: Arc<dyn Communicator>,
+    /// Every rank's lm_head vocabulary rows, in rank order.
+    vocab: Vec<std::ops::Range<usize>>,
+    /// The whole model's config (what the engine sees); `CpuBackend::config` is this rank's share.
+    full: LlamaConfig,
+}
+
+/// The Llama model on CPU (the whole model, or one tensor-parallel rank's shard of it).
 pub struct CpuBackend {
+    /// The model as this backend computes it: with tensor parallelism, the rank's own heads and FFN rows.
     config: LlamaConfig,
+    tp: Option<TpRank>,
     weights: LlamaWeights,
     inv_freq: Vec<f32>,
     pairing: RopePairing,
@@ -89,8 +102,22 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Loads weights from `model` (GGUF or HF directory) and allocates the KV store.
     pub fn load(model: &ModelFiles, opts: &CpuOptions) -> Result<Self, ModelError> {
-        let config = model.config.clone();
-        let weights = LlamaWeights::load(model, opts.precision)?;
+        Self::load_rank(model, opts, None)
+    }
+
+    /// Loads tensor-parallel rank `shard.rank` of `plan` (its weights only; a KV store for its KV heads only); its
+    /// steps all-reduce after o_proj and down and all-gather the logits through `comm`.
+    pub fn load_shard(model: &ModelFiles, opts: &CpuOptions, plan: &[ShardSpec], comm: Arc<dyn Communicator>) -> Result<Self, ModelError> {
+        let shard = &plan[comm.rank()];
+        let tp = TpRank { comm, vocab: plan.iter().map(|s| s.vocab.clone()).collect(), full: model.config.clone() };
+        Self::load_rank(model, opts, Some((shard, tp)))
+    }
+
+    fn load_rank(model: &ModelFiles, opts: &CpuOptions, shard: Option<(&ShardSpec, TpRank)>) -> Result<Self, ModelError> {
+        let (config, weights, tp) = match shard {
+            None => (model.config.clone(), LlamaWeights::load(model, opts.precision)?, None),
+            Some((s, tp)) => (s.local_config(&model.config), LlamaWeights::load_shard(model, opts.precision, Some(s))?, Some(tp)),
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.threads)
             .thread_name(|i| format!("ferrite-cpu-{i}"))
@@ -105,6 +132,7 @@ impl CpuBackend {
             inv_freq: config.rope_inv_freq(),
             kv: KvStore::new(&config, opts.num_kv_blocks, opts.block_size),
             config,
+            tp,
             weights,
             pairing,
             pool,
@@ -117,7 +145,15 @@ impl CpuBackend {
         self.weights.matrix_bytes()
     }
 
-    fn forward_inner(&mut self, batch: &ForwardBatch<'_>) -> Logits {
+    /// Sums a row-parallel layer's partial outputs over the tensor-parallel group (no-op without one).
+    fn all_reduce(tp: &Option<TpRank>, buf: &mut [f32]) -> Result<(), BackendError> {
+        match tp {
+            Some(t) => t.comm.all_reduce_sum(buf).map_err(|e| BackendError::Collective(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn forward_inner(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
         let c = &self.config;
         let (hidden, hd) = (c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
@@ -178,6 +214,7 @@ impl CpuBackend {
                 sc.attn.chunks_mut(hd).enumerate().for_each(|item| work(&mut scores, item));
             }
             matmul::matmul(&lw.wo, &sc.attn, t, &mut sc.proj);
+            Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
             sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
 
             // MLP block.
@@ -190,6 +227,7 @@ impl CpuBackend {
                 silu_mul(g, u, a);
             });
             matmul::matmul(&lw.down, &sc.act, t, &mut sc.proj);
+            Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
             sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
         }
 
@@ -216,7 +254,21 @@ impl CpuBackend {
         if !picked.is_empty() {
             matmul::matmul(self.weights.lm_head(), &normed, picked.len(), &mut data);
         }
-        Logits { vocab: c.vocab_size, data, ranges }
+        if let Some(tp) = &self.tp {
+            // Every rank computed its vocabulary slice of each row: gather, then interleave into full rows.
+            let mut all = Vec::new();
+            tp.comm.all_gather(&data, &mut all).map_err(|e| BackendError::Collective(e.to_string()))?;
+            let (rows, vocab) = (picked.len(), c.vocab_size);
+            data = vec![0f32; rows * vocab];
+            let mut off = 0;
+            for v in &tp.vocab {
+                for r in 0..rows {
+                    data[r * vocab + v.start..r * vocab + v.end].copy_from_slice(&all[off + r * v.len()..off + (r + 1) * v.len()]);
+                }
+                off += rows * v.len();
+            }
+        }
+        Ok(Logits { vocab: c.vocab_size, data, ranges })
     }
 }
 
@@ -228,7 +280,7 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 
 impl Backend for CpuBackend {
     fn config(&self) -> &LlamaConfig {
-        &self.config
+        self.tp.as_ref().map_or(&self.config, |t| &t.full)
     }
 
     fn info(&self) -> BackendInfo {
@@ -241,6 +293,6 @@ impl Backend for CpuBackend {
             return Ok(Logits { vocab: self.config.vocab_size, data: Vec::new(), ranges: Vec::new() });
         }
         let pool = Arc::clone(&self.pool);
-        Ok(pool.install(|| self.forward_inner(batch)))
+        pool.install(|| self.forward_inner(batch))
     }
 }

@@ -7,6 +7,8 @@ use ferrite_common::config::LlamaConfig;
 use ferrite_common::dtype::GgmlType;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::{LlamaTensor, ModelFiles, WeightView};
+use ferrite_common::shard::ShardSpec;
+use std::ops::Range;
 use ferrite_kernels::cpu::quant::{dequantize_row, supports_q16_dot};
 
 /// How the CPU backend keeps weights in memory.
@@ -97,6 +99,32 @@ impl Matrix {
 
     /// Stacks matrices with the same column count and format row-wise (fused QKV, fused gate/up). `None` if the
     /// formats differ.
+    /// Loads rows `rows` and columns `cols` of a `[rows, cols]` tensor (ranges clamped to the tensor; columns must
+    /// fall on the storage type's block boundaries).
+    fn load_slice(path: &std::path::Path, w: &WeightView<'_>, rows: Range<usize>, cols: Range<usize>, precision: WeightPrecision) -> Result<Self, ModelError> {
+        let (n_rows, n_cols) = match w.shape[..] {
+            [r, c] => (r, c),
+            _ => return Self::load(path, w, precision),
+        };
+        let rows = rows.start.min(n_rows)..rows.end.min(n_rows);
+        let cols = cols.start.min(n_cols)..cols.end.min(n_cols);
+        if rows == (0..n_rows) && cols == (0..n_cols) {
+            return Self::load(path, w, precision);
+        }
+        let malformed = |detail: String| ModelError::Malformed { path: path.into(), detail: format!("tensor `{}`: {detail}", w.name) };
+        let row_bytes = w.dtype.bytes_for(n_cols).ok_or_else(|| malformed(format!("{n_cols} columns are not whole {} blocks", w.dtype)))?;
+        let (c0, c1) = match (w.dtype.bytes_for(cols.start), w.dtype.bytes_for(cols.end)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Err(malformed(format!("columns {cols:?} do not fall on {} block boundaries", w.dtype))),
+        };
+        let mut data = Vec::with_capacity(rows.len() * (c1 - c0));
+        for r in rows.clone() {
+            data.extend_from_slice(&w.data[r * row_bytes + c0..r * row_bytes + c1]);
+        }
+        let view = WeightView { name: w.name.clone(), dtype: w.dtype, shape: vec![rows.len(), cols.len()], data: &data };
+        Self::load(path, &view, precision)
+    }
+
     fn concat_rows(parts: Vec<Matrix>) -> Result<Matrix, Vec<Matrix>> {
         let same = parts.windows(2).all(|p| match (&p[0], &p[1]) {
             (Matrix::Blocks { dtype: a, cols: ca, .. }, Matrix::Blocks { dtype: b, cols: cb, .. }) => a == b && ca == cb,
@@ -179,9 +207,36 @@ pub struct LlamaWeights {
 
 impl LlamaWeights {
     pub fn load(model: &ModelFiles, precision: WeightPrecision) -> Result<Self, ModelError> {
+        Self::load_shard(model, precision, None)
+    }
+
+    /// Loads only what tensor-parallel rank `shard` holds (see [`ShardSpec`]): its query/KV heads of Q/K/V and the
+    /// matching input columns of o_proj, its FFN rows of gate/up and columns of down, its vocabulary rows of the
+    /// lm_head (sliced from the embedding when tied); norms and the embedding whole. `None` loads everything.
+    pub fn load_shard(model: &ModelFiles, precision: WeightPrecision, shard: Option<&ShardSpec>) -> Result<Self, ModelError> {
         let c: &LlamaConfig = &model.config;
         let path = model.path.as_path();
-        let mat = |t: LlamaTensor| -> Result<Matrix, ModelError> { Matrix::load(path, &model.weight(t)?, precision) };
+        let hd = c.head_dim;
+        let all = |n: usize| 0..n;
+        // (rows, cols) of each role's full [out, in] matrix this rank loads.
+        let part = |t: LlamaTensor| -> (Range<usize>, Range<usize>) {
+            let Some(s) = shard else { return (all(usize::MAX), all(usize::MAX)) };
+            let full = usize::MAX;
+            match t {
+                LlamaTensor::Wq(_) => (s.q_rows(hd), all(full)),
+                LlamaTensor::Wk(_) | LlamaTensor::Wv(_) => (s.kv_rows(hd), all(full)),
+                LlamaTensor::Wo(_) => (all(full), s.q_rows(hd)),
+                LlamaTensor::Gate(_) | LlamaTensor::Up(_) => (s.ffn.clone(), all(full)),
+                LlamaTensor::Down(_) => (all(full), s.ffn.clone()),
+                LlamaTensor::LmHead | LlamaTensor::TokenEmbedding => (s.vocab.clone(), all(full)),
+                _ => (all(full), all(full)),
+            }
+        };
+        let mat = |t: LlamaTensor| -> Result<Matrix, ModelError> {
+            let (rows, cols) = part(t);
+            Matrix::load_slice(path, &model.weight(t)?, rows, cols, precision)
+        };
+        let whole = |t: LlamaTensor| -> Result<Matrix, ModelError> { Matrix::load(path, &model.weight(t)?, precision) };
         let vec = |t: LlamaTensor| -> Result<Vec<f32>, ModelError> {
             match Matrix::load(path, &model.weight(t)?, WeightPrecision::F32)? {
                 Matrix::F32 { data, .. } => Ok(data),
@@ -199,12 +254,13 @@ impl LlamaWeights {
                 down: mat(LlamaTensor::Down(l))?,
             });
         }
-        Ok(Self {
-            embedding: mat(LlamaTensor::TokenEmbedding)?,
-            layers,
-            output_norm: vec(LlamaTensor::OutputNorm)?,
-            lm_head: if c.tie_word_embeddings { None } else { Some(mat(LlamaTensor::LmHead)?) },
-        })
+        // With a shard, the lm_head is this rank's vocabulary rows (of the embedding when tied).
+        let lm_head = match (c.tie_word_embeddings, shard) {
+            (true, None) => None,
+            (true, Some(_)) => Some(mat(LlamaTensor::TokenEmbedding)?),
+            (false, _) => Some(mat(LlamaTensor::LmHead)?),
+        };
+        Ok(Self { embedding: whole(LlamaTensor::TokenEmbedding)?, layers, output_norm: vec(LlamaTensor::OutputNorm)?, lm_head })
     }
 
     /// Total bytes of all matrices as stored, counting the (tied) lm_head once more: decode reads the embedding
