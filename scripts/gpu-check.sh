@@ -6,6 +6,7 @@
 #   reference  the default model end to end against the transformers reference (needs both model parts)
 #   bench      `ferrite gpu-bench`: Llama-3.1-8B shape, random bf16 weights, decode at batch 1/8/32/64 with 1k
 #              context, 1k-token prefill, next to the card's measured copy bandwidth and GEMM rate
+#   nccl       the same with the all-reduces through NCCL at world size 1, plus an all-reduce of 8 KiB to 2 MiB
 #   torch      the PyTorch eager baseline of the same shape on the same card (scripts/gpu/torch_baseline.py)
 #   small      `ferrite gpu-bench` on the default model (needs both model parts)
 #   serve      `ferrite serve --backend cuda` on the default model, one chat completion over HTTP
@@ -14,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu
 OUT=${OUT:-$DIR/out}
-STEPS=${GPU_CHECK_STEPS:-parity,reference,bench,torch,small,serve}
+STEPS=${GPU_CHECK_STEPS:-parity,reference,bench,nccl,torch,small,serve}
 mkdir -p "$OUT"
 
 for f in "$DIR"/*.xz; do
@@ -29,7 +30,11 @@ fi
 # CUDA libraries: the driver's libcuda, and cuBLAS / NVRTC from the Python environment's nvidia wheels.
 NV=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
 LIBS=$( [[ -n $NV ]] && find "$NV" -maxdepth 3 -type d -name lib | tr '\n' ':')
-export LD_LIBRARY_PATH="${LIBS}/usr/local/nvidia/lib64:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The NCCL wheel ships libnccl.so.2; cudarc looks for libnccl.so.
+mkdir -p "$DIR/lib"
+NCCL=$( [[ -n $NV ]] && find "$NV" -name 'libnccl.so.2' | head -n 1)
+[[ -n $NCCL ]] && ln -sf "$NCCL" "$DIR/lib/libnccl.so"
+export LD_LIBRARY_PATH="$PWD/$DIR/lib:${LIBS}/usr/local/nvidia/lib64:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FERRITE_REQUIRE_CUDA=1 RUST_BACKTRACE=1
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -75,6 +80,7 @@ PY
   return $ok
 }
 want bench && step bench "$DIR/ferrite" gpu-bench --json-out "$OUT/ferrite_8b.json"
+want nccl && step nccl "$DIR/ferrite" gpu-bench --nccl --batch 1,64 --steps 10 --json-out "$OUT/ferrite_nccl.json"
 want torch && step torch python3 scripts/gpu/torch_baseline.py --out "$OUT/torch.json"
 if [[ -f $DIR/model.gguf ]]; then
   want small && step small "$DIR/ferrite" gpu-bench --model "$DIR/model.gguf" --json-out "$OUT/ferrite_small.json"

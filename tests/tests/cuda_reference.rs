@@ -17,9 +17,13 @@ use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 const BLOCKS: usize = 512;
 
 fn backend() -> Option<CudaBackend> {
+    backend_with(false)
+}
+
+fn backend_with(nccl_world1: bool) -> Option<CudaBackend> {
     let require = std::env::var_os("FERRITE_REQUIRE_CUDA").is_some_and(|v| v == "1");
     let model = ModelFiles::open(&default_model()).expect("open default model");
-    let opts = CudaOptions { max_kv_blocks: Some(BLOCKS), gpu_memory_utilization: 0.5, ..CudaOptions::default() };
+    let opts = CudaOptions { max_kv_blocks: Some(BLOCKS), gpu_memory_utilization: 0.5, nccl_world1, ..CudaOptions::default() };
     match std::panic::catch_unwind(|| CudaBackend::load(&model, &opts)) {
         Ok(Ok(b)) => Some(b),
         other => {
@@ -51,12 +55,25 @@ fn max_abs(v: &[f32]) -> f32 {
 #[test]
 fn cuda_matches_reference_logits_and_greedy_tokens() {
     let Some(mut b) = backend() else { return };
+    check_against_reference(&mut b);
+}
+
+/// The tensor-parallel code path on one GPU: the all-reduces after o_proj and down go through NCCL (world size 1).
+#[test]
+fn cuda_nccl_world1_matches_reference() {
+    let Some(mut b) = backend_with(true) else { return };
+    assert!(b.nccl().is_some_and(|c| c.world() == 1));
+    check_against_reference(&mut b);
+}
+
+fn check_against_reference(b: &mut CudaBackend) {
+    let b = &mut *b;
     eprintln!("device: {}", b.device_name());
     let (mut checked, mut skipped) = (0, 0);
     for case in ref_cases() {
         // Last prompt position against the full reference logits.
         let want = ref_logits(&case.name);
-        let logits = all_logits(&mut b, &case.prompt_ids);
+        let logits = all_logits(b, &case.prompt_ids);
         let got = logits.last().unwrap();
         let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let rel = err / max_abs(&want);
@@ -66,7 +83,7 @@ fn cuda_matches_reference_logits_and_greedy_tokens() {
         // Teacher-forced steps: our argmax must equal the reference where its margin beats our measured error.
         let mut forced = case.prompt_ids.clone();
         forced.extend(&case.greedy_ids);
-        let steps = all_logits(&mut b, &forced);
+        let steps = all_logits(b, &forced);
         let p = case.prompt_ids.len();
         let mut step_errs = Vec::new();
         for (i, &want_id) in case.greedy_ids.iter().enumerate() {

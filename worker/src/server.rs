@@ -122,6 +122,7 @@ impl Worker {
                     max_kv_blocks: None,
                     max_batch_tokens: cfg.max_num_batched_tokens,
                     graph_max_batch: cfg.max_num_seqs,
+                    nccl_world1: false,
                 },
             )?),
             #[cfg(not(feature = "cuda"))]

@@ -10,6 +10,7 @@
 //! launcher checks the launch itself; [`CudaKernels::check`] surfaces asynchronous faults.
 
 mod gemm;
+pub mod nccl;
 
 pub use gemm::{Gemm, Operand};
 

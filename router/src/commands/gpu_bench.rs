@@ -39,6 +39,9 @@ pub struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Run the all-reduces through NCCL (world size 1) and measure an all-reduce of 8 KiB to 2 MiB.
+    #[arg(long)]
+    nccl: bool,
 }
 
 /// Llama-3.1-8B's shape.
@@ -126,7 +129,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let per_seq = (a.ctx + 1).div_ceil(DEFAULT_BLOCK_SIZE);
     let blocks = 1 + (max_batch * per_seq).max(a.prefill_tokens.div_ceil(DEFAULT_BLOCK_SIZE));
-    let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), ..CudaOptions::default() };
+    let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), nccl_world1: a.nccl, ..CudaOptions::default() };
     let t0 = Instant::now();
     let (mut backend, label) = match &a.model {
         Some(p) => {
@@ -145,6 +148,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let gemm_prefill_tflops = gemm_rate(k, a.prefill_tokens, c.hidden_size, c.intermediate_size)?;
     println!("ceilings: copy {copy_gbs:.0} GB/s (read + write), bf16 GEMM 8192³ {gemm_tflops:.0} TFLOP/s, prefill-shape GEMM {gemm_prefill_tflops:.0} TFLOP/s");
 
+    let mut allreduce = Vec::new();
+    if let Some(comm) = backend.nccl() {
+        let stream = k.stream();
+        // SAFETY: filled before use below.
+        let buf = unsafe { stream.alloc::<f32>(1 << 19) }?;
+        let ptr = buf.device_ptr(stream).0;
+        print!("NCCL all-reduce (world {}), µs:", comm.world());
+        for kib in [8usize, 32, 128, 512, 2048] {
+            let n = kib * 1024 / 4;
+            // SAFETY: `buf` holds 2^19 ≥ n f32 on this device.
+            let ms = time_events(stream, 5, 50, || Ok(unsafe { comm.all_reduce_sum_f32(ptr, n, stream) }?))?;
+            print!(" {kib} KiB {:.1}", ms * 1e3);
+            allreduce.push(json!({"bytes": kib * 1024, "us": ms * 1e3}));
+        }
+        println!();
+    }
     let weight_bytes = backend.weight_bytes() as f64;
     let kv_width = c.num_kv_heads * c.head_dim;
     let mut rng_tok = 1u32;
@@ -226,7 +245,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let out = json!({
             "device": backend.device_name(), "model": label, "weight_bytes": weight_bytes,
             "copy_gbps": copy_gbs, "gemm_tflops_8192": gemm_tflops, "gemm_tflops_prefill_shape": gemm_prefill_tflops,
-            "decode": decode,
+            "decode": decode, "nccl_all_reduce": allreduce,
             "prefill": {"tokens": a.prefill_tokens, "ms": prefill_ms, "tflops": tflops, "fraction_of_gemm": tflops / gemm_tflops},
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;

@@ -22,6 +22,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use ferrite_common::config::LlamaConfig;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
+use ferrite_kernels::cuda::nccl::NcclComm;
 use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
@@ -41,11 +42,14 @@ pub struct CudaOptions {
     pub max_batch_tokens: usize,
     /// Capture decode CUDA graphs for batches up to this many sequences (0: always eager).
     pub graph_max_batch: usize,
+    /// Run the row-parallel all-reduces (after o_proj and down) through NCCL at world size 1: the tensor-parallel
+    /// code path, exercised on one GPU (NCCL cannot put two ranks on one device).
+    pub nccl_world1: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256 }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, nccl_world1: false }
     }
 }
 
@@ -134,6 +138,7 @@ pub struct CudaBackend {
     block_size: usize,
     scratch: Scratch,
     prefill_ws: PrefillWorkspace,
+    nccl: Option<NcclComm>,
     meta: CudaSlice<i32>,
     meta_host: Vec<i32>,
     graphs: Option<graphs::DecodeGraphs>,
@@ -241,6 +246,7 @@ impl CudaBackend {
             block_size: opts.block_size,
             scratch,
             prefill_ws,
+            nccl: if opts.nccl_world1 { Some(NcclComm::init(0, 1, ferrite_kernels::cuda::nccl::unique_id()?)?) } else { None },
             meta,
             meta_host: Vec::new(),
             graphs: None,
@@ -277,6 +283,11 @@ impl CudaBackend {
     /// Batch sizes with a captured decode graph.
     pub fn graph_buckets(&self) -> Vec<usize> {
         self.graphs.as_ref().map(graphs::DecodeGraphs::buckets).unwrap_or_default()
+    }
+
+    /// The NCCL communicator, when the backend runs its all-reduces through one.
+    pub fn nccl(&self) -> Option<&NcclComm> {
+        self.nccl.as_ref()
     }
 
     pub fn kernels(&self) -> &CudaKernels {

@@ -194,10 +194,16 @@ impl CudaBackend {
                     k.prefill_attention(g, &self.prefill_ws, &l.shape, qkv_r, len, start, kc, vc, table, out)?;
                 }
                 lin(attn, lw.wo.ptr(st), proj, n, q_width, hidden)?;
+                if let Some(c) = &self.nccl {
+                    c.all_reduce_sum_f32(proj, n * hidden, st)?;
+                }
                 k.add_rms_norm(x, proj, self.ptr_f32(&lw.ffn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
                 lin(h, lw.gate_up.ptr(st), gate_up, n, hidden, 2 * ffn)?;
                 k.silu_mul(gate_up, act, n, ffn)?;
                 lin(act, lw.down.ptr(st), proj, n, ffn, hidden)?;
+                if let Some(c) = &self.nccl {
+                    c.all_reduce_sum_f32(proj, n * hidden, st)?;
+                }
             }
             // Final residual add and norm, only for the rows that want logits (gathered densely into h).
             k.add_rms_norm(x, proj, self.ptr_f32(&w.output_norm), h, l.picked_rows, l.picked, hidden, c.rms_norm_eps)?;
