@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ALIAS, REQUEST_TIMEOUT_S, load_reference
+from conftest import ALIAS, REPO, REQUEST_TIMEOUT_S, _free_port, _stop, load_reference
 
 EOS_ID = 2
 IM_END = "<|im_end|>"
@@ -534,6 +536,61 @@ def test_disconnect_frees_resources(base_url, http, model):
     assert running == 0 and used == 0, f"running={running} kv used={used} 5 s after the disconnect"
     if aborts_before is not None:
         assert metric(text, "ferrite_worker_aborts_total") > aborts_before, "the disconnected request was not aborted"
+
+
+def test_body_too_large_gives_413(http, model):
+    """A body over --max-body-bytes (default 4 MiB) is refused with 413 and the OpenAI envelope."""
+    r = http.post("/v1/completions", json={"model": model, "prompt": "x" * (5 << 20), "max_tokens": 1})
+    assert r.status_code == 413, r.text[:500]
+    assert error_envelope(r)["code"]
+
+
+def _wait_http(proc: subprocess.Popen, url: str, status: int = 200, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == status:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer {status}"
+        time.sleep(0.25)
+
+
+def test_worker_gone_gives_503():
+    """`ferrite router` in front of a `ferrite worker`: once the worker is gone, readiness and requests answer 503
+    with the OpenAI envelope (through the SDK)."""
+    if os.environ.get("FERRITE_BASE_URL"):
+        pytest.skip("needs to start its own router and worker")
+    binary = os.environ.get("FERRITE_BIN", str(REPO / "target" / "release" / "ferrite"))
+    port, wport, mport = _free_port(), _free_port(), _free_port()
+    base = f"http://127.0.0.1:{port}"
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=REPO)
+    worker = subprocess.Popen(
+        [binary, "worker", "--listen", f"127.0.0.1:{wport}", "--metrics-listen", f"127.0.0.1:{mport}"], **quiet
+    )
+    router = None
+    try:
+        _wait_http(worker, f"http://127.0.0.1:{mport}/metrics")
+        router = subprocess.Popen(
+            [binary, "router", "--host", "127.0.0.1", "--port", str(port), "--worker", f"http://127.0.0.1:{wport}"], **quiet
+        )
+        _wait_http(router, f"{base}/v1/health/ready")
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+        model = c.models.list().data[0].id
+        assert c.completions.create(model=model, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
+        _stop(worker)
+        _wait_http(router, f"{base}/v1/health/ready", status=503, timeout=20)
+        with pytest.raises(openai.APIStatusError) as err:
+            c.completions.create(model=model, prompt="Hello", max_tokens=4)
+        assert err.value.status_code == 503
+        envelope = err.value.response.json()["error"]
+        assert envelope["code"] and envelope["message"]
+    finally:
+        _stop(worker)
+        if router is not None:
+            _stop(router)
 
 
 def test_queue_full_gives_429(start_server):
