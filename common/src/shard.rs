@@ -72,19 +72,19 @@ impl ShardSpec {
         if tp == 0 {
             return Some("it must be at least 1".into());
         }
-        if nh % tp != 0 {
+        if !nh.is_multiple_of(tp) {
             return Some(format!("{nh} query heads do not split into {tp}"));
         }
-        if tp <= nkv && nkv % tp != 0 {
+        if tp <= nkv && !nkv.is_multiple_of(tp) {
             return Some(format!("{nkv} KV heads do not split into {tp}"));
         }
-        if tp > nkv && tp % nkv != 0 {
+        if tp > nkv && !tp.is_multiple_of(nkv) {
             return Some(format!("{tp} is neither a divisor nor a multiple of the {nkv} KV heads"));
         }
-        if ffn % tp != 0 || (ffn / tp) % block != 0 {
+        if !ffn.is_multiple_of(tp) || !(ffn / tp).is_multiple_of(block) {
             return Some(format!("the FFN width {ffn} does not split into {tp} parts of whole {block}-element blocks"));
         }
-        if (nh / tp * hd) % block != 0 {
+        if !(nh / tp * hd).is_multiple_of(block) {
             return Some(format!("o_proj's {} input columns per rank are not whole {block}-element blocks", nh / tp * hd));
         }
         None

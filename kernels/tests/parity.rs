@@ -109,8 +109,8 @@ fn check_rope(ops: &mut dyn Ops) {
             for r in 0..rows {
                 for head in 0..nh + nkv {
                     let h = &mut reference[r * stride + head * hd..][..hd];
-                    for i in 0..hd / 2 {
-                        let ang = f64::from(pos[r] as f32 * inv[i]);
+                    for (i, &f) in inv.iter().enumerate() {
+                        let ang = f64::from(pos[r] as f32 * f);
                         let (s, c) = ang.sin_cos();
                         let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + hd / 2) };
                         let (x0, x1) = (h[a], h[b]);

@@ -149,7 +149,7 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
     tiny::write_hf(dir.path(), &tiny::hf_config(false), &tiny::tensors());
     let model = ModelFiles::open(dir.path()).expect("open tiny model");
     let plan = ShardSpec::plan(&model.config, 2, 1).unwrap();
-    let comms: Vec<Arc<dyn Communicator>> = CpuGroup::new(2, Duration::from_secs(60))
+    let comms: Vec<Arc<dyn Communicator>> = CpuGroup::create(2, Duration::from_secs(60))
         .into_iter()
         .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3 }) as Arc<dyn Communicator>)
         .collect();

@@ -330,7 +330,7 @@ impl CudaKernels {
             return Ok(());
         }
         let group = s.n_heads / s.n_kv.max(1);
-        if s.n_kv == 0 || s.n_heads % s.n_kv != 0 || group > ATTENTION_MAX_GROUP || !ATTENTION_HEAD_DIMS.contains(&s.head_dim) || s.num_parts == 0 {
+        if s.n_kv == 0 || !s.n_heads.is_multiple_of(s.n_kv) || group > ATTENTION_MAX_GROUP || !ATTENTION_HEAD_DIMS.contains(&s.head_dim) || s.num_parts == 0 {
             return Err(CudaError::Unsupported(format!(
                 "attention with {} heads / {} KV heads / head_dim {} (need group ≤ {ATTENTION_MAX_GROUP}, head_dim one of {ATTENTION_HEAD_DIMS:?})",
                 s.n_heads, s.n_kv, s.head_dim
@@ -428,7 +428,7 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        if rows > GEMV_MAX_ROWS || inp % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
+        if rows > GEMV_MAX_ROWS || !inp.is_multiple_of(8) || !x.is_multiple_of(16) || !w.is_multiple_of(16) {
             return Err(CudaError::Unsupported(format!("gemv_bf16: {rows} rows (max {GEMV_MAX_ROWS}), in {inp} (must be a multiple of 8)")));
         }
         let (b_, i_, o_) = (rows as i32, inp as i32, out as i32);

@@ -42,6 +42,7 @@ pub trait Ops {
 /// Which attention implementation to run (the CPU has one; CUDA has the paged kernel, optionally split into
 /// partitions of `part_size` positions, and the dense cuBLAS prefill path).
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the partition size is read by the CUDA ops only
 pub enum AttnPath {
     Paged(Option<usize>),
     Dense,
@@ -53,6 +54,7 @@ pub struct AttnCase {
     pub nkv: usize,
     pub hd: usize,
     pub block_size: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA ops only
     pub num_blocks: usize,
     /// `[rows, (nh + 2 nkv)·hd]` f32: the new rows' Q, K, V.
     pub qkv: Vec<f32>,

@@ -257,11 +257,11 @@ impl CudaBackend {
         };
         backend.tune_gemv()?;
         // After the KV cache is reserved, so graph memory never competes with it.
-        if opts.graph_max_batch > 0 {
-            if let Err(e) = backend.capture_graphs(opts.graph_max_batch) {
-                tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
-                backend.graphs = None;
-            }
+        if opts.graph_max_batch > 0
+            && let Err(e) = backend.capture_graphs(opts.graph_max_batch)
+        {
+            tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
+            backend.graphs = None;
         }
         Ok(backend)
     }

@@ -48,7 +48,7 @@ pub struct CpuGroup;
 
 impl CpuGroup {
     /// Handles for ranks `0..world`; a collective waiting longer than `timeout` for the others fails.
-    pub fn new(world: usize, timeout: Duration) -> Vec<CpuComm> {
+    pub fn create(world: usize, timeout: Duration) -> Vec<CpuComm> {
         let shared = Arc::new(Shared {
             world,
             timeout,
@@ -169,7 +169,7 @@ mod tests {
 
     fn run<T: Send + 'static>(world: usize, timeout: Duration, f: impl Fn(CpuComm) -> T + Send + Sync + 'static) -> Vec<T> {
         let f = Arc::new(f);
-        let handles: Vec<_> = CpuGroup::new(world, timeout)
+        let handles: Vec<_> = CpuGroup::create(world, timeout)
             .into_iter()
             .map(|c| {
                 let f = Arc::clone(&f);

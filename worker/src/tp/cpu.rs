@@ -31,6 +31,8 @@ struct OwnedSeq {
 }
 
 type RankResult = (usize, Result<Option<Logits>, BackendError>);
+/// A rank's start-up report: its backend info and weight bytes, or why it could not load.
+type RankReady = (usize, Result<(BackendInfo, usize), ModelError>);
 
 /// A tensor-parallel CPU model: `tp` rank threads behind one `Backend`.
 pub struct TpCpuBackend {
@@ -46,7 +48,7 @@ impl TpCpuBackend {
     /// Loads `plan.len()` shards of `model` on as many threads (each rank's CPU pool gets `opts.threads / tp`
     /// threads, at least one) and waits until every rank is ready.
     pub fn load(model: &ModelFiles, opts: &CpuOptions, plan: Vec<ShardSpec>) -> Result<Self, ModelError> {
-        let comms = CpuGroup::new(plan.len(), COLLECTIVE_TIMEOUT).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect();
+        let comms = CpuGroup::create(plan.len(), COLLECTIVE_TIMEOUT).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect();
         Self::load_with(model, opts, plan, comms)
     }
 
@@ -56,7 +58,7 @@ impl TpCpuBackend {
         assert_eq!(comms.len(), tp, "one communicator per rank");
         let plan = Arc::new(plan);
         let per_rank = CpuOptions { threads: (opts.threads / tp).max(1), ..opts.clone() };
-        let (ready_tx, ready_rx) = channel::<(usize, Result<(BackendInfo, usize), ModelError>)>();
+        let (ready_tx, ready_rx) = channel::<RankReady>();
         let (result_tx, results) = channel::<RankResult>();
         let mut senders = Vec::with_capacity(tp);
         let mut threads = Vec::with_capacity(tp);
@@ -109,7 +111,7 @@ fn rank_main(
     plan: Arc<Vec<ShardSpec>>,
     comm: Arc<dyn Communicator>,
     steps: Receiver<Arc<Vec<OwnedSeq>>>,
-    ready: Sender<(usize, Result<(BackendInfo, usize), ModelError>)>,
+    ready: Sender<RankReady>,
     results: Sender<RankResult>,
 ) {
     let mut backend = match CpuBackend::load_shard(&model, &opts, &plan, Arc::clone(&comm)) {
