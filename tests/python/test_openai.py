@@ -558,39 +558,45 @@ def _wait_http(proc: subprocess.Popen, url: str, status: int = 200, timeout: flo
         time.sleep(0.25)
 
 
-def test_worker_gone_gives_503():
-    """`ferrite router` in front of a `ferrite worker`: once the worker is gone, readiness and requests answer 503
-    with the OpenAI envelope (through the SDK)."""
+def test_no_worker_gives_503_until_one_is_up():
+    """`ferrite router` listens before any worker: readiness and requests answer 503 (OpenAI envelope, through the
+    SDK); once a `ferrite worker` is up it serves; when the worker goes away, 503 again."""
     if os.environ.get("FERRITE_BASE_URL"):
         pytest.skip("needs to start its own router and worker")
     binary = os.environ.get("FERRITE_BIN", str(REPO / "target" / "release" / "ferrite"))
     port, wport, mport = _free_port(), _free_port(), _free_port()
     base = f"http://127.0.0.1:{port}"
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=REPO)
-    worker = subprocess.Popen(
-        [binary, "worker", "--listen", f"127.0.0.1:{wport}", "--metrics-listen", f"127.0.0.1:{mport}"], **quiet
+    router = subprocess.Popen(
+        [binary, "router", "--host", "127.0.0.1", "--port", str(port), "--worker", f"http://127.0.0.1:{wport}"], **quiet
     )
-    router = None
-    try:
-        _wait_http(worker, f"http://127.0.0.1:{mport}/metrics")
-        router = subprocess.Popen(
-            [binary, "router", "--host", "127.0.0.1", "--port", str(port), "--worker", f"http://127.0.0.1:{wport}"], **quiet
-        )
-        _wait_http(router, f"{base}/v1/health/ready")
-        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-        model = c.models.list().data[0].id
-        assert c.completions.create(model=model, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
-        _stop(worker)
-        _wait_http(router, f"{base}/v1/health/ready", status=503, timeout=20)
+    worker = None
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+    def expect_503():
         with pytest.raises(openai.APIStatusError) as err:
             c.completions.create(model=model, prompt="Hello", max_tokens=4)
         assert err.value.status_code == 503
         envelope = err.value.response.json()["error"]
         assert envelope["code"] and envelope["message"]
-    finally:
+
+    try:
+        _wait_http(router, f"{base}/v1/health/live")
+        assert httpx.get(f"{base}/v1/health/ready", timeout=5).status_code == 503
+        model = c.models.list().data[0].id
+        expect_503()
+        worker = subprocess.Popen(
+            [binary, "worker", "--listen", f"127.0.0.1:{wport}", "--metrics-listen", f"127.0.0.1:{mport}"], **quiet
+        )
+        _wait_http(router, f"{base}/v1/health/ready")
+        assert c.completions.create(model=model, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
         _stop(worker)
-        if router is not None:
-            _stop(router)
+        _wait_http(router, f"{base}/v1/health/ready", status=503, timeout=20)
+        expect_503()
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(router)
 
 
 def test_queue_full_gives_429(start_server):

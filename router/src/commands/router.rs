@@ -22,8 +22,13 @@ pub struct Args {
     /// The model the workers serve (a .gguf or HF directory): the router needs its tokenizer and chat template.
     #[arg(long, env = "FERRITE_MODEL")]
     model: Option<std::path::PathBuf>,
+    /// Context limit for request validation (0 = the model's); the workers may enforce a lower one.
+    #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
+    max_model_len: usize,
 }
 
+/// The router listens at once: it takes the model id and limits from the model files it was given, answers 503 (and
+/// `/v1/health/ready` 503) until a worker is reachable, and checks the first worker that answers for agreement.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = resolve_model(a.model.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -31,9 +36,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let files = ModelFiles::open(&path)?;
         let text = Arc::new(TextAssets::load(&files)?);
         let pool = WorkerPool::new(&a.workers).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        let info = pool.info(Duration::from_secs(60)).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
-        let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, None).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let c = &files.config;
+        let max_model_len = match a.max_model_len {
+            0 => c.max_position_embeddings,
+            m => m.min(c.max_position_embeddings),
+        };
+        let limits = Limits { max_model_len, vocab_size: c.vocab_size };
+        let model_id =
+            files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string());
+        let (vocab, fingerprint) = (c.vocab_size, files.fingerprint());
+        let check = pool.clone();
+        tokio::spawn(async move {
+            // Not fatal either way: a worker that comes up later is picked up by readiness and routing.
+            match check.info(Duration::from_secs(24 * 3600)).await {
+                Ok(info) if info.vocab_size as usize != vocab || info.model_fingerprint.as_slice() != fingerprint.as_slice() => tracing::error!(
+                    worker_model = %info.model_id,
+                    "the worker serves a different model than the router's --model (vocabulary or weights differ)"
+                ),
+                Ok(info) if (info.max_model_len as usize) < max_model_len => tracing::warn!(
+                    worker_max_model_len = info.max_model_len,
+                    router_max_model_len = max_model_len,
+                    "the worker's context limit is lower: longer requests get its error (pass --max-model-len to the router)"
+                ),
+                Ok(info) => tracing::info!(worker_model = %info.model_id, "a worker answered"),
+                Err(e) => tracing::warn!("no worker answered: {}", e.message),
+            }
+        });
+        let state = AppState::new(text, pool, a.http.config(&model_id), limits, None).map_err(|e| anyhow::anyhow!("{}", e.message))?;
         serve_http(Arc::new(state), a.http.addr()).await?;
         anyhow::Ok(())
     })
