@@ -19,6 +19,10 @@ async fn start(max_waiting: usize) -> WorkerClient<Channel> {
 
 /// Starts a worker and its metrics endpoint; returns the client and the metrics address.
 async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
+    start_worker(max_waiting, max_num_seqs, 1).await
+}
+
+async fn start_worker(max_waiting: usize, max_num_seqs: usize, tensor_parallel_size: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
     let cfg = WorkerConfig {
         model: default_model(),
         model_id: None,
@@ -32,7 +36,7 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
         backend: Default::default(),
         cuda_device: 0,
         gpu_memory_utilization: 0.9,
-        tensor_parallel_size: 1,
+        tensor_parallel_size,
     };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let metrics = ferrite_worker::metrics::spawn(&worker.engine, "127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -284,4 +288,29 @@ async fn overload_is_resource_exhausted_and_loses_nothing() {
         assert_eq!(t.await.unwrap().unwrap().tokens[0].len(), 4);
     }
     wait_idle(&mut client).await;
+}
+
+/// A worker serving the default model over 3 tensor-parallel CPU ranks gives the TP=1 greedy tokens through the
+/// engine (continuous batching of several requests), reports tp = 3, and frees every KV block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_parallel_worker_matches_tp1() {
+    let (one, _) = start_worker(64, 8, 1).await;
+    let (mut three, _) = start_worker(64, 8, 3).await;
+    assert_eq!(three.info(pb::InfoRequest {}).await.unwrap().into_inner().tp, 3);
+    let cases = ref_cases();
+    let mut handles = Vec::new();
+    for (i, c) in cases.iter().take(4).enumerate() {
+        let (mut a, mut b) = (one.clone(), three.clone());
+        let prompt = c.prompt_ids.clone();
+        handles.push(tokio::spawn(async move {
+            let want = collect(&mut a, req(&format!("one-{i}"), &prompt, 12)).await.unwrap().tokens;
+            let got = collect(&mut b, req(&format!("three-{i}"), &prompt, 12)).await.unwrap().tokens;
+            (want, got)
+        }));
+    }
+    for h in handles {
+        let (want, got) = tokio::time::timeout(Duration::from_secs(120), h).await.expect("bounded").unwrap();
+        assert_eq!(got, want);
+    }
+    assert_eq!(wait_idle(&mut three).await.kv_blocks_used, 0);
 }

@@ -159,6 +159,7 @@ impl Worker {
             vocab_size: c.vocab_size as u32,
             eos_ids: text.eos_token_ids.clone(),
             backend: backend.info().name.to_string(),
+            tp: cfg.tensor_parallel_size as u32,
         };
         let engine = Engine::spawn(
             backend,

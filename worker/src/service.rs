@@ -26,6 +26,8 @@ pub struct ModelInfo {
     pub vocab_size: u32,
     pub eos_ids: Vec<u32>,
     pub backend: String,
+    /// Tensor-parallel ranks serving this replica.
+    pub tp: u32,
 }
 
 /// Maximum completions per request.
@@ -189,7 +191,7 @@ impl pb::worker_server::Worker for WorkerService {
             model_fingerprint: i.fingerprint.to_vec(),
             block_size: i.block_size,
             kv_blocks_total: i.kv_blocks_total,
-            tp: 1,
+            tp: i.tp,
             max_model_len: i.max_model_len,
             hash_version: HASH_VERSION,
             eos_ids: i.eos_ids.clone(),
