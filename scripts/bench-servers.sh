@@ -6,7 +6,7 @@
 #
 # llama-server: build it from the llama.cpp sources vendored in the llama-cpp-python sdist (PyPI):
 #   cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-server
-# Either server is skipped when its variable is unset. Results: OUT_DIR/<server>-c<N>.json (loadgen --json) and a
+# Either server is skipped when its variable is unset; ROUTER_ONLY=1 runs only the router-latency part. Results: OUT_DIR/<server>-c<N>.json (loadgen --json) and a
 # summary on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +56,7 @@ run_server() { # name port health_url command...
   wait "$pid" 2>/dev/null || true
 }
 
+if [[ -z ${ROUTER_ONLY:-} ]]; then
 run_server ferrite 8300 http://127.0.0.1:8300/v1/health/ready "$FERRITE" serve --port 8300 --model "$MODEL"
 if [[ -n ${LLAMA_SERVER:-} ]]; then
   run_server llama-server 8301 http://127.0.0.1:8301/health \
@@ -66,18 +67,19 @@ if [[ -n ${LLAMA_CPP_PYTHON:-} ]]; then
     "$LLAMA_CPP_PYTHON" -m llama_cpp.server --model "$MODEL" --port 8302 --n_threads 2 --n_threads_batch 2 \
     --interrupt_requests False --n_ctx 4096
 fi
+fi
 
-# The router's own latency: the no-compute backend, then the router's histograms.
-"$FERRITE" serve --port 8303 --backend instant --max-concurrent-requests 64 --model "$MODEL" >"$OUT/instant.log" 2>&1 &
-pid=$!
-wait_ready http://127.0.0.1:8303/v1/health/ready
+# The router's own latency: the no-compute backend, then the router's histograms (a fresh server per concurrency).
 for c in 1 16; do
+  "$FERRITE" serve --port 8303 --backend instant --max-concurrent-requests 64 --model "$MODEL" >"$OUT/instant.log" 2>&1 &
+  pid=$!
+  wait_ready http://127.0.0.1:8303/v1/health/ready
   "$FERRITE" loadgen --base-url http://127.0.0.1:8303/v1 --concurrency $c --requests $((32 * c)) --prompt-tokens 128 \
     --output-tokens 128 --json >"$OUT/instant-c$c.json"
+  curl -s http://127.0.0.1:8303/metrics >"$OUT/instant-metrics-c$c.txt"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  echo "router's own latency (instant backend, loadgen concurrency $c):"
+  scripts/metrics-quantile.py ferrite_router_prepare_seconds 0.5 0.99 <"$OUT/instant-metrics-c$c.txt"
+  scripts/metrics-quantile.py ferrite_router_token_seconds 0.5 0.99 <"$OUT/instant-metrics-c$c.txt"
 done
-curl -s http://127.0.0.1:8303/metrics >"$OUT/instant-metrics.txt"
-kill "$pid"
-wait "$pid" 2>/dev/null || true
-echo "router's own latency (instant backend, loadgen c=1 then c=16):"
-scripts/metrics-quantile.py ferrite_router_prepare_seconds 0.5 0.99 <"$OUT/instant-metrics.txt"
-scripts/metrics-quantile.py ferrite_router_token_seconds 0.5 0.99 <"$OUT/instant-metrics.txt"
