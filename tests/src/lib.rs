@@ -15,6 +15,26 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
+/// A CPU worker config for tests on the default model (KV 96 MiB, context 1024, 2 threads); override fields with
+/// struct update syntax.
+pub fn test_worker_config() -> ferrite_worker::server::WorkerConfig {
+    ferrite_worker::server::WorkerConfig {
+        model: default_model(),
+        model_id: None,
+        kv_cache_mib: 96,
+        max_num_batched_tokens: 256,
+        max_num_seqs: 16,
+        max_waiting: 64,
+        max_model_len: 1024,
+        threads: 2,
+        precision: ferrite_worker::cpu::weights::WeightPrecision::Native,
+        backend: Default::default(),
+        cuda_device: 0,
+        gpu_memory_utilization: 0.9,
+        tensor_parallel_size: 1,
+    }
+}
+
 /// Path of the default model GGUF: `$FERRITE_MODEL` if set, else whatever `scripts/fetch-model.sh` prints (it
 /// downloads once and caches).
 pub fn default_model() -> PathBuf {

@@ -11,10 +11,9 @@ use ferrite_common::text::TextAssets;
 use ferrite_router::server::{AppState, RouterConfig, app};
 use ferrite_router::validate::Limits;
 use ferrite_router::workers::WorkerPool;
-use ferrite_tests::{default_model, reference};
-use ferrite_worker::cpu::weights::WeightPrecision;
+use ferrite_tests::{default_model, reference, test_worker_config};
 use ferrite_worker::engine::core::EngineHandle;
-use ferrite_worker::server::{Worker, WorkerConfig};
+use ferrite_worker::server::Worker;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -26,21 +25,7 @@ async fn stack(max_body_bytes: usize) -> (axum::Router, EngineHandle) {
 }
 
 async fn stack_with(max_body_bytes: usize, max_concurrent_requests: usize) -> (axum::Router, EngineHandle) {
-    let cfg = WorkerConfig {
-        model: default_model(),
-        model_id: None,
-        kv_cache_mib: 96,
-        max_num_batched_tokens: 256,
-        max_num_seqs: 16,
-        max_waiting: 64,
-        max_model_len: 1024,
-        threads: 2,
-        precision: WeightPrecision::Native,
-        backend: Default::default(),
-        cuda_device: 0,
-        gpu_memory_utilization: 0.9,
-        tensor_parallel_size: 1,
-    };
+    let cfg = test_worker_config();
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let engine = worker.engine.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

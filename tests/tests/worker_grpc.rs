@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use ferrite_common::proto::worker as pb;
 use ferrite_common::proto::worker::worker_client::WorkerClient;
-use ferrite_tests::{default_model, ref_cases};
-use ferrite_worker::cpu::weights::WeightPrecision;
+use ferrite_tests::{ref_cases, test_worker_config};
 use ferrite_worker::server::{Worker, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -23,21 +22,7 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
 }
 
 async fn start_worker(max_waiting: usize, max_num_seqs: usize, tensor_parallel_size: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
-    let cfg = WorkerConfig {
-        model: default_model(),
-        model_id: None,
-        kv_cache_mib: 96,
-        max_num_batched_tokens: 256,
-        max_num_seqs,
-        max_waiting,
-        max_model_len: 1024,
-        threads: 2,
-        precision: WeightPrecision::Native,
-        backend: Default::default(),
-        cuda_device: 0,
-        gpu_memory_utilization: 0.9,
-        tensor_parallel_size,
-    };
+    let cfg = WorkerConfig { max_num_seqs, max_waiting, tensor_parallel_size, ..test_worker_config() };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let metrics = ferrite_worker::metrics::spawn(&worker.engine, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
