@@ -165,3 +165,21 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
     // The group stays failed: later steps fail too (the worker must be restarted), they do not hang.
     assert!(b.forward(&batch).is_err());
 }
+
+/// Impossible settings are refused at start-up with a typed error that says what works.
+#[test]
+fn bad_tensor_parallel_settings_are_refused_at_start_up() {
+    use ferrite_worker::server::{Worker, WorkerConfig, WorkerError};
+    let err = |cfg: WorkerConfig| match Worker::load(&cfg) {
+        Err(WorkerError::Config(m)) => m,
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error"),
+    };
+    let base = ferrite_tests::test_worker_config();
+    let m = err(WorkerConfig { tensor_parallel_size: 2, ..base.clone() });
+    assert!(m.contains("9 query heads do not split into 2") && m.contains("[1, 3]"), "{m}");
+    let m = err(WorkerConfig { tensor_parallel_size: 0, ..base.clone() });
+    assert!(m.contains("--tensor-parallel-size"), "{m}");
+    let m = err(WorkerConfig { gpu_memory_utilization: 1.5, ..base });
+    assert!(m.contains("--gpu-memory-utilization"), "{m}");
+}

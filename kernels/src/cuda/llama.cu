@@ -144,8 +144,6 @@ extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* _
 }
 
 #define ATT_WARPS 4
-#define ATT_MAX_GROUP 8
-#define ATT_MAX_HD 128
 #define ATT_V_CHUNK 16
 
 // 8 bf16 (one 16-byte load) as floats.

@@ -44,7 +44,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "fill_random_bf16",
 ];
 
-/// Attention limits baked into `paged_attention_hd*` (`ATT_MAX_GROUP`, the instantiated head sizes).
+/// Attention limits of the `paged_attention_hd*_g*` instantiations in `llama.cu` (query heads per KV head, head sizes).
 pub const ATTENTION_MAX_GROUP: usize = 8;
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[64, 128];
 const ATTENTION_THREADS: u32 = 128;
