@@ -172,10 +172,13 @@ fn check_argmax(ops: &mut dyn Ops) {
     for v in &mut logits[3 * vocab..] {
         *v = f32::NEG_INFINITY;
     }
-    let ids = ops.argmax_rows(&logits, vocab);
+    let (ids, vals) = ops.argmax_rows(&logits, vocab);
     let want: Vec<u32> = logits.chunks(vocab).map(ferrite_kernels::cpu::ops::argmax).collect();
     assert_eq!(want[1..], [100, 77, 0]);
     assert_eq!(ids, want, "{} argmax_rows", ops.name());
+    // The value is the winner's logit (what tensor-parallel ranks compare), -inf for a row of -inf.
+    let want_vals: Vec<f32> = want.iter().enumerate().map(|(r, &i)| logits[r * vocab + i as usize]).collect();
+    assert_eq!(vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want_vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} argmax values", ops.name());
 }
 
 fn check_linear(ops: &mut dyn Ops) {

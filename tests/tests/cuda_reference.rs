@@ -7,24 +7,31 @@
 //! there a bf16 implementation must agree; elsewhere either token is a faithful answer.
 #![cfg(feature = "cuda")]
 
+use std::time::{Duration, Instant};
+
+use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
+use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cpu::ops::argmax;
 use ferrite_tests::{default_model, ref_cases, ref_logits};
-use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
-use ferrite_worker::cuda::{CudaBackend, CudaOptions};
+use ferrite_worker::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
+use ferrite_worker::tp::group::TpBackend;
+use ferrite_worker::tp::nccl::NcclGroup;
 use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 
 const BLOCKS: usize = 512;
 
 fn backend() -> Option<CudaBackend> {
-    backend_with(false)
+    started(|model, opts| CudaBackend::load(model, opts))
 }
 
-fn backend_with(nccl_world1: bool) -> Option<CudaBackend> {
+/// A backend built by `f`, or None (and a note) where no GPU is usable, unless `FERRITE_REQUIRE_CUDA=1`.
+fn started<B>(f: impl FnOnce(&ModelFiles, &CudaOptions) -> Result<B, ModelError> + std::panic::UnwindSafe) -> Option<B> {
     let require = std::env::var_os("FERRITE_REQUIRE_CUDA").is_some_and(|v| v == "1");
     let model = ModelFiles::open(&default_model()).expect("open default model");
-    let opts = CudaOptions { max_kv_blocks: Some(BLOCKS), gpu_memory_utilization: 0.5, nccl_world1, ..CudaOptions::default() };
-    match std::panic::catch_unwind(|| CudaBackend::load(&model, &opts)) {
+    let opts = CudaOptions { max_kv_blocks: Some(BLOCKS), gpu_memory_utilization: 0.5, ..CudaOptions::default() };
+    match std::panic::catch_unwind(|| f(&model, &opts)) {
         Ok(Ok(b)) => Some(b),
         other => {
             let why = match other {
@@ -40,7 +47,7 @@ fn backend_with(nccl_world1: bool) -> Option<CudaBackend> {
 }
 
 /// Logits at every position of `tokens`, in one prefill.
-fn all_logits(b: &mut CudaBackend, tokens: &[u32]) -> Vec<Vec<f32>> {
+fn all_logits(b: &mut dyn Backend, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
     let table = alloc.ensure(0, tokens.len()).unwrap().to_vec();
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
@@ -55,20 +62,44 @@ fn max_abs(v: &[f32]) -> f32 {
 #[test]
 fn cuda_matches_reference_logits_and_greedy_tokens() {
     let Some(mut b) = backend() else { return };
-    check_against_reference(&mut b);
-}
-
-/// The tensor-parallel code path on one GPU: the all-reduces after o_proj and down go through NCCL (world size 1).
-#[test]
-fn cuda_nccl_world1_matches_reference() {
-    let Some(mut b) = backend_with(true) else { return };
-    assert!(b.nccl().is_some_and(|c| c.world() == 1));
-    check_against_reference(&mut b);
-}
-
-fn check_against_reference(b: &mut CudaBackend) {
-    let b = &mut *b;
     eprintln!("device: {}", b.device_name());
+    check_against_reference(&mut b);
+}
+
+/// The tensor-parallel GPU path at world size 1 (NCCL cannot put two ranks on one GPU): a rank thread that owns its
+/// device, joins the NCCL group and loads its shard; all-reduces after o_proj and down, the greedy (value, id)
+/// gather and the logits gather all go through NCCL.
+#[test]
+fn cuda_tensor_parallel_world1_matches_reference() {
+    let Some(mut b) = started(|model, opts| TpBackend::cuda(model, opts, ShardSpec::plan(&model.config, 1, 1).unwrap())) else { return };
+    assert_eq!(b.rank_weight_bytes().len(), 1);
+    check_against_reference(&mut b);
+}
+
+/// A failed NCCL group fails the rank's next step promptly with a collective error (the wait polls the group's
+/// abort flag and aborts the communicator), and the rank stays failed.
+#[test]
+fn cuda_rank_fails_promptly_when_its_group_is_aborted() {
+    let plan = ShardSpec::plan(&ModelFiles::open(&default_model()).unwrap().config, 1, 1).unwrap();
+    let group = NcclGroup::new(1, Duration::from_secs(30)).ok();
+    let Some(mut b) = started(|model, opts| CudaBackend::load_rank(model, opts, RankSpec { plan: &plan, group: group.clone().expect("NCCL"), rank: 0 }))
+    else {
+        return;
+    };
+    let tokens: Vec<u32> = (1..20).collect();
+    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
+    let table = alloc.ensure(0, tokens.len()).unwrap().to_vec();
+    let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
+    b.forward_greedy(&batch).expect("a healthy group runs");
+    group.expect("NCCL").abort("injected by the test");
+    let t = Instant::now();
+    let err = b.forward_greedy(&batch).expect_err("an aborted group must fail the step");
+    assert!(matches!(&err, BackendError::Collective(m) if m.contains("injected by the test")), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(b.forward(&batch).is_err(), "the rank stays failed");
+}
+
+fn check_against_reference(b: &mut dyn Backend) {
     let (mut checked, mut skipped) = (0, 0);
     for case in ref_cases() {
         // Last prompt position against the full reference logits.

@@ -18,7 +18,7 @@ use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::generate::{GenerateParams, generate};
 use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 use ferrite_worker::tp::comm::{CommError, Communicator, CpuComm, CpuGroup};
-use ferrite_worker::tp::cpu::TpCpuBackend;
+use ferrite_worker::tp::group::TpBackend;
 
 const BLOCKS: usize = 64;
 
@@ -26,9 +26,9 @@ fn opts(precision: WeightPrecision) -> CpuOptions {
     CpuOptions { precision, threads: 2, num_kv_blocks: BLOCKS, ..CpuOptions::default() }
 }
 
-fn tp_backend(model: &ModelFiles, tp: usize, precision: WeightPrecision) -> TpCpuBackend {
+fn tp_backend(model: &ModelFiles, tp: usize, precision: WeightPrecision) -> TpBackend {
     let plan = ShardSpec::plan(&model.config, tp, model.max_block_size()).expect("valid plan");
-    TpCpuBackend::load(model, &opts(precision), plan).expect("load shards")
+    TpBackend::cpu(model, &opts(precision), plan).expect("load shards")
 }
 
 /// Logits at every position of `tokens`, in one prefill.
@@ -153,7 +153,7 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
         .into_iter()
         .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3 }) as Arc<dyn Communicator>)
         .collect();
-    let mut b = TpCpuBackend::load_with(&model, &opts(WeightPrecision::F32), plan, comms).expect("load");
+    let mut b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms).expect("load");
     let t = Instant::now();
     let prompt: Vec<u32> = (1..20).collect();
     let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);

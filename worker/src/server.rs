@@ -36,7 +36,8 @@ pub struct WorkerConfig {
     /// CUDA: device ordinal and the fraction of its memory to use (weights + activations + KV cache).
     pub cuda_device: usize,
     pub gpu_memory_utilization: f32,
-    /// Tensor-parallel ranks (CPU backend: one thread per rank, each holding its shard).
+    /// Tensor-parallel ranks: one thread per rank, each holding its shard (CUDA: rank `r` on device
+    /// `cuda_device + r`, collectives through NCCL).
     pub tensor_parallel_size: usize,
 }
 
@@ -111,36 +112,41 @@ impl Worker {
         if num_blocks < 2 {
             return Err(WorkerError::Config(format!("--kv-cache-mib {} holds no KV block ({per_block} bytes each)", cfg.kv_cache_mib)));
         }
+        // Row-parallel splits fall on the weights' quantization blocks (CPU keeps them quantized; the GPU loads bf16).
+        let plan = |block: usize| {
+            ferrite_common::shard::ShardSpec::plan(c, cfg.tensor_parallel_size, block).map_err(|e| WorkerError::Config(e.to_string()))
+        };
         let backend: Box<dyn Backend> = match cfg.backend {
             #[cfg(feature = "cuda")]
-            BackendKind::Cuda => Box::new(crate::cuda::CudaBackend::load(
-                &files,
-                &crate::cuda::CudaOptions {
+            BackendKind::Cuda => {
+                let opts = crate::cuda::CudaOptions {
                     device: cfg.cuda_device,
                     gpu_memory_utilization: cfg.gpu_memory_utilization,
                     block_size: DEFAULT_BLOCK_SIZE,
                     max_kv_blocks: None,
                     max_batch_tokens: cfg.max_num_batched_tokens,
                     graph_max_batch: cfg.max_num_seqs,
-                    nccl_world1: false,
-                },
-            )?),
+                };
+                if cfg.tensor_parallel_size > 1 {
+                    Box::new(crate::tp::group::TpBackend::cuda(&files, &opts, plan(1)?)?)
+                } else {
+                    Box::new(crate::cuda::CudaBackend::load(&files, &opts)?)
+                }
+            }
             #[cfg(not(feature = "cuda"))]
             BackendKind::Cuda => {
                 return Err(WorkerError::Config("this binary was built without CUDA support (cargo build --features cuda)".into()));
             }
-            BackendKind::Cpu if cfg.tensor_parallel_size > 1 => {
-                let plan = ferrite_common::shard::ShardSpec::plan(c, cfg.tensor_parallel_size, files.max_block_size())
-                    .map_err(|e| WorkerError::Config(e.to_string()))?;
+            BackendKind::Cpu => {
                 let opts = CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE };
-                Box::new(crate::tp::cpu::TpCpuBackend::load(&files, &opts, plan)?)
+                if cfg.tensor_parallel_size > 1 {
+                    Box::new(crate::tp::group::TpBackend::cpu(&files, &opts, plan(files.max_block_size())?)?)
+                } else {
+                    Box::new(CpuBackend::load(&files, &opts)?)
+                }
             }
-            BackendKind::Cpu => Box::new(CpuBackend::load(
-                &files,
-                &CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE },
-            )?),
-            _ if cfg.tensor_parallel_size > 1 => {
-                return Err(WorkerError::Config("--tensor-parallel-size > 1 runs on the CPU backend only so far (the NCCL path is not built yet)".into()));
+            BackendKind::Instant if cfg.tensor_parallel_size > 1 => {
+                return Err(WorkerError::Config("the instant backend does not shard (--tensor-parallel-size 1)".into()));
             }
             BackendKind::Instant => Box::new(crate::instant::InstantBackend::new(c.clone(), num_blocks, DEFAULT_BLOCK_SIZE)),
         };

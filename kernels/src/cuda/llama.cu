@@ -468,9 +468,11 @@ extern "C" __global__ void causal_softmax(const float* __restrict__ s, bf16* __r
         p[base + t] = t <= last ? f2bf(__expf(s[base + t] * scale - mx) * inv) : (bf16)0;
 }
 
-// Greedy sampling on the device: ids[r] = argmax_i logits[r, i] (lowest index on ties, NaN never wins).
-// Twin: the engine sampler's argmax. grid (R), block (1024).
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __restrict__ ids, int vocab) {
+// Greedy sampling on the device: ids[r] = argmax_i logits[r, i] (lowest index on ties, NaN never wins), and, when
+// `vals` is not null, vals[r] = that maximum (-inf when the row has no non-NaN value): tensor-parallel ranks combine
+// their vocabulary slices' (value, id) pairs. Twin: the engine sampler's argmax. grid (R), block (1024).
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __restrict__ ids, float* __restrict__ vals,
+                                       int vocab) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     const int r = blockIdx.x;
@@ -507,6 +509,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __
             }
         }
         ids[r] = bi == 0x7fffffff ? 0 : bi;
+        if (vals != nullptr) vals[r] = bv;
     }
 }
 

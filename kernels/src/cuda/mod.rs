@@ -439,17 +439,17 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// `ids[r] = argmax(logits[r, :])` (lowest index on ties).
+    /// `ids[r] = argmax(logits[r, :])` (lowest index on ties) and, unless `vals` is 0, `vals[r]` = the maximum.
     ///
     /// # Safety
-    /// `logits` holds `rows · vocab` f32, `ids` `rows` i32.
-    pub unsafe fn argmax_rows(&self, logits: u64, ids: u64, rows: usize, vocab: usize) -> Result<(), CudaError> {
+    /// `logits` holds `rows · vocab` f32, `ids` `rows` i32, `vals` (when not 0) `rows` f32.
+    pub unsafe fn argmax_rows(&self, logits: u64, ids: u64, vals: u64, rows: usize, vocab: usize) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
         let v = vocab as i32;
         let mut b = self.stream.launch_builder(self.func("argmax_rows"));
-        b.arg(&logits).arg(&ids).arg(&v);
+        b.arg(&logits).arg(&ids).arg(&vals).arg(&v);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(rows, 1, 1), 1024)) }?;
         Ok(())

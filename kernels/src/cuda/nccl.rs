@@ -62,6 +62,13 @@ impl NcclComm {
         self.world
     }
 
+    fn handle(&self) -> Result<sys::ncclComm_t, CudaError> {
+        if self.comm.is_null() {
+            return Err(CudaError::Unsupported("NCCL communicator was aborted".into()));
+        }
+        Ok(self.comm)
+    }
+
     /// In-place sum of `count` f32 at `buf` over the group, enqueued on `stream`.
     ///
     /// # Safety
@@ -75,18 +82,54 @@ impl NcclComm {
                 count,
                 sys::ncclDataType_t::ncclFloat32,
                 sys::ncclRedOp_t::ncclSum,
-                self.comm,
+                self.handle()?,
                 stream.cu_stream() as sys::cudaStream_t,
             )
         }
         .map(drop)
         .map_err(|e| err("all-reduce", e))
     }
+
+    /// Gathers `bytes` bytes at `send` from every rank into `recv` (rank `k`'s at `recv + k · bytes`), enqueued on
+    /// `stream`.
+    ///
+    /// # Safety
+    /// `send` holds `bytes` bytes and `recv` `world · bytes` bytes on this rank's device, live until the stream has
+    /// run the collective; they do not overlap (unless `send` is this rank's own part of `recv`).
+    pub unsafe fn all_gather_bytes(&self, send: u64, recv: u64, bytes: usize, stream: &CudaStream) -> Result<(), CudaError> {
+        // SAFETY: per this function's contract.
+        unsafe {
+            nccl::all_gather(
+                send as *const c_void,
+                recv as *mut c_void,
+                bytes,
+                sys::ncclDataType_t::ncclUint8,
+                self.handle()?,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map(drop)
+        .map_err(|e| err("all-gather", e))
+    }
+
+    /// Aborts the communicator: its pending collectives (kernels spinning on peers that will never come) return, and
+    /// every later call fails. Call it from the thread that drives this rank, so no collective is being enqueued
+    /// on the handle meanwhile.
+    pub fn abort(&mut self) {
+        if self.comm.is_null() {
+            return;
+        }
+        // SAFETY: the handle came from ncclCommInitRank and is not used again (nulled below; Drop skips it).
+        let _ = unsafe { nccl::comm_abort(self.comm) };
+        self.comm = std::ptr::null_mut();
+    }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: the handle came from ncclCommInitRank and is destroyed once.
-        let _ = unsafe { nccl::comm_destroy(self.comm) };
+        if !self.comm.is_null() {
+            // SAFETY: the handle came from ncclCommInitRank, was not aborted, and is destroyed once.
+            let _ = unsafe { nccl::comm_destroy(self.comm) };
+        }
     }
 }

@@ -199,12 +199,12 @@ impl Ops for CudaOps {
         (ko, vo)
     }
 
-    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32> {
+    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>) {
         let rows = logits.len() / vocab;
-        let (l, ids) = (self.up(logits), self.up(&vec![-1i32; rows]));
+        let (l, ids, vals) = (self.up(logits), self.up(&vec![-1i32; rows]), self.nan_f32(rows));
         // SAFETY: sizes per the launcher's contract.
-        unsafe { self.kernels.argmax_rows(self.ptr(&l), self.ptr(&ids), rows, vocab) }.expect("launch");
-        self.down(&ids).into_iter().map(|i| i as u32).collect()
+        unsafe { self.kernels.argmax_rows(self.ptr(&l), self.ptr(&ids), self.ptr(&vals), rows, vocab) }.expect("launch");
+        (self.down(&ids).into_iter().map(|i| i as u32).collect(), self.down(&vals))
     }
 
     fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {

@@ -31,7 +31,8 @@ pub trait Ops {
     fn attention(&mut self, case: &AttnCase, path: AttnPath) -> Vec<f32>;
     /// Writes the case's new K/V into its cache and reads back each row's slot: `([rows, kv_width], same for V)`.
     fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>);
-    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32>;
+    /// Each row's argmax and its value (-inf for a row without a non-NaN value).
+    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>);
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
     /// The small-batch linear kernel (`rows ≤ 8`); on the CPU, the same product as `linear`.
     fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
@@ -232,8 +233,9 @@ impl Ops for CpuOps {
         (k, v)
     }
 
-    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> Vec<u32> {
-        logits.chunks_exact(vocab).map(argmax).collect()
+    fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>) {
+        let max = |row: &[f32]| row.iter().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        (logits.chunks_exact(vocab).map(argmax).collect(), logits.chunks_exact(vocab).map(max).collect())
     }
 
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {

@@ -17,7 +17,11 @@ use ferrite_common::config::{LlamaConfig, RopeStyle};
 use ferrite_common::model::ModelFiles;
 use ferrite_kernels::cuda::{CudaKernels, Gemm};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
-use ferrite_worker::cuda::{CudaBackend, CudaOptions};
+use ferrite_common::shard::ShardSpec;
+use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
+use ferrite_worker::tp::comm::Communicator;
+use ferrite_worker::tp::group::COLLECTIVE_TIMEOUT;
+use ferrite_worker::tp::nccl::NcclGroup;
 use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
 use serde_json::json;
 
@@ -129,14 +133,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let per_seq = (a.ctx + 1).div_ceil(DEFAULT_BLOCK_SIZE);
     let blocks = 1 + (max_batch * per_seq).max(a.prefill_tokens.div_ceil(DEFAULT_BLOCK_SIZE));
-    let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), nccl_world1: a.nccl, ..CudaOptions::default() };
+    let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), ..CudaOptions::default() };
     let t0 = Instant::now();
+    // With --nccl: a tensor-parallel rank of world size 1 (every all-reduce and the greedy gather through NCCL).
+    let config = match &a.model {
+        Some(p) => ModelFiles::open(p).with_context(|| format!("opening {}", p.display()))?.config,
+        None => llama_8b_config(),
+    };
+    let plan = ShardSpec::plan(&config, 1, 1)?;
+    let rank = || -> anyhow::Result<Option<RankSpec<'_>>> {
+        Ok(if a.nccl { Some(RankSpec { plan: &plan, group: NcclGroup::new(1, COLLECTIVE_TIMEOUT)?, rank: 0 }) } else { None })
+    };
     let (mut backend, label) = match &a.model {
         Some(p) => {
-            let files = ModelFiles::open(p).with_context(|| format!("opening {}", p.display()))?;
-            (CudaBackend::load(&files, &opts)?, p.display().to_string())
+            let files = ModelFiles::open(p)?;
+            let b = match rank()? {
+                Some(r) => CudaBackend::load_rank(&files, &opts, r)?,
+                None => CudaBackend::load(&files, &opts)?,
+            };
+            (b, p.display().to_string())
         }
-        None => (CudaBackend::random(&llama_8b_config(), &opts, 1234)?, "llama-3.1-8b shape, random bf16 weights".into()),
+        None => (CudaBackend::random(&config, &opts, 1234, rank()?)?, "llama-3.1-8b shape, random bf16 weights".into()),
     };
     backend.randomize_kv(99)?;
     let c = backend.config().clone();
@@ -158,7 +175,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for kib in [8usize, 32, 128, 512, 2048] {
             let n = kib * 1024 / 4;
             // SAFETY: `buf` holds 2^19 ≥ n f32 on this device.
-            let ms = time_events(stream, 5, 50, || Ok(unsafe { comm.all_reduce_sum_f32(ptr, n, stream) }?))?;
+            let ms = time_events(stream, 5, 50, || Ok(unsafe { comm.all_reduce_sum_device(ptr, n) }?))?;
             print!(" {kib} KiB {:.1}", ms * 1e3);
             allreduce.push(json!({"bytes": kib * 1024, "us": ms * 1e3}));
         }

@@ -10,22 +10,30 @@
 //! Steps larger than the activation buffers are run as consecutive sub-steps of at most `max_batch_tokens` rows
 //! (exactly chunked prefill: a row's K/V is in the cache before any later row reads it), so no batch can exhaust
 //! device memory. The KV cache takes what `gpu_memory_utilization` leaves after weights and activations.
+//!
+//! A tensor-parallel rank ([`CudaBackend::load_rank`], driven by `crate::tp::group::TpBackend`) holds its shard
+//! only (`ShardSpec`: its heads, FFN rows and lm_head vocabulary rows), all-reduces after o_proj and down through
+//! NCCL on its stream, and gathers the step's output over the group: for greedy steps each rank's (max, argmax)
+//! per row, for logits steps its vocabulary slice of every row.
 
 mod graphs;
 mod step;
 mod tune;
 pub mod weights;
 
+use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError};
 use ferrite_common::config::LlamaConfig;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cuda::nccl::NcclComm;
+use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
+use crate::tp::comm::CommError;
+use crate::tp::nccl::{NcclGroup, NcclRank};
 use weights::DeviceWeights;
 
 /// CUDA backend options.
@@ -42,14 +50,11 @@ pub struct CudaOptions {
     pub max_batch_tokens: usize,
     /// Capture decode CUDA graphs for batches up to this many sequences (0: always eager).
     pub graph_max_batch: usize,
-    /// Run the row-parallel all-reduces (after o_proj and down) through NCCL at world size 1: the tensor-parallel
-    /// code path, exercised on one GPU (NCCL cannot put two ranks on one device).
-    pub nccl_world1: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, nccl_world1: false }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256 }
     }
 }
 
@@ -89,12 +94,14 @@ struct Scratch {
     act: CudaSlice<u16>,
     part_out: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
+    /// `[logit rows, logits_width]` (a rank's vocabulary slice, padded to the widest rank's).
     logits: CudaSlice<f32>,
+    /// Greedy ids of the logit rows, then (tensor parallel) their values as f32 bits: `[2, logit rows]`.
     ids: CudaSlice<i32>,
 }
 
 impl Scratch {
-    fn new(c: &LlamaConfig, stream: &Arc<CudaStream>, rows: usize) -> Result<Self, CudaError> {
+    fn new(c: &LlamaConfig, stream: &Arc<CudaStream>, rows: usize, logits_width: usize) -> Result<Self, CudaError> {
         let qkv_width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
         let q_width = c.num_heads * c.head_dim;
         let logit_rows = rows.min(LOGIT_ROWS_CAP);
@@ -111,8 +118,8 @@ impl Scratch {
                 act: stream.alloc(rows * c.intermediate_size)?,
                 part_out: stream.alloc(PART_CAP_FLOATS)?,
                 part_ml: stream.alloc(PART_CAP_FLOATS / c.head_dim * 2)?,
-                logits: stream.alloc(logit_rows * c.vocab_size)?,
-                ids: stream.alloc(logit_rows)?,
+                logits: stream.alloc(logit_rows * logits_width)?,
+                ids: stream.alloc(2 * logit_rows)?,
             })
         }
     }
@@ -122,6 +129,47 @@ impl Scratch {
 enum LogitsSink<'a> {
     Host(&'a mut Vec<f32>),
     Greedy(&'a mut Vec<u32>),
+}
+
+/// Why a step failed on the device: a CUDA error, or (tensor parallel) the group.
+#[derive(Debug)]
+enum StepError {
+    Cuda(CudaError),
+    Comm(CommError),
+}
+
+impl From<CudaError> for StepError {
+    fn from(e: CudaError) -> Self {
+        Self::Cuda(e)
+    }
+}
+
+impl From<DriverError> for StepError {
+    fn from(e: DriverError) -> Self {
+        Self::Cuda(e.into())
+    }
+}
+
+impl From<StepError> for BackendError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Cuda(e) => BackendError::Device(e.to_string()),
+            StepError::Comm(e) => BackendError::Collective(e.to_string()),
+        }
+    }
+}
+
+/// A tensor-parallel rank's view of its group.
+struct RankTp {
+    comm: Arc<NcclRank>,
+    /// The whole model's config (what the engine sees); `CudaBackend::config` is this rank's share.
+    full: LlamaConfig,
+    /// Every rank's lm_head vocabulary rows, in rank order.
+    vocab: Vec<Range<usize>>,
+    /// The widest rank's vocabulary rows (the logits buffer's row stride on every rank, so gathers are equal-sized).
+    per_vocab: usize,
+    /// Receives the gathered (id, value) pairs or logits of every rank.
+    gather: CudaSlice<f32>,
 }
 
 /// The Llama model on one GPU.
@@ -138,7 +186,7 @@ pub struct CudaBackend {
     block_size: usize,
     scratch: Scratch,
     prefill_ws: PrefillWorkspace,
-    nccl: Option<NcclComm>,
+    tp: Option<RankTp>,
     meta: CudaSlice<i32>,
     meta_host: Vec<i32>,
     graphs: Option<graphs::DecodeGraphs>,
@@ -153,19 +201,48 @@ fn model_err(model: &ModelFiles, e: CudaError) -> ModelError {
     ModelError::InvalidConfig { path: model.path.clone(), detail: format!("CUDA: {e}") }
 }
 
+/// What a tensor-parallel rank is given: the group's plan, the group, and its rank.
+pub struct RankSpec<'a> {
+    pub plan: &'a [ShardSpec],
+    pub group: Arc<NcclGroup>,
+    pub rank: usize,
+}
+
 impl CudaBackend {
     /// Loads `model` (GGUF or HF directory) onto the device.
     pub fn load(model: &ModelFiles, opts: &CudaOptions) -> Result<Self, ModelError> {
         let (stream, kernels) = Self::open(&model.config, opts).map_err(|e| model_err(model, e))?;
-        let weights = DeviceWeights::load(model, &stream)?;
-        Self::finish(model.config.clone(), stream, kernels, weights, opts).map_err(|e| model_err(model, e))
+        let weights = DeviceWeights::load(model, &stream, None)?;
+        Self::finish(model.config.clone(), stream, kernels, weights, opts, None).map_err(|e| model_err(model, e))
     }
 
-    /// A model of shape `config` with random weights generated on the device (benchmarks).
-    pub fn random(config: &LlamaConfig, opts: &CudaOptions, seed: u64) -> Result<Self, CudaError> {
-        let (stream, kernels) = Self::open(config, opts)?;
-        let weights = DeviceWeights::random(config, &kernels, seed)?;
-        Self::finish(config.clone(), stream, kernels, weights, opts)
+    /// Loads tensor-parallel rank `r.rank` of `model` on device `opts.device`: joins the NCCL group (blocks until
+    /// every rank has), then uploads this rank's shard only.
+    pub fn load_rank(model: &ModelFiles, opts: &CudaOptions, r: RankSpec<'_>) -> Result<Self, ModelError> {
+        let shard = &r.plan[r.rank];
+        let local = shard.local_config(&model.config);
+        let (stream, kernels) = Self::open(&local, opts).map_err(|e| model_err(model, e))?;
+        let comm = NcclRank::init(Arc::clone(&r.group), r.rank, Arc::clone(&stream)).map_err(|e| model_err(model, e))?;
+        let weights = DeviceWeights::load(model, &stream, Some(shard))?;
+        let tp = (Arc::new(comm), model.config.clone(), r.plan.iter().map(|s| s.vocab.clone()).collect());
+        Self::finish(local, stream, kernels, weights, opts, Some(tp)).map_err(|e| model_err(model, e))
+    }
+
+    /// A model of shape `config` with random weights generated on the device (benchmarks); with `rank`, that
+    /// rank's shard of it, its collectives through the group.
+    pub fn random(config: &LlamaConfig, opts: &CudaOptions, seed: u64, rank: Option<RankSpec<'_>>) -> Result<Self, CudaError> {
+        let Some(r) = rank else {
+            let (stream, kernels) = Self::open(config, opts)?;
+            let weights = DeviceWeights::random(config, &kernels, seed, None)?;
+            return Self::finish(config.clone(), stream, kernels, weights, opts, None);
+        };
+        let shard = &r.plan[r.rank];
+        let local = shard.local_config(config);
+        let (stream, kernels) = Self::open(&local, opts)?;
+        let comm = NcclRank::init(Arc::clone(&r.group), r.rank, Arc::clone(&stream))?;
+        let weights = DeviceWeights::random(&local, &kernels, seed.wrapping_add(r.rank as u64), Some(shard.vocab.len()))?;
+        let tp = (Arc::new(comm), config.clone(), r.plan.iter().map(|s| s.vocab.clone()).collect());
+        Self::finish(local, stream, kernels, weights, opts, Some(tp))
     }
 
     fn open(c: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>, CudaKernels), CudaError> {
@@ -187,10 +264,27 @@ impl CudaBackend {
         Ok((stream, kernels))
     }
 
-    fn finish(config: LlamaConfig, stream: Arc<CudaStream>, kernels: CudaKernels, weights: DeviceWeights, opts: &CudaOptions) -> Result<Self, CudaError> {
+    fn finish(
+        config: LlamaConfig,
+        stream: Arc<CudaStream>,
+        kernels: CudaKernels,
+        weights: DeviceWeights,
+        opts: &CudaOptions,
+        tp: Option<(Arc<NcclRank>, LlamaConfig, Vec<Range<usize>>)>,
+    ) -> Result<Self, CudaError> {
         let ctx = Arc::clone(stream.context());
         let gemm = Gemm::new(Arc::clone(&stream))?;
-        let scratch = Scratch::new(&config, &stream, opts.max_batch_tokens)?;
+        let logits_width = tp.as_ref().map_or(config.vocab_size, |t| t.2.iter().map(|v| v.len()).max().unwrap_or(0));
+        let scratch = Scratch::new(&config, &stream, opts.max_batch_tokens, logits_width)?;
+        let tp = match tp {
+            None => None,
+            Some((comm, full, vocab)) => {
+                let world = vocab.len();
+                let logit_rows = scratch.ids.len() / 2;
+                let gather = stream.alloc_zeros::<f32>(world * (logit_rows * logits_width).max(2 * logit_rows))?;
+                Some(RankTp { comm, full, vocab, per_vocab: logits_width, gather })
+            }
+        };
         let kv_width = config.num_kv_heads * config.head_dim;
         let dense_ctx = config.max_position_embeddings.min(DENSE_MAX_CTX);
         let prefill_ws = PrefillWorkspace::new(&stream, config.num_heads, kv_width, config.head_dim, opts.max_batch_tokens, dense_ctx, DENSE_SCORE_BYTES)?;
@@ -246,7 +340,7 @@ impl CudaBackend {
             block_size: opts.block_size,
             scratch,
             prefill_ws,
-            nccl: if opts.nccl_world1 { Some(NcclComm::init(0, 1, ferrite_kernels::cuda::nccl::unique_id()?)?) } else { None },
+            tp,
             meta,
             meta_host: Vec::new(),
             graphs: None,
@@ -285,9 +379,9 @@ impl CudaBackend {
         self.graphs.as_ref().map(graphs::DecodeGraphs::buckets).unwrap_or_default()
     }
 
-    /// The NCCL communicator, when the backend runs its all-reduces through one.
-    pub fn nccl(&self) -> Option<&NcclComm> {
-        self.nccl.as_ref()
+    /// The NCCL rank, when this backend is a tensor-parallel rank.
+    pub fn nccl(&self) -> Option<&Arc<NcclRank>> {
+        self.tp.as_ref().map(|t| &t.comm)
     }
 
     pub fn kernels(&self) -> &CudaKernels {
@@ -311,10 +405,10 @@ impl CudaBackend {
     }
 
     /// The forward pass; logit rows go to `sink` in batch order.
-    fn run(&mut self, batch: &ForwardBatch<'_>, mut sink: LogitsSink<'_>) -> Result<(), CudaError> {
+    fn run(&mut self, batch: &ForwardBatch<'_>, mut sink: LogitsSink<'_>) -> Result<(), StepError> {
         if let Some(idx) = self.graph_for(batch) {
             self.replay(batch, idx)?;
-            return self.collect(0, batch.seqs.len(), &mut sink);
+            return self.collect(batch.seqs.len(), &mut sink);
         }
         let rows = step::batch_rows(batch);
         // Flattened block tables, shared by every sub-step.
@@ -325,7 +419,7 @@ impl CudaBackend {
             table_off.push(tables.len() as i32);
             tables.extend(seq.block_table[..need].iter().map(|&b| b as i32));
         }
-        let cap = self.scratch.logits.len() / self.config.vocab_size;
+        let cap = self.scratch.ids.len() / 2;
         for chunk in rows.chunks(self.scratch.rows) {
             let layout = self.encode_eager(batch, chunk, &tables, &table_off)?;
             self.launch(&layout)?;
@@ -333,40 +427,99 @@ impl CudaBackend {
             while done < layout.picked {
                 let r = cap.min(layout.picked - done);
                 self.launch_logits(done, r, matches!(sink, LogitsSink::Greedy(_)))?;
-                self.collect(0, r, &mut sink)?;
+                self.collect(r, &mut sink)?;
                 done += r;
             }
+            // Before the next sub-step's metadata upload, and at the end.
+            self.wait()?;
         }
-        self.stream.synchronize()?;
         Ok(())
     }
 
-    /// Copies logit rows `first .. first + rows` of the device buffers to `sink` (ids only, for greedy).
-    fn collect(&mut self, first: usize, rows: usize, sink: &mut LogitsSink<'_>) -> Result<(), CudaError> {
+    /// Waits for the stream; a tensor-parallel rank polls, so a collective whose peers are gone becomes an error.
+    fn wait(&self) -> Result<(), StepError> {
+        match &self.tp {
+            Some(t) => t.comm.wait().map_err(StepError::Comm),
+            None => Ok(self.stream.synchronize()?),
+        }
+    }
+
+    /// Copies logit rows `0 .. rows` of the device buffers to `sink` (ids only, for greedy). A tensor-parallel rank
+    /// first gathers every rank's part: the greedy (id, value) pairs are already gathered by `launch_logits`; logits
+    /// are gathered here.
+    fn collect(&mut self, rows: usize, sink: &mut LogitsSink<'_>) -> Result<(), StepError> {
         let vocab = self.config.vocab_size;
+        let Some(tp) = &self.tp else {
+            match sink {
+                LogitsSink::Host(out) => {
+                    let start = out.len();
+                    out.resize(start + rows * vocab, 0.0);
+                    self.stream.memcpy_dtoh(&self.scratch.logits.slice(..rows * vocab), &mut out[start..])?;
+                }
+                LogitsSink::Greedy(out) => {
+                    let mut host = vec![0i32; rows];
+                    self.stream.memcpy_dtoh(&self.scratch.ids.slice(..rows), &mut host)?;
+                    out.extend(host.iter().map(|&i| i as u32));
+                }
+            }
+            return Ok(());
+        };
+        let world = tp.vocab.len();
         match sink {
             LogitsSink::Host(out) => {
+                let part = rows * tp.per_vocab;
+                let (send, recv) = (self.scratch.logits.device_ptr(&self.stream).0, tp.gather.device_ptr(&self.stream).0);
+                // SAFETY: logits holds ≥ rows·per_vocab f32 on every rank; gather holds world·that.
+                unsafe { tp.comm.all_gather_device(send, recv, part * 4) }?;
+                self.wait()?;
+                let mut all = vec![0f32; world * part];
+                self.stream.memcpy_dtoh(&tp.gather.slice(..world * part), &mut all)?;
+                // Rank k's rows are dense with its own width: interleave them into full rows.
                 let start = out.len();
                 out.resize(start + rows * vocab, 0.0);
-                self.stream.memcpy_dtoh(&self.scratch.logits.slice(first * vocab..(first + rows) * vocab), &mut out[start..])?;
+                let dst = &mut out[start..];
+                for (k, v) in tp.vocab.iter().enumerate() {
+                    let src = &all[k * part..];
+                    for r in 0..rows {
+                        dst[r * vocab + v.start..r * vocab + v.end].copy_from_slice(&src[r * v.len()..(r + 1) * v.len()]);
+                    }
+                }
             }
             LogitsSink::Greedy(out) => {
-                let mut host = vec![0i32; rows];
-                self.stream.memcpy_dtoh(&self.scratch.ids.slice(first..first + rows), &mut host)?;
-                out.extend(host.iter().map(|&i| i as u32));
+                let cap = self.scratch.ids.len() / 2;
+                self.wait()?;
+                let mut all = vec![0f32; world * 2 * cap];
+                self.stream.memcpy_dtoh(&tp.gather.slice(..world * 2 * cap), &mut all)?;
+                out.extend((0..rows).map(|r| {
+                    // The highest value wins, the lowest global id on ties (ranks hold ascending vocabulary slices).
+                    let mut best = (f32::NEG_INFINITY, u32::MAX);
+                    for (k, v) in tp.vocab.iter().enumerate() {
+                        let id = v.start as u32 + all[k * 2 * cap + r].to_bits();
+                        let val = all[k * 2 * cap + cap + r];
+                        if val > best.0 || (val == best.0 && id < best.1) {
+                            best = (val, id);
+                        }
+                    }
+                    if best.1 == u32::MAX { 0 } else { best.1 }
+                }));
             }
         }
         Ok(())
     }
-}
 
-fn device_err(e: CudaError) -> BackendError {
-    BackendError::Device(e.to_string())
+    /// Runs a step; on failure a tensor-parallel rank fails its group at once (the others stop waiting for it).
+    fn run_step(&mut self, batch: &ForwardBatch<'_>, sink: LogitsSink<'_>) -> Result<(), BackendError> {
+        let out = self.run(batch, sink);
+        if let (Err(e), Some(tp)) = (&out, &self.tp) {
+            tp.comm.fail(&format!("{e:?}"));
+        }
+        Ok(out?)
+    }
 }
 
 impl Backend for CudaBackend {
     fn config(&self) -> &LlamaConfig {
-        &self.config
+        self.tp.as_ref().map_or(&self.config, |t| &t.full)
     }
 
     fn info(&self) -> BackendInfo {
@@ -376,7 +529,7 @@ impl Backend for CudaBackend {
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
         validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
         let mut data = Vec::new();
-        self.run(batch, LogitsSink::Host(&mut data)).map_err(device_err)?;
+        self.run_step(batch, LogitsSink::Host(&mut data))?;
         let mut ranges = Vec::with_capacity(batch.seqs.len());
         let mut start = 0;
         for seq in &batch.seqs {
@@ -395,7 +548,7 @@ impl Backend for CudaBackend {
     fn forward_greedy(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<u32>, BackendError> {
         validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
         let mut ids = Vec::new();
-        self.run(batch, LogitsSink::Greedy(&mut ids)).map_err(device_err)?;
+        self.run_step(batch, LogitsSink::Greedy(&mut ids))?;
         Ok(ids)
     }
 }

@@ -194,15 +194,15 @@ impl CudaBackend {
                     k.prefill_attention(g, &self.prefill_ws, &l.shape, qkv_r, len, start, kc, vc, table, out)?;
                 }
                 lin(attn, lw.wo.ptr(st), proj, n, q_width, hidden)?;
-                if let Some(c) = &self.nccl {
-                    c.all_reduce_sum_f32(proj, n * hidden, st)?;
+                if let Some(t) = &self.tp {
+                    t.comm.all_reduce_sum_device(proj, n * hidden)?;
                 }
                 k.add_rms_norm(x, proj, self.ptr_f32(&lw.ffn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
                 lin(h, lw.gate_up.ptr(st), gate_up, n, hidden, 2 * ffn)?;
                 k.silu_mul(gate_up, act, n, ffn)?;
                 lin(act, lw.down.ptr(st), proj, n, ffn, hidden)?;
-                if let Some(c) = &self.nccl {
-                    c.all_reduce_sum_f32(proj, n * hidden, st)?;
+                if let Some(t) = &self.tp {
+                    t.comm.all_reduce_sum_device(proj, n * hidden)?;
                 }
             }
             // Final residual add and norm, only for the rows that want logits (gathered densely into h).
@@ -212,18 +212,28 @@ impl CudaBackend {
     }
 
     /// lm_head for normed rows `first .. first + rows` of `scratch.h` into `scratch.logits`, then (with `argmax`)
-    /// the greedy ids into `scratch.ids`. `rows` is at most the logits buffer's row capacity.
+    /// the greedy ids into `scratch.ids`. `rows` is at most the logits buffer's row capacity. A tensor-parallel
+    /// rank computes its vocabulary slice and, with `argmax`, also the maxima, and gathers every rank's (id, value)
+    /// pairs (in CUDA graphs too).
     pub(super) fn launch_logits(&self, first: usize, rows: usize, argmax: bool) -> Result<(), CudaError> {
         let c = &self.config;
         let sc = &self.scratch;
-        debug_assert!(rows * c.vocab_size <= sc.logits.len());
+        let lm = self.weights.lm_head();
+        let cap = sc.ids.len() / 2;
+        debug_assert!(rows <= cap && rows * lm.rows <= sc.logits.len());
         let h = self.ptr_u16(&sc.h) + (first * c.hidden_size * 2) as u64;
         let logits = self.ptr_f32(&sc.logits);
-        // SAFETY: h holds ≥ first + rows normed rows; logits rows·vocab f32; ids ≥ rows i32.
+        let ids = sc.ids.device_ptr(&self.stream).0;
+        // SAFETY: h holds ≥ first + rows normed rows; logits rows·lm.rows f32; ids 2·cap i32 (ids, then values);
+        // the gather buffer world·2·cap f32.
         unsafe {
-            self.linear(h, self.weights.lm_head().ptr(&self.stream), logits, rows, c.hidden_size, c.vocab_size)?;
+            self.linear(h, lm.ptr(&self.stream), logits, rows, c.hidden_size, lm.rows)?;
             if argmax {
-                self.kernels.argmax_rows(logits, sc.ids.device_ptr(&self.stream).0, rows, c.vocab_size)?;
+                let vals = if self.tp.is_some() { ids + (cap * 4) as u64 } else { 0 };
+                self.kernels.argmax_rows(logits, ids, vals, rows, lm.rows)?;
+                if let Some(t) = &self.tp {
+                    t.comm.all_gather_device(ids, self.ptr_f32(&t.gather), 2 * cap * 4)?;
+                }
             }
         }
         Ok(())

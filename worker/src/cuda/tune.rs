@@ -38,7 +38,7 @@ impl CudaBackend {
             (c.num_heads * hd, h, l0.wo.ptr(st)),
             (h, 2 * ffn, l0.gate_up.ptr(st)),
             (ffn, h, l0.down.ptr(st)),
-            (h, c.vocab_size, self.weights.lm_head().ptr(st)),
+            (h, self.weights.lm_head().rows, self.weights.lm_head().ptr(st)),
         ];
         let max_in = shapes.iter().map(|s| s.0).max().unwrap_or(h);
         let max_out = shapes.iter().map(|s| s.1).max().unwrap_or(h);
@@ -90,7 +90,8 @@ impl CudaBackend {
         let c = &self.config;
         let st = &self.stream;
         let sc = &self.scratch;
-        let rows = rows.min(sc.rows).min(sc.logits.len() / c.vocab_size);
+        let lm_rows = self.weights.lm_head().rows;
+        let rows = rows.min(sc.rows).min(sc.ids.len() / 2);
         let (h, act) = (sc.h.device_ptr(st).0, sc.act.device_ptr(st).0);
         // SAFETY: h and act hold scratch.rows rows of their widths.
         unsafe {
@@ -109,7 +110,7 @@ impl CudaBackend {
                     self.linear(h, lw.gate_up.ptr(st), gate_up, rows, hidden, 2 * ffn)?;
                     self.linear(act, lw.down.ptr(st), proj, rows, ffn, hidden)?;
                 }
-                self.linear(h, self.weights.lm_head().ptr(st), logits, rows, hidden, c.vocab_size)
+                self.linear(h, self.weights.lm_head().ptr(st), logits, rows, hidden, lm_rows)
             }
         };
         step()?;

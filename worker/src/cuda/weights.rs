@@ -4,7 +4,12 @@
 //! Loading streams each tensor through a bounded host buffer (a few MiB of rows at a time): bf16 safetensors are
 //! copied as they are, anything else (GGUF blocks, f16, f32) is dequantized to f32 and rounded to bf16 per chunk, so
 //! no second full copy of the model ever exists in host memory. Progress is logged every 10 %.
+//!
+//! A tensor-parallel rank loads only its [`ShardSpec`]: row ranges of the column-parallel matrices (Q/K/V heads,
+//! gate/up rows, lm_head vocabulary), column ranges of the row-parallel ones (o_proj, down); rows are read from
+//! the file one chunk at a time either way.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +18,7 @@ use ferrite_common::config::LlamaConfig;
 use ferrite_common::dtype::GgmlType;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::{LlamaTensor, ModelFiles, WeightView};
+use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cpu::quant::dequantize_row;
 use ferrite_kernels::cuda::{CudaError, CudaKernels};
 use half::bf16;
@@ -69,10 +75,11 @@ impl DeviceWeights {
         self.layers.iter().map(layer).sum::<usize>() + self.lm_head().bytes()
     }
 
-    /// Loads every tensor of `model` onto the device.
-    pub fn load(model: &ModelFiles, stream: &Arc<CudaStream>) -> Result<Self, ModelError> {
+    /// Loads every tensor of `model` onto the device, or with `shard` only what that tensor-parallel rank holds
+    /// (the lm_head is then its vocabulary rows, sliced from the embedding when tied).
+    pub fn load(model: &ModelFiles, stream: &Arc<CudaStream>, shard: Option<&ShardSpec>) -> Result<Self, ModelError> {
         let c = &model.config;
-        let mut loader = Loader::new(model, stream);
+        let mut loader = Loader::new(model, stream, shard);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             layers.push(DeviceLayer {
@@ -84,19 +91,25 @@ impl DeviceWeights {
                 down: loader.matrix(&[LlamaTensor::Down(l)])?,
             });
         }
+        let lm_head = match (c.tie_word_embeddings, shard) {
+            (true, None) => None,
+            (true, Some(_)) => Some(loader.matrix_as(LlamaTensor::TokenEmbedding, LlamaTensor::LmHead)?),
+            (false, _) => Some(loader.matrix(&[LlamaTensor::LmHead])?),
+        };
         let weights = Self {
-            embedding: loader.matrix(&[LlamaTensor::TokenEmbedding])?,
+            embedding: loader.matrix_as(LlamaTensor::TokenEmbedding, LlamaTensor::TokenEmbedding)?,
             layers,
             output_norm: loader.vector(LlamaTensor::OutputNorm)?,
-            lm_head: if c.tie_word_embeddings { None } else { Some(loader.matrix(&[LlamaTensor::LmHead])?) },
+            lm_head,
         };
         loader.finish();
         Ok(weights)
     }
 
     /// Random weights generated on the device (benchmarks): matrices uniform in ±`scale`·√3 (std `scale`), norms
-    /// near 1. Same seed, same weights.
-    pub fn random(c: &LlamaConfig, kernels: &CudaKernels, seed: u64) -> Result<Self, CudaError> {
+    /// near 1. Same seed, same weights. With `lm_rows` (a tensor-parallel rank's vocabulary rows) the lm_head is a
+    /// separate matrix of that many rows.
+    pub fn random(c: &LlamaConfig, kernels: &CudaKernels, seed: u64, lm_rows: Option<usize>) -> Result<Self, CudaError> {
         let stream = kernels.stream();
         let mut next_seed = seed;
         let mut matrix = |rows: usize, cols: usize| -> Result<DeviceMatrix, CudaError> {
@@ -126,7 +139,11 @@ impl DeviceWeights {
             });
         }
         let embedding = matrix(c.vocab_size, h)?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(matrix(c.vocab_size, h)?) };
+        let lm_head = match lm_rows {
+            Some(rows) => Some(matrix(rows, h)?),
+            None if c.tie_word_embeddings => None,
+            None => Some(matrix(c.vocab_size, h)?),
+        };
         let output_norm = norm(stream)?;
         kernels.check()?;
         Ok(Self { embedding, layers, output_norm, lm_head })
@@ -137,6 +154,7 @@ impl DeviceWeights {
 struct Loader<'a> {
     model: &'a ModelFiles,
     stream: &'a Arc<CudaStream>,
+    shard: Option<&'a ShardSpec>,
     staging: Vec<u16>,
     scratch: Vec<f32>,
     total: usize,
@@ -146,14 +164,38 @@ struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    fn new(model: &'a ModelFiles, stream: &'a Arc<CudaStream>) -> Self {
-        let total = LlamaTensor::all(&model.config)
+    fn new(model: &'a ModelFiles, stream: &'a Arc<CudaStream>, shard: Option<&'a ShardSpec>) -> Self {
+        let mut this = Self { model, stream, shard, staging: Vec::new(), scratch: Vec::new(), total: 0, done: 0, next_report: 10, started: Instant::now() };
+        // Bytes read from the file: a shard reads its rows whole (column slices included), so count rows.
+        this.total = LlamaTensor::all(&model.config)
             .into_iter()
-            .filter_map(|t| model.weight(t).ok())
-            .map(|w| w.data.len())
-            .sum();
-        tracing::info!(path = %model.path.display(), mib = total >> 20, "loading weights to the GPU");
-        Self { model, stream, staging: Vec::new(), scratch: Vec::new(), total, done: 0, next_report: 10, started: Instant::now() }
+            .filter_map(|t| model.weight(t).ok().map(|w| (t, w)))
+            .map(|(t, w)| {
+                let rows = w.shape.first().copied().unwrap_or(1).max(1);
+                w.data.len() / rows * this.part(t, &w).0.len().min(rows)
+            })
+            .sum::<usize>();
+        if let (Some(s), true, Ok(e)) = (shard, model.config.tie_word_embeddings, model.weight(LlamaTensor::TokenEmbedding)) {
+            this.total += e.data.len() / e.shape[0].max(1) * s.vocab.len(); // the lm_head slice of the tied embedding
+        }
+        tracing::info!(path = %model.path.display(), mib = this.total >> 20, rank = shard.map(|s| s.rank), "loading weights to the GPU");
+        this
+    }
+
+    /// The (rows, columns) of `role`'s full `[out, in]` matrix this rank loads.
+    fn part(&self, role: LlamaTensor, v: &WeightView<'_>) -> (Range<usize>, Range<usize>) {
+        let (rows, cols) = (v.shape[0], v.shape.get(1).copied().unwrap_or(1));
+        let Some(s) = self.shard else { return (0..rows, 0..cols) };
+        let hd = self.model.config.head_dim;
+        match role {
+            LlamaTensor::Wq(_) => (s.q_rows(hd), 0..cols),
+            LlamaTensor::Wk(_) | LlamaTensor::Wv(_) => (s.kv_rows(hd), 0..cols),
+            LlamaTensor::Wo(_) => (0..rows, s.q_rows(hd)),
+            LlamaTensor::Gate(_) | LlamaTensor::Up(_) => (s.ffn.clone(), 0..cols),
+            LlamaTensor::Down(_) => (0..rows, s.ffn.clone()),
+            LlamaTensor::LmHead => (s.vocab.clone(), 0..cols),
+            _ => (0..rows, 0..cols),
+        }
     }
 
     fn device_err(&self, e: impl std::fmt::Display) -> ModelError {
@@ -174,43 +216,65 @@ impl<'a> Loader<'a> {
         tracing::info!("weights loaded in {:.1} s", self.started.elapsed().as_secs_f64());
     }
 
-    /// Stacks the rows of `roles` into one bf16 device matrix.
+    /// Stacks this rank's part of each of `roles` (rows of column-parallel ones, columns of row-parallel ones) into
+    /// one bf16 device matrix.
     fn matrix(&mut self, roles: &[LlamaTensor]) -> Result<DeviceMatrix, ModelError> {
-        let views: Vec<WeightView<'a>> = roles.iter().map(|&r| self.model.weight(r)).collect::<Result<_, _>>()?;
-        let cols = views[0].shape[1];
-        let rows: usize = views.iter().map(|v| v.shape[0]).sum();
+        let parts = roles.iter().map(|&r| Ok((self.model.weight(r)?, r))).collect::<Result<Vec<_>, ModelError>>()?;
+        self.stack(parts)
+    }
+
+    /// The tensor `file` sliced as if it were `role` (the tied embedding as the lm_head, or as itself: whole).
+    fn matrix_as(&mut self, file: LlamaTensor, role: LlamaTensor) -> Result<DeviceMatrix, ModelError> {
+        let v = self.model.weight(file)?;
+        self.stack(vec![(v, role)])
+    }
+
+    fn stack(&mut self, parts: Vec<(WeightView<'a>, LlamaTensor)>) -> Result<DeviceMatrix, ModelError> {
+        let slices: Vec<_> = parts.iter().map(|(v, role)| self.part(*role, v)).collect();
+        let cols = slices[0].1.len();
+        let rows: usize = slices.iter().map(|s| s.0.len()).sum();
         // SAFETY: every element is written by the uploads below before the matrix is used.
         let mut data = unsafe { self.stream.alloc::<u16>(rows * cols) }.map_err(|e| self.device_err(e))?;
         let mut offset = 0;
-        for v in &views {
-            self.upload(v, cols, &mut data, offset)?;
-            offset += v.shape[0] * cols;
+        for ((v, _), (r, c)) in parts.iter().zip(slices) {
+            self.upload(v, r.clone(), c, &mut data, offset)?;
+            offset += r.len() * cols;
         }
         Ok(DeviceMatrix { rows, cols, data })
     }
 
-    fn upload(&mut self, v: &WeightView<'a>, cols: usize, dst: &mut CudaSlice<u16>, offset: usize) -> Result<(), ModelError> {
+    /// Uploads rows `rows` × columns `cols` of `v` to `dst` at element `offset` (dense, `cols.len()` per row).
+    fn upload(&mut self, v: &WeightView<'a>, rows: Range<usize>, cols: Range<usize>, dst: &mut CudaSlice<u16>, offset: usize) -> Result<(), ModelError> {
         let path = &self.model.path;
-        let row_bytes = v.dtype.bytes_for(cols).ok_or_else(|| ModelError::Malformed {
+        let full = v.shape[1];
+        let row_bytes = v.dtype.bytes_for(full).ok_or_else(|| ModelError::Malformed {
             path: path.clone(),
-            detail: format!("tensor `{}`: {cols} columns are not whole {} blocks", v.name, v.dtype),
+            detail: format!("tensor `{}`: {full} columns are not whole {} blocks", v.name, v.dtype),
         })?;
-        let rows_per_chunk = (CHUNK_ELEMS / cols).max(1);
-        let rows = v.shape[0];
-        let mut r = 0;
-        while r < rows {
-            let n = rows_per_chunk.min(rows - r);
+        if rows.end > v.shape[0] || cols.end > full {
+            return Err(ModelError::Malformed { path: path.clone(), detail: format!("tensor `{}` is smaller than its shard", v.name) });
+        }
+        let width = cols.len();
+        let rows_per_chunk = (CHUNK_ELEMS / full).max(1);
+        let mut r = rows.start;
+        while r < rows.end {
+            let n = rows_per_chunk.min(rows.end - r);
             let bytes = &v.data[r * row_bytes..(r + n) * row_bytes];
             self.staging.clear();
             if v.dtype == GgmlType::BF16 {
-                self.staging.extend(bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])));
+                for row in bytes.chunks_exact(row_bytes) {
+                    let row = &row[cols.start * 2..cols.end * 2];
+                    self.staging.extend(row.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])));
+                }
             } else {
-                self.scratch.resize(n * cols, 0.0);
+                self.scratch.resize(n * full, 0.0);
                 dequantize_row(v.dtype, bytes, &mut self.scratch).map_err(|_| ModelError::dtype(path, &v.name, v.dtype))?;
-                self.staging.extend(self.scratch.iter().map(|&x| bf16::from_f32(x).to_bits()));
+                for row in self.scratch.chunks_exact(full) {
+                    self.staging.extend(row[cols.clone()].iter().map(|&x| bf16::from_f32(x).to_bits()));
+                }
             }
-            let start = offset + r * cols;
-            let mut view = dst.slice_mut(start..start + n * cols);
+            let start = offset + (r - rows.start) * width;
+            let mut view = dst.slice_mut(start..start + n * width);
             self.stream.memcpy_htod(&self.staging, &mut view).map_err(|e| self.device_err(e))?;
             // The staging buffer is reused: wait until the copy has read it.
             self.stream.synchronize().map_err(|e| self.device_err(e))?;
