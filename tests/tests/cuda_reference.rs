@@ -23,7 +23,7 @@ use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 const BLOCKS: usize = 512;
 
 fn backend() -> Option<CudaBackend> {
-    started(|model, opts| CudaBackend::load(model, opts))
+    started(CudaBackend::load)
 }
 
 /// A backend built by `f`, or None (and a note) where no GPU is usable, unless `FERRITE_REQUIRE_CUDA=1`.

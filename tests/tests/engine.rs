@@ -1,13 +1,16 @@
 //! Engine properties on the default model: the chunk size never changes outputs, preemption under memory pressure
-//! never changes outputs, and every block comes back.
+//! never changes outputs, every block comes back, and a fatal backend error stops the engine without losing a
+//! request.
 
 use std::sync::atomic::Ordering;
 
 use ferrite_common::model::ModelFiles;
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
 use ferrite_tests::{default_model, ref_cases};
+use ferrite_worker::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
-use ferrite_worker::engine::core::{Engine, EngineConfig, EngineHandle, EngineOutput, EngineRequest, FinishReason};
+use ferrite_worker::engine::core::{Engine, EngineConfig, EngineError, EngineHandle, EngineOutput, EngineRequest, FinishReason};
+use ferrite_worker::instant::InstantBackend;
 use ferrite_worker::engine::scheduler::SchedulerConfig;
 
 fn engine(budget: usize, kv_blocks: usize) -> EngineHandle {
@@ -88,4 +91,62 @@ fn preemption_under_memory_pressure_does_not_change_outputs() {
     assert!(tight.stats.preemptions.load(Ordering::Relaxed) > 0, "expected preemptions");
     assert_eq!(together, alone);
     wait_free(&tight);
+}
+
+/// A backend that runs `steps` steps, then fails like a lost device.
+struct FailAfter {
+    inner: InstantBackend,
+    steps: usize,
+}
+
+impl Backend for FailAfter {
+    fn config(&self) -> &ferrite_common::config::LlamaConfig {
+        self.inner.config()
+    }
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
+        if self.steps == 0 {
+            return Err(BackendError::Device("injected device failure".into()));
+        }
+        self.steps -= 1;
+        self.inner.forward(batch)
+    }
+}
+
+/// A fatal backend error (a failed device or tensor-parallel group) fails every request, the ones in the step and
+/// the ones still waiting, stops the engine (its handle's `failed()` resolves: the worker exits non-zero) and
+/// refuses later requests. Nothing hangs.
+#[test]
+fn a_fatal_backend_error_fails_every_request_and_stops_the_engine() {
+    let files = ModelFiles::open(&default_model()).unwrap();
+    let backend = FailAfter { inner: InstantBackend::new(files.config.clone(), 64, 16), steps: 3 };
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 2, max_waiting: 64, max_model_len: 2048 },
+        model_fingerprint: files.fingerprint(),
+        eos_token_ids: vec![2],
+    };
+    let e = Engine::spawn(Box::new(backend), cfg).unwrap();
+    // Two run at a time: when the fourth step fails, two requests are running and two are waiting.
+    let rxs: Vec<_> = (0..4).map(|i| e.submit(request(&format!("r{i}"), &[1, 2, 3], 50))).collect();
+    for (i, mut rx) in rxs.into_iter().enumerate() {
+        loop {
+            match rx.blocking_recv() {
+                Some(EngineOutput::Tokens { .. }) => {}
+                Some(EngineOutput::Failed(m)) => {
+                    assert!(m.contains("injected device failure"), "request {i}: {m}");
+                    break;
+                }
+                other => panic!("request {i}: expected a failure, got {other:?}"),
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let why = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), e.failed()).await }).expect("failed() resolves");
+    assert!(why.contains("injected device failure"), "{why}");
+    assert_eq!(e.stats.running.load(Ordering::Relaxed), 0);
+    let mut late = e.submit(request("late", &[1, 2, 3], 5));
+    let answer = late.blocking_recv();
+    assert!(matches!(answer, None | Some(EngineOutput::Rejected(EngineError::ShutDown))), "{answer:?}");
 }

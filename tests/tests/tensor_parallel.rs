@@ -110,11 +110,13 @@ fn each_rank_holds_its_share_of_the_weights() {
     }
 }
 
-/// A communicator that fails rank 1's `fail_at`-th all-reduce (a rank dying mid-step).
+/// A communicator that fails rank 1's `fail_at`-th all-reduce (a rank dying mid-step), or with `hang` never returns
+/// from it (a rank stuck in a device call that ignores aborts).
 struct Faulty {
     inner: CpuComm,
     calls: AtomicUsize,
     fail_at: usize,
+    hang: bool,
 }
 
 impl Communicator for Faulty {
@@ -126,6 +128,11 @@ impl Communicator for Faulty {
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
         if self.rank() == 1 && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            if self.hang {
+                loop {
+                    std::thread::park(); // never unparked
+                }
+            }
             self.inner.abort("injected failure");
             return Err(CommError::Aborted("injected failure".into()));
         }
@@ -151,9 +158,9 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
     let plan = ShardSpec::plan(&model.config, 2, 1).unwrap();
     let comms: Vec<Arc<dyn Communicator>> = CpuGroup::create(2, Duration::from_secs(60))
         .into_iter()
-        .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3 }) as Arc<dyn Communicator>)
+        .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3, hang: false }) as Arc<dyn Communicator>)
         .collect();
-    let mut b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms).expect("load");
+    let mut b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms, Duration::from_secs(60)).expect("load");
     let t = Instant::now();
     let prompt: Vec<u32> = (1..20).collect();
     let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
@@ -164,6 +171,36 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
     assert!(t.elapsed() < Duration::from_secs(10), "failure took {:?} to surface", t.elapsed());
     // The group stays failed: later steps fail too (the worker must be restarted), they do not hang.
     assert!(b.forward(&batch).is_err());
+}
+
+/// A rank stuck for good (not even in a collective that could time out) cannot hang the worker: the step fails
+/// once the group's timeout has passed, the group is aborted (the other ranks' collectives return), later steps fail
+/// at once, and dropping the backend does not wait for the stuck thread.
+#[test]
+fn a_stuck_rank_times_out_the_step_and_fails_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_hf(dir.path(), &tiny::hf_config(false), &tiny::tensors());
+    let model = ModelFiles::open(dir.path()).expect("open tiny model");
+    let plan = ShardSpec::plan(&model.config, 2, 1).unwrap();
+    // The in-process collectives would wait a minute; the group's step timeout is 2 s.
+    let comms: Vec<Arc<dyn Communicator>> = CpuGroup::create(2, Duration::from_secs(60))
+        .into_iter()
+        .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3, hang: true }) as Arc<dyn Communicator>)
+        .collect();
+    let mut b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms, Duration::from_secs(2)).expect("load");
+    let prompt: Vec<u32> = (1..20).collect();
+    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
+    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
+    let t = Instant::now();
+    let err = b.forward(&batch).expect_err("the step must fail");
+    assert!(matches!(&err, BackendError::Collective(m) if m.contains("stuck")), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "failure took {:?} to surface", t.elapsed());
+    let t = Instant::now();
+    let again = b.forward_greedy(&batch).expect_err("the group stays failed");
+    assert!(matches!(&again, BackendError::Collective(m) if m.contains("restart")), "{again}");
+    drop(b);
+    assert!(t.elapsed() < Duration::from_secs(2), "a failed group must not wait for its stuck rank");
 }
 
 /// Impossible settings are refused at start-up with a typed error that says what works.

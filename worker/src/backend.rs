@@ -78,6 +78,14 @@ pub enum BackendError {
     Device(String),
 }
 
+impl BackendError {
+    /// Whether the backend is unusable after this error (a failed device or tensor-parallel group): the engine stops
+    /// and the worker exits non-zero so it is restarted. Validation errors only fail their step.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Collective(_) | Self::Device(_))
+    }
+}
+
 /// Facts about a backend the engine needs once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendInfo {

@@ -64,6 +64,9 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The engine stopped on a fatal backend error (failed device or tensor-parallel group): restart the worker.
+    #[error("the engine stopped: {0}")]
+    EngineFailed(String),
 }
 
 impl WorkerConfig {
@@ -184,13 +187,24 @@ impl Worker {
         Ok(Self { service: WorkerService::new(engine.clone(), info.clone()), engine, info })
     }
 
-    /// Serves gRPC on `listener` until `shutdown` resolves.
+    /// Serves gRPC on `listener` until `shutdown` resolves (`Ok`) or the engine stops on a fatal backend error
+    /// ([`WorkerError::EngineFailed`]: the caller exits non-zero, so an orchestrator restarts the worker).
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
+        let engine = self.engine.clone();
+        let stop = async {
+            tokio::select! {
+                () = shutdown => {}
+                why = engine.failed() => tracing::error!(error = %why, "stopping the worker"),
+            }
+        };
         tonic::transport::Server::builder()
             .add_service(self.service.into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
             .await?;
-        Ok(())
+        match self.engine.fatal_error() {
+            Some(why) => Err(WorkerError::EngineFailed(why)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -70,17 +70,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let grpc_addr = grpc.local_addr()?;
         let info = worker.info.clone();
-        tokio::spawn(async move {
-            if let Err(e) = worker.serve(grpc, std::future::pending()).await {
-                tracing::error!(error = %e, "embedded worker stopped");
-            }
-        });
+        let worker_task = tokio::spawn(worker.serve(grpc, std::future::pending()));
         let pool = WorkerPool::new(&[format!("http://{grpc_addr}")]).map_err(|e| anyhow::anyhow!("{}", e.message))?;
         pool.info(Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{}", e.message)).context("embedded worker")?;
         let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
         let extra: ferrite_router::server::ExtraMetrics = Arc::new(move || metrics.render());
         let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, Some(extra)).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        serve_http(Arc::new(state), a.http.addr()).await?;
+        // A worker that stops (its engine failed for good) takes the process down with a non-zero exit, so the
+        // orchestrator restarts it instead of leaving an HTTP front that answers 503 forever.
+        tokio::select! {
+            r = serve_http(Arc::new(state), a.http.addr()) => r?,
+            r = worker_task => match r {
+                Ok(Ok(())) => anyhow::bail!("the embedded worker stopped"),
+                Ok(Err(e)) => return Err(anyhow::Error::new(e).context("the embedded worker stopped")),
+                Err(e) => anyhow::bail!("the embedded worker panicked: {e}"),
+            },
+        }
         anyhow::Ok(())
     })
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ferrite_common::hash::BlockHasher;
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 
 use super::block_pool::BlockPool;
 use super::sampler::{Sampler, TokenLogprob};
@@ -98,6 +98,8 @@ pub struct EngineHandle {
     cmd: mpsc::Sender<Command>,
     pub stats: Arc<EngineStats>,
     pub started: Instant,
+    /// Set once, when the engine stopped on a fatal backend error.
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl EngineHandle {
@@ -117,6 +119,23 @@ impl EngineHandle {
             return false;
         }
         rx.await.unwrap_or(false)
+    }
+
+    /// Resolves with the error when the engine stops on a fatal backend error (a failed device or tensor-parallel
+    /// group); never resolves otherwise. The worker exits non-zero on it.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal.clone();
+        let why = rx.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
+        match why {
+            Some(why) => why,
+            // The engine ended without a fatal error (every handle dropped): nothing to report.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The fatal error the engine stopped on, if it did.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.fatal.borrow().clone()
     }
 
     /// Milliseconds since the engine last finished a step.
@@ -151,12 +170,14 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     started: Instant,
     scratch: Vec<f32>,
+    fatal: watch::Sender<Option<String>>,
 }
 
 impl Engine {
     /// Starts the engine thread over `backend`; the KV pool is sized from the backend's blocks.
     pub fn spawn(backend: Box<dyn Backend>, cfg: EngineConfig) -> std::io::Result<EngineHandle> {
         let (tx, rx) = mpsc::channel();
+        let (fatal, fatal_rx) = watch::channel(None);
         let stats = Arc::new(EngineStats::default());
         let started = Instant::now();
         let thread_stats = Arc::clone(&stats);
@@ -176,11 +197,12 @@ impl Engine {
                 stats: thread_stats,
                 started,
                 scratch: Vec::new(),
+                fatal,
             };
             engine.publish();
             engine.run();
         })?;
-        Ok(EngineHandle { cmd: tx, stats, started })
+        Ok(EngineHandle { cmd: tx, stats, started, fatal: fatal_rx })
     }
 
     fn run(mut self) {
@@ -212,9 +234,26 @@ impl Engine {
                 }
                 continue;
             }
-            self.step(&plan);
+            if let Err(e) = self.step(&plan) {
+                return self.stop_fatal(&e);
+            }
             self.publish();
         }
+    }
+
+    /// A fatal backend error: every request still here fails, the stats show an empty engine, the handle's
+    /// `failed()` resolves, and the thread ends (later submissions are rejected as shut down).
+    fn stop_fatal(mut self, e: &BackendError) {
+        tracing::error!(error = %e, "the backend failed for good; the engine stops");
+        for (_, state) in self.requests.drain() {
+            let _ = state.tx.send(EngineOutput::Failed(e.to_string()));
+            for id in state.seqs {
+                self.sched.remove(id);
+                self.seqs.remove(&id);
+            }
+        }
+        self.publish();
+        self.fatal.send_replace(Some(e.to_string()));
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -286,7 +325,8 @@ impl Engine {
         }
     }
 
-    fn step(&mut self, plan: &[super::scheduler::Scheduled]) {
+    /// Runs one step; a fatal backend error is returned (after failing the step's requests).
+    fn step(&mut self, plan: &[super::scheduler::Scheduled]) -> Result<(), BackendError> {
         let batch = ForwardBatch {
             seqs: plan
                 .iter()
@@ -313,7 +353,10 @@ impl Engine {
         self.stats.batch_tokens.store(plan.iter().map(|p| p.num_tokens as u64).sum(), Ordering::Relaxed);
         let out = match result {
             Ok(o) => o,
-            Err(e) => return self.fail_step(plan, &e),
+            Err(e) => {
+                self.fail_step(plan, &e);
+                return if e.is_fatal() { Err(e) } else { Ok(()) };
+            }
         };
         self.sched.complete(plan);
         let mut greedy_ids = match &out {
@@ -362,6 +405,7 @@ impl Engine {
                 self.finish(p.id, reason, matched_stop);
             }
         }
+        Ok(())
     }
 
     fn finish(&mut self, id: SeqId, reason: FinishReason, matched_stop: Option<u32>) {

@@ -2,6 +2,7 @@
 //! only, meeting in an in-process [`CpuGroup`] (bitwise-identical sums on every rank).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
@@ -16,11 +17,18 @@ impl TpBackend {
     /// threads, at least one) and waits until every rank is ready.
     pub fn cpu(model: &ModelFiles, opts: &CpuOptions, plan: Vec<ShardSpec>) -> Result<Self, ModelError> {
         let comms = CpuGroup::create(plan.len(), COLLECTIVE_TIMEOUT).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect();
-        Self::cpu_with(model, opts, plan, comms)
+        Self::cpu_with(model, opts, plan, comms, COLLECTIVE_TIMEOUT)
     }
 
-    /// As [`Self::cpu`], with the ranks' communicators given (rank `i` gets `comms[i]`; tests inject faults here).
-    pub fn cpu_with(model: &ModelFiles, opts: &CpuOptions, plan: Vec<ShardSpec>, comms: Vec<Arc<dyn Communicator>>) -> Result<Self, ModelError> {
+    /// As [`Self::cpu`], with the ranks' communicators given (rank `i` gets `comms[i]`; tests inject faults here)
+    /// and the time after which a step that has not finished fails the group.
+    pub fn cpu_with(
+        model: &ModelFiles,
+        opts: &CpuOptions,
+        plan: Vec<ShardSpec>,
+        comms: Vec<Arc<dyn Communicator>>,
+        timeout: Duration,
+    ) -> Result<Self, ModelError> {
         let tp = plan.len();
         assert_eq!(comms.len(), tp, "one communicator per rank");
         let per_rank = CpuOptions { threads: (opts.threads / tp).max(1), ..opts.clone() };
@@ -36,6 +44,6 @@ impl TpBackend {
             let backend = CpuBackend::load_shard(&model_files, &per_rank, &plan, Arc::clone(&comms[rank]))?;
             Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend) })
         });
-        Self::start(model.config.clone(), tp, factory, abort, COLLECTIVE_TIMEOUT)
+        Self::start(model.config.clone(), tp, factory, abort, timeout)
     }
 }

@@ -22,8 +22,6 @@ use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, L
 
 /// How long a rank waits for the others in a collective before the step fails.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How much longer than the collective timeout the engine side waits for a step before it aborts the group itself.
-const STEP_GRACE: Duration = Duration::from_secs(30);
 
 /// A loaded rank: its backend (which answers `config()` with the whole model's config) and the bytes of weight
 /// matrices it holds.
@@ -101,7 +99,8 @@ impl TpBackend {
             threads,
             rank_bytes: vec![0; tp],
             abort,
-            step_timeout: collective_timeout + STEP_GRACE,
+            // A quarter longer than the ranks' own collective timeout: normally a rank reports its timeout first.
+            step_timeout: collective_timeout + collective_timeout / 4 + Duration::from_secs(1),
             failed: None,
         };
         let mut infos: Vec<BackendInfo> = Vec::with_capacity(tp);
