@@ -117,6 +117,10 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
                             ch.done = true;
                             remaining -= 1;
                             completion += ch.tokens;
+                            if remaining > 0 {
+                                // The other choices go on: stop generating this one on the worker now.
+                                lease.abort_choice(c.index);
+                            }
                             if tx.send(Event::Delta { index, text: t, logprobs, received }).await.is_err() {
                                 return Ok(());
                             }

@@ -49,6 +49,18 @@ impl Lease {
     pub fn finish(&mut self) {
         self.request_id = None;
     }
+
+    /// Stops completion `index` of the request on the worker (it ended on a stop string; the others go on). Fire
+    /// and forget: the worker answers with that completion's `Finished`.
+    pub fn abort_choice(&self, index: u32) {
+        let Some(id) = self.request_id.clone() else { return };
+        let mut client = self.client();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = client.abort(pb::AbortRequest { request_id: id, index: Some(index) }).await;
+            });
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -59,7 +71,7 @@ impl Drop for Lease {
             let mut client = slot.client.clone();
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
-                    let _ = client.abort(pb::AbortRequest { request_id: id }).await;
+                    let _ = client.abort(pb::AbortRequest { request_id: id, index: None }).await;
                 });
             }
         }

@@ -146,6 +146,54 @@ async fn stop_strings_n_and_logprobs() {
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
 }
 
+/// With n > 1, a choice that ends on a stop string stops generating on the worker at once (the router aborts that
+/// completion only), while the other choices run to their end unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_choice_ended_by_a_stop_string_stops_generating_on_the_worker() {
+    let (app, engine) = stack(1 << 20).await;
+    let max_tokens = 48;
+    // Find a seed whose two sampled choices both run to the length limit, and a word early in choice 0 that choice 1
+    // never contains.
+    let mut found = None;
+    for seed in 1..40 {
+        let req = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "n": 2});
+        let (_, v, _) = post_json(&app, "/v1/completions", req.clone()).await;
+        if (0..2).any(|i| v["choices"][i]["finish_reason"] != "length") {
+            continue;
+        }
+        let texts: Vec<String> = (0..2).map(|i| v["choices"][i]["text"].as_str().unwrap().to_string()).collect();
+        let early = &texts[0][..texts[0].len() / 4];
+        if let Some(word) = early.split_whitespace().find(|w| w.len() >= 3 && w.is_ascii() && !texts[1].contains(*w)) {
+            found = Some((req, texts.clone(), word.to_string()));
+            break;
+        }
+    }
+    let (mut req, texts, word) = found.expect("some seed gives two full-length choices with a distinguishing word");
+    req["stop"] = json!([word]);
+    let wait_idle = || async {
+        for _ in 0..200 {
+            if engine.stats.running.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the engine did not go idle");
+    };
+    wait_idle().await;
+    let before = engine.stats.generated_tokens.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, v, raw) = post_json(&app, "/v1/completions", req).await;
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{raw}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), &texts[0][..texts[0].find(&word).unwrap()]);
+    assert_eq!(v["choices"][1]["finish_reason"], "length", "{raw}");
+    assert_eq!(v["choices"][1]["text"].as_str().unwrap(), texts[1]);
+    wait_idle().await;
+    let used = engine.stats.generated_tokens.load(std::sync::atomic::Ordering::Relaxed) - before;
+    let stopped_after = v["usage"]["completion_tokens"].as_u64().unwrap() - max_tokens;
+    // Choice 0 may run a few steps past its stop while the abort travels; never to its length limit.
+    assert!(used < 2 * max_tokens - 8, "the worker generated {used} tokens (choice 0 stopped after {stopped_after})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_class_is_an_openai_envelope() {
     let (app, _) = stack(4096).await;

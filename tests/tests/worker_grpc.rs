@@ -138,7 +138,7 @@ async fn prefix_cached_run_gives_the_same_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request() {
+async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request_or_one_completion() {
     let mut client = start(16).await;
     let case = &ref_cases()[0];
     let mut stream = client.generate(req("cancel-me", &case.prompt_ids, 500)).await.unwrap().into_inner();
@@ -150,7 +150,7 @@ async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request() {
 
     let mut stream = client.generate(req("abort-me", &case.prompt_ids, 500)).await.unwrap().into_inner();
     stream.next().await.unwrap().unwrap();
-    let found = client.abort(pb::AbortRequest { request_id: "abort-me".into() }).await.unwrap().into_inner().found;
+    let found = client.abort(pb::AbortRequest { request_id: "abort-me".into(), index: None }).await.unwrap().into_inner().found;
     assert!(found);
     let mut last = None;
     while let Some(m) = stream.next().await {
@@ -160,8 +160,29 @@ async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request() {
         Some(pb::generate_response::Kind::Finished(f)) => assert_eq!(f.reason, pb::FinishReason::Abort as i32),
         other => panic!("expected Finished(ABORT), got {other:?}"),
     }
-    let again = client.abort(pb::AbortRequest { request_id: "abort-me".into() }).await.unwrap().into_inner().found;
+    let again = client.abort(pb::AbortRequest { request_id: "abort-me".into(), index: None }).await.unwrap().into_inner().found;
     assert!(!again, "abort is idempotent");
+    wait_idle(&mut client).await;
+
+    // One completion of n = 2 (a choice that hit a stop string in the router): it ends with ABORT, the other runs on.
+    let mut two = req("abort-one", &case.prompt_ids, 24);
+    two.n = 2;
+    two.ignore_eos = true;
+    let mut stream = client.generate(two).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+    let one = pb::AbortRequest { request_id: "abort-one".into(), index: Some(1) };
+    assert!(client.abort(one).await.unwrap().into_inner().found);
+    let mut finished = Vec::new();
+    while let Some(m) = stream.next().await {
+        if let Some(pb::generate_response::Kind::Finished(f)) = m.unwrap().kind {
+            finished.push((f.index, f.reason, f.completion_tokens));
+        }
+    }
+    finished.sort();
+    assert_eq!(finished.len(), 2, "{finished:?}");
+    assert_eq!((finished[0].0, finished[0].1, finished[0].2), (0, pb::FinishReason::Length as i32, 24), "{finished:?}");
+    assert_eq!((finished[1].0, finished[1].1), (1, pb::FinishReason::Abort as i32), "{finished:?}");
+    assert!(finished[1].2 < 24, "{finished:?}");
     wait_idle(&mut client).await;
 }
 
@@ -267,7 +288,7 @@ async fn overload_is_resource_exhausted_and_loses_nothing() {
     let e = collect(&mut client, req("D", &prompt, 4)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("overloaded"), "{}", e.message());
-    assert!(client.abort(pb::AbortRequest { request_id: "A".into() }).await.unwrap().into_inner().found);
+    assert!(client.abort(pb::AbortRequest { request_id: "A".into(), index: None }).await.unwrap().into_inner().found);
     drop(a);
     for t in queued {
         assert_eq!(t.await.unwrap().unwrap().tokens[0].len(), 4);

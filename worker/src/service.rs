@@ -163,7 +163,8 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
-        let found = self.engine.abort(&request.get_ref().request_id).await;
+        let r = request.get_ref();
+        let found = self.engine.abort(&r.request_id, r.index).await;
         Ok(Response::new(pb::AbortResponse { found }))
     }
 

@@ -81,7 +81,7 @@ pub struct EngineStats {
 
 enum Command {
     Add(Box<EngineRequest>, tmpsc::UnboundedSender<EngineOutput>),
-    Abort(String, oneshot::Sender<bool>),
+    Abort(String, Option<u32>, oneshot::Sender<bool>),
 }
 
 /// Engine settings.
@@ -112,10 +112,11 @@ impl EngineHandle {
         rx
     }
 
-    /// Aborts a request by id; true if it was running or waiting.
-    pub async fn abort(&self, request_id: &str) -> bool {
+    /// Aborts a request by id, or with `index` only that completion of its `n` (the router stops a choice that hit
+    /// a stop string while the others go on); true if it was running or waiting.
+    pub async fn abort(&self, request_id: &str, index: Option<u32>) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Command::Abort(request_id.to_string(), tx)).is_err() {
+        if self.cmd.send(Command::Abort(request_id.to_string(), index, tx)).is_err() {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -259,8 +260,11 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Add(req, tx) => self.add(*req, tx),
-            Command::Abort(id, reply) => {
-                let found = self.abort(&id);
+            Command::Abort(id, index, reply) => {
+                let found = match index {
+                    None => self.abort(&id),
+                    Some(index) => self.abort_one(&id, index),
+                };
                 let _ = reply.send(found);
             }
         }
@@ -313,6 +317,15 @@ impl Engine {
                 });
             }
         }
+        self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Ends completion `index` of a request with `Abort` (the request ends with its last completion).
+    fn abort_one(&mut self, request_id: &str, index: u32) -> bool {
+        let Some(state) = self.requests.get(request_id) else { return false };
+        let Some(id) = state.seqs.iter().copied().find(|id| self.seqs.get(id).is_some_and(|m| m.index == index)) else { return false };
+        self.finish(id, FinishReason::Abort, None);
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
         true
     }
