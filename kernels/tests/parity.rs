@@ -9,7 +9,8 @@
 mod ops;
 
 use half::bf16;
-use ops::{AttnCase, AttnPath, Ops};
+use ferrite_kernels::cpu::sample::{Adjust, SampleParams};
+use ops::{AttnCase, AttnPath, CpuOps, Ops, SampleCase};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -203,6 +204,89 @@ fn check_linear(ops: &mut dyn Ops) {
     }
 }
 
+fn sample_cases(rng: &mut StdRng, rows: usize, vocab: usize) -> Vec<SampleCase> {
+    (0..rows)
+        .map(|r| {
+            let (temperature, top_k, top_p, min_p) = match r % 8 {
+                0 => (0.0, 0, 1.0, 0.0),
+                1 => (1.0, 0, 1.0, 0.0),
+                2 => (0.7, 1, 1.0, 0.0),
+                3 => (1.0, 50, 1.0, 0.0),
+                4 => (0.8, 0, 0.9, 0.0),
+                5 => (1.2, 200, 0.5, 0.02),
+                6 => (1.0, 0, 1.0, 0.1),
+                _ => (0.5, (vocab / 2) as u32, 0.95, 0.0),
+            };
+            // Up to 20 distinct adjusted ids per row.
+            let mut ids: Vec<u32> = (0..rng.random_range(0..20)).map(|_| rng.random_range(0..vocab as u32)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let adjust = ids
+                .into_iter()
+                .map(|id| Adjust {
+                    id,
+                    bias: if rng.random_bool(0.5) { rng.random_range(-5.0..5.0) } else { 0.0 },
+                    repeat: rng.random_bool(0.5),
+                    sub: if rng.random_bool(0.5) { rng.random_range(-1.0..2.0) } else { 0.0 },
+                    mask: rng.random_bool(0.1),
+                })
+                .collect();
+            SampleCase { adjust, repetition: 1.3, params: SampleParams { temperature, top_k, top_p, min_p }, u: rng.random::<f64>() }
+        })
+        .collect()
+}
+
+/// Adjustments are exact (bitwise); draws equal the CPU twin's wherever the draw is not within rounding of a
+/// boundary (nudging `u` or `top_p` by 1e-6 changes nothing there): sums in another order and `exp` one ulp apart
+/// may flip only those. Ties at the top-k boundary, NaN/-inf logits, fully masked rows and vocabularies smaller
+/// than the block are all covered.
+fn check_sample(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("sample_rows");
+    let twin = |l: &[f32], vocab: usize, c: &SampleCase| CpuOps.sample_rows(l, vocab, std::slice::from_ref(c))[0];
+    for vocab in [1000, 49152, 128256] {
+        let rows = 24;
+        let mut logits = randv(&mut rng, rows * vocab, 8.0);
+        let mut cases = sample_cases(&mut rng, rows, vocab);
+        // Row 1: NaN and -inf sprinkled; row 9: a four-way tie at the top, top_k 2 keeps the two lowest ids.
+        for i in (0..vocab).step_by(7) {
+            logits[vocab + i] = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+        }
+        for &i in &[vocab / 2, 17, vocab - 1, 300] {
+            logits[9 * vocab + i] = 40.0;
+        }
+        cases[9].params.top_k = 2;
+        cases[9].adjust.clear();
+        // Row 17: everything -inf (falls back to argmax: 0).
+        logits[17 * vocab..18 * vocab].fill(f32::NEG_INFINITY);
+
+        let adjusted = ops.adjust_rows(&logits, vocab, &cases);
+        let want_adjusted = CpuOps.adjust_rows(&logits, vocab, &cases);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&adjusted) == bits(&want_adjusted), "{} apply_adjustments differs from the twin (vocab {vocab})", ops.name());
+
+        let got = ops.sample_rows(&logits, vocab, &cases);
+        let mut edges = 0;
+        for (r, c) in cases.iter().enumerate() {
+            let l = &logits[r * vocab..(r + 1) * vocab];
+            let want = twin(l, vocab, c);
+            let nudged = |u: f64, top_p: f32| twin(l, vocab, &SampleCase { u, params: SampleParams { top_p, ..c.params }, ..c.clone() });
+            let p = c.params.top_p;
+            let stable = [nudged(c.u * (1.0 - 1e-6), p), nudged((c.u * (1.0 + 1e-6)).min(1.0 - 1e-12), p)]
+                .into_iter()
+                .chain((p < 1.0).then(|| [nudged(c.u, p * (1.0 - 1e-6)), nudged(c.u, (p * (1.0 + 1e-6)).min(1.0))]).into_iter().flatten())
+                .all(|t| t == want);
+            if stable {
+                assert_eq!(got[r], want, "{} vocab {vocab} row {r} ({:?}, u {})", ops.name(), c.params, c.u);
+            } else {
+                edges += 1;
+            }
+        }
+        assert!([17, 300].contains(&got[9]), "{}: the top-k tie keeps the lowest ids, got {}", ops.name(), got[9]);
+        assert_eq!(got[17], 0);
+        assert!(edges <= 2, "{edges} draws on a rounding boundary (vocab {vocab})");
+    }
+}
+
 /// Every check, against one backend.
 fn run_all(ops: &mut dyn Ops, which: &str) {
     match which {
@@ -213,6 +297,7 @@ fn run_all(ops: &mut dyn Ops, which: &str) {
         "attention" => check_attention(ops),
         "argmax" => check_argmax(ops),
         "linear" => check_linear(ops),
+        "sample" => check_sample(ops),
         other => unreachable!("{other}"),
     }
 }
@@ -234,7 +319,7 @@ macro_rules! parity_tests {
     };
 }
 
-parity_tests!(embed_gather, add_rms_norm, rope, silu_mul, attention, argmax, linear);
+parity_tests!(embed_gather, add_rms_norm, rope, silu_mul, attention, argmax, linear, sample);
 
 #[test]
 fn rel_err_rejects_nan_and_accepts_exact() {

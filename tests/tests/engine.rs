@@ -150,3 +150,45 @@ fn a_fatal_backend_error_fails_every_request_and_stops_the_engine() {
     let answer = late.blocking_recv();
     assert!(matches!(answer, None | Some(EngineOutput::Rejected(EngineError::ShutDown))), "{answer:?}");
 }
+
+/// A seeded sampled request gives the same tokens whether the backend draws them (`forward_sample`, no logprobs)
+/// or the engine does on the host (logprobs asked): one algorithm, one uniform per draw.
+#[test]
+fn backend_sampling_and_host_sampling_draw_the_same_tokens() {
+    let e = engine(256, 64);
+    let prompt = &ref_cases()[1].prompt_ids;
+    let sampled = |id: &str, logprobs: bool| EngineRequest {
+        request_id: id.into(),
+        prompt: prompt.clone(),
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: 0.9,
+            top_k: 50,
+            repetition_penalty: 1.1,
+            presence_penalty: 0.3,
+            seed: Some(1234),
+            ..SamplingParams::default()
+        },
+        stopping: StoppingParams { max_new_tokens: 12, ignore_eos: true, logprobs, top_logprobs: u32::from(logprobs), ..StoppingParams::default() },
+        n: 2,
+        cache_salt: Vec::new(),
+    };
+    let collect = |req: EngineRequest| {
+        let mut rx = e.submit(req);
+        let mut toks = vec![Vec::new(), Vec::new()];
+        let mut done = 0;
+        while done < 2 {
+            match rx.blocking_recv().expect("engine answers") {
+                EngineOutput::Tokens { index, tokens, .. } => toks[index as usize].extend(tokens),
+                EngineOutput::Finished { .. } => done += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        toks
+    };
+    let on_backend = collect(sampled("a", false));
+    let on_host = collect(sampled("b", true));
+    assert_eq!(on_backend, on_host);
+    assert_ne!(on_backend[0], on_backend[1], "the two completions differ");
+    wait_free(&e);
+}

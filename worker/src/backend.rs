@@ -57,6 +57,27 @@ impl Logits {
     }
 }
 
+/// How to draw one sequence's next token where its logits are (`ferrite_kernels::cpu::sample` is the algorithm;
+/// the engine's sampler prepares it, consuming one draw).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSampling {
+    pub params: ferrite_kernels::cpu::sample::SampleParams,
+    /// The repetition penalty of the `repeat` adjustments.
+    pub repetition: f32,
+    /// One entry per adjusted token id (bias, penalties, min-token masks).
+    pub adjust: Vec<ferrite_kernels::cpu::sample::Adjust>,
+    /// The uniform of this draw.
+    pub u: f64,
+}
+
+impl RowSampling {
+    /// Draws this row's token from `logits` on the host (modifies them): the twin of the device sampler.
+    pub fn sample_host(&self, logits: &mut [f32], scratch: &mut ferrite_kernels::cpu::sample::SampleScratch) -> u32 {
+        ferrite_kernels::cpu::sample::apply_adjustments(logits, &self.adjust, self.repetition);
+        ferrite_kernels::cpu::sample::sample_row(logits, &self.params, self.u, scratch)
+    }
+}
+
 /// Why a step could not run. Nothing is written to the KV cache when a step is rejected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BackendError {
@@ -110,6 +131,27 @@ pub trait Backend: Send {
         let l = self.forward(batch)?;
         Ok((0..batch.seqs.len()).filter_map(|i| l.last(i).map(ferrite_kernels::cpu::ops::argmax)).collect())
     }
+
+    /// Runs a step and draws the next token of each sequence that asked for logits, in batch order, with `rows[j]`
+    /// for the `j`-th of them. Equal to `forward` + [`RowSampling::sample_host`]; the GPU overrides it to sample on
+    /// the device so only token ids come back.
+    fn forward_sample(&mut self, batch: &ForwardBatch<'_>, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+        forward_then_sample(self, batch, rows)
+    }
+}
+
+/// `Backend::forward_sample` on the host: `forward`, then [`RowSampling::sample_host`] on each last logit row.
+pub fn forward_then_sample<B: Backend + ?Sized>(b: &mut B, batch: &ForwardBatch<'_>, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+    let l = b.forward(batch)?;
+    let mut scratch = ferrite_kernels::cpu::sample::SampleScratch::default();
+    let mut row = Vec::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for (logits, r) in (0..batch.seqs.len()).filter_map(|i| l.last(i)).zip(rows) {
+        row.clear();
+        row.extend_from_slice(logits);
+        out.push(r.sample_host(&mut row, &mut scratch));
+    }
+    Ok(out)
 }
 
 /// Validates a batch against the model and KV geometry (shared by backends, so errors are identical).

@@ -3,3 +3,4 @@
 
 pub mod quant;
 pub mod ops;
+pub mod sample;

@@ -21,10 +21,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{Ptx, result as nvrtc_result, sys as nvrtc_sys};
 
-/// The kernel source (one translation unit).
-pub const LLAMA_CU: &str = include_str!("llama.cu");
+/// The kernel source (one translation unit): the forward pass, then the sampler.
+pub const KERNEL_SOURCE: &str = concat!(include_str!("llama.cu"), "\n", include_str!("sample.cu"));
 
-/// Every kernel in [`LLAMA_CU`], in launch-order of a forward pass.
+/// Every kernel in [`KERNEL_SOURCE`], in launch-order of a forward pass.
 pub const KERNEL_NAMES: &[&str] = &[
     "embed_gather",
     "add_rms_norm",
@@ -41,6 +41,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "q_to_bf16",
     "causal_softmax",
     "argmax_rows",
+    "apply_adjustments",
+    "sample_rows",
     "fill_random_bf16",
 ];
 
@@ -48,6 +50,8 @@ pub const KERNEL_NAMES: &[&str] = &[
 pub const ATTENTION_MAX_GROUP: usize = 8;
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[64, 128];
 const ATTENTION_THREADS: u32 = 128;
+/// Threads per row of `sample_rows` (`SAMPLE_THREADS` in sample.cu).
+const SAMPLE_THREADS: u32 = 1024;
 /// Rows `gemv_bf16` handles (`GEMV_MAX_B`).
 pub const GEMV_MAX_ROWS: usize = 8;
 
@@ -79,13 +83,13 @@ pub fn nvrtc_available() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
 }
 
-/// Compiles [`LLAMA_CU`] with NVRTC for `arch` (`"sm_90"`, `"compute_90"`, ...): `sm_*` gives a CUBIN, `compute_*`
+/// Compiles [`KERNEL_SOURCE`] with NVRTC for `arch` (`"sm_90"`, `"compute_90"`, ...): `sm_*` gives a CUBIN, `compute_*`
 /// PTX. Needs libnvrtc but no GPU.
 pub fn compile(arch: &str) -> Result<Image, CudaError> {
     if !nvrtc_available() {
         return Err(CudaError::NvrtcMissing("set LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel's lib".into()));
     }
-    let src = CString::new(LLAMA_CU).expect("kernel source has no NUL bytes");
+    let src = CString::new(KERNEL_SOURCE).expect("kernel source has no NUL bytes");
     let name = CString::new("llama.cu").expect("static name");
     let prog = nvrtc_result::create_program(&src, Some(&name))
         .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("create program: {e:?}") })?;
@@ -452,6 +456,45 @@ impl CudaKernels {
         b.arg(&logits).arg(&ids).arg(&vals).arg(&v);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(rows, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
+    /// Applies `n` logit adjustments in place: `adj` holds 5 words per entry (row, id, bias f32 bits, sub f32 bits,
+    /// flags: 1 repetition penalty, 2 mask), `rep` one repetition penalty per row. Twin:
+    /// `cpu::sample::apply_adjustments`.
+    ///
+    /// # Safety
+    /// `logits` holds every row named in `adj` (`stride` f32 apart, `vocab` valid), `adj` `5 n` i32, `rep` one f32
+    /// per row named; no (row, id) pair repeats.
+    pub unsafe fn apply_adjustments(&self, logits: u64, stride: usize, vocab: usize, adj: u64, n: usize, rep: u64) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (stride, vocab, count) = (stride as i64, vocab as i32, n as i32);
+        let mut b = self.stream.launch_builder(self.func("apply_adjustments"));
+        b.arg(&logits).arg(&stride).arg(&vocab).arg(&adj).arg(&count).arg(&rep);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(n.div_ceil(256), 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// Draws one token per row into `ids` from adjusted `logits` (overwritten with the kept weights): `params` holds
+    /// (temperature, top_p, min_p, unused) per row, `top_k` one i32 and `u` one f64 uniform per row. Twin:
+    /// `cpu::sample::sample_row`.
+    ///
+    /// # Safety
+    /// `logits` holds `rows` rows `stride` f32 apart (`vocab` valid); `params` `4 rows` f32, `top_k` and `ids` `rows`
+    /// i32, `u` `rows` f64.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sample_rows(&self, logits: u64, stride: usize, vocab: usize, params: u64, top_k: u64, u: u64, ids: u64, rows: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (stride, vocab) = (stride as i64, vocab as i32);
+        let mut b = self.stream.launch_builder(self.func("sample_rows"));
+        b.arg(&logits).arg(&stride).arg(&vocab).arg(&params).arg(&top_k).arg(&u).arg(&ids);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), SAMPLE_THREADS)) }?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, PrefillWorkspace};
 use half::bf16;
 
-use super::{AttnCase, AttnPath, Ops};
+use super::{AttnCase, AttnPath, Ops, SampleCase};
 
 const NAN_BF16: u16 = 0x7fc0;
 
@@ -48,6 +48,21 @@ impl CudaOps {
 
     fn down_bf16(&self, s: &CudaSlice<u16>) -> Vec<f32> {
         self.down(s).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect()
+    }
+
+    /// The rows' adjustments as the kernel's 5-word entries, their count, and the per-row repetition penalties.
+    fn adjustments(&self, rows: &[SampleCase]) -> (CudaSlice<i32>, usize, CudaSlice<f32>) {
+        let mut words = Vec::new();
+        for (r, c) in rows.iter().enumerate() {
+            for a in &c.adjust {
+                let flags = i32::from(a.repeat) | (i32::from(a.mask) << 1);
+                words.extend([r as i32, a.id as i32, a.bias.to_bits() as i32, a.sub.to_bits() as i32, flags]);
+            }
+        }
+        let n = words.len() / 5;
+        words.push(0); // never an empty upload
+        let rep: Vec<f32> = rows.iter().map(|c| c.repetition).collect();
+        (self.up(&words), n, self.up(&rep))
     }
 
     fn nan_f32(&self, n: usize) -> CudaSlice<f32> {
@@ -205,6 +220,29 @@ impl Ops for CudaOps {
         // SAFETY: sizes per the launcher's contract.
         unsafe { self.kernels.argmax_rows(self.ptr(&l), self.ptr(&ids), self.ptr(&vals), rows, vocab) }.expect("launch");
         (self.down(&ids).into_iter().map(|i| i as u32).collect(), self.down(&vals))
+    }
+
+    fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32> {
+        let l = self.up(logits);
+        let (adj, n, rep) = self.adjustments(rows);
+        // SAFETY: sizes per the launcher's contract (ids are distinct per row).
+        unsafe { self.kernels.apply_adjustments(self.ptr(&l), vocab, vocab, self.ptr(&adj), n, self.ptr(&rep)) }.expect("launch");
+        self.down(&l)
+    }
+
+    fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32> {
+        let l = self.up(logits);
+        let (adj, n, rep) = self.adjustments(rows);
+        let params: Vec<f32> = rows.iter().flat_map(|c| [c.params.temperature, c.params.top_p, c.params.min_p, 0.0]).collect();
+        let top_k: Vec<i32> = rows.iter().map(|c| c.params.top_k as i32).collect();
+        let u: Vec<f64> = rows.iter().map(|c| c.u).collect();
+        let (p, k, ud, ids) = (self.up(&params), self.up(&top_k), self.up(&u), self.up(&vec![-1i32; rows.len()]));
+        // SAFETY: sizes per the launchers' contracts.
+        unsafe {
+            self.kernels.apply_adjustments(self.ptr(&l), vocab, vocab, self.ptr(&adj), n, self.ptr(&rep)).expect("launch");
+            self.kernels.sample_rows(self.ptr(&l), vocab, vocab, self.ptr(&p), self.ptr(&k), self.ptr(&ud), self.ptr(&ids), rows.len()).expect("launch");
+        }
+        self.down(&ids).into_iter().map(|i| i as u32).collect()
     }
 
     fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {

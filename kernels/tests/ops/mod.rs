@@ -5,6 +5,7 @@
 pub mod cuda;
 
 use ferrite_kernels::cpu::ops::{RopePairing, argmax, attend_one, rms_norm, rope, silu_mul};
+use ferrite_kernels::cpu::sample::{Adjust, SampleParams, SampleScratch, apply_adjustments, sample_row};
 use half::bf16;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -16,6 +17,15 @@ fn to_f32(b: u16) -> f32 {
 
 fn round(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
+}
+
+/// One row of a sampling test.
+#[derive(Debug, Clone)]
+pub struct SampleCase {
+    pub adjust: Vec<Adjust>,
+    pub repetition: f32,
+    pub params: SampleParams,
+    pub u: f64,
 }
 
 /// Host-side view of every kernel.
@@ -34,6 +44,10 @@ pub trait Ops {
     /// Each row's argmax and its value (-inf for a row without a non-NaN value).
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>);
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
+    /// Applies each row's adjustments; returns the adjusted logits.
+    fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32>;
+    /// Adjusts each row and draws its token.
+    fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32>;
     /// The small-batch linear kernel (`rows ≤ 8`); on the CPU, the same product as `linear`.
     fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
         self.linear(x, w, rows, inp, out)
@@ -231,6 +245,20 @@ impl Ops for CpuOps {
             v.extend_from_slice(&vc[slot * kv..][..kv]);
         }
         (k, v)
+    }
+
+    fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        for (row, c) in out.chunks_exact_mut(vocab).zip(rows) {
+            apply_adjustments(row, &c.adjust, c.repetition);
+        }
+        out
+    }
+
+    fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32> {
+        let adjusted = self.adjust_rows(logits, vocab, rows);
+        let mut scratch = SampleScratch::default();
+        adjusted.chunks_exact(vocab).zip(rows).map(|(row, c)| sample_row(row, &c.params, c.u, &mut scratch)).collect()
     }
 
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>) {

@@ -17,6 +17,7 @@
 //! per row, for logits steps its vocabulary slice of every row.
 
 mod graphs;
+mod sampling;
 mod step;
 mod tune;
 pub mod weights;
@@ -31,7 +32,7 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, PrefillWorkspace};
 
-use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
+use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, validate_batch};
 use crate::tp::comm::CommError;
 use crate::tp::nccl::{NcclGroup, NcclRank};
 use weights::DeviceWeights;
@@ -129,6 +130,8 @@ impl Scratch {
 enum LogitsSink<'a> {
     Host(&'a mut Vec<f32>),
     Greedy(&'a mut Vec<u32>),
+    /// Sampled on the device with `rows[next..]`, in order.
+    Sample { rows: &'a [RowSampling], next: usize, out: &'a mut Vec<u32> },
 }
 
 /// Why a step failed on the device: a CUDA error, or (tensor parallel) the group.
@@ -186,6 +189,7 @@ pub struct CudaBackend {
     block_size: usize,
     scratch: Scratch,
     prefill_ws: PrefillWorkspace,
+    samplers: sampling::SampleBuffers,
     tp: Option<RankTp>,
     meta: CudaSlice<i32>,
     meta_host: Vec<i32>,
@@ -276,6 +280,7 @@ impl CudaBackend {
         let gemm = Gemm::new(Arc::clone(&stream))?;
         let logits_width = tp.as_ref().map_or(config.vocab_size, |t| t.2.iter().map(|v| v.len()).max().unwrap_or(0));
         let scratch = Scratch::new(&config, &stream, opts.max_batch_tokens, logits_width)?;
+        let samplers = sampling::SampleBuffers::new(&stream, scratch.ids.len() / 2)?;
         let tp = match tp {
             None => None,
             Some((comm, full, vocab)) => {
@@ -340,6 +345,7 @@ impl CudaBackend {
             block_size: opts.block_size,
             scratch,
             prefill_ws,
+            samplers,
             tp,
             meta,
             meta_host: Vec::new(),
@@ -449,6 +455,12 @@ impl CudaBackend {
     /// are gathered here.
     fn collect(&mut self, rows: usize, sink: &mut LogitsSink<'_>) -> Result<(), StepError> {
         let vocab = self.config.vocab_size;
+        if let LogitsSink::Sample { rows: all, next, out } = sink {
+            let ids = self.sample_device(&all[*next..*next + rows])?;
+            *next += rows;
+            out.extend(ids);
+            return Ok(());
+        }
         let Some(tp) = &self.tp else {
             match sink {
                 LogitsSink::Host(out) => {
@@ -461,6 +473,7 @@ impl CudaBackend {
                     self.stream.memcpy_dtoh(&self.scratch.ids.slice(..rows), &mut host)?;
                     out.extend(host.iter().map(|&i| i as u32));
                 }
+                LogitsSink::Sample { .. } => unreachable!("handled above"),
             }
             return Ok(());
         };
@@ -503,6 +516,7 @@ impl CudaBackend {
                     if best.1 == u32::MAX { 0 } else { best.1 }
                 }));
             }
+            LogitsSink::Sample { .. } => unreachable!("a tensor-parallel rank samples on the host (can_sample)"),
         }
         Ok(())
     }
@@ -549,6 +563,21 @@ impl Backend for CudaBackend {
         validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
         let mut ids = Vec::new();
         self.run_step(batch, LogitsSink::Greedy(&mut ids))?;
+        Ok(ids)
+    }
+
+    /// Adjustments and the draw on the device: only the ids cross PCIe.
+    fn forward_sample(&mut self, batch: &ForwardBatch<'_>, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+        if !self.can_sample(rows) {
+            return crate::backend::forward_then_sample(self, batch, rows);
+        }
+        validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
+        let wanted = batch.seqs.iter().filter(|s| s.logits != LogitsWanted::None).count();
+        if wanted != rows.len() || batch.seqs.iter().any(|s| s.logits == LogitsWanted::All) {
+            return crate::backend::forward_then_sample(self, batch, rows);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        self.run_step(batch, LogitsSink::Sample { rows, next: 0, out: &mut ids })?;
         Ok(ids)
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 use super::block_pool::BlockPool;
 use super::sampler::{Sampler, TokenLogprob};
 use super::scheduler::{AdmissionError, Scheduler, SchedulerConfig, SeqId};
-use crate::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
+use crate::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, RowSampling, SeqInput};
 
 /// A validated generation request (token ids in).
 #[derive(Debug, Clone)]
@@ -360,7 +360,23 @@ impl Engine {
             let generated = self.sched.get(p.id).map_or(0, |s| s.num_generated());
             self.seqs.get(&p.id).is_some_and(|m| m.sampler.is_plain_greedy(generated))
         });
-        let result = if greedy { self.backend.forward_greedy(&batch).map(StepOut::Ids) } else { self.backend.forward(&batch).map(StepOut::Logits) };
+        // Without logprobs, the backend draws the tokens itself (same algorithm and uniforms as the host sampler).
+        let on_backend = !greedy && plan.iter().filter(|p| p.sample).all(|p| self.seqs.get(&p.id).is_some_and(|m| !m.sampler.needs_logits()));
+        let result = if greedy {
+            self.backend.forward_greedy(&batch).map(StepOut::Ids)
+        } else if on_backend {
+            let rows: Vec<RowSampling> = plan
+                .iter()
+                .filter(|p| p.sample)
+                .map(|p| {
+                    let generated = self.sched.get(p.id).map_or(0, |s| s.num_generated());
+                    self.seqs.get_mut(&p.id).expect("sequence metadata exists").sampler.prepare(generated)
+                })
+                .collect();
+            self.backend.forward_sample(&batch, &rows).map(StepOut::Ids)
+        } else {
+            self.backend.forward(&batch).map(StepOut::Logits)
+        };
         drop(batch);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.batch_tokens.store(plan.iter().map(|p| p.num_tokens as u64).sum(), Ordering::Relaxed);

@@ -6,29 +6,27 @@
 //!    (count × penalty) and presence (once) penalties over the output only; while fewer than `min_tokens` are
 //!    generated, the stop ids and the model's eos ids are masked to -inf (vLLM's `MinTokensLogitsProcessor` over
 //!    `all_stop_token_ids`, which holds the eos ids even with `ignore_eos`: that flag only tells the engine not to
-//!    stop on eos, the sampler never reads it);
-//! 3. temperature below 1e-5 (vLLM's `_SAMPLING_EPS`, 0 included) ⇒ argmax in one pass (lowest id on ties, NaN never
-//!    wins); otherwise logits / temperature → top-k (exactly k, lowest ids win boundary ties) → softmax → top-p
-//!    (smallest most-likely prefix whose mass reaches `top_p`) → min-p (drop p < min_p · p_max) → one uniform f64
-//!    from the sequence's own RNG, walked as an inverse CDF over the kept tokens in ascending id order, so the result
-//!    never depends on sort stability.
+//!    stop on eos, the sampler never reads it). [`Sampler::prepare`] turns these into one `Adjust` per token;
+//! 3. temperature, top-k, top-p, min-p and the draw: `ferrite_kernels::cpu::sample` (the same algorithm the CUDA
+//!    backend runs on the device, `Backend::forward_sample`), with one uniform per draw from Philox keyed by the
+//!    sequence's seed and counted by its draw number.
 //!
-//! The RNG is per sequence, seeded from the request seed mixed with the completion index, so the `n` completions of
-//! a request differ, each is reproducible, and the same seed gives the same tokens whatever else is in the batch.
+//! The seed is the request seed mixed with the completion index, so the `n` completions of a request differ, each
+//! is reproducible, and the same seed gives the same tokens whatever else is in the batch, and on either backend
+//! (up to the backends' logits).
 //!
-//! NaN logits count as -inf and +inf as `f32::MAX`; nothing here panics on any logits. Scratch buffers live in the
-//! [`Sampler`], so a step allocates only the returned top-logprob list. Full sorts happen only for top-p, and over
-//! the k survivors when top-k is set; the default sampling path (no top-k/top-p) does not sort at all.
+//! NaN logits count as -inf and +inf as `f32::MAX`; nothing here panics on any logits. Full sorts happen only for
+//! top-p, and over the k survivors when top-k is set; the default sampling path (no top-k/top-p) does not sort.
 
-use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use ferrite_kernels::cpu::sample::{Adjust, SampleParams, SampleScratch, uniform};
+
+use crate::backend::RowSampling;
 
 /// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`); it also keeps `1 / temperature` finite.
-const GREEDY_BELOW: f32 = 1e-5;
+const GREEDY_BELOW: f32 = ferrite_kernels::cpu::sample::GREEDY_BELOW;
 
 /// Log-probability info for one sampled token.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,22 +45,18 @@ pub struct Sampler {
     min_tokens: usize,
     /// Stop ids and eos ids, masked while fewer than `min_tokens` tokens are generated.
     stop_ids: Vec<u32>,
-    rng: StdRng,
+    /// The Philox key of this sequence, and how many uniforms it has drawn.
+    seed: u64,
+    draws: u64,
     /// Output token → occurrences (presence, frequency and repetition penalties).
     counts: HashMap<u32, u32>,
     /// Prompt tokens (repetition penalty); left empty when that penalty is off.
     prompt_tokens: HashSet<u32>,
     /// Scratch: sanitized raw logits for logprobs.
     raw: Vec<f32>,
-    /// Scratch: (scaled logit, id) candidates.
+    /// Scratch: (logit, id) candidates for the top logprobs.
     cand: Vec<(f32, u32)>,
-    /// Scratch: (unnormalized probability, id) of the kept candidates.
-    weights: Vec<(f64, u32)>,
-}
-
-/// Descending by value, ascending id on ties.
-fn desc<T: Copy + Into<f64>>(a: &(T, u32), b: &(T, u32)) -> Ordering {
-    b.0.into().total_cmp(&a.0.into()).then(a.1.cmp(&b.1))
+    scratch: SampleScratch,
 }
 
 impl Sampler {
@@ -77,12 +71,13 @@ impl Sampler {
             top_logprobs: stop.top_logprobs as usize,
             min_tokens: stop.min_tokens as usize,
             stop_ids,
-            rng: StdRng::seed_from_u64(seed ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            seed: seed ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            draws: 0,
             counts: HashMap::new(),
             prompt_tokens,
             raw: Vec::new(),
             cand: Vec::new(),
-            weights: Vec::new(),
+            scratch: SampleScratch::default(),
             params,
         }
     }
@@ -100,9 +95,48 @@ impl Sampler {
             && num_generated >= self.min_tokens
     }
 
-    /// Records a generated token for the penalties. The engine calls this after [`Sampler::sample`].
+    /// Whether the next token needs the logits on the host (logprobs); otherwise the backend may sample it
+    /// ([`crate::backend::Backend::forward_sample`]).
+    pub fn needs_logits(&self) -> bool {
+        self.logprobs
+    }
+
+    /// Records a generated token for the penalties. The engine calls this after the token is chosen.
     pub fn record(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
+    }
+
+    /// Everything needed to draw the next token (`num_generated` tokens so far), wherever the logits are: the
+    /// filters, the per-token adjustments and the next uniform (this consumes a draw).
+    pub fn prepare(&mut self, num_generated: usize) -> RowSampling {
+        let p = &self.params;
+        let mut adj: BTreeMap<u32, Adjust> = BTreeMap::new();
+        for &(id, b) in &p.logit_bias {
+            adj_entry(&mut adj, id).bias += b;
+        }
+        if p.repetition_penalty != 1.0 {
+            for &t in self.prompt_tokens.iter().chain(self.counts.keys()) {
+                adj_entry(&mut adj, t).repeat = true;
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                adj_entry(&mut adj, t).sub = p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+        if num_generated < self.min_tokens {
+            for &t in &self.stop_ids {
+                adj_entry(&mut adj, t).mask = true;
+            }
+        }
+        let u = uniform(self.seed, self.draws);
+        self.draws += 1;
+        RowSampling {
+            params: SampleParams { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, min_p: p.min_p },
+            repetition: p.repetition_penalty,
+            adjust: adj.into_values().collect(),
+            u,
+        }
     }
 
     /// Picks the next token from the raw logits of the last position (`logits` is scratch and gets modified).
@@ -116,8 +150,8 @@ impl Sampler {
         } else {
             None
         };
-        self.apply_penalties(logits, num_generated);
-        let token = if self.params.temperature < GREEDY_BELOW { argmax(logits) } else { self.draw(logits) };
+        let row = self.prepare(num_generated);
+        let token = row.sample_host(logits, &mut self.scratch);
         let info = lse.map(|lse| {
             let (max, ln_z) = lse;
             let lp = |l: f32| ((f64::from(l) - max) - ln_z) as f32;
@@ -127,106 +161,10 @@ impl Sampler {
         });
         (token, info)
     }
+}
 
-    fn apply_penalties(&self, logits: &mut [f32], num_generated: usize) {
-        let p = &self.params;
-        for &(id, b) in &p.logit_bias {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l += b;
-            }
-        }
-        if p.repetition_penalty != 1.0 {
-            let r = p.repetition_penalty;
-            let output_only = self.counts.keys().filter(|t| !self.prompt_tokens.contains(t));
-            for &t in self.prompt_tokens.iter().chain(output_only) {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / r } else { *l * r };
-                }
-            }
-        }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            for (&t, &c) in &self.counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
-                }
-            }
-        }
-        if num_generated < self.min_tokens {
-            for &t in &self.stop_ids {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-
-    /// Temperature, top-k, softmax, top-p, min-p, then one draw.
-    fn draw(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
-        self.cand.clear();
-        // NaN and -inf drop out here (NaN > -inf is false); overflow to +inf is clamped so differences stay finite.
-        self.cand.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
-            let s = l * inv_t;
-            (s > f32::NEG_INFINITY).then(|| (s.min(f32::MAX), i as u32))
-        }));
-        if self.cand.is_empty() {
-            return argmax(logits); // every token is masked: nothing to draw from
-        }
-        let k = p.top_k as usize;
-        let mut id_order = true;
-        if k > 0 && k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, desc);
-            self.cand.truncate(k);
-            id_order = false;
-        }
-        let max = self.cand.iter().fold(f32::MIN, |m, c| m.max(c.0));
-        self.weights.clear();
-        // The top token's weight is exactly exp(0) = 1, and top-k and top-p always keep it.
-        self.weights.extend(self.cand.iter().map(|&(l, id)| (f64::from((l - max).exp()), id)));
-        if p.top_p < 1.0 {
-            let target = f64::from(p.top_p) * self.weights.iter().map(|w| w.0).sum::<f64>();
-            // Once the tokens of weight ≥ τ hold the target mass, the nucleus lies among them: sort only those
-            // (τ = 1e-3, 1e-6, … of the top weight; usually a few hundred tokens instead of the whole vocabulary).
-            let mut tau = 1e-3;
-            while tau > 0.0 {
-                let mass: f64 = self.weights.iter().filter(|w| w.0 >= tau).map(|w| w.0).sum();
-                if mass >= target {
-                    self.weights.retain(|w| w.0 >= tau);
-                    break;
-                }
-                tau = if tau > 1e-12 { tau * 1e-3 } else { 0.0 };
-            }
-            self.weights.sort_unstable_by(desc);
-            let mut cum = 0.0;
-            let keep = self.weights.iter().position(|w| {
-                cum += w.0;
-                cum >= target
-            });
-            self.weights.truncate(keep.map_or(usize::MAX, |i| i + 1));
-            id_order = false;
-        }
-        if p.min_p > 0.0 {
-            let floor = f64::from(p.min_p); // min_p × p_max, with p_max's weight 1
-            self.weights.retain(|w| w.0 >= floor);
-        }
-        if !id_order {
-            self.weights.sort_unstable_by_key(|w| w.1);
-        }
-        let total: f64 = self.weights.iter().map(|w| w.0).sum();
-        let mut u = self.rng.random::<f64>() * total;
-        let mut last = None;
-        for &(w, id) in &self.weights {
-            if w > 0.0 {
-                if u < w {
-                    return id;
-                }
-                u -= w;
-                last = Some(id); // rounding can leave u ≥ the last weight: fall back to the last possible token
-            }
-        }
-        last.unwrap_or_else(|| argmax(logits))
-    }
+fn adj_entry(adj: &mut BTreeMap<u32, Adjust>, id: u32) -> &mut Adjust {
+    adj.entry(id).or_insert(Adjust { id, bias: 0.0, repeat: false, sub: 0.0, mask: false })
 }
 
 pub use ferrite_kernels::cpu::ops::argmax;

@@ -1,0 +1,101 @@
+//! Sampling on the device (`Backend::forward_sample`): after the lm_head, each logit row gets its adjustments
+//! (bias, penalties, min-token masks) and its draw (`apply_adjustments` + `sample_rows`, whose CPU twin is the
+//! engine's host sampler), so only token ids cross PCIe. The per-row parameters are uploaded with each chunk of
+//! logit rows into buffers reserved at start-up: a step never allocates.
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use ferrite_kernels::cuda::CudaError;
+
+use super::{CudaBackend, StepError};
+use crate::backend::RowSampling;
+
+/// Adjusted (row, token) entries one chunk of logit rows may carry; a step needing more samples on the host.
+pub(super) const MAX_ADJUSTMENTS: usize = 1 << 20;
+
+/// Device buffers for the sampling parameters of up to `rows` logit rows.
+pub(super) struct SampleBuffers {
+    rows: usize,
+    params: CudaSlice<f32>,
+    top_k: CudaSlice<i32>,
+    u: CudaSlice<f64>,
+    rep: CudaSlice<f32>,
+    adj: CudaSlice<i32>,
+    host_params: Vec<f32>,
+    host_top_k: Vec<i32>,
+    host_u: Vec<f64>,
+    host_rep: Vec<f32>,
+    host_adj: Vec<i32>,
+}
+
+impl SampleBuffers {
+    pub fn new(stream: &std::sync::Arc<CudaStream>, rows: usize) -> Result<Self, CudaError> {
+        Ok(Self {
+            rows,
+            params: stream.alloc_zeros(4 * rows)?,
+            top_k: stream.alloc_zeros(rows)?,
+            u: stream.alloc_zeros(rows)?,
+            rep: stream.alloc_zeros(rows)?,
+            adj: stream.alloc_zeros(5 * MAX_ADJUSTMENTS)?,
+            host_params: Vec::new(),
+            host_top_k: Vec::new(),
+            host_u: Vec::new(),
+            host_rep: Vec::new(),
+            host_adj: Vec::new(),
+        })
+    }
+}
+
+impl CudaBackend {
+    /// Whether `rows` can be sampled on this device (otherwise the step samples on the host): a single GPU (a
+    /// tensor-parallel rank holds a vocabulary slice) and every chunk's adjustments fit the reserved buffer.
+    pub(super) fn can_sample(&self, rows: &[RowSampling]) -> bool {
+        self.tp.is_none() && rows.chunks(self.samplers.rows).all(|c| c.iter().map(|r| r.adjust.len()).sum::<usize>() <= MAX_ADJUSTMENTS)
+    }
+
+    /// Draws the tokens of logit rows `0 .. rows.len()` (in `scratch.logits`, which it overwrites) into
+    /// `scratch.ids` and returns them.
+    pub(super) fn sample_device(&mut self, rows: &[RowSampling]) -> Result<Vec<u32>, StepError> {
+        let n = rows.len();
+        let vocab = self.config.vocab_size;
+        let b = &mut self.samplers;
+        debug_assert!(n <= b.rows);
+        b.host_params.clear();
+        b.host_top_k.clear();
+        b.host_u.clear();
+        b.host_rep.clear();
+        b.host_adj.clear();
+        for (i, r) in rows.iter().enumerate() {
+            b.host_params.extend([r.params.temperature, r.params.top_p, r.params.min_p, 0.0]);
+            b.host_top_k.push(r.params.top_k.min(i32::MAX as u32) as i32);
+            b.host_u.push(r.u);
+            b.host_rep.push(r.repetition);
+            for a in &r.adjust {
+                let flags = i32::from(a.repeat) | (i32::from(a.mask) << 1);
+                b.host_adj.extend([i as i32, a.id as i32, a.bias.to_bits() as i32, a.sub.to_bits() as i32, flags]);
+            }
+        }
+        let adjustments = b.host_adj.len() / 5;
+        let st = &self.stream;
+        st.memcpy_htod(&b.host_params, &mut b.params.slice_mut(..4 * n))?;
+        st.memcpy_htod(&b.host_top_k, &mut b.top_k.slice_mut(..n))?;
+        st.memcpy_htod(&b.host_u, &mut b.u.slice_mut(..n))?;
+        st.memcpy_htod(&b.host_rep, &mut b.rep.slice_mut(..n))?;
+        if adjustments > 0 {
+            st.memcpy_htod(&b.host_adj, &mut b.adj.slice_mut(..5 * adjustments))?;
+        }
+        let logits = self.scratch.logits.device_ptr(st).0;
+        let ids = self.scratch.ids.device_ptr(st).0;
+        let b = &self.samplers;
+        let ptr_f = |s: &CudaSlice<f32>| s.device_ptr(st).0;
+        // SAFETY: logits holds n rows of vocab f32 (the lm_head's output, stride vocab); the parameter buffers hold
+        // n rows (n ≤ their capacity) and `adjustments` entries with distinct (row, id), just uploaded in order on
+        // this stream; ids holds ≥ n i32.
+        unsafe {
+            self.kernels.apply_adjustments(logits, vocab, vocab, b.adj.device_ptr(st).0, adjustments, ptr_f(&b.rep))?;
+            self.kernels.sample_rows(logits, vocab, vocab, ptr_f(&b.params), b.top_k.device_ptr(st).0, b.u.device_ptr(st).0, ids, n)?;
+        }
+        let mut host = vec![0i32; n];
+        st.memcpy_dtoh(&self.scratch.ids.slice(..n), &mut host)?;
+        Ok(host.into_iter().map(|i| i as u32).collect())
+    }
+}
