@@ -149,18 +149,25 @@ impl Communicator for Faulty {
     }
 }
 
-/// A rank failing in the middle of a step fails the step on every rank with a clear error, promptly.
-#[test]
-fn a_failing_rank_fails_the_step_without_deadlock() {
+/// A TP=2 group on the tiny model whose rank 1 fails (or, with `hang`, sticks) in its third all-reduce; in-process
+/// collectives wait a minute, the group's step timeout is `timeout`. Returns the model's directory (keep it alive).
+fn faulty_tp2(hang: bool, timeout: Duration) -> (tempfile::TempDir, TpBackend) {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_hf(dir.path(), &tiny::hf_config(false), &tiny::tensors());
     let model = ModelFiles::open(dir.path()).expect("open tiny model");
     let plan = ShardSpec::plan(&model.config, 2, 1).unwrap();
     let comms: Vec<Arc<dyn Communicator>> = CpuGroup::create(2, Duration::from_secs(60))
         .into_iter()
-        .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3, hang: false }) as Arc<dyn Communicator>)
+        .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3, hang }) as Arc<dyn Communicator>)
         .collect();
-    let mut b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms, Duration::from_secs(60)).expect("load");
+    let b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms, timeout).expect("load");
+    (dir, b)
+}
+
+/// A rank failing in the middle of a step fails the step on every rank with a clear error, promptly.
+#[test]
+fn a_failing_rank_fails_the_step_without_deadlock() {
+    let (_dir, mut b) = faulty_tp2(false, Duration::from_secs(60));
     let t = Instant::now();
     let prompt: Vec<u32> = (1..20).collect();
     let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
@@ -178,16 +185,8 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
 /// at once, and dropping the backend does not wait for the stuck thread.
 #[test]
 fn a_stuck_rank_times_out_the_step_and_fails_the_group() {
-    let dir = tempfile::tempdir().unwrap();
-    tiny::write_hf(dir.path(), &tiny::hf_config(false), &tiny::tensors());
-    let model = ModelFiles::open(dir.path()).expect("open tiny model");
-    let plan = ShardSpec::plan(&model.config, 2, 1).unwrap();
     // The in-process collectives would wait a minute; the group's step timeout is 2 s.
-    let comms: Vec<Arc<dyn Communicator>> = CpuGroup::create(2, Duration::from_secs(60))
-        .into_iter()
-        .map(|c| Arc::new(Faulty { inner: c, calls: AtomicUsize::new(0), fail_at: 3, hang: true }) as Arc<dyn Communicator>)
-        .collect();
-    let mut b = TpBackend::cpu_with(&model, &opts(WeightPrecision::F32), plan, comms, Duration::from_secs(2)).expect("load");
+    let (_dir, mut b) = faulty_tp2(true, Duration::from_secs(2));
     let prompt: Vec<u32> = (1..20).collect();
     let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
     let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();

@@ -32,131 +32,75 @@ struct SampleShared {
     unsigned int rem;
 };
 
-// Block-wide reductions (every thread gets the result; lane 0's fixed-order value is the one kept).
-__device__ double block_sum_d(double v, SampleShared& sh) {
+struct SumOp {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MinOp {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Block-wide reduction over the warps' slots `sh` (every thread gets the result; the fixed-order value of lane 0 of
+// warp 0 is the one kept, so it is deterministic).
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* sh, Op op) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) sh.d[warp] = v;
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) sh[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = sh.d[lane];
+        v = sh[lane];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) sh.d[0] = v;
+        for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) sh[0] = v;
     }
     __syncthreads();
-    const double r = sh.d[0];
+    const T r = sh[0];
     __syncthreads();
     return r;
 }
 
-__device__ int block_sum_i(int v, SampleShared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) sh.i[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = sh.i[lane];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) sh.i[0] = v;
-    }
-    __syncthreads();
-    const int r = sh.i[0];
-    __syncthreads();
-    return r;
-}
+__device__ double block_sum_d(double v, SampleShared& sh) { return block_reduce(v, sh.d, SumOp()); }
+__device__ int block_sum_i(int v, SampleShared& sh) { return block_reduce(v, sh.i, SumOp()); }
+__device__ int block_min_i(int v, SampleShared& sh) { return block_reduce(v, sh.i, MinOp()); }
+__device__ float block_max_f(float v, SampleShared& sh) { return block_reduce(v, sh.f, MaxOp()); }
 
-__device__ int block_min_i(int v, SampleShared& sh) {
+// Exclusive prefix sum over threads (thread order = id order of the chunks). The warp-local part comes from the
+// neighbour's inclusive sum, not `incl - v`, so float sums lose nothing extra.
+template <typename T>
+__device__ T block_excl_scan(T v, T* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) sh.i[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = sh.i[lane];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) sh.i[0] = v;
-    }
-    __syncthreads();
-    const int r = sh.i[0];
-    __syncthreads();
-    return r;
-}
-
-__device__ float block_max_f(float v, SampleShared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) sh.f[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = sh.f[lane];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) sh.f[0] = v;
-    }
-    __syncthreads();
-    const float r = sh.f[0];
-    __syncthreads();
-    return r;
-}
-
-// Exclusive prefix over threads (thread order = id order of the chunks), for counts.
-__device__ int block_excl_scan_i(int v, SampleShared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int x = v;
+    T x = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        const T y = __shfl_up_sync(0xffffffffu, x, o);
         if (lane >= o) x += y;
     }
-    if (lane == 31) sh.i[warp] = x;
+    const T before = __shfl_up_sync(0xffffffffu, x, 1);
+    if (lane == 31) sh[warp] = x;
     __syncthreads();
     if (warp == 0) {
-        int w = sh.i[lane];
+        T w = sh[lane];
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            const T y = __shfl_up_sync(0xffffffffu, w, o);
             if (lane >= o) w += y;
         }
-        sh.i[lane] = w;
+        sh[lane] = w;
     }
     __syncthreads();
-    const int r = (warp > 0 ? sh.i[warp - 1] : 0) + x - v;
+    const T r = (warp > 0 ? sh[warp - 1] : T(0)) + (lane > 0 ? before : T(0));
     __syncthreads();
     return r;
 }
 
-// The same for f64 masses (the warp-local part from the neighbour's inclusive sum, not `incl - v`).
-__device__ double block_excl_scan_d(double v, SampleShared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    double x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const double y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    const double before = __shfl_up_sync(0xffffffffu, x, 1);
-    if (lane == 31) sh.d[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        double w = sh.d[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const double y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        sh.d[lane] = w;
-    }
-    __syncthreads();
-    const double r = (warp > 0 ? sh.d[warp - 1] : 0.0) + (lane > 0 ? before : 0.0);
-    __syncthreads();
-    return r;
-}
+__device__ int block_excl_scan_i(int v, SampleShared& sh) { return block_excl_scan(v, sh.i); }
+__device__ double block_excl_scan_d(double v, SampleShared& sh) { return block_excl_scan(v, sh.d); }
 
 // Argmax of the row (lowest id on ties, NaN never wins; 0 when nothing beats -inf), like `cpu::ops::argmax`.
 __device__ int block_argmax(const float* row, int c0, int c1, SampleShared& sh) {
