@@ -77,6 +77,22 @@ pub enum Image {
     Ptx(String),
 }
 
+/// Whether the CUDA driver library (libcuda) can be loaded (never panics).
+pub fn driver_available() -> bool {
+    // SAFETY: probing for a shared library has no preconditions.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The number of visible CUDA devices, or why there is none to use (no driver library, driver error).
+pub fn device_count() -> Result<usize, CudaError> {
+    if !driver_available() {
+        return Err(CudaError::Unsupported(
+            "the NVIDIA driver library (libcuda.so.1) was not found: the CUDA backend needs an NVIDIA GPU and its driver".into(),
+        ));
+    }
+    Ok(CudaContext::device_count()?.max(0) as usize)
+}
+
 /// Whether the NVRTC library can be loaded (never panics).
 pub fn nvrtc_available() -> bool {
     // SAFETY: probing for a shared library has no preconditions; cudarc documents this as non-panicking.

@@ -259,6 +259,10 @@ impl CudaBackend {
                 c.head_dim
             )));
         }
+        let devices = ferrite_kernels::cuda::device_count()?;
+        if opts.device >= devices {
+            return Err(CudaError::Unsupported(format!("CUDA device {} does not exist ({devices} visible)", opts.device)));
+        }
         let ctx = CudaContext::new(opts.device)?;
         // SAFETY: the backend issues all work on one stream, so cudarc's per-buffer event tracking (meant for
         // multi-stream use) is not needed; turning it off keeps launches cheap and graph-capturable.

@@ -27,6 +27,17 @@ impl TpBackend {
     /// As [`Self::cuda`] with a given collective timeout.
     pub fn cuda_with_timeout(model: &ModelFiles, opts: &CudaOptions, plan: Vec<ShardSpec>, timeout: Duration) -> Result<Self, ModelError> {
         let tp = plan.len();
+        let config_err = |detail: String| ModelError::InvalidConfig { path: model.path.clone(), detail };
+        // Every rank needs its own GPU: refuse at once rather than leave the others waiting in the NCCL init.
+        let devices = ferrite_kernels::cuda::device_count().map_err(|e| config_err(e.to_string()))?;
+        if opts.device + tp > devices {
+            return Err(config_err(format!(
+                "tensor parallel size {tp} from CUDA device {} needs devices {}..={}, but {devices} are visible",
+                opts.device,
+                opts.device,
+                opts.device + tp - 1
+            )));
+        }
         let group = NcclGroup::new(tp, timeout).map_err(|e| ModelError::InvalidConfig { path: model.path.clone(), detail: format!("NCCL: {e}") })?;
         let abort: GroupAbort = {
             let group = Arc::clone(&group);
