@@ -10,6 +10,7 @@
 use std::ops::Range;
 
 use crate::config::LlamaConfig;
+use crate::model::LlamaTensor;
 
 /// Why a tensor-parallel size does not work for a model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,6 +101,21 @@ impl ShardSpec {
         self.kv_heads.start * head_dim..self.kv_heads.end * head_dim
     }
 
+    /// The (rows, columns) of `role`'s full `[rows, cols]` matrix this rank holds: its query/KV heads' rows of Q/K/V
+    /// and their input columns of o_proj, its FFN rows of gate/up and columns of down, its vocabulary rows of the
+    /// lm_head (`LmHead` also names the tied embedding sliced as the lm_head); everything else whole.
+    pub fn part(&self, role: LlamaTensor, rows: usize, cols: usize, head_dim: usize) -> (Range<usize>, Range<usize>) {
+        match role {
+            LlamaTensor::Wq(_) => (self.q_rows(head_dim), 0..cols),
+            LlamaTensor::Wk(_) | LlamaTensor::Wv(_) => (self.kv_rows(head_dim), 0..cols),
+            LlamaTensor::Wo(_) => (0..rows, self.q_rows(head_dim)),
+            LlamaTensor::Gate(_) | LlamaTensor::Up(_) => (self.ffn.clone(), 0..cols),
+            LlamaTensor::Down(_) => (0..rows, self.ffn.clone()),
+            LlamaTensor::LmHead => (self.vocab.clone(), 0..cols),
+            _ => (0..rows, 0..cols),
+        }
+    }
+
     /// The model as this rank sees it: its own head and FFN counts (vocabulary and hidden size unchanged).
     pub fn local_config(&self, c: &LlamaConfig) -> LlamaConfig {
         LlamaConfig {
@@ -156,6 +172,34 @@ mod tests {
         let kv: Vec<usize> = p.iter().map(|s| s.kv_heads.start).collect();
         assert_eq!(kv, vec![0, 0, 0, 1, 1, 1, 2, 2, 2]);
         assert_eq!(p[4].local_config(&c).num_heads, 1);
+    }
+
+    #[test]
+    fn parts_cover_each_matrix_once_across_ranks() {
+        let c = cfg(8, 4, 32, 512, 1000);
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        for tp in [1, 2, 4] {
+            let p = ShardSpec::plan(&c, tp, 1).unwrap();
+            // Column-parallel roles split rows, row-parallel ones columns; the pieces tile the matrix.
+            for (role, rows, cols, by_rows) in [
+                (LlamaTensor::Wq(0), 8 * hd, h, true),
+                (LlamaTensor::Gate(0), 512, h, true),
+                (LlamaTensor::LmHead, 1000, h, true),
+                (LlamaTensor::Wo(0), h, 8 * hd, false),
+                (LlamaTensor::Down(0), h, 512, false),
+            ] {
+                let mut next = 0;
+                for s in &p {
+                    let (r, k) = s.part(role, rows, cols, hd);
+                    let (split, whole, n) = if by_rows { (r, k, cols) } else { (k, r, rows) };
+                    assert_eq!(whole, 0..n, "{role:?}");
+                    assert_eq!(split.start, next, "{role:?} tp {tp}");
+                    next = split.end;
+                }
+                assert_eq!(next, if by_rows { rows } else { cols }, "{role:?} tp {tp}");
+            }
+            assert_eq!(p[0].part(LlamaTensor::TokenEmbedding, 1000, h, hd), (0..1000, 0..h));
+        }
     }
 
     #[test]

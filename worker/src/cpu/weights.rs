@@ -217,25 +217,16 @@ impl LlamaWeights {
         let c: &LlamaConfig = &model.config;
         let path = model.path.as_path();
         let hd = c.head_dim;
-        let all = |n: usize| 0..n;
-        // (rows, cols) of each role's full [out, in] matrix this rank loads.
-        let part = |t: LlamaTensor| -> (Range<usize>, Range<usize>) {
-            let Some(s) = shard else { return (all(usize::MAX), all(usize::MAX)) };
-            let full = usize::MAX;
-            match t {
-                LlamaTensor::Wq(_) => (s.q_rows(hd), all(full)),
-                LlamaTensor::Wk(_) | LlamaTensor::Wv(_) => (s.kv_rows(hd), all(full)),
-                LlamaTensor::Wo(_) => (all(full), s.q_rows(hd)),
-                LlamaTensor::Gate(_) | LlamaTensor::Up(_) => (s.ffn.clone(), all(full)),
-                LlamaTensor::Down(_) => (all(full), s.ffn.clone()),
-                LlamaTensor::LmHead | LlamaTensor::TokenEmbedding => (s.vocab.clone(), all(full)),
-                _ => (all(full), all(full)),
-            }
+        // `role` names the slice (the tied embedding is sliced as the lm_head), `file` the tensor read.
+        let sliced = |file: LlamaTensor, role: LlamaTensor| -> Result<Matrix, ModelError> {
+            let w = model.weight(file)?;
+            let (rows, cols) = match (shard, &w.shape[..]) {
+                (Some(s), &[r, k]) => s.part(role, r, k, hd),
+                _ => (0..usize::MAX, 0..usize::MAX),
+            };
+            Matrix::load_slice(path, &w, rows, cols, precision)
         };
-        let mat = |t: LlamaTensor| -> Result<Matrix, ModelError> {
-            let (rows, cols) = part(t);
-            Matrix::load_slice(path, &model.weight(t)?, rows, cols, precision)
-        };
+        let mat = |t: LlamaTensor| sliced(t, t);
         let whole = |t: LlamaTensor| -> Result<Matrix, ModelError> { Matrix::load(path, &model.weight(t)?, precision) };
         let vec = |t: LlamaTensor| -> Result<Vec<f32>, ModelError> {
             match Matrix::load(path, &model.weight(t)?, WeightPrecision::F32)? {
@@ -257,7 +248,7 @@ impl LlamaWeights {
         // With a shard, the lm_head is this rank's vocabulary rows (of the embedding when tied).
         let lm_head = match (c.tie_word_embeddings, shard) {
             (true, None) => None,
-            (true, Some(_)) => Some(mat(LlamaTensor::TokenEmbedding)?),
+            (true, Some(_)) => Some(sliced(LlamaTensor::TokenEmbedding, LlamaTensor::LmHead)?),
             (false, _) => Some(mat(LlamaTensor::LmHead)?),
         };
         Ok(Self { embedding: whole(LlamaTensor::TokenEmbedding)?, layers, output_norm: vec(LlamaTensor::OutputNorm)?, lm_head })

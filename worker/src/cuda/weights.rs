@@ -182,19 +182,12 @@ impl<'a> Loader<'a> {
         this
     }
 
-    /// The (rows, columns) of `role`'s full `[out, in]` matrix this rank loads.
+    /// The (rows, columns) of `role`'s full `[out, in]` matrix this rank loads (see [`ShardSpec::part`]).
     fn part(&self, role: LlamaTensor, v: &WeightView<'_>) -> (Range<usize>, Range<usize>) {
         let (rows, cols) = (v.shape[0], v.shape.get(1).copied().unwrap_or(1));
-        let Some(s) = self.shard else { return (0..rows, 0..cols) };
-        let hd = self.model.config.head_dim;
-        match role {
-            LlamaTensor::Wq(_) => (s.q_rows(hd), 0..cols),
-            LlamaTensor::Wk(_) | LlamaTensor::Wv(_) => (s.kv_rows(hd), 0..cols),
-            LlamaTensor::Wo(_) => (0..rows, s.q_rows(hd)),
-            LlamaTensor::Gate(_) | LlamaTensor::Up(_) => (s.ffn.clone(), 0..cols),
-            LlamaTensor::Down(_) => (0..rows, s.ffn.clone()),
-            LlamaTensor::LmHead => (s.vocab.clone(), 0..cols),
-            _ => (0..rows, 0..cols),
+        match self.shard {
+            Some(s) => s.part(role, rows, cols, self.model.config.head_dim),
+            None => (0..rows, 0..cols),
         }
     }
 
