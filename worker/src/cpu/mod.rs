@@ -258,15 +258,10 @@ impl CpuBackend {
             // Every rank computed its vocabulary slice of each row: gather, then interleave into full rows.
             let mut all = Vec::new();
             tp.comm.all_gather(&data, &mut all).map_err(|e| BackendError::Collective(e.to_string()))?;
-            let (rows, vocab) = (picked.len(), c.vocab_size);
-            data = vec![0f32; rows * vocab];
-            let mut off = 0;
-            for v in &tp.vocab {
-                for r in 0..rows {
-                    data[r * vocab + v.start..r * vocab + v.end].copy_from_slice(&all[off + r * v.len()..off + (r + 1) * v.len()]);
-                }
-                off += rows * v.len();
-            }
+            let rows = picked.len();
+            let offsets: Vec<usize> = tp.vocab.iter().scan(0, |off, v| Some(std::mem::replace(off, *off + rows * v.len()))).collect();
+            data = vec![0f32; rows * c.vocab_size];
+            crate::tp::gather::interleave_vocab(&all, &offsets, &tp.vocab, rows, c.vocab_size, &mut data);
         }
         Ok(Logits { vocab: c.vocab_size, data, ranges })
     }

@@ -491,34 +491,18 @@ impl CudaBackend {
                 self.wait()?;
                 let mut all = vec![0f32; world * part];
                 self.stream.memcpy_dtoh(&tp.gather.slice(..world * part), &mut all)?;
-                // Rank k's rows are dense with its own width: interleave them into full rows.
+                // Rank k's rows are dense with its own width, its part padded to `part`.
                 let start = out.len();
                 out.resize(start + rows * vocab, 0.0);
-                let dst = &mut out[start..];
-                for (k, v) in tp.vocab.iter().enumerate() {
-                    let src = &all[k * part..];
-                    for r in 0..rows {
-                        dst[r * vocab + v.start..r * vocab + v.end].copy_from_slice(&src[r * v.len()..(r + 1) * v.len()]);
-                    }
-                }
+                let offsets: Vec<usize> = (0..world).map(|k| k * part).collect();
+                crate::tp::gather::interleave_vocab(&all, &offsets, &tp.vocab, rows, vocab, &mut out[start..]);
             }
             LogitsSink::Greedy(out) => {
                 let cap = self.scratch.ids.len() / 2;
                 self.wait()?;
                 let mut all = vec![0f32; world * 2 * cap];
                 self.stream.memcpy_dtoh(&tp.gather.slice(..world * 2 * cap), &mut all)?;
-                out.extend((0..rows).map(|r| {
-                    // The highest value wins, the lowest global id on ties (ranks hold ascending vocabulary slices).
-                    let mut best = (f32::NEG_INFINITY, u32::MAX);
-                    for (k, v) in tp.vocab.iter().enumerate() {
-                        let id = v.start as u32 + all[k * 2 * cap + r].to_bits();
-                        let val = all[k * 2 * cap + cap + r];
-                        if val > best.0 || (val == best.0 && id < best.1) {
-                            best = (val, id);
-                        }
-                    }
-                    if best.1 == u32::MAX { 0 } else { best.1 }
-                }));
+                out.extend(crate::tp::gather::combine_argmax(&all, 2 * cap, cap, &tp.vocab, rows));
             }
             LogitsSink::Sample { .. } => unreachable!("a tensor-parallel rank samples on the host (can_sample)"),
         }
