@@ -114,3 +114,31 @@ pub fn ref_logits(name: &str) -> Vec<f32> {
     let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
+
+/// A backend that runs `steps` steps of `inner`, then fails every step like a lost device (fatal-error tests).
+pub struct FailAfter<B> {
+    inner: B,
+    steps: usize,
+}
+
+impl<B> FailAfter<B> {
+    pub fn new(inner: B, steps: usize) -> Self {
+        Self { inner, steps }
+    }
+}
+
+impl<B: ferrite_worker::backend::Backend> ferrite_worker::backend::Backend for FailAfter<B> {
+    fn config(&self) -> &ferrite_common::config::LlamaConfig {
+        self.inner.config()
+    }
+    fn info(&self) -> ferrite_worker::backend::BackendInfo {
+        self.inner.info()
+    }
+    fn forward(&mut self, batch: &ferrite_worker::backend::ForwardBatch<'_>) -> Result<ferrite_worker::backend::Logits, ferrite_worker::backend::BackendError> {
+        if self.steps == 0 {
+            return Err(ferrite_worker::backend::BackendError::Device("injected device failure".into()));
+        }
+        self.steps -= 1;
+        self.inner.forward(batch)
+    }
+}

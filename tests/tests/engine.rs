@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 
 use ferrite_common::model::ModelFiles;
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
-use ferrite_tests::{default_model, ref_cases};
-use ferrite_worker::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits};
+use ferrite_tests::{FailAfter, default_model, ref_cases};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::engine::core::{Engine, EngineConfig, EngineError, EngineHandle, EngineOutput, EngineRequest, FinishReason};
 use ferrite_worker::instant::InstantBackend;
@@ -93,35 +92,13 @@ fn preemption_under_memory_pressure_does_not_change_outputs() {
     wait_free(&tight);
 }
 
-/// A backend that runs `steps` steps, then fails like a lost device.
-struct FailAfter {
-    inner: InstantBackend,
-    steps: usize,
-}
-
-impl Backend for FailAfter {
-    fn config(&self) -> &ferrite_common::config::LlamaConfig {
-        self.inner.config()
-    }
-    fn info(&self) -> BackendInfo {
-        self.inner.info()
-    }
-    fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
-        if self.steps == 0 {
-            return Err(BackendError::Device("injected device failure".into()));
-        }
-        self.steps -= 1;
-        self.inner.forward(batch)
-    }
-}
-
 /// A fatal backend error (a failed device or tensor-parallel group) fails every request, the ones in the step and
 /// the ones still waiting, stops the engine (its handle's `failed()` resolves: the worker exits non-zero) and
 /// refuses later requests. Nothing hangs.
 #[test]
 fn a_fatal_backend_error_fails_every_request_and_stops_the_engine() {
     let files = ModelFiles::open(&default_model()).unwrap();
-    let backend = FailAfter { inner: InstantBackend::new(files.config.clone(), 64, 16), steps: 3 };
+    let backend = FailAfter::new(InstantBackend::new(files.config.clone(), 64, 16), 3);
     let cfg = EngineConfig {
         scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 2, max_waiting: 64, max_model_len: 2048 },
         model_fingerprint: files.fingerprint(),

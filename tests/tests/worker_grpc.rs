@@ -137,6 +137,26 @@ async fn prefix_cached_run_gives_the_same_tokens() {
     assert!(metric(&text, "ferrite_worker_kv_blocks{state=\"cached_free\"}") >= 12.0);
 }
 
+/// A worker whose backend fails for good answers the request in flight with an error, then `serve` returns
+/// `EngineFailed` (the binary exits non-zero), promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_backend_error_ends_serve_with_an_error() {
+    use ferrite_worker::instant::InstantBackend;
+    use ferrite_worker::server::WorkerError;
+    let cfg = test_worker_config();
+    let files = ferrite_common::model::ModelFiles::open(&cfg.model).unwrap();
+    let backend = ferrite_tests::FailAfter::new(InstantBackend::new(files.config.clone(), 64, 16), 2);
+    let worker = Worker::start(&cfg, &files, Box::new(backend)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(worker.serve(listener, std::future::pending()));
+    let mut client = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
+    let err = collect(&mut client, req("doomed", &[1, 2, 3], 20)).await.expect_err("the request must fail");
+    assert!(err.message().contains("injected device failure"), "{err:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), served).await.expect("serve returns").unwrap();
+    assert!(matches!(&ended, Err(WorkerError::EngineFailed(m)) if m.contains("injected device failure")), "{ended:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request_or_one_completion() {
     let mut client = start(16).await;

@@ -108,10 +108,6 @@ impl Worker {
         let c = &files.config;
         let per_block = kv_bytes_per_block(c, DEFAULT_BLOCK_SIZE);
         let num_blocks = cfg.kv_cache_mib * (1 << 20) / per_block;
-        let max_model_len = match cfg.max_model_len {
-            0 => c.max_position_embeddings,
-            m => m.min(c.max_position_embeddings),
-        };
         if num_blocks < 2 {
             return Err(WorkerError::Config(format!("--kv-cache-mib {} holds no KV block ({per_block} bytes each)", cfg.kv_cache_mib)));
         }
@@ -153,10 +149,21 @@ impl Worker {
             }
             BackendKind::Instant => Box::new(crate::instant::InstantBackend::new(c.clone(), num_blocks, DEFAULT_BLOCK_SIZE)),
         };
+        Self::start(cfg, &files, backend)
+    }
+
+    /// Starts the engine thread over a loaded `backend` of the model in `files` (`load` does both; tests bring their
+    /// own backend here).
+    pub fn start(cfg: &WorkerConfig, files: &ModelFiles, backend: Box<dyn Backend>) -> Result<Self, WorkerError> {
+        let c = &files.config;
+        let max_model_len = match cfg.max_model_len {
+            0 => c.max_position_embeddings,
+            m => m.min(c.max_position_embeddings),
+        };
         // The backend decides: CUDA sizes its cache from free device memory.
         let num_blocks = backend.info().num_kv_blocks;
         let fingerprint = files.fingerprint();
-        let text = ferrite_common::text::TextAssets::load(&files)?;
+        let text = ferrite_common::text::TextAssets::load(files)?;
         let info = ModelInfo {
             model_id: cfg.model_id.clone().unwrap_or_else(|| {
                 files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
