@@ -364,6 +364,11 @@ impl CudaBackend {
         if opts.graph_max_batch > 0
             && let Err(e) = backend.capture_graphs(opts.graph_max_batch)
         {
+            // A tensor-parallel rank that stopped half-way through the capture's collectives would leave the other
+            // ranks waiting in them: it fails (and the group with it) instead of going on eagerly.
+            if backend.tp.is_some() {
+                return Err(e);
+            }
             tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
             backend.graphs = None;
         }
