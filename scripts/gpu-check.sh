@@ -75,6 +75,15 @@ req = urllib.request.Request("http://127.0.0.1:18080/v1/chat/completions", json.
 out = json.load(urllib.request.urlopen(req, timeout=60))
 print(json.dumps(out, indent=1))
 assert "Paris" in out["choices"][0]["message"]["content"]
+# Sampled on the device (no logprobs) and on the host (logprobs): one seed, the same tokens.
+def sampled(logprobs):
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.9, "top_p": 0.9,
+            "presence_penalty": 0.5, "seed": 7, "n": 2, "logprobs": 1 if logprobs else None}
+    req = urllib.request.Request("http://127.0.0.1:18080/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return [c["text"] for c in json.load(urllib.request.urlopen(req, timeout=60))["choices"]]
+device, host = sampled(False), sampled(True)
+print("device-sampled:", device, "\nhost-sampled:  ", host)
+assert device == host and device[0] != device[1]
 PY
   kill $pid; wait $pid 2>/dev/null
   return $ok
