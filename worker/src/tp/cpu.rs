@@ -9,7 +9,7 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
 
 use super::comm::{CpuGroup, Communicator};
-use super::group::{COLLECTIVE_TIMEOUT, GroupAbort, Rank, RankFactory, TpBackend};
+use super::group::{COLLECTIVE_TIMEOUT, CPU_STEP_TIMEOUT, GroupAbort, Rank, RankFactory, TpBackend};
 use crate::cpu::{CpuBackend, CpuOptions};
 
 impl TpBackend {
@@ -17,7 +17,7 @@ impl TpBackend {
     /// threads, at least one) and waits until every rank is ready.
     pub fn cpu(model: &ModelFiles, opts: &CpuOptions, plan: Vec<ShardSpec>) -> Result<Self, ModelError> {
         let comms = CpuGroup::create(plan.len(), COLLECTIVE_TIMEOUT).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect();
-        Self::cpu_with(model, opts, plan, comms, COLLECTIVE_TIMEOUT)
+        Self::cpu_with(model, opts, plan, comms, CPU_STEP_TIMEOUT)
     }
 
     /// As [`Self::cpu`], with the ranks' communicators given (rank `i` gets `comms[i]`; tests inject faults here)
@@ -27,7 +27,7 @@ impl TpBackend {
         opts: &CpuOptions,
         plan: Vec<ShardSpec>,
         comms: Vec<Arc<dyn Communicator>>,
-        timeout: Duration,
+        step_timeout: Duration,
     ) -> Result<Self, ModelError> {
         let tp = plan.len();
         assert_eq!(comms.len(), tp, "one communicator per rank");
@@ -44,6 +44,6 @@ impl TpBackend {
             let backend = CpuBackend::load_shard(&model_files, &per_rank, &plan, Arc::clone(&comms[rank]))?;
             Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend) })
         });
-        Self::start(model.config.clone(), tp, factory, abort, timeout)
+        Self::start(model.config.clone(), tp, factory, abort, step_timeout)
     }
 }

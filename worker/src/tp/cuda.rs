@@ -51,6 +51,7 @@ impl TpBackend {
             tracing::info!(rank, device = opts.device, gpu = backend.device_name(), kv_blocks = backend.info().num_kv_blocks, "tensor-parallel rank ready");
             Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend) })
         });
-        Self::start(model.config.clone(), tp, factory, abort, timeout)
+        // GPU ranks poll each wait against `timeout` themselves; the engine side only catches a rank stuck in a call.
+        Self::start(model.config.clone(), tp, factory, abort, 2 * timeout)
     }
 }

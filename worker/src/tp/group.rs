@@ -5,7 +5,7 @@
 //! the others in the collectives; rank 0's output is the step's.
 //!
 //! Failure is group-wide and final: a rank whose step fails aborts the group (the others' collectives return at
-//! once), a step that does not finish within the collective timeout aborts it too, and from then on every step fails
+//! once), a step that does not finish within the group's step timeout aborts it too, and from then on every step fails
 //! at once with [`BackendError::Collective`]: the engine treats that as fatal and the worker exits non-zero so it
 //! is restarted, never hangs. Rank threads that are stuck in a device call are left to the process exit instead of
 //! being joined.
@@ -22,6 +22,9 @@ use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, L
 
 /// How long a rank waits for the others in a collective before the step fails.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the engine side waits for a whole CPU step (a last resort against a rank stuck outside any collective:
+/// the ranks' own collective timeouts catch the rest; a large prefill chunk of a big model on CPU takes minutes).
+pub const CPU_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// A loaded rank: its backend (which answers `config()` with the whole model's config) and the bytes of weight
 /// matrices it holds.
@@ -74,8 +77,9 @@ pub struct TpBackend {
 
 impl TpBackend {
     /// Starts `tp` rank threads, builds each rank with `factory` on its thread and waits until every rank is ready
-    /// (or the first one fails: then the group is aborted and its error returned). `config` is the whole model's.
-    pub fn start(config: LlamaConfig, tp: usize, factory: RankFactory, abort: GroupAbort, collective_timeout: Duration) -> Result<Self, ModelError> {
+    /// (or the first one fails: then the group is aborted and its error returned). `config` is the whole model's; a
+    /// step that has not finished after `step_timeout` fails the group.
+    pub fn start(config: LlamaConfig, tp: usize, factory: RankFactory, abort: GroupAbort, step_timeout: Duration) -> Result<Self, ModelError> {
         let (ready_tx, ready_rx) = channel::<RankReady>();
         let (result_tx, results) = channel::<RankResult>();
         let mut senders = Vec::with_capacity(tp);
@@ -99,8 +103,7 @@ impl TpBackend {
             threads,
             rank_bytes: vec![0; tp],
             abort,
-            // A quarter longer than the ranks' own collective timeout: normally a rank reports its timeout first.
-            step_timeout: collective_timeout + collective_timeout / 4 + Duration::from_secs(1),
+            step_timeout,
             failed: None,
         };
         let mut infos: Vec<BackendInfo> = Vec::with_capacity(tp);
