@@ -99,6 +99,27 @@ fn cuda_rank_fails_promptly_when_its_group_is_aborted() {
     assert!(b.forward(&batch).is_err(), "the rank stays failed");
 }
 
+/// The NCCL rank's host-buffer collectives (its `Communicator` side) at world size 1: the all-reduce keeps the values,
+/// the all-gather copies them, the barrier counts one rank.
+#[test]
+fn nccl_rank_host_collectives_at_world_size_1() {
+    use ferrite_worker::tp::comm::Communicator;
+    let plan = ShardSpec::plan(&ModelFiles::open(&default_model()).unwrap().config, 1, 1).unwrap();
+    let group = NcclGroup::new(1, Duration::from_secs(30)).ok();
+    let Some(b) = started(|model, opts| CudaBackend::load_rank(model, opts, RankSpec { plan: &plan, group: group.clone().expect("NCCL"), rank: 0 }))
+    else {
+        return;
+    };
+    let comm = b.nccl().expect("a rank has its communicator");
+    let mut v = vec![1.5f32, -2.0, 3.25];
+    comm.all_reduce_sum(&mut v).expect("all-reduce");
+    assert_eq!(v, vec![1.5, -2.0, 3.25]);
+    let mut all = Vec::new();
+    comm.all_gather(&v, &mut all).expect("all-gather");
+    assert_eq!(all, v);
+    comm.barrier().expect("barrier");
+}
+
 fn check_against_reference(b: &mut dyn Backend) {
     let (mut checked, mut skipped) = (0, 0);
     for case in ref_cases() {

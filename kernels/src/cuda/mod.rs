@@ -77,6 +77,20 @@ pub enum Image {
     Ptx(String),
 }
 
+/// Appends `adjust` (row `row`'s adjustments) in the 5-word layout of the `apply_adjustments` kernel: row, id, bias
+/// (f32 bits), sub (f32 bits), flags (1: repetition penalty, 2: mask).
+pub fn pack_adjustments(out: &mut Vec<i32>, row: usize, adjust: &[crate::cpu::sample::Adjust]) {
+    for a in adjust {
+        let flags = i32::from(a.repeat) | (i32::from(a.mask) << 1);
+        out.extend([row as i32, a.id as i32, a.bias.to_bits() as i32, a.sub.to_bits() as i32, flags]);
+    }
+}
+
+/// A row's parameters in the layout of the `sample_rows` kernel: (temperature, top_p, min_p, unused).
+pub fn pack_sample_params(p: &crate::cpu::sample::SampleParams) -> [f32; 4] {
+    [p.temperature, p.top_p, p.min_p, 0.0]
+}
+
 /// Whether the CUDA driver library (libcuda) can be loaded (never panics).
 pub fn driver_available() -> bool {
     // SAFETY: probing for a shared library has no preconditions.
@@ -475,7 +489,7 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// Applies `n` logit adjustments in place: `adj` holds 5 words per entry (row, id, bias f32 bits, sub f32 bits,
+    /// Applies `n` logit adjustments in place (`adj` as [`pack_adjustments`] writes it): 5 words per entry (row, id, bias f32 bits, sub f32 bits,
     /// flags: 1 repetition penalty, 2 mask), `rep` one repetition penalty per row. Twin:
     /// `cpu::sample::apply_adjustments`.
     ///

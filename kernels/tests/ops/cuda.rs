@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, PrefillWorkspace};
+use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, PrefillWorkspace, pack_adjustments, pack_sample_params};
 use half::bf16;
 
 use super::{AttnCase, AttnPath, Ops, SampleCase};
@@ -54,10 +54,7 @@ impl CudaOps {
     fn adjustments(&self, rows: &[SampleCase]) -> (CudaSlice<i32>, usize, CudaSlice<f32>) {
         let mut words = Vec::new();
         for (r, c) in rows.iter().enumerate() {
-            for a in &c.adjust {
-                let flags = i32::from(a.repeat) | (i32::from(a.mask) << 1);
-                words.extend([r as i32, a.id as i32, a.bias.to_bits() as i32, a.sub.to_bits() as i32, flags]);
-            }
+            pack_adjustments(&mut words, r, &c.adjust);
         }
         let n = words.len() / 5;
         words.push(0); // never an empty upload
@@ -233,7 +230,7 @@ impl Ops for CudaOps {
     fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32> {
         let l = self.up(logits);
         let (adj, n, rep) = self.adjustments(rows);
-        let params: Vec<f32> = rows.iter().flat_map(|c| [c.params.temperature, c.params.top_p, c.params.min_p, 0.0]).collect();
+        let params: Vec<f32> = rows.iter().flat_map(|c| pack_sample_params(&c.params)).collect();
         let top_k: Vec<i32> = rows.iter().map(|c| c.params.top_k as i32).collect();
         let u: Vec<f64> = rows.iter().map(|c| c.u).collect();
         let (p, k, ud, ids) = (self.up(&params), self.up(&top_k), self.up(&u), self.up(&vec![-1i32; rows.len()]));

@@ -137,22 +137,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), ..CudaOptions::default() };
     let t0 = Instant::now();
     // With --nccl: a tensor-parallel rank of world size 1 (every all-reduce and the greedy gather through NCCL).
-    let config = match &a.model {
-        Some(p) => ModelFiles::open(p).with_context(|| format!("opening {}", p.display()))?.config,
-        None => llama_8b_config(),
-    };
+    let files = a.model.as_ref().map(|p| ModelFiles::open(p).with_context(|| format!("opening {}", p.display()))).transpose()?;
+    let config = files.as_ref().map_or_else(llama_8b_config, |f| f.config.clone());
     let plan = ShardSpec::plan(&config, 1, 1)?;
     let rank = || -> anyhow::Result<Option<RankSpec<'_>>> {
         Ok(if a.nccl { Some(RankSpec { plan: &plan, group: NcclGroup::new(1, COLLECTIVE_TIMEOUT)?, rank: 0 }) } else { None })
     };
-    let (mut backend, label) = match &a.model {
-        Some(p) => {
-            let files = ModelFiles::open(p)?;
+    let (mut backend, label) = match &files {
+        Some(files) => {
             let b = match rank()? {
-                Some(r) => CudaBackend::load_rank(&files, &opts, r)?,
-                None => CudaBackend::load(&files, &opts)?,
+                Some(r) => CudaBackend::load_rank(files, &opts, r)?,
+                None => CudaBackend::load(files, &opts)?,
             };
-            (b, p.display().to_string())
+            (b, files.path.display().to_string())
         }
         None => (CudaBackend::random(&config, &opts, 1234, rank()?)?, "llama-3.1-8b shape, random bf16 weights".into()),
     };

@@ -95,7 +95,7 @@ impl CudaBackend {
         classes.dedup();
         let max_ctx = *classes.last().expect("classes are not empty");
         let bps = max_ctx.div_ceil(self.block_size);
-        let logit_rows = self.scratch.ids.len() / 2;
+        let logit_rows = self.scratch.logit_rows();
         let cap = max_batch.min(self.scratch.rows).min(logit_rows);
         let sizes: Vec<usize> = BUCKETS.iter().copied().filter(|&b| b <= cap).collect();
         let Some(&largest) = sizes.last() else { return Ok(()) };

@@ -102,6 +102,11 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// Logit rows one lm_head launch can produce (the capacity of `logits` and `ids`).
+    fn logit_rows(&self) -> usize {
+        self.ids.len() / 2
+    }
+
     fn new(c: &LlamaConfig, stream: &Arc<CudaStream>, rows: usize, logits_width: usize) -> Result<Self, CudaError> {
         let qkv_width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
         let q_width = c.num_heads * c.head_dim;
@@ -160,6 +165,13 @@ impl From<StepError> for BackendError {
             StepError::Comm(e) => BackendError::Collective(e.to_string()),
         }
     }
+}
+
+/// A rank that joined its group: its communicator, the whole model's config and every rank's vocabulary rows.
+struct Joined {
+    comm: Arc<NcclRank>,
+    full: LlamaConfig,
+    vocab: Vec<Range<usize>>,
 }
 
 /// A tensor-parallel rank's view of its group.
@@ -223,13 +235,9 @@ impl CudaBackend {
     /// Loads tensor-parallel rank `r.rank` of `model` on device `opts.device`: joins the NCCL group (blocks until
     /// every rank has), then uploads this rank's shard only.
     pub fn load_rank(model: &ModelFiles, opts: &CudaOptions, r: RankSpec<'_>) -> Result<Self, ModelError> {
-        let shard = &r.plan[r.rank];
-        let local = shard.local_config(&model.config);
-        let (stream, kernels) = Self::open(&local, opts).map_err(|e| model_err(model, e))?;
-        let comm = NcclRank::init(Arc::clone(&r.group), r.rank, Arc::clone(&stream)).map_err(|e| model_err(model, e))?;
-        let weights = DeviceWeights::load(model, &stream, Some(shard))?;
-        let tp = (Arc::new(comm), model.config.clone(), r.plan.iter().map(|s| s.vocab.clone()).collect());
-        Self::finish(local, stream, kernels, weights, opts, Some(tp)).map_err(|e| model_err(model, e))
+        let (local, stream, kernels, joined) = Self::open_rank(&model.config, opts, &r).map_err(|e| model_err(model, e))?;
+        let weights = DeviceWeights::load(model, &stream, Some(&r.plan[r.rank]))?;
+        Self::finish(local, stream, kernels, weights, opts, Some(joined)).map_err(|e| model_err(model, e))
     }
 
     /// A model of shape `config` with random weights generated on the device (benchmarks); with `rank`, that
@@ -240,13 +248,18 @@ impl CudaBackend {
             let weights = DeviceWeights::random(config, &kernels, seed, None)?;
             return Self::finish(config.clone(), stream, kernels, weights, opts, None);
         };
-        let shard = &r.plan[r.rank];
-        let local = shard.local_config(config);
+        let (local, stream, kernels, joined) = Self::open_rank(config, opts, &r)?;
+        let lm_rows = r.plan[r.rank].vocab.len();
+        let weights = DeviceWeights::random(&local, &kernels, seed.wrapping_add(r.rank as u64), Some(lm_rows))?;
+        Self::finish(local, stream, kernels, weights, opts, Some(joined))
+    }
+
+    /// Opens rank `r.rank`'s device for its share of `config` (returned) and joins the NCCL group.
+    fn open_rank(config: &LlamaConfig, opts: &CudaOptions, r: &RankSpec<'_>) -> Result<(LlamaConfig, Arc<CudaStream>, CudaKernels, Joined), CudaError> {
+        let local = r.plan[r.rank].local_config(config);
         let (stream, kernels) = Self::open(&local, opts)?;
-        let comm = NcclRank::init(Arc::clone(&r.group), r.rank, Arc::clone(&stream))?;
-        let weights = DeviceWeights::random(&local, &kernels, seed.wrapping_add(r.rank as u64), Some(shard.vocab.len()))?;
-        let tp = (Arc::new(comm), config.clone(), r.plan.iter().map(|s| s.vocab.clone()).collect());
-        Self::finish(local, stream, kernels, weights, opts, Some(tp))
+        let comm = Arc::new(NcclRank::init(Arc::clone(&r.group), r.rank, Arc::clone(&stream))?);
+        Ok((local, stream, kernels, Joined { comm, full: config.clone(), vocab: r.plan.iter().map(|s| s.vocab.clone()).collect() }))
     }
 
     fn open(c: &LlamaConfig, opts: &CudaOptions) -> Result<(Arc<CudaStream>, CudaKernels), CudaError> {
@@ -278,18 +291,18 @@ impl CudaBackend {
         kernels: CudaKernels,
         weights: DeviceWeights,
         opts: &CudaOptions,
-        tp: Option<(Arc<NcclRank>, LlamaConfig, Vec<Range<usize>>)>,
+        tp: Option<Joined>,
     ) -> Result<Self, CudaError> {
         let ctx = Arc::clone(stream.context());
         let gemm = Gemm::new(Arc::clone(&stream))?;
-        let logits_width = tp.as_ref().map_or(config.vocab_size, |t| t.2.iter().map(|v| v.len()).max().unwrap_or(0));
+        let logits_width = tp.as_ref().map_or(config.vocab_size, |t| t.vocab.iter().map(|v| v.len()).max().unwrap_or(0));
         let scratch = Scratch::new(&config, &stream, opts.max_batch_tokens, logits_width)?;
-        let samplers = sampling::SampleBuffers::new(&stream, scratch.ids.len() / 2)?;
+        let samplers = sampling::SampleBuffers::new(&stream, scratch.logit_rows())?;
         let tp = match tp {
             None => None,
-            Some((comm, full, vocab)) => {
+            Some(Joined { comm, full, vocab }) => {
                 let world = vocab.len();
-                let logit_rows = scratch.ids.len() / 2;
+                let logit_rows = scratch.logit_rows();
                 let gather = stream.alloc_zeros::<f32>(world * (logit_rows * logits_width).max(2 * logit_rows))?;
                 Some(RankTp { comm, full, vocab, per_vocab: logits_width, gather })
             }
@@ -434,7 +447,7 @@ impl CudaBackend {
             table_off.push(tables.len() as i32);
             tables.extend(seq.block_table[..need].iter().map(|&b| b as i32));
         }
-        let cap = self.scratch.ids.len() / 2;
+        let cap = self.scratch.logit_rows();
         for chunk in rows.chunks(self.scratch.rows) {
             let layout = self.encode_eager(batch, chunk, &tables, &table_off)?;
             self.launch(&layout)?;
@@ -503,7 +516,7 @@ impl CudaBackend {
                 crate::tp::gather::interleave_vocab(&all, &offsets, &tp.vocab, rows, vocab, &mut out[start..]);
             }
             LogitsSink::Greedy(out) => {
-                let cap = self.scratch.ids.len() / 2;
+                let cap = self.scratch.logit_rows();
                 self.wait()?;
                 let mut all = vec![0f32; world * 2 * cap];
                 self.stream.memcpy_dtoh(&tp.gather.slice(..world * 2 * cap), &mut all)?;

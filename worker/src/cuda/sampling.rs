@@ -4,7 +4,7 @@
 //! logit rows into buffers reserved at start-up: a step never allocates.
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use ferrite_kernels::cuda::CudaError;
+use ferrite_kernels::cuda::{CudaError, pack_adjustments, pack_sample_params};
 
 use super::{CudaBackend, StepError};
 use crate::backend::RowSampling;
@@ -65,14 +65,11 @@ impl CudaBackend {
         b.host_rep.clear();
         b.host_adj.clear();
         for (i, r) in rows.iter().enumerate() {
-            b.host_params.extend([r.params.temperature, r.params.top_p, r.params.min_p, 0.0]);
+            b.host_params.extend(pack_sample_params(&r.params));
             b.host_top_k.push(r.params.top_k.min(i32::MAX as u32) as i32);
             b.host_u.push(r.u);
             b.host_rep.push(r.repetition);
-            for a in &r.adjust {
-                let flags = i32::from(a.repeat) | (i32::from(a.mask) << 1);
-                b.host_adj.extend([i as i32, a.id as i32, a.bias.to_bits() as i32, a.sub.to_bits() as i32, flags]);
-            }
+            pack_adjustments(&mut b.host_adj, i, &r.adjust);
         }
         let adjustments = b.host_adj.len() / 5;
         let st = &self.stream;

@@ -219,7 +219,7 @@ impl CudaBackend {
         let c = &self.config;
         let sc = &self.scratch;
         let lm = self.weights.lm_head();
-        let cap = sc.ids.len() / 2;
+        let cap = sc.logit_rows();
         debug_assert!(rows <= cap && rows * lm.rows <= sc.logits.len());
         let h = self.ptr_u16(&sc.h) + (first * c.hidden_size * 2) as u64;
         let logits = self.ptr_f32(&sc.logits);

@@ -91,7 +91,7 @@ impl CudaBackend {
         let st = &self.stream;
         let sc = &self.scratch;
         let lm_rows = self.weights.lm_head().rows;
-        let rows = rows.min(sc.rows).min(sc.ids.len() / 2);
+        let rows = rows.min(sc.rows).min(sc.logit_rows());
         let (h, act) = (sc.h.device_ptr(st).0, sc.act.device_ptr(st).0);
         // SAFETY: h and act hold scratch.rows rows of their widths.
         unsafe {

@@ -97,7 +97,7 @@ impl DeviceWeights {
             (false, _) => Some(loader.matrix(&[LlamaTensor::LmHead])?),
         };
         let weights = Self {
-            embedding: loader.matrix_as(LlamaTensor::TokenEmbedding, LlamaTensor::TokenEmbedding)?,
+            embedding: loader.matrix(&[LlamaTensor::TokenEmbedding])?,
             layers,
             output_norm: loader.vector(LlamaTensor::OutputNorm)?,
             lm_head,
@@ -216,7 +216,7 @@ impl<'a> Loader<'a> {
         self.stack(parts)
     }
 
-    /// The tensor `file` sliced as if it were `role` (the tied embedding as the lm_head, or as itself: whole).
+    /// The tensor `file` sliced as if it were `role` (the tied embedding as the lm_head).
     fn matrix_as(&mut self, file: LlamaTensor, role: LlamaTensor) -> Result<DeviceMatrix, ModelError> {
         let v = self.model.weight(file)?;
         self.stack(vec![(v, role)])
