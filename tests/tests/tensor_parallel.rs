@@ -219,3 +219,22 @@ fn bad_tensor_parallel_settings_are_refused_at_start_up() {
     let m = err(WorkerConfig { gpu_memory_utilization: 1.5, ..base });
     assert!(m.contains("--gpu-memory-utilization"), "{m}");
 }
+
+/// GPU ranks on a machine without enough GPUs (no driver here; one GPU on our GPU hosts; 3 ranks of the default model
+/// need three) are refused at start-up with a typed error that says why, without a panic or a hang.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_ranks_without_enough_gpus_are_refused_at_start_up() {
+    use ferrite_worker::server::{BackendKind, Worker, WorkerConfig, WorkerError};
+    let cfg = WorkerConfig { backend: BackendKind::Cuda, tensor_parallel_size: 3, ..ferrite_tests::test_worker_config() };
+    let t = Instant::now();
+    match Worker::load(&cfg) {
+        Err(WorkerError::Model(e)) => {
+            let m = e.to_string();
+            assert!(m.contains("driver") || m.contains("are visible"), "{m}");
+        }
+        Err(e) => panic!("expected a model/config error, got {e}"),
+        Ok(_) => eprintln!("this machine has three GPUs: nothing to refuse"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(60));
+}
