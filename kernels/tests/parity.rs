@@ -106,21 +106,49 @@ fn check_rope(ops: &mut dyn Ops) {
             let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32)).collect();
             let mut out = qkv.clone();
             ops.rope_qk(&mut out, &pos, &inv, nh, nkv, hd, stride, interleaved);
-            let mut reference: Vec<f64> = qkv.iter().map(|&v| f64::from(v)).collect();
-            for r in 0..rows {
-                for head in 0..nh + nkv {
-                    let h = &mut reference[r * stride + head * hd..][..hd];
-                    for (i, &f) in inv.iter().enumerate() {
-                        let ang = f64::from(pos[r] as f32 * f);
-                        let (s, c) = ang.sin_cos();
-                        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + hd / 2) };
-                        let (x0, x1) = (h[a], h[b]);
-                        h[a] = x0 * c - x1 * s;
-                        h[b] = x1 * c + x0 * s;
-                    }
-                }
-            }
+            let reference = rope_reference(&qkv, &pos, &inv, nh + nkv, hd, stride, interleaved);
             assert_close(&format!("rope {nh}/{nkv}x{hd} interleaved={interleaved}"), ops.name(), &out, &reference, 1e-3);
+        }
+    }
+}
+
+/// `qkv` (f64) with RoPE applied to the first `heads` heads of each row.
+fn rope_reference(qkv: &[f32], pos: &[i32], inv: &[f32], heads: usize, hd: usize, stride: usize, interleaved: bool) -> Vec<f64> {
+    let mut reference: Vec<f64> = qkv.iter().map(|&v| f64::from(v)).collect();
+    for (r, &p) in pos.iter().enumerate() {
+        for head in 0..heads {
+            let h = &mut reference[r * stride + head * hd..][..hd];
+            for (i, &f) in inv.iter().enumerate() {
+                let ang = f64::from(p as f32 * f);
+                let (s, c) = ang.sin_cos();
+                let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + hd / 2) };
+                let (x0, x1) = (h[a], h[b]);
+                h[a] = x0 * c - x1 * s;
+                h[b] = x1 * c + x0 * s;
+            }
+        }
+    }
+    reference
+}
+
+/// RoPE and the KV-cache write in one kernel: the same rotated rows as `rope`, and each row's slot holds bf16 of
+/// its rotated K and its V.
+fn check_rope_kv_write(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("rope_kv_write");
+    for (nh, nkv, hd) in [(9, 3, 64), (32, 8, 128)] {
+        for interleaved in [true, false] {
+            let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9)]);
+            let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+            let pos: Vec<i32> = case.rows.iter().map(|r| r.1 as i32).collect();
+            let (qkv, k, v) = ops.rope_kv_write(&case, &inv, interleaved);
+            let stride = case.stride();
+            let reference = rope_reference(&case.qkv, &pos, &inv, nh + nkv, hd, stride, interleaved);
+            let what = format!("rope_kv_write {nh}/{nkv}x{hd} interleaved={interleaved}");
+            assert_close(&what, ops.name(), &qkv, &reference, 1e-3);
+            let (qw, kw) = (nh * hd, nkv * hd);
+            let part = |off: usize| -> Vec<f64> { reference.chunks_exact(stride).flat_map(|row| row[off..][..kw].to_vec()).collect() };
+            assert_close(&format!("{what} K"), ops.name(), &k, &part(qw), 4e-3);
+            assert_close(&format!("{what} V"), ops.name(), &v, &part(qw + kw), 4e-3);
         }
     }
 }
@@ -148,7 +176,8 @@ fn check_attention(ops: &mut dyn Ops) {
         // Three sequences: a decode row at a long context, a prefill chunk over a cached prefix, a fresh prompt.
         let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9)]);
         let reference = case.reference();
-        for path in [AttnPath::Paged(None), AttnPath::Paged(Some(128)), AttnPath::Dense] {
+        let paths = [AttnPath::Paged(None), AttnPath::Paged(Some(128)), AttnPath::PagedTc(None), AttnPath::PagedTc(Some(128)), AttnPath::Dense];
+        for path in paths {
             let out = ops.attention(&case, path);
             let what = format!("attention {nh}/{nkv}x{hd} {path:?}");
             assert_close(&what, ops.name(), &out, &reference, 1e-2);
@@ -293,6 +322,7 @@ fn run_all(ops: &mut dyn Ops, which: &str) {
         "embed_gather" => check_embed_gather(ops),
         "add_rms_norm" => check_add_rms_norm(ops),
         "rope" => check_rope(ops),
+        "rope_kv_write" => check_rope_kv_write(ops),
         "silu_mul" => check_silu_mul(ops),
         "attention" => check_attention(ops),
         "argmax" => check_argmax(ops),
@@ -319,7 +349,7 @@ macro_rules! parity_tests {
     };
 }
 
-parity_tests!(embed_gather, add_rms_norm, rope, silu_mul, attention, argmax, linear, sample);
+parity_tests!(embed_gather, add_rms_norm, rope, rope_kv_write, silu_mul, attention, argmax, linear, sample);
 
 #[test]
 fn rel_err_rejects_nan_and_accepts_exact() {

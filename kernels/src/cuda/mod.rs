@@ -30,10 +30,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_rms_norm",
     "rope_qk",
     "kv_cache_write",
+    "rope_kv_write",
     "paged_attention_hd64_g4",
     "paged_attention_hd64_g8",
     "paged_attention_hd128_g4",
     "paged_attention_hd128_g8",
+    "paged_attention_tc_hd64",
+    "paged_attention_tc_hd128",
     "attention_reduce",
     "silu_mul",
     "gemv_bf16",
@@ -188,6 +191,8 @@ pub struct AttentionShape {
     /// Positions per partition; `num_parts · part_size` must cover the longest context of the launch.
     pub part_size: usize,
     pub num_parts: usize,
+    /// Run the tensor-core kernel (`paged_attention_tc_*`, sm_80 and later) instead of the CUDA-core one.
+    pub tensor_cores: bool,
 }
 
 /// Buffers for [`CudaKernels::prefill_attention`]: contiguous K/V of one sequence (up to `max_ctx` positions), its
@@ -253,6 +258,11 @@ impl CudaKernels {
     /// The architecture the kernels were compiled for (`sm_90`, ...).
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Whether the device has the `mma.sync` bf16 tensor-core instructions (sm_80 and later).
+    pub fn has_tensor_cores(&self) -> bool {
+        self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|v| v >= 80)
     }
 
     /// Waits for the stream and reports any asynchronous fault.
@@ -351,6 +361,27 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// [`Self::rope_qk`] and [`Self::kv_cache_write`] in one launch (the same writes: Q and K rotated in place, the
+    /// rotated K and the V of each row in the layer's cache at `slots[r]`; -1 skips the row).
+    ///
+    /// # Safety
+    /// As both: `qkv` holds `rows · row_stride` f32 with `(n_heads + 2·n_kv) · head_dim ≤ row_stride`, `pos` and
+    /// `slots` `rows` i32, `inv_freq` `head_dim / 2` f32, each cache `num_slots · n_kv · head_dim` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rope_kv_write(&self, qkv: u64, pos: u64, inv_freq: u64, k_cache: u64, v_cache: u64, slots: u64, rows: usize, n_heads: usize, n_kv: usize, head_dim: usize, row_stride: usize, interleaved: bool, num_slots: usize) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (nh, nkv, hd, rs, il, ns) = (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved), num_slots as i64);
+        let mut b = self.stream.launch_builder(self.func("rope_kv_write"));
+        b.arg(&qkv).arg(&pos).arg(&inv_freq).arg(&k_cache).arg(&v_cache).arg(&slots);
+        b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&il).arg(&ns);
+        let threads = row_threads(((n_heads + n_kv) * head_dim / 2).max(n_kv * head_dim)).min(512);
+        // SAFETY: per this function's contract; the kernel skips out-of-range slots.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), threads)) }?;
+        Ok(())
+    }
+
     /// Paged attention (any mix of prefill and decode rows), then the partition reduce when `num_parts > 1`.
     ///
     /// # Safety
@@ -371,11 +402,16 @@ impl CudaKernels {
             )));
         }
         let (nh, nkv, hd, rs, bs, ps, np) = (s.n_heads as i32, s.n_kv as i32, s.head_dim as i32, s.row_stride as i32, s.block_size as i32, s.part_size as i32, s.num_parts as i32);
-        let name = match (s.head_dim, group <= 4) {
-            (64, true) => "paged_attention_hd64_g4",
-            (64, false) => "paged_attention_hd64_g8",
-            (_, true) => "paged_attention_hd128_g4",
-            (_, false) => "paged_attention_hd128_g8",
+        if s.tensor_cores && !self.has_tensor_cores() {
+            return Err(CudaError::Unsupported(format!("tensor-core attention needs sm_80 or later (device: {})", self.arch)));
+        }
+        let name = match (s.head_dim, group <= 4, s.tensor_cores) {
+            (64, _, true) => "paged_attention_tc_hd64",
+            (_, _, true) => "paged_attention_tc_hd128",
+            (64, true, false) => "paged_attention_hd64_g4",
+            (64, false, false) => "paged_attention_hd64_g8",
+            (_, true, false) => "paged_attention_hd128_g4",
+            (_, false, false) => "paged_attention_hd128_g8",
         };
         let mut b = self.stream.launch_builder(self.func(name));
         b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&tables).arg(&table_off).arg(&ctx_len).arg(&out).arg(&part_out).arg(&part_ml);

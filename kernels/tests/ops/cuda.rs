@@ -141,9 +141,10 @@ impl Ops for CudaOps {
         let table_off: Vec<i32> = case.rows.iter().map(|&(s, _)| offs[s]).collect();
         let ctx_len: Vec<i32> = case.rows.iter().map(|&(_, p)| p as i32 + 1).collect();
         let max_ctx = case.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(1);
-        let part_size = match path {
-            AttnPath::Paged(p) => p.unwrap_or(max_ctx),
-            AttnPath::Dense => max_ctx,
+        let (part_size, tensor_cores) = match path {
+            AttnPath::Paged(p) => (p.unwrap_or(max_ctx), false),
+            AttnPath::PagedTc(p) => (p.unwrap_or(max_ctx), true),
+            AttnPath::Dense => (max_ctx, false),
         };
         let num_parts = max_ctx.div_ceil(part_size);
         let n = case.rows.len();
@@ -157,6 +158,7 @@ impl Ops for CudaOps {
             scale: 1.0 / (case.hd as f32).sqrt(),
             part_size,
             num_parts,
+            tensor_cores,
         };
         let (t, o, c) = (self.up(&tables), self.up(&table_off), self.up(&ctx_len));
         let out = self.nan_bf16(n * case.nh * case.hd);
@@ -209,6 +211,36 @@ impl Ops for CudaOps {
             vo.extend_from_slice(&vc[slot * kv..][..kv]);
         }
         (ko, vo)
+    }
+
+    fn rope_kv_write(&mut self, case: &AttnCase, inv_freq: &[f32], interleaved: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (qkv, k, v) = (self.up(&case.qkv), self.up(&case.k_cache), self.up(&case.v_cache));
+        let slots: Vec<i32> = case.rows.iter().map(|&(s, p)| case.slot(s, p) as i32).collect();
+        let pos: Vec<i32> = case.rows.iter().map(|r| r.1 as i32).collect();
+        let (slots_d, pos_d, inv) = (self.up(&slots), self.up(&pos), self.up(inv_freq));
+        // SAFETY: every buffer is sized from the case as the launcher's contract asks.
+        unsafe {
+            self.kernels.rope_kv_write(
+                self.ptr(&qkv),
+                self.ptr(&pos_d),
+                self.ptr(&inv),
+                self.ptr(&k),
+                self.ptr(&v),
+                self.ptr(&slots_d),
+                case.rows.len(),
+                case.nh,
+                case.nkv,
+                case.hd,
+                case.stride(),
+                interleaved,
+                case.num_blocks * case.block_size,
+            )
+        }
+        .expect("launch");
+        let (kc, vc) = (self.down_bf16(&k), self.down_bf16(&v));
+        let kv = case.nkv * case.hd;
+        let rows = |c: &[f32]| -> Vec<f32> { slots.iter().flat_map(|&s| c[s as usize * kv..][..kv].to_vec()).collect() };
+        (self.down(&qkv), rows(&kc), rows(&vc))
     }
 
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>) {

@@ -41,6 +41,9 @@ pub trait Ops {
     fn attention(&mut self, case: &AttnCase, path: AttnPath) -> Vec<f32>;
     /// Writes the case's new K/V into its cache and reads back each row's slot: `([rows, kv_width], same for V)`.
     fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>);
+    /// RoPE on the case's new rows (at their positions) and their K/V into the cache, fused on CUDA: returns the
+    /// rotated QKV rows and each row's K and V as read back from its slot (bf16 as f32).
+    fn rope_kv_write(&mut self, case: &AttnCase, inv_freq: &[f32], interleaved: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>);
     /// Each row's argmax and its value (-inf for a row without a non-NaN value).
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>);
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
@@ -54,12 +57,14 @@ pub trait Ops {
     }
 }
 
-/// Which attention implementation to run (the CPU has one; CUDA has the paged kernel, optionally split into
-/// partitions of `part_size` positions, and the dense cuBLAS prefill path).
+/// Which attention implementation to run (the CPU has one; CUDA has the paged kernels on CUDA cores and on tensor
+/// cores, optionally split into partitions of `part_size` positions, and the dense cuBLAS prefill path).
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the partition size is read by the CUDA ops only
 pub enum AttnPath {
     Paged(Option<usize>),
+    /// The tensor-core paged kernel (sm_80 and later), optionally partitioned.
+    PagedTc(Option<usize>),
     Dense,
 }
 
@@ -245,6 +250,16 @@ impl Ops for CpuOps {
             v.extend_from_slice(&vc[slot * kv..][..kv]);
         }
         (k, v)
+    }
+
+    fn rope_kv_write(&mut self, case: &AttnCase, inv_freq: &[f32], interleaved: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut qkv = case.qkv.clone();
+        let pos: Vec<i32> = case.rows.iter().map(|r| r.1 as i32).collect();
+        self.rope_qk(&mut qkv, &pos, inv_freq, case.nh, case.nkv, case.hd, case.stride(), interleaved);
+        let (qw, kw) = (case.nh * case.hd, case.nkv * case.hd);
+        let part = |off: usize| -> Vec<f32> { qkv.chunks_exact(case.stride()).flat_map(|row| row[off..][..kw].iter().map(|&v| round(v))).collect() };
+        let (k, v) = (part(qw), part(qw + kw));
+        (qkv, k, v)
     }
 
     fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32> {

@@ -189,6 +189,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut decode = Vec::new();
     println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
     println!("gemv_bf16 instead of cuBLAS, ((in, out), up to rows): {:?}", backend.gemv_table());
+    match backend.attention_tc_from() {
+        Some(rows) => println!("paged attention on tensor cores from {rows} rows (start-up tuning)"),
+        None => println!("paged attention on CUDA cores at every batch size (start-up tuning)"),
+    }
     println!(
         "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10}",
         "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac", "sampled ms"

@@ -66,7 +66,7 @@ impl CudaBackend {
 
     fn graph_layout(&self, meta: &CudaSlice<i32>, b: usize, lower: usize, class: usize) -> Layout {
         let (size, parts) = self.graph_parts(b, lower, class);
-        Layout::packed(meta.device_ptr(&self.stream).0, b, b, self.attention_shape(b, size, parts))
+        Layout::packed(meta.device_ptr(&self.stream).0, b, b, self.attention_shape(b, b, size, parts))
     }
 
     /// Packs bucket `b`'s metadata for `batch` (empty: all padding) into `host`.

@@ -209,6 +209,8 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// `((in, out), rows)`: decode linear layers of this shape up to `rows` rows run `gemv_bf16` (see `tune`).
     gemv_rows: Vec<((usize, usize), usize)>,
+    /// Paged attention over at least this many rows runs the tensor-core kernel (`usize::MAX`: never; see `tune`).
+    attention_tc_from: usize,
     num_sms: usize,
     device_name: String,
 }
@@ -369,10 +371,12 @@ impl CudaBackend {
             graphs: None,
             use_graphs: true,
             gemv_rows: Vec::new(),
+            attention_tc_from: usize::MAX,
             num_sms,
             device_name,
         };
         backend.tune_gemv()?;
+        backend.tune_attention()?;
         // After the KV cache is reserved, so graph memory never competes with it.
         if opts.graph_max_batch > 0
             && let Err(e) = backend.capture_graphs(opts.graph_max_batch)

@@ -75,7 +75,9 @@ pub(super) fn batch_rows(batch: &ForwardBatch<'_>) -> Vec<Row> {
 }
 
 impl CudaBackend {
-    pub(super) fn attention_shape(&self, n: usize, part_size: usize, num_parts: usize) -> AttentionShape {
+    /// The attention launch of `n` rows, `paged_rows` of them on the paged kernels (the rest dense): the
+    /// tensor-core kernel from the row count where start-up tuning found it faster (`tune::tune_attention`).
+    pub(super) fn attention_shape(&self, n: usize, paged_rows: usize, part_size: usize, num_parts: usize) -> AttentionShape {
         let c = &self.config;
         AttentionShape {
             rows: n,
@@ -87,7 +89,18 @@ impl CudaBackend {
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             part_size,
             num_parts,
+            tensor_cores: paged_rows >= self.attention_tc_from,
         }
+    }
+
+    /// (partition size, partitions) of an eager step's paged attention over `n` rows, `paged_rows` of them paged,
+    /// the longest context `max_ctx`: split long contexts only when rows × KV heads leave the GPU idle.
+    pub(super) fn eager_parts(&self, n: usize, paged_rows: usize, max_ctx: usize) -> (usize, usize) {
+        let c = &self.config;
+        let want_blocks = 8 * self.num_sms;
+        let mut num_parts = want_blocks.div_ceil(paged_rows.max(1) * c.num_kv_heads).clamp(1, max_ctx.div_ceil(MIN_PART_SIZE).max(1));
+        num_parts = num_parts.min((self.scratch.part_out.len() / (n * c.num_heads * c.head_dim)).max(1));
+        (max_ctx.div_ceil(num_parts), num_parts)
     }
 
     /// Packs and uploads the metadata of an eager sub-step (`rows` of `batch`; `tables`/`table_off` cover every
@@ -127,14 +140,10 @@ impl CudaBackend {
         }
         self.stream.memcpy_htod(m.as_slice(), &mut self.meta.slice_mut(..m.len()))?;
 
-        // Attention partitioning: split long contexts only when rows × KV heads leave the GPU idle.
-        let c = &self.config;
         let paged_rows = n - dense.iter().map(|d| d.1).sum::<usize>();
         let max_ctx = rows.iter().enumerate().filter(|&(i, _)| !is_dense(i)).map(|(_, r)| r.1 + 1).max().unwrap_or(1);
-        let want_blocks = 8 * self.num_sms;
-        let mut num_parts = want_blocks.div_ceil(paged_rows.max(1) * c.num_kv_heads).clamp(1, max_ctx.div_ceil(MIN_PART_SIZE).max(1));
-        num_parts = num_parts.min((self.scratch.part_out.len() / (n * c.num_heads * c.head_dim)).max(1));
-        let shape = self.attention_shape(n, max_ctx.div_ceil(num_parts), num_parts);
+        let (part_size, num_parts) = self.eager_parts(n, paged_rows, max_ctx);
+        let shape = self.attention_shape(n, paged_rows, part_size, num_parts);
 
         let base = self.meta.device_ptr(&self.stream).0;
         let mut layout = Layout::packed(base, n, picked.len(), shape);
@@ -181,10 +190,9 @@ impl CudaBackend {
                 let add = if layer == 0 { 0 } else { proj };
                 k.add_rms_norm(x, add, self.ptr_f32(&lw.attn_norm), h, 0, n, hidden, c.rms_norm_eps)?;
                 lin(h, lw.qkv.ptr(st), qkv, n, hidden, qkv_width)?;
-                k.rope_qk(qkv, l.pos, inv_freq, n, nh, nkv, hd, qkv_width, interleaved)?;
                 let layer_off = (layer * slots_per_layer * kv_width * 2) as u64;
                 let (kc, vc) = (k_base + layer_off, v_base + layer_off);
-                k.kv_cache_write(qkv, kc, vc, l.slots, n, q_width, kv_width, qkv_width, slots_per_layer)?;
+                k.rope_kv_write(qkv, l.pos, inv_freq, kc, vc, l.slots, n, nh, nkv, hd, qkv_width, interleaved, slots_per_layer)?;
                 if l.paged_rows > 0 {
                     k.paged_attention(&l.shape, qkv, kc, vc, l.tables, l.table_off, l.ctx_len, attn, part_out, part_ml)?;
                 }

@@ -1,14 +1,27 @@
-//! Start-up choice between cuBLAS and our `gemv_bf16` kernel for decode-sized linear layers: for each weight shape
-//! of the model, both are timed (device events, on the real weights) at 1..=8 rows, and the kernel is used up to the
-//! largest row count where it is faster at every smaller count too. cuBLAS keeps everything else.
+//! Start-up choices between kernels, timed on this device (device events) with the model's own shapes:
+//! - linear layers: cuBLAS or our `gemv_bf16` for decode-sized batches. For each weight shape both are timed (on
+//!   the real weights) at 1..=8 rows, and the kernel is used up to the largest row count where it is faster at
+//!   every smaller count too. cuBLAS keeps everything else.
+//! - paged attention: the CUDA-core kernel or the tensor-core one, timed at 1..64 decode rows over 1k-position
+//!   contexts. The tensor-core kernel serves steps from the smallest timed row count where it is faster at that and
+//!   every larger count, and only if its output agrees with the CUDA-core kernel's on the same inputs.
 
 use cudarc::driver::sys::CUevent_flags;
+use std::sync::Arc;
+
 use cudarc::driver::DevicePtr;
 use ferrite_kernels::cuda::{CudaError, GEMV_MAX_ROWS};
 
 use super::CudaBackend;
 
 const REPS: usize = 20;
+/// Decode row counts at which the attention kernels are compared.
+const ATTENTION_ROWS: &[usize] = &[1, 2, 4, 8, 16, 32, 64];
+/// Context of every row when the attention kernels are compared (less if the KV cache is smaller).
+const ATTENTION_CTX: usize = 1024;
+/// Largest relative difference between the two attention kernels' outputs that still counts as agreeing (both
+/// round to bf16; the tensor-core kernel also rounds Q and the probabilities to bf16: ~3e-3 typical).
+const ATTENTION_AGREE: f64 = 2e-2;
 
 impl CudaBackend {
     /// Routes a linear layer to `gemv_bf16` or cuBLAS (see the module doc).
@@ -49,18 +62,7 @@ impl CudaBackend {
         let (xp, yp) = (x.device_ptr(st).0, y.device_ptr(st).0);
         // SAFETY: x holds GEMV_MAX_ROWS · max_in bf16.
         unsafe { self.kernels.fill_random_bf16(xp, GEMV_MAX_ROWS * max_in, 5, 1.0, 0.0) }?;
-        let ctx = st.context();
-        let time = |f: &dyn Fn() -> Result<(), CudaError>| -> Result<f32, CudaError> {
-            f()?;
-            let (a, b) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
-            a.record(st)?;
-            for _ in 0..REPS {
-                f()?;
-            }
-            b.record(st)?;
-            b.synchronize()?;
-            Ok(a.elapsed_ms(&b)?)
-        };
+        let time = |f: &dyn Fn() -> Result<(), CudaError>| self.time_reps(f);
         let mut table = Vec::new();
         for &(inp, out, w) in &shapes {
             if table.iter().any(|t: &((usize, usize), usize)| t.0 == (inp, out)) || inp % 8 != 0 {
@@ -132,4 +134,129 @@ impl CudaBackend {
     pub fn gemv_table(&self) -> &[((usize, usize), usize)] {
         &self.gemv_rows
     }
+
+    /// Milliseconds for `REPS` runs of `f` (device events, after one warm-up run).
+    fn time_reps(&self, f: &dyn Fn() -> Result<(), CudaError>) -> Result<f32, CudaError> {
+        let st = &self.stream;
+        let ctx = st.context();
+        f()?;
+        let (a, b) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
+        a.record(st)?;
+        for _ in 0..REPS {
+            f()?;
+        }
+        b.record(st)?;
+        b.synchronize()?;
+        Ok(a.elapsed_ms(&b)?)
+    }
+
+    /// Chooses between the CUDA-core and tensor-core paged attention kernels (see the module doc) and sets
+    /// `attention_tc_from`. Runs before the decode graphs are captured; uses layer 0 of the KV cache (filled with
+    /// random values, zeroed again afterwards) and the step scratch buffers.
+    pub(super) fn tune_attention(&mut self) -> Result<(), CudaError> {
+        self.attention_tc_from = usize::MAX;
+        if !self.kernels.has_tensor_cores() {
+            tracing::info!(arch = self.kernels.arch(), "paged attention: CUDA-core kernel (no bf16 tensor cores)");
+            return Ok(());
+        }
+        let c = &self.config;
+        let (nh, hd, kv_width) = (c.num_heads, c.head_dim, c.num_kv_heads * c.head_dim);
+        let qkv_width = (nh + 2 * c.num_kv_heads) * hd;
+        let bs = self.block_size;
+        let layer_elems = self.num_blocks * bs * kv_width;
+        let st = Arc::clone(&self.stream);
+        let (kc, vc) = (self.k_cache.device_ptr(&st).0, self.v_cache.device_ptr(&st).0);
+        let (qkv, attn) = (self.scratch.qkv.device_ptr(&st).0, self.scratch.attn.device_ptr(&st).0);
+        // SAFETY: layer 0 of each cache holds layer_elems bf16.
+        unsafe {
+            self.kernels.fill_random_bf16(kc, layer_elems, 11, 1.0, 0.0)?;
+            self.kernels.fill_random_bf16(vc, layer_elems, 12, 1.0, 0.0)?;
+        }
+        // Queries uniform in [-6, 6): scores spread over several units, so the softmax is peaked as in real models.
+        let n_q = self.scratch.rows.min(ATTENTION_ROWS[ATTENTION_ROWS.len() - 1]) * qkv_width;
+        let q_host: Vec<f32> = (0..n_q).map(|i| (i.wrapping_mul(2_654_435_761) % 12_001) as f32 / 1000.0 - 6.0).collect();
+        st.memcpy_htod(&q_host, &mut self.scratch.qkv.slice_mut(..n_q))?;
+        let mut results = Vec::new();
+        let mut disagree = None;
+        for &rows in ATTENTION_ROWS {
+            // Each row reads its own blocks (block 0 stays reserved), as the rows of a real batch do.
+            let blocks = ATTENTION_CTX.div_ceil(bs).min((self.num_blocks - 1) / rows);
+            if rows > self.scratch.rows || blocks == 0 {
+                break;
+            }
+            let ctx = (blocks * bs).min(ATTENTION_CTX);
+            let mut meta: Vec<i32> = Vec::new();
+            meta.extend((0..rows).map(|r| (r * blocks) as i32)); // table offsets
+            meta.extend((0..rows).map(|_| ctx as i32)); // context lengths
+            meta.extend((0..rows * blocks).map(|b| 1 + b as i32)); // block tables
+            let meta_d = st.clone_htod(&meta)?;
+            let base = meta_d.device_ptr(&st).0;
+            let (table_off, ctx_len, tables) = (base, base + (rows * 4) as u64, base + (2 * rows * 4) as u64);
+            let (part_size, num_parts) = self.eager_parts(rows, rows, ctx);
+            let mut shape = self.attention_shape(rows, rows, part_size, num_parts);
+            let (part_out, part_ml) = (self.scratch.part_out.device_ptr(&st).0, self.scratch.part_ml.device_ptr(&st).0);
+            let mut outputs = Vec::new();
+            let mut times = Vec::new();
+            for tc in [false, true] {
+                shape.tensor_cores = tc;
+                let run = || -> Result<(), CudaError> {
+                    // SAFETY: qkv holds ≥ rows rows; every table entry names a block of the cache (1..num_blocks);
+                    // attn, part_out and part_ml are the step scratch sized for these partitions (eager_parts).
+                    unsafe { self.kernels.paged_attention(&shape, qkv, kc, vc, tables, table_off, ctx_len, attn, part_out, part_ml) }
+                };
+                times.push(self.time_reps(&run)?);
+                let mut out = vec![0u16; rows * nh * hd];
+                st.memcpy_dtoh(&self.scratch.attn.slice(..rows * nh * hd), &mut out)?;
+                outputs.push(out);
+            }
+            let diff = relative_difference(&outputs[1], &outputs[0]);
+            if diff.is_nan() || diff > ATTENTION_AGREE {
+                disagree = Some((rows, diff));
+                break;
+            }
+            results.push((rows, times[0], times[1]));
+        }
+        // Layer 0 of the caches back to zeros.
+        st.memset_zeros(&mut self.k_cache.slice_mut(..layer_elems))?;
+        st.memset_zeros(&mut self.v_cache.slice_mut(..layer_elems))?;
+        st.synchronize()?;
+        if let Some((rows, diff)) = disagree {
+            tracing::warn!(rows, diff, "paged attention: the tensor-core kernel disagrees with the CUDA-core kernel; using the CUDA-core kernel");
+            return Ok(());
+        }
+        let mut from = usize::MAX;
+        for &(rows, core, tc) in results.iter().rev() {
+            if tc >= core {
+                break;
+            }
+            from = rows;
+        }
+        self.attention_tc_from = from;
+        tracing::info!(
+            timings = ?results,
+            tensor_cores_from_rows = from,
+            "paged attention: (rows, CUDA-core ms, tensor-core ms) for {REPS} launches; tensor cores from this row count"
+        );
+        Ok(())
+    }
+
+    /// Paged attention over at least this many rows runs on tensor cores (`None`: never), as tuned at start-up.
+    pub fn attention_tc_from(&self) -> Option<usize> {
+        (self.attention_tc_from != usize::MAX).then_some(self.attention_tc_from)
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ over bf16 bit patterns (infinite when `a` has a non-finite value).
+fn relative_difference(a: &[u16], b: &[u16]) -> f64 {
+    let f = |v: u16| f64::from(f32::from_bits(u32::from(v) << 16));
+    let (mut num, mut den) = (0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f(x), f(y));
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
 }
