@@ -125,6 +125,7 @@ impl Worker {
                     max_kv_blocks: None,
                     max_batch_tokens: cfg.max_num_batched_tokens,
                     graph_max_batch: cfg.max_num_seqs,
+                    programmatic_launch: true,
                 };
                 if cfg.tensor_parallel_size > 1 {
                     Box::new(crate::tp::group::TpBackend::cuda(&files, &opts, plan(1)?)?)

@@ -15,6 +15,29 @@ typedef unsigned short bf16;
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// Programmatic dependent launch (PDL, sm_90 and later; the host turns it on per launch, see
+// CudaKernels::set_programmatic_launch): a kernel may then start while the previous kernel in the stream is still
+// running. Every kernel calls pdl_wait() before it reads anything earlier work wrote or writes anything earlier
+// work reads; pdl_trigger() then lets the next kernel's blocks launch early (they wait in their own pdl_wait()).
+// The only reads before pdl_wait() are gemv_bf16's weight loads: weights are written only while loading, which
+// ends with a stream synchronization. Without PDL (or below sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_trigger();
+}
+
 __device__ __forceinline__ float bf2f(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
 
 __device__ __forceinline__ bf16 f2bf(float f) {
@@ -62,6 +85,7 @@ __device__ float block_sum(float v) {
 // grid (T), block (256).
 extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const int* __restrict__ tokens,
                                         float* __restrict__ out, int hidden, int vocab) {
+    pdl_begin();
     const int r = blockIdx.x;
     const int tok = tokens[r];
     if (tok < 0 || tok >= vocab) return;  // validated on the host; never read out of bounds
@@ -76,6 +100,7 @@ extern "C" __global__ void embed_gather(const bf16* __restrict__ table, const in
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ add,
                                         const float* __restrict__ w, bf16* __restrict__ out,
                                         const int* __restrict__ rows, int hidden, float eps) {
+    pdl_begin();
     const int r = blockIdx.x;
     const int xr = rows ? rows[r] : r;
     float* xrow = x + (size_t)xr * hidden;
@@ -99,6 +124,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
 extern "C" __global__ void rope_qk(float* __restrict__ qkv, const int* __restrict__ pos,
                                    const float* __restrict__ inv_freq, int n_heads, int n_kv, int head_dim,
                                    int row_stride, int interleaved) {
+    pdl_begin();
     const int r = blockIdx.x;
     const int half = head_dim / 2;
     const int pairs = (n_heads + n_kv) * half;
@@ -120,6 +146,7 @@ extern "C" __global__ void rope_qk(float* __restrict__ qkv, const int* __restric
 // SwiGLU on the fused gate/up GEMM output: out[r, i] = bf16(silu(gu[r, i]) * gu[r, ffn + i]). Twin: silu_mul.
 // grid (ceil(ffn/256), T), block (256).
 extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out, int ffn) {
+    pdl_begin();
     const int r = blockIdx.y;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= ffn) return;
@@ -133,6 +160,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, bf16* __r
 extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16* __restrict__ k_cache,
                                           bf16* __restrict__ v_cache, const int* __restrict__ slots,
                                           int q_width, int kv_width, int row_stride, long long num_slots) {
+    pdl_begin();
     const int r = blockIdx.x;
     const long long slot = slots[r];
     if (slot < 0 || slot >= num_slots) return;
@@ -151,6 +179,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const int* __r
                                          bf16* __restrict__ v_cache, const int* __restrict__ slots, int n_heads,
                                          int n_kv, int head_dim, int row_stride, int interleaved,
                                          long long num_slots) {
+    pdl_begin();
     const int r = blockIdx.x;
     const int half = head_dim / 2;
     const int pairs = (n_heads + n_kv) * half;
@@ -382,6 +411,7 @@ __device__ void paged_attention_impl(const float* __restrict__ qkv, const bf16* 
         const int* __restrict__ tables, const int* __restrict__ table_off, const int* __restrict__ ctx_len,         \
         bf16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_ml, int n_heads, int n_kv,   \
         int head_dim, int row_stride, int block_size, float scale, int part_size, int num_parts) {                  \
+        pdl_begin();                                                                                                \
         paged_attention_impl<HD, MAXG>(qkv, k_cache, v_cache, tables, table_off, ctx_len, out, part_out, part_ml,   \
                                        n_heads, n_kv, row_stride, block_size, scale, part_size, num_parts);         \
     }
@@ -593,6 +623,7 @@ __device__ void paged_attention_tc_impl(const float* __restrict__ qkv, const bf1
         const int* __restrict__ tables, const int* __restrict__ table_off, const int* __restrict__ ctx_len,         \
         bf16* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_ml, int n_heads, int n_kv,   \
         int head_dim, int row_stride, int block_size, float scale, int part_size, int num_parts) {                  \
+        pdl_begin();                                                                                                \
         paged_attention_tc_impl<HD>(qkv, k_cache, v_cache, tables, table_off, ctx_len, out, part_out, part_ml,      \
                                     n_heads, n_kv, row_stride, block_size, scale, part_size, num_parts);            \
     }
@@ -603,6 +634,7 @@ PAGED_ATTENTION_TC(128)
 // nothing. grid (T, n_heads), block (head_dim).
 extern "C" __global__ void attention_reduce(const float* __restrict__ part_out, const float* __restrict__ part_ml,
                                             bf16* __restrict__ out, int n_heads, int head_dim, int num_parts) {
+    pdl_begin();
     const int r = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
     if (d >= head_dim) return;
     const size_t base = ((size_t)r * n_heads + head) * num_parts;
@@ -633,41 +665,46 @@ extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restri
                                                             float* __restrict__ y, int B, int in, int out) {
     const int lane = threadIdx.x & 31;
     const int o = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const bf16* wr = w + (size_t)min(o, out - 1) * in;
+    // The first four weight loads go out before waiting for the previous kernel (weights are never written by a
+    // forward pass), so with PDL the weight stream starts while that kernel finishes.
+    int i = lane * 8;
+    uint4 wv[4];
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+        if (o < out && i + u * 256 < in) wv[u] = *reinterpret_cast<const uint4*>(wr + i + u * 256);
+    pdl_begin();
     if (o >= out) return;
-    const bf16* wr = w + (size_t)o * in;
     float acc[GEMV_MAX_B];
 #pragma unroll
     for (int b = 0; b < GEMV_MAX_B; b++) acc[b] = 0.0f;
-    int i = lane * 8;
-    for (; i + 3 * 256 < in; i += 4 * 256) {
-        float wv[4][8];
-#pragma unroll
-        for (int u = 0; u < 4; u++) load8(wr + i + u * 256, wv[u]);
+    for (;;) {
 #pragma unroll
         for (int u = 0; u < 4; u++) {
+            if (i + u * 256 < in) {
+                const unsigned int ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+                float wf[8];
 #pragma unroll
-            for (int b = 0; b < GEMV_MAX_B; b++) {
-                if (b < B) {
-                    float xv[8];
-                    load8(x + (size_t)b * in + i + u * 256, xv);
+                for (int e = 0; e < 4; e++) {
+                    wf[2 * e] = __uint_as_float(ww[e] << 16);
+                    wf[2 * e + 1] = __uint_as_float(ww[e] & 0xffff0000u);
+                }
 #pragma unroll
-                    for (int e = 0; e < 8; e++) acc[b] += wv[u][e] * xv[e];
+                for (int b = 0; b < GEMV_MAX_B; b++) {
+                    if (b < B) {
+                        float xv[8];
+                        load8(x + (size_t)b * in + i + u * 256, xv);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[b] += wf[e] * xv[e];
+                    }
                 }
             }
         }
-    }
-    for (; i < in; i += 256) {
-        float wv[8];
-        load8(wr + i, wv);
+        i += 4 * 256;
+        if (i >= in) break;
 #pragma unroll
-        for (int b = 0; b < GEMV_MAX_B; b++) {
-            if (b < B) {
-                float xv[8];
-                load8(x + (size_t)b * in + i, xv);
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[b] += wv[e] * xv[e];
-            }
-        }
+        for (int u = 0; u < 4; u++)
+            if (i + u * 256 < in) wv[u] = *reinterpret_cast<const uint4*>(wr + i + u * 256);
     }
 #pragma unroll
     for (int b = 0; b < GEMV_MAX_B; b++) {
@@ -685,6 +722,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restri
 extern "C" __global__ void gather_kv(const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                      const int* __restrict__ table, int block_size, int kv_width,
                                      bf16* __restrict__ k_out, bf16* __restrict__ v_out) {
+    pdl_begin();
     const int t = blockIdx.x;
     const long long slot = (long long)table[t / block_size] * block_size + t % block_size;
     for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
@@ -696,6 +734,7 @@ extern "C" __global__ void gather_kv(const bf16* __restrict__ k_cache, const bf1
 // The Q part of n fused QKV rows (f32) as bf16 [n, q_width]. grid (n), block (256).
 extern "C" __global__ void q_to_bf16(const float* __restrict__ qkv, int row_stride, int q_width,
                                      bf16* __restrict__ out) {
+    pdl_begin();
     const int r = blockIdx.x;
     for (int i = threadIdx.x; i < q_width; i += blockDim.x)
         out[(size_t)r * q_width + i] = f2bf(qkv[(size_t)r * row_stride + i]);
@@ -705,6 +744,7 @@ extern "C" __global__ void q_to_bf16(const float* __restrict__ qkv, int row_stri
 // position start + i and keeps t <= start + i; masked entries become 0. grid (n, heads), block (256).
 extern "C" __global__ void causal_softmax(const float* __restrict__ s, bf16* __restrict__ p, int n, int ctx,
                                           int start, float scale) {
+    pdl_begin();
     const int i = blockIdx.x, h = blockIdx.y;
     const size_t base = ((size_t)h * n + i) * ctx;
     const int last = min(ctx - 1, start + i);
@@ -731,6 +771,7 @@ extern "C" __global__ void causal_softmax(const float* __restrict__ s, bf16* __r
 // their vocabulary slices' (value, id) pairs. Twin: the engine sampler's argmax. grid (R), block (1024).
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __restrict__ ids, float* __restrict__ vals,
                                        int vocab) {
+    pdl_begin();
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     const int r = blockIdx.x;
@@ -775,6 +816,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int* __
 // bf16(offset + scale · u), u uniform in [-1, 1) from a 64-bit mix of (seed, i). grid-stride loop.
 extern "C" __global__ void fill_random_bf16(bf16* __restrict__ out, unsigned long long n, unsigned long long seed,
                                             float scale, float offset) {
+    pdl_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long z = seed + i * 0x9E3779B97F4A7C15ull;

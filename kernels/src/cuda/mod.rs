@@ -10,15 +10,17 @@
 //! launcher checks the launch itself; [`CudaKernels::check`] surfaces asynchronous faults.
 
 mod gemm;
+mod launch;
 pub mod nccl;
 
 pub use gemm::{Gemm, Operand};
+use launch::Launch;
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
 use cudarc::nvrtc::{Ptx, result as nvrtc_result, sys as nvrtc_sys};
 
 /// The kernel source (one translation unit): the forward pass, then the sampler.
@@ -231,6 +233,8 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
     arch: String,
+    /// Launch with programmatic dependent launch (see `launch.rs`).
+    programmatic: bool,
 }
 
 impl CudaKernels {
@@ -248,7 +252,23 @@ impl CudaKernels {
         for &name in KERNEL_NAMES {
             funcs.insert(name, module.load_function(name)?);
         }
-        Ok(Self { stream, funcs, arch })
+        let programmatic = major >= 9;
+        Ok(Self { stream, funcs, arch, programmatic })
+    }
+
+    /// Whether launches carry programmatic dependent launch (on by default on sm_90 and later, where the kernels'
+    /// `griddepcontrol` instructions exist; it cannot be turned on below). Graphs capture whatever is set when they
+    /// are captured.
+    pub fn set_programmatic_launch(&mut self, on: bool) {
+        self.programmatic = on && self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|v| v >= 90);
+    }
+
+    pub fn programmatic_launch(&self) -> bool {
+        self.programmatic
+    }
+
+    fn launcher(&self, name: &'static str) -> Launch<'_> {
+        Launch::new(&self.stream, &self.funcs[name], self.programmatic)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -271,10 +291,6 @@ impl CudaKernels {
         Ok(())
     }
 
-    fn func(&self, name: &'static str) -> &CudaFunction {
-        &self.funcs[name]
-    }
-
     /// `out[r, :] = f32(table[tokens[r], :])` for `rows` rows.
     ///
     /// # Safety
@@ -284,7 +300,7 @@ impl CudaKernels {
             return Ok(());
         }
         let (h, v) = (hidden as i32, vocab as i32);
-        let mut b = self.stream.launch_builder(self.func("embed_gather"));
+        let mut b = self.launcher("embed_gather");
         b.arg(&table).arg(&tokens).arg(&out).arg(&h).arg(&v);
         // SAFETY: sizes per this function's contract; the kernel bounds-checks token ids.
         unsafe { b.launch(cfg(grid(rows, 1, 1), 256)) }?;
@@ -303,7 +319,7 @@ impl CudaKernels {
             return Ok(());
         }
         let h = hidden as i32;
-        let mut b = self.stream.launch_builder(self.func("add_rms_norm"));
+        let mut b = self.launcher("add_rms_norm");
         b.arg(&x).arg(&add).arg(&w).arg(&out).arg(&row_ids).arg(&h).arg(&eps);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads(hidden).min(1024))) }?;
@@ -321,7 +337,7 @@ impl CudaKernels {
             return Ok(());
         }
         let (nh, nkv, hd, rs, il) = (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved));
-        let mut b = self.stream.launch_builder(self.func("rope_qk"));
+        let mut b = self.launcher("rope_qk");
         b.arg(&qkv).arg(&pos).arg(&inv_freq).arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&il);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads((n_heads + n_kv) * head_dim / 2).min(512))) }?;
@@ -337,7 +353,7 @@ impl CudaKernels {
             return Ok(());
         }
         let f = ffn as i32;
-        let mut b = self.stream.launch_builder(self.func("silu_mul"));
+        let mut b = self.launcher("silu_mul");
         b.arg(&gate_up).arg(&out).arg(&f);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(ffn.div_ceil(256), rows, 1), 256)) }?;
@@ -354,7 +370,7 @@ impl CudaKernels {
             return Ok(());
         }
         let (qw, kw, rs, ns) = (q_width as i32, kv_width as i32, row_stride as i32, num_slots as i64);
-        let mut b = self.stream.launch_builder(self.func("kv_cache_write"));
+        let mut b = self.launcher("kv_cache_write");
         b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&slots).arg(&qw).arg(&kw).arg(&rs).arg(&ns);
         // SAFETY: per this function's contract; the kernel skips out-of-range slots.
         unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads(kv_width).min(512))) }?;
@@ -373,7 +389,7 @@ impl CudaKernels {
             return Ok(());
         }
         let (nh, nkv, hd, rs, il, ns) = (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved), num_slots as i64);
-        let mut b = self.stream.launch_builder(self.func("rope_kv_write"));
+        let mut b = self.launcher("rope_kv_write");
         b.arg(&qkv).arg(&pos).arg(&inv_freq).arg(&k_cache).arg(&v_cache).arg(&slots);
         b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&il).arg(&ns);
         let threads = row_threads(((n_heads + n_kv) * head_dim / 2).max(n_kv * head_dim)).min(512);
@@ -413,13 +429,13 @@ impl CudaKernels {
             (_, true, false) => "paged_attention_hd128_g4",
             (_, false, false) => "paged_attention_hd128_g8",
         };
-        let mut b = self.stream.launch_builder(self.func(name));
+        let mut b = self.launcher(name);
         b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&tables).arg(&table_off).arg(&ctx_len).arg(&out).arg(&part_out).arg(&part_ml);
         b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&bs).arg(&s.scale).arg(&ps).arg(&np);
         // SAFETY: per this function's contract; shapes checked against the kernel's static limits above.
         unsafe { b.launch(cfg(grid(s.rows, s.n_kv, s.num_parts), ATTENTION_THREADS)) }?;
         if s.num_parts > 1 {
-            let mut r = self.stream.launch_builder(self.func("attention_reduce"));
+            let mut r = self.launcher("attention_reduce");
             r.arg(&part_out).arg(&part_ml).arg(&out).arg(&nh).arg(&hd).arg(&np);
             // SAFETY: per this function's contract.
             unsafe { r.launch(cfg(grid(s.rows, s.n_heads, 1), s.head_dim as u32)) }?;
@@ -452,11 +468,11 @@ impl CudaKernels {
         let st = &self.stream;
         let (kp, vp, qp, sp, pp) = (ws.k.device_ptr(st).0, ws.v.device_ptr(st).0, ws.q.device_ptr(st).0, ws.s.device_ptr(st).0, ws.p.device_ptr(st).0);
         let (bs, kw, rs, qw) = (s.block_size as i32, kv_width as i32, s.row_stride as i32, q_width as i32);
-        let mut b = st.launch_builder(self.func("gather_kv"));
+        let mut b = self.launcher("gather_kv");
         b.arg(&k_cache).arg(&v_cache).arg(&table).arg(&bs).arg(&kw).arg(&kp).arg(&vp);
         // SAFETY: per this function's contract; the workspace holds max_ctx ≥ ctx positions.
         unsafe { b.launch(cfg(grid(ctx, 1, 1), row_threads(kv_width).min(512))) }?;
-        let mut b = st.launch_builder(self.func("q_to_bf16"));
+        let mut b = self.launcher("q_to_bf16");
         b.arg(&qkv).arg(&rs).arg(&qw).arg(&qp);
         // SAFETY: per this function's contract; the workspace holds max_rows ≥ n rows.
         unsafe { b.launch(cfg(grid(n, 1, 1), 256)) }?;
@@ -474,7 +490,7 @@ impl CudaKernels {
                 unsafe { gemm.batched(true, false, ctx_t, nt, hd, a, bq, c, false, nkv) }?;
             }
             let (nt_i, ctx_i, start_i) = (nt as i32, ctx_t as i32, (start + i0) as i32);
-            let mut b = st.launch_builder(self.func("causal_softmax"));
+            let mut b = self.launcher("causal_softmax");
             b.arg(&sp).arg(&pp).arg(&nt_i).arg(&ctx_i).arg(&start_i).arg(&s.scale);
             // SAFETY: S and P hold nh·nt·ctx_t elements.
             unsafe { b.launch(cfg(grid(nt, nh, 1), 256)) }?;
@@ -502,7 +518,7 @@ impl CudaKernels {
             return Err(CudaError::Unsupported(format!("gemv_bf16: {rows} rows (max {GEMV_MAX_ROWS}), in {inp} (must be a multiple of 8)")));
         }
         let (b_, i_, o_) = (rows as i32, inp as i32, out as i32);
-        let mut b = self.stream.launch_builder(self.func("gemv_bf16"));
+        let mut b = self.launcher("gemv_bf16");
         b.arg(&x).arg(&w).arg(&y).arg(&b_).arg(&i_).arg(&o_);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(out.div_ceil(8), 1, 1), 256)) }?;
@@ -518,7 +534,7 @@ impl CudaKernels {
             return Ok(());
         }
         let v = vocab as i32;
-        let mut b = self.stream.launch_builder(self.func("argmax_rows"));
+        let mut b = self.launcher("argmax_rows");
         b.arg(&logits).arg(&ids).arg(&vals).arg(&v);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(rows, 1, 1), 1024)) }?;
@@ -537,7 +553,7 @@ impl CudaKernels {
             return Ok(());
         }
         let (stride, vocab, count) = (stride as i64, vocab as i32, n as i32);
-        let mut b = self.stream.launch_builder(self.func("apply_adjustments"));
+        let mut b = self.launcher("apply_adjustments");
         b.arg(&logits).arg(&stride).arg(&vocab).arg(&adj).arg(&count).arg(&rep);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(n.div_ceil(256), 1, 1), 256)) }?;
@@ -557,7 +573,7 @@ impl CudaKernels {
             return Ok(());
         }
         let (stride, vocab) = (stride as i64, vocab as i32);
-        let mut b = self.stream.launch_builder(self.func("sample_rows"));
+        let mut b = self.launcher("sample_rows");
         b.arg(&logits).arg(&stride).arg(&vocab).arg(&params).arg(&top_k).arg(&u).arg(&ids);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(rows, 1, 1), SAMPLE_THREADS)) }?;
@@ -573,7 +589,7 @@ impl CudaKernels {
             return Ok(());
         }
         let n64 = n as u64;
-        let mut b = self.stream.launch_builder(self.func("fill_random_bf16"));
+        let mut b = self.launcher("fill_random_bf16");
         b.arg(&out).arg(&n64).arg(&seed).arg(&scale).arg(&offset);
         // SAFETY: per this function's contract (grid-stride loop bounded by n).
         unsafe { b.launch(cfg(grid(n.div_ceil(256).min(65536), 1, 1), 256)) }?;

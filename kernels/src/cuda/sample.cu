@@ -142,6 +142,7 @@ __device__ int block_nth(int r, int count, int c0, int c1, Pred pred, SampleShar
 // distinct. Twin: `cpu::sample::apply_adjustments`. grid (ceil(n / 256)), block (256).
 extern "C" __global__ void apply_adjustments(float* __restrict__ logits, long long stride, int vocab,
                                              const int* __restrict__ adj, int n, const float* __restrict__ rep) {
+    pdl_begin();
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n) return;
     const int* a = adj + (size_t)e * 5;
@@ -168,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
                                                                          const int* __restrict__ top_ks,
                                                                          const double* __restrict__ us,
                                                                          int* __restrict__ ids) {
+    pdl_begin();
     __shared__ SampleShared sh;
     const int r = blockIdx.x, t = threadIdx.x;
     float* row = logits + (size_t)r * stride;

@@ -189,6 +189,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut decode = Vec::new();
     println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
     println!("gemv_bf16 instead of cuBLAS, ((in, out), up to rows): {:?}", backend.gemv_table());
+    println!("programmatic dependent launch: {}", if backend.kernels().programmatic_launch() { "on" } else { "off" });
     match backend.attention_tc_from() {
         Some(rows) => println!("paged attention on tensor cores from {rows} rows (start-up tuning)"),
         None => println!("paged attention on CUDA cores at every batch size (start-up tuning)"),
@@ -198,12 +199,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac", "sampled ms"
     );
     for &b in &a.batch {
-        let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
-        let tables: Vec<Vec<u32>> = (0..b).map(|s| alloc.ensure(s as u64, a.ctx + 1).map(<[u32]>::to_vec)).collect::<Result<_, _>>()?;
-        let toks: Vec<[u32; 1]> = (0..b).map(|_| [next_tok()]).collect();
-        let batch = ForwardBatch {
-            seqs: (0..b).map(|s| SeqInput { tokens: &toks[s], start_pos: a.ctx, block_table: &tables[s], logits: LogitsWanted::Last }).collect(),
-        };
+        let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
+        let batch = decode_batch(&tables, &toks, a.ctx);
         for _ in 0..3 {
             backend.forward_greedy(&batch)?;
         }
@@ -269,6 +266,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "sampled_top_p_ms_per_step": sampled_ms}));
     }
 
+    // The same graph decode steps without programmatic dependent launch (when it is on): what PDL gains.
+    let mut without_pdl = Vec::new();
+    if backend.kernels().programmatic_launch() {
+        backend.set_programmatic_launch(false)?;
+        for &b in &a.batch {
+            let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
+            let batch = decode_batch(&tables, &toks, a.ctx);
+            for _ in 0..3 {
+                backend.forward_greedy(&batch)?;
+            }
+            let mut times = Vec::new();
+            for _ in 0..a.steps {
+                let t = Instant::now();
+                backend.forward_greedy(&batch)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            without_pdl.push(json!({"batch": b, "ms_per_step": median(times)}));
+        }
+        backend.set_programmatic_launch(true)?;
+        println!("decode ms/step without programmatic dependent launch: {}", serde_json::to_string(&without_pdl)?);
+    } else {
+        println!("programmatic dependent launch is off (needs sm_90)");
+    }
+
     let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
     let table = alloc.ensure(0, a.prefill_tokens)?.to_vec();
     let prompt: Vec<u32> = (0..a.prefill_tokens).map(|_| next_tok()).collect();
@@ -294,10 +315,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let out = json!({
             "device": backend.device_name(), "model": label, "weight_bytes": weight_bytes,
             "copy_gbps": copy_gbs, "gemm_tflops_8192": gemm_tflops, "gemm_tflops_prefill_shape": gemm_prefill_tflops,
-            "decode": decode, "nccl_all_reduce": allreduce,
+            "decode": decode, "decode_without_pdl": without_pdl, "nccl_all_reduce": allreduce,
             "prefill": {"tokens": a.prefill_tokens, "ms": prefill_ms, "tflops": tflops, "fraction_of_gemm": tflops / gemm_tflops},
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+/// Per sequence of a decode step: its block table and its next token.
+type DecodeInputs = (Vec<Vec<u32>>, Vec<[u32; 1]>);
+
+/// Block tables (fresh blocks per sequence, `ctx + 1` positions) and one next token each for a decode step of `b`
+/// sequences.
+fn decode_inputs(b: usize, ctx: usize, blocks: usize, next_tok: &mut dyn FnMut() -> u32) -> anyhow::Result<DecodeInputs> {
+    let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
+    let tables: Vec<Vec<u32>> = (0..b).map(|s| alloc.ensure(s as u64, ctx + 1).map(<[u32]>::to_vec)).collect::<Result<_, _>>()?;
+    Ok((tables, (0..b).map(|_| [next_tok()]).collect()))
+}
+
+/// The decode step over [`decode_inputs`]: each sequence adds its token at position `ctx`.
+fn decode_batch<'a>(tables: &'a [Vec<u32>], toks: &'a [[u32; 1]], ctx: usize) -> ForwardBatch<'a> {
+    ForwardBatch {
+        seqs: toks.iter().zip(tables).map(|(t, table)| SeqInput { tokens: t, start_pos: ctx, block_table: table, logits: LogitsWanted::Last }).collect(),
+    }
 }

@@ -51,11 +51,14 @@ pub struct CudaOptions {
     pub max_batch_tokens: usize,
     /// Capture decode CUDA graphs for batches up to this many sequences (0: always eager).
     pub graph_max_batch: usize,
+    /// Launch our kernels with programmatic dependent launch (sm_90 and later; ignored below): each may start
+    /// while the previous kernel finishes (see `ferrite_kernels::cuda` `launch.rs`).
+    pub programmatic_launch: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256 }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true }
     }
 }
 
@@ -283,7 +286,8 @@ impl CudaBackend {
         // multi-stream use) is not needed; turning it off keeps launches cheap and graph-capturable.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
-        let kernels = CudaKernels::load(Arc::clone(&stream))?;
+        let mut kernels = CudaKernels::load(Arc::clone(&stream))?;
+        kernels.set_programmatic_launch(opts.programmatic_launch);
         Ok((stream, kernels))
     }
 
@@ -386,10 +390,30 @@ impl CudaBackend {
             if backend.tp.is_some() {
                 return Err(e);
             }
-            tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
             backend.graphs = None;
+            if backend.kernels.programmatic_launch() {
+                tracing::warn!("CUDA graph capture with programmatic dependent launch failed, capturing without it: {e}");
+                backend.kernels.set_programmatic_launch(false);
+                if let Err(e) = backend.capture_graphs(opts.graph_max_batch) {
+                    tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
+                    backend.graphs = None;
+                }
+            } else {
+                tracing::warn!("CUDA graph capture failed, running decode eagerly: {e}");
+            }
         }
         Ok(backend)
+    }
+
+    /// Turns programmatic dependent launch on or off (benchmarks compare both) and captures the decode graphs
+    /// again with the new setting. Returns whether it is on (never below sm_90).
+    pub fn set_programmatic_launch(&mut self, on: bool) -> Result<bool, CudaError> {
+        self.kernels.set_programmatic_launch(on);
+        if let Some(&largest) = self.graph_buckets().last() {
+            self.graphs = None;
+            self.capture_graphs(largest)?;
+        }
+        Ok(self.kernels.programmatic_launch())
     }
 
     pub fn device_name(&self) -> &str {
