@@ -227,8 +227,10 @@ fn check_linear(ops: &mut dyn Ops) {
         // bf16 operands, f32 accumulation: the error is the accumulation's, far under the bf16 bound.
         assert_close(&format!("linear {rows}x{inp}->{out}"), ops.name(), &y, &reference, 1e-3);
         if small {
-            let y = ops.gemv(&x, &w, rows, inp, out);
-            assert_close(&format!("gemv {rows}x{inp}->{out}"), ops.name(), &y, &reference, 1e-3);
+            for variant in 0..ops.gemv_variants() {
+                let y = ops.gemv(variant, &x, &w, rows, inp, out);
+                assert_close(&format!("gemv variant {variant} {rows}x{inp}->{out}"), ops.name(), &y, &reference, 1e-3);
+            }
         }
     }
 }

@@ -198,15 +198,11 @@ fn cuda_batched_prefill_matches_single() {
     }
 }
 
-/// A decode step replayed from a CUDA graph gives the logits the eager path gives (different attention
-/// partitioning, so equal up to f32 reassociation).
-#[test]
-fn cuda_graph_decode_matches_eager() {
-    let Some(mut b) = backend() else { return };
-    assert!(!b.graph_buckets().is_empty(), "no decode graph was captured");
+/// Prefills the first three reference prompts but their last token, then runs one decode step for all three (a
+/// graph replay when graphs are on): each sequence's logits.
+fn three_sequence_decode(b: &mut CudaBackend) -> Vec<Vec<f32>> {
     let cases = ref_cases();
     let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    // Prefill three prompts, then one decode step for all three, graph and eager.
     let prompts: Vec<&[u32]> = cases.iter().take(3).map(|c| c.prompt_ids.as_slice()).collect();
     let mut tables = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -219,14 +215,51 @@ fn cuda_graph_decode_matches_eager() {
     let batch = ForwardBatch {
         seqs: (0..3).map(|i| SeqInput { tokens: &last[i], start_pos: prompts[i].len() - 1, block_table: &tables[i], logits: LogitsWanted::Last }).collect(),
     };
-    let graph = b.forward(&batch).expect("graph decode");
+    let out = b.forward(&batch).expect("decode");
+    (0..3).map(|i| out.last(i).unwrap().to_vec()).collect()
+}
+
+/// A decode step replayed from a CUDA graph gives the logits the eager path gives (different attention
+/// partitioning, so equal up to f32 reassociation).
+#[test]
+fn cuda_graph_decode_matches_eager() {
+    let Some(mut b) = backend() else { return };
+    assert!(!b.graph_buckets().is_empty(), "no decode graph was captured");
+    let graph = three_sequence_decode(&mut b);
     b.set_graphs_enabled(false);
-    let eager = b.forward(&batch).expect("eager decode");
-    for i in 0..3 {
-        let (g, e) = (graph.last(i).unwrap(), eager.last(i).unwrap());
+    let eager = three_sequence_decode(&mut b);
+    for (i, (g, e)) in graph.iter().zip(&eager).enumerate() {
         let err = g.iter().zip(e).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= 1e-2 * max_abs(e), "sequence {i}: graph vs eager differ by {err}");
         assert_eq!(argmax(g), argmax(e));
+    }
+}
+
+/// Programmatic dependent launch changes when kernels start, never what they compute: prefill and decode (graph
+/// and eager) give bit-identical logits with it on and off. A kernel that touched earlier work's data before its
+/// `pdl_wait()` would race here.
+#[test]
+fn cuda_programmatic_launch_changes_no_bit() {
+    let Some(mut b) = backend() else { return };
+    if !b.kernels().programmatic_launch() {
+        eprintln!("skipped: programmatic dependent launch needs sm_90 (this device: {})", b.kernels().arch());
+        return;
+    }
+    let mut runs = Vec::new();
+    for on in [true, false, true] {
+        assert_eq!(b.set_programmatic_launch(on).expect("recapture"), on);
+        for graphs in [true, false] {
+            b.set_graphs_enabled(graphs);
+            runs.push((on, graphs, three_sequence_decode(&mut b)));
+        }
+    }
+    for (on, graphs, logits) in &runs[1..] {
+        // Graph and eager steps partition attention differently, so compare like with like.
+        let (_, _, base) = runs.iter().find(|r| r.1 == *graphs).expect("a first run of each kind");
+        for (i, (x, y)) in logits.iter().zip(base).enumerate() {
+            let same = x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "sequence {i}: logits with PDL {on}, graphs {graphs} differ from the first run");
+        }
     }
 }
 

@@ -657,22 +657,37 @@ extern "C" __global__ void attention_reduce(const float* __restrict__ part_out, 
 
 #define GEMV_MAX_B 8
 
+// One 16-byte weight load; STREAM marks it read-once (no L1 allocation), leaving L1 to the x rows.
+template <bool STREAM>
+__device__ __forceinline__ uint4 load_weights16(const bf16* p) {
+    if (STREAM) {
+        uint4 v;
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+        return v;
+    }
+    return *reinterpret_cast<const uint4*>(p);
+}
+
 // y[b, o] = Σ_i x[b, i] · w[o, i] for b < B ≤ GEMV_MAX_B (decode-sized batches; bf16 in, f32 accumulate and out):
-// one warp per output row, 16-byte weight loads coalesced across the warp with four in flight per lane, x rows
-// from L1/L2 (every warp reads them). Needs in % 8 == 0. Twin: the same product as the cuBLAS linear.
-// grid (ceil(out / 8)), block (256).
-extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                                            float* __restrict__ y, int B, int in, int out) {
+// one warp per output row, 16-byte weight loads coalesced across the warp with U in flight per lane, x rows from
+// L1/L2 (every warp reads them). The first U weight loads go out before waiting for the previous kernel (weights are
+// never written by a forward pass), so with PDL the weight stream starts while that kernel finishes. Needs
+// in % 8 == 0. Instantiations (the start-up tuner times each against cuBLAS per shape and row count): gemv_bf16
+// (U = 4), gemv_bf16_u8 (U = 8), gemv_bf16_u8s (U = 8, streaming weight loads). Twin: the same product as the
+// cuBLAS linear. grid (ceil(out / 8)), block (256).
+template <int U, bool STREAM>
+__device__ __forceinline__ void gemv_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          float* __restrict__ y, int B, int in, int out) {
     const int lane = threadIdx.x & 31;
     const int o = blockIdx.x * 8 + (threadIdx.x >> 5);
     const bf16* wr = w + (size_t)min(o, out - 1) * in;
-    // The first four weight loads go out before waiting for the previous kernel (weights are never written by a
-    // forward pass), so with PDL the weight stream starts while that kernel finishes.
     int i = lane * 8;
-    uint4 wv[4];
+    uint4 wv[U];
 #pragma unroll
-    for (int u = 0; u < 4; u++)
-        if (o < out && i + u * 256 < in) wv[u] = *reinterpret_cast<const uint4*>(wr + i + u * 256);
+    for (int u = 0; u < U; u++)
+        if (o < out && i + u * 256 < in) wv[u] = load_weights16<STREAM>(wr + i + u * 256);
     pdl_begin();
     if (o >= out) return;
     float acc[GEMV_MAX_B];
@@ -680,7 +695,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restri
     for (int b = 0; b < GEMV_MAX_B; b++) acc[b] = 0.0f;
     for (;;) {
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < U; u++) {
             if (i + u * 256 < in) {
                 const unsigned int ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
                 float wf[8];
@@ -700,11 +715,11 @@ extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restri
                 }
             }
         }
-        i += 4 * 256;
+        i += U * 256;
         if (i >= in) break;
 #pragma unroll
-        for (int u = 0; u < 4; u++)
-            if (i + u * 256 < in) wv[u] = *reinterpret_cast<const uint4*>(wr + i + u * 256);
+        for (int u = 0; u < U; u++)
+            if (i + u * 256 < in) wv[u] = load_weights16<STREAM>(wr + i + u * 256);
     }
 #pragma unroll
     for (int b = 0; b < GEMV_MAX_B; b++) {
@@ -714,6 +729,15 @@ extern "C" __global__ void __launch_bounds__(256) gemv_bf16(const bf16* __restri
         }
     }
 }
+
+#define GEMV(NAME, U, STREAM)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const bf16* __restrict__ x, const bf16* __restrict__ w,   \
+                                                           float* __restrict__ y, int B, int in, int out) {         \
+        gemv_impl<U, STREAM>(x, w, y, B, in, out);                                                                  \
+    }
+GEMV(gemv_bf16, 4, false)
+GEMV(gemv_bf16_u8, 8, false)
+GEMV(gemv_bf16_u8s, 8, true)
 
 // ---- Dense prefill attention (one sequence's chunk of new rows; the GEMMs run in cuBLAS) ----
 

@@ -42,6 +42,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_reduce",
     "silu_mul",
     "gemv_bf16",
+    "gemv_bf16_u8",
+    "gemv_bf16_u8s",
     "gather_kv",
     "q_to_bf16",
     "causal_softmax",
@@ -59,6 +61,30 @@ const ATTENTION_THREADS: u32 = 128;
 const SAMPLE_THREADS: u32 = 1024;
 /// Rows `gemv_bf16` handles (`GEMV_MAX_B`).
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// The instantiations of the small-batch linear kernel (`gemv_impl` in `llama.cu`): weight loads in flight per lane,
+/// and whether they bypass L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// `gemv_bf16`: 4 loads in flight.
+    U4,
+    /// `gemv_bf16_u8`: 8 loads in flight.
+    U8,
+    /// `gemv_bf16_u8s`: 8 loads in flight, streaming (no L1 allocation).
+    U8Stream,
+}
+
+impl GemvKernel {
+    pub const ALL: [GemvKernel; 3] = [GemvKernel::U4, GemvKernel::U8, GemvKernel::U8Stream];
+
+    fn name(self) -> &'static str {
+        match self {
+            GemvKernel::U4 => "gemv_bf16",
+            GemvKernel::U8 => "gemv_bf16_u8",
+            GemvKernel::U8Stream => "gemv_bf16_u8s",
+        }
+    }
+}
 
 /// Why CUDA work failed.
 #[derive(Debug, thiserror::Error)]
@@ -506,11 +532,13 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// `y[b, o] = Σ_i x[b, i] · w[o, i]` for `rows ≤ GEMV_MAX_ROWS` (the decode-batch alternative to cuBLAS).
+    /// `y[b, o] = Σ_i x[b, i] · w[o, i]` for `rows ≤ GEMV_MAX_ROWS` (the decode-batch alternative to cuBLAS), with
+    /// one of the kernel's instantiations.
     ///
     /// # Safety
     /// `x` holds `rows · inp` bf16, `w` `out · inp` bf16 (16-byte aligned rows: `inp % 8 == 0`), `y` `rows · out` f32.
-    pub unsafe fn gemv_bf16(&self, x: u64, w: u64, y: u64, rows: usize, inp: usize, out: usize) -> Result<(), CudaError> {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemv_bf16(&self, kernel: GemvKernel, x: u64, w: u64, y: u64, rows: usize, inp: usize, out: usize) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
@@ -518,7 +546,7 @@ impl CudaKernels {
             return Err(CudaError::Unsupported(format!("gemv_bf16: {rows} rows (max {GEMV_MAX_ROWS}), in {inp} (must be a multiple of 8)")));
         }
         let (b_, i_, o_) = (rows as i32, inp as i32, out as i32);
-        let mut b = self.launcher("gemv_bf16");
+        let mut b = self.launcher(kernel.name());
         b.arg(&x).arg(&w).arg(&y).arg(&b_).arg(&i_).arg(&o_);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(out.div_ceil(8), 1, 1), 256)) }?;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, PrefillWorkspace, pack_adjustments, pack_sample_params};
+use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, GemvKernel, PrefillWorkspace, pack_adjustments, pack_sample_params};
 use half::bf16;
 
 use super::{AttnCase, AttnPath, Ops, SampleCase};
@@ -274,10 +274,14 @@ impl Ops for CudaOps {
         self.down(&ids).into_iter().map(|i| i as u32).collect()
     }
 
-    fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    fn gemv_variants(&self) -> usize {
+        GemvKernel::ALL.len()
+    }
+
+    fn gemv(&mut self, variant: usize, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
         let (xd, wd, y) = (self.up(x), self.up(w), self.nan_f32(rows * out));
         // SAFETY: sizes per the launcher's contract.
-        unsafe { self.kernels.gemv_bf16(self.ptr(&xd), self.ptr(&wd), self.ptr(&y), rows, inp, out) }.expect("gemv");
+        unsafe { self.kernels.gemv_bf16(GemvKernel::ALL[variant], self.ptr(&xd), self.ptr(&wd), self.ptr(&y), rows, inp, out) }.expect("gemv");
         self.down(&y)
     }
 

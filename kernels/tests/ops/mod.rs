@@ -51,8 +51,12 @@ pub trait Ops {
     fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32>;
     /// Adjusts each row and draws its token.
     fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32>;
-    /// The small-batch linear kernel (`rows ≤ 8`); on the CPU, the same product as `linear`.
-    fn gemv(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    /// How many variants of the small-batch linear kernel there are (CUDA: its instantiations).
+    fn gemv_variants(&self) -> usize {
+        1
+    }
+    /// Variant `variant` of the small-batch linear kernel (`rows ≤ 8`); on the CPU, the same product as `linear`.
+    fn gemv(&mut self, _variant: usize, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
         self.linear(x, w, rows, inp, out)
     }
 }

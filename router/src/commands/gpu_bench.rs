@@ -188,7 +188,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut decode = Vec::new();
     println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
-    println!("gemv_bf16 instead of cuBLAS, ((in, out), up to rows): {:?}", backend.gemv_table());
+    println!("decode linear layers, per (in, out) the kernel for 1..=8 rows (None: cuBLAS): {:?}", backend.gemv_table());
     println!("programmatic dependent launch: {}", if backend.kernels().programmatic_launch() { "on" } else { "off" });
     match backend.attention_tc_from() {
         Some(rows) => println!("paged attention on tensor cores from {rows} rows (start-up tuning)"),

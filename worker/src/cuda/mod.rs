@@ -20,6 +20,7 @@ mod graphs;
 mod sampling;
 mod step;
 mod tune;
+pub use tune::GemvChoice;
 pub mod weights;
 
 use std::ops::Range;
@@ -210,8 +211,8 @@ pub struct CudaBackend {
     meta_host: Vec<i32>,
     graphs: Option<graphs::DecodeGraphs>,
     use_graphs: bool,
-    /// `((in, out), rows)`: decode linear layers of this shape up to `rows` rows run `gemv_bf16` (see `tune`).
-    gemv_rows: Vec<((usize, usize), usize)>,
+    /// Decode linear layers by weight shape and row count: a `gemv_bf16` instantiation or cuBLAS (see `tune`).
+    gemv_rows: tune::GemvTable,
     /// Paged attention over at least this many rows runs the tensor-core kernel (`usize::MAX`: never; see `tune`).
     attention_tc_from: usize,
     num_sms: usize,

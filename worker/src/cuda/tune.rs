@@ -1,7 +1,8 @@
 //! Start-up choices between kernels, timed on this device (device events) with the model's own shapes:
-//! - linear layers: cuBLAS or our `gemv_bf16` for decode-sized batches. For each weight shape both are timed (on
-//!   the real weights) at 1..=8 rows, and the kernel is used up to the largest row count where it is faster at
-//!   every smaller count too. cuBLAS keeps everything else.
+//! - linear layers: cuBLAS or one of our `gemv_bf16` instantiations for decode-sized batches. For each weight shape
+//!   every instantiation is first checked against cuBLAS (on all `GEMV_MAX_ROWS` rows; one that disagrees is never
+//!   used), then all are timed (on the real weights) at each of 1..=8 rows, and the fastest serves that row count.
+//!   cuBLAS keeps everything else.
 //! - paged attention: the CUDA-core kernel or the tensor-core one, timed at 1..64 decode rows over 1k-position
 //!   contexts. The tensor-core kernel serves steps from the smallest timed row count where it is faster at that and
 //!   every larger count, and only if its output agrees with the CUDA-core kernel's on the same inputs.
@@ -10,7 +11,7 @@ use cudarc::driver::sys::CUevent_flags;
 use std::sync::Arc;
 
 use cudarc::driver::DevicePtr;
-use ferrite_kernels::cuda::{CudaError, GEMV_MAX_ROWS};
+use ferrite_kernels::cuda::{CudaError, GEMV_MAX_ROWS, GemvKernel};
 
 use super::CudaBackend;
 
@@ -22,25 +23,34 @@ const ATTENTION_CTX: usize = 1024;
 /// Largest relative difference between the two attention kernels' outputs that still counts as agreeing (both
 /// round to bf16; the tensor-core kernel also rounds Q and the probabilities to bf16: ~3e-3 typical).
 const ATTENTION_AGREE: f64 = 2e-2;
+/// Largest relative difference from cuBLAS for a `gemv_bf16` instantiation (both accumulate in f32: ~1e-6 typical).
+const GEMV_AGREE: f64 = 1e-3;
+
+/// For one weight shape `(in, out)`: per row count 1..=`GEMV_MAX_ROWS`, the `gemv_bf16` instantiation that serves it
+/// (None: cuBLAS).
+pub type GemvChoice = ((usize, usize), [Option<GemvKernel>; GEMV_MAX_ROWS]);
+pub(super) type GemvTable = Vec<GemvChoice>;
 
 impl CudaBackend {
-    /// Routes a linear layer to `gemv_bf16` or cuBLAS (see the module doc).
+    /// Routes a linear layer to a `gemv_bf16` instantiation or cuBLAS (see the module doc).
     ///
     /// # Safety
     /// As [`ferrite_kernels::cuda::Gemm::linear`].
     pub(super) unsafe fn linear(&self, x: u64, w: u64, y: u64, rows: usize, inp: usize, out: usize) -> Result<(), CudaError> {
-        let gemv_up_to = self.gemv_rows.iter().find(|s| s.0 == (inp, out)).map_or(0, |s| s.1);
+        let pick = match rows {
+            1..=GEMV_MAX_ROWS => self.gemv_rows.iter().find(|s| s.0 == (inp, out)).and_then(|s| s.1[rows - 1]),
+            _ => None,
+        };
         // SAFETY: forwarded contract; both paths take the same operands.
         unsafe {
-            if rows <= gemv_up_to {
-                self.kernels.gemv_bf16(x, w, y, rows, inp, out)
-            } else {
-                self.gemm.linear(x, w, y, rows, inp, out)
+            match pick {
+                Some(kernel) => self.kernels.gemv_bf16(kernel, x, w, y, rows, inp, out),
+                None => self.gemm.linear(x, w, y, rows, inp, out),
             }
         }
     }
 
-    /// Times both paths per weight shape and fills `gemv_rows`.
+    /// Checks and times every `gemv_bf16` instantiation against cuBLAS per weight shape and fills `gemv_rows`.
     pub(super) fn tune_gemv(&mut self) -> Result<(), CudaError> {
         let c = &self.config;
         let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
@@ -63,25 +73,48 @@ impl CudaBackend {
         // SAFETY: x holds GEMV_MAX_ROWS · max_in bf16.
         unsafe { self.kernels.fill_random_bf16(xp, GEMV_MAX_ROWS * max_in, 5, 1.0, 0.0) }?;
         let time = |f: &dyn Fn() -> Result<(), CudaError>| self.time_reps(f);
-        let mut table = Vec::new();
+        let result = |n: usize| -> Result<Vec<f32>, CudaError> {
+            let mut host = vec![0f32; n];
+            st.memcpy_dtoh(&y.slice(..n), &mut host)?;
+            Ok(host)
+        };
+        let mut table: GemvTable = Vec::new();
         for &(inp, out, w) in &shapes {
-            if table.iter().any(|t: &((usize, usize), usize)| t.0 == (inp, out)) || inp % 8 != 0 {
+            if table.iter().any(|t| t.0 == (inp, out)) || inp % 8 != 0 {
                 continue;
             }
-            let mut up_to = 0;
-            for rows in 1..=GEMV_MAX_ROWS {
-                // SAFETY: x and y hold GEMV_MAX_ROWS rows of the widest shape; w is a live weight of this shape.
-                let ours = time(&|| unsafe { self.kernels.gemv_bf16(xp, w, yp, rows, inp, out) })?;
+            let n = GEMV_MAX_ROWS * out;
+            // SAFETY (every product below): x and y hold GEMV_MAX_ROWS rows of the widest shape; w is a live weight
+            // of this shape.
+            unsafe { self.gemm.linear(xp, w, yp, GEMV_MAX_ROWS, inp, out) }?;
+            let reference = result(n)?;
+            let mut usable = Vec::new();
+            for kernel in GemvKernel::ALL {
                 // SAFETY: as above.
-                let blas = time(&|| unsafe { self.gemm.linear(xp, w, yp, rows, inp, out) })?;
-                if ours >= blas {
-                    break;
+                unsafe { self.kernels.gemv_bf16(kernel, xp, w, yp, GEMV_MAX_ROWS, inp, out) }?;
+                let diff = relative_difference(result(n)?.iter().zip(&reference).map(|(&a, &b)| (f64::from(a), f64::from(b))));
+                if diff <= GEMV_AGREE {
+                    usable.push(kernel);
+                } else {
+                    tracing::warn!(?kernel, inp, out, diff, "gemv_bf16 disagrees with cuBLAS; not used for this shape");
                 }
-                up_to = rows;
             }
-            table.push(((inp, out), up_to));
+            let mut picks = [None; GEMV_MAX_ROWS];
+            for (i, pick) in picks.iter_mut().enumerate() {
+                let rows = i + 1;
+                // SAFETY: as above.
+                let mut best = time(&|| unsafe { self.gemm.linear(xp, w, yp, rows, inp, out) })?;
+                for &kernel in &usable {
+                    // SAFETY: as above.
+                    let t = time(&|| unsafe { self.kernels.gemv_bf16(kernel, xp, w, yp, rows, inp, out) })?;
+                    if t < best {
+                        (best, *pick) = (t, Some(kernel));
+                    }
+                }
+            }
+            table.push(((inp, out), picks));
         }
-        tracing::info!(table = ?table, "decode linear layers: gemv_bf16 up to these row counts ((in, out), rows), cuBLAS above");
+        tracing::info!(table = ?table, "decode linear layers: per (in, out), the kernel for 1..=8 rows (None: cuBLAS)");
         self.gemv_rows = table;
         Ok(())
     }
@@ -130,8 +163,8 @@ impl CudaBackend {
         Ok(times[2])
     }
 
-    /// `((in, out), rows)`: our kernel serves this shape up to `rows` rows.
-    pub fn gemv_table(&self) -> &[((usize, usize), usize)] {
+    /// Per weight shape `(in, out)`: the kernel serving 1..=8 rows (None: cuBLAS).
+    pub fn gemv_table(&self) -> &[GemvChoice] {
         &self.gemv_rows
     }
 
@@ -209,7 +242,7 @@ impl CudaBackend {
                 st.memcpy_dtoh(&self.scratch.attn.slice(..rows * nh * hd), &mut out)?;
                 outputs.push(out);
             }
-            let diff = relative_difference(&outputs[1], &outputs[0]);
+            let diff = relative_difference(outputs[1].iter().zip(&outputs[0]).map(|(&a, &b)| (bf16_value(a), bf16_value(b))));
             if diff.is_nan() || diff > ATTENTION_AGREE {
                 disagree = Some((rows, diff));
                 break;
@@ -246,12 +279,10 @@ impl CudaBackend {
     }
 }
 
-/// ‖a − b‖ / ‖b‖ over bf16 bit patterns (infinite when `a` has a non-finite value).
-fn relative_difference(a: &[u16], b: &[u16]) -> f64 {
-    let f = |v: u16| f64::from(f32::from_bits(u32::from(v) << 16));
+/// ‖a − b‖ / ‖b‖ over `(a, b)` pairs (infinite when `a` has a non-finite value).
+fn relative_difference(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
     let (mut num, mut den) = (0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f(x), f(y));
+    for (x, y) in pairs {
         if !x.is_finite() {
             return f64::INFINITY;
         }
@@ -259,4 +290,9 @@ fn relative_difference(a: &[u16], b: &[u16]) -> f64 {
         den += y * y;
     }
     if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+/// A bf16 bit pattern's value.
+fn bf16_value(v: u16) -> f64 {
+    f64::from(f32::from_bits(u32::from(v) << 16))
 }
