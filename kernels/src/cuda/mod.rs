@@ -264,7 +264,8 @@ pub struct CudaKernels {
 }
 
 impl CudaKernels {
-    /// Compiles the kernels for the stream's device (`sm_XY` CUBIN) and loads them.
+    /// Compiles the kernels for the stream's device (`sm_XY` CUBIN) and loads them. Programmatic dependent launch is
+    /// on from sm_90 if the driver accepts it.
     pub fn load(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
         let ctx: &Arc<CudaContext> = stream.context();
         let (major, minor) = ctx.compute_capability()?;
@@ -278,8 +279,20 @@ impl CudaKernels {
         for &name in KERNEL_NAMES {
             funcs.insert(name, module.load_function(name)?);
         }
-        let programmatic = major >= 9;
-        Ok(Self { stream, funcs, arch, programmatic })
+        let mut kernels = Self { stream, funcs, arch, programmatic: major >= 9 };
+        if kernels.programmatic && kernels.probe_programmatic_launch().is_err() {
+            // A driver that refuses the launch attribute: plain launches (the kernels' waits are then no-ops).
+            kernels.programmatic = false;
+        }
+        Ok(kernels)
+    }
+
+    /// One tiny programmatic launch, to learn whether the driver accepts the attribute.
+    fn probe_programmatic_launch(&self) -> Result<(), CudaError> {
+        let probe = self.stream.alloc_zeros::<u16>(1)?;
+        // SAFETY: `probe` holds the one bf16 written.
+        unsafe { self.fill_random_bf16(probe.device_ptr(&self.stream).0, 1, 0, 1.0, 0.0) }?;
+        self.check()
     }
 
     /// Whether launches carry programmatic dependent launch (on by default on sm_90 and later, where the kernels'

@@ -351,6 +351,7 @@ impl CudaBackend {
         tracing::info!(
             device = %device_name,
             arch = kernels.arch(),
+            programmatic_launch = kernels.programmatic_launch(),
             weights_mib = weights.matrix_bytes() >> 20,
             kv_blocks = num_blocks,
             kv_mib = (num_blocks * block_bytes) >> 20,
