@@ -1,4 +1,5 @@
-//! CUDA kernels (feature `cuda`): the sources in `llama.cu`, compiled with NVRTC at start-up, and typed launchers.
+//! CUDA kernels (feature `cuda`): the sources in `llama.cu`, `attention.cu` and `sample.cu`, compiled with NVRTC at
+//! start-up, and typed launchers.
 //!
 //! cudarc loads the CUDA libraries dynamically, so this module builds without CUDA installed; NVRTC is needed only
 //! to compile, a driver and device only to launch. [`compile`] works without a GPU (CI uses it to check that every
@@ -23,15 +24,14 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
 use cudarc::nvrtc::{Ptx, result as nvrtc_result, sys as nvrtc_sys};
 
-/// The kernel source (one translation unit): the forward pass, then the sampler.
-pub const KERNEL_SOURCE: &str = concat!(include_str!("llama.cu"), "\n", include_str!("sample.cu"));
+/// The kernel source (one translation unit): the forward pass (helpers, element-wise kernels, linear layers), the
+/// paged attention kernels, then the sampler.
+pub const KERNEL_SOURCE: &str = concat!(include_str!("llama.cu"), "\n", include_str!("attention.cu"), "\n", include_str!("sample.cu"));
 
 /// Every kernel in [`KERNEL_SOURCE`], in launch-order of a forward pass.
 pub const KERNEL_NAMES: &[&str] = &[
     "embed_gather",
     "add_rms_norm",
-    "rope_qk",
-    "kv_cache_write",
     "rope_kv_write",
     "paged_attention_hd64_g4",
     "paged_attention_hd64_g8",
@@ -53,7 +53,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "fill_random_bf16",
 ];
 
-/// Attention limits of the `paged_attention_hd*_g*` instantiations in `llama.cu` (query heads per KV head, head sizes).
+/// Attention limits of the `paged_attention_hd*_g*` instantiations in `attention.cu` (query heads per KV head, head sizes).
 pub const ATTENTION_MAX_GROUP: usize = 8;
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[64, 128];
 const ATTENTION_THREADS: u32 = 128;
@@ -365,24 +365,6 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// RoPE in place on the Q and K heads of `rows` fused QKV rows.
-    ///
-    /// # Safety
-    /// `qkv` holds `rows · row_stride` f32 with `(n_heads + n_kv) · head_dim ≤ row_stride`, `pos` `rows` i32,
-    /// `inv_freq` `head_dim / 2` f32.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rope_qk(&self, qkv: u64, pos: u64, inv_freq: u64, rows: usize, n_heads: usize, n_kv: usize, head_dim: usize, row_stride: usize, interleaved: bool) -> Result<(), CudaError> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let (nh, nkv, hd, rs, il) = (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved));
-        let mut b = self.launcher("rope_qk");
-        b.arg(&qkv).arg(&pos).arg(&inv_freq).arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&il);
-        // SAFETY: per this function's contract.
-        unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads((n_heads + n_kv) * head_dim / 2).min(512))) }?;
-        Ok(())
-    }
-
     /// `out[r, i] = bf16(silu(gu[r, i]) · gu[r, ffn + i])`.
     ///
     /// # Safety
@@ -399,29 +381,13 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// Writes each row's K and V into the layer's paged cache at `slots[r]` (-1 skips the row).
+    /// RoPE in place on the Q and K heads of `rows` fused QKV rows, then each row's rotated K and its V into the
+    /// layer's paged cache at `slots[r]` (-1 skips the row; position 0 rotates by the identity).
     ///
     /// # Safety
-    /// `qkv` holds `rows · row_stride` f32, `slots` `rows` i32, each cache `num_slots · kv_width` bf16.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kv_cache_write(&self, qkv: u64, k_cache: u64, v_cache: u64, slots: u64, rows: usize, q_width: usize, kv_width: usize, row_stride: usize, num_slots: usize) -> Result<(), CudaError> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let (qw, kw, rs, ns) = (q_width as i32, kv_width as i32, row_stride as i32, num_slots as i64);
-        let mut b = self.launcher("kv_cache_write");
-        b.arg(&qkv).arg(&k_cache).arg(&v_cache).arg(&slots).arg(&qw).arg(&kw).arg(&rs).arg(&ns);
-        // SAFETY: per this function's contract; the kernel skips out-of-range slots.
-        unsafe { b.launch(cfg(grid(rows, 1, 1), row_threads(kv_width).min(512))) }?;
-        Ok(())
-    }
-
-    /// [`Self::rope_qk`] and [`Self::kv_cache_write`] in one launch (the same writes: Q and K rotated in place, the
-    /// rotated K and the V of each row in the layer's cache at `slots[r]`; -1 skips the row).
-    ///
-    /// # Safety
-    /// As both: `qkv` holds `rows · row_stride` f32 with `(n_heads + 2·n_kv) · head_dim ≤ row_stride`, `pos` and
-    /// `slots` `rows` i32, `inv_freq` `head_dim / 2` f32, each cache `num_slots · n_kv · head_dim` bf16.
+    /// `qkv` holds `rows · row_stride` f32 with `(n_heads + 2·n_kv) · head_dim ≤ row_stride`, `pos` and `slots`
+    /// `rows` i32, `inv_freq` `head_dim / 2` f32, each cache `num_slots · n_kv · head_dim` bf16 (may be 0 when every
+    /// slot is -1).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn rope_kv_write(&self, qkv: u64, pos: u64, inv_freq: u64, k_cache: u64, v_cache: u64, slots: u64, rows: usize, n_heads: usize, n_kv: usize, head_dim: usize, row_stride: usize, interleaved: bool, num_slots: usize) -> Result<(), CudaError> {
         if rows == 0 {

@@ -70,21 +70,35 @@ impl CudaOps {
         self.up(&vec![NAN_BF16; n])
     }
 
-    /// Uploads the case, writes K/V, returns the device caches and per-row metadata.
+    /// Uploads the case, writes K/V (`rope_kv_write` at position 0: the identity rotation), returns the device
+    /// caches and per-row metadata.
     fn write_case(&self, case: &AttnCase) -> (CudaSlice<f32>, CudaSlice<u16>, CudaSlice<u16>) {
         let qkv = self.up(&case.qkv);
         let k = self.up(&case.k_cache);
         let v = self.up(&case.v_cache);
         let slots: Vec<i32> = case.rows.iter().map(|&(s, p)| case.slot(s, p) as i32).collect();
-        let slots_d = self.up(&slots);
-        let (q_width, kv_width) = (case.nh * case.hd, case.nkv * case.hd);
+        let (slots_d, pos0, inv) = (self.up(&slots), self.up(&vec![0i32; slots.len()]), self.up(&vec![1.0f32; case.hd / 2]));
         // SAFETY: every buffer is sized from the case as the launcher's contract asks.
         unsafe {
             self.kernels
-                .kv_cache_write(self.ptr(&qkv), self.ptr(&k), self.ptr(&v), self.ptr(&slots_d), case.rows.len(), q_width, kv_width, case.stride(), case.num_blocks * case.block_size)
+                .rope_kv_write(
+                    self.ptr(&qkv),
+                    self.ptr(&pos0),
+                    self.ptr(&inv),
+                    self.ptr(&k),
+                    self.ptr(&v),
+                    self.ptr(&slots_d),
+                    case.rows.len(),
+                    case.nh,
+                    case.nkv,
+                    case.hd,
+                    case.stride(),
+                    false,
+                    case.num_blocks * case.block_size,
+                )
                 .expect("launch");
         }
-        self.kernels.check().expect("kv_cache_write");
+        self.kernels.check().expect("kv write");
         (qkv, k, v)
     }
 }
@@ -117,9 +131,9 @@ impl Ops for CudaOps {
     }
 
     fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool) {
-        let (q, p, f) = (self.up(qkv), self.up(pos), self.up(inv_freq));
-        // SAFETY: sizes per the launcher's contract.
-        unsafe { self.kernels.rope_qk(self.ptr(&q), self.ptr(&p), self.ptr(&f), pos.len(), nh, nkv, hd, stride, interleaved) }.expect("launch");
+        let (q, p, f, none) = (self.up(qkv), self.up(pos), self.up(inv_freq), self.up(&vec![-1i32; pos.len()]));
+        // SAFETY: sizes per the launcher's contract; every slot is -1, so the (null) caches are never written.
+        unsafe { self.kernels.rope_kv_write(self.ptr(&q), self.ptr(&p), self.ptr(&f), 0, 0, self.ptr(&none), pos.len(), nh, nkv, hd, stride, interleaved, 0) }.expect("launch");
         qkv.copy_from_slice(&self.down(&q));
     }
 

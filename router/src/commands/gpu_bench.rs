@@ -201,27 +201,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for &b in &a.batch {
         let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
         let batch = decode_batch(&tables, &toks, a.ctx);
-        for _ in 0..3 {
-            backend.forward_greedy(&batch)?;
-        }
-        let mut times = Vec::new();
-        for _ in 0..a.steps {
-            let t = Instant::now();
-            backend.forward_greedy(&batch)?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let ms = median(times);
+        let ms = step_ms(&mut backend, &batch, 3, a.steps)?;
         // The same step without graphs (launch overhead made visible).
         backend.set_graphs_enabled(false);
-        backend.forward_greedy(&batch)?;
-        let mut eager = Vec::new();
-        for _ in 0..a.steps.min(10) {
-            let t = Instant::now();
-            backend.forward_greedy(&batch)?;
-            eager.push(t.elapsed().as_secs_f64() * 1e3);
-        }
+        let eager_ms = step_ms(&mut backend, &batch, 1, a.steps.min(10))?;
         backend.set_graphs_enabled(true);
-        let eager_ms = median(eager);
         // The same step sampled on the device instead of argmax: temperature 1, top-p 0.9 (the slowest filter), and
         // a repetition penalty over 64 tokens per row.
         let rows: Vec<RowSampling> = (0..b)
@@ -273,16 +257,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for &b in &a.batch {
             let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
             let batch = decode_batch(&tables, &toks, a.ctx);
-            for _ in 0..3 {
-                backend.forward_greedy(&batch)?;
-            }
-            let mut times = Vec::new();
-            for _ in 0..a.steps {
-                let t = Instant::now();
-                backend.forward_greedy(&batch)?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            without_pdl.push(json!({"batch": b, "ms_per_step": median(times)}));
+            without_pdl.push(json!({"batch": b, "ms_per_step": step_ms(&mut backend, &batch, 3, a.steps)?}));
         }
         backend.set_programmatic_launch(true)?;
         println!("decode ms/step without programmatic dependent launch: {}", serde_json::to_string(&without_pdl)?);
@@ -321,6 +296,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+/// Median milliseconds of a greedy step over `batch` (`steps` timed after `warmup` untimed), host clock around each
+/// synchronized step.
+fn step_ms(backend: &mut CudaBackend, batch: &ForwardBatch<'_>, warmup: usize, steps: usize) -> anyhow::Result<f64> {
+    for _ in 0..warmup {
+        backend.forward_greedy(batch)?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let t = Instant::now();
+        backend.forward_greedy(batch)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
 }
 
 /// Per sequence of a decode step: its block table and its next token.
