@@ -70,20 +70,24 @@ impl CudaOps {
         self.up(&vec![NAN_BF16; n])
     }
 
-    /// Uploads the case, writes K/V (`rope_kv_write` at position 0: the identity rotation), returns the device
-    /// caches and per-row metadata.
-    fn write_case(&self, case: &AttnCase) -> (CudaSlice<f32>, CudaSlice<u16>, CudaSlice<u16>) {
+    /// Uploads the case and writes its K/V with `rope_kv_write`: rotated at the rows' positions with `rope`
+    /// (inverse frequencies, interleaved), else at position 0 (the identity rotation). Returns the device QKV rows
+    /// and caches.
+    fn write_case(&self, case: &AttnCase, rope: Option<(&[f32], bool)>) -> (CudaSlice<f32>, CudaSlice<u16>, CudaSlice<u16>) {
         let qkv = self.up(&case.qkv);
         let k = self.up(&case.k_cache);
         let v = self.up(&case.v_cache);
         let slots: Vec<i32> = case.rows.iter().map(|&(s, p)| case.slot(s, p) as i32).collect();
-        let (slots_d, pos0, inv) = (self.up(&slots), self.up(&vec![0i32; slots.len()]), self.up(&vec![1.0f32; case.hd / 2]));
+        let ones = vec![1.0f32; case.hd / 2];
+        let (inv_freq, interleaved) = rope.unwrap_or((&ones, false));
+        let pos: Vec<i32> = case.rows.iter().map(|r| if rope.is_some() { r.1 as i32 } else { 0 }).collect();
+        let (slots_d, pos_d, inv) = (self.up(&slots), self.up(&pos), self.up(inv_freq));
         // SAFETY: every buffer is sized from the case as the launcher's contract asks.
         unsafe {
             self.kernels
                 .rope_kv_write(
                     self.ptr(&qkv),
-                    self.ptr(&pos0),
+                    self.ptr(&pos_d),
                     self.ptr(&inv),
                     self.ptr(&k),
                     self.ptr(&v),
@@ -93,13 +97,21 @@ impl CudaOps {
                     case.nkv,
                     case.hd,
                     case.stride(),
-                    false,
+                    interleaved,
                     case.num_blocks * case.block_size,
                 )
                 .expect("launch");
         }
         self.kernels.check().expect("kv write");
         (qkv, k, v)
+    }
+
+    /// Each row's K and V as read back from its slot of the device caches.
+    fn slot_rows(&self, case: &AttnCase, k: &CudaSlice<u16>, v: &CudaSlice<u16>) -> (Vec<f32>, Vec<f32>) {
+        let (kc, vc) = (self.down_bf16(k), self.down_bf16(v));
+        let kv = case.nkv * case.hd;
+        let rows = |c: &[f32]| -> Vec<f32> { case.rows.iter().flat_map(|&(s, p)| c[case.slot(s, p) * kv..][..kv].to_vec()).collect() };
+        (rows(&kc), rows(&vc))
     }
 }
 
@@ -145,7 +157,7 @@ impl Ops for CudaOps {
     }
 
     fn attention(&mut self, case: &AttnCase, path: AttnPath) -> Vec<f32> {
-        let (qkv, k, v) = self.write_case(case);
+        let (qkv, k, v) = self.write_case(case, None);
         let mut tables = Vec::new();
         let mut offs = Vec::new();
         for t in &case.tables {
@@ -214,47 +226,14 @@ impl Ops for CudaOps {
     }
 
     fn kv_cache_write(&mut self, case: &AttnCase) -> (Vec<f32>, Vec<f32>) {
-        let (_, k, v) = self.write_case(case);
-        let (kc, vc) = (self.down_bf16(&k), self.down_bf16(&v));
-        let kv = case.nkv * case.hd;
-        let mut ko = Vec::new();
-        let mut vo = Vec::new();
-        for &(s, pos) in &case.rows {
-            let slot = case.slot(s, pos);
-            ko.extend_from_slice(&kc[slot * kv..][..kv]);
-            vo.extend_from_slice(&vc[slot * kv..][..kv]);
-        }
-        (ko, vo)
+        let (_, k, v) = self.write_case(case, None);
+        self.slot_rows(case, &k, &v)
     }
 
     fn rope_kv_write(&mut self, case: &AttnCase, inv_freq: &[f32], interleaved: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (qkv, k, v) = (self.up(&case.qkv), self.up(&case.k_cache), self.up(&case.v_cache));
-        let slots: Vec<i32> = case.rows.iter().map(|&(s, p)| case.slot(s, p) as i32).collect();
-        let pos: Vec<i32> = case.rows.iter().map(|r| r.1 as i32).collect();
-        let (slots_d, pos_d, inv) = (self.up(&slots), self.up(&pos), self.up(inv_freq));
-        // SAFETY: every buffer is sized from the case as the launcher's contract asks.
-        unsafe {
-            self.kernels.rope_kv_write(
-                self.ptr(&qkv),
-                self.ptr(&pos_d),
-                self.ptr(&inv),
-                self.ptr(&k),
-                self.ptr(&v),
-                self.ptr(&slots_d),
-                case.rows.len(),
-                case.nh,
-                case.nkv,
-                case.hd,
-                case.stride(),
-                interleaved,
-                case.num_blocks * case.block_size,
-            )
-        }
-        .expect("launch");
-        let (kc, vc) = (self.down_bf16(&k), self.down_bf16(&v));
-        let kv = case.nkv * case.hd;
-        let rows = |c: &[f32]| -> Vec<f32> { slots.iter().flat_map(|&s| c[s as usize * kv..][..kv].to_vec()).collect() };
-        (self.down(&qkv), rows(&kc), rows(&vc))
+        let (qkv, k, v) = self.write_case(case, Some((inv_freq, interleaved)));
+        let (kr, vr) = self.slot_rows(case, &k, &v);
+        (self.down(&qkv), kr, vr)
     }
 
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>) {
