@@ -32,6 +32,9 @@ pub fn test_worker_config() -> ferrite_worker::server::WorkerConfig {
         cuda_device: 0,
         gpu_memory_utilization: 0.9,
         tensor_parallel_size: 1,
+        enforce_eager: false,
+        cuda_attention: Default::default(),
+        cuda_programmatic_launch: true,
     }
 }
 

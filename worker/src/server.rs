@@ -39,6 +39,24 @@ pub struct WorkerConfig {
     /// Tensor-parallel ranks: one thread per rank, each holding its shard (CUDA: rank `r` on device
     /// `cuda_device + r`, collectives through NCCL).
     pub tensor_parallel_size: usize,
+    /// CUDA: run every step eagerly, capturing no decode CUDA graphs (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
+    /// CUDA: which paged-attention kernel decode rows use.
+    pub cuda_attention: CudaAttention,
+    /// CUDA: launch kernels with programmatic dependent launch (sm_90 and later; ignored below).
+    pub cuda_programmatic_launch: bool,
+}
+
+/// Which paged-attention kernel the CUDA backend runs for decode rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CudaAttention {
+    /// Chosen per batch size by timing both at start-up (tensor cores only where they agree with CUDA cores).
+    #[default]
+    Auto,
+    /// Always the CUDA-core kernel.
+    CudaCores,
+    /// Always the tensor-core kernel (sm_80 and later; CUDA cores below).
+    TensorCores,
 }
 
 /// The worker's compute backend.
@@ -124,8 +142,9 @@ impl Worker {
                     block_size: DEFAULT_BLOCK_SIZE,
                     max_kv_blocks: None,
                     max_batch_tokens: cfg.max_num_batched_tokens,
-                    graph_max_batch: cfg.max_num_seqs,
-                    programmatic_launch: true,
+                    graph_max_batch: if cfg.enforce_eager { 0 } else { cfg.max_num_seqs },
+                    programmatic_launch: cfg.cuda_programmatic_launch,
+                    attention: cfg.cuda_attention,
                 };
                 if cfg.tensor_parallel_size > 1 {
                     Box::new(crate::tp::group::TpBackend::cuda(&files, &opts, plan(1)?)?)

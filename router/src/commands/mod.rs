@@ -59,6 +59,37 @@ pub struct EngineArgs {
     /// Cap on the context length (0 = the model's).
     #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: usize,
+    /// CUDA: run every step eagerly, without decode CUDA graphs (slower; for debugging, as vLLM's flag).
+    #[arg(long, env = "FERRITE_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
+    /// CUDA: paged-attention kernel for decode rows (`auto`: chosen per batch size by timing at start-up).
+    #[arg(long, value_enum, env = "FERRITE_CUDA_ATTENTION", default_value_t = CudaAttention::Auto)]
+    pub cuda_attention: CudaAttention,
+    /// CUDA: launch kernels with programmatic dependent launch (sm_90 and later).
+    #[arg(long, env = "FERRITE_CUDA_PROGRAMMATIC_LAUNCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_programmatic_launch: bool,
+}
+
+/// `--cuda-attention` choice.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CudaAttention {
+    /// Timed at start-up per batch size; tensor cores only where they agree with CUDA cores.
+    #[default]
+    Auto,
+    /// Always the CUDA-core kernel.
+    CudaCores,
+    /// Always the tensor-core kernel (sm_80 and later).
+    TensorCores,
+}
+
+impl From<CudaAttention> for ferrite_worker::server::CudaAttention {
+    fn from(c: CudaAttention) -> Self {
+        match c {
+            CudaAttention::Auto => Self::Auto,
+            CudaAttention::CudaCores => Self::CudaCores,
+            CudaAttention::TensorCores => Self::TensorCores,
+        }
+    }
 }
 
 impl EngineArgs {
@@ -86,6 +117,9 @@ impl EngineArgs {
             cuda_device: self.cuda_device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             tensor_parallel_size: self.tensor_parallel_size,
+            enforce_eager: self.enforce_eager,
+            cuda_attention: self.cuda_attention.into(),
+            cuda_programmatic_launch: self.cuda_programmatic_launch,
         }
     }
 }
@@ -161,4 +195,36 @@ pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         bail!("{} failed", script.display());
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    fn config(args: &[&str]) -> ferrite_worker::server::WorkerConfig {
+        let cli = Cli::try_parse_from(std::iter::once("ferrite").chain(args.iter().copied())).expect("valid flags");
+        cli.engine.worker_config(PathBuf::from("m.gguf"), None, 8, &cli.model)
+    }
+
+    #[test]
+    fn cuda_escape_hatches_reach_the_worker_config() {
+        use ferrite_worker::server::CudaAttention as Attn;
+        let c = config(&["--backend", "cuda"]);
+        assert!(!c.enforce_eager && c.cuda_programmatic_launch && c.cuda_attention == Attn::Auto);
+        assert_eq!((c.max_num_batched_tokens, c.max_num_seqs), (2048, 256));
+        let c = config(&["--enforce-eager", "--cuda-attention", "tensor-cores", "--cuda-programmatic-launch", "false"]);
+        assert!(c.enforce_eager && !c.cuda_programmatic_launch && c.cuda_attention == Attn::TensorCores);
+        assert_eq!(config(&["--cuda-attention", "cuda-cores"]).cuda_attention, Attn::CudaCores);
+        assert!(Cli::try_parse_from(["ferrite", "--cuda-attention", "fastest"]).is_err());
+    }
 }

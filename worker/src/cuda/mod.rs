@@ -34,6 +34,7 @@ use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, validate_batch};
+pub use crate::server::CudaAttention;
 use crate::tp::comm::CommError;
 use crate::tp::nccl::{NcclGroup, NcclRank};
 use weights::DeviceWeights;
@@ -55,11 +56,13 @@ pub struct CudaOptions {
     /// Launch our kernels with programmatic dependent launch (sm_90 and later; ignored below): each may start
     /// while the previous kernel finishes (see `ferrite_kernels::cuda` `launch.rs`).
     pub programmatic_launch: bool,
+    /// Which paged-attention kernel decode rows use (default: timed at start-up).
+    pub attention: CudaAttention,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, attention: CudaAttention::Auto }
     }
 }
 
@@ -382,7 +385,7 @@ impl CudaBackend {
             device_name,
         };
         backend.tune_gemv()?;
-        backend.tune_attention()?;
+        backend.tune_attention(opts.attention)?;
         // After the KV cache is reserved, so graph memory never competes with it.
         if opts.graph_max_batch > 0
             && let Err(e) = backend.capture_graphs(opts.graph_max_batch)

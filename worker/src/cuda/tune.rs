@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::driver::DevicePtr;
 use ferrite_kernels::cuda::{CudaError, GEMV_MAX_ROWS, GemvKernel};
 
-use super::CudaBackend;
+use super::{CudaAttention, CudaBackend};
 
 const REPS: usize = 20;
 /// Decode row counts at which the attention kernels are compared.
@@ -183,14 +183,26 @@ impl CudaBackend {
         Ok(a.elapsed_ms(&b)?)
     }
 
-    /// Chooses between the CUDA-core and tensor-core paged attention kernels (see the module doc) and sets
-    /// `attention_tc_from`. Runs before the decode graphs are captured; uses layer 0 of the KV cache (filled with
+    /// Chooses between the CUDA-core and tensor-core paged attention kernels (see the module doc; `choice` can fix
+    /// one) and sets `attention_tc_from`. Runs before the decode graphs are captured; uses layer 0 of the KV cache (filled with
     /// random values, zeroed again afterwards) and the step scratch buffers.
-    pub(super) fn tune_attention(&mut self) -> Result<(), CudaError> {
+    pub(super) fn tune_attention(&mut self, choice: CudaAttention) -> Result<(), CudaError> {
         self.attention_tc_from = usize::MAX;
         if !self.kernels.has_tensor_cores() {
             tracing::info!(arch = self.kernels.arch(), "paged attention: CUDA-core kernel (no bf16 tensor cores)");
             return Ok(());
+        }
+        match choice {
+            CudaAttention::Auto => {}
+            CudaAttention::CudaCores => {
+                tracing::info!("paged attention: CUDA-core kernel (configured)");
+                return Ok(());
+            }
+            CudaAttention::TensorCores => {
+                tracing::info!("paged attention: tensor-core kernel (configured)");
+                self.attention_tc_from = 1;
+                return Ok(());
+            }
         }
         let c = &self.config;
         let (nh, hd, kv_width) = (c.num_heads, c.head_dim, c.num_kv_heads * c.head_dim);
