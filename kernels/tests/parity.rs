@@ -173,10 +173,11 @@ fn check_attention(ops: &mut dyn Ops) {
     let mut rng = fresh_rng("paged_attention");
     // GQA groups 3 and 4 (the ≤ 4 kernels) and 8, at both head sizes.
     for (nh, nkv, hd) in [(9, 3, 64), (32, 8, 128), (16, 2, 64), (32, 4, 128)] {
-        // Three sequences: a decode row at a long context, a prefill chunk over a cached prefix, a fresh prompt.
-        let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9)]);
+        // A decode row at a long context, short prefill chunks over a cached prefix and from scratch, and a chunk
+        // long enough for several warps and row blocks of the flash-style prefill kernel.
+        let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9), (100, 150)]);
         let reference = case.reference();
-        let paths = [AttnPath::Paged(None), AttnPath::Paged(Some(128)), AttnPath::PagedTc(None), AttnPath::PagedTc(Some(128)), AttnPath::Dense];
+        let paths = [AttnPath::Paged(None), AttnPath::Paged(Some(128)), AttnPath::PagedTc(None), AttnPath::PagedTc(Some(128)), AttnPath::Dense, AttnPath::DenseTc];
         for path in paths {
             let out = ops.attention(&case, path);
             let what = format!("attention {nh}/{nkv}x{hd} {path:?}");

@@ -1,5 +1,5 @@
 // Ferrite CUDA kernels: paged attention for decode rows (and short prefill chunks), on CUDA cores and on tensor
-// cores, and the reduce over attention partitions. Compiled with NVRTC as one translation unit after `llama.cu`, whose
+// cores, the reduce over attention partitions, and flash-style causal prefill attention on tensor cores. Compiled with NVRTC as one translation unit after `llama.cu`, whose
 // conventions and helpers (bf16 conversions, warp reductions, load8, pdl_begin) it uses (see `kernels/src/cuda/mod.rs`).
 
 #define ATT_WARPS 4
@@ -224,6 +224,67 @@ __device__ __forceinline__ void mma_rows8(float& d0, float& d1, unsigned int a0,
 #endif
 }
 
+// d += a·b on one full m16n8k16 tile (bf16 in, f32 accumulate): a[0] holds A[gid][2·tig + {0,1}], a[1]
+// A[gid + 8][2·tig + {0,1}], a[2] A[gid][8 + 2·tig + {0,1}], a[3] A[gid + 8][8 + 2·tig + {0,1}]; b0/b1 as in
+// mma_rows8; d[0..1] are D[gid][2·tig + {0,1}], d[2..3] D[gid + 8][2·tig + {0,1}]. Needs sm_80.
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host never launches the tensor-core kernels below sm_80
+#endif
+}
+
+// Loads one 16-position tile of K and V (positions t0 .. t0 + 15 of a sequence; those at or past `end` read as
+// zeros) in the register layouts the tensor-core kernels use:
+// - kr[j][c]: K of position t0 + 8j + gid, dims c·32 + 8·tig .. +8 (the B operand of Q·Kᵀ, see mma_rows8's caller);
+// - vr[i][c]: V of position t0 + {2·tig, 2·tig + 1, 8 + 2·tig, 9 + 2·tig}[i], dims c·64 + 8·gid .. +8.
+// Lane i < 16 looks up position t0 + i in the block table; the others get it by shuffle.
+template <int HD>
+__device__ __forceinline__ void tc_load_kv(const int* __restrict__ table, int block_size, int t0, int end,
+                                           const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                                           int kv_width, int kvh, uint4 (&kr)[2][HD / 32], uint4 (&vr)[4][HD / 64]) {
+    const unsigned int full = 0xffffffffu;
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int my_slot = -1;
+    if (lane < 16 && t0 + lane < end) {
+        const int t = t0 + lane;
+        my_slot = table[t / block_size] * block_size + t % block_size;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int s = __shfl_sync(full, my_slot, 8 * j + gid);
+        const uint4* kp = reinterpret_cast<const uint4*>(k_cache + (size_t)max(s, 0) * kv_width + kvh * HD + tig * 8);
+#pragma unroll
+        for (int c = 0; c < HD / 32; c++) kr[j][c] = s >= 0 ? kp[c * 4] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int s = __shfl_sync(full, my_slot, (i >> 1) * 8 + 2 * tig + (i & 1));
+        const uint4* vp = reinterpret_cast<const uint4*>(v_cache + (size_t)max(s, 0) * kv_width + kvh * HD + gid * 8);
+#pragma unroll
+        for (int c = 0; c < HD / 64; c++) vr[i][c] = s >= 0 ? vp[c * 8] : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// The B operand of P·V for n-tile 8c + e (dim c·64 + 8·gid + e, half e % 2 of word e / 2 in each V row's chunk):
+// b0 pairs the values of positions 2·tig and 2·tig + 1 of the tile, b1 those of 8 + 2·tig and 9 + 2·tig.
+template <int VCH>
+__device__ __forceinline__ void tc_v_operand(const uint4 (&vr)[4][VCH], int c, int e, unsigned int& b0,
+                                             unsigned int& b1) {
+    const unsigned int sel = (e & 1) ? 0x7632u : 0x5410u;
+    const int w = e >> 1;
+    const auto word = [&](int i) {
+        const uint4 v = vr[i][c];
+        return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+    };
+    b0 = __byte_perm(word(0), word(1), sel);
+    b1 = __byte_perm(word(2), word(3), sel);
+}
+
 // Tensor-core variant of paged_attention: same arguments, grid, block and outputs (the host picks one per step size
 // at start-up, see worker/src/cuda/tune.rs). Per block: one row, one KV head, one partition; its `group` (≤ 8)
 // query heads are the M rows of m16n8k16 tiles (rows ≥ group are zero).
@@ -294,30 +355,8 @@ __device__ void paged_attention_tc_impl(const float* __restrict__ qkv, const bf1
 
     const int* table = tables + table_off[r];
     for (int t0 = start + warp * 16; t0 < end; t0 += ATT_WARPS * 16) {
-        // Slot of position t0 + lane (lanes < 16; -1 past the end).
-        int my_slot = -1;
-        if (lane < 16 && t0 + lane < end) {
-            const int t = t0 + lane;
-            my_slot = table[t / block_size] * block_size + t % block_size;
-        }
-        // K: n-tile j holds positions t0 + 8j + n, loaded by the lanes with gid = n (dims c·32 + 8·tig .. +8).
-        uint4 kr[2][KCH];
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            const int s = __shfl_sync(full, my_slot, 8 * j + gid);
-            const uint4* kp = reinterpret_cast<const uint4*>(k_cache + (size_t)max(s, 0) * kv_width + kvh * HD + tig * 8);
-#pragma unroll
-            for (int c = 0; c < KCH; c++) kr[j][c] = s >= 0 ? kp[c * 4] : make_uint4(0u, 0u, 0u, 0u);
-        }
-        // V: positions t0 + {2·tig, 2·tig + 1, 8 + 2·tig, 9 + 2·tig}, dims c·64 + 8·gid .. +8.
-        uint4 vr[4][VCH];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int s = __shfl_sync(full, my_slot, (i >> 1) * 8 + 2 * tig + (i & 1));
-            const uint4* vp = reinterpret_cast<const uint4*>(v_cache + (size_t)max(s, 0) * kv_width + kvh * HD + gid * 8);
-#pragma unroll
-            for (int c = 0; c < VCH; c++) vr[i][c] = s >= 0 ? vp[c * 8] : make_uint4(0u, 0u, 0u, 0u);
-        }
+        uint4 kr[2][KCH], vr[4][VCH];
+        tc_load_kv<HD>(table, block_size, t0, end, k_cache, v_cache, kv_width, kvh, kr, vr);
 
         // S = Q·Kᵀ: sc[j][e] = S[gid][8j + 2·tig + e].
         float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
@@ -360,16 +399,10 @@ __device__ void paged_attention_tc_impl(const float* __restrict__ qkv, const bf1
         const unsigned int pa2 = pack_bf16x2(p[1][0], p[1][1]);
 #pragma unroll
         for (int c = 0; c < VCH; c++) {
-            const unsigned int w[4][4] = {{vr[0][c].x, vr[0][c].y, vr[0][c].z, vr[0][c].w},
-                                          {vr[1][c].x, vr[1][c].y, vr[1][c].z, vr[1][c].w},
-                                          {vr[2][c].x, vr[2][c].y, vr[2][c].z, vr[2][c].w},
-                                          {vr[3][c].x, vr[3][c].y, vr[3][c].z, vr[3][c].w}};
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                // Dim c·64 + 8·gid + e is half e % 2 of word e / 2 in each row's chunk.
-                const unsigned int sel = (e & 1) ? 0x7632u : 0x5410u;
-                const unsigned int b0 = __byte_perm(w[0][e >> 1], w[1][e >> 1], sel);
-                const unsigned int b1 = __byte_perm(w[2][e >> 1], w[3][e >> 1], sel);
+                unsigned int b0, b1;
+                tc_v_operand<VCH>(vr, c, e, b0, b1);
                 float* a = acc[8 * c + e];
                 a[0] *= corr;
                 a[1] *= corr;
@@ -408,6 +441,144 @@ __device__ void paged_attention_tc_impl(const float* __restrict__ qkv, const bf1
     }
 PAGED_ATTENTION_TC(64)
 PAGED_ATTENTION_TC(128)
+
+// Causal attention for `n` consecutive new rows of one sequence (positions start .. start + n - 1, their K/V already
+// in the cache) over the sequence's paged context, on tensor cores and flash-style: scores and probabilities never
+// leave registers. grid (ceil(n / 64), n_heads), block (128): a warp takes 16 query rows of one head (the M rows of
+// m16n8k16 tiles; rows past n repeat the last row and are not written) and walks the keys 16 at a time up to its
+// last row's position, with an online softmax per row (two rows per lane: gid and gid + 8). Operand layouts as in
+// paged_attention_tc. Twin: attend_one.
+template <int HD>
+__device__ void prefill_attention_tc_impl(const float* __restrict__ qkv, int n, int start,
+                                          const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                                          const int* __restrict__ table, int block_size, bf16* __restrict__ out,
+                                          int n_heads, int n_kv, int row_stride, float scale) {
+    constexpr int KCH = HD / 32, VCH = HD / 64;
+    const unsigned int full = 0xffffffffu;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int head = blockIdx.y, kvh = head / (n_heads / n_kv);
+    const int row0 = blockIdx.x * 64 + warp * 16;
+    if (row0 >= n) return;  // warp-uniform; the block never synchronizes
+    const int kv_width = n_kv * HD;
+    const int last = start + min(row0 + 15, n - 1);  // the warp's last position: keys 0 ..= last
+    int pos[2];  // positions of this lane's rows gid and gid + 8
+    unsigned int qa[2 * KCH][4];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = min(row0 + gid + 8 * half, n - 1);
+        pos[half] = start + row;
+        const float* q = qkv + (size_t)row * row_stride + (size_t)head * HD;
+#pragma unroll
+        for (int c = 0; c < KCH; c++) {
+            const float4 x0 = *reinterpret_cast<const float4*>(q + c * 32 + tig * 8);
+            const float4 x1 = *reinterpret_cast<const float4*>(q + c * 32 + tig * 8 + 4);
+            qa[2 * c][half] = pack_bf16x2(x0.x * scale, x0.y * scale);
+            qa[2 * c][2 + half] = pack_bf16x2(x0.z * scale, x0.w * scale);
+            qa[2 * c + 1][half] = pack_bf16x2(x1.x * scale, x1.y * scale);
+            qa[2 * c + 1][2 + half] = pack_bf16x2(x1.z * scale, x1.w * scale);
+        }
+    }
+
+    float m[2] = {-INFINITY, -INFINITY};  // running max per row (equal in the group's 4 lanes)
+    float l[2] = {0.0f, 0.0f};            // this lane's share of each row's running sum
+    float acc[8 * VCH][4];                // [t][2·half + e]: O[gid + 8·half][dim(t, 2·tig + e)], as in paged_attention_tc
+#pragma unroll
+    for (int t = 0; t < 8 * VCH; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+    for (int t0 = 0; t0 <= last; t0 += 16) {
+        uint4 kr[2][KCH], vr[4][VCH];
+        tc_load_kv<HD>(table, block_size, t0, last + 1, k_cache, v_cache, kv_width, kvh, kr, vr);
+        // S = Q·Kᵀ: sc[j][2·half + e] = S[gid + 8·half][8j + 2·tig + e].
+        float sc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+            for (int c = 0; c < KCH; c++) {
+                mma16816(sc[j], qa[2 * c], kr[j][c].x, kr[j][c].y);
+                mma16816(sc[j], qa[2 * c + 1], kr[j][c].z, kr[j][c].w);
+            }
+        }
+        // Causal mask, then the online softmax per row. Key 0 is visible to every row, so after the first tile
+        // each row's max is finite (a later tile may be fully masked for a row: it then adds nothing).
+        float corr[2], p[2][4];
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    if (t0 + 8 * j + 2 * tig + e > pos[half]) sc[j][2 * half + e] = -INFINITY;
+                    mx = fmaxf(mx, sc[j][2 * half + e]);
+                }
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
+            const float m_new = fmaxf(m[half], mx);
+            corr[half] = __expf(m[half] - m_new);
+            float psum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float s = sc[j][2 * half + e];
+                    p[j][2 * half + e] = s == -INFINITY ? 0.0f : __expf(s - m_new);
+                    psum += p[j][2 * half + e];
+                }
+            }
+            l[half] = l[half] * corr[half] + psum;
+            m[half] = m_new;
+        }
+        // P·V: A = P (rows gid / gid + 8; keys 2·tig + {0,1} in a[0]/a[1], 8 + 2·tig + {0,1} in a[2]/a[3]).
+        const unsigned int pa[4] = {pack_bf16x2(p[0][0], p[0][1]), pack_bf16x2(p[0][2], p[0][3]),
+                                    pack_bf16x2(p[1][0], p[1][1]), pack_bf16x2(p[1][2], p[1][3])};
+#pragma unroll
+        for (int c = 0; c < VCH; c++) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                unsigned int b0, b1;
+                tc_v_operand<VCH>(vr, c, e, b0, b1);
+                float(&a)[4] = acc[8 * c + e];
+                a[0] *= corr[0];
+                a[1] *= corr[0];
+                a[2] *= corr[1];
+                a[3] *= corr[1];
+                mma16816(a, pa, b0, b1);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        float sum = l[half];
+        sum += __shfl_xor_sync(full, sum, 1);
+        sum += __shfl_xor_sync(full, sum, 2);
+        const int row = row0 + gid + 8 * half;
+        if (row < n) {
+            bf16* o = out + (size_t)row * n_heads * HD + (size_t)head * HD;
+            const float inv = 1.0f / sum;
+#pragma unroll
+            for (int t = 0; t < 8 * VCH; t++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) o[(t >> 3) * 64 + (2 * tig + e) * 8 + (t & 7)] = f2bf(acc[t][2 * half + e] * inv);
+            }
+        }
+    }
+}
+
+#define PREFILL_ATTENTION_TC(HD)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) prefill_attention_tc_hd##HD(                                 \
+        const float* __restrict__ qkv, int n, int start, const bf16* __restrict__ k_cache,                          \
+        const bf16* __restrict__ v_cache, const int* __restrict__ table, int block_size, bf16* __restrict__ out,    \
+        int n_heads, int n_kv, int row_stride, float scale) {                                                       \
+        pdl_begin();                                                                                                \
+        prefill_attention_tc_impl<HD>(qkv, n, start, k_cache, v_cache, table, block_size, out, n_heads, n_kv,       \
+                                      row_stride, scale);                                                           \
+    }
+PREFILL_ATTENTION_TC(64)
+PREFILL_ATTENTION_TC(128)
 
 // Combines paged_attention's partitions: out = Σ_p o_p·e^{m_p−M} / Σ_p l_p·e^{m_p−M}. Empty partitions (sum 0) add
 // nothing. grid (T, n_heads), block (head_dim).

@@ -39,6 +39,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_attention_hd128_g8",
     "paged_attention_tc_hd64",
     "paged_attention_tc_hd128",
+    "prefill_attention_tc_hd64",
+    "prefill_attention_tc_hd128",
     "attention_reduce",
     "silu_mul",
     "gemv_bf16",
@@ -508,6 +510,36 @@ impl CudaKernels {
             }
             i0 += nt;
         }
+        Ok(())
+    }
+
+    /// Causal attention for `n` consecutive new rows of one sequence (positions `start .. start + n`, K/V already in
+    /// the caches) over its paged context, on tensor cores and flash-style: the alternative to
+    /// [`Self::prefill_attention`] without its score workspace, K/V gather or context limit. Uses `s.n_heads`,
+    /// `n_kv`, `head_dim`, `row_stride`, `block_size`, `scale`.
+    ///
+    /// # Safety
+    /// `qkv` points at the first of `n` QKV rows (f32, `s.row_stride` apart); `table` at the sequence's block table
+    /// (covering `start + n` positions, every block inside the caches); `out` at the first of `n` output rows (bf16,
+    /// `n_heads · head_dim` wide).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn prefill_attention_tc(&self, s: &AttentionShape, qkv: u64, n: usize, start: usize, k_cache: u64, v_cache: u64, table: u64, out: u64) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if !self.has_tensor_cores() {
+            return Err(CudaError::Unsupported(format!("tensor-core attention needs sm_80 or later (device: {})", self.arch)));
+        }
+        if s.n_kv == 0 || !s.n_heads.is_multiple_of(s.n_kv) || !ATTENTION_HEAD_DIMS.contains(&s.head_dim) {
+            return Err(CudaError::Unsupported(format!("prefill attention with {} heads / {} KV heads / head_dim {}", s.n_heads, s.n_kv, s.head_dim)));
+        }
+        let name = if s.head_dim == 64 { "prefill_attention_tc_hd64" } else { "prefill_attention_tc_hd128" };
+        let (n_i, start_i, bs, nh, nkv, rs) = (n as i32, start as i32, s.block_size as i32, s.n_heads as i32, s.n_kv as i32, s.row_stride as i32);
+        let mut b = self.launcher(name);
+        b.arg(&qkv).arg(&n_i).arg(&start_i).arg(&k_cache).arg(&v_cache).arg(&table).arg(&bs).arg(&out);
+        b.arg(&nh).arg(&nkv).arg(&rs).arg(&s.scale);
+        // SAFETY: per this function's contract; shapes checked against the kernel's limits above.
+        unsafe { b.launch(cfg(grid(n.div_ceil(64), s.n_heads, 1), 128)) }?;
         Ok(())
     }
 

@@ -170,7 +170,7 @@ impl Ops for CudaOps {
         let (part_size, tensor_cores) = match path {
             AttnPath::Paged(p) => (p.unwrap_or(max_ctx), false),
             AttnPath::PagedTc(p) => (p.unwrap_or(max_ctx), true),
-            AttnPath::Dense => (max_ctx, false),
+            AttnPath::Dense | AttnPath::DenseTc => (max_ctx, false),
         };
         let num_parts = max_ctx.div_ceil(part_size);
         let n = case.rows.len();
@@ -188,7 +188,7 @@ impl Ops for CudaOps {
         };
         let (t, o, c) = (self.up(&tables), self.up(&table_off), self.up(&ctx_len));
         let out = self.nan_bf16(n * case.nh * case.hd);
-        if let AttnPath::Dense = path {
+        if let AttnPath::Dense | AttnPath::DenseTc = path {
             // Each sequence's rows through the cuBLAS prefill path; a small score budget forces several row tiles.
             let ws = PrefillWorkspace::new(&self.stream, case.nh, case.nkv * case.hd, case.hd, n, max_ctx, 6 * case.nh * max_ctx * 4).expect("workspace");
             let mut r0 = 0;
@@ -199,7 +199,14 @@ impl Ops for CudaOps {
                 let table = self.ptr(&t) + (offs[s] as usize * 4) as u64;
                 let out_row = self.ptr(&out) + (r0 * case.nh * case.hd * 2) as u64;
                 // SAFETY: rows r0..r0+rows belong to sequence s, whose K/V were written by write_case.
-                unsafe { self.kernels.prefill_attention(&self.gemm, &ws, &shape, qkv_row, rows, start, self.ptr(&k), self.ptr(&v), table, out_row) }.expect("prefill attention");
+                unsafe {
+                    if let AttnPath::DenseTc = path {
+                        self.kernels.prefill_attention_tc(&shape, qkv_row, rows, start, self.ptr(&k), self.ptr(&v), table, out_row)
+                    } else {
+                        self.kernels.prefill_attention(&self.gemm, &ws, &shape, qkv_row, rows, start, self.ptr(&k), self.ptr(&v), table, out_row)
+                    }
+                }
+                .expect("prefill attention");
                 r0 += rows;
             }
             return self.down_bf16(&out);

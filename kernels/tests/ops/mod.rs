@@ -69,7 +69,10 @@ pub enum AttnPath {
     Paged(Option<usize>),
     /// The tensor-core paged kernel (sm_80 and later), optionally partitioned.
     PagedTc(Option<usize>),
+    /// Each sequence's rows through the dense cuBLAS prefill path.
     Dense,
+    /// Each sequence's rows through the flash-style tensor-core prefill kernel.
+    DenseTc,
 }
 
 /// A paged-attention problem: sequences with cached prefixes and new rows, scattered over shuffled blocks.

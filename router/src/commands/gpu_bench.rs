@@ -195,6 +195,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => println!("paged attention on CUDA cores at every batch size (start-up tuning)"),
     }
     println!(
+        "prefill attention: {} (start-up tuning)",
+        if backend.prefill_on_tensor_cores() { "flash-style on tensor cores" } else { "dense through cuBLAS" }
+    );
+    println!(
         "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10}",
         "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac", "sampled ms"
     );

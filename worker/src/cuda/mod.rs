@@ -218,6 +218,8 @@ pub struct CudaBackend {
     gemv_rows: tune::GemvTable,
     /// Paged attention over at least this many rows runs the tensor-core kernel (`usize::MAX`: never; see `tune`).
     attention_tc_from: usize,
+    /// Prefill chunks attend with the flash-style tensor-core kernel instead of dense cuBLAS (see `tune`).
+    prefill_tc: bool,
     num_sms: usize,
     device_name: String,
 }
@@ -381,6 +383,7 @@ impl CudaBackend {
             use_graphs: true,
             gemv_rows: Vec::new(),
             attention_tc_from: usize::MAX,
+            prefill_tc: false,
             num_sms,
             device_name,
         };

@@ -10,7 +10,8 @@ use ferrite_kernels::cuda::{AttentionShape, CudaError};
 use super::CudaBackend;
 use crate::backend::{ForwardBatch, LogitsWanted};
 
-/// A sequence with at least this many new rows in a step takes the dense (cuBLAS) prefill attention.
+/// A sequence with at least this many new rows in a step takes the prefill attention (flash-style on tensor cores,
+/// or dense through cuBLAS; see `tune`).
 pub(super) const DENSE_MIN_ROWS: usize = 16;
 /// Keys per attention partition, at least (shorter partitions cost more in the reduce than they gain).
 const MIN_PART_SIZE: usize = 128;
@@ -113,7 +114,7 @@ impl CudaBackend {
         while r < n {
             let s = rows[r].0;
             let len = rows[r..].iter().take_while(|x| x.0 == s).count();
-            if len >= DENSE_MIN_ROWS && rows[r].1 + len <= self.prefill_ws.max_ctx {
+            if len >= DENSE_MIN_ROWS && (self.prefill_tc || rows[r].1 + len <= self.prefill_ws.max_ctx) {
                 dense.push((r, len, rows[r].1, s));
             }
             r += len;
@@ -199,7 +200,11 @@ impl CudaBackend {
                 for &(r0, len, start, table) in &l.dense {
                     let qkv_r = qkv + (r0 * qkv_width * 4) as u64;
                     let out = attn + (r0 * q_width * 2) as u64;
-                    k.prefill_attention(g, &self.prefill_ws, &l.shape, qkv_r, len, start, kc, vc, table, out)?;
+                    if self.prefill_tc {
+                        k.prefill_attention_tc(&l.shape, qkv_r, len, start, kc, vc, table, out)?;
+                    } else {
+                        k.prefill_attention(g, &self.prefill_ws, &l.shape, qkv_r, len, start, kc, vc, table, out)?;
+                    }
                 }
                 lin(attn, lw.wo.ptr(st), proj, n, q_width, hidden)?;
                 if let Some(t) = &self.tp {
