@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub cuda_attention: CudaAttention,
     /// CUDA: launch kernels with programmatic dependent launch (sm_90 and later; ignored below).
     pub cuda_programmatic_launch: bool,
+    /// CUDA: directory of compiled kernel images reused across starts (None: compile at every start).
+    pub kernel_cache_dir: Option<PathBuf>,
 }
 
 /// Which paged-attention kernel the CUDA backend runs for decode rows.
@@ -145,6 +147,7 @@ impl Worker {
                     graph_max_batch: if cfg.enforce_eager { 0 } else { cfg.max_num_seqs },
                     programmatic_launch: cfg.cuda_programmatic_launch,
                     attention: cfg.cuda_attention,
+                    kernel_cache: cfg.kernel_cache_dir.clone(),
                 };
                 if cfg.tensor_parallel_size > 1 {
                     Box::new(crate::tp::group::TpBackend::cuda(&files, &opts, plan(1)?)?)

@@ -10,10 +10,12 @@
 //! `unsafe`: the caller guarantees the buffers are live, on this context, and as large as the sizes say. Every
 //! launcher checks the launch itself; [`CudaKernels::check`] surfaces asynchronous faults.
 
+mod cache;
 mod gemm;
 mod launch;
 pub mod nccl;
 
+pub use cache::{CacheOutcome, KernelCache};
 pub use gemm::{Gemm, Operand};
 use launch::Launch;
 
@@ -146,6 +148,30 @@ pub fn nvrtc_available() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
 }
 
+/// NVRTC options besides the architecture (part of the kernel cache's key).
+const COMPILE_OPTIONS: &[&str] = &["--std=c++17"];
+
+/// The NVRTC library's version (major, minor).
+pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NvrtcMissing("set LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel's lib".into()));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers; the library is loaded (checked above).
+    unsafe { nvrtc_sys::nvrtcVersion(&raw mut major, &raw mut minor) }
+        .result()
+        .map_err(|e| CudaError::NvrtcMissing(format!("nvrtcVersion: {e:?}")))?;
+    Ok((major, minor))
+}
+
+/// [`compile`] for an `sm_XY` target: the CUBIN.
+pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, CudaError> {
+    match compile(arch)? {
+        Image::Cubin(bin) => Ok(bin),
+        Image::Ptx(_) => Err(CudaError::Unsupported(format!("{arch} is not an sm_XY target: no CUBIN"))),
+    }
+}
+
 /// Compiles [`KERNEL_SOURCE`] with NVRTC for `arch` (`"sm_90"`, `"compute_90"`, ...): `sm_*` gives a CUBIN, `compute_*`
 /// PTX. Needs libnvrtc but no GPU.
 pub fn compile(arch: &str) -> Result<Image, CudaError> {
@@ -158,7 +184,7 @@ pub fn compile(arch: &str) -> Result<Image, CudaError> {
         .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("create program: {e:?}") })?;
     // No --use_fast_math: it turns sincosf into approximations that are wrong for RoPE angles of thousands of
     // radians. The kernels call the fast intrinsics (__expf) where they are accurate enough.
-    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    let opts: Vec<String> = std::iter::once(format!("--gpu-architecture={arch}")).chain(COMPILE_OPTIONS.iter().map(|o| o.to_string())).collect();
     let opts_ref: Vec<&str> = opts.iter().map(String::as_str).collect();
     // SAFETY: `prog` is a live program created above and destroyed exactly once at the end of this function; every
     // buffer handed to NVRTC is sized from the matching NVRTC size query.
@@ -269,14 +295,19 @@ impl CudaKernels {
     /// Compiles the kernels for the stream's device (`sm_XY` CUBIN) and loads them. Programmatic dependent launch is
     /// on from sm_90 if the driver accepts it.
     pub fn load(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
+        Self::load_cached(stream, None).map(|(k, _)| k)
+    }
+
+    /// [`Self::load`], with the image read from (or stored into) `cache` when given.
+    pub fn load_cached(stream: Arc<CudaStream>, cache: Option<&KernelCache>) -> Result<(Self, Option<CacheOutcome>), CudaError> {
         let ctx: &Arc<CudaContext> = stream.context();
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
-        let ptx = match compile(&arch)? {
-            Image::Cubin(bin) => Ptx::from_binary(bin),
-            Image::Ptx(src) => Ptx::from_src(src),
+        let (image, outcome) = match cache {
+            Some(c) => c.cubin(&arch).map(|(bin, o)| (bin, Some(o)))?,
+            None => (compile_cubin(&arch)?, None),
         };
-        let module = ctx.load_module(ptx)?;
+        let module = ctx.load_module(Ptx::from_binary(image))?;
         let mut funcs = HashMap::new();
         for &name in KERNEL_NAMES {
             funcs.insert(name, module.load_function(name)?);
@@ -286,7 +317,7 @@ impl CudaKernels {
             // A driver that refuses the launch attribute: plain launches (the kernels' waits are then no-ops).
             kernels.programmatic = false;
         }
-        Ok(kernels)
+        Ok((kernels, outcome))
     }
 
     /// One tiny programmatic launch, to learn whether the driver accepts the attribute.

@@ -68,6 +68,13 @@ pub struct EngineArgs {
     /// CUDA: launch kernels with programmatic dependent launch (sm_90 and later).
     #[arg(long, env = "FERRITE_CUDA_PROGRAMMATIC_LAUNCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_programmatic_launch: bool,
+    /// CUDA: where compiled kernels are kept between starts. Default: `$XDG_CACHE_HOME/ferrite/kernels` or
+    /// `~/.cache/ferrite/kernels`.
+    #[arg(long, env = "FERRITE_KERNEL_CACHE_DIR")]
+    pub kernel_cache_dir: Option<PathBuf>,
+    /// CUDA: compile the kernels at every start instead of caching them.
+    #[arg(long, env = "FERRITE_NO_KERNEL_CACHE", conflicts_with = "kernel_cache_dir")]
+    pub no_kernel_cache: bool,
 }
 
 /// `--cuda-attention` choice.
@@ -120,8 +127,19 @@ impl EngineArgs {
             enforce_eager: self.enforce_eager,
             cuda_attention: self.cuda_attention.into(),
             cuda_programmatic_launch: self.cuda_programmatic_launch,
+            kernel_cache_dir: match (&self.kernel_cache_dir, self.no_kernel_cache) {
+                (_, true) => None,
+                (Some(dir), false) => Some(dir.clone()),
+                (None, false) => default_kernel_cache_dir(),
+            },
         }
     }
+}
+
+/// `$XDG_CACHE_HOME/ferrite/kernels`, else `$HOME/.cache/ferrite/kernels` (None without either).
+fn default_kernel_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("ferrite").join("kernels"))
 }
 
 /// `serve` / `worker` backend choice.
@@ -226,5 +244,13 @@ mod tests {
         assert!(c.enforce_eager && !c.cuda_programmatic_launch && c.cuda_attention == Attn::TensorCores);
         assert_eq!(config(&["--cuda-attention", "cuda-cores"]).cuda_attention, Attn::CudaCores);
         assert!(Cli::try_parse_from(["ferrite", "--cuda-attention", "fastest"]).is_err());
+    }
+
+    #[test]
+    fn kernel_cache_dir_defaults_and_can_be_turned_off() {
+        assert_eq!(config(&["--kernel-cache-dir", "/tmp/k"]).kernel_cache_dir, Some(PathBuf::from("/tmp/k")));
+        assert_eq!(config(&["--no-kernel-cache"]).kernel_cache_dir, None);
+        assert_eq!(config(&[]).kernel_cache_dir, default_kernel_cache_dir());
+        assert!(Cli::try_parse_from(["ferrite", "--no-kernel-cache", "--kernel-cache-dir", "/tmp/k"]).is_err());
     }
 }

@@ -31,7 +31,7 @@ use ferrite_common::config::LlamaConfig;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
-use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, PrefillWorkspace};
+use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, KernelCache, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, validate_batch};
 pub use crate::server::CudaAttention;
@@ -58,11 +58,13 @@ pub struct CudaOptions {
     pub programmatic_launch: bool,
     /// Which paged-attention kernel decode rows use (default: timed at start-up).
     pub attention: CudaAttention,
+    /// Directory of compiled kernel images reused across starts (None: compile every time).
+    pub kernel_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, attention: CudaAttention::Auto }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, attention: CudaAttention::Auto, kernel_cache: None }
     }
 }
 
@@ -292,7 +294,10 @@ impl CudaBackend {
         // multi-stream use) is not needed; turning it off keeps launches cheap and graph-capturable.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
-        let mut kernels = CudaKernels::load(Arc::clone(&stream))?;
+        let cache = opts.kernel_cache.as_ref().map(KernelCache::new);
+        let started = std::time::Instant::now();
+        let (mut kernels, cached) = CudaKernels::load_cached(Arc::clone(&stream), cache.as_ref())?;
+        tracing::info!(arch = kernels.arch(), ms = started.elapsed().as_millis() as u64, cache = ?cached, "CUDA kernels loaded");
         kernels.set_programmatic_launch(opts.programmatic_launch);
         Ok((stream, kernels))
     }
