@@ -199,8 +199,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if backend.prefill_on_tensor_cores() { "flash-style on tensor cores" } else { "dense through cuBLAS" }
     );
     println!(
-        "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10}",
-        "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac", "sampled ms"
+        "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10}",
+        "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac", "attn ms", "attn frac", "sampled ms"
     );
     for &b in &a.batch {
         let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
@@ -241,16 +241,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let linear_roof = weight_bytes / (copy_gbs * 1e9) * 1e3;
         let kv_bytes = (b * c.num_layers * 2 * kv_width * (a.ctx + 1) * 2) as f64;
         let roof_ms = (weight_bytes + kv_bytes) / (copy_gbs * 1e9) * 1e3;
+        // Just the step's attention (every layer, the kernel the tuner picked), against the KV-bytes roofline.
+        let attn_ms = backend.time_decode_attention(b, a.ctx + 1)?.unwrap_or(f64::NAN);
+        let attn_roof = kv_bytes / (copy_gbs * 1e9) * 1e3;
         println!(
-            "{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3} {linear_ms:>10.3} {:>9.3} {sampled_ms:>10.3}",
+            "{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3} {linear_ms:>10.3} {:>9.3} {attn_ms:>9.3} {:>10.3} {sampled_ms:>10.3}",
             a.ctx,
             b as f64 / ms * 1e3,
             roof_ms / ms,
-            linear_roof / linear_ms
+            linear_roof / linear_ms,
+            attn_roof / attn_ms
         );
         decode.push(json!({"batch": b, "ctx": a.ctx, "ms_per_step": ms, "tokens_per_s": b as f64 / ms * 1e3,
             "roofline_ms": roof_ms, "fraction_of_roofline": roof_ms / ms, "eager_ms_per_step": eager_ms,
             "linear_ms": linear_ms, "linear_fraction_of_weight_roofline": linear_roof / linear_ms,
+            "attention_ms": attn_ms, "attention_fraction_of_kv_roofline": attn_roof / attn_ms,
             "sampled_top_p_ms_per_step": sampled_ms}));
     }
 

@@ -19,6 +19,7 @@
 mod graphs;
 mod sampling;
 mod step;
+mod timing;
 mod tune;
 pub use tune::GemvChoice;
 pub mod weights;

@@ -9,16 +9,15 @@
 //! - prefill attention: dense through cuBLAS or the flash-style tensor-core kernel, timed on a 1k-row chunk; the
 //!   latter only if faster and in agreement.
 
-use cudarc::driver::sys::CUevent_flags;
 use std::sync::Arc;
 
 use cudarc::driver::DevicePtr;
 use ferrite_kernels::cuda::{CudaError, GEMV_MAX_ROWS, GemvKernel};
 
 use super::step::DENSE_MIN_ROWS;
+use super::timing::REPS;
 use super::{CudaAttention, CudaBackend};
 
-const REPS: usize = 20;
 /// Decode row counts at which the attention kernels are compared.
 const ATTENTION_ROWS: &[usize] = &[1, 2, 4, 8, 16, 32, 64];
 /// Context of every row when the attention kernels are compared (less if the KV cache is smaller).
@@ -124,68 +123,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Milliseconds (device events, median of 5) for just the linear layers of one decode step of `rows` rows:
-    /// every layer's QKV, o_proj, gate/up and down, then the lm_head, through the same routing as a step.
-    pub fn time_decode_linears(&self, rows: usize) -> Result<f64, CudaError> {
-        let c = &self.config;
-        let st = &self.stream;
-        let sc = &self.scratch;
-        let lm_rows = self.weights.lm_head().rows;
-        let rows = rows.min(sc.rows).min(sc.logit_rows());
-        let (h, act) = (sc.h.device_ptr(st).0, sc.act.device_ptr(st).0);
-        // SAFETY: h and act hold scratch.rows rows of their widths.
-        unsafe {
-            self.kernels.fill_random_bf16(h, sc.h.len(), 3, 1.0, 0.0)?;
-            self.kernels.fill_random_bf16(act, sc.act.len(), 4, 1.0, 0.0)?;
-        }
-        let (qkv, proj, gate_up, logits) = (sc.qkv.device_ptr(st).0, sc.proj.device_ptr(st).0, sc.gate_up.device_ptr(st).0, sc.logits.device_ptr(st).0);
-        let (hd, hidden, ffn) = (c.head_dim, c.hidden_size, c.intermediate_size);
-        let qkv_width = (c.num_heads + 2 * c.num_kv_heads) * hd;
-        let step = || -> Result<(), CudaError> {
-            // SAFETY: every operand is a scratch buffer sized for ≥ rows rows of its width, or a weight.
-            unsafe {
-                for lw in &self.weights.layers {
-                    self.linear(h, lw.qkv.ptr(st), qkv, rows, hidden, qkv_width)?;
-                    self.linear(act, lw.wo.ptr(st), proj, rows, c.num_heads * hd, hidden)?;
-                    self.linear(h, lw.gate_up.ptr(st), gate_up, rows, hidden, 2 * ffn)?;
-                    self.linear(act, lw.down.ptr(st), proj, rows, ffn, hidden)?;
-                }
-                self.linear(h, self.weights.lm_head().ptr(st), logits, rows, hidden, lm_rows)
-            }
-        };
-        step()?;
-        let ctx = st.context();
-        let mut times = Vec::new();
-        for _ in 0..5 {
-            let (a, b) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
-            a.record(st)?;
-            step()?;
-            b.record(st)?;
-            b.synchronize()?;
-            times.push(f64::from(a.elapsed_ms(&b)?));
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[2])
-    }
-
     /// Per weight shape `(in, out)`: the kernel serving 1..=8 rows (None: cuBLAS).
     pub fn gemv_table(&self) -> &[GemvChoice] {
         &self.gemv_rows
-    }
-
-    /// Milliseconds for `REPS` runs of `f` (device events, after one warm-up run).
-    fn time_reps(&self, f: &dyn Fn() -> Result<(), CudaError>) -> Result<f32, CudaError> {
-        let st = &self.stream;
-        let ctx = st.context();
-        f()?;
-        let (a, b) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
-        a.record(st)?;
-        for _ in 0..REPS {
-            f()?;
-        }
-        b.record(st)?;
-        b.synchronize()?;
-        Ok(a.elapsed_ms(&b)?)
     }
 
     /// Chooses the attention kernels (see the module doc; `choice` can fix them): sets `attention_tc_from` (decode)
@@ -280,16 +220,9 @@ impl CudaBackend {
             if rows > self.scratch.rows || blocks == 0 {
                 break;
             }
-            let ctx = (blocks * bs).min(ATTENTION_CTX);
-            let mut meta: Vec<i32> = Vec::new();
-            meta.extend((0..rows).map(|r| (r * blocks) as i32)); // table offsets
-            meta.extend((0..rows).map(|_| ctx as i32)); // context lengths
-            meta.extend((0..rows * blocks).map(|b| 1 + b as i32)); // block tables
-            let meta_d = st.clone_htod(&meta)?;
-            let base = meta_d.device_ptr(st).0;
-            let (table_off, ctx_len, tables) = (base, base + (rows * 4) as u64, base + (2 * rows * 4) as u64);
-            let (part_size, num_parts) = self.eager_parts(rows, rows, ctx);
-            let mut shape = self.attention_shape(rows, rows, part_size, num_parts);
+            let meta = self.decode_attention_meta(rows, (blocks * bs).min(ATTENTION_CTX))?;
+            let (table_off, ctx_len, tables) = (meta.table_off, meta.ctx_len, meta.tables);
+            let mut shape = meta.shape;
             let mut outputs = Vec::new();
             let mut times = Vec::new();
             for tc in [false, true] {
