@@ -28,6 +28,14 @@ def byte_perm(x, y, sel):
     return sum(b[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
 
 
+def v_operand(vr, c, e):
+    """tc_v_operand: the B operand of P.V for n-tile 8c + e, per lane."""
+    sel = 0x7632 if e & 1 else 0x5410
+    b0 = np.array([byte_perm(vr[0][c][e >> 1][ln], vr[1][c][e >> 1][ln], sel) for ln in range(32)])
+    b1 = np.array([byte_perm(vr[2][c][e >> 1][ln], vr[3][c][e >> 1][ln], sel) for ln in range(32)])
+    return b0, b1
+
+
 def mma(d0, d1, a0, a2, b0, b1):
     # per-lane arrays of 32; builds A 16x16, B 16x8 from the PTX fragment layouts, D = A B + C.
     A = np.zeros((16, 16)); B = np.zeros((16, 8)); C = np.zeros((16, 8))
@@ -74,28 +82,7 @@ def block(HD, qkv, kc, vc, table, ctx, r, kvh, part, part_size, n_heads, n_kv, r
         acc = np.zeros((8 * VCH, 2, 32), np.float32)
         t0 = start + warp * 16
         while t0 < end:
-            my_slot = np.full(32, -1)
-            for lane in range(16):
-                t = t0 + lane
-                if t < end: my_slot[lane] = table[t // block_size] * block_size + t % block_size
-            kr = np.zeros((2, KCH, 4, 32), np.uint64)
-            for j in range(2):
-                for lane in range(32):
-                    s = my_slot[8 * j + gid[lane]]
-                    for c in range(KCH):
-                        if s >= 0:
-                            off = s * kvw + kvh * HD + tig[lane] * 8 + c * 32
-                            words = kc[off:off + 8]
-                            for q in range(4): kr[j][c][q][lane] = int(words[2 * q]) | (int(words[2 * q + 1]) << 16)
-            vr = np.zeros((4, VCH, 4, 32), np.uint64)
-            for i in range(4):
-                for lane in range(32):
-                    s = my_slot[(i >> 1) * 8 + 2 * tig[lane] + (i & 1)]
-                    for c in range(VCH):
-                        if s >= 0:
-                            off = s * kvw + kvh * HD + gid[lane] * 8 + c * 64
-                            words = vc[off:off + 8]
-                            for q in range(4): vr[i][c][q][lane] = int(words[2 * q]) | (int(words[2 * q + 1]) << 16)
+            kr, vr = load_kv(HD, table, block_size, t0, end, kc, vc, kvw, kvh)  # tc_load_kv
             sc = np.zeros((2, 2, 32), np.float32)
             for j in range(2):
                 for c in range(KCH):
@@ -119,9 +106,7 @@ def block(HD, qkv, kc, vc, table, ctx, r, kvh, part, part_size, n_heads, n_kv, r
             pa0 = pack(p[0][0], p[0][1]); pa2 = pack(p[1][0], p[1][1])
             for c in range(VCH):
                 for e in range(8):
-                    sel = 0x7632 if e & 1 else 0x5410
-                    b0 = np.array([byte_perm(vr[0][c][e >> 1][ln], vr[1][c][e >> 1][ln], sel) for ln in range(32)])
-                    b1 = np.array([byte_perm(vr[2][c][e >> 1][ln], vr[3][c][e >> 1][ln], sel) for ln in range(32)])
+                    b0, b1 = v_operand(vr, c, e)
                     a = acc[8 * c + e]
                     a[0] *= corr; a[1] *= corr
                     a[0], a[1] = mma(a[0], a[1], pa0, pa2, b0, b1)
@@ -287,9 +272,7 @@ def warp(HD, qkv, n, start, kc, vc, table, block_size, out, n_heads, n_kv, row_s
         pa = [pack(p[0][0], p[0][1]), pack(p[0][2], p[0][3]), pack(p[1][0], p[1][1]), pack(p[1][2], p[1][3])]
         for c in range(VCH):
             for e in range(8):
-                sel = 0x7632 if e & 1 else 0x5410
-                b0 = np.array([byte_perm(vr[0][c][e >> 1][ln], vr[1][c][e >> 1][ln], sel) for ln in range(32)])
-                b1 = np.array([byte_perm(vr[2][c][e >> 1][ln], vr[3][c][e >> 1][ln], sel) for ln in range(32)])
+                b0, b1 = v_operand(vr, c, e)
                 a = acc[8 * c + e]
                 a[0] = a[0] * corr[0]; a[1] = a[1] * corr[0]; a[2] = a[2] * corr[1]; a[3] = a[3] * corr[1]
                 acc[8 * c + e] = mma_full(a, pa, b0, b1)
