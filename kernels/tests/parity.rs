@@ -191,6 +191,22 @@ fn check_attention(ops: &mut dyn Ops) {
     }
 }
 
+/// Strided row copies (how tensor-parallel ranks assemble whole logit rows): exact, nothing outside the rows.
+fn check_copy_2d(ops: &mut dyn Ops) {
+    let mut rng = fresh_rng("copy_f32_2d");
+    for (rows, width, src_stride, dst_stride) in [(1, 300, 300, 1000), (5, 257, 300, 600), (3, 1000, 1000, 1000)] {
+        let src = randv(&mut rng, rows * src_stride, 3.0);
+        let out = ops.copy_2d(&src, src_stride, dst_stride, rows, width);
+        let mut reference = vec![-7.0f64; rows * dst_stride];
+        for r in 0..rows {
+            for c in 0..width {
+                reference[r * dst_stride + c] = f64::from(src[r * src_stride + c]);
+            }
+        }
+        assert_close(&format!("copy_2d {rows}x{width} ({src_stride} -> {dst_stride})"), ops.name(), &out, &reference, 0.0);
+    }
+}
+
 fn check_argmax(ops: &mut dyn Ops) {
     let mut rng = fresh_rng("argmax_rows");
     let vocab = 49152;
@@ -329,6 +345,7 @@ fn run_all(ops: &mut dyn Ops, which: &str) {
         "silu_mul" => check_silu_mul(ops),
         "attention" => check_attention(ops),
         "argmax" => check_argmax(ops),
+        "copy_2d" => check_copy_2d(ops),
         "linear" => check_linear(ops),
         "sample" => check_sample(ops),
         other => unreachable!("{other}"),
@@ -352,7 +369,7 @@ macro_rules! parity_tests {
     };
 }
 
-parity_tests!(embed_gather, add_rms_norm, rope, rope_kv_write, silu_mul, attention, argmax, linear, sample);
+parity_tests!(embed_gather, add_rms_norm, rope, rope_kv_write, silu_mul, attention, argmax, copy_2d, linear, sample);
 
 #[test]
 fn rel_err_rejects_nan_and_accepts_exact() {

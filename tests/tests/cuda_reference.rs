@@ -267,48 +267,17 @@ fn cuda_programmatic_launch_changes_no_bit() {
 /// picks from the same logits with the same uniforms, in eager and graph-replayed decode steps alike.
 #[test]
 fn cuda_device_sampling_matches_the_host_sampler() {
-    use ferrite_common::sampling::{SamplingParams, StoppingParams};
-    use ferrite_worker::engine::sampler::Sampler;
     let Some(mut b) = backend() else { return };
-    let cases = ref_cases();
-    let prompts: Vec<&[u32]> = cases.iter().take(4).map(|c| c.prompt_ids.as_slice()).collect();
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let tables: Vec<Vec<u32>> = prompts.iter().enumerate().map(|(i, p)| alloc.ensure(i as u64, p.len()).unwrap().to_vec()).collect();
-    let params = [
-        SamplingParams { temperature: 1.0, ..SamplingParams::default() },
-        SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, ..SamplingParams::default() },
-        SamplingParams { temperature: 1.3, min_p: 0.05, repetition_penalty: 1.2, presence_penalty: 0.5, ..SamplingParams::default() },
-        SamplingParams { temperature: 0.0, frequency_penalty: 1.0, logit_bias: vec![(42, 3.0)], ..SamplingParams::default() },
-    ];
     for (graphs, seed) in [(true, 7u64), (false, 8)] {
         b.set_graphs_enabled(graphs);
-        for step in 0..5u64 {
-            // One prefill per prompt (eager), or all prompts' last token as one decode step (graph when enabled).
-            let batch = ForwardBatch {
-                seqs: prompts
-                    .iter()
-                    .zip(&tables)
-                    .map(|(p, t)| {
-                        let start = if step == 0 { 0 } else { p.len() - 1 };
-                        SeqInput { tokens: &p[start..], start_pos: start, block_table: t, logits: LogitsWanted::Last }
-                    })
-                    .collect(),
-            };
-            let rows: Vec<_> = params
-                .iter()
-                .zip(&prompts)
-                .enumerate()
-                .map(|(i, (sp, p))| {
-                    let mut s = Sampler::new(sp.clone(), &StoppingParams::default(), &[2], p, seed + step, i as u32);
-                    s.record(p[0]);
-                    s.prepare(1)
-                })
-                .collect();
-            let on_device = b.forward_sample(&batch, &rows).expect("device sampling");
-            let logits = b.forward(&batch).expect("logits");
-            let mut scratch = Default::default();
-            let on_host: Vec<u32> = (0..rows.len()).map(|i| rows[i].sample_host(&mut logits.last(i).unwrap().to_vec(), &mut scratch)).collect();
-            assert_eq!(on_device, on_host, "graphs {graphs}, step {step}");
-        }
+        ferrite_tests::assert_sampling_matches_host(&mut b, seed, BLOCKS);
     }
+}
+
+/// A tensor-parallel rank (world size 1) samples on its device from the whole logit rows it assembles from the
+/// group's gathered vocabulary slices: the same tokens as the host sampler on the same logits.
+#[test]
+fn cuda_tensor_parallel_device_sampling_matches_the_host_sampler() {
+    let Some(mut b) = started(|model, opts| TpBackend::cuda(model, opts, ShardSpec::plan(&model.config, 1, 1).unwrap())) else { return };
+    ferrite_tests::assert_sampling_matches_host(&mut b, 9, BLOCKS);
 }

@@ -72,6 +72,15 @@ fn tp3_default_model_matches_tp1() {
 }
 
 /// TP=2 (KV heads split) and TP=4 (each KV head replicated on two ranks) on the generated tiny model.
+/// TP=3 CPU ranks draw sampled tokens on rank 0 (the others take part in the collectives): the same tokens as the
+/// host sampler on the group's logits.
+#[test]
+fn tp3_sampling_draws_from_the_group_logits() {
+    let model = ModelFiles::open(&default_model()).expect("open default model");
+    let mut b = tp_backend(&model, 3, WeightPrecision::Native);
+    ferrite_tests::assert_sampling_matches_host(&mut b, 5, BLOCKS);
+}
+
 #[test]
 fn tp2_and_tp4_tiny_model_match_tp1() {
     let dir = tempfile::tempdir().unwrap();

@@ -184,6 +184,17 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const int* __r
     }
 }
 
+// dst[r, c] = src[r, c] for r < rows, c < width, with row strides (floats) src_stride / dst_stride: assembles a
+// tensor-parallel group's gathered vocabulary slices into whole logit rows on the device. Twin: a row-by-row copy.
+// grid (ceil(width / 256), rows), block (256).
+extern "C" __global__ void copy_f32_2d(const float* __restrict__ src, long long src_stride, float* __restrict__ dst,
+                                       long long dst_stride, int width) {
+    pdl_begin();
+    const int r = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < width) dst[r * dst_stride + c] = src[r * src_stride + c];
+}
+
 // ---- Small-batch linear layer (decode) ----
 
 #define GEMV_MAX_B 8

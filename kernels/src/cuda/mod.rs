@@ -45,6 +45,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "prefill_attention_tc_hd128",
     "attention_reduce",
     "silu_mul",
+    "copy_f32_2d",
     "gemv_bf16",
     "gemv_bf16_u8",
     "gemv_bf16_u8s",
@@ -592,6 +593,22 @@ impl CudaKernels {
         b.arg(&x).arg(&w).arg(&y).arg(&b_).arg(&i_).arg(&o_);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(out.div_ceil(8), 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// `dst[r, c] = src[r, c]` for `rows × width` f32, rows `src_stride` / `dst_stride` floats apart.
+    ///
+    /// # Safety
+    /// `src` holds `(rows − 1) · src_stride + width` f32, `dst` `(rows − 1) · dst_stride + width`; they do not overlap.
+    pub unsafe fn copy_f32_2d(&self, src: u64, src_stride: usize, dst: u64, dst_stride: usize, rows: usize, width: usize) -> Result<(), CudaError> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let (ss, ds, w) = (src_stride as i64, dst_stride as i64, width as i32);
+        let mut b = self.launcher("copy_f32_2d");
+        b.arg(&src).arg(&ss).arg(&dst).arg(&ds).arg(&w);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(width.div_ceil(256), rows, 1), 256)) }?;
         Ok(())
     }
 

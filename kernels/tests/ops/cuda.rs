@@ -243,6 +243,13 @@ impl Ops for CudaOps {
         (self.down(&qkv), kr, vr)
     }
 
+    fn copy_2d(&mut self, src: &[f32], src_stride: usize, dst_stride: usize, rows: usize, width: usize) -> Vec<f32> {
+        let (s, d) = (self.up(src), self.up(&vec![-7.0f32; rows * dst_stride]));
+        // SAFETY: src holds rows·src_stride ≥ (rows−1)·src_stride + width floats, dst rows·dst_stride.
+        unsafe { self.kernels.copy_f32_2d(self.ptr(&s), src_stride, self.ptr(&d), dst_stride, rows, width) }.expect("launch");
+        self.down(&d)
+    }
+
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>) {
         let rows = logits.len() / vocab;
         let (l, ids, vals) = (self.up(logits), self.up(&vec![-1i32; rows]), self.nan_f32(rows));

@@ -44,6 +44,9 @@ pub trait Ops {
     /// RoPE on the case's new rows (at their positions) and their K/V into the cache, fused on CUDA: returns the
     /// rotated QKV rows and each row's K and V as read back from its slot (bf16 as f32).
     fn rope_kv_write(&mut self, case: &AttnCase, inv_freq: &[f32], interleaved: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>);
+    /// `rows × width` floats from `src` (rows `src_stride` apart) into a buffer of `rows × dst_stride` filled with
+    /// -7 first (rows `dst_stride` apart); returns that buffer.
+    fn copy_2d(&mut self, src: &[f32], src_stride: usize, dst_stride: usize, rows: usize, width: usize) -> Vec<f32>;
     /// Each row's argmax and its value (-inf for a row without a non-NaN value).
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>);
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
@@ -267,6 +270,14 @@ impl Ops for CpuOps {
         let part = |off: usize| -> Vec<f32> { qkv.chunks_exact(case.stride()).flat_map(|row| row[off..][..kw].iter().map(|&v| round(v))).collect() };
         let (k, v) = (part(qw), part(qw + kw));
         (qkv, k, v)
+    }
+
+    fn copy_2d(&mut self, src: &[f32], src_stride: usize, dst_stride: usize, rows: usize, width: usize) -> Vec<f32> {
+        let mut dst = vec![-7.0f32; rows * dst_stride];
+        for r in 0..rows {
+            dst[r * dst_stride..][..width].copy_from_slice(&src[r * src_stride..][..width]);
+        }
+        dst
     }
 
     fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32> {

@@ -195,6 +195,8 @@ struct RankTp {
     per_vocab: usize,
     /// Receives the gathered (id, value) pairs or logits of every rank.
     gather: CudaSlice<f32>,
+    /// Whole logit rows assembled from `gather` on the device, for sampling there: `[logit rows, full vocab]`.
+    full_logits: CudaSlice<f32>,
 }
 
 /// The Llama model on one GPU.
@@ -322,7 +324,8 @@ impl CudaBackend {
                 let world = vocab.len();
                 let logit_rows = scratch.logit_rows();
                 let gather = stream.alloc_zeros::<f32>(world * (logit_rows * logits_width).max(2 * logit_rows))?;
-                Some(RankTp { comm, full, vocab, per_vocab: logits_width, gather })
+                let full_logits = stream.alloc_zeros::<f32>(logit_rows * full.vocab_size)?;
+                Some(RankTp { comm, full, vocab, per_vocab: logits_width, gather, full_logits })
             }
         };
         let kv_width = config.num_kv_heads * config.head_dim;
@@ -520,7 +523,16 @@ impl CudaBackend {
     fn collect(&mut self, rows: usize, sink: &mut LogitsSink<'_>) -> Result<(), StepError> {
         let vocab = self.config.vocab_size;
         if let LogitsSink::Sample { rows: all, next, out } = sink {
-            let ids = self.sample_device(&all[*next..*next + rows])?;
+            let logits = match &self.tp {
+                None => self.scratch.logits.device_ptr(&self.stream).0,
+                Some(_) => {
+                    let full = self.gather_full_logits(rows)?;
+                    // The collective is done (polled, so a gone peer is an error) before the sampler's blocking copy.
+                    self.wait()?;
+                    full
+                }
+            };
+            let ids = self.sample_device(logits, &all[*next..*next + rows])?;
             *next += rows;
             out.extend(ids);
             return Ok(());
@@ -544,10 +556,7 @@ impl CudaBackend {
         let world = tp.vocab.len();
         match sink {
             LogitsSink::Host(out) => {
-                let part = rows * tp.per_vocab;
-                let (send, recv) = (self.scratch.logits.device_ptr(&self.stream).0, tp.gather.device_ptr(&self.stream).0);
-                // SAFETY: logits holds ≥ rows·per_vocab f32 on every rank; gather holds world·that.
-                unsafe { tp.comm.all_gather_device(send, recv, part * 4) }?;
+                let part = self.gather_logits(rows)?;
                 self.wait()?;
                 let mut all = vec![0f32; world * part];
                 self.stream.memcpy_dtoh(&tp.gather.slice(..world * part), &mut all)?;
@@ -564,9 +573,37 @@ impl CudaBackend {
                 self.stream.memcpy_dtoh(&tp.gather.slice(..world * 2 * cap), &mut all)?;
                 out.extend(crate::tp::gather::combine_argmax(&all, 2 * cap, cap, &tp.vocab, rows));
             }
-            LogitsSink::Sample { .. } => unreachable!("a tensor-parallel rank samples on the host (can_sample)"),
+            LogitsSink::Sample { .. } => unreachable!("handled above"),
         }
         Ok(())
+    }
+
+    /// A tensor-parallel rank's collective: every rank's logit rows `0 .. rows` (its vocabulary slice) into
+    /// `gather`, rank k's at `k · part`. Returns `part` (floats per rank).
+    fn gather_logits(&self, rows: usize) -> Result<usize, StepError> {
+        let tp = self.tp.as_ref().expect("a tensor-parallel rank");
+        let part = rows * tp.per_vocab;
+        let (send, recv) = (self.scratch.logits.device_ptr(&self.stream).0, tp.gather.device_ptr(&self.stream).0);
+        // SAFETY: logits holds ≥ rows·per_vocab f32 on every rank; gather holds world·that.
+        unsafe { tp.comm.all_gather_device(send, recv, part * 4) }?;
+        Ok(part)
+    }
+
+    /// Gathers logit rows `0 .. rows` of every rank and assembles whole rows (the full vocabulary, in order) in
+    /// `full_logits` on the device; returns its address. Every rank does this (and then samples the same rows with
+    /// the same uniforms, so all draw the same ids).
+    fn gather_full_logits(&self, rows: usize) -> Result<u64, StepError> {
+        let part = self.gather_logits(rows)?;
+        let tp = self.tp.as_ref().expect("a tensor-parallel rank");
+        let st = &self.stream;
+        let (gather, full) = (tp.gather.device_ptr(st).0, tp.full_logits.device_ptr(st).0);
+        let vocab = tp.full.vocab_size;
+        for (k, range) in tp.vocab.iter().enumerate() {
+            // SAFETY: rank k's rows are dense with its own width at k·part in `gather` (rows·width ≤ part floats);
+            // `full_logits` holds logit_rows ≥ rows rows of the full vocabulary, and range lies within it.
+            unsafe { self.kernels.copy_f32_2d(gather + (k * part * 4) as u64, range.len(), full + (range.start * 4) as u64, vocab, rows, range.len()) }?;
+        }
+        Ok(full)
     }
 
     /// Runs a step; on failure a tensor-parallel rank fails its group at once (the others stop waiting for it).

@@ -46,17 +46,18 @@ impl SampleBuffers {
 }
 
 impl CudaBackend {
-    /// Whether `rows` can be sampled on this device (otherwise the step samples on the host): a single GPU (a
-    /// tensor-parallel rank holds a vocabulary slice) and every chunk's adjustments fit the reserved buffer.
+    /// Whether `rows` can be sampled on this device (otherwise the step samples on the host): every chunk's
+    /// adjustments fit the reserved buffer. A tensor-parallel rank samples whole rows assembled from every rank's
+    /// slice; all ranks draw, with the same uniforms, the same ids.
     pub(super) fn can_sample(&self, rows: &[RowSampling]) -> bool {
-        self.tp.is_none() && rows.chunks(self.samplers.rows).all(|c| c.iter().map(|r| r.adjust.len()).sum::<usize>() <= MAX_ADJUSTMENTS)
+        rows.chunks(self.samplers.rows).all(|c| c.iter().map(|r| r.adjust.len()).sum::<usize>() <= MAX_ADJUSTMENTS)
     }
 
-    /// Draws the tokens of logit rows `0 .. rows.len()` (in `scratch.logits`, which it overwrites) into
-    /// `scratch.ids` and returns them.
-    pub(super) fn sample_device(&mut self, rows: &[RowSampling]) -> Result<Vec<u32>, StepError> {
+    /// Draws the tokens of the `rows.len()` whole logit rows at `logits` (rows of the full vocabulary, which it
+    /// overwrites) into `scratch.ids` and returns them.
+    pub(super) fn sample_device(&mut self, logits: u64, rows: &[RowSampling]) -> Result<Vec<u32>, StepError> {
         let n = rows.len();
-        let vocab = self.config.vocab_size;
+        let vocab = self.tp.as_ref().map_or(self.config.vocab_size, |t| t.full.vocab_size);
         let b = &mut self.samplers;
         debug_assert!(n <= b.rows);
         b.host_params.clear();
@@ -80,11 +81,10 @@ impl CudaBackend {
         if adjustments > 0 {
             st.memcpy_htod(&b.host_adj, &mut b.adj.slice_mut(..5 * adjustments))?;
         }
-        let logits = self.scratch.logits.device_ptr(st).0;
         let ids = self.scratch.ids.device_ptr(st).0;
         let b = &self.samplers;
         let ptr_f = |s: &CudaSlice<f32>| s.device_ptr(st).0;
-        // SAFETY: logits holds n rows of vocab f32 (the lm_head's output, stride vocab); the parameter buffers hold
+        // SAFETY: logits holds n rows of vocab f32 (the caller's contract, stride vocab); the parameter buffers hold
         // n rows (n ≤ their capacity) and `adjustments` entries with distinct (row, id), just uploaded in order on
         // this stream; ids holds ≥ n i32.
         unsafe {

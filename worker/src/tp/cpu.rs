@@ -42,7 +42,7 @@ impl TpBackend {
         let model_files = model.clone();
         let factory: RankFactory = Arc::new(move |rank| {
             let backend = CpuBackend::load_shard(&model_files, &per_rank, &plan, Arc::clone(&comms[rank]))?;
-            Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend) })
+            Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend), samples_on_device: false })
         });
         Self::start(model.config.clone(), tp, factory, abort, step_timeout)
     }

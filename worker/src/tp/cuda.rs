@@ -49,7 +49,7 @@ impl TpBackend {
             let spec = RankSpec { plan: &plan, group: Arc::clone(&group), rank };
             let backend = CudaBackend::load_rank(&model_files, &opts, spec)?;
             tracing::info!(rank, device = opts.device, gpu = backend.device_name(), kv_blocks = backend.info().num_kv_blocks, "tensor-parallel rank ready");
-            Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend) })
+            Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend), samples_on_device: true })
         });
         // GPU ranks poll each wait against `timeout` themselves; the engine side only catches a rank stuck in a call.
         Self::start(model.config.clone(), tp, factory, abort, 2 * timeout)

@@ -18,7 +18,7 @@ use std::time::Duration;
 use ferrite_common::config::LlamaConfig;
 use ferrite_common::error::ModelError;
 
-use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, SeqInput};
+use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, SeqInput};
 
 /// How long a rank waits for the others in a collective before the step fails.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,6 +31,10 @@ pub const CPU_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub struct Rank {
     pub backend: Box<dyn Backend>,
     pub weight_bytes: usize,
+    /// Whether the rank samples on its device from whole logit rows it assembles (CUDA): then every rank runs
+    /// `forward_sample` and draws the same ids. Otherwise (CPU) rank 0 samples and the others run `forward`, which
+    /// takes part in the same collectives.
+    pub samples_on_device: bool,
 }
 
 /// Builds rank `r`'s backend on the rank's own thread.
@@ -48,8 +52,17 @@ struct OwnedSeq {
 
 struct Step {
     seqs: Vec<OwnedSeq>,
-    /// Greedy ids instead of logits (`Backend::forward_greedy`).
-    greedy: bool,
+    mode: Mode,
+}
+
+/// What a step returns.
+enum Mode {
+    /// Logits (`Backend::forward`).
+    Logits,
+    /// Greedy ids (`Backend::forward_greedy`).
+    Greedy,
+    /// Sampled ids (`Backend::forward_sample`).
+    Sample(Vec<RowSampling>),
 }
 
 enum RankOut {
@@ -143,7 +156,7 @@ impl TpBackend {
         }
     }
 
-    fn run(&mut self, batch: &ForwardBatch<'_>, greedy: bool) -> Result<RankOut, BackendError> {
+    fn run(&mut self, batch: &ForwardBatch<'_>, mode: Mode) -> Result<RankOut, BackendError> {
         crate::backend::validate_batch(batch, &self.config, self.info.block_size, self.info.num_kv_blocks)?;
         if let Some(why) = &self.failed {
             return Err(BackendError::Collective(format!("the tensor-parallel group failed earlier ({why}); restart the worker")));
@@ -153,7 +166,7 @@ impl TpBackend {
             .iter()
             .map(|s| OwnedSeq { tokens: s.tokens.to_vec(), start_pos: s.start_pos, block_table: s.block_table.to_vec(), logits: s.logits })
             .collect();
-        let step = Arc::new(Step { seqs, greedy });
+        let step = Arc::new(Step { seqs, mode });
         for tx in &self.senders {
             if tx.send(Arc::clone(&step)).is_err() {
                 self.fail("a rank thread is gone");
@@ -196,7 +209,7 @@ fn rank_main(rank: usize, factory: RankFactory, abort: GroupAbort, steps: Receiv
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory(rank))).unwrap_or_else(|_| {
         Err(ModelError::InvalidConfig { path: Default::default(), detail: format!("tensor-parallel rank {rank} panicked while loading") })
     });
-    let Rank { mut backend, weight_bytes } = match built {
+    let Rank { mut backend, weight_bytes, samples_on_device } = match built {
         Ok(r) => r,
         Err(e) => {
             abort(&format!("rank {rank} failed to load: {e}"));
@@ -211,8 +224,11 @@ fn rank_main(rank: usize, factory: RankFactory, abort: GroupAbort, steps: Receiv
             seqs: step.seqs.iter().map(|s| SeqInput { tokens: &s.tokens, start_pos: s.start_pos, block_table: &s.block_table, logits: s.logits }).collect(),
         };
         // A panic must not leave the other ranks waiting in a collective: it fails the step like an error.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if step.greedy { backend.forward_greedy(&batch).map(RankOut::Ids) } else { backend.forward(&batch).map(RankOut::Logits) }
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &step.mode {
+            Mode::Logits => backend.forward(&batch).map(RankOut::Logits),
+            Mode::Greedy => backend.forward_greedy(&batch).map(RankOut::Ids),
+            Mode::Sample(rows) if rank == 0 || samples_on_device => backend.forward_sample(&batch, rows).map(RankOut::Ids),
+            Mode::Sample(_) => backend.forward(&batch).map(RankOut::Logits),
         }))
         .unwrap_or_else(|_| Err(BackendError::Collective(format!("rank {rank} panicked during a step"))));
         if let Err(e) = &out {
@@ -249,16 +265,24 @@ impl Backend for TpBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
-        match self.run(batch, false)? {
+        match self.run(batch, Mode::Logits)? {
             RankOut::Logits(l) => Ok(l),
             RankOut::Ids(_) => Err(BackendError::Collective("rank 0 returned ids for a logits step".into())),
         }
     }
 
     fn forward_greedy(&mut self, batch: &ForwardBatch<'_>) -> Result<Vec<u32>, BackendError> {
-        match self.run(batch, true)? {
+        match self.run(batch, Mode::Greedy)? {
             RankOut::Ids(ids) => Ok(ids),
             RankOut::Logits(_) => Err(BackendError::Collective("rank 0 returned logits for a greedy step".into())),
+        }
+    }
+
+    /// Rank 0 draws the ids (on its device or on the host, as its backend does); see [`Rank::samples_on_device`].
+    fn forward_sample(&mut self, batch: &ForwardBatch<'_>, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+        match self.run(batch, Mode::Sample(rows.to_vec()))? {
+            RankOut::Ids(ids) => Ok(ids),
+            RankOut::Logits(_) => Err(BackendError::Collective("rank 0 returned logits for a sampled step".into())),
         }
     }
 }
