@@ -135,5 +135,10 @@ mod tests {
         assert_eq!((outcome, &repaired), (CacheOutcome::Stored, &first));
         assert_eq!(fs::read(&path).expect("rewritten"), bytes);
         assert!(cache.cubin("compute_90").is_err(), "PTX is not cached");
+        // A cache directory that cannot exist (a file is in the way) still yields the image.
+        let blocked = dir.path().join("a-file");
+        fs::write(&blocked, b"x").expect("file");
+        let (image, outcome) = KernelCache::new(blocked.join("kernels")).cubin("sm_80").expect("compile");
+        assert_eq!((outcome, &image), (CacheOutcome::Unwritable, &first));
     }
 }
