@@ -525,8 +525,8 @@ impl CudaBackend {
         if let LogitsSink::Sample { rows: all, next, out } = sink {
             let logits = match &self.tp {
                 None => self.scratch.logits.device_ptr(&self.stream).0,
-                Some(_) => {
-                    let full = self.gather_full_logits(rows)?;
+                Some(tp) => {
+                    let full = self.gather_full_logits(tp, rows)?;
                     // The collective is done (polled, so a gone peer is an error) before the sampler's blocking copy.
                     self.wait()?;
                     full
@@ -556,7 +556,7 @@ impl CudaBackend {
         let world = tp.vocab.len();
         match sink {
             LogitsSink::Host(out) => {
-                let part = self.gather_logits(rows)?;
+                let part = self.gather_logits(tp, rows)?;
                 self.wait()?;
                 let mut all = vec![0f32; world * part];
                 self.stream.memcpy_dtoh(&tp.gather.slice(..world * part), &mut all)?;
@@ -580,8 +580,7 @@ impl CudaBackend {
 
     /// A tensor-parallel rank's collective: every rank's logit rows `0 .. rows` (its vocabulary slice) into
     /// `gather`, rank k's at `k · part`. Returns `part` (floats per rank).
-    fn gather_logits(&self, rows: usize) -> Result<usize, StepError> {
-        let tp = self.tp.as_ref().expect("a tensor-parallel rank");
+    fn gather_logits(&self, tp: &RankTp, rows: usize) -> Result<usize, StepError> {
         let part = rows * tp.per_vocab;
         let (send, recv) = (self.scratch.logits.device_ptr(&self.stream).0, tp.gather.device_ptr(&self.stream).0);
         // SAFETY: logits holds ≥ rows·per_vocab f32 on every rank; gather holds world·that.
@@ -592,9 +591,8 @@ impl CudaBackend {
     /// Gathers logit rows `0 .. rows` of every rank and assembles whole rows (the full vocabulary, in order) in
     /// `full_logits` on the device; returns its address. Every rank does this (and then samples the same rows with
     /// the same uniforms, so all draw the same ids).
-    fn gather_full_logits(&self, rows: usize) -> Result<u64, StepError> {
-        let part = self.gather_logits(rows)?;
-        let tp = self.tp.as_ref().expect("a tensor-parallel rank");
+    fn gather_full_logits(&self, tp: &RankTp, rows: usize) -> Result<u64, StepError> {
+        let part = self.gather_logits(tp, rows)?;
         let st = &self.stream;
         let (gather, full) = (tp.gather.device_ptr(st).0, tp.full_logits.device_ptr(st).0);
         let vocab = tp.full.vocab_size;
