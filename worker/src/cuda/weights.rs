@@ -3,7 +3,8 @@
 //!
 //! Loading streams each tensor through a bounded host buffer (a few MiB of rows at a time): bf16 safetensors are
 //! copied as they are, anything else (GGUF blocks, f16, f32) is dequantized to f32 and rounded to bf16 per chunk, so
-//! no second full copy of the model ever exists in host memory. Progress is logged every 10 %.
+//! no second full copy of the model ever exists in host memory. Progress shows as a bar on an interactive terminal,
+//! else is logged every 10 %.
 //!
 //! A tensor-parallel rank loads only its [`ShardSpec`]: row ranges of the column-parallel matrices (Q/K/V heads,
 //! gate/up rows, lm_head vocabulary), column ranges of the row-parallel ones (o_proj, down); rows are read from
@@ -161,11 +162,13 @@ struct Loader<'a> {
     done: usize,
     next_report: usize,
     started: Instant,
+    /// A progress bar on an interactive terminal (a single GPU); otherwise progress is logged every 10 %.
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl<'a> Loader<'a> {
     fn new(model: &'a ModelFiles, stream: &'a Arc<CudaStream>, shard: Option<&'a ShardSpec>) -> Self {
-        let mut this = Self { model, stream, shard, staging: Vec::new(), scratch: Vec::new(), total: 0, done: 0, next_report: 10, started: Instant::now() };
+        let mut this = Self { model, stream, shard, staging: Vec::new(), scratch: Vec::new(), total: 0, done: 0, next_report: 10, started: Instant::now(), bar: None };
         // Bytes read from the file: a shard reads its rows whole (column slices included), so count rows.
         this.total = LlamaTensor::all(&model.config)
             .into_iter()
@@ -179,6 +182,14 @@ impl<'a> Loader<'a> {
             this.total += e.data.len() / e.shape[0].max(1) * s.vocab.len(); // the lm_head slice of the tied embedding
         }
         tracing::info!(path = %model.path.display(), mib = this.total >> 20, rank = shard.map(|s| s.rank), "loading weights to the GPU");
+        // Tensor-parallel ranks load concurrently: their bars would overwrite each other, so they log instead.
+        if shard.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = indicatif::ProgressBar::new(this.total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("loading weights [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            this.bar = Some(bar);
+        }
         this
     }
 
@@ -197,6 +208,10 @@ impl<'a> Loader<'a> {
 
     fn progress(&mut self, bytes: usize) {
         self.done += bytes;
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.done as u64);
+            return;
+        }
         let pct = self.done * 100 / self.total.max(1);
         if pct >= self.next_report {
             let secs = self.started.elapsed().as_secs_f64();
@@ -206,6 +221,9 @@ impl<'a> Loader<'a> {
     }
 
     fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
         tracing::info!("weights loaded in {:.1} s", self.started.elapsed().as_secs_f64());
     }
 
