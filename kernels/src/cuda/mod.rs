@@ -288,6 +288,8 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
     arch: String,
+    /// Compute capability as `10 · major + minor` (90 for sm_90).
+    sm: u32,
     /// Launch with programmatic dependent launch (see `launch.rs`).
     programmatic: bool,
 }
@@ -313,7 +315,8 @@ impl CudaKernels {
         for &name in KERNEL_NAMES {
             funcs.insert(name, module.load_function(name)?);
         }
-        let mut kernels = Self { stream, funcs, arch, programmatic: major >= 9 };
+        let sm = (10 * major + minor) as u32;
+        let mut kernels = Self { stream, funcs, arch, sm, programmatic: sm >= 90 };
         if kernels.programmatic && kernels.probe_programmatic_launch().is_err() {
             // A driver that refuses the launch attribute: plain launches (the kernels' waits are then no-ops).
             kernels.programmatic = false;
@@ -333,7 +336,7 @@ impl CudaKernels {
     /// `griddepcontrol` instructions exist; it cannot be turned on below). Graphs capture whatever is set when they
     /// are captured.
     pub fn set_programmatic_launch(&mut self, on: bool) {
-        self.programmatic = on && self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|v| v >= 90);
+        self.programmatic = on && self.sm >= 90;
     }
 
     pub fn programmatic_launch(&self) -> bool {
@@ -355,7 +358,7 @@ impl CudaKernels {
 
     /// Whether the device has the `mma.sync` bf16 tensor-core instructions (sm_80 and later).
     pub fn has_tensor_cores(&self) -> bool {
-        self.arch.trim_start_matches("sm_").parse::<u32>().is_ok_and(|v| v >= 80)
+        self.sm >= 80
     }
 
     /// Waits for the stream and reports any asynchronous fault.
