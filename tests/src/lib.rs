@@ -35,6 +35,7 @@ pub fn test_worker_config() -> ferrite_worker::server::WorkerConfig {
         enforce_eager: false,
         cuda_attention: Default::default(),
         cuda_programmatic_launch: true,
+        cuda_gemm_search: true,
         kernel_cache_dir: None,
     }
 }

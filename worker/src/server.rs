@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub cuda_attention: CudaAttention,
     /// CUDA: launch kernels with programmatic dependent launch (sm_90 and later; ignored below).
     pub cuda_programmatic_launch: bool,
+    /// CUDA: time cuBLASLt's candidate algorithms for each decode linear layer at start-up.
+    pub cuda_gemm_search: bool,
     /// CUDA: directory of compiled kernel images reused across starts (None: compile at every start).
     pub kernel_cache_dir: Option<PathBuf>,
 }
@@ -146,6 +148,7 @@ impl Worker {
                     max_batch_tokens: cfg.max_num_batched_tokens,
                     graph_max_batch: if cfg.enforce_eager { 0 } else { cfg.max_num_seqs },
                     programmatic_launch: cfg.cuda_programmatic_launch,
+                    gemm_search: cfg.cuda_gemm_search,
                     attention: cfg.cuda_attention,
                     kernel_cache: cfg.kernel_cache_dir.clone(),
                 };

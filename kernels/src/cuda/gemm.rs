@@ -9,16 +9,21 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, result as blas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use super::CudaError;
+use super::gemm_lt::LtHandle;
 
-/// A cuBLAS handle bound to the backend's stream, with its own workspace (so cuBLAS never allocates inside a
-/// captured CUDA graph).
+/// A cuBLAS handle and a cuBLASLt handle bound to the backend's stream, sharing one workspace (so neither ever
+/// allocates inside a captured CUDA graph; launches on one stream never overlap).
 pub struct Gemm {
     blas: CudaBlas,
+    /// cuBLASLt (algorithms chosen at start-up, `gemm_lt.rs`), or why it cannot be used.
+    pub(super) lt: Result<LtHandle, String>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) workspace_ptr: u64,
     _workspace: CudaSlice<u8>,
 }
 
-/// cuBLAS workspace (NVIDIA recommends 32 MiB on Hopper).
-const WORKSPACE_BYTES: usize = 32 << 20;
+/// cuBLAS / cuBLASLt workspace (NVIDIA recommends 32 MiB on Hopper).
+pub(super) const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// One operand of a strided-batched GEMM: device address, leading dimension, stride between batch items (elements).
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +46,7 @@ impl Gemm {
         unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut c_void, WORKSPACE_BYTES) }
             .result()
             .map_err(|e| err("cublasSetWorkspace", e))?;
-        Ok(Self { blas, _workspace: workspace })
+        Ok(Self { blas, lt: LtHandle::open(), stream, workspace_ptr: ptr, _workspace: workspace })
     }
 
     /// Column-major strided-batched `C_i = op(A_i) · op(B_i)` (`m × n`, inner `k`) with bf16 A and B, f32
@@ -123,5 +128,30 @@ impl Gemm {
             )
         }
         .map_err(|e| err(&format!("cublasGemmEx {out}x{rows}x{inp}"), e))
+    }
+
+    /// ‖a − b‖ / ‖b‖ over `n` f32 on the device (‖a − b‖ when ‖b‖ = 0; NaN or infinite when either holds a
+    /// non-finite value): `a` is copied to `tmp` (unless `tmp` is `a`), then `tmp −= b`. `b` is left unchanged, and
+    /// `a` too unless it is `tmp`. Blocks until done.
+    ///
+    /// # Safety
+    /// `a`, `b` and `tmp` each hold `n` f32 on the handle's device; `tmp` is `a` or overlaps neither, and `b`
+    /// overlaps neither.
+    pub unsafe fn relative_difference(&self, a: u64, b: u64, tmp: u64, n: usize) -> Result<f64, CudaError> {
+        let h = *self.blas.handle();
+        let n = i64::try_from(n).map_err(|_| CudaError::Unsupported(format!("{n} values")))?;
+        let (minus_one, mut diff, mut norm) = (-1.0f32, 0f32, 0f32);
+        // SAFETY: per this function's contract; the scalars live on the host for each call (host pointer mode), and
+        // the nrm2 calls return only when their results are written.
+        unsafe {
+            if a != tmp {
+                sys::cublasScopy_v2_64(h, n, a as *const f32, 1, tmp as *mut f32, 1).result().map_err(|e| err("cublasScopy", e))?;
+            }
+            sys::cublasSaxpy_v2_64(h, n, &minus_one, b as *const f32, 1, tmp as *mut f32, 1).result().map_err(|e| err("cublasSaxpy", e))?;
+            sys::cublasSnrm2_v2_64(h, n, tmp as *const f32, 1, &mut diff).result().map_err(|e| err("cublasSnrm2", e))?;
+            sys::cublasSnrm2_v2_64(h, n, b as *const f32, 1, &mut norm).result().map_err(|e| err("cublasSnrm2", e))?;
+        }
+        let (diff, norm) = (f64::from(diff), f64::from(norm));
+        Ok(if norm == 0.0 { diff } else { diff / norm })
     }
 }

@@ -12,11 +12,13 @@
 
 mod cache;
 mod gemm;
+mod gemm_lt;
 mod launch;
 pub mod nccl;
 
 pub use cache::{CacheOutcome, KernelCache};
 pub use gemm::{Gemm, Operand};
+pub use gemm_lt::LtAlgo;
 use launch::Launch;
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use ferrite_kernels::cuda::{AttentionShape, CudaKernels, Gemm, GemvKernel, PrefillWorkspace, pack_adjustments, pack_sample_params};
+use ferrite_kernels::cuda::{AttentionShape, CudaKernels, GEMV_MAX_ROWS, Gemm, GemvKernel, PrefillWorkspace, pack_adjustments, pack_sample_params};
 use half::bf16;
 
 use super::{AttnCase, AttnPath, Ops, SampleCase};
@@ -281,15 +281,41 @@ impl Ops for CudaOps {
         self.down(&ids).into_iter().map(|i| i as u32).collect()
     }
 
-    fn gemv_variants(&self) -> usize {
-        GemvKernel::ALL.len()
+    fn linear_alternatives(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<(String, Vec<f32>)> {
+        let (xd, wd) = (self.up(x), self.up(w));
+        let mut outputs = Vec::new();
+        if rows <= GEMV_MAX_ROWS {
+            for kernel in GemvKernel::ALL {
+                let y = self.nan_f32(rows * out);
+                // SAFETY: sizes per the launcher's contract.
+                unsafe { self.kernels.gemv_bf16(kernel, self.ptr(&xd), self.ptr(&wd), self.ptr(&y), rows, inp, out) }.expect("gemv");
+                outputs.push((format!("{kernel:?}"), self.down(&y)));
+            }
+        }
+        if let Some(why) = self.gemm.lt_unavailable() {
+            panic!("cuBLASLt is unavailable on this GPU machine: {why}");
+        }
+        let algos = self.gemm.lt_candidates(rows, inp, out, 8).expect("cuBLASLt heuristic");
+        assert!(!algos.is_empty(), "cuBLASLt offers no algorithm for {rows}x{inp}->{out}");
+        for algo in algos {
+            let y = self.nan_f32(rows * out);
+            // SAFETY: sizes per the launcher's contract; the algorithm is for this shape.
+            unsafe { self.gemm.lt_linear(&algo, self.ptr(&xd), self.ptr(&wd), self.ptr(&y)) }.expect("cuBLASLt matmul");
+            outputs.push((format!("{algo:?}"), self.down(&y)));
+        }
+        outputs
     }
 
-    fn gemv(&mut self, variant: usize, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
-        let (xd, wd, y) = (self.up(x), self.up(w), self.nan_f32(rows * out));
-        // SAFETY: sizes per the launcher's contract.
-        unsafe { self.kernels.gemv_bf16(GemvKernel::ALL[variant], self.ptr(&xd), self.ptr(&wd), self.ptr(&y), rows, inp, out) }.expect("gemv");
-        self.down(&y)
+    fn relative_difference(&mut self, a: &[f32], b: &[f32]) -> f64 {
+        let (ad, bd, tmp) = (self.up(a), self.up(b), self.nan_f32(a.len()));
+        // SAFETY: all three hold a.len() f32 and are distinct buffers.
+        let d = unsafe { self.gemm.relative_difference(self.ptr(&ad), self.ptr(&bd), self.ptr(&tmp), a.len()) }.expect("difference");
+        // In place (tmp = a, as the tuner's repeat check does) gives the same.
+        let ad2 = self.up(a);
+        // SAFETY: as above, with tmp = a.
+        let d2 = unsafe { self.gemm.relative_difference(self.ptr(&ad2), self.ptr(&bd), self.ptr(&ad2), a.len()) }.expect("difference");
+        assert_eq!(d.to_bits(), d2.to_bits(), "in-place difference");
+        d
     }
 
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {

@@ -54,13 +54,16 @@ pub trait Ops {
     fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32>;
     /// Adjusts each row and draws its token.
     fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32>;
-    /// How many variants of the small-batch linear kernel there are (CUDA: its instantiations).
-    fn gemv_variants(&self) -> usize {
-        1
+    /// The other implementations of `linear`, each output with its name (CUDA: every `gemv_bf16` instantiation
+    /// for up to 8 rows, and every cuBLASLt algorithm its heuristic offers for the shape; the CPU has none).
+    fn linear_alternatives(&mut self, _x: &[u16], _w: &[u16], _rows: usize, _inp: usize, _out: usize) -> Vec<(String, Vec<f32>)> {
+        Vec::new()
     }
-    /// Variant `variant` of the small-batch linear kernel (`rows ≤ 8`); on the CPU, the same product as `linear`.
-    fn gemv(&mut self, _variant: usize, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32> {
-        self.linear(x, w, rows, inp, out)
+    /// ‖a − b‖ / ‖b‖ as the start-up tuner computes it (CUDA: on the device through cuBLAS).
+    fn relative_difference(&mut self, a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
+        let den: f64 = b.iter().map(|&y| f64::from(y).powi(2)).sum();
+        if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
     }
 }
 

@@ -188,7 +188,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut decode = Vec::new();
     println!("decode CUDA graphs captured for batches {:?}", backend.graph_buckets());
-    println!("decode linear layers, per (in, out) the kernel for 1..=8 rows (None: cuBLAS): {:?}", backend.gemv_table());
+    println!("decode linear layers (start-up tuning): per (in, out) and row count, the kernel and its speed-up over cuBLAS");
+    for choice in backend.linear_table() {
+        let picks: Vec<String> = choice.picks.iter().map(|p| format!("{}: {:?} {:.2}x", p.rows, p.kernel, p.cublas_ms / p.ms)).collect();
+        println!("  ({}, {}): {}", choice.inp, choice.out, picks.join(", "));
+    }
     println!("programmatic dependent launch: {}", if backend.kernels().programmatic_launch() { "on" } else { "off" });
     match backend.attention_tc_from() {
         Some(rows) => println!("paged attention on tensor cores from {rows} rows (start-up tuning)"),

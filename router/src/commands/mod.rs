@@ -68,6 +68,10 @@ pub struct EngineArgs {
     /// CUDA: launch kernels with programmatic dependent launch (sm_90 and later).
     #[arg(long, env = "FERRITE_CUDA_PROGRAMMATIC_LAUNCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_programmatic_launch: bool,
+    /// CUDA: time cuBLASLt's candidate algorithms for each decode linear layer at start-up and keep the fastest
+    /// that agrees with cuBLAS (false: cuBLAS's default algorithm and our GEMV kernel only).
+    #[arg(long, env = "FERRITE_CUDA_GEMM_SEARCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_gemm_search: bool,
     /// CUDA: where compiled kernels are kept between starts. Default: `$XDG_CACHE_HOME/ferrite/kernels` or
     /// `~/.cache/ferrite/kernels`.
     #[arg(long, env = "FERRITE_KERNEL_CACHE_DIR")]
@@ -127,6 +131,7 @@ impl EngineArgs {
             enforce_eager: self.enforce_eager,
             cuda_attention: self.cuda_attention.into(),
             cuda_programmatic_launch: self.cuda_programmatic_launch,
+            cuda_gemm_search: self.cuda_gemm_search,
             kernel_cache_dir: match (&self.kernel_cache_dir, self.no_kernel_cache) {
                 (_, true) => None,
                 (Some(dir), false) => Some(dir.clone()),
@@ -238,10 +243,10 @@ mod tests {
     fn cuda_escape_hatches_reach_the_worker_config() {
         use ferrite_worker::server::CudaAttention as Attn;
         let c = config(&["--backend", "cuda"]);
-        assert!(!c.enforce_eager && c.cuda_programmatic_launch && c.cuda_attention == Attn::Auto);
+        assert!(!c.enforce_eager && c.cuda_programmatic_launch && c.cuda_gemm_search && c.cuda_attention == Attn::Auto);
         assert_eq!((c.max_num_batched_tokens, c.max_num_seqs), (2048, 256));
-        let c = config(&["--enforce-eager", "--cuda-attention", "tensor-cores", "--cuda-programmatic-launch", "false"]);
-        assert!(c.enforce_eager && !c.cuda_programmatic_launch && c.cuda_attention == Attn::TensorCores);
+        let c = config(&["--enforce-eager", "--cuda-attention", "tensor-cores", "--cuda-programmatic-launch", "false", "--cuda-gemm-search", "false"]);
+        assert!(c.enforce_eager && !c.cuda_programmatic_launch && !c.cuda_gemm_search && c.cuda_attention == Attn::TensorCores);
         assert_eq!(config(&["--cuda-attention", "cuda-cores"]).cuda_attention, Attn::CudaCores);
         assert!(Cli::try_parse_from(["ferrite", "--cuda-attention", "fastest"]).is_err());
     }

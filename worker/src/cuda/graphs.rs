@@ -88,6 +88,13 @@ impl CudaBackend {
         }
     }
 
+    /// The batch buckets a capture for batches up to `max_batch` makes graphs for (bounded by the activation and
+    /// logits buffers).
+    pub(super) fn graph_batch_sizes(&self, max_batch: usize) -> Vec<usize> {
+        let cap = max_batch.min(self.scratch.rows).min(self.scratch.logit_rows());
+        BUCKETS.iter().copied().filter(|&b| b <= cap).collect()
+    }
+
     /// Captures the decode graphs for batches up to `max_batch`. On failure the backend stays eager.
     pub(super) fn capture_graphs(&mut self, max_batch: usize) -> Result<(), CudaError> {
         let c = &self.config;
@@ -95,9 +102,7 @@ impl CudaBackend {
         classes.dedup();
         let max_ctx = *classes.last().expect("classes are not empty");
         let bps = max_ctx.div_ceil(self.block_size);
-        let logit_rows = self.scratch.logit_rows();
-        let cap = max_batch.min(self.scratch.rows).min(logit_rows);
-        let sizes: Vec<usize> = BUCKETS.iter().copied().filter(|&b| b <= cap).collect();
+        let sizes = self.graph_batch_sizes(max_batch);
         let Some(&largest) = sizes.last() else { return Ok(()) };
         let mut meta = self.stream.alloc_zeros::<i32>(6 * largest + largest * bps)?;
         let mut host = Vec::new();

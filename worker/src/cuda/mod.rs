@@ -21,7 +21,8 @@ mod sampling;
 mod step;
 mod timing;
 mod tune;
-pub use tune::GemvChoice;
+mod tune_linear;
+pub use tune_linear::{LinearChoice, LinearKernel, LinearPick};
 pub mod weights;
 
 use std::ops::Range;
@@ -57,6 +58,9 @@ pub struct CudaOptions {
     /// Launch our kernels with programmatic dependent launch (sm_90 and later; ignored below): each may start
     /// while the previous kernel finishes (see `ferrite_kernels::cuda` `launch.rs`).
     pub programmatic_launch: bool,
+    /// Time cuBLASLt's candidate algorithms for each decode linear layer at start-up (else cuBLAS's default
+    /// choice and our `gemv_bf16` are the only options).
+    pub gemm_search: bool,
     /// Which paged-attention kernel decode rows use (default: timed at start-up).
     pub attention: CudaAttention,
     /// Directory of compiled kernel images reused across starts (None: compile every time).
@@ -65,7 +69,7 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, attention: CudaAttention::Auto, kernel_cache: None }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, gemm_search: true, attention: CudaAttention::Auto, kernel_cache: None }
     }
 }
 
@@ -219,8 +223,9 @@ pub struct CudaBackend {
     meta_host: Vec<i32>,
     graphs: Option<graphs::DecodeGraphs>,
     use_graphs: bool,
-    /// Decode linear layers by weight shape and row count: a `gemv_bf16` instantiation or cuBLAS (see `tune`).
-    gemv_rows: tune::GemvTable,
+    /// Decode linear layers by weight shape and row count: cuBLAS, a `gemv_bf16` instantiation or a cuBLASLt
+    /// algorithm (see `tune_linear`).
+    linear_table: Vec<LinearChoice>,
     /// Paged attention over at least this many rows runs the tensor-core kernel (`usize::MAX`: never; see `tune`).
     attention_tc_from: usize,
     /// Prefill chunks attend with the flash-style tensor-core kernel instead of dense cuBLAS (see `tune`).
@@ -390,13 +395,13 @@ impl CudaBackend {
             meta_host: Vec::new(),
             graphs: None,
             use_graphs: true,
-            gemv_rows: Vec::new(),
+            linear_table: Vec::new(),
             attention_tc_from: usize::MAX,
             prefill_tc: false,
             num_sms,
             device_name,
         };
-        backend.tune_gemv()?;
+        backend.tune_linear(opts.graph_max_batch, opts.gemm_search)?;
         backend.tune_attention(opts.attention)?;
         // After the KV cache is reserved, so graph memory never competes with it.
         if opts.graph_max_batch > 0

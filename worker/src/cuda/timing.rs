@@ -21,15 +21,17 @@ pub(super) struct DecodeAttentionMeta {
 }
 
 impl CudaBackend {
-    /// Milliseconds for `REPS` runs of `f` (device events, after one warm-up run).
-    pub(super) fn time_reps(&self, f: &dyn Fn() -> Result<(), CudaError>) -> Result<f32, CudaError> {
+    /// Milliseconds for `REPS` runs of `f` (device events, after one warm-up run). Run `i` calls `f(i)`, so a
+    /// caller can rotate through operands (the linear-layer tuner streams a different layer's weights each run,
+    /// as a step does, instead of timing one matrix that stays in L2).
+    pub(super) fn time_reps(&self, f: &dyn Fn(usize) -> Result<(), CudaError>) -> Result<f32, CudaError> {
         let st = &self.stream;
         let ctx = st.context();
-        f()?;
+        f(REPS)?;
         let (a, b) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
         a.record(st)?;
-        for _ in 0..REPS {
-            f()?;
+        for i in 0..REPS {
+            f(i)?;
         }
         b.record(st)?;
         b.synchronize()?;

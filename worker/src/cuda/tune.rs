@@ -1,8 +1,5 @@
-//! Start-up choices between kernels, timed on this device (device events) with the model's own shapes:
-//! - linear layers: cuBLAS or one of our `gemv_bf16` instantiations for decode-sized batches. For each weight shape
-//!   every instantiation is first checked against cuBLAS (on all `GEMV_MAX_ROWS` rows; one that disagrees is never
-//!   used), then all are timed (on the real weights) at each of 1..=8 rows, and the fastest serves that row count.
-//!   cuBLAS keeps everything else.
+//! Start-up choices between attention kernels, timed on this device (device events) with the model's own shapes
+//! (linear layers: `tune_linear`):
 //! - paged attention: the CUDA-core kernel or the tensor-core one, timed at 1..64 decode rows over 1k-position
 //!   contexts. The tensor-core kernel serves steps from the smallest timed row count where it is faster at that and
 //!   every larger count, and only if its output agrees with the CUDA-core kernel's on the same inputs.
@@ -12,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::DevicePtr;
-use ferrite_kernels::cuda::{CudaError, GEMV_MAX_ROWS, GemvKernel};
+use ferrite_kernels::cuda::CudaError;
 
 use super::step::DENSE_MIN_ROWS;
 use super::timing::REPS;
@@ -27,107 +24,8 @@ const ATTENTION_CTX: usize = 1024;
 const ATTENTION_AGREE: f64 = 2e-2;
 /// New rows of the prefill chunk on which the two prefill attention paths are compared.
 const PREFILL_ROWS: usize = 1024;
-/// Largest relative difference from cuBLAS for a `gemv_bf16` instantiation (both accumulate in f32: ~1e-6 typical).
-const GEMV_AGREE: f64 = 1e-3;
-
-/// For one weight shape `(in, out)`: per row count 1..=`GEMV_MAX_ROWS`, the `gemv_bf16` instantiation that serves it
-/// (None: cuBLAS).
-pub type GemvChoice = ((usize, usize), [Option<GemvKernel>; GEMV_MAX_ROWS]);
-pub(super) type GemvTable = Vec<GemvChoice>;
 
 impl CudaBackend {
-    /// Routes a linear layer to a `gemv_bf16` instantiation or cuBLAS (see the module doc).
-    ///
-    /// # Safety
-    /// As [`ferrite_kernels::cuda::Gemm::linear`].
-    pub(super) unsafe fn linear(&self, x: u64, w: u64, y: u64, rows: usize, inp: usize, out: usize) -> Result<(), CudaError> {
-        let pick = match rows {
-            1..=GEMV_MAX_ROWS => self.gemv_rows.iter().find(|s| s.0 == (inp, out)).and_then(|s| s.1[rows - 1]),
-            _ => None,
-        };
-        // SAFETY: forwarded contract; both paths take the same operands.
-        unsafe {
-            match pick {
-                Some(kernel) => self.kernels.gemv_bf16(kernel, x, w, y, rows, inp, out),
-                None => self.gemm.linear(x, w, y, rows, inp, out),
-            }
-        }
-    }
-
-    /// Checks and times every `gemv_bf16` instantiation against cuBLAS per weight shape and fills `gemv_rows`.
-    pub(super) fn tune_gemv(&mut self) -> Result<(), CudaError> {
-        let c = &self.config;
-        let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let l0 = &self.weights.layers[0];
-        let st = &self.stream;
-        let shapes = [
-            (h, (c.num_heads + 2 * c.num_kv_heads) * hd, l0.qkv.ptr(st)),
-            (c.num_heads * hd, h, l0.wo.ptr(st)),
-            (h, 2 * ffn, l0.gate_up.ptr(st)),
-            (ffn, h, l0.down.ptr(st)),
-            (h, self.weights.lm_head().rows, self.weights.lm_head().ptr(st)),
-        ];
-        let max_in = shapes.iter().map(|s| s.0).max().unwrap_or(h);
-        let max_out = shapes.iter().map(|s| s.1).max().unwrap_or(h);
-        // SAFETY: filled below before any read.
-        let x = unsafe { st.alloc::<u16>(GEMV_MAX_ROWS * max_in) }?;
-        // SAFETY: written by the products before any read.
-        let y = unsafe { st.alloc::<f32>(GEMV_MAX_ROWS * max_out) }?;
-        let (xp, yp) = (x.device_ptr(st).0, y.device_ptr(st).0);
-        // SAFETY: x holds GEMV_MAX_ROWS · max_in bf16.
-        unsafe { self.kernels.fill_random_bf16(xp, GEMV_MAX_ROWS * max_in, 5, 1.0, 0.0) }?;
-        let time = |f: &dyn Fn() -> Result<(), CudaError>| self.time_reps(f);
-        let result = |n: usize| -> Result<Vec<f32>, CudaError> {
-            let mut host = vec![0f32; n];
-            st.memcpy_dtoh(&y.slice(..n), &mut host)?;
-            Ok(host)
-        };
-        let mut table: GemvTable = Vec::new();
-        for &(inp, out, w) in &shapes {
-            if table.iter().any(|t| t.0 == (inp, out)) || inp % 8 != 0 {
-                continue;
-            }
-            let n = GEMV_MAX_ROWS * out;
-            // SAFETY (every product below): x and y hold GEMV_MAX_ROWS rows of the widest shape; w is a live weight
-            // of this shape.
-            unsafe { self.gemm.linear(xp, w, yp, GEMV_MAX_ROWS, inp, out) }?;
-            let reference = result(n)?;
-            let mut usable = Vec::new();
-            for kernel in GemvKernel::ALL {
-                // SAFETY: as above.
-                unsafe { self.kernels.gemv_bf16(kernel, xp, w, yp, GEMV_MAX_ROWS, inp, out) }?;
-                let diff = relative_difference(result(n)?.iter().zip(&reference).map(|(&a, &b)| (f64::from(a), f64::from(b))));
-                if diff <= GEMV_AGREE {
-                    usable.push(kernel);
-                } else {
-                    tracing::warn!(?kernel, inp, out, diff, "gemv_bf16 disagrees with cuBLAS; not used for this shape");
-                }
-            }
-            let mut picks = [None; GEMV_MAX_ROWS];
-            for (i, pick) in picks.iter_mut().enumerate() {
-                let rows = i + 1;
-                // SAFETY: as above.
-                let mut best = time(&|| unsafe { self.gemm.linear(xp, w, yp, rows, inp, out) })?;
-                for &kernel in &usable {
-                    // SAFETY: as above.
-                    let t = time(&|| unsafe { self.kernels.gemv_bf16(kernel, xp, w, yp, rows, inp, out) })?;
-                    if t < best {
-                        (best, *pick) = (t, Some(kernel));
-                    }
-                }
-            }
-            table.push(((inp, out), picks));
-        }
-        tracing::info!(table = ?table, "decode linear layers: per (in, out), the kernel for 1..=8 rows (None: cuBLAS)");
-        self.gemv_rows = table;
-        Ok(())
-    }
-
-    /// Per weight shape `(in, out)`: the kernel serving 1..=8 rows (None: cuBLAS).
-    pub fn gemv_table(&self) -> &[GemvChoice] {
-        &self.gemv_rows
-    }
-
     /// Chooses the attention kernels (see the module doc; `choice` can fix them): sets `attention_tc_from` (decode)
     /// and `prefill_tc`. Runs before the decode graphs are captured; uses layer 0 of the KV cache (filled with
     /// random values, zeroed again afterwards) and the step scratch buffers.
@@ -232,7 +130,7 @@ impl CudaBackend {
                     // attn, part_out and part_ml are the step scratch sized for these partitions (eager_parts).
                     unsafe { self.kernels.paged_attention(&shape, qkv, kc, vc, tables, table_off, ctx_len, attn, part_out, part_ml) }
                 };
-                times.push(self.time_reps(&run)?);
+                times.push(self.time_reps(&|_| run())?);
                 outputs.push(self.attention_output(rows * nh * hd)?);
             }
             let diff = relative_difference(outputs[1].iter().zip(&outputs[0]).map(|(&a, &b)| (bf16_value(a), bf16_value(b))));
@@ -276,7 +174,7 @@ impl CudaBackend {
                     }
                 }
             };
-            times.push(self.time_reps(&run)?);
+            times.push(self.time_reps(&|_| run())?);
             outputs.push(self.attention_output(n * c.num_heads * c.head_dim)?);
         }
         let diff = relative_difference(outputs[1].iter().zip(&outputs[0]).map(|(&a, &b)| (bf16_value(a), bf16_value(b))));
