@@ -16,6 +16,40 @@ pub enum CommError {
     Aborted(String),
 }
 
+/// Runs `work` (a blocking call that waits for the other ranks, such as joining an NCCL group) on a thread of its
+/// own, and waits for it at most `timeout`, returning early with [`CommError::Aborted`] when `aborted` gives a reason
+/// (checked every few milliseconds). A call that never returns is abandoned: its thread is left to the process
+/// exit, which a failed start-up leads to.
+pub fn run_bounded<T: Send + 'static>(
+    name: &str,
+    timeout: Duration,
+    aborted: &dyn Fn() -> Option<String>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CommError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| CommError::Aborted(format!("spawning {name}: {e}")))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(why) = aborted() {
+            return Err(CommError::Aborted(why));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(CommError::Timeout(timeout));
+        }
+        match rx.recv_timeout((deadline - now).min(Duration::from_millis(5))) {
+            Ok(value) => return Ok(value),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(CommError::Aborted(format!("{name} panicked"))),
+        }
+    }
+}
+
 /// One rank's handle on its group.
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
@@ -166,6 +200,33 @@ impl Communicator for CpuComm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bounded_call_returns_its_value_times_out_or_is_aborted() {
+        let never = || None;
+        assert_eq!(run_bounded("quick", Duration::from_secs(5), &never, || 7), Ok(7));
+        // A join whose peers never come: the caller gets a timeout, the stuck thread is abandoned.
+        let (_keep, rx) = std::sync::mpsc::channel::<()>();
+        let started = Instant::now();
+        let stuck = run_bounded("stuck", Duration::from_millis(50), &never, move || rx.recv().is_ok());
+        assert_eq!(stuck, Err(CommError::Timeout(Duration::from_millis(50))));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Another rank fails the group meanwhile: the wait ends at once with its reason.
+        let (_keep, rx) = std::sync::mpsc::channel::<()>();
+        let flag = Arc::new(Mutex::new(None::<String>));
+        let setter = Arc::clone(&flag);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            *setter.lock().unwrap() = Some("rank 1 failed to load".into());
+        });
+        let started = Instant::now();
+        let out = run_bounded("stuck", Duration::from_secs(60), &|| flag.lock().unwrap().clone(), move || rx.recv().is_ok());
+        assert_eq!(out, Err(CommError::Aborted("rank 1 failed to load".into())));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A panicking call is an error, not a hang.
+        let out = run_bounded("panics", Duration::from_secs(60), &never, || -> u8 { panic!("boom") });
+        assert!(matches!(out, Err(CommError::Aborted(ref m)) if m.contains("panicked")), "{out:?}");
+    }
 
     fn run<T: Send + 'static>(world: usize, timeout: Duration, f: impl Fn(CpuComm) -> T + Send + Sync + 'static) -> Vec<T> {
         let f = Arc::new(f);

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use ferrite_kernels::cuda::CudaError;
 use ferrite_kernels::cuda::nccl::{NcclComm, nccl_available, unique_id};
 
-use super::comm::{CommError, Communicator};
+use super::comm::{CommError, Communicator, run_bounded};
 
 /// A worker's NCCL group: create it once (it makes the unique id), then [`NcclRank::init`] on each rank's thread.
 pub struct NcclGroup {
@@ -72,11 +72,20 @@ fn comm_err(e: CudaError) -> CommError {
 }
 
 impl NcclRank {
-    /// Joins `group` as `rank`, on `stream`'s device (blocks until every rank has joined), then meets the others
-    /// in a barrier (which also opens the connections).
+    /// Joins `group` as `rank`, on `stream`'s device (waits until every rank has joined), then meets the others
+    /// in a barrier (which also opens the connections). The join is bounded: it fails when the group is aborted
+    /// (another rank failed to start) or the group's timeout passes first, instead of blocking for ever in NCCL.
     pub fn init(group: Arc<NcclGroup>, rank: usize, stream: Arc<CudaStream>) -> Result<Self, CudaError> {
         stream.context().bind_to_thread()?;
-        let comm = NcclComm::init(rank, group.world, group.id)?;
+        let (ctx, world, id) = (Arc::clone(stream.context()), group.world, group.id);
+        // ncclCommInitRank blocks until every rank has called it; it runs on a thread of its own (bound to this
+        // rank's device) so this one can give up.
+        let join = move || {
+            ctx.bind_to_thread()?;
+            NcclComm::init(rank, world, id)
+        };
+        let comm = run_bounded(&format!("ferrite-nccl-init-{rank}"), group.timeout, &|| group.abort_reason(), join)
+            .map_err(|e| CudaError::Unsupported(format!("rank {rank} joining the NCCL group of {world}: {e}")))??;
         let done = stream.context().new_event(None)?;
         let r = Self { group, rank, comm: Mutex::new(comm), stream, done, staging: Mutex::new(None) };
         r.barrier().map_err(|e| CudaError::Unsupported(format!("NCCL barrier after init: {e}")))?;
