@@ -101,5 +101,5 @@ cat "$OUT/gpu.txt"
 printf '%s\n' "${SUMMARY[@]}"
 grep -h -E "rel err|FAILED|panicked|test result" "$OUT"/parity.log 2>/dev/null | grep -v " ok" | tail -n 12
 # Start-up kernel choices (tuner) and anything it rejected, from the benchmark and reference logs.
-grep -h -E "paged attention|prefill attention|decode linear layers|^  \([0-9]+, [0-9]+\): |programmatic dependent launch|disagrees|not used|cuBLASLt|CUDA kernels loaded" \
+grep -h -E "paged attention|prefill attention|decode linear layers|^  \([0-9]+, [0-9]+\): |programmatic dependent launch|disagrees|not used|cuBLASLt|kernel tuning done|CUDA kernels loaded" \
   "$OUT"/bench.log "$OUT"/reference.log 2>/dev/null | cut -c1-700 | sort -u | head -n 24

@@ -248,17 +248,11 @@ fn check_linear(ops: &mut dyn Ops) {
         }
         // The tuner's agreement measure against the host's: f32 sums of squares over ≤ 74k values.
         let perturbed: Vec<f32> = y.iter().map(|&v| v + rng.random_range(-0.01f32..0.01)).collect();
-        let (measured, host) = (ops.relative_difference(&perturbed, &y), ops_free_difference(&perturbed, &y));
+        let (measured, host) = (ops.relative_difference(&perturbed, &y), rel_err(&perturbed, &y.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()));
         assert!((measured - host).abs() <= 1e-4 * host, "{} relative_difference {measured:.6e}, host {host:.6e}", ops.name());
     }
 }
 
-/// ‖a − b‖ / ‖b‖ in f64 on the host.
-fn ops_free_difference(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| f64::from(y).powi(2)).sum();
-    (num / den).sqrt()
-}
 
 fn sample_cases(rng: &mut StdRng, rows: usize, vocab: usize) -> Vec<SampleCase> {
     (0..rows)

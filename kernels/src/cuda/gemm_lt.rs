@@ -21,6 +21,10 @@ use cudarc::cublaslt::{result as lt, sys};
 use super::CudaError;
 use super::gemm::{Gemm, WORKSPACE_BYTES};
 
+/// Alignment (bytes) of every operand's address that the heuristic may assume (cuBLASLt's default, set explicitly):
+/// its fastest kernels need it. A launch with a less aligned operand is refused ([`LtAlgo::accepts`]).
+pub const LT_ALIGN: u64 = 256;
+
 fn err(what: &str, e: impl fmt::Debug) -> CudaError {
     CudaError::Unsupported(format!("cuBLASLt {what}: {e:?}"))
 }
@@ -112,6 +116,12 @@ impl Preference {
             lt::set_matmul_pref_attribute(pref.0, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&limit as *const u64).cast(), size_of::<u64>())
         }
         .map_err(|e| err("workspace preference", e))?;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let align = LT_ALIGN as u32;
+        for attr in [P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES] {
+            // SAFETY: `pref` is live; the value is a uint32 on the stack, read during the call.
+            unsafe { lt::set_matmul_pref_attribute(pref.0, attr, (&align as *const u32).cast(), size_of::<u32>()) }.map_err(|e| err("alignment preference", e))?;
+        }
         Ok(pref)
     }
 }
@@ -143,6 +153,11 @@ impl fmt::Debug for LtAlgo {
 }
 
 impl LtAlgo {
+    /// Whether operands at these addresses may be launched with this algorithm (each aligned to [`LT_ALIGN`]).
+    pub fn accepts(x: u64, w: u64, y: u64) -> bool {
+        [x, w, y].iter().all(|p| p % LT_ALIGN == 0)
+    }
+
     /// Reads one `u32`-sized configuration attribute of `algo` (0 when cuBLASLt does not report it).
     fn attribute(algo: &sys::cublasLtMatmulAlgo_t, attr: sys::cublasLtMatmulAlgoConfigAttributes_t) -> u32 {
         let (mut value, mut written) = (0u32, 0usize);
@@ -196,7 +211,8 @@ impl Gemm {
             .collect())
     }
 
-    /// `y = x · wᵀ` as [`Gemm::linear`], through cuBLASLt with `algo` (for its own shape only).
+    /// `y = x · wᵀ` as [`Gemm::linear`], through cuBLASLt with `algo` (for its own shape only; operands aligned as
+    /// [`LtAlgo::accepts`] says, else an error).
     ///
     /// # Safety
     /// `x` holds `algo.rows · algo.inp` bf16, `w` `algo.out · algo.inp` bf16, `y` `algo.rows · algo.out` f32, all
@@ -205,6 +221,9 @@ impl Gemm {
         let Ok(handle) = &self.lt else {
             return Err(CudaError::Unsupported("cuBLASLt is not available".into()));
         };
+        if !LtAlgo::accepts(x, w, y) {
+            return Err(CudaError::Unsupported(format!("cuBLASLt operands must be {LT_ALIGN}-byte aligned: x {x:#x}, w {w:#x}, y {y:#x}")));
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let d = &algo.descriptors;
         // SAFETY: operands per this function's contract and the descriptors' shapes; alpha/beta are read on the host
@@ -251,7 +270,7 @@ mod tests {
         for (rows, inp, out) in [(1, 4096, 6144), (32, 14336, 4096), (256, 4096, 128256)] {
             Descriptors::new(rows, inp, out).unwrap_or_else(|e| panic!("{rows}x{inp}->{out}: {e}"));
         }
-        Preference::new(WORKSPACE_BYTES).expect("workspace preference");
+        Preference::new(WORKSPACE_BYTES).expect("workspace and alignment preferences");
         // Without a device the handle is refused with a reason, never a panic.
         if let Err(why) = LtHandle::open() {
             eprintln!("cublasLtCreate refused (no device here?): {why}");

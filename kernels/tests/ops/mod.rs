@@ -59,11 +59,10 @@ pub trait Ops {
     fn linear_alternatives(&mut self, _x: &[u16], _w: &[u16], _rows: usize, _inp: usize, _out: usize) -> Vec<(String, Vec<f32>)> {
         Vec::new()
     }
-    /// ‖a − b‖ / ‖b‖ as the start-up tuner computes it (CUDA: on the device through cuBLAS).
+    /// ‖a − b‖ / ‖b‖ as the start-up tuner computes it (CUDA: on the device through cuBLAS; the CPU has only the
+    /// host's).
     fn relative_difference(&mut self, a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
-        let den: f64 = b.iter().map(|&y| f64::from(y).powi(2)).sum();
-        if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+        crate::rel_err(a, &b.iter().map(|&v| f64::from(v)).collect::<Vec<_>>())
     }
 }
 

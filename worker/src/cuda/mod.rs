@@ -401,8 +401,11 @@ impl CudaBackend {
             num_sms,
             device_name,
         };
+        let started = std::time::Instant::now();
         backend.tune_linear(opts.graph_max_batch, opts.gemm_search)?;
+        let linear_ms = started.elapsed().as_millis() as u64;
         backend.tune_attention(opts.attention)?;
+        tracing::info!(linear_ms, attention_ms = started.elapsed().as_millis() as u64 - linear_ms, "start-up kernel tuning done");
         // After the KV cache is reserved, so graph memory never competes with it.
         if opts.graph_max_batch > 0
             && let Err(e) = backend.capture_graphs(opts.graph_max_batch)

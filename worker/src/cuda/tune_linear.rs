@@ -57,7 +57,9 @@ impl CudaBackend {
             .linear_table
             .iter()
             .find(|c| (c.inp, c.out) == (inp, out))
-            .and_then(|c| c.picks.binary_search_by_key(&rows, |p| p.rows).ok().map(|i| &c.picks[i].kernel));
+            .and_then(|c| c.picks.binary_search_by_key(&rows, |p| p.rows).ok().map(|i| &c.picks[i].kernel))
+            // A cuBLASLt algorithm may assume aligned operands (rows further into a buffer may not be).
+            .filter(|k| !matches!(k, LinearKernel::Lt(_)) || LtAlgo::accepts(x, w, y));
         // SAFETY: forwarded contract; a tuned kernel was made for exactly this shape and row count.
         unsafe { self.run_linear(pick.unwrap_or(&LinearKernel::Cublas), x, w, y, (rows, inp, out)) }
     }
@@ -78,7 +80,6 @@ impl CudaBackend {
     /// Fills `linear_table` (see the module doc) for the decode graph buckets up to `max_batch` (at least
     /// 1..=`GEMV_MAX_ROWS`); `search`: also time cuBLASLt's candidates. Uses the step scratch buffers.
     pub(super) fn tune_linear(&mut self, max_batch: usize, search: bool) -> Result<(), CudaError> {
-        let started = std::time::Instant::now();
         let c = &self.config;
         let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let st = &self.stream;
@@ -139,7 +140,6 @@ impl CudaBackend {
             }
             table.push(LinearChoice { inp, out, picks });
         }
-        let tuned_ms = started.elapsed().as_millis() as u64;
         if let Some(why) = self.gemm.lt_unavailable() {
             tracing::warn!(why, "cuBLASLt unavailable: linear layers choose between cuBLAS and gemv_bf16 only");
         }
@@ -147,7 +147,6 @@ impl CudaBackend {
             let picks: Vec<String> = choice.picks.iter().map(|p| format!("{}: {:?} {:.2}x", p.rows, p.kernel, p.cublas_ms / p.ms)).collect();
             tracing::info!(inp = choice.inp, out = choice.out, "decode linear layers: per row count, the kernel and its speed-up over cuBLAS: {}", picks.join(", "));
         }
-        tracing::info!(tuned_ms, search, "decode linear layers tuned");
         self.linear_table = table;
         Ok(())
     }
