@@ -90,6 +90,55 @@ impl CudaBackend {
         self.median_of_5(&step)
     }
 
+    /// Milliseconds (device events, median of 5) for the rest of one decode step's kernels, everything but the
+    /// linear layers and attention: the embedding gather, every layer's two add + RMSNorm, RoPE + K/V write and
+    /// SiLU·up, the final norm and the greedy argmax, launched back to back as in a step. A step minus its linear
+    /// layers, attention and this is mostly what the boundaries between them cost (what programmatic launch and
+    /// fusion can win), plus the host's share of the step. For benchmarks: it writes K/V rows into the cache.
+    pub fn time_decode_other_kernels(&self, rows: usize) -> Result<f64, CudaError> {
+        let c = &self.config;
+        let st = &self.stream;
+        let sc = &self.scratch;
+        let rows = rows.min(sc.rows).min(sc.logit_rows());
+        let (hd, nh, nkv, hidden, ffn) = (c.head_dim, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size);
+        let qkv_width = (nh + 2 * nkv) * hd;
+        let slots_per_layer = self.num_blocks * self.block_size;
+        // tokens | positions | slots | final-norm row ids: every row at position 1023 of its own slot.
+        let mut meta: Vec<i32> = (0..rows).map(|r| (r % c.vocab_size) as i32).collect();
+        meta.extend((0..rows).map(|_| 1023));
+        meta.extend((0..rows).map(|r| (self.block_size + r % (slots_per_layer - self.block_size)) as i32));
+        meta.extend((0..rows).map(|r| r as i32));
+        let buffer = st.clone_htod(&meta)?;
+        let base = buffer.device_ptr(st).0;
+        let at = |k: usize| base + (k * rows * 4) as u64;
+        let (x, h, qkv, proj) = (sc.x.device_ptr(st).0, sc.h.device_ptr(st).0, sc.qkv.device_ptr(st).0, sc.proj.device_ptr(st).0);
+        let (gate_up, act, logits, ids) = (sc.gate_up.device_ptr(st).0, sc.act.device_ptr(st).0, sc.logits.device_ptr(st).0, sc.ids.device_ptr(st).0);
+        let (k_base, v_base, inv_freq) = (self.k_cache.device_ptr(st).0, self.v_cache.device_ptr(st).0, self.inv_freq.device_ptr(st).0);
+        let w = &self.weights;
+        let k = &self.kernels;
+        let interleaved = c.rope_style == ferrite_common::config::RopeStyle::Interleaved;
+        let layer_bytes = (slots_per_layer * nkv * hd * 2) as u64;
+        let lm_rows = w.lm_head().rows;
+        let step = || -> Result<(), CudaError> {
+            // SAFETY: every scratch buffer holds ≥ rows rows of its width; the metadata holds rows entries per array
+            // with tokens < vocab, slots inside each layer's cache and row ids < rows; weights are live.
+            unsafe {
+                k.embed_gather(w.embedding.ptr(st), at(0), x, rows, hidden, c.vocab_size)?;
+                for (layer, lw) in w.layers.iter().enumerate() {
+                    let add = if layer == 0 { 0 } else { proj };
+                    k.add_rms_norm(x, add, lw.attn_norm.device_ptr(st).0, h, 0, rows, hidden, c.rms_norm_eps)?;
+                    let off = layer as u64 * layer_bytes;
+                    k.rope_kv_write(qkv, at(1), inv_freq, k_base + off, v_base + off, at(2), rows, nh, nkv, hd, qkv_width, interleaved, slots_per_layer)?;
+                    k.add_rms_norm(x, proj, lw.ffn_norm.device_ptr(st).0, h, 0, rows, hidden, c.rms_norm_eps)?;
+                    k.silu_mul(gate_up, act, rows, ffn)?;
+                }
+                k.add_rms_norm(x, proj, w.output_norm.device_ptr(st).0, h, at(3), rows, hidden, c.rms_norm_eps)?;
+                k.argmax_rows(logits, ids, 0, rows, lm_rows)
+            }
+        };
+        self.median_of_5(&step)
+    }
+
     /// Milliseconds (device events, median of 5) for just the attention of one decode step: every layer's paged
     /// attention (and partition reduce) for `rows` rows at `ctx` positions, each row on its own blocks, through the
     /// kernel a step of `rows` rows uses. None when the cache holds too few blocks.
