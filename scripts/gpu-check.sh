@@ -99,6 +99,7 @@ fi
 echo "=== summary"
 cat "$OUT/gpu.txt"
 printf '%s\n' "${SUMMARY[@]}"
+[ -f "$OUT/ferrite_8b.json" ] && python3 scripts/gpu/goals.py "$OUT/ferrite_8b.json" "$OUT/torch.json"
 grep -h -E "rel err|FAILED|panicked|test result" "$OUT"/parity.log 2>/dev/null | grep -v " ok" | tail -n 12
 # Start-up kernel choices (tuner) and anything it rejected, from the benchmark and reference logs.
 grep -h -E "paged attention|prefill attention|decode linear layers|^  \([0-9]+, [0-9]+\): |programmatic dependent launch|disagrees|not used|cuBLASLt|kernel tuning done|CUDA kernels loaded" \
