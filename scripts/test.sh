@@ -4,7 +4,7 @@
 # build, then the Python suite that drives `ferrite serve` with the official `openai` SDK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FEATURES="ferrite-router/cuda,ferrite-tests/cuda"
+FEATURES="ferrite/cuda,ferrite-tests/cuda"
 
 if [[ ! -x .venv-py/bin/python ]]; then
   python3 -m venv .venv-py

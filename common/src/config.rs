@@ -164,7 +164,7 @@ impl LlamaConfig {
         let tied = g.tensor_info("output.weight").is_none();
         let rope_scaling = match g.tensor_info("rope_freqs.weight") {
             Some(t) if t.dtype == crate::dtype::GgmlType::F32 => Some(RopeScaling::FreqFactors(
-                g.tensor_bytes(t).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                g.tensor_bytes(t)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             )),
             Some(t) => return Err(ModelError::dtype(path, &t.name, t.dtype)),
             None => None,

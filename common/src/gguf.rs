@@ -1,21 +1,25 @@
-//! GGUF (v2/v3) reader: metadata, tensor index, and zero-copy tensor bytes from a memory map.
+//! GGUF (v2/v3) reader: metadata, tensor index, and tensor bytes (zero-copy from a mapping, or read on demand; see
+//! [`crate::source`]).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. All integers are little-endian.
 //! Tensor dims are stored `ne0` first (the fastest-varying dimension); [`GgufTensorInfo::shape`] reverses them into the
 //! row-major order the rest of Ferrite uses (`[rows, cols]`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::dtype::GgmlType;
 use crate::error::ModelError;
-use ferrite_kernels::host::MappedFile;
+use crate::source::{FileMapper, FileSource};
 
 const GGUF_MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Refuse absurd counts before allocating (a corrupt header must not cause a huge allocation).
 const MAX_COUNT: u64 = 1 << 26;
+/// The first read of an unmapped file's header; it doubles until the header fits (a Llama-3 vocabulary's metadata
+/// is ~8 MB).
+const FIRST_HEADER_READ: usize = 16 << 20;
 
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,11 +120,11 @@ impl GgufTensorInfo {
     }
 }
 
-/// A parsed, memory-mapped GGUF file.
+/// A parsed GGUF file.
 #[derive(Debug, Clone)]
 pub struct GgufFile {
     path: PathBuf,
-    map: Arc<MappedFile>,
+    source: FileSource,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensorInfo>,
@@ -128,15 +132,42 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
-    /// Maps and parses `path`. Checks magic, version, that every tensor lies inside the file and that its byte size
-    /// matches its dtype and shape.
+    /// Parses `path`, reading its header (tensor bytes are read on demand). Checks magic, version, that every tensor
+    /// lies inside the file and that its byte size matches its dtype and shape.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let map = Arc::new(MappedFile::open(path).map_err(|e| ModelError::io(path, e))?);
-        Self::parse(path, map)
+        Self::open_with(path, None)
     }
 
-    fn parse(path: &Path, map: Arc<MappedFile>) -> Result<Self, ModelError> {
-        let mut r = Reader { buf: &map, pos: 0, path };
+    /// As [`GgufFile::open`], over the bytes `mapper` gives (the worker's memory map) when there is one.
+    pub fn open_with(path: &Path, mapper: Option<&FileMapper>) -> Result<Self, ModelError> {
+        Self::open_reading(path, mapper, FIRST_HEADER_READ)
+    }
+
+    fn open_reading(path: &Path, mapper: Option<&FileMapper>, first_read: usize) -> Result<Self, ModelError> {
+        let source = FileSource::open(path, mapper).map_err(|e| ModelError::io(path, e))?;
+        let mut want = first_read.max(1);
+        loop {
+            let head = source.prefix(want).map_err(|e| ModelError::io(path, e))?;
+            match Self::parse(path, &head, source.len()) {
+                // The header runs past what was read (not past the file): read more.
+                Err(ModelError::Truncated { len, .. }) if len == head.len() as u64 && len < source.len() => {
+                    want = want.saturating_mul(2)
+                }
+                Ok((version, metadata, tensors, by_name)) => {
+                    return Ok(Self { path: path.into(), source: source.clone(), version, metadata, tensors, by_name });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        path: &Path,
+        head: &[u8],
+        file_len: u64,
+    ) -> Result<(u32, BTreeMap<String, GgufValue>, Vec<GgufTensorInfo>, BTreeMap<String, usize>), ModelError> {
+        let mut r = Reader { buf: head, pos: 0, path };
         let magic = r.u32("magic")?;
         if magic != GGUF_MAGIC {
             return Err(ModelError::BadMagic { path: path.into(), magic });
@@ -176,7 +207,6 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
         };
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
-        let file_len = map.len() as u64;
         let mut tensors = Vec::with_capacity(infos.len());
         let mut by_name = BTreeMap::new();
         for (name, dims, type_id, rel) in infos {
@@ -213,7 +243,7 @@ impl GgufFile {
             }
             tensors.push(GgufTensorInfo { name, dims, dtype, offset, n_bytes });
         }
-        Ok(Self { path: path.into(), map, version, metadata, tensors, by_name })
+        Ok((version, metadata, tensors, by_name))
     }
 
     pub fn path(&self) -> &Path {
@@ -255,9 +285,14 @@ impl GgufFile {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The raw bytes of a tensor (validated to lie inside the file at open time).
-    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
-        &self.map[info.offset as usize..(info.offset + info.n_bytes) as usize]
+    /// The raw bytes of a tensor (validated to lie inside the file at open time): borrowed from the mapping, or read.
+    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<Cow<'_, [u8]>, ModelError> {
+        self.source.range(info.offset, info.n_bytes as usize).map_err(|e| ModelError::io(&self.path, e))
+    }
+
+    /// `len` bytes of a tensor from `offset` within it (the fingerprint samples a tensor's ends this way).
+    pub fn tensor_range(&self, info: &GgufTensorInfo, offset: u64, len: usize) -> Result<Cow<'_, [u8]>, ModelError> {
+        self.source.range(info.offset + offset, len).map_err(|e| ModelError::io(&self.path, e))
     }
 }
 
@@ -471,8 +506,15 @@ mod tests {
         assert_eq!(g.string_array("tokenizer.ggml.tokens").unwrap(), vec!["a", "b"]);
         let x = g.tensor_info("x").unwrap();
         assert_eq!(x.shape(), vec![2, 3]);
-        assert_eq!(g.tensor_bytes(x)[..4], [0, 1, 2, 3]);
-        assert_eq!(g.tensor_bytes(g.tensor_info("y").unwrap()), &[1, 2, 3, 4]);
+        assert_eq!(g.tensor_bytes(x).unwrap()[..4], [0, 1, 2, 3]);
+        assert_eq!(&g.tensor_bytes(g.tensor_info("y").unwrap()).unwrap()[..], &[1, 2, 3, 4]);
+        // A header longer than the first read is read again, larger, until it fits; mapped gives the same file.
+        let path = write(&dir, "ok2.gguf", &sample());
+        let small = GgufFile::open_reading(&path, None, 7).unwrap();
+        assert_eq!((small.metadata(), small.tensors().len()), (g.metadata(), g.tensors().len()));
+        let map: &crate::source::FileMapper = &|p| Ok(std::sync::Arc::new(std::fs::read(p)?) as crate::source::FileBytes);
+        let mapped = GgufFile::open_with(&path, Some(map)).unwrap();
+        assert_eq!(&mapped.tensor_bytes(x).unwrap()[..], &small.tensor_bytes(x).unwrap()[..]);
         assert!(matches!(g.require("nope"), Err(ModelError::MissingMetadata { .. })));
     }
 

@@ -13,8 +13,7 @@
 
 pub mod chat;
 pub mod config;
-/// GGML tensor types (defined next to the kernels that compute on them).
-pub use ferrite_kernels::dtype;
+pub mod dtype;
 pub mod error;
 pub mod gguf;
 pub mod hf;
@@ -23,5 +22,6 @@ pub mod model;
 pub mod proto;
 pub mod sampling;
 pub mod shard;
+pub mod source;
 pub mod text;
 pub mod tokenizer;

@@ -1,7 +1,9 @@
 //! One weight-access API over both formats: [`ModelFiles`] opens a GGUF file or an HF directory and hands out
 //! [`WeightView`]s by [`LlamaTensor`] role, checked against the [`LlamaConfig`]. The forward pass never sees file
-//! formats or tensor names.
+//! formats or tensor names. Opened plainly, tensor bytes are read on demand; the worker opens models over its memory
+//! map ([`ModelFiles::open_with`]) so they are borrowed instead (see [`crate::source`]).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use crate::config::{GenerationConfig, LlamaConfig};
@@ -9,6 +11,7 @@ use crate::dtype::GgmlType;
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::hf::HfWeights;
+use crate::source::FileMapper;
 
 /// The role of a weight tensor in a Llama model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,13 +99,20 @@ impl LlamaTensor {
     }
 }
 
-/// A borrowed tensor: raw bytes in the file's dtype, row-major shape.
+/// A tensor: raw bytes in the file's dtype (borrowed from a mapping, or read), row-major shape.
 #[derive(Debug, Clone)]
 pub struct WeightView<'a> {
     pub name: String,
     pub dtype: GgmlType,
     pub shape: Vec<usize>,
-    pub data: &'a [u8],
+    pub data: Cow<'a, [u8]>,
+}
+
+/// What [`ModelFiles`] knows of a tensor without its bytes.
+struct TensorMeta {
+    name: String,
+    dtype: GgmlType,
+    shape: Vec<usize>,
 }
 
 /// Where the weights come from.
@@ -131,12 +141,18 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// Opens a `.gguf` file or a Hugging Face directory.
+    /// Opens a `.gguf` file or a Hugging Face directory: config, tokenizer metadata and the tensor index (every
+    /// tensor checked for presence, shape and dtype); tensor bytes are read when asked for.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
+        Self::open_with(path, None)
+    }
+
+    /// As [`ModelFiles::open`], with tensor bytes borrowed from what `mapper` gives (the worker's memory map).
+    pub fn open_with(path: &Path, mapper: Option<&FileMapper>) -> Result<Self, ModelError> {
         if path.is_dir() {
-            Self::open_hf(path)
+            Self::open_hf(path, mapper)
         } else {
-            let g = GgufFile::open(path)?;
+            let g = GgufFile::open_with(path, mapper)?;
             let config = LlamaConfig::from_gguf(&g)?;
             let generation = GenerationConfig { eos_token_ids: config.eos_token_ids.clone(), ..Default::default() };
             let m = Self { path: path.into(), format: ModelFormat::Gguf, config, generation, store: WeightStore::Gguf(g) };
@@ -145,7 +161,7 @@ impl ModelFiles {
         }
     }
 
-    fn open_hf(dir: &Path) -> Result<Self, ModelError> {
+    fn open_hf(dir: &Path, mapper: Option<&FileMapper>) -> Result<Self, ModelError> {
         let cfg_path = dir.join("config.json");
         let json = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
         let gen_path = dir.join("generation_config.json");
@@ -156,7 +172,7 @@ impl ModelFiles {
             GenerationConfig::default()
         };
         let config = LlamaConfig::from_hf_json(&cfg_path, &json, Some(&generation))?;
-        let weights = HfWeights::open(dir)?;
+        let weights = HfWeights::open(dir, mapper)?;
         let m = Self { path: dir.into(), format: ModelFormat::HfDirectory, config, generation, store: WeightStore::Hf(weights) };
         m.check_all()?;
         Ok(m)
@@ -165,18 +181,41 @@ impl ModelFiles {
     /// A 128-bit identity of the weights: xxh3-128 over the config and, per tensor, its role, dtype, shape and the
     /// first and last 4 KiB of its bytes. Seeds the prefix-cache hash, so two workers serving the same weights share
     /// block hashes (in any format they were loaded from it stays stable for the same files).
-    pub fn fingerprint(&self) -> [u8; 16] {
+    pub fn fingerprint(&self) -> Result<[u8; 16], ModelError> {
         let mut buf = Vec::new();
         buf.extend_from_slice(format!("{:?}", self.config).as_bytes());
         for role in LlamaTensor::all(&self.config) {
-            if let Ok(w) = self.weight(role) {
-                buf.extend_from_slice(format!("{role:?}|{}|{:?}|", w.dtype, w.shape).as_bytes());
-                let n = w.data.len().min(4096);
-                buf.extend_from_slice(&w.data[..n]);
-                buf.extend_from_slice(&w.data[w.data.len() - n..]);
-            }
+            let Ok(m) = self.tensor_meta(role) else { continue };
+            buf.extend_from_slice(format!("{role:?}|{}|{:?}|", m.dtype, m.shape).as_bytes());
+            let len = self.tensor_len(role)?;
+            let n = len.min(4096);
+            buf.extend_from_slice(&self.tensor_range(role, 0, n)?);
+            buf.extend_from_slice(&self.tensor_range(role, len - n, n)?);
         }
-        xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes()
+        Ok(xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes())
+    }
+
+    /// A tensor's size in bytes.
+    fn tensor_len(&self, role: LlamaTensor) -> Result<usize, ModelError> {
+        Ok(match &self.store {
+            WeightStore::Gguf(g) => g.tensor_info(&role.gguf_name()).map(|i| i.n_bytes as usize),
+            WeightStore::Hf(w) => w.tensor_info(&role.hf_name()).map(|i| w.tensor_len(i)),
+        }
+        .unwrap_or(0))
+    }
+
+    /// `len` bytes of a tensor from `offset` within it.
+    fn tensor_range(&self, role: LlamaTensor, offset: usize, len: usize) -> Result<Cow<'_, [u8]>, ModelError> {
+        match &self.store {
+            WeightStore::Gguf(g) => match g.tensor_info(&role.gguf_name()) {
+                Some(i) => g.tensor_range(i, offset as u64, len),
+                None => Ok(Cow::Borrowed(&[])),
+            },
+            WeightStore::Hf(w) => match w.tensor_info(&role.hf_name()) {
+                Some(i) => w.tensor_range(i, offset, len),
+                None => Ok(Cow::Borrowed(&[])),
+            },
+        }
     }
 
     /// The GGUF file, when the model is one (tokenizer and chat template metadata live there).
@@ -190,7 +229,7 @@ impl ModelFiles {
     /// Validates every tensor's presence, shape and dtype up front, so loading fails fast with a precise error.
     fn check_all(&self) -> Result<(), ModelError> {
         for t in LlamaTensor::all(&self.config) {
-            self.weight(t)?;
+            self.tensor_meta(t)?;
         }
         Ok(())
     }
@@ -198,26 +237,36 @@ impl ModelFiles {
     /// The largest quantization block of the matrices (1 for float checkpoints): tensor-parallel splits of input
     /// columns must be multiples of it.
     pub fn max_block_size(&self) -> usize {
-        LlamaTensor::all(&self.config).into_iter().filter_map(|t| self.weight(t).ok()).map(|w| w.dtype.block_size()).max().unwrap_or(1)
+        LlamaTensor::all(&self.config).into_iter().filter_map(|t| self.tensor_meta(t).ok()).map(|w| w.dtype.block_size()).max().unwrap_or(1)
     }
 
     /// The tensor for `role`, checked against the config's shape.
     pub fn weight(&self, role: LlamaTensor) -> Result<WeightView<'_>, ModelError> {
+        let m = self.tensor_meta(role)?;
+        let data = match &self.store {
+            WeightStore::Gguf(g) => g.tensor_bytes(g.tensor_info(&m.name).expect("checked by tensor_meta"))?,
+            WeightStore::Hf(w) => w.tensor_bytes(w.tensor_info(&m.name).expect("checked by tensor_meta"))?,
+        };
+        Ok(WeightView { name: m.name, dtype: m.dtype, shape: m.shape, data })
+    }
+
+    /// A tensor's name, file, dtype and shape, checked against the config and the dtypes the backends support.
+    fn tensor_meta(&self, role: LlamaTensor) -> Result<TensorMeta, ModelError> {
         let expected = role.expected_shape(&self.config);
-        let (name, path, dtype, shape, data) = match &self.store {
+        let (name, path, dtype, shape) = match &self.store {
             WeightStore::Gguf(g) => {
                 let name = role.gguf_name();
                 let info = g
                     .tensor_info(&name)
                     .ok_or_else(|| ModelError::MissingTensor { path: g.path().into(), name: name.clone() })?;
-                (name, g.path(), info.dtype, info.shape(), g.tensor_bytes(info))
+                (name, g.path(), info.dtype, info.shape())
             }
             WeightStore::Hf(w) => {
                 let name = role.hf_name();
                 let info = w
                     .tensor_info(&name)
                     .ok_or_else(|| ModelError::MissingTensor { path: w.primary_path().into(), name: name.clone() })?;
-                (name, w.tensor_path(info), info.dtype, info.shape.clone(), w.tensor_bytes(info))
+                (name, w.tensor_path(info), info.dtype, info.shape.clone())
             }
         };
         if shape != expected {
@@ -232,6 +281,6 @@ impl ModelFiles {
         if !supported {
             return Err(ModelError::dtype(path, &name, dtype));
         }
-        Ok(WeightView { name, dtype, shape, data })
+        Ok(TensorMeta { name, dtype, shape })
     }
 }

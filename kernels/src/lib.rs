@@ -5,9 +5,9 @@
 //! run time with NVRTC). The CPU functions are the CUDA kernels' reference twins: `tests/parity.rs` runs one test body
 //! per kernel on the CPU always and on CUDA when a device exists.
 //!
-//! It also holds the two other low-level pieces everything else builds on: [`dtype`] (GGML block layouts) and
-//! [`host`] (read-only memory maps of model files). Together with the worker's CUDA code, this crate is the only
-//! place `unsafe` is allowed.
+//! It also holds [`host`] (read-only memory maps of model files, which the worker hands to `ferrite-common`'s
+//! readers). Together with the worker's CUDA code, this crate is the only place `unsafe` is allowed. The GGML block
+//! layouts it computes on are `ferrite_common::dtype`.
 //!
 //! Numerics are deterministic: a function gives the same bits for the same inputs on a given
 //! CPU, whatever the batch it is called with. SIMD paths are chosen at run time
@@ -16,5 +16,4 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod dtype;
 pub mod host;

@@ -197,3 +197,20 @@ pub fn assert_sampling_matches_host(b: &mut dyn ferrite_worker::backend::Backend
         assert_eq!(drawn, on_host, "step {step}, seed {seed}");
     }
 }
+
+/// Serves a worker's Prometheus metrics on `/metrics` at an ephemeral loopback port (what `ferrite worker
+/// --metrics-listen` does), for tests that scrape them over HTTP.
+pub async fn serve_worker_metrics(engine: &ferrite_worker::engine::core::EngineHandle) -> std::net::SocketAddr {
+    let metrics = std::sync::Arc::new(ferrite_worker::metrics::WorkerMetrics::new(engine).expect("metrics registry"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+    let addr = listener.local_addr().expect("metrics address");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = std::sync::Arc::clone(&metrics);
+            async move { m.render() }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}

@@ -17,7 +17,7 @@ fn engine(budget: usize, kv_blocks: usize) -> EngineHandle {
     let backend = CpuBackend::load(&files, &CpuOptions { num_kv_blocks: kv_blocks, ..CpuOptions::default() }).unwrap();
     let cfg = EngineConfig {
         scheduler: SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs: 16, max_waiting: 64, max_model_len: 2048 },
-        model_fingerprint: files.fingerprint(),
+        model_fingerprint: files.fingerprint().unwrap(),
         eos_token_ids: vec![2],
     };
     Engine::spawn(Box::new(backend), cfg).unwrap()
@@ -101,7 +101,7 @@ fn a_fatal_backend_error_fails_every_request_and_stops_the_engine() {
     let backend = FailAfter::new(InstantBackend::new(files.config.clone(), 64, 16), 3);
     let cfg = EngineConfig {
         scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 2, max_waiting: 64, max_model_len: 2048 },
-        model_fingerprint: files.fingerprint(),
+        model_fingerprint: files.fingerprint().unwrap(),
         eos_token_ids: vec![2],
     };
     let e = Engine::spawn(Box::new(backend), cfg).unwrap();

@@ -24,7 +24,7 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
 async fn start_worker(max_waiting: usize, max_num_seqs: usize, tensor_parallel_size: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
     let cfg = WorkerConfig { max_num_seqs, max_waiting, tensor_parallel_size, ..test_worker_config() };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
-    let metrics = ferrite_worker::metrics::spawn(&worker.engine, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let metrics = ferrite_tests::serve_worker_metrics(&worker.engine).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(worker.serve(listener, std::future::pending()));

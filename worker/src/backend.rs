@@ -5,6 +5,10 @@
 use std::ops::Range;
 
 use ferrite_common::config::LlamaConfig;
+pub use ferrite_kernels::cpu::sample::{Adjust, SampleParams, uniform as sample_uniform};
+
+/// Default tokens per KV block (vLLM's default; the router's prefix hashes use the same size).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// Which logits a sequence wants back from a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

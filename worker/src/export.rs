@@ -133,7 +133,7 @@ pub fn export_hf(files: &ModelFiles, tokenizer: &Tokenizer, out: &Path, dtype: E
         let w = files.weight(role)?;
         let n: usize = w.shape.iter().product();
         let mut values = vec![0f32; n];
-        dequantize_row(w.dtype, w.data, &mut values).map_err(|_| ModelError::UnsupportedDtype {
+        dequantize_row(w.dtype, &w.data, &mut values).map_err(|_| ModelError::UnsupportedDtype {
             path: files.path.clone(),
             name: w.name.clone(),
             dtype: w.dtype.to_string(),

@@ -7,8 +7,7 @@
 
 use std::collections::HashMap;
 
-/// Default tokens per KV block (vLLM's default; the router's prefix hashes use the same size).
-pub const DEFAULT_BLOCK_SIZE: usize = 16;
+pub use crate::backend::DEFAULT_BLOCK_SIZE;
 
 /// A sequence id, unique among live sequences of one allocator.
 pub type SeqId = u64;

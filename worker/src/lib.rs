@@ -23,6 +23,7 @@ pub mod generate;
 pub mod instant;
 pub mod kv;
 pub mod metrics;
+pub mod model;
 pub mod server;
 pub mod service;
 pub mod tp;

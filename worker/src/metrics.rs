@@ -1,14 +1,13 @@
-//! Prometheus metrics of a worker, served as text on `/metrics` (a small axum server beside the gRPC port).
+//! Prometheus metrics of a worker, rendered as Prometheus text (the `ferrite` binary serves them on `/metrics` beside
+//! the gRPC port; this crate speaks no HTTP).
 //!
 //! Values live in the engine's atomic [`EngineStats`]; a scrape copies them into the registry, so the engine thread
 //! never touches Prometheus types. Labels are bounded (never request ids or user text).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use tokio::net::TcpListener;
 
 use crate::engine::core::{EngineHandle, EngineStats};
 
@@ -101,29 +100,4 @@ impl WorkerMetrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
-
-    /// Serves `/metrics` on `listener` until `shutdown` resolves.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = Arc::clone(&self);
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
-            }),
-        );
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-    }
-}
-
-/// Binds `addr` and serves metrics in the background.
-pub async fn spawn(engine: &EngineHandle, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let metrics = Arc::new(WorkerMetrics::new(engine).map_err(std::io::Error::other)?);
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = metrics.serve(listener, std::future::pending()).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(bound)
 }

@@ -1,6 +1,5 @@
 //! Starting a worker: load the model, size the KV cache, start the engine thread and serve gRPC.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ferrite_common::error::ModelError;
@@ -126,7 +125,7 @@ impl Worker {
     /// Loads the model and starts the engine thread.
     pub fn load(cfg: &WorkerConfig) -> Result<Self, WorkerError> {
         cfg.validate()?;
-        let files = ModelFiles::open(&cfg.model)?;
+        let files = crate::model::open_model(&cfg.model)?;
         let c = &files.config;
         let per_block = kv_bytes_per_block(c, DEFAULT_BLOCK_SIZE);
         let num_blocks = cfg.kv_cache_mib * (1 << 20) / per_block;
@@ -188,7 +187,7 @@ impl Worker {
         };
         // The backend decides: CUDA sizes its cache from free device memory.
         let num_blocks = backend.info().num_kv_blocks;
-        let fingerprint = files.fingerprint();
+        let fingerprint = files.fingerprint()?;
         let text = ferrite_common::text::TextAssets::load(files)?;
         let info = ModelInfo {
             model_id: cfg.model_id.clone().unwrap_or_else(|| {
@@ -239,21 +238,4 @@ impl Worker {
             None => Ok(()),
         }
     }
-}
-
-/// Binds `addr`, loads the model and serves until Ctrl-C; with `metrics_addr`, also serves Prometheus `/metrics`.
-pub async fn run(cfg: WorkerConfig, addr: SocketAddr, metrics_addr: Option<SocketAddr>) -> Result<(), WorkerError> {
-    let worker = tokio::task::spawn_blocking({
-        let cfg = cfg.clone();
-        move || Worker::load(&cfg)
-    })
-    .await
-    .map_err(|e| WorkerError::Config(format!("model loading panicked: {e}")))??;
-    if let Some(m) = metrics_addr {
-        let bound = crate::metrics::spawn(&worker.engine, m).await?;
-        tracing::info!(addr = %bound, "metrics on /metrics");
-    }
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "worker listening");
-    worker.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
 }

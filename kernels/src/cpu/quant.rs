@@ -30,7 +30,7 @@
 
 use half::f16;
 
-pub use crate::dtype::GgmlType;
+pub use ferrite_common::dtype::GgmlType;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

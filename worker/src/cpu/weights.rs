@@ -93,7 +93,7 @@ impl Matrix {
             return Ok(Matrix::Blocks { dtype: w.dtype, rows, cols, row_bytes, data: w.data.to_vec() });
         }
         let mut data = vec![0f32; rows * cols];
-        dequantize_row(w.dtype, w.data, &mut data).map_err(bad)?;
+        dequantize_row(w.dtype, &w.data, &mut data).map_err(bad)?;
         Ok(Matrix::F32 { rows, cols, data })
     }
 
@@ -121,7 +121,7 @@ impl Matrix {
         for r in rows.clone() {
             data.extend_from_slice(&w.data[r * row_bytes + c0..r * row_bytes + c1]);
         }
-        let view = WeightView { name: w.name.clone(), dtype: w.dtype, shape: vec![rows.len(), cols.len()], data: &data };
+        let view = WeightView { name: w.name.clone(), dtype: w.dtype, shape: vec![rows.len(), cols.len()], data: std::borrow::Cow::Borrowed(&data) };
         Self::load(path, &view, precision)
     }
 

@@ -20,6 +20,7 @@ mod graphs;
 mod sampling;
 mod step;
 mod timing;
+mod ceilings;
 mod tune;
 mod tune_linear;
 pub use tune_linear::{LinearChoice, LinearKernel, LinearPick};
@@ -467,6 +468,11 @@ impl CudaBackend {
 
     pub fn kernels(&self) -> &CudaKernels {
         &self.kernels
+    }
+
+    /// Whether kernels launch with programmatic dependent launch (sm_90 and later, when not turned off).
+    pub fn programmatic_launch(&self) -> bool {
+        self.kernels.programmatic_launch()
     }
 
     /// Fills the whole KV cache with random values (benchmarks: attention never runs over zeros).

@@ -299,7 +299,7 @@ impl<'a> Loader<'a> {
         let v = self.model.weight(role)?;
         let n = v.shape.iter().product::<usize>();
         let mut host = vec![0f32; n];
-        dequantize_row(v.dtype, v.data, &mut host).map_err(|_| ModelError::dtype(&self.model.path, &v.name, v.dtype))?;
+        dequantize_row(v.dtype, &v.data, &mut host).map_err(|_| ModelError::dtype(&self.model.path, &v.name, v.dtype))?;
         self.progress(v.data.len());
         self.stream.clone_htod(&host).map_err(|e| self.device_err(e))
     }

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
-use ferrite_worker::server::run as run_worker;
+use anyhow::Context;
+use ferrite_worker::server::Worker;
+use tokio::net::TcpListener;
 
 use super::{EngineArgs, ModelArgs, resolve_model};
 
@@ -26,10 +28,21 @@ pub struct Args {
     engine: EngineArgs,
 }
 
+/// Loads the model, then serves gRPC (and `/metrics` when asked) until Ctrl-C or until the engine fails for good (a
+/// non-zero exit, so an orchestrator restarts the worker).
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = a.engine.worker_config(resolve_model(a.model.model.clone())?, a.served_model_name, a.max_waiting, &a.model);
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run_worker(cfg, a.listen, a.metrics_listen))?;
-    Ok(())
+    rt.block_on(async move {
+        let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.context("loading the model")??;
+        if let Some(m) = a.metrics_listen {
+            let bound = crate::metrics_http::spawn(&worker.engine, m).await?;
+            tracing::info!(addr = %bound, "metrics on /metrics");
+        }
+        let listener = TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "worker listening");
+        worker.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+        anyhow::Ok(())
+    })
 }

@@ -186,7 +186,7 @@ impl From<Precision> for WeightPrecision {
 
 /// The repository this binary was built from (for the default model cache and the fetch script).
 fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Resolves `--model`, falling back to the default model: `$FERRITE_MODEL_DIR/<file>` (default `<repo>/models`),

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use ferrite_common::model::ModelFiles;
+use ferrite_worker::model::open_model;
 use ferrite_common::text::TextAssets;
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::generate::{GenerateParams, generate};
@@ -38,7 +38,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let path = resolve_model(a.model.model.clone())?;
     let started = std::time::Instant::now();
-    let files = ModelFiles::open(&path)?;
+    let files = open_model(&path)?;
     let text = TextAssets::load(&files)?;
     let prompt_text = if a.chat {
         text.render_user_prompt(&a.prompt)?.context("--chat: the model has no chat template")?

@@ -44,7 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let limits = Limits { max_model_len, vocab_size: c.vocab_size };
         let model_id =
             files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string());
-        let (vocab, fingerprint) = (c.vocab_size, files.fingerprint());
+        let (vocab, fingerprint) = (c.vocab_size, files.fingerprint()?);
         let check = pool.clone();
         tokio::spawn(async move {
             // Not fatal either way: a worker that comes up later is picked up by readiness and routing.

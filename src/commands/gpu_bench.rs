@@ -8,22 +8,17 @@
 //! weight byte plus the KV bytes read, over the measured copy bandwidth. Prefill: one `--prefill-tokens` prompt from
 //! an empty cache; its FLOPs (matrices + causal attention) over the measured 8192³ GEMM rate.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use ferrite_common::config::{LlamaConfig, RopeStyle};
-use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cpu::sample::{Adjust, SampleParams, uniform as sample_uniform};
-use ferrite_kernels::cuda::{CudaKernels, Gemm};
-use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, RowSampling, SeqInput};
 use ferrite_common::shard::ShardSpec;
+use ferrite_worker::backend::{Adjust, Backend, DEFAULT_BLOCK_SIZE, ForwardBatch, LogitsWanted, RowSampling, SampleParams, SeqInput, sample_uniform};
 use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
+use ferrite_worker::model::open_model;
 use ferrite_worker::tp::comm::Communicator;
 use ferrite_worker::tp::group::COLLECTIVE_TIMEOUT;
 use ferrite_worker::tp::nccl::NcclGroup;
-use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -75,58 +70,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Milliseconds per call of `f`, median of `reps` after `warm` warm-ups, timed with device events.
-fn time_events(stream: &Arc<CudaStream>, warm: usize, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    let ctx = stream.context();
-    for _ in 0..warm {
-        f()?;
-    }
-    let mut times = Vec::new();
-    for _ in 0..reps {
-        let start = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        start.record(stream)?;
-        f()?;
-        end.record(stream)?;
-        end.synchronize()?;
-        times.push(f64::from(start.elapsed_ms(&end)?));
-    }
-    Ok(median(times))
-}
-
-fn random_bf16(k: &CudaKernels, n: usize, seed: u64) -> anyhow::Result<CudaSlice<u16>> {
-    let stream = k.stream();
-    // SAFETY: filled by the kernel below before any read.
-    let buf = unsafe { stream.alloc::<u16>(n) }?;
-    // SAFETY: `buf` holds n bf16.
-    unsafe { k.fill_random_bf16(buf.device_ptr(stream).0, n, seed, 1.0, 0.0) }?;
-    Ok(buf)
-}
-
-/// Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers.
-fn copy_bandwidth(k: &CudaKernels) -> anyhow::Result<f64> {
-    let stream = k.stream();
-    let n = 512 << 20; // bf16 elements: 1 GiB
-    let src = random_bf16(k, n, 7)?;
-    let mut dst = random_bf16(k, n, 8)?;
-    let ms = time_events(stream, 3, 10, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
-    Ok(2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9)
-}
-
-/// bf16 GEMM rate (our configuration: bf16 in, f32 accumulate and out) in TFLOP/s for `[m, k] · [n, k]ᵀ`.
-fn gemm_rate(k: &CudaKernels, m: usize, kk: usize, n: usize) -> anyhow::Result<f64> {
-    let stream = k.stream();
-    let gemm = Gemm::new(Arc::clone(stream))?;
-    let x = random_bf16(k, m * kk, 11)?;
-    let w = random_bf16(k, n * kk, 12)?;
-    // SAFETY: written by the GEMM before any read.
-    let y = unsafe { stream.alloc::<f32>(m * n) }?;
-    let (xp, wp, yp) = (x.device_ptr(stream).0, w.device_ptr(stream).0, y.device_ptr(stream).0);
-    // SAFETY: buffers sized m·k, n·k and m·n as `linear` requires.
-    let ms = time_events(stream, 3, 10, || Ok(unsafe { gemm.linear(xp, wp, yp, m, kk, n) }?))?;
-    Ok(2.0 * (m * kk * n) as f64 / (ms * 1e-3) / 1e12)
-}
-
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.steps == 0 || a.ctx == 0 || a.prefill_tokens == 0 {
         bail!("--batch sizes, --steps, --ctx and --prefill-tokens must be > 0");
@@ -137,7 +80,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = CudaOptions { max_kv_blocks: Some(blocks), max_batch_tokens: a.prefill_tokens.max(max_batch), ..CudaOptions::default() };
     let t0 = Instant::now();
     // With --nccl: a tensor-parallel rank of world size 1 (every all-reduce and the greedy gather through NCCL).
-    let files = a.model.as_ref().map(|p| ModelFiles::open(p).with_context(|| format!("opening {}", p.display()))).transpose()?;
+    let files = a.model.as_ref().map(|p| open_model(p).with_context(|| format!("opening {}", p.display()))).transpose()?;
     let config = files.as_ref().map_or_else(llama_8b_config, |f| f.config.clone());
     let plan = ShardSpec::plan(&config, 1, 1)?;
     let rank = || -> anyhow::Result<Option<RankSpec<'_>>> {
@@ -157,25 +100,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let c = backend.config().clone();
     println!("device: {}  model: {label}  (ready in {:.1} s)", backend.device_name(), t0.elapsed().as_secs_f64());
 
-    let k = backend.kernels();
-    let copy_gbs = copy_bandwidth(k)?;
-    let gemm_tflops = gemm_rate(k, 8192, 8192, 8192)?;
-    let gemm_prefill_tflops = gemm_rate(k, a.prefill_tokens, c.hidden_size, c.intermediate_size)?;
+    let copy_gbs = backend.measure_copy_bandwidth()?;
+    let gemm_tflops = backend.measure_gemm_rate(8192, 8192, 8192)?;
+    let gemm_prefill_tflops = backend.measure_gemm_rate(a.prefill_tokens, c.hidden_size, c.intermediate_size)?;
     println!("ceilings: copy {copy_gbs:.0} GB/s (read + write), bf16 GEMM 8192³ {gemm_tflops:.0} TFLOP/s, prefill-shape GEMM {gemm_prefill_tflops:.0} TFLOP/s");
 
     let mut allreduce = Vec::new();
     if let Some(comm) = backend.nccl() {
-        let stream = k.stream();
-        // SAFETY: filled before use below.
-        let buf = unsafe { stream.alloc::<f32>(1 << 19) }?;
-        let ptr = buf.device_ptr(stream).0;
         print!("NCCL all-reduce (world {}), µs:", comm.world());
         for kib in [8usize, 32, 128, 512, 2048] {
-            let n = kib * 1024 / 4;
-            // SAFETY: `buf` holds 2^19 ≥ n f32 on this device.
-            let ms = time_events(stream, 5, 50, || Ok(unsafe { comm.all_reduce_sum_device(ptr, n) }?))?;
-            print!(" {kib} KiB {:.1}", ms * 1e3);
-            allreduce.push(json!({"bytes": kib * 1024, "us": ms * 1e3}));
+            let us = backend.time_all_reduce_us(kib * 1024)?.unwrap_or(f64::NAN);
+            print!(" {kib} KiB {us:.1}");
+            allreduce.push(json!({"bytes": kib * 1024, "us": us}));
         }
         println!();
     }
@@ -193,7 +129,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let picks: Vec<String> = choice.picks.iter().map(|p| format!("{}: {:?} {:.2}x", p.rows, p.kernel, p.cublas_ms / p.ms)).collect();
         println!("  ({}, {}): {}", choice.inp, choice.out, picks.join(", "));
     }
-    println!("programmatic dependent launch: {}", if backend.kernels().programmatic_launch() { "on" } else { "off" });
+    println!("programmatic dependent launch: {}", if backend.programmatic_launch() { "on" } else { "off" });
     match backend.attention_tc_from() {
         Some(rows) => println!("paged attention on tensor cores from {rows} rows (start-up tuning)"),
         None => println!("paged attention on CUDA cores at every batch size (start-up tuning)"),
@@ -270,7 +206,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     // The same graph decode steps without programmatic dependent launch (when it is on): what PDL gains.
     let mut without_pdl = Vec::new();
-    if backend.kernels().programmatic_launch() {
+    if backend.programmatic_launch() {
         backend.set_programmatic_launch(false)?;
         for &b in &a.batch {
             let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
@@ -283,8 +219,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("programmatic dependent launch is off (needs sm_90)");
     }
 
-    let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
-    let table = alloc.ensure(0, a.prefill_tokens)?.to_vec();
+    let table = block_tables(1, a.prefill_tokens, blocks)?.remove(0);
     let prompt: Vec<u32> = (0..a.prefill_tokens).map(|_| next_tok()).collect();
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
     backend.forward_greedy(&batch)?;
@@ -337,9 +272,16 @@ type DecodeInputs = (Vec<Vec<u32>>, Vec<[u32; 1]>);
 /// Block tables (fresh blocks per sequence, `ctx + 1` positions) and one next token each for a decode step of `b`
 /// sequences.
 fn decode_inputs(b: usize, ctx: usize, blocks: usize, next_tok: &mut dyn FnMut() -> u32) -> anyhow::Result<DecodeInputs> {
-    let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
-    let tables: Vec<Vec<u32>> = (0..b).map(|s| alloc.ensure(s as u64, ctx + 1).map(<[u32]>::to_vec)).collect::<Result<_, _>>()?;
-    Ok((tables, (0..b).map(|_| [next_tok()]).collect()))
+    Ok((block_tables(b, ctx + 1, blocks)?, (0..b).map(|_| [next_tok()]).collect()))
+}
+
+/// `seqs` block tables of `tokens` positions each, on consecutive blocks from 1 (block 0 stays reserved).
+fn block_tables(seqs: usize, tokens: usize, blocks: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let per = tokens.div_ceil(DEFAULT_BLOCK_SIZE);
+    if 1 + seqs * per > blocks {
+        bail!("{seqs} sequences of {tokens} tokens need {} KV blocks; the cache holds {blocks}", 1 + seqs * per);
+    }
+    Ok((0..seqs).map(|s| (0..per).map(|b| (1 + s * per + b) as u32).collect()).collect())
 }
 
 /// The decode step over [`decode_inputs`]: each sequence adds its token at position `ctx`.

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::bail;
-use ferrite_common::model::ModelFiles;
+use ferrite_worker::model::open_model;
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
@@ -62,7 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--repeat, --decode-steps, --prompt-tokens and --batch sizes must be > 0");
     }
     let path = resolve_model(a.model.model.clone())?;
-    let files = ModelFiles::open(&path)?;
+    let files = open_model(&path)?;
     let vocab = files.config.vocab_size as u32;
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let decode_prompt = 16;
@@ -149,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Aggregate decode throughput with 1, 8 and 32 concurrent requests through the engine, and time to first token of a
 /// 400-token prompt cold versus with its prefix cached.
-fn engine_bench(files: &ModelFiles, a: &Args) -> anyhow::Result<()> {
+fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::Result<()> {
     let blocks = 1024;
     let backend = CpuBackend::load(
         files,
@@ -159,7 +159,7 @@ fn engine_bench(files: &ModelFiles, a: &Args) -> anyhow::Result<()> {
         Box::new(backend),
         EngineConfig {
             scheduler: SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs: 64, max_waiting: 1024, max_model_len: 2048 },
-            model_fingerprint: files.fingerprint(),
+            model_fingerprint: files.fingerprint()?,
             eos_token_ids: Vec::new(),
         },
     )?;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use ferrite_common::model::ModelFiles;
+use ferrite_worker::model::open_model;
 use ferrite_common::text::TextAssets;
 use ferrite_worker::export::{ExportDtype, export_hf};
 
@@ -29,7 +29,7 @@ enum Dtype {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = resolve_model(a.model)?;
-    let files = ModelFiles::open(&path)?;
+    let files = open_model(&path)?;
     let text = TextAssets::load(&files)?;
     let dtype = match a.dtype {
         Dtype::F32 => ExportDtype::F32,
