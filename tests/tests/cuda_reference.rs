@@ -1,4 +1,4 @@
-//! The CUDA backend on the default model against the transformers reference (`../shared/reference/`). Runs where a
+//! The CUDA backend on the default model against the transformers reference (`tests/data/reference/`). Runs where a
 //! GPU exists (`scripts/gpu-check.sh` sets `FERRITE_REQUIRE_CUDA=1`, which turns "no device" into a failure); on
 //! machines without one it says so and passes.
 //!

@@ -1,4 +1,4 @@
-//! Correctness against the transformers reference (`../shared/reference/`, float32) on the default model.
+//! Correctness against the transformers reference (`tests/data/reference/`, float32) on the default model.
 //!
 //! - The f32 path (every weight dequantized to f32, f32 activations) is the exact twin of the reference: its logits
 //!   must match to 1e-3 · max|logit| (we see ~2e-6) and its greedy tokens must equal the reference for every case.
