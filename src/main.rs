@@ -2,6 +2,7 @@
 //! subcommand. Everything else lives in library code.
 
 mod commands;
+mod default_model;
 mod metrics_http;
 
 use clap::{Parser, Subcommand};

