@@ -3,11 +3,21 @@
 //! The proto marks every sampling field `optional` because proto3's zero is not the semantic default (an unset
 //! temperature is 1.0, not greedy; sglang's scheduler proto documents the same trap). [`SamplingParams::from_proto`]
 //! applies the defaults here, in one place, and [`SamplingParams::validate`] names the offending field.
+//!
+//! These are the one set of rules: the router validates a request with them before it picks a worker (rendering a
+//! [`ParamError`] as an OpenAI error naming the field), and the worker checks what arrives over gRPC with them again
+//! (rejecting with a structured [`crate::proto::worker::Rejection`]).
 
 use crate::proto::worker as pb;
 
 /// Maximum `top_logprobs` (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Maximum completions per request (`n`).
+pub const MAX_N: u32 = 16;
+/// Largest temperature (OpenAI's range is [0, 2]).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+/// Largest `logit_bias` magnitude (OpenAI's range is [-100, 100]).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 /// Validated sampling parameters of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,8 +103,8 @@ impl SamplingParams {
     pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
         let finite = |f: &'static str, v: f32| if v.is_finite() { Ok(()) } else { Err(bad(f, "must be a finite number")) };
         finite("temperature", self.temperature)?;
-        if self.temperature < 0.0 {
-            return Err(bad("temperature", format!("must be >= 0, got {}", self.temperature)));
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
+            return Err(bad("temperature", format!("must be in [0, {MAX_TEMPERATURE}], got {}", self.temperature)));
         }
         finite("top_p", self.top_p)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -118,7 +128,7 @@ impl SamplingParams {
             if id as usize >= vocab_size {
                 return Err(bad("logit_bias", format!("token id {id} is out of range (vocab size {vocab_size})")));
             }
-            if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+            if !(b.is_finite() && (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b)) {
                 return Err(bad("logit_bias", format!("bias for token {id} must be in [-100, 100], got {b}")));
             }
         }
@@ -127,6 +137,7 @@ impl SamplingParams {
 }
 
 impl StoppingParams {
+    /// Checks stop ids against the vocabulary, the logprobs options and `min_tokens` against the budget.
     pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
         if let Some(id) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(bad("stop_token_ids", format!("token id {id} is out of range (vocab size {vocab_size})")));
@@ -163,6 +174,7 @@ mod tests {
     fn errors_name_the_field() {
         let cases: Vec<(SamplingParams, &str)> = vec![
             (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
+            (SamplingParams { temperature: 2.5, ..Default::default() }, "temperature"),
             (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
             (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
             (SamplingParams { min_p: 1.5, ..Default::default() }, "min_p"),

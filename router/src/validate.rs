@@ -1,16 +1,40 @@
-//! Edge validation: OpenAI requests become [`ValidRequest`]s (parse, don't validate). Ranges follow OpenAI
-//! (temperature [0, 2], top_p (0, 1], penalties [-2, 2], n ≥ 1, max_tokens ≥ 1) and the context limit; every error
-//! names its field.
+//! Edge validation: OpenAI requests become [`ValidRequest`]s (parse, don't validate). The value ranges are
+//! `ferrite_common::sampling`'s, the same rules the worker applies (temperature [0, 2], top_p (0, 1], penalties
+//! [-2, 2], n in [1, 16], logprobs ≤ 20, ...); this module adds what only the OpenAI surface has (string
+//! `logit_bias` keys, `top_k` -1, `max_tokens` ≥ 1, the context limit). Every error names its OpenAI field.
 
 use ferrite_common::proto::worker as pb;
+use ferrite_common::sampling::{MAX_N, MAX_TOP_LOGPROBS, ParamError, SamplingParams, StoppingParams};
 
 use crate::openai::error::{ApiError, ErrorKind};
 use crate::openai::types::CommonParams;
 
-/// Most completions per request.
-pub const MAX_N: u32 = 16;
-/// Most logprob alternatives per token.
-pub const MAX_LOGPROBS: u32 = 20;
+/// The OpenAI request field for a field of the worker protocol (`GenerateRequest` and its sampling params).
+pub(crate) fn openai_param(wire_field: &str) -> Option<&'static str> {
+    Some(match wire_field {
+        "max_new_tokens" => "max_tokens",
+        "prompt_ids" => "prompt",
+        "stop_token_ids" => "stop",
+        "temperature" => "temperature",
+        "top_p" => "top_p",
+        "top_k" => "top_k",
+        "min_p" => "min_p",
+        "repetition_penalty" => "repetition_penalty",
+        "presence_penalty" => "presence_penalty",
+        "frequency_penalty" => "frequency_penalty",
+        "logit_bias" => "logit_bias",
+        "logprobs" => "logprobs",
+        "top_logprobs" => "top_logprobs",
+        "min_tokens" => "min_tokens",
+        "n" => "n",
+        "seed" => "seed",
+        _ => return None,
+    })
+}
+
+fn param_error(e: ParamError) -> ApiError {
+    ApiError { param: openai_param(e.field).map(str::to_string), ..ApiError::new(ErrorKind::InvalidRequest, e.to_string()) }
+}
 
 /// Which logprobs shape the client asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,17 +68,6 @@ pub struct Limits {
     pub vocab_size: usize,
 }
 
-fn range(field: &str, v: Option<f32>, lo: f32, hi: f32, lo_open: bool) -> Result<(), ApiError> {
-    let Some(v) = v else { return Ok(()) };
-    let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
-    if ok {
-        Ok(())
-    } else {
-        let l = if lo_open { "(" } else { "[" };
-        Err(ApiError::invalid(field, format!("`{field}` must be in {l}{lo}, {hi}], got {v}")))
-    }
-}
-
 /// Validates the shared fields and builds the worker request template.
 /// `max_tokens` is the client's limit (None ⇒ `default_max(prompt_len)`).
 pub fn validate(
@@ -66,12 +79,6 @@ pub fn validate(
     echo: bool,
     limits: Limits,
 ) -> Result<ValidRequest, ApiError> {
-    range("temperature", common.temperature, 0.0, 2.0, false)?;
-    range("top_p", common.top_p, 0.0, 1.0, true)?;
-    range("min_p", common.min_p, 0.0, 1.0, false)?;
-    range("presence_penalty", common.presence_penalty, -2.0, 2.0, false)?;
-    range("frequency_penalty", common.frequency_penalty, -2.0, 2.0, false)?;
-    range("repetition_penalty", common.repetition_penalty, 0.0, f32::MAX, true)?;
     if let Some(k) = common.top_k
         && k < -1
     {
@@ -82,9 +89,9 @@ pub fn validate(
         return Err(ApiError::invalid("n", format!("`n` must be in [1, {MAX_N}], got {n}")));
     }
     match logprobs {
-        LogprobsMode::Completion(k) | LogprobsMode::Chat(k) if k > MAX_LOGPROBS => {
+        LogprobsMode::Completion(k) | LogprobsMode::Chat(k) if k > MAX_TOP_LOGPROBS => {
             let field = if matches!(logprobs, LogprobsMode::Chat(_)) { "top_logprobs" } else { "logprobs" };
-            return Err(ApiError::invalid(field, format!("`{field}` must be <= {MAX_LOGPROBS}, got {k}")));
+            return Err(ApiError::invalid(field, format!("`{field}` must be <= {MAX_TOP_LOGPROBS}, got {k}")));
         }
         _ => {}
     }
@@ -94,12 +101,6 @@ pub fn validate(
     let mut logit_bias = Vec::new();
     for (k, &b) in common.logit_bias.iter().flatten() {
         let id: u32 = k.parse().map_err(|_| ApiError::invalid("logit_bias", format!("`logit_bias` key `{k}` is not a token id")))?;
-        if id as usize >= limits.vocab_size {
-            return Err(ApiError::invalid("logit_bias", format!("`logit_bias` token id {id} is out of range")));
-        }
-        if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
-            return Err(ApiError::invalid("logit_bias", format!("`logit_bias` values must be in [-100, 100], got {b}")));
-        }
         logit_bias.push(pb::LogitBias { token_id: id, bias: b });
     }
     logit_bias.sort_by_key(|b| b.token_id);
@@ -136,21 +137,29 @@ pub fn validate(
         LogprobsMode::None => (false, 0),
         LogprobsMode::Completion(k) | LogprobsMode::Chat(k) => (true, k),
     };
+    let sampling = pb::SamplingParams {
+        temperature: common.temperature,
+        top_p: common.top_p,
+        top_k: common.top_k,
+        min_p: common.min_p,
+        repetition_penalty: common.repetition_penalty,
+        presence_penalty: common.presence_penalty,
+        frequency_penalty: common.frequency_penalty,
+    };
+    // The worker's own rules, checked here first so a bad request never reaches a worker.
+    SamplingParams::from_proto(Some(&sampling), &logit_bias, common.seed).validate(limits.vocab_size).map_err(param_error)?;
+    let min_tokens = common.min_tokens.unwrap_or(0);
+    for &m in &max_new {
+        let stopping = StoppingParams { max_new_tokens: m, min_tokens, logprobs: want_lp, top_logprobs: top, ..Default::default() };
+        stopping.validate(limits.vocab_size).map_err(param_error)?;
+    }
     let proto = pb::GenerateRequest {
-        sampling: Some(pb::SamplingParams {
-            temperature: common.temperature,
-            top_p: common.top_p,
-            top_k: common.top_k,
-            min_p: common.min_p,
-            repetition_penalty: common.repetition_penalty,
-            presence_penalty: common.presence_penalty,
-            frequency_penalty: common.frequency_penalty,
-        }),
+        sampling: Some(sampling),
         ignore_eos: common.ignore_eos,
         seed: common.seed,
         logprobs: want_lp,
         top_logprobs: top,
-        min_tokens: common.min_tokens.unwrap_or(0),
+        min_tokens,
         logit_bias,
         n,
         ..Default::default()

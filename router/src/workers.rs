@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ferrite_common::proto::rejection_of;
 use ferrite_common::proto::worker as pb;
 use ferrite_common::proto::worker::worker_client::WorkerClient;
 use tonic::transport::Channel;
@@ -143,15 +144,39 @@ impl WorkerPool {
     }
 }
 
-/// Maps a worker's gRPC status to the client-facing error.
+/// Maps a worker's gRPC status to the client-facing error: a refusal's kind and field come from its structured
+/// [`pb::Rejection`] details, never from the message text.
 pub fn status_to_api(s: &tonic::Status) -> ApiError {
-    match s.code() {
-        tonic::Code::InvalidArgument => {
-            let param = s.message().split('`').nth(1).map(str::to_string);
-            ApiError { param, ..ApiError::new(ErrorKind::InvalidRequest, s.message()) }
+    use pb::rejection::Kind;
+    let rejection = rejection_of(s);
+    let param = rejection.as_ref().and_then(|r| crate::validate::openai_param(&r.field)).map(str::to_string);
+    match (s.code(), rejection.map(|r| r.kind())) {
+        (tonic::Code::InvalidArgument, Some(Kind::ContextLength)) => {
+            ApiError { param, ..ApiError::new(ErrorKind::ContextLength, s.message()) }
         }
-        tonic::Code::ResourceExhausted => ApiError::new(ErrorKind::RateLimited, "The server is overloaded; retry later."),
-        tonic::Code::Unavailable => ApiError::new(ErrorKind::Unavailable, s.message()),
+        (tonic::Code::InvalidArgument, _) => ApiError { param, ..ApiError::new(ErrorKind::InvalidRequest, s.message()) },
+        (tonic::Code::ResourceExhausted, _) => ApiError::new(ErrorKind::RateLimited, "The server is overloaded; retry later."),
+        (tonic::Code::Unavailable, _) => ApiError::new(ErrorKind::Unavailable, s.message()),
         _ => ApiError::new(ErrorKind::Internal, format!("worker: {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrite_common::proto::rejection_status;
+    use pb::rejection::Kind;
+
+    use super::*;
+
+    #[test]
+    fn a_worker_rejection_maps_to_the_openai_param_from_its_details() {
+        let e = status_to_api(&rejection_status(Kind::InvalidArgument, "max_new_tokens", "`max_new_tokens` too big"));
+        assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::InvalidRequest, Some("max_tokens")));
+        let e = status_to_api(&rejection_status(Kind::ContextLength, "prompt_ids", "too long"));
+        assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::ContextLength, Some("prompt")));
+        assert_eq!(status_to_api(&rejection_status(Kind::Overloaded, "", "full")).kind, ErrorKind::RateLimited);
+        // The message text is never parsed: backticks without details name no field.
+        let e = status_to_api(&tonic::Status::invalid_argument("`top_p` must be in (0, 1]"));
+        assert_eq!((e.kind, e.param), (ErrorKind::InvalidRequest, None));
     }
 }

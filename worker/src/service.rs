@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use ferrite_common::hash::HASH_VERSION;
 use ferrite_common::proto::worker as pb;
-use ferrite_common::sampling::{ParamError, SamplingParams, StoppingParams};
+use ferrite_common::proto::{rejection_status, worker::rejection::Kind as RejectKind};
+use ferrite_common::sampling::{MAX_N, ParamError, SamplingParams, StoppingParams};
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -30,9 +31,6 @@ pub struct ModelInfo {
     pub tp: u32,
 }
 
-/// Maximum completions per request.
-pub const MAX_N: u32 = 16;
-
 /// The tonic service.
 #[derive(Clone)]
 pub struct WorkerService {
@@ -49,10 +47,12 @@ impl WorkerService {
         pb::worker_server::WorkerServer::new(self)
     }
 
-    /// Checks a request against the model; the message names the offending field.
+    /// Checks a request against the model with the rules of `ferrite_common::sampling`; a rejection names the
+    /// offending field in its details ([`pb::Rejection`]).
     pub fn validate(&self, r: &pb::GenerateRequest) -> Result<EngineRequest, Status> {
-        let bad = |e: ParamError| Status::invalid_argument(e.to_string());
-        let field = |f: &str, m: String| Status::invalid_argument(format!("`{f}` {m}"));
+        let bad = |e: ParamError| rejection_status(RejectKind::InvalidArgument, e.field, e.to_string());
+        let field = |f: &str, m: String| rejection_status(RejectKind::InvalidArgument, f, format!("`{f}` {m}"));
+        let context = |f: &str, m: String| rejection_status(RejectKind::ContextLength, f, format!("`{f}` {m}"));
         if r.request_id.is_empty() {
             return Err(field("request_id", "must not be empty".into()));
         }
@@ -66,10 +66,10 @@ impl WorkerService {
         let max_len = self.info.max_model_len as usize;
         let prompt = r.prompt_ids.len();
         if prompt >= max_len {
-            return Err(field("prompt_ids", format!("has {prompt} tokens; the model's context is {max_len}")));
+            return Err(context("prompt_ids", format!("has {prompt} tokens; the model's context is {max_len}")));
         }
         if prompt + r.max_new_tokens as usize > max_len {
-            return Err(field(
+            return Err(context(
                 "max_new_tokens",
                 format!("({}) + prompt ({prompt} tokens) exceeds the model's context ({max_len})", r.max_new_tokens),
             ));
@@ -130,10 +130,10 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
                 })
             }
             EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::Overloaded { .. })) => {
-                return Err(Status::resource_exhausted(e.to_string()));
+                return Err(rejection_status(RejectKind::Overloaded, "", e.to_string()));
             }
             EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::TooLarge { .. })) => {
-                return Err(Status::invalid_argument(e.to_string()));
+                return Err(rejection_status(RejectKind::ContextLength, "max_new_tokens", e.to_string()));
             }
             EngineOutput::Rejected(e @ EngineError::DuplicateId(_)) => return Err(Status::already_exists(e.to_string())),
             EngineOutput::Rejected(e @ EngineError::ShutDown) => return Err(Status::unavailable(e.to_string())),
