@@ -10,7 +10,7 @@ use ferrite_common::proto::worker as pb;
 use tokio::sync::mpsc;
 
 use crate::openai::error::{ApiError, ErrorKind};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::text::stop::{JailOutput, StopJail};
 use crate::validate::ValidRequest;
 use crate::workers::status_to_api;
@@ -44,13 +44,28 @@ fn reason(r: i32) -> &'static str {
 }
 
 /// Runs prompt `p` of `valid` and sends its events; returns when the prompt is done or the receiver is gone.
+///
+/// An error after the worker answered ends a stream mid-way (the client sees an SSE error event, never an HTTP
+/// status): it is logged here, once, with the request id and the worker. An error before that becomes the
+/// response's status, logged where the response is made.
 pub async fn drive_prompt(st: Arc<AppState>, valid: Arc<ValidRequest>, p: usize, request_id: String, tx: mpsc::Sender<Event>) {
-    if let Err(e) = drive(&st, &valid, p, request_id, &tx).await {
+    let mut worker = None;
+    if let Err(e) = drive(&st, &valid, p, request_id.clone(), &tx, &mut worker).await {
+        if let Some(worker) = worker.as_deref() {
+            tracing::error!(request_id = %request_id, prompt = p, worker, error = %e, "request failed after the worker answered");
+        }
         let _ = tx.send(Event::Error(e)).await;
     }
 }
 
-async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String, tx: &mpsc::Sender<Event>) -> Result<(), ApiError> {
+async fn drive(
+    st: &AppState,
+    valid: &ValidRequest,
+    p: usize,
+    request_id: String,
+    tx: &mpsc::Sender<Event>,
+    worker: &mut Option<String>,
+) -> Result<(), ApiError> {
     let prompt = &valid.prompts[p];
     let n = valid.n;
     let base = p as u32 * n;
@@ -62,6 +77,7 @@ async fn drive(st: &AppState, valid: &ValidRequest, p: usize, request_id: String
     req.max_new_tokens = valid.max_new_tokens[p];
     lease.set_request(request_id);
     let mut stream = client.generate(req).await.map_err(|s| status_to_api(&s))?.into_inner();
+    *worker = Some(lease.addr().to_string());
     if tx.send(Event::Started).await.is_err() {
         return Ok(());
     }

@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::drive::{Event, TokenLogprob, drive_prompt};
 use crate::openai::error::{ApiError, ErrorKind};
 use crate::openai::types::*;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::validate::{LogprobsMode, ValidRequest, validate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

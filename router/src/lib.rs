@@ -1,13 +1,29 @@
 //! Ferrite router: the OpenAI-compatible front end.
 //!
-//! The router owns text: chat templates, tokenization, detokenization and stop strings; workers see token ids only.
-//! Built so far: [`text::stop`] (the stop-string jail) and [`openai::error`] (the OpenAI error envelope). The HTTP server, routing and raft follow (ARCHITECTURE.md).
-//! The crate also ships the `ferrite` binary (`src/main.rs`, subcommands in `src/commands/`).
+//! The router owns text: chat templates, tokenization, detokenization and stop strings; workers see token ids only
+//! (gRPC, `ferrite_common::proto`). A request goes: [`handlers`] (parse, template, tokenize) → [`validate`] (the
+//! shared rules of `ferrite_common::sampling`, OpenAI field names) → [`workers`] (pick a worker, lease it; the lease
+//! aborts the request on the worker when dropped) → [`drive`] (stream token ids, detokenize, stop strings) → back
+//! to [`handlers`] (JSON or SSE in the OpenAI shapes of [`openai`]).
+//!
+//! The face of the crate is what the `ferrite` binary composes: build an [`AppState`] (text assets, a
+//! [`WorkerPool`], [`RouterConfig`], [`Limits`]) and serve it with [`serve_http`], or get the axum [`app`] for tests.
+//! Set-up errors are [`RouterError`]s; request errors become OpenAI error envelopes only at the handler edge.
+//!
+//! This crate depends on `ferrite-common` only: it never links the engine, the kernels or CUDA.
 
-pub mod drive;
-pub mod handlers;
-pub mod openai;
-pub mod server;
-pub mod text;
-pub mod validate;
-pub mod workers;
+mod drive;
+mod error;
+mod handlers;
+mod openai;
+mod server;
+mod state;
+mod text;
+mod validate;
+mod workers;
+
+pub use error::RouterError;
+pub use server::{app, serve_http};
+pub use state::{AppState, ExtraMetrics, RouterConfig};
+pub use validate::Limits;
+pub use workers::WorkerPool;

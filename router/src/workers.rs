@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrite_common::proto::rejection_of;
+
+use crate::error::RouterError;
 use ferrite_common::proto::worker as pb;
 use ferrite_common::proto::worker::worker_client::WorkerClient;
 use tonic::transport::Channel;
@@ -40,6 +42,11 @@ pub struct Lease {
 impl Lease {
     pub fn client(&self) -> WorkerClient<Channel> {
         self.pool.workers[self.index].client.clone()
+    }
+
+    /// The leased worker's address.
+    pub fn addr(&self) -> &str {
+        &self.pool.workers[self.index].addr
     }
 
     pub fn set_request(&mut self, id: String) {
@@ -81,11 +88,11 @@ impl Drop for Lease {
 
 impl WorkerPool {
     /// Connects lazily to every address (`http://host:port`).
-    pub fn new(addrs: &[String]) -> Result<Self, ApiError> {
+    pub fn new(addrs: &[String]) -> Result<Self, RouterError> {
         let mut workers = Vec::with_capacity(addrs.len());
         for a in addrs {
             let endpoint = Channel::from_shared(a.clone())
-                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("bad worker address {a}: {e}")))?
+                .map_err(|e| RouterError::BadWorkerAddress { addr: a.clone(), reason: e.to_string() })?
                 .connect_timeout(Duration::from_secs(2));
             workers.push(WorkerSlot { addr: a.clone(), client: WorkerClient::new(endpoint.connect_lazy()), inflight: AtomicUsize::new(0) });
         }
@@ -127,7 +134,7 @@ impl WorkerPool {
     }
 
     /// `Info` of the first worker that answers, retrying for up to `wait`.
-    pub async fn info(&self, wait: Duration) -> Result<pb::WorkerInfo, ApiError> {
+    pub async fn info(&self, wait: Duration) -> Result<pb::WorkerInfo, RouterError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             for w in self.workers.iter() {
@@ -137,7 +144,7 @@ impl WorkerPool {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::new(ErrorKind::Unavailable, "no worker answered Info"));
+                return Err(RouterError::NoWorker(wait));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
-use ferrite_router::server::{AppState, serve_http};
-use ferrite_router::validate::Limits;
-use ferrite_router::workers::WorkerPool;
+use ferrite_router::{AppState, serve_http};
+use ferrite_router::Limits;
+use ferrite_router::WorkerPool;
 
 use super::resolve_model;
 use super::serve::HttpArgs;
@@ -35,7 +35,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let files = ModelFiles::open(&path)?;
         let text = Arc::new(TextAssets::load(&files)?);
-        let pool = WorkerPool::new(&a.workers).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let pool = WorkerPool::new(&a.workers)?;
         let c = &files.config;
         let max_model_len = match a.max_model_len {
             0 => c.max_position_embeddings,
@@ -59,10 +59,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "the worker's context limit is lower: longer requests get its error (pass --max-model-len to the router)"
                 ),
                 Ok(info) => tracing::info!(worker_model = %info.model_id, "a worker answered"),
-                Err(e) => tracing::warn!("no worker answered: {}", e.message),
+                Err(e) => tracing::warn!("{e}"),
             }
         });
-        let state = AppState::new(text, pool, a.http.config(&model_id), limits, None).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let state = AppState::new(text, pool, a.http.config(&model_id), limits, None)?;
         serve_http(Arc::new(state), a.http.addr()).await?;
         anyhow::Ok(())
     })

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
-use ferrite_router::server::{AppState, RouterConfig, serve_http};
-use ferrite_router::validate::Limits;
-use ferrite_router::workers::WorkerPool;
+use ferrite_router::{AppState, RouterConfig, serve_http};
+use ferrite_router::Limits;
+use ferrite_router::WorkerPool;
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
@@ -71,11 +71,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let grpc_addr = grpc.local_addr()?;
         let info = worker.info.clone();
         let worker_task = tokio::spawn(worker.serve(grpc, std::future::pending()));
-        let pool = WorkerPool::new(&[format!("http://{grpc_addr}")]).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        pool.info(Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{}", e.message)).context("embedded worker")?;
+        let pool = WorkerPool::new(&[format!("http://{grpc_addr}")])?;
+        pool.info(Duration::from_secs(30)).await.context("embedded worker")?;
         let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
-        let extra: ferrite_router::server::ExtraMetrics = Arc::new(move || metrics.render());
-        let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, Some(extra)).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let extra: ferrite_router::ExtraMetrics = Arc::new(move || metrics.render());
+        let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, Some(extra))?;
         // A worker that stops (its engine failed for good) takes the process down with a non-zero exit, so the
         // orchestrator restarts it instead of leaving an HTTP front that answers 503 forever.
         tokio::select! {

@@ -1,0 +1,105 @@
+//! The router's shared state: configuration, metrics, the worker pool and the model's text assets, handed to every
+//! HTTP handler.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferrite_common::text::TextAssets;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use tokio::sync::Semaphore;
+
+use crate::error::RouterError;
+use crate::openai::error::{ApiError, ErrorKind};
+use crate::validate::Limits;
+use crate::workers::WorkerPool;
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Names accepted as `model`; the first is the one `/v1/models` lists first.
+    pub model_names: Vec<String>,
+    /// Requests in flight before new ones get 429.
+    pub max_concurrent_requests: usize,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// Router metrics (names are `ferrite_router_*`; labels are bounded).
+#[derive(Clone)]
+pub struct RouterMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub e2e: HistogramVec,
+    /// The router's own time before the worker sees a request: parse, chat template, tokenize, validate.
+    pub prepare: HistogramVec,
+    /// The router's own time per streamed token: from the worker's chunk arriving to its SSE event being handed to
+    /// the HTTP body (detokenize, stop-string jail, JSON, channels).
+    pub token: HistogramVec,
+}
+
+impl RouterMetrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(Opts::new("ferrite_router_requests_total", "HTTP requests"), &["endpoint", "status"])?;
+        let buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        let ttft = HistogramVec::new(HistogramOpts::new("ferrite_router_ttft_seconds", "Time to first token").buckets(buckets.clone()), &["endpoint"])?;
+        let e2e = HistogramVec::new(HistogramOpts::new("ferrite_router_e2e_seconds", "Request latency").buckets(buckets), &["endpoint"])?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(e2e.clone()))?;
+        let fine = vec![1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1];
+        let prepare = HistogramVec::new(
+            HistogramOpts::new("ferrite_router_prepare_seconds", "Router time before the worker sees a request").buckets(fine.clone()),
+            &["endpoint"],
+        )?;
+        let token = HistogramVec::new(
+            HistogramOpts::new("ferrite_router_token_seconds", "Router time per streamed token (worker chunk in, SSE event out)").buckets(fine),
+            &["endpoint"],
+        )?;
+        registry.register(Box::new(prepare.clone()))?;
+        registry.register(Box::new(token.clone()))?;
+        Ok(Self { registry, requests, ttft, e2e, prepare, token })
+    }
+}
+
+/// Extra Prometheus text appended to `/metrics` (the embedded worker's, in `ferrite serve`).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    pub text: Arc<TextAssets>,
+    pub workers: WorkerPool,
+    pub config: RouterConfig,
+    pub limits: Limits,
+    pub permits: Arc<Semaphore>,
+    pub metrics: RouterMetrics,
+    pub extra_metrics: Option<ExtraMetrics>,
+    pub created: u64,
+}
+
+impl AppState {
+    pub fn new(text: Arc<TextAssets>, workers: WorkerPool, config: RouterConfig, limits: Limits, extra_metrics: Option<ExtraMetrics>) -> Result<Self, RouterError> {
+        let metrics = RouterMetrics::new()?;
+        Ok(Self {
+            text,
+            workers,
+            permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            config,
+            limits,
+            metrics,
+            extra_metrics,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        })
+    }
+
+    /// The canonical name for `model`, or 404.
+    pub fn resolve_model(&self, model: &str) -> Result<String, ApiError> {
+        if self.config.model_names.iter().any(|m| m == model) {
+            Ok(model.to_string())
+        } else {
+            Err(ApiError { param: Some("model".into()), ..ApiError::new(ErrorKind::ModelNotFound, format!("The model `{model}` does not exist.")) })
+        }
+    }
+}
+
