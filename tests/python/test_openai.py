@@ -312,17 +312,47 @@ def test_stop_string_chat(client, model, stream):
     assert finish == "stop"
 
 
-def test_n2_completion(client, model):
-    resp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0.8, seed=7, n=2)
-    assert sorted(c.index for c in resp.choices) == [0, 1]
-    assert all(c.text for c in resp.choices)
-    assert 2 <= resp.usage.completion_tokens <= 16  # summed over choices
+# Sampled requests below: temperature 1 with `ignore_eos`, so every sample has its full length. Samples of 24 tokens
+# from these prompts have log-probabilities of -47 to -125 nats (measured), so two independent samples practically
+# never coincide: different seeds (or the n choices of one request) giving the same text means the
+# server did not sample, or did not use the seed.
+SAMPLED_TOKENS = 24
+SAMPLED = dict(max_tokens=SAMPLED_TOKENS, temperature=1.0, extra_body={"ignore_eos": True})
 
 
-def test_n2_chat(client, model):
-    resp = client.chat.completions.create(model=model, messages=limerick(), max_tokens=8, temperature=0.8, seed=7, n=2)
-    assert sorted(c.index for c in resp.choices) == [0, 1]
-    assert all(c.message.role == "assistant" and c.message.content for c in resp.choices)
+def _create(client, model, kind: str, **kw):
+    if kind == "completion":
+        return client.completions.create(model=model, prompt="Once upon a time", **kw)
+    return client.chat.completions.create(model=model, messages=limerick(), **kw)
+
+
+def _texts(resp, kind: str) -> list[str]:
+    assert sorted(c.index for c in resp.choices) == list(range(len(resp.choices)))
+    choices = sorted(resp.choices, key=lambda c: c.index)
+    return [c.text if kind == "completion" else c.message.content for c in choices]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_n2_sampled_choices_differ(client, model, kind):
+    """n=2 at temperature 1: two independent samples (per-choice seeds), each of full length."""
+    resp = _create(client, model, kind, n=2, seed=7, **SAMPLED)
+    texts = _texts(resp, kind)
+    assert len(texts) == 2 and all(texts), texts
+    assert texts[0] != texts[1], f"both choices sampled the same text: {texts[0]!r}"
+    assert resp.usage.completion_tokens == 2 * SAMPLED_TOKENS  # summed over choices
+    if kind == "chat":
+        assert all(c.message.role == "assistant" for c in resp.choices)
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_n2_greedy_choices_equal(client, model, kind):
+    """n=2 greedy: both choices are the greedy text (the same as with n=1)."""
+    kw = dict(max_tokens=16, temperature=0)
+    single = _texts(_create(client, model, kind, **kw), kind)
+    resp = _create(client, model, kind, n=2, **kw)
+    texts = _texts(resp, kind)
+    assert len(texts) == 2 and texts[0]
+    assert texts == single * 2, (texts, single)
 
 
 def test_logprobs_completion(client, model):
@@ -368,17 +398,21 @@ def test_logprobs_absent_by_default(client, model):
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_seed_reproduces_sampling(client, model, kind):
-    def once():
-        if kind == "completion":
-            return client.completions.create(
-                model=model, prompt="Once upon a time", max_tokens=16, temperature=0.8, seed=1234
-            ).choices[0].text
-        return client.chat.completions.create(
-            model=model, messages=limerick(), max_tokens=16, temperature=0.8, seed=1234
-        ).choices[0].message.content
+    """At temperature 1, each seed gives its own sample (so temperature and seed are honored: a server sampling
+    greedily, or with one fixed seed, gives one text), and the same seed gives the same text again (a server ignoring
+    `seed` gives a fresh sample)."""
+    seeds = [1, 2, 3, 1234, 99991]
 
-    a, b = once(), once()
-    assert a and a == b
+    def once(seed: int) -> str:
+        resp = _create(client, model, kind, seed=seed, **SAMPLED)
+        assert resp.usage.completion_tokens == SAMPLED_TOKENS
+        return _texts(resp, kind)[0]
+
+    texts = {seed: once(seed) for seed in seeds}
+    assert all(texts.values()), texts
+    assert len(set(texts.values())) == len(seeds), f"seeds gave colliding samples: {texts}"
+    for seed in (seeds[0], seeds[-1]):
+        assert once(seed) == texts[seed], f"seed {seed} did not reproduce its sample"
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
