@@ -1,5 +1,6 @@
 """End-to-end tests of `ferrite serve` through the official `openai` client (plus raw httpx where the SDK hides
-the wire format). Every request is greedy or seeded and bounded (max_tokens <= 32, except the one disconnect test).
+the wire format). Every request is greedy or seeded and bounded (max_tokens <= 32, except the disconnect tests,
+which end their requests early).
 """
 
 from __future__ import annotations
@@ -634,22 +635,44 @@ def test_no_worker_gives_503_until_one_is_up():
 
 
 def test_queue_full_gives_429(start_server):
-    """With one request allowed in flight, a second gets 429 (the SDK's RateLimitError, OpenAI envelope), and the
-    server serves again once the first is gone."""
+    """With one request allowed in flight, a second gets 429 (the SDK's RateLimitError, OpenAI envelope). Closing the
+    first stream aborts it on the worker (it could not have finished on its own: it asks for far more tokens than the
+    CPU model makes in the wait), and the server serves again."""
     base = start_server("--max-concurrent-requests", "1")
     c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-    body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    # 4000 tokens without eos: minutes of work at the CPU model's ~50-100 tok/s; the wait below is at most 10 s.
+    budget = 4000
+    body = {
+        "model": ALIAS, "prompt": "Once upon a time", "max_tokens": budget, "temperature": 0, "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.Client(base_url=base, timeout=60) as h:
+        before = h.get("/metrics").text
+        aborts_before = metric(before, "ferrite_worker_aborts_total")
+        assert aborts_before is not None, before[:2000]
         with h.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # the first request is running
+            assert metric(h.get("/metrics").text, "ferrite_worker_running") == 1
             with pytest.raises(openai.RateLimitError) as err:
                 c.completions.create(model=ALIAS, prompt="Hello", max_tokens=4)
             assert err.value.status_code == 429
             envelope = err.value.response.json()["error"]
             assert envelope["type"] and envelope["code"] and envelope["message"]
-    # The first stream is closed: its permit comes back (the disconnect aborts it).
+        # The first stream is closed: the router must abort it on the worker.
+        deadline = time.monotonic() + 10
+        while True:
+            text = h.get("/metrics").text
+            running, aborts = metric(text, "ferrite_worker_running"), metric(text, "ferrite_worker_aborts_total")
+            if running == 0 and aborts > aborts_before:
+                break
+            assert time.monotonic() < deadline, f"10 s after the disconnect: running={running} aborts={aborts}"
+            time.sleep(0.1)
+        generated = metric(text, "ferrite_worker_generated_tokens_total")
+        assert generated < budget, f"the request ran to its end ({generated} tokens) instead of being aborted"
+        assert metric(text, "ferrite_worker_kv_blocks", {"state": "used"}) == 0
+    # Its permit came back: the server serves again.
     deadline = time.monotonic() + 10
     while True:
         try:
