@@ -133,7 +133,8 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
                 return Err(Status::resource_exhausted(e.to_string()));
             }
             EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::TooLarge { .. })) => {
-                return Err(Status::invalid_argument(e.to_string()));
+                // Name the field (as every INVALID_ARGUMENT does): a smaller `max_new_tokens` is what makes it fit.
+                return Err(Status::invalid_argument(format!("`max_new_tokens` (with the prompt) is too large for this worker: {e}")));
             }
             EngineOutput::Rejected(e @ EngineError::DuplicateId(_)) => return Err(Status::already_exists(e.to_string())),
             EngineOutput::Rejected(e @ EngineError::ShutDown) => return Err(Status::unavailable(e.to_string())),
