@@ -723,7 +723,8 @@ def _plain_choices(resp, chat: bool) -> dict[int, dict]:
     out = {}
     for c in resp.choices:
         assert c.index not in out, f"index {c.index} twice"
-        out[c.index] = {"text": c.message.content if chat else c.text, "finish": c.finish_reason, "logprobs": c.logprobs}
+        text = c.message.content if chat else c.text
+        out[c.index] = {"text": text, "finish": c.finish_reason, "logprobs": c.logprobs}
     return out
 
 
@@ -734,7 +735,8 @@ def _assert_stream_equals_plain(client, chat: bool, **kw) -> dict[int, dict]:
     streamed, _ = stream_choices(client, chat, **kw)
     assert sorted(streamed) == sorted(plain), f"streamed indices {sorted(streamed)}, plain {sorted(plain)}"
     for i in sorted(plain):
-        assert streamed[i]["text"] == plain[i]["text"], f"choice {i}: streamed {streamed[i]['text']!r} != {plain[i]['text']!r}"
+        got, want = streamed[i]["text"], plain[i]["text"]
+        assert got == want, f"choice {i}: streamed {got!r} != {want!r}"
         assert streamed[i]["finish"] is not None, f"choice {i} streamed no finish_reason"
         assert streamed[i]["finish"] == plain[i]["finish"], f"choice {i}"
     return plain
@@ -756,7 +758,8 @@ def test_stream_prompt_list_completion(client, model):
 def test_stream_n2(client, model, kind, mode):
     """n=3 streamed: each index streams the non-streaming text of that choice and its own finish_reason. Sampled (one
     seed: the same choices streamed or not) tells the indices apart; greedy checks the three are the greedy text."""
-    kw = dict(model=model, n=3, **(dict(max_tokens=12, temperature=0) if mode == "greedy" else dict(seed=11, **SAMPLED)))
+    sampling = dict(max_tokens=12, temperature=0) if mode == "greedy" else dict(seed=11, **SAMPLED)
+    kw = dict(model=model, n=3, **sampling)
     chat = kind == "chat"
     if chat:
         kw["messages"] = limerick()
@@ -771,7 +774,8 @@ def test_stream_n2(client, model, kind, mode):
 
 
 def test_stream_logprobs_completion(client, model):
-    """Streamed completion chunks carry logprobs whose tokens concatenate to the text, equal to the non-streaming ones."""
+    """Streamed completion chunks carry logprobs whose tokens concatenate to the text, equal to the non-streaming
+    ones (tokens, text offsets, logprobs and top logprobs within 1e-4)."""
     kw = dict(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, logprobs=3)
     plain = client.completions.create(**kw).choices[0]
     choices, _ = stream_choices(client, False, **kw)
@@ -784,7 +788,8 @@ def test_stream_logprobs_completion(client, model):
     offsets = [o for lp in s["logprobs"] for o in lp.text_offset]
     assert "".join(tokens) == s["text"] == plain.text
     lp = plain.logprobs
-    assert tokens == lp.tokens and offsets == lp.text_offset
+    assert tokens == lp.tokens
+    assert offsets == lp.text_offset, "streamed text_offset differs from the non-streaming one"
     assert len(token_lps) == len(lp.token_logprobs) == 12
     for a, b in zip(token_lps, lp.token_logprobs):
         assert math.isclose(a, b, abs_tol=1e-4), (token_lps, lp.token_logprobs)
@@ -794,6 +799,7 @@ def test_stream_logprobs_completion(client, model):
 
 
 def test_stream_logprobs_chat(client, model):
+    """Streamed chat chunks carry logprobs (tokens concatenating to the content) equal to the non-streaming ones."""
     kw = dict(model=model, messages=limerick(), max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
     plain = client.chat.completions.create(**kw).choices[0]
     choices, _ = stream_choices(client, True, **kw)
@@ -841,7 +847,9 @@ def _start_router_and_worker():
 
     try:
         worker = spawn("worker", ["worker", "--listen", f"127.0.0.1:{wport}"])
-        router = spawn("router", ["router", "--host", "127.0.0.1", "--port", str(port), "--worker", f"http://127.0.0.1:{wport}"])
+        router = spawn(
+            "router", ["router", "--host", "127.0.0.1", "--port", str(port), "--worker", f"http://127.0.0.1:{wport}"]
+        )
         _wait_http(router, f"{base}/v1/health/ready")
         assert worker.poll() is None
     except BaseException:
@@ -866,43 +874,41 @@ def test_stream_worker_killed_mid_stream_gives_error_event():
     if os.environ.get("FERRITE_BASE_URL"):
         pytest.skip("needs to start its own router and worker")
     router, worker, base, logs = _start_router_and_worker()
-    # Enough tokens that the request is still running when the worker is killed.
-    body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
     c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
     pool = ThreadPoolExecutor(max_workers=2)
     try:
-        model = c.models.list().data[0].id
-        body["model"] = model
-        with httpx.Client(base_url=base, timeout=60) as h, h.stream("POST", "/v1/completions", json={**body, "stream": True}) as raw:
-            assert raw.status_code == 200
-            raw_lines = raw.iter_lines()
-            first_raw = next(line for line in raw_lines if line.startswith("data: "))
-            assert "error" not in json.loads(first_raw[len("data: ") :])
-            sdk = c.completions.create(
-                stream=True, extra_body={"ignore_eos": True}, **{k: v for k, v in body.items() if k != "ignore_eos"}
-            )
-            first = next(iter(sdk))
-            assert first.choices and first.choices[0].text is not None
-            worker.kill()  # SIGKILL: no goodbye on the gRPC stream
-            worker.wait(timeout=10)
+        # Enough tokens (no eos) that both requests are still running when the worker is killed.
+        body = dict(model=c.models.list().data[0].id, prompt="Once upon a time", max_tokens=4000, temperature=0)
+        with httpx.Client(base_url=base, timeout=60) as h:
+            with h.stream("POST", "/v1/completions", json={**body, "ignore_eos": True, "stream": True}) as raw:
+                assert raw.status_code == 200
+                raw_lines = raw.iter_lines()
+                first_raw = next(line for line in raw_lines if line.startswith("data: "))
+                assert "error" not in json.loads(first_raw[len("data: ") :])
+                sdk = c.completions.create(stream=True, extra_body={"ignore_eos": True}, **body)
+                first = next(iter(sdk))
+                assert first.choices and first.choices[0].text is not None
+                worker.kill()  # SIGKILL: no goodbye on the gRPC stream
+                worker.wait(timeout=10)
 
-            def drain_sdk():
+                def drain_sdk():
+                    try:
+                        for _ in sdk:
+                            pass
+                    except Exception as e:  # noqa: BLE001 - the test inspects it
+                        return e
+                    return None
+
+                def drain_raw():
+                    return [line for line in raw_lines if line]
+
+                deadline = time.monotonic() + 30
+                sdk_result, raw_result = pool.submit(drain_sdk), pool.submit(drain_raw)
                 try:
-                    for _ in sdk:
-                        pass
-                except Exception as e:  # noqa: BLE001 - the test inspects it
-                    return e
-                return None
-
-            def drain_raw():
-                return [line for line in raw_lines if line]
-
-            sdk_result, raw_result = pool.submit(drain_sdk), pool.submit(drain_raw)
-            try:
-                err = sdk_result.result(timeout=30)
-                rest = raw_result.result(timeout=30)
-            except FuturesTimeout:
-                pytest.fail(f"the stream did not end within 30 s of the worker's death\n{_log_tails(logs)}")
+                    err = sdk_result.result(timeout=30)
+                    rest = raw_result.result(timeout=max(0.0, deadline - time.monotonic()))
+                except FuturesTimeout:
+                    pytest.fail(f"the stream did not end within 30 s of the worker's death\n{_log_tails(logs)}")
         # The SDK raised the server's error event (APIConnectionError and httpx errors would mean a broken stream).
         assert err is not None, "the SDK stream ended without an error: the client cannot tell the answer is cut short"
         assert type(err) is openai.APIError, f"{type(err).__name__}: {err}"
@@ -922,4 +928,5 @@ def test_stream_worker_killed_mid_stream_gives_error_event():
         pool.shutdown(wait=False, cancel_futures=True)
         _stop(worker)
         _stop(router)
+        c.close()
         shutil.rmtree(logs, ignore_errors=True)
