@@ -325,7 +325,7 @@ async fn ignore_eos_min_tokens_and_stop_ids_each_change_the_outcome() {
         async move {
             let done = tokio::time::timeout(Duration::from_secs(60), collect(&mut c, r)).await.expect("bounded").unwrap();
             assert_eq!(done.finished.len(), 1);
-            let f = done.finished[0].clone();
+            let f = done.finished[0];
             assert_eq!(f.completion_tokens as usize, done.tokens[0].len());
             (done.tokens[0].clone(), f)
         }
