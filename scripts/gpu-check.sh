@@ -3,6 +3,8 @@
 # CUDA libraries from pip wheels, PyTorch for the baseline). Run scripts/gpu-pack.sh on a development machine first
 # and bring .gpu/ along. Steps (GPU_CHECK_STEPS, comma-separated, default all):
 #   parity     kernel parity against the CPU twins on fresh random inputs (FERRITE_REQUIRE_CUDA=1: no skipping)
+#   kernels    the kernels crate's CUDA unit tests: cuBLASLt descriptors and handle (FERRITE_REQUIRE_CUDA=1: the
+#              library must load and the handle open), NVRTC compilation and the kernel cache (FERRITE_REQUIRE_NVRTC=1)
 #   reference  the default model end to end against the transformers reference (needs both model parts)
 #   bench      `ferrite gpu-bench`: Llama-3.1-8B shape, random bf16 weights, decode at batch 1/8/32/64 with 1k
 #              context, 1k-token prefill, next to the card's measured copy bandwidth and GEMM rate
@@ -15,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=.gpu
 OUT=${OUT:-$DIR/out}
-STEPS=${GPU_CHECK_STEPS:-parity,reference,bench,nccl,torch,small,serve}
+STEPS=${GPU_CHECK_STEPS:-parity,kernels,reference,bench,nccl,torch,small,serve}
 mkdir -p "$OUT"
 
 for f in "$DIR"/*.xz; do
@@ -53,6 +55,7 @@ step() { # name, command...
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 want parity && step parity "$DIR/parity" --test-threads=1 --nocapture
+want kernels && FERRITE_REQUIRE_NVRTC=1 step kernels "$DIR/kernels" cuda:: --test-threads=1 --nocapture
 if want reference; then
   if [[ -f $DIR/model.gguf ]]; then
     FERRITE_MODEL=$DIR/model.gguf FERRITE_REFERENCE_DIR=$DIR/reference \
@@ -100,7 +103,7 @@ echo "=== summary"
 cat "$OUT/gpu.txt"
 printf '%s\n' "${SUMMARY[@]}"
 [ -f "$OUT/ferrite_8b.json" ] && python3 scripts/gpu/goals.py "$OUT/ferrite_8b.json" "$OUT/torch.json"
-grep -h -E "rel err|FAILED|panicked|test result" "$OUT"/parity.log 2>/dev/null | grep -v " ok" | tail -n 12
+grep -h -E "rel err|FAILED|panicked|test result" "$OUT"/parity.log "$OUT"/kernels.log 2>/dev/null | grep -v " ok" | tail -n 12
 # Start-up kernel choices (tuner) and anything it rejected, from the benchmark and reference logs.
 grep -h -E "paged attention|prefill attention|decode linear layers|^  \([0-9]+, [0-9]+\): |programmatic dependent launch|disagrees|not used|cuBLASLt|kernel tuning done|CUDA kernels loaded" \
   "$OUT"/bench.log "$OUT"/reference.log 2>/dev/null | cut -c1-700 | sort -u | head -n 24

@@ -4,7 +4,9 @@
 //! Each body draws fresh random inputs (the seed is printed), computes an f64 reference inline, and checks the
 //! backend's output by relative error ‖out − ref‖ / ‖ref‖: ≤ 1e-2 where the output or operands are bf16, ≤ 1e-3 for
 //! f32 outputs. NaN never passes; outputs are poisoned with NaN before each device run, so an unwritten element
-//! fails.
+//! fails. A reference never calls the code under test or the twins' helpers (`ops/`): bf16 is decoded and rounded
+//! here by bit manipulation ([`bf16_bits_to_f64`], [`bf16_round_f64`]), the sampling algorithm is re-implemented
+//! here from its documentation ([`adjust_reference`], [`sample_reference`]).
 
 mod ops;
 
@@ -31,6 +33,22 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
+/// A bf16 bit pattern as f64: the top 16 bits of an f32 (independent of the `half` crate the twins use).
+fn bf16_bits_to_f64(b: u16) -> f64 {
+    f64::from(f32::from_bits(u32::from(b) << 16))
+}
+
+/// `x` rounded to bf16 (8 significant bits, round to nearest, ties to even), as f64; finite inputs only.
+fn bf16_round_f64(x: f32) -> f64 {
+    let bits = x.to_bits();
+    let lower = bits & 0xffff;
+    let mut upper = bits >> 16;
+    if lower > 0x8000 || (lower == 0x8000 && upper & 1 == 1) {
+        upper += 1;
+    }
+    f64::from(f32::from_bits(upper << 16))
+}
+
 /// ‖out − ref‖ / ‖ref‖, with NaN (or length mismatch) reported as infinity.
 fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
     if out.len() != reference.len() || out.iter().any(|v| !v.is_finite()) {
@@ -53,8 +71,12 @@ fn check_embed_gather(ops: &mut dyn Ops) {
     let table: Vec<u16> = randv(&mut rng, vocab * hidden, 1.0).iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
     let tokens: Vec<i32> = (0..37).map(|_| rng.random_range(0..vocab as i32)).collect();
     let out = ops.embed_gather(&table, &tokens, hidden);
-    let reference: Vec<f64> =
-        tokens.iter().flat_map(|&t| table[t as usize * hidden..][..hidden].iter().map(|&b| f64::from(bf16::from_bits(b).to_f32()))).collect();
+    let mut reference = vec![0f64; tokens.len() * hidden];
+    for (r, &t) in tokens.iter().enumerate() {
+        for c in 0..hidden {
+            reference[r * hidden + c] = bf16_bits_to_f64(table[t as usize * hidden + c]);
+        }
+    }
     assert_close("embed_gather", ops.name(), &out, &reference, 0.0);
 }
 
@@ -183,9 +205,18 @@ fn check_attention(ops: &mut dyn Ops) {
             let what = format!("attention {nh}/{nkv}x{hd} {path:?}");
             assert_close(&what, ops.name(), &out, &reference, 1e-2);
         }
-        // The cache write itself: every written slot holds bf16(K), bf16(V) of its row.
+        // The cache write itself: every written slot holds bf16(K), bf16(V) of its row (row r's K is its columns
+        // nh·hd .. (nh + nkv)·hd, V the next nkv·hd).
         let (k, v) = ops.kv_cache_write(&case);
-        let (k_ref, v_ref) = case.written_kv();
+        let (q_width, kv_width, stride) = (nh * hd, nkv * hd, (nh + 2 * nkv) * hd);
+        let mut k_ref = vec![0f64; case.rows.len() * kv_width];
+        let mut v_ref = vec![0f64; case.rows.len() * kv_width];
+        for r in 0..case.rows.len() {
+            for i in 0..kv_width {
+                k_ref[r * kv_width + i] = bf16_round_f64(case.qkv[r * stride + q_width + i]);
+                v_ref[r * kv_width + i] = bf16_round_f64(case.qkv[r * stride + q_width + kv_width + i]);
+            }
+        }
         assert_close(&format!("kv_cache_write K {nkv}x{hd}"), ops.name(), &k, &k_ref, 0.0);
         assert_close(&format!("kv_cache_write V {nkv}x{hd}"), ops.name(), &v, &v_ref, 0.0);
     }
@@ -286,13 +317,112 @@ fn sample_cases(rng: &mut StdRng, rows: usize, vocab: usize) -> Vec<SampleCase> 
         .collect()
 }
 
-/// Adjustments are exact (bitwise); draws equal the CPU twin's wherever the draw is not within rounding of a
-/// boundary (nudging `u` or `top_p` by 1e-6 changes nothing there): sums in another order and `exp` one ulp apart
-/// may flip only those. Ties at the top-k boundary, NaN/-inf logits, fully masked rows and vocabularies smaller
-/// than the block are all covered.
+/// The adjustments of `kernels/src/cpu/sample.rs` (module doc, step 1) in f64: per adjusted id, `+ bias`, the
+/// repetition penalty (`/ r` when positive, `· r` otherwise), `- sub`, `-inf` when masked; ids past the row are
+/// ignored; every other logit is kept.
+fn adjust_reference(row: &[f32], c: &SampleCase) -> Vec<f64> {
+    let mut out: Vec<f64> = row.iter().map(|&l| f64::from(l)).collect();
+    for a in &c.adjust {
+        let i = a.id as usize;
+        if i >= out.len() {
+            continue;
+        }
+        let mut v = out[i] + f64::from(a.bias);
+        if a.repeat {
+            v = if v > 0.0 { v / f64::from(c.repetition) } else { v * f64::from(c.repetition) };
+        }
+        v -= f64::from(a.sub);
+        if a.mask {
+            v = f64::NEG_INFINITY;
+        }
+        out[i] = v;
+    }
+    out
+}
+
+/// The draw of `kernels/src/cpu/sample.rs` (module doc, step 2) from adjusted logits, written from the documentation
+/// with full sorts instead of the implementation's selection and pre-filtering: greedy below temperature 1e-5
+/// (lowest id among the maxima, NaN never wins, 0 when nothing is finite or +inf); else `s = l · (1/T)` (NaN and
+/// -inf drop out, +inf clamps to f32::MAX), top-k keeps the k largest (lowest ids on ties), weights `exp(s − max)`,
+/// top-p keeps the shortest (weight desc, id asc) prefix reaching `top_p · Σw`, min-p drops `w < min_p`, and the
+/// first id (ascending) whose running mass exceeds `u · Σw` wins. The scaled logits and weights are f32, as the
+/// algorithm defines them (computing them in f64 would move every draw within ~1e-6 of a boundary); the sums are f64.
+fn sample_reference(row: &[f32], p: &SampleParams, u: f64) -> u32 {
+    let greedy = |row: &[f32]| {
+        let (mut best, mut best_v) = (0u32, f32::NEG_INFINITY);
+        for (i, &l) in row.iter().enumerate() {
+            if l > best_v {
+                (best, best_v) = (i as u32, l);
+            }
+        }
+        best
+    };
+    if p.temperature < 1e-5 {
+        return greedy(row);
+    }
+    let inv_t = 1.0 / p.temperature;
+    let mut cand: Vec<(f32, u32)> = Vec::new();
+    for (i, &l) in row.iter().enumerate() {
+        let s = l * inv_t;
+        if s > f32::NEG_INFINITY {
+            cand.push((s.min(f32::MAX), i as u32));
+        }
+    }
+    if cand.is_empty() {
+        return greedy(row);
+    }
+    cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    if p.top_k > 0 && (p.top_k as usize) < cand.len() {
+        cand.truncate(p.top_k as usize);
+    }
+    let max = cand[0].0;
+    // Still in (weight desc, id asc) order: exp is monotonic.
+    let mut w: Vec<(f64, u32)> = cand.iter().map(|&(s, id)| (f64::from((s - max).exp()), id)).collect();
+    if p.top_p < 1.0 {
+        let target = f64::from(p.top_p) * w.iter().map(|x| x.0).sum::<f64>();
+        let mut cum = 0.0;
+        let mut keep = w.len();
+        for (i, x) in w.iter().enumerate() {
+            cum += x.0;
+            if cum >= target {
+                keep = i + 1;
+                break;
+            }
+        }
+        w.truncate(keep);
+    }
+    if p.min_p > 0.0 {
+        w.retain(|x| x.0 >= f64::from(p.min_p));
+    }
+    w.sort_by_key(|x| x.1);
+    let total: f64 = w.iter().map(|x| x.0).sum();
+    let mut cum = 0.0;
+    let mut last = None;
+    for &(x, id) in &w {
+        if x > 0.0 {
+            cum += x;
+            if u * total < cum {
+                return id;
+            }
+            last = Some(id);
+        }
+    }
+    last.unwrap_or_else(|| greedy(row))
+}
+
+/// Adjustments match the f64 reference (within f32 rounding of its three operations; NaN and -inf where it has
+/// them; untouched logits bit for bit). Draws equal the reference's wherever the draw is not within rounding of a
+/// boundary (nudging `u` or `top_p` by 1e-9 on the CPU, 1e-6 on a device, changes nothing there): sums in another
+/// order and `exp` one ulp apart may flip only those. On a device, adjustments are also bitwise the CPU twin's and draws its draws. Ties at the
+/// top-k boundary, NaN/-inf logits, fully masked rows and vocabularies smaller than the block are all covered.
 fn check_sample(ops: &mut dyn Ops) {
     let mut rng = fresh_rng("sample_rows");
     let twin = |l: &[f32], vocab: usize, c: &SampleCase| CpuOps.sample_rows(l, vocab, std::slice::from_ref(c))[0];
+    let on_device = ops.name() != "cpu";
+    // How far a draw must be from a boundary (relative) to be compared. The CPU computes the very weights the
+    // reference does (same f32 products and `exp`) and differs only in the order of its f64 sums; a device's `exp`
+    // may be an ulp off, which moves the running mass by up to ~1e-7 of itself.
+    let nudge = if on_device { 1e-6 } else { 1e-9 };
     for vocab in [1000, 49152, 128256] {
         let rows = 24;
         let mut logits = randv(&mut rng, rows * vocab, 8.0);
@@ -310,29 +440,56 @@ fn check_sample(ops: &mut dyn Ops) {
         logits[17 * vocab..18 * vocab].fill(f32::NEG_INFINITY);
 
         let adjusted = ops.adjust_rows(&logits, vocab, &cases);
-        let want_adjusted = CpuOps.adjust_rows(&logits, vocab, &cases);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert!(bits(&adjusted) == bits(&want_adjusted), "{} apply_adjustments differs from the twin (vocab {vocab})", ops.name());
+        for (r, c) in cases.iter().enumerate() {
+            let (row, out) = (&logits[r * vocab..][..vocab], &adjusted[r * vocab..][..vocab]);
+            let want = adjust_reference(row, c);
+            let mut touched = vec![false; vocab];
+            for a in c.adjust.iter().filter(|a| (a.id as usize) < vocab) {
+                touched[a.id as usize] = true;
+            }
+            for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+                let ok = if !touched[i] {
+                    o.to_bits() == row[i].to_bits()
+                } else if w.is_nan() {
+                    o.is_nan()
+                } else if w.is_infinite() {
+                    f64::from(o) == w
+                } else {
+                    // Three f32 roundings of values below 20 in magnitude: a few 1e-6 at most.
+                    (f64::from(o) - w).abs() <= 1e-5
+                };
+                assert!(ok, "{} vocab {vocab} row {r} id {i}: adjusted {o}, reference {w} (logit {}, {:?})", ops.name(), row[i], c.adjust.iter().find(|a| a.id as usize == i));
+            }
+        }
+        if on_device {
+            let want_adjusted = CpuOps.adjust_rows(&logits, vocab, &cases);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&adjusted) == bits(&want_adjusted), "{} apply_adjustments differs from the twin (vocab {vocab})", ops.name());
+        }
 
         let got = ops.sample_rows(&logits, vocab, &cases);
         let mut edges = 0;
         for (r, c) in cases.iter().enumerate() {
-            let l = &logits[r * vocab..(r + 1) * vocab];
-            let want = twin(l, vocab, c);
-            let nudged = |u: f64, top_p: f32| twin(l, vocab, &SampleCase { u, params: SampleParams { top_p, ..c.params }, ..c.clone() });
+            let row = &adjusted[r * vocab..][..vocab];
+            let want = sample_reference(row, &c.params, c.u);
+            let nudged = |u: f64, top_p: f32| sample_reference(row, &SampleParams { top_p, ..c.params }, u);
             let p = c.params.top_p;
-            let stable = [nudged(c.u * (1.0 - 1e-6), p), nudged((c.u * (1.0 + 1e-6)).min(1.0 - 1e-12), p)]
+            let stable = [nudged(c.u * (1.0 - nudge), p), nudged((c.u * (1.0 + nudge)).min(1.0 - 1e-12), p)]
                 .into_iter()
-                .chain((p < 1.0).then(|| [nudged(c.u, p * (1.0 - 1e-6)), nudged(c.u, (p * (1.0 + 1e-6)).min(1.0))]).into_iter().flatten())
+                .chain((p < 1.0).then(|| [nudged(c.u, p * (1.0 - nudge as f32)), nudged(c.u, (p * (1.0 + nudge as f32)).min(1.0))]).into_iter().flatten())
                 .all(|t| t == want);
             if stable {
-                assert_eq!(got[r], want, "{} vocab {vocab} row {r} ({:?}, u {})", ops.name(), c.params, c.u);
+                assert_eq!(got[r], want, "{} vocab {vocab} row {r} ({:?}, u {}): the reference draws {want}", ops.name(), c.params, c.u);
+                if on_device {
+                    assert_eq!(got[r], twin(&logits[r * vocab..][..vocab], vocab, c), "{} vocab {vocab} row {r}: the CPU twin", ops.name());
+                }
             } else {
                 edges += 1;
             }
         }
         assert!([17, 300].contains(&got[9]), "{}: the top-k tie keeps the lowest ids, got {}", ops.name(), got[9]);
         assert_eq!(got[17], 0);
+        eprintln!("{:>5} sample_rows vocab {vocab}: {} rows equal the reference, {edges} on a rounding boundary", ops.name(), rows - edges);
         assert!(edges <= 2, "{edges} draws on a rounding boundary (vocab {vocab})");
     }
 }

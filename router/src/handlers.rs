@@ -191,13 +191,15 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
         drop(permit);
         return resp;
     }
-    // Wait for every prompt to start (or the first error) before sending headers.
+    // Wait for every prompt to start (or the first error) before sending headers. Prompts that started already send
+    // their tokens meanwhile: keep them for the stream.
     let mut started = 0;
+    let mut early = Vec::new();
     while started < valid.prompts.len() {
         match rx.recv().await {
             Some(Event::Started) => started += 1,
             Some(Event::Error(e)) => return Err(e),
-            Some(_) => {}
+            Some(ev) => early.push(ev),
             None => return Err(ApiError::new(ErrorKind::Internal, "the request ended before it started")),
         }
     }
@@ -205,7 +207,7 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
     let (out_tx, out_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let st2 = Arc::clone(st);
     tokio::spawn(async move {
-        writer.stream(rx, out_tx).await;
+        writer.stream(early, rx, out_tx).await;
         st2.metrics.e2e.with_label_values(&[ep.label()]).observe(t0.elapsed().as_secs_f64());
         drop(permit);
     });
@@ -354,8 +356,9 @@ impl Writer {
         CompletionResponse { id: self.id.clone(), object: "text_completion", created: self.created, model: self.model.clone(), choices, usage }
     }
 
-    /// Turns events into SSE chunks until every prompt is done; a send failure means the client left.
-    async fn stream(self, mut rx: mpsc::Receiver<Event>, out: mpsc::Sender<Result<SseEvent, Infallible>>) {
+    /// Turns events (first `early`, received before the headers went out, then `rx`'s) into SSE chunks until every
+    /// prompt is done; a send failure means the client left.
+    async fn stream(self, early: Vec<Event>, mut rx: mpsc::Receiver<Event>, out: mpsc::Sender<Result<SseEvent, Infallible>>) {
         let mut usage = Usage::default();
         let mut offsets = vec![0u32; self.total_choices()];
         if self.ep == Endpoint::Chat {
@@ -368,7 +371,16 @@ impl Writer {
             }
         }
         let token_hist = self.st.metrics.token.with_label_values(&[self.ep.label()]);
-        while let Some(ev) = rx.recv().await {
+        let mut early = early.into_iter();
+        loop {
+            // Early events waited for the other prompts to start: not the router's per-token latency.
+            let (ev, timed) = match early.next() {
+                Some(ev) => (ev, false),
+                None => match rx.recv().await {
+                    Some(ev) => (ev, true),
+                    None => break,
+                },
+            };
             let mut received = None;
             let item = match ev {
                 Event::Started => continue,
@@ -410,7 +422,7 @@ impl Writer {
             if out.send(item).await.is_err() {
                 return; // client gone: dropping `rx` stops the drivers, whose leases abort the worker requests
             }
-            if let Some(r) = received {
+            if let Some(r) = received.filter(|_| timed) {
                 token_hist.observe(r.elapsed().as_secs_f64());
             }
         }

@@ -1,5 +1,6 @@
 """End-to-end tests of `ferrite serve` through the official `openai` client (plus raw httpx where the SDK hides
-the wire format). Every request is greedy or seeded and bounded (max_tokens <= 32, except the one disconnect test).
+the wire format). Every request is greedy or seeded and bounded (max_tokens <= 32, except the disconnect tests,
+which end their requests early).
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 
 import httpx
 import openai
@@ -54,37 +58,45 @@ def once_upon_text() -> str:
     return CASES["once_upon"]["greedy_text"]
 
 
-def stream_completion(client, **kw):
-    """(text, finish_reason, chunks) of a streamed completion."""
-    text, finish, chunks = "", None, []
-    with client.completions.create(stream=True, **kw) as stream:
+def stream_choices(client, chat: bool, **kw) -> tuple[dict[int, dict], list]:
+    """Streams a completion (or chat completion) and assembles it per choice index: ({index: {"text", "finish",
+    "logprobs", "chunks"}}, chunks). Checks that a choice gets nothing after its finish_reason, and (chat) that each
+    choice's first chunk carries the assistant role. "logprobs" holds the non-empty logprobs of the choice's chunks in
+    order (completions: the chunk's `logprobs` object; chat: the entries of `logprobs.content`)."""
+    create = client.chat.completions.create if chat else client.completions.create
+    choices: dict[int, dict] = {}
+    chunks = []
+    with create(stream=True, **kw) as stream:
         for chunk in stream:
             chunks.append(chunk)
+            if chat:
+                assert chunk.object == "chat.completion.chunk"
             for c in chunk.choices:
-                assert c.index == 0
-                text += c.text or ""
+                s = choices.setdefault(c.index, {"text": "", "finish": None, "logprobs": [], "chunks": []})
+                assert s["finish"] is None, f"choice {c.index} got a chunk after its finish_reason: {chunk}"
+                if chat and not s["chunks"]:
+                    assert c.delta.role == "assistant", f"choice {c.index}'s first chunk has no assistant role: {chunk}"
+                s["chunks"].append(c)
+                s["text"] += (c.delta.content if chat else c.text) or ""
+                if c.logprobs is not None:
+                    s["logprobs"].extend((c.logprobs.content or []) if chat else [c.logprobs])
                 if c.finish_reason is not None:
-                    finish = c.finish_reason
-    return text, finish, chunks
+                    s["finish"] = c.finish_reason
+    return choices, chunks
+
+
+def stream_completion(client, **kw):
+    """(text, finish_reason, chunks) of a streamed completion with one choice."""
+    choices, chunks = stream_choices(client, chat=False, **kw)
+    assert set(choices) == {0}, f"choice indices {sorted(choices)}"
+    return choices[0]["text"], choices[0]["finish"], chunks
 
 
 def stream_chat(client, **kw):
-    """(content, finish_reason, chunks) of a streamed chat completion; checks the role comes first."""
-    text, finish, chunks, saw_role = "", None, [], False
-    with client.chat.completions.create(stream=True, **kw) as stream:
-        for chunk in stream:
-            chunks.append(chunk)
-            assert chunk.object == "chat.completion.chunk"
-            for c in chunk.choices:
-                assert c.index == 0
-                if not saw_role:
-                    assert c.delta.role == "assistant", f"first chunk has no assistant role: {chunk}"
-                    saw_role = True
-                text += c.delta.content or ""
-                if c.finish_reason is not None:
-                    finish = c.finish_reason
-    assert saw_role, "stream had no choice chunks"
-    return text, finish, chunks
+    """(content, finish_reason, chunks) of a streamed chat completion with one choice; checks the role comes first."""
+    choices, chunks = stream_choices(client, chat=True, **kw)
+    assert set(choices) == {0}, f"stream had no choice chunks or more than one: {sorted(choices)}"
+    return choices[0]["text"], choices[0]["finish"], chunks
 
 
 def metric(text: str, name: str, labels: dict | None = None) -> float | None:
@@ -312,17 +324,47 @@ def test_stop_string_chat(client, model, stream):
     assert finish == "stop"
 
 
-def test_n2_completion(client, model):
-    resp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0.8, seed=7, n=2)
-    assert sorted(c.index for c in resp.choices) == [0, 1]
-    assert all(c.text for c in resp.choices)
-    assert 2 <= resp.usage.completion_tokens <= 16  # summed over choices
+# Sampled requests below: temperature 1 with `ignore_eos`, so every sample has its full length. Samples of 24 tokens
+# from these prompts have log-probabilities of -47 to -125 nats (measured), so two independent samples practically
+# never coincide: different seeds (or the n choices of one request) giving the same text means the
+# server did not sample, or did not use the seed.
+SAMPLED_TOKENS = 24
+SAMPLED = dict(max_tokens=SAMPLED_TOKENS, temperature=1.0, extra_body={"ignore_eos": True})
 
 
-def test_n2_chat(client, model):
-    resp = client.chat.completions.create(model=model, messages=limerick(), max_tokens=8, temperature=0.8, seed=7, n=2)
-    assert sorted(c.index for c in resp.choices) == [0, 1]
-    assert all(c.message.role == "assistant" and c.message.content for c in resp.choices)
+def _create(client, model, kind: str, **kw):
+    if kind == "completion":
+        return client.completions.create(model=model, prompt="Once upon a time", **kw)
+    return client.chat.completions.create(model=model, messages=limerick(), **kw)
+
+
+def _texts(resp, kind: str) -> list[str]:
+    assert sorted(c.index for c in resp.choices) == list(range(len(resp.choices)))
+    choices = sorted(resp.choices, key=lambda c: c.index)
+    return [c.text if kind == "completion" else c.message.content for c in choices]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_n2_sampled_choices_differ(client, model, kind):
+    """n=2 at temperature 1: two independent samples (per-choice seeds), each of full length."""
+    resp = _create(client, model, kind, n=2, seed=7, **SAMPLED)
+    texts = _texts(resp, kind)
+    assert len(texts) == 2 and all(texts), texts
+    assert texts[0] != texts[1], f"both choices sampled the same text: {texts[0]!r}"
+    assert resp.usage.completion_tokens == 2 * SAMPLED_TOKENS  # summed over choices
+    if kind == "chat":
+        assert all(c.message.role == "assistant" for c in resp.choices)
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_n2_greedy_choices_equal(client, model, kind):
+    """n=2 greedy: both choices are the greedy text (the same as with n=1)."""
+    kw = dict(max_tokens=16, temperature=0)
+    single = _texts(_create(client, model, kind, **kw), kind)
+    resp = _create(client, model, kind, n=2, **kw)
+    texts = _texts(resp, kind)
+    assert len(texts) == 2 and texts[0]
+    assert texts == single * 2, (texts, single)
 
 
 def test_logprobs_completion(client, model):
@@ -368,17 +410,21 @@ def test_logprobs_absent_by_default(client, model):
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_seed_reproduces_sampling(client, model, kind):
-    def once():
-        if kind == "completion":
-            return client.completions.create(
-                model=model, prompt="Once upon a time", max_tokens=16, temperature=0.8, seed=1234
-            ).choices[0].text
-        return client.chat.completions.create(
-            model=model, messages=limerick(), max_tokens=16, temperature=0.8, seed=1234
-        ).choices[0].message.content
+    """At temperature 1, each seed gives its own sample (so temperature and seed are honored: a server sampling
+    greedily, or with one fixed seed, gives one text), and the same seed gives the same text again (a server ignoring
+    `seed` gives a fresh sample)."""
+    seeds = [1, 2, 3, 1234, 99991]
 
-    a, b = once(), once()
-    assert a and a == b
+    def once(seed: int) -> str:
+        resp = _create(client, model, kind, seed=seed, **SAMPLED)
+        assert resp.usage.completion_tokens == SAMPLED_TOKENS
+        return _texts(resp, kind)[0]
+
+    texts = {seed: once(seed) for seed in seeds}
+    assert all(texts.values()), texts
+    assert len(set(texts.values())) == len(seeds), f"seeds gave colliding samples: {texts}"
+    for seed in (seeds[0], seeds[-1]):
+        assert once(seed) == texts[seed], f"seed {seed} did not reproduce its sample"
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
@@ -600,22 +646,44 @@ def test_no_worker_gives_503_until_one_is_up():
 
 
 def test_queue_full_gives_429(start_server):
-    """With one request allowed in flight, a second gets 429 (the SDK's RateLimitError, OpenAI envelope), and the
-    server serves again once the first is gone."""
+    """With one request allowed in flight, a second gets 429 (the SDK's RateLimitError, OpenAI envelope). Closing the
+    first stream aborts it on the worker (it could not have finished on its own: it asks for far more tokens than the
+    CPU model makes in the wait), and the server serves again."""
     base = start_server("--max-concurrent-requests", "1")
     c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-    body = {"model": ALIAS, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    # 4000 tokens without eos: minutes of work at the CPU model's ~50-100 tok/s; the wait below is at most 10 s.
+    budget = 4000
+    body = {
+        "model": ALIAS, "prompt": "Once upon a time", "max_tokens": budget, "temperature": 0, "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.Client(base_url=base, timeout=60) as h:
+        before = h.get("/metrics").text
+        aborts_before = metric(before, "ferrite_worker_aborts_total")
+        assert aborts_before is not None, before[:2000]
         with h.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # the first request is running
+            assert metric(h.get("/metrics").text, "ferrite_worker_running") == 1
             with pytest.raises(openai.RateLimitError) as err:
                 c.completions.create(model=ALIAS, prompt="Hello", max_tokens=4)
             assert err.value.status_code == 429
             envelope = err.value.response.json()["error"]
             assert envelope["type"] and envelope["code"] and envelope["message"]
-    # The first stream is closed: its permit comes back (the disconnect aborts it).
+        # The first stream is closed: the router must abort it on the worker.
+        deadline = time.monotonic() + 10
+        while True:
+            text = h.get("/metrics").text
+            running, aborts = metric(text, "ferrite_worker_running"), metric(text, "ferrite_worker_aborts_total")
+            if running == 0 and aborts > aborts_before:
+                break
+            assert time.monotonic() < deadline, f"10 s after the disconnect: running={running} aborts={aborts}"
+            time.sleep(0.1)
+        generated = metric(text, "ferrite_worker_generated_tokens_total")
+        assert generated < budget, f"the request ran to its end ({generated} tokens) instead of being aborted"
+        assert metric(text, "ferrite_worker_kv_blocks", {"state": "used"}) == 0
+    # Its permit came back: the server serves again.
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -644,3 +712,221 @@ def test_alias_chat_stream(client, model):
     text, finish, chunks = stream_chat(client, model=ALIAS, messages=limerick(), max_tokens=8, temperature=0)
     assert text and finish == "length"
     assert expected_text(CASES["chat_limerick"]).startswith(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Streaming equals non-streaming: several prompts, n > 1, logprobs, echo; a worker failing mid-stream
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _plain_choices(resp, chat: bool) -> dict[int, dict]:
+    out = {}
+    for c in resp.choices:
+        assert c.index not in out, f"index {c.index} twice"
+        text = c.message.content if chat else c.text
+        out[c.index] = {"text": text, "finish": c.finish_reason, "logprobs": c.logprobs}
+    return out
+
+
+def _assert_stream_equals_plain(client, chat: bool, **kw) -> dict[int, dict]:
+    """Runs `kw` streamed and not: each choice streams exactly the non-streaming text and finish_reason."""
+    create = client.chat.completions.create if chat else client.completions.create
+    plain = _plain_choices(create(**kw), chat)
+    streamed, _ = stream_choices(client, chat, **kw)
+    assert sorted(streamed) == sorted(plain), f"streamed indices {sorted(streamed)}, plain {sorted(plain)}"
+    for i in sorted(plain):
+        got, want = streamed[i]["text"], plain[i]["text"]
+        assert got == want, f"choice {i}: streamed {got!r} != {want!r}"
+        assert streamed[i]["finish"] is not None, f"choice {i} streamed no finish_reason"
+        assert streamed[i]["finish"] == plain[i]["finish"], f"choice {i}"
+    return plain
+
+
+def test_stream_prompt_list_completion(client, model):
+    """Several prompts of different lengths in one streamed request: each choice streams all its tokens, from the
+    first (the short prompts' first tokens come before the long prompt has started)."""
+    long_prompt = CASES["long_context"]["prompt_text"] * 2  # ~400 tokens: prefilled over more than one step
+    prompts = ["Once upon a time", CASES["capital_raw"]["prompt_text"], long_prompt, "Hi"]
+    plain = _assert_stream_equals_plain(client, False, model=model, prompt=prompts, max_tokens=12, temperature=0)
+    assert len(plain) == len(prompts)
+    assert plain[0]["text"] == once_upon_text()[: len(plain[0]["text"])] and plain[0]["text"]
+    assert all(c["text"] for c in plain.values())
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_stream_n2(client, model, kind, mode):
+    """n=3 streamed: each index streams the non-streaming text of that choice and its own finish_reason. Sampled (one
+    seed: the same choices streamed or not) tells the indices apart; greedy checks the three are the greedy text."""
+    sampling = dict(max_tokens=12, temperature=0) if mode == "greedy" else dict(seed=11, **SAMPLED)
+    kw = dict(model=model, n=3, **sampling)
+    chat = kind == "chat"
+    if chat:
+        kw["messages"] = limerick()
+    else:
+        kw["prompt"] = "Once upon a time"
+    plain = _assert_stream_equals_plain(client, chat, **kw)
+    texts = [plain[i]["text"] for i in range(3)]
+    if mode == "greedy":
+        assert texts[0] and texts == [texts[0]] * 3, texts
+    else:
+        assert len(set(texts)) == 3, texts
+
+
+def test_stream_logprobs_completion(client, model):
+    """Streamed completion chunks carry logprobs whose tokens concatenate to the text, equal to the non-streaming
+    ones (tokens, text offsets, logprobs and top logprobs within 1e-4)."""
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, logprobs=3)
+    plain = client.completions.create(**kw).choices[0]
+    choices, _ = stream_choices(client, False, **kw)
+    s = choices[0]
+    content_chunks = [c for c in s["chunks"] if c.finish_reason is None]
+    assert content_chunks and all(c.logprobs is not None for c in content_chunks), "a content chunk has no logprobs"
+    tokens = [t for lp in s["logprobs"] for t in lp.tokens]
+    token_lps = [v for lp in s["logprobs"] for v in lp.token_logprobs]
+    tops = [t for lp in s["logprobs"] for t in lp.top_logprobs]
+    offsets = [o for lp in s["logprobs"] for o in lp.text_offset]
+    assert "".join(tokens) == s["text"] == plain.text
+    lp = plain.logprobs
+    assert tokens == lp.tokens
+    assert offsets == lp.text_offset, "streamed text_offset differs from the non-streaming one"
+    assert len(token_lps) == len(lp.token_logprobs) == 12
+    for a, b in zip(token_lps, lp.token_logprobs):
+        assert math.isclose(a, b, abs_tol=1e-4), (token_lps, lp.token_logprobs)
+    for a, b in zip(tops, lp.top_logprobs):
+        assert set(a) == set(b), (a, b)
+        assert all(math.isclose(a[k], b[k], abs_tol=1e-4) for k in a), (a, b)
+
+
+def test_stream_logprobs_chat(client, model):
+    """Streamed chat chunks carry logprobs (tokens concatenating to the content) equal to the non-streaming ones."""
+    kw = dict(model=model, messages=limerick(), max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    plain = client.chat.completions.create(**kw).choices[0]
+    choices, _ = stream_choices(client, True, **kw)
+    s = choices[0]
+    content_chunks = [c for c in s["chunks"] if c.delta.content]
+    assert content_chunks and all(c.logprobs is not None for c in content_chunks), "a content chunk has no logprobs"
+    got = s["logprobs"]
+    want = plain.logprobs.content
+    assert "".join(t.token for t in got) == s["text"] == plain.message.content
+    assert [t.token for t in got] == [t.token for t in want] and len(got) == 12
+    for a, b in zip(got, want):
+        assert math.isclose(a.logprob, b.logprob, abs_tol=1e-4), (a, b)
+        assert [x.token for x in a.top_logprobs] == [x.token for x in b.top_logprobs], (a, b)
+        assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-4) for x, y in zip(a.top_logprobs, b.top_logprobs))
+
+
+@pytest.mark.parametrize("prompts", [1, 2], ids=["one_prompt", "two_prompts"])
+def test_stream_echo_completion(client, model, prompts):
+    """echo streamed: the prompt comes first, then the generated text; the same as the non-streaming echo."""
+    texts = ["Once upon a time", CASES["capital_raw"]["prompt_text"]][:prompts]
+    kw = dict(model=model, max_tokens=8, temperature=0)
+    generated = _plain_choices(client.completions.create(prompt=texts, **kw), False)
+    plain = _assert_stream_equals_plain(client, False, prompt=texts, echo=True, **kw)
+    streamed, _ = stream_choices(client, False, prompt=texts, echo=True, **kw)
+    for i, prompt in enumerate(texts):
+        assert plain[i]["text"] == prompt + generated[i]["text"], (plain[i], prompt, generated[i])
+        first = next(c.text for c in streamed[i]["chunks"] if c.text)
+        assert first.startswith(prompt), f"choice {i}'s first text is {first!r}, not the prompt"
+
+
+def _start_router_and_worker():
+    """A `ferrite worker` and a `ferrite router` in front of it, both ready: (router, worker, base_url, logs)."""
+    binary = os.environ.get("FERRITE_BIN", str(REPO / "target" / "release" / "ferrite"))
+    port, wport = _free_port(), _free_port()
+    base = f"http://127.0.0.1:{port}"
+    logs = tempfile.mkdtemp(prefix="ferrite-midstream-")
+    procs = []
+
+    def spawn(name: str, args: list[str]) -> subprocess.Popen:
+        f = open(os.path.join(logs, f"{name}.log"), "wb")
+        p = subprocess.Popen([binary, *args], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+        f.close()
+        procs.append(p)
+        return p
+
+    try:
+        worker = spawn("worker", ["worker", "--listen", f"127.0.0.1:{wport}"])
+        router = spawn(
+            "router", ["router", "--host", "127.0.0.1", "--port", str(port), "--worker", f"http://127.0.0.1:{wport}"]
+        )
+        _wait_http(router, f"{base}/v1/health/ready")
+        assert worker.poll() is None
+    except BaseException:
+        for p in procs:
+            _stop(p)
+        raise
+    return router, worker, base, logs
+
+
+def _log_tails(logs: str) -> str:
+    out = []
+    for name in sorted(os.listdir(logs)):
+        with open(os.path.join(logs, name), errors="replace") as f:
+            out.append(f"--- {name} ---\n" + "\n".join(f.read().splitlines()[-20:]))
+    return "\n".join(out)
+
+
+def test_stream_worker_killed_mid_stream_gives_error_event():
+    """A worker dying after the headers were sent: the router ends the stream with an OpenAI error event
+    (`data: {"error": {...}}`, no `event:` line, no `[DONE]`), which the SDK raises as `openai.APIError`, within
+    seconds (not a hang, not a silently truncated stream)."""
+    if os.environ.get("FERRITE_BASE_URL"):
+        pytest.skip("needs to start its own router and worker")
+    router, worker, base, logs = _start_router_and_worker()
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        # Enough tokens (no eos) that both requests are still running when the worker is killed.
+        body = dict(model=c.models.list().data[0].id, prompt="Once upon a time", max_tokens=4000, temperature=0)
+        with httpx.Client(base_url=base, timeout=60) as h:
+            with h.stream("POST", "/v1/completions", json={**body, "ignore_eos": True, "stream": True}) as raw:
+                assert raw.status_code == 200
+                raw_lines = raw.iter_lines()
+                first_raw = next(line for line in raw_lines if line.startswith("data: "))
+                assert "error" not in json.loads(first_raw[len("data: ") :])
+                sdk = c.completions.create(stream=True, extra_body={"ignore_eos": True}, **body)
+                first = next(iter(sdk))
+                assert first.choices and first.choices[0].text is not None
+                worker.kill()  # SIGKILL: no goodbye on the gRPC stream
+                worker.wait(timeout=10)
+
+                def drain_sdk():
+                    try:
+                        for _ in sdk:
+                            pass
+                    except Exception as e:  # noqa: BLE001 - the test inspects it
+                        return e
+                    return None
+
+                def drain_raw():
+                    return [line for line in raw_lines if line]
+
+                deadline = time.monotonic() + 30
+                sdk_result, raw_result = pool.submit(drain_sdk), pool.submit(drain_raw)
+                try:
+                    err = sdk_result.result(timeout=30)
+                    rest = raw_result.result(timeout=max(0.0, deadline - time.monotonic()))
+                except FuturesTimeout:
+                    pytest.fail(f"the stream did not end within 30 s of the worker's death\n{_log_tails(logs)}")
+        # The SDK raised the server's error event (APIConnectionError and httpx errors would mean a broken stream).
+        assert err is not None, "the SDK stream ended without an error: the client cannot tell the answer is cut short"
+        assert type(err) is openai.APIError, f"{type(err).__name__}: {err}"
+        assert isinstance(err.body, dict) and {"message", "type", "code"} <= set(err.body), err.body
+        assert err.body["message"] and err.message == err.body["message"]
+        # On the wire: data lines only, the last one the error envelope, no [DONE].
+        assert rest, "no event after the first one"
+        assert all(line.startswith("data: ") or line.startswith(":") for line in rest), rest[-5:]
+        data = [line[len("data: ") :] for line in rest if line.startswith("data: ")]
+        assert "[DONE]" not in data, rest[-5:]
+        last = json.loads(data[-1])
+        assert set(last) == {"error"}, last
+        assert {"message", "type", "param", "code"} <= set(last["error"]) and last["error"]["message"], last
+        assert all("error" not in json.loads(d) for d in data[:-1])
+        assert router.poll() is None, "the router died with its worker"
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop(worker)
+        _stop(router)
+        c.close()
+        shutil.rmtree(logs, ignore_errors=True)

@@ -2,9 +2,25 @@
 //! GPU exists (`scripts/gpu-check.sh` sets `FERRITE_REQUIRE_CUDA=1`, which turns "no device" into a failure); on
 //! machines without one it says so and passes.
 //!
-//! bf16 weights move logits by a few tenths, so tokens are compared where the reference's top-1 margin exceeds the
-//! error we actually measure at that step (twice the largest |ours − reference| over the reference top-10 logits):
-//! there a bf16 implementation must agree; elsewhere either token is a faithful answer.
+//! Bounds: fixed, derived from bf16 rounding (never from the error this backend happens to show):
+//! - bf16 keeps 8 significant bits: rounding to nearest moves a value by at most u = 2^-8 of itself (u/√3 rms).
+//! - The reference computation with only its weights rounded to bf16 (the f32 CPU path over the bf16 HF export,
+//!   `tests/hf.rs::bf16_export_loads_and_stays_close`, deterministic) moves the prompt logits of the 7 cases by
+//!   3.1e-3 to 7.0e-3 × max|logit| (0.10 to 0.13 absolute), and the reference's top-10 logits at its first 8 steps
+//!   by at most 0.10 (recorded when this bound was set).
+//! - The CUDA path rounds three families of values to bf16, each entering the same dot products with the same
+//!   statistics (a rounded input `x·(1+δ)` weighs on `Σ x·w` exactly like a rounded weight `w·(1+δ)`): the weights,
+//!   every GEMM's input (normed hidden states, attention output, SiLU·up), and the KV cache. Independent errors of
+//!   equal size add in quadrature: √3 × the weights' alone. The f32 accumulations (2^-24 per addition) and their
+//!   reassociation (cuBLAS picks kernels by batch size) are orders of magnitude below.
+//! - Twice that for headroom (a maximum over 49k logits fluctuates with the inputs, the three families are not of
+//!   exactly equal size): all prompt logits within 2√3 × 7.0e-3 = 2.4e-2 → [`LOGIT_BOUND`] = 2.5e-2 × max|logit|
+//!   (6.4 u), the logits near the top (the reference's top 10) within 2√3 × 0.10 = 0.35 = [`TOP_BOUND`]. On
+//!   H100/H200 runs this backend measured 0.5–1.3 % of max|logit| (BENCHMARKS.md).
+//! - Tokens: where the reference's top-1 margin exceeds 2 × [`TOP_BOUND`], no logit that can win moves far enough to
+//!   swap the top two, so a bf16 implementation must pick the reference's token; elsewhere either token is a faithful
+//!   answer. Those 99 of the 167 reference steps are listed in [`COMPARED`] (checked against the reference by
+//!   `compared_steps_are_the_reference_steps_beyond_the_bound`, which needs no GPU).
 #![cfg(feature = "cuda")]
 
 use std::time::{Duration, Instant};
@@ -21,6 +37,26 @@ use ferrite_worker::tp::nccl::NcclGroup;
 use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 
 const BLOCKS: usize = 512;
+
+/// Every prompt logit within this × max|reference logit| (see the module doc).
+const LOGIT_BOUND: f32 = 2.5e-2;
+/// The reference's top-10 logits within this (absolute; see the module doc).
+const TOP_BOUND: f32 = 0.35;
+/// Per reference case, the greedy steps whose reference top-1 margin exceeds 2 × [`TOP_BOUND`] = 0.7: there the
+/// argmax must be the reference's.
+const COMPARED: &[(&str, &[usize])] = &[
+    ("capital_raw", &[0, 1, 2, 3, 4, 6, 7, 8, 13, 14, 16, 22, 25, 28, 29]),
+    ("chat_capital", &[1, 2, 3, 4, 5, 7]),
+    ("chat_limerick", &[1, 2, 6, 9, 10, 12, 13, 14, 15, 16]),
+    ("chat_system", &[0, 1, 2, 3, 4, 5, 6, 7, 10, 13]),
+    ("digits_unicode", &[0, 1, 3, 4, 5, 6, 7, 9, 10, 13, 15, 17, 18, 19, 23, 27, 28, 29, 30]),
+    ("long_context", &[1, 5, 7, 8, 9, 10, 11, 13, 14, 15, 16, 19, 21, 24, 26, 31]),
+    ("once_upon", &[0, 5, 6, 8, 9, 10, 12, 13, 14, 15, 16, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 30]),
+];
+
+fn compared(case: &str) -> &'static [usize] {
+    COMPARED.iter().find(|(name, _)| *name == case).unwrap_or_else(|| panic!("{case} is not in COMPARED")).1
+}
 
 fn backend() -> Option<CudaBackend> {
     started(CudaBackend::load)
@@ -120,9 +156,24 @@ fn nccl_rank_host_collectives_at_world_size_1() {
     comm.barrier().expect("barrier");
 }
 
+/// The steps in [`COMPARED`] are exactly the reference's steps whose top-1 margin exceeds 2 × [`TOP_BOUND`] (so the
+/// list and the reference cannot drift apart), and they cover every case. Needs no GPU.
+#[test]
+fn compared_steps_are_the_reference_steps_beyond_the_bound() {
+    let cases = ref_cases();
+    assert_eq!(cases.len(), COMPARED.len());
+    for case in &cases {
+        let want: Vec<usize> = case.margins.iter().enumerate().filter(|(_, m)| **m > 2.0 * TOP_BOUND).map(|(i, _)| i).collect();
+        assert_eq!(compared(&case.name), want.as_slice(), "{}", case.name);
+        assert_eq!(case.margins.len(), case.greedy_ids.len());
+    }
+    assert_eq!(COMPARED.iter().map(|(_, s)| s.len()).sum::<usize>(), 99);
+}
+
 fn check_against_reference(b: &mut dyn Backend) {
-    let (mut checked, mut skipped) = (0, 0);
+    let mut checked = 0;
     for case in ref_cases() {
+        let steps_compared = compared(&case.name);
         // Last prompt position against the full reference logits.
         let want = ref_logits(&case.name);
         let logits = all_logits(b, &case.prompt_ids);
@@ -130,30 +181,31 @@ fn check_against_reference(b: &mut dyn Backend) {
         let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let rel = err / max_abs(&want);
         eprintln!("{}: prompt logits max |err| {err:.3} ({rel:.2e} × max|logit|)", case.name);
-        assert!(rel <= 3e-2, "{}: logits off by {rel:e} × max|logit|", case.name);
+        assert!(rel <= LOGIT_BOUND, "{}: logits off by {rel:e} × max|logit| (bound {LOGIT_BOUND:e})", case.name);
 
-        // Teacher-forced steps: our argmax must equal the reference where its margin beats our measured error.
+        // Teacher-forced prefill over the reference's tokens: the reference's top-10 logits within TOP_BOUND where
+        // it has them (the first 8 steps), and its argmax at every compared step.
         let mut forced = case.prompt_ids.clone();
         forced.extend(&case.greedy_ids);
         let steps = all_logits(b, &forced);
         let p = case.prompt_ids.len();
-        let mut step_errs = Vec::new();
-        for (i, &want_id) in case.greedy_ids.iter().enumerate() {
+        let mut top_err = 0f32;
+        for (i, (ids, vals)) in case.top10.iter().enumerate() {
             let ours = &steps[p - 1 + i];
-            let step_err = case.top10.get(i).map_or(err, |(ids, vals)| {
-                ids.iter().zip(vals).fold(0f32, |m, (&id, &v)| m.max((ours[id as usize] - v).abs()))
-            });
-            step_errs.push(step_err);
-            if case.margins[i] > 2.0 * step_err {
-                assert_eq!(argmax(ours), want_id, "{} step {i}: margin {} > 2 × error {step_err}", case.name, case.margins[i]);
-                checked += 1;
-            } else {
-                skipped += 1;
-            }
+            let e = ids.iter().zip(vals).fold(0f32, |m, (&id, &v)| m.max((ours[id as usize] - v).abs()));
+            top_err = top_err.max(e);
+            assert!(e <= TOP_BOUND, "{} step {i}: the reference's top-10 logits off by {e} (bound {TOP_BOUND})", case.name);
         }
+        for &i in steps_compared {
+            let ours = &steps[p - 1 + i];
+            assert_eq!(argmax(ours), case.greedy_ids[i], "{} teacher-forced step {i}: margin {} > 2 × {TOP_BOUND}", case.name, case.margins[i]);
+            checked += 1;
+        }
+        eprintln!("{}: top-10 logits max |err| {top_err:.3}; {} teacher-forced steps equal", case.name, steps_compared.len());
 
-        // Free-running greedy decode (prefill, then one-token decode steps with the argmax on the device): equal to
-        // the reference up to the first step whose margin is within the error.
+        // Decode (prefill, then one-token steps with the argmax on the device, graph replays where graphs are on),
+        // fed the reference's tokens: the device's argmax is the reference's at every compared step, and while
+        // every step so far was compared (our own tokens would have been the reference's), the run is free-running.
         let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
         let mut tokens = case.prompt_ids.clone();
         let mut start = 0;
@@ -163,16 +215,15 @@ fn check_against_reference(b: &mut dyn Backend) {
                 seqs: vec![SeqInput { tokens: &tokens[start..], start_pos: start, block_table: &table, logits: LogitsWanted::Last }],
             };
             let id = b.forward_greedy(&batch).expect("decode")[0];
-            if case.margins[i] <= 2.0 * step_errs[i] {
-                break; // a near-tie: from here a bf16 model may legitimately take the other branch
+            if steps_compared.contains(&i) {
+                assert_eq!(id, want_id, "{} decode step {i} (margin {})", case.name, case.margins[i]);
             }
-            assert_eq!(id, want_id, "{} free-running step {i}", case.name);
             start = tokens.len();
-            tokens.push(id);
+            tokens.push(want_id);
         }
     }
-    eprintln!("teacher-forced steps checked: {checked}, within the error margin (not compared): {skipped}");
-    assert!(checked >= 100, "too few steps compared ({checked})");
+    eprintln!("teacher-forced steps checked: {checked} (prefill and decode each)");
+    assert_eq!(checked, 99);
 }
 
 /// Prompts batched together give each sequence the logits it gets alone (within bf16 GEMM reassociation).
@@ -190,11 +241,21 @@ fn cuda_batched_prefill_matches_single() {
             .collect(),
     };
     let together = b.forward(&batch).expect("batched forward");
+    // The same batch again with the argmax on the device: the same logits, so exactly their host argmax.
+    let together_ids = b.forward_greedy(&batch).expect("batched greedy");
+    assert_eq!(together_ids.len(), cases.len());
     for (i, c) in cases.iter().enumerate() {
+        let mine = together.last(i).unwrap();
+        assert_eq!(together_ids[i], argmax(mine), "{}: device argmax of the batch vs the host argmax of its logits", c.name);
         let alone = all_logits(&mut b, &c.prompt_ids);
         let alone = alone.last().unwrap();
-        let err = together.last(i).unwrap().iter().zip(alone).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let err = mine.iter().zip(alone).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= 2e-2 * max_abs(alone), "{}: batched vs alone differ by {err}", c.name);
+        // Tokens: where the reference's first token is beyond the bf16 bound (COMPARED), batched and alone both pick
+        // it (chat_capital, chat_limerick and long_context start with a near-tie: 0.08, 0.15, 0.14).
+        if compared(&c.name).contains(&0) {
+            assert_eq!((together_ids[i], argmax(alone)), (c.greedy_ids[0], c.greedy_ids[0]), "{}: batched and alone first tokens", c.name);
+        }
     }
 }
 

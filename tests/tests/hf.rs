@@ -62,19 +62,69 @@ fn exported_hf_directory_matches_gguf_greedy_and_text() {
     }
 }
 
+/// The reference computation with only its weights rounded to bf16 (the f32 CPU path over the bf16 export), on every
+/// reference case: the logits stay within bf16 rounding of the reference and the greedy tokens are the reference's.
+///
+/// Bounds. bf16 keeps 8 significant bits, so rounding moves each weight by at most u = 2^-8 (relative), u/√3 rms.
+/// A logit is a chain of dot products over such weights, and independent rounding errors partly cancel: measured here
+/// (recorded when this test was written), the prompt logits move by 3.1e-3 to 7.0e-3 × max|logit| (0.10 to 0.13
+/// absolute) and the reference's top-10 logits at its first 8 steps by at most 0.10. The bounds are twice that:
+/// 3u = 1.2e-2 × max|logit| for all logits, 0.2 for the top-10. Q4_1 itself (the step bf16 must stay far below)
+/// moves weights by up to 1/32 of a block's range.
 #[test]
 fn bf16_export_loads_and_stays_close() {
+    const ALL_LOGITS: f32 = 3.0 / 256.0;
+    const TOP10: f32 = 0.2;
+    // A reference step whose top-1 margin is below this is a tie at bf16 precision (here only digits_unicode step
+    // 26, margin 0.004): the free-running comparison stops there.
+    const TIE: f32 = 0.01;
     let dir = export(ExportDtype::Bf16);
     let hf = ModelFiles::open(dir.path()).unwrap();
-    let opts = CpuOptions { num_kv_blocks: 64, ..CpuOptions::default() };
+    let opts = CpuOptions { precision: WeightPrecision::F32, num_kv_blocks: 64, ..CpuOptions::default() };
     let mut b = CpuBackend::load(&hf, &opts).unwrap();
-    let case = &ref_cases()[0];
-    let got = last_logits(&mut b, &case.prompt_ids);
-    let want = ferrite_tests::ref_logits(&case.name);
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    // bf16 keeps 8 mantissa bits: weights move by up to 2^-9 relative, far below the quantization step of Q4_1.
-    assert!(err <= 0.05 * scale, "bf16 export drifts {}", err / scale);
+    let (mut forced_steps, mut free_steps) = (0, 0);
+    for case in ref_cases() {
+        // Last prompt position, every logit.
+        let got = last_logits(&mut b, &case.prompt_ids);
+        let want = ferrite_tests::ref_logits(&case.name);
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{}: prompt logits max |err| {err:.3} ({:.2e} × max|logit|)", case.name, err / scale);
+        assert!(err <= ALL_LOGITS * scale, "{}: bf16 export drifts {:.2e} × max|logit| (bound {ALL_LOGITS:.2e})", case.name, err / scale);
+
+        // Teacher-forced over the reference's greedy tokens: the top-10 logits within TOP10, and the argmax the
+        // reference's wherever its margin exceeds twice that.
+        let mut forced = case.prompt_ids.clone();
+        forced.extend(&case.greedy_ids);
+        let mut alloc = SimpleBlockAllocator::new(64, 16);
+        let table = alloc.ensure(0, forced.len()).unwrap().to_vec();
+        let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &forced, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
+        let all = b.forward(&batch).unwrap();
+        let rows: Vec<&[f32]> = all.seq(0).chunks(all.vocab).skip(case.prompt_ids.len() - 1).collect();
+        for (i, (ids, vals)) in case.top10.iter().enumerate() {
+            let e = ids.iter().zip(vals).fold(0f32, |m, (&id, &v)| m.max((rows[i][id as usize] - v).abs()));
+            assert!(e <= TOP10, "{} step {i}: top-10 logits off by {e} (bound {TOP10})", case.name);
+        }
+        for (i, &want_id) in case.greedy_ids.iter().enumerate() {
+            if case.margins[i] > 2.0 * TOP10 {
+                assert_eq!(ferrite_kernels::cpu::ops::argmax(rows[i]), want_id, "{} teacher-forced step {i} (margin {})", case.name, case.margins[i]);
+                forced_steps += 1;
+            }
+        }
+
+        // Free-running greedy generation: the reference's tokens, up to a tie.
+        let n = case.margins.iter().position(|&m| m < TIE).unwrap_or(case.greedy_ids.len());
+        let mut alloc = SimpleBlockAllocator::new(64, 16);
+        let params = GenerateParams { max_tokens: case.greedy_ids.len(), stop_token_ids: vec![2], ..Default::default() };
+        let tokens = generate(&mut b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap().tokens;
+        assert_eq!(tokens.get(..n), Some(&case.greedy_ids[..n]), "{}: greedy tokens (compared up to step {n})", case.name);
+        if n == case.greedy_ids.len() {
+            assert_eq!(tokens.len(), n, "{}: greedy tokens", case.name);
+        }
+        free_steps += n;
+    }
+    eprintln!("teacher-forced steps compared: {forced_steps}; free-running steps compared: {free_steps}");
+    assert!(forced_steps >= 120 && free_steps >= 160, "{forced_steps} teacher-forced, {free_steps} free-running steps");
 }
 
 // ---- Small generated models -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use ferrite_common::text::TextAssets;
 use ferrite_router::{AppState, Limits, RouterConfig, WorkerPool, app};
 use ferrite_tests::{default_model, reference, test_worker_config};
 use ferrite_worker::engine::core::EngineHandle;
-use ferrite_worker::server::Worker;
+use ferrite_worker::server::{Worker, WorkerConfig};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -23,7 +23,10 @@ async fn stack(max_body_bytes: usize) -> (axum::Router, EngineHandle) {
 }
 
 async fn stack_with(max_body_bytes: usize, max_concurrent_requests: usize) -> (axum::Router, EngineHandle) {
-    let cfg = test_worker_config();
+    stack_cfg(max_body_bytes, max_concurrent_requests, test_worker_config()).await
+}
+
+async fn stack_cfg(max_body_bytes: usize, max_concurrent_requests: usize, cfg: WorkerConfig) -> (axum::Router, EngineHandle) {
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let engine = worker.engine.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -221,25 +224,43 @@ async fn every_error_class_is_an_openai_envelope() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
+/// A streaming client that hangs up: the router drops its worker stream and the worker aborts the request within a
+/// step. The request (ignore_eos, 4000 tokens: over 8 s even at 500 tokens/s, past the 5 s wait) cannot end by
+/// itself, so only the abort frees the worker: the abort counter moves by one, the tokens generated stay far below
+/// the budget, and the KV blocks in use return to what they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_stream_frees_the_worker() {
     use std::sync::atomic::Ordering;
-    let (app, engine) = stack(1 << 20).await;
-    let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true});
+    const BUDGET: usize = 4000;
+    // KV for the whole context (46 KiB per token on CPU): 256 MiB holds 5.8k tokens.
+    let cfg = WorkerConfig { max_model_len: 4096, kv_cache_mib: 256, ..test_worker_config() };
+    let (app, engine) = stack_cfg(1 << 20, 64, cfg).await;
+    let s = &engine.stats;
+    let counters = || (s.aborts.load(Ordering::Relaxed), s.generated_tokens.load(Ordering::Relaxed), s.kv_blocks_used.load(Ordering::Relaxed));
+    let before = counters();
+    let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": BUDGET, "temperature": 0, "ignore_eos": true, "stream": true});
     let req = Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(body.to_string())).unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     for _ in 0..3 {
-        body.frame().await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), body.frame()).await.expect("a frame").unwrap().unwrap();
     }
     drop(body);
+    let mut idle = false;
     for _ in 0..200 {
-        if engine.stats.running.load(Ordering::Relaxed) == 0 && engine.stats.kv_blocks_used.load(Ordering::Relaxed) == 0 {
-            return;
+        if s.running.load(Ordering::Relaxed) == 0 && s.waiting.load(Ordering::Relaxed) == 0 && s.kv_blocks_used.load(Ordering::Relaxed) == before.2 {
+            idle = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("the worker kept the request after the client left");
+    let after = counters();
+    assert!(idle, "the worker kept the request after the client left: (aborts, generated, KV used) {before:?} -> {after:?}");
+    assert_eq!(after.0 - before.0, 1, "one abort: (aborts, generated, KV used) {before:?} -> {after:?}");
+    let generated = after.1 - before.1;
+    assert!((1..64).contains(&generated), "{generated} tokens generated of a {BUDGET}-token budget");
+    assert_eq!(after.2, before.2, "KV blocks in use return to what they were");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

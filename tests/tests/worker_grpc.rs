@@ -22,7 +22,10 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
 }
 
 async fn start_worker(max_waiting: usize, max_num_seqs: usize, tensor_parallel_size: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
-    let cfg = WorkerConfig { max_num_seqs, max_waiting, tensor_parallel_size, ..test_worker_config() };
+    start_cfg(WorkerConfig { max_num_seqs, max_waiting, tensor_parallel_size, ..test_worker_config() }).await
+}
+
+async fn start_cfg(cfg: WorkerConfig) -> (WorkerClient<Channel>, std::net::SocketAddr) {
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let metrics = ferrite_tests::serve_worker_metrics(&worker.engine).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,6 +46,23 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing"))
+}
+
+/// The worker counters an abort must move: aborted requests, generated tokens, KV blocks in use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Counters {
+    aborts: f64,
+    generated: f64,
+    kv_used: f64,
+}
+
+async fn counters(metrics: std::net::SocketAddr) -> Counters {
+    let text = scrape(metrics).await;
+    Counters {
+        aborts: metric(&text, "ferrite_worker_aborts_total"),
+        generated: metric(&text, "ferrite_worker_generated_tokens_total"),
+        kv_used: metric(&text, "ferrite_worker_kv_blocks{state=\"used\"}"),
+    }
 }
 
 fn req(id: &str, prompt: &[u32], max_new: u32) -> pb::GenerateRequest {
@@ -157,34 +177,74 @@ async fn a_fatal_backend_error_ends_serve_with_an_error() {
     assert!(matches!(&ended, Err(WorkerError::EngineFailed(m)) if m.contains("injected device failure")), "{ended:?}");
 }
 
+/// Context of the cancellation tests' worker: a budget of [`UNFINISHABLE`] tokens takes over 8 s even at 500
+/// tokens/s (this 2-core machine makes 50–100), far past the 5 s [`wait_idle`] allows, so an abort is the only way
+/// such a request can end within the test.
+const CANCEL_CONTEXT: usize = 4096;
+const UNFINISHABLE: u32 = 4000;
+/// What "far below the budget" means: a request aborted after its first few tokens may run a few more steps while
+/// the abort travels, never this many.
+const AFTER_ABORT: f64 = 64.0;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request_or_one_completion() {
-    let mut client = start(16).await;
+    // KV for the whole context (46 KiB per token on CPU): 256 MiB holds 5.8k tokens.
+    let cfg = WorkerConfig { max_model_len: CANCEL_CONTEXT, kv_cache_mib: 256, max_waiting: 16, ..test_worker_config() };
+    let (mut client, metrics) = start_cfg(cfg).await;
+    // capital_raw's greedy output ends with eos after ~30 tokens: only ignore_eos keeps it going.
     let case = &ref_cases()[0];
-    let mut stream = client.generate(req("cancel-me", &case.prompt_ids, 500)).await.unwrap().into_inner();
+    let long = |id: &str| pb::GenerateRequest { ignore_eos: true, ..req(id, &case.prompt_ids, UNFINISHABLE) };
+
+    // 1. The client hangs up after three messages: the worker aborts the request within a step.
+    let before = counters(metrics).await;
+    let mut stream = client.generate(long("cancel-me")).await.unwrap().into_inner();
     for _ in 0..3 {
         stream.next().await.unwrap().unwrap();
     }
     drop(stream);
     wait_idle(&mut client).await;
+    let after = counters(metrics).await;
+    assert_eq!(after.aborts - before.aborts, 1.0, "the hang-up counts as an abort: {before:?} -> {after:?}");
+    let generated = after.generated - before.generated;
+    assert!((3.0..AFTER_ABORT).contains(&generated), "{generated} tokens generated of a {UNFINISHABLE}-token budget");
+    assert_eq!(after.kv_used, before.kv_used, "KV blocks in use return to what they were");
 
-    let mut stream = client.generate(req("abort-me", &case.prompt_ids, 500)).await.unwrap().into_inner();
-    stream.next().await.unwrap().unwrap();
+    // 2. The Abort RPC: the stream ends with Finished(ABORT) after a few tokens.
+    let before = counters(metrics).await;
+    let mut stream = client.generate(long("abort-me")).await.unwrap().into_inner();
+    let first = stream.next().await.unwrap().unwrap();
     let found = client.abort(pb::AbortRequest { request_id: "abort-me".into(), index: None }).await.unwrap().into_inner().found;
     assert!(found);
-    let mut last = None;
-    while let Some(m) = stream.next().await {
-        last = Some(m.unwrap());
-    }
+    let mut streamed = 0;
+    let mut last = Some(first);
+    let rest = async {
+        while let Some(m) = stream.next().await {
+            if let Some(pb::generate_response::Kind::Chunk(c)) = &last.as_ref().unwrap().kind {
+                streamed += c.token_ids.len();
+            }
+            last = Some(m.unwrap());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), rest).await.expect("the aborted stream ends");
     match last.and_then(|m| m.kind) {
-        Some(pb::generate_response::Kind::Finished(f)) => assert_eq!(f.reason, pb::FinishReason::Abort as i32),
+        Some(pb::generate_response::Kind::Finished(f)) => {
+            assert_eq!(f.reason, pb::FinishReason::Abort as i32);
+            assert!(f.completion_tokens >= 1 && f64::from(f.completion_tokens) < AFTER_ABORT, "{} of {UNFINISHABLE} tokens", f.completion_tokens);
+            assert_eq!(f.completion_tokens as usize, streamed, "every generated token was streamed");
+        }
         other => panic!("expected Finished(ABORT), got {other:?}"),
     }
     let again = client.abort(pb::AbortRequest { request_id: "abort-me".into(), index: None }).await.unwrap().into_inner().found;
     assert!(!again, "abort is idempotent");
     wait_idle(&mut client).await;
+    let after = counters(metrics).await;
+    assert_eq!(after.aborts - before.aborts, 1.0, "{before:?} -> {after:?}");
+    assert!(after.generated - before.generated < AFTER_ABORT, "{before:?} -> {after:?}");
+    assert_eq!(after.kv_used, before.kv_used, "KV blocks in use return to what they were");
 
-    // One completion of n = 2 (a choice that hit a stop string in the router): it ends with ABORT, the other runs on.
+    // 3. One completion of n = 2 (a choice that hit a stop string in the router): it ends with ABORT, the other runs
+    // on to its length.
+    let before = counters(metrics).await;
     let mut two = req("abort-one", &case.prompt_ids, 24);
     two.n = 2;
     two.ignore_eos = true;
@@ -204,6 +264,10 @@ async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request_or_one_compl
     assert_eq!((finished[1].0, finished[1].1), (1, pb::FinishReason::Abort as i32), "{finished:?}");
     assert!(finished[1].2 < 24, "{finished:?}");
     wait_idle(&mut client).await;
+    let after = counters(metrics).await;
+    assert_eq!(after.aborts - before.aborts, 1.0, "{before:?} -> {after:?}");
+    assert_eq!(after.generated - before.generated, f64::from(24 + finished[1].2), "{before:?} -> {after:?}");
+    assert_eq!(after.kv_used, before.kv_used);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,14 +307,58 @@ async fn sampling_options_seeds_n_and_logprobs() {
         assert!(l.logprob <= 0.0);
         assert_eq!(l.top[0].token_id, tok, "greedy picks the top alternative");
     }
-    // ignore_eos + min_tokens + stop ids.
-    let forced = pb::GenerateRequest { min_tokens: 6, stop_token_ids: vec![28], ..req("stop", &prompt, 30) };
-    let done = collect(&mut client, forced).await.unwrap();
-    let f = &done.finished[0];
-    assert!(done.tokens[0].len() >= 6);
+    wait_idle(&mut client).await;
+}
+
+/// Each stopping option changes the outcome of a prompt whose plain greedy output ends with eos after k tokens:
+/// `ignore_eos` runs it to `max_new_tokens`, `min_tokens` suppresses eos until that many tokens, and a stop id taken
+/// from inside the plain output ends it right there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_min_tokens_and_stop_ids_each_change_the_outcome() {
+    const BUDGET: u32 = 24;
+    let mut client = start(16).await;
+    let eos = client.info(pb::InfoRequest {}).await.unwrap().into_inner().eos_ids;
+    // chat_capital: "The capital of France is Paris." then <|im_end|> (eos), 8 tokens.
+    let case = ref_cases().into_iter().find(|c| c.name == "chat_capital").unwrap();
+    let run = |r: pb::GenerateRequest| {
+        let mut c = client.clone();
+        async move {
+            let done = tokio::time::timeout(Duration::from_secs(60), collect(&mut c, r)).await.expect("bounded").unwrap();
+            assert_eq!(done.finished.len(), 1);
+            let f = done.finished[0];
+            assert_eq!(f.completion_tokens as usize, done.tokens[0].len());
+            (done.tokens[0].clone(), f)
+        }
+    };
+    let (plain, f) = run(req("plain", &case.prompt_ids, BUDGET)).await;
+    let k = plain.len();
+    assert_eq!((f.reason, f.matched_stop_token), (pb::FinishReason::Stop as i32, plain.last().copied()), "{plain:?}");
+    assert!(eos.contains(&plain[k - 1]) && k >= 6 && k < BUDGET as usize / 2, "the plain run ends with eos early: {plain:?}");
+    assert!(!plain[..k - 1].iter().any(|t| eos.contains(t)));
+
+    // ignore_eos: eos is generated (the sampler never masks it for this flag) but does not stop the request.
+    let (out, f) = run(pb::GenerateRequest { ignore_eos: true, ..req("ignore-eos", &case.prompt_ids, BUDGET) }).await;
+    assert_eq!((f.reason, f.matched_stop_token, out.len()), (pb::FinishReason::Length as i32, None, BUDGET as usize), "{out:?}");
+    assert_eq!(out[..k], plain[..], "the plain run, eos included, then more");
+
+    // min_tokens beyond k: eos is masked until then, so the k-th token is another one; the request ends no earlier.
+    let min = k as u32 + 4;
+    let (out, f) = run(pb::GenerateRequest { min_tokens: min, ..req("min-tokens", &case.prompt_ids, BUDGET) }).await;
+    assert_eq!(out[..k - 1], plain[..k - 1], "min_tokens changes nothing before eos");
+    assert!(out.len() >= min as usize, "{} tokens, min_tokens {min}: {out:?}", out.len());
+    assert!(!out[..min as usize].iter().any(|t| eos.contains(t)), "eos before min_tokens: {out:?}");
     if f.reason == pb::FinishReason::Stop as i32 {
-        assert!(f.matched_stop_token.is_some());
+        assert!(eos.contains(out.last().unwrap()) && f.matched_stop_token == out.last().copied(), "{f:?} {out:?}");
+    } else {
+        assert_eq!((f.reason, out.len()), (pb::FinishReason::Length as i32, BUDGET as usize));
     }
+
+    // A stop id: the first token of the plain output (from position 2 on) that does not occur before it.
+    let j = (2..k - 1).find(|&j| !plain[..j].contains(&plain[j])).expect("a fresh token inside the plain output");
+    let stop = plain[j];
+    let (out, f) = run(pb::GenerateRequest { stop_token_ids: vec![stop], ..req("stop-id", &case.prompt_ids, BUDGET) }).await;
+    assert_eq!(out, plain[..=j], "ends right at the stop id (position {j})");
+    assert_eq!((f.reason, f.matched_stop_token), (pb::FinishReason::Stop as i32, Some(stop)));
     wait_idle(&mut client).await;
 }
 
@@ -261,6 +369,7 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
         (pb::GenerateRequest { prompt_ids: vec![], ..ok.clone() }, "prompt_ids"),
         (pb::GenerateRequest { prompt_ids: vec![1, 999_999], ..ok.clone() }, "prompt_ids"),
+        (pb::GenerateRequest { prompt_ids: vec![1; 1024], ..ok.clone() }, "prompt_ids"),
         (pb::GenerateRequest { request_id: String::new(), ..ok.clone() }, "request_id"),
         (pb::GenerateRequest { max_new_tokens: 5000, ..ok.clone() }, "max_new_tokens"),
         (pb::GenerateRequest { sampling: Some(pb::SamplingParams { temperature: Some(-1.0), ..Default::default() }), ..ok.clone() }, "temperature"),
@@ -277,12 +386,30 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(e.message().contains(field), "`{}` should name {field}", e.message());
     }
-    // Admission control: a request larger than the whole KV cache is refused up front.
     let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.hash_version, ferrite_common::hash::HASH_VERSION);
     assert_eq!((info.block_size, info.max_model_len, info.vocab_size), (16, 1024, 49_152));
     assert_eq!(info.model_fingerprint.len(), 16);
     wait_idle(&mut client).await;
+
+    // Admission control: on a worker whose KV cache is smaller than the context, a request that fits the context
+    // but not the cache is refused up front (INVALID_ARGUMENT naming `max_new_tokens`, the field to shrink); one
+    // that fills the cache exactly runs.
+    let (mut small, _) = start_cfg(WorkerConfig { kv_cache_mib: 4, ..test_worker_config() }).await;
+    let info = small.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    let cache_tokens = info.kv_blocks_total * info.block_size;
+    assert!(cache_tokens < info.max_model_len, "{info:?}");
+    let prompt = [1, 2, 3];
+    for max_new in [cache_tokens - 2, 0] {
+        let refused = tokio::time::timeout(Duration::from_secs(10), collect(&mut small, req("too-large", &prompt, max_new)));
+        let e = refused.await.expect("refused up front, not queued").unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "max_new_tokens {max_new}: {e:?}");
+        assert!(e.message().contains("`max_new_tokens`") && e.message().contains("KV blocks"), "{}", e.message());
+    }
+    let fits = pb::GenerateRequest { ignore_eos: true, ..req("fits", &prompt, cache_tokens - 3) };
+    let done = tokio::time::timeout(Duration::from_secs(60), collect(&mut small, fits)).await.expect("bounded").unwrap();
+    assert_eq!(done.tokens[0].len() as u32, cache_tokens - 3);
+    wait_idle(&mut small).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,7 +133,9 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
                 return Err(rejection_status(RejectKind::Overloaded, "", e.to_string()));
             }
             EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::TooLarge { .. })) => {
-                return Err(rejection_status(RejectKind::ContextLength, "max_new_tokens", e.to_string()));
+                // Name the field: a smaller `max_new_tokens` is what makes it fit.
+                let msg = format!("`max_new_tokens` (with the prompt) is too large for this worker: {e}");
+                return Err(rejection_status(RejectKind::ContextLength, "max_new_tokens", msg));
             }
             EngineOutput::Rejected(e @ EngineError::DuplicateId(_)) => return Err(Status::already_exists(e.to_string())),
             EngineOutput::Rejected(e @ EngineError::ShutDown) => return Err(Status::unavailable(e.to_string())),

@@ -146,19 +146,6 @@ impl AttnCase {
         (k, v)
     }
 
-    /// Each row's written K and V, `[rows, kv_width]`.
-    pub fn written_kv(&self) -> (Vec<f64>, Vec<f64>) {
-        let (kv, q_width) = (self.nkv * self.hd, self.nh * self.hd);
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for r in 0..self.rows.len() {
-            let row = &self.qkv[r * self.stride()..][..self.stride()];
-            k.extend(row[q_width..q_width + kv].iter().map(|&x| f64::from(round(x))));
-            v.extend(row[q_width + kv..].iter().map(|&x| f64::from(round(x))));
-        }
-        (k, v)
-    }
-
     /// f64 reference output `[rows, nh·hd]`.
     pub fn reference(&self) -> Vec<f64> {
         let (kc, vc) = self.written_caches();
