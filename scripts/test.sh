@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust workspace (one optimized build, with the `cuda` feature so the CUDA code compiles and
-# every kernel is compiled by NVRTC; the GPU tests skip without a device), a type check of the default no-CUDA
-# build, then the Python suite that drives `ferrite serve` with the official `openai` SDK.
+# Runs every check: formatting, clippy (lints denied) on the default and the `cuda` feature sets, the Rust workspace
+# tests (one optimized build, with the `cuda` feature so the CUDA code compiles and every kernel is compiled by NVRTC;
+# the GPU tests skip without a device), then the Python suite that drives `ferrite serve` (and router + worker
+# processes) with the official `openai` SDK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEATURES="ferrite/cuda,ferrite-tests/cuda"
@@ -15,7 +16,9 @@ NVRTC_LIB=$(.venv-py/bin/python -c 'import nvidia, os; print(os.path.join(list(n
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FERRITE_REQUIRE_NVRTC=1
 
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo clippy --release --workspace --all-targets --features "$FEATURES" -- -D warnings
 cargo test --release --workspace --features "$FEATURES" "$@"
-cargo build --release --bin ferrite --features "$FEATURES"
-cargo check --release --workspace --all-targets
+cargo build --release --bin ferrite --features cuda
 .venv-py/bin/python -m pytest tests/python -q

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, result as blas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use super::CudaError;
-use super::gemm_lt::LtHandle;
+use super::gemm_lt::{LtAlgo, LtHandle, WORKSPACE_BYTES};
 
 /// A cuBLAS handle and a cuBLASLt handle bound to the backend's stream, sharing one workspace (so neither ever
 /// allocates inside a captured CUDA graph; launches on one stream never overlap).
@@ -22,8 +22,6 @@ pub struct Gemm {
     _workspace: CudaSlice<u8>,
 }
 
-/// cuBLAS / cuBLASLt workspace (NVIDIA recommends 32 MiB on Hopper).
-pub(super) const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// One operand of a strided-batched GEMM: device address, leading dimension, stride between batch items (elements).
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +36,34 @@ fn err(what: &str, e: impl std::fmt::Debug) -> CudaError {
 }
 
 impl Gemm {
+    /// Why cuBLASLt cannot be used here (its candidates are then always empty), if it cannot.
+    pub fn lt_unavailable(&self) -> Option<&str> {
+        self.lt.as_ref().err().map(String::as_str)
+    }
+
+    /// Up to `max` cuBLASLt algorithms for the linear layer of `rows × inp → out`, in the heuristic's order (its
+    /// estimate of fastest first), each fitting the workspace. Empty when cuBLASLt is unavailable or has none.
+    pub fn lt_candidates(&self, rows: usize, inp: usize, out: usize, max: usize) -> Result<Vec<LtAlgo>, CudaError> {
+        match &self.lt {
+            Ok(handle) => handle.candidates(rows, inp, out, max),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// `y = x · wᵀ` as [`Gemm::linear`], through cuBLASLt with `algo` (for its own shape only; operands aligned as
+    /// [`LtAlgo::accepts`] says, else an error).
+    ///
+    /// # Safety
+    /// `x` holds `algo.rows · algo.inp` bf16, `w` `algo.out · algo.inp` bf16, `y` `algo.rows · algo.out` f32, all
+    /// on the handle's device; `algo` came from this `Gemm`'s [`Gemm::lt_candidates`].
+    pub unsafe fn lt_linear(&self, algo: &LtAlgo, x: u64, w: u64, y: u64) -> Result<(), CudaError> {
+        let Ok(handle) = &self.lt else {
+            return Err(CudaError::Unsupported("cuBLASLt is not available".into()));
+        };
+        // SAFETY: operands per this function's contract; the workspace is this `Gemm`'s, on its stream.
+        unsafe { handle.linear(algo, x, w, y, self.workspace_ptr, &self.stream) }
+    }
+
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| err("cuBLAS", e))?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?;

@@ -7,7 +7,7 @@
 //! candidates (more split-K, other tiles and stage counts) are often faster for one shape, and only timing tells
 //! which. TensorRT-LLM profiles its cuBLASLt GEMMs the same way.
 //!
-//! Same product as [`Gemm::linear`]: column-major `Yᵀ[out, rows] = Wᵀ · Xᵀ` with A = W (`transa = T`, stored
+//! Same product as `Gemm::linear` (`gemm.rs`, which owns the handle and calls in here): column-major `Yᵀ[out, rows] = Wᵀ · Xᵀ` with A = W (`transa = T`, stored
 //! `[inp, out]`, ld `inp`), B = X (stored `[inp, rows]`, ld `inp`), D = Y in f32 (stored `[out, rows]`, ld `out`), f32
 //! compute and scale, beta = 0 (C = D). Every algorithm runs in the handle's workspace, so a launch never allocates
 //! and can be captured in a CUDA graph.
@@ -19,7 +19,10 @@ use std::sync::Arc;
 use cudarc::cublaslt::{result as lt, sys};
 
 use super::CudaError;
-use super::gemm::{Gemm, WORKSPACE_BYTES};
+use cudarc::driver::CudaStream;
+
+/// cuBLAS / cuBLASLt workspace (NVIDIA recommends 32 MiB on Hopper); `Gemm` allocates it, both libraries share it.
+pub(super) const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Alignment (bytes) of every operand's address that the heuristic may assume (cuBLASLt's default, set explicitly):
 /// its fastest kernels need it. A launch with a less aligned operand is refused ([`LtAlgo::accepts`]).
@@ -168,18 +171,11 @@ impl LtAlgo {
     }
 }
 
-impl Gemm {
-    /// Why cuBLASLt cannot be used here (its candidates are then always empty), if it cannot.
-    pub fn lt_unavailable(&self) -> Option<&str> {
-        self.lt.as_ref().err().map(String::as_str)
-    }
-
-    /// Up to `max` cuBLASLt algorithms for the linear layer of `rows × inp → out`, in the heuristic's order (its
-    /// estimate of fastest first), each fitting the workspace. Empty when cuBLASLt is unavailable or has none.
-    pub fn lt_candidates(&self, rows: usize, inp: usize, out: usize, max: usize) -> Result<Vec<LtAlgo>, CudaError> {
-        let Ok(handle) = &self.lt else {
-            return Ok(Vec::new());
-        };
+impl LtHandle {
+    /// Up to `max` algorithms for the linear layer of `rows × inp → out`, in the heuristic's order (its estimate of
+    /// fastest first), each fitting [`WORKSPACE_BYTES`].
+    pub(super) fn candidates(&self, rows: usize, inp: usize, out: usize, max: usize) -> Result<Vec<LtAlgo>, CudaError> {
+        let handle = self;
         if rows == 0 || inp == 0 || out == 0 || max == 0 {
             return Ok(Vec::new());
         }
@@ -211,16 +207,15 @@ impl Gemm {
             .collect())
     }
 
-    /// `y = x · wᵀ` as [`Gemm::linear`], through cuBLASLt with `algo` (for its own shape only; operands aligned as
-    /// [`LtAlgo::accepts`] says, else an error).
+    /// `y = x · wᵀ` through cuBLASLt with `algo` (for its own shape only; operands aligned as [`LtAlgo::accepts`]
+    /// says, else an error), on `stream` with the workspace at `workspace` ([`WORKSPACE_BYTES`]).
     ///
     /// # Safety
     /// `x` holds `algo.rows · algo.inp` bf16, `w` `algo.out · algo.inp` bf16, `y` `algo.rows · algo.out` f32, all
-    /// on the handle's device; `algo` came from this `Gemm`'s [`Gemm::lt_candidates`].
-    pub unsafe fn lt_linear(&self, algo: &LtAlgo, x: u64, w: u64, y: u64) -> Result<(), CudaError> {
-        let Ok(handle) = &self.lt else {
-            return Err(CudaError::Unsupported("cuBLASLt is not available".into()));
-        };
+    /// on the handle's device; `algo` came from this handle's [`LtHandle::candidates`]; `workspace` is a live device
+    /// buffer of [`WORKSPACE_BYTES`] used by nothing else on another stream.
+    pub(super) unsafe fn linear(&self, algo: &LtAlgo, x: u64, w: u64, y: u64, workspace: u64, stream: &CudaStream) -> Result<(), CudaError> {
+        let handle = self;
         if !LtAlgo::accepts(x, w, y) {
             return Err(CudaError::Unsupported(format!("cuBLASLt operands must be {LT_ALIGN}-byte aligned: x {x:#x}, w {w:#x}, y {y:#x}")));
         }
@@ -244,9 +239,9 @@ impl Gemm {
                 y as *mut c_void,
                 d.d,
                 &algo.algo,
-                self.workspace_ptr as *mut c_void,
+                workspace as *mut c_void,
                 WORKSPACE_BYTES,
-                self.stream.cu_stream() as sys::cudaStream_t,
+                stream.cu_stream() as sys::cudaStream_t,
             )
         }
         .result()

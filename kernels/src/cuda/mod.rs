@@ -270,7 +270,7 @@ impl PrefillWorkspace {
     /// `score_bytes` bounds the score (f32) + probability (bf16) tiles together.
     pub fn new(stream: &Arc<CudaStream>, n_heads: usize, kv_width: usize, head_dim: usize, max_rows: usize, max_ctx: usize, score_bytes: usize) -> Result<Self, CudaError> {
         let score_elems = (score_bytes / 6).max(n_heads * max_ctx);
-        // SAFETY (all): each buffer is written by a kernel or GEMM before it is read.
+        // SAFETY: (all) each buffer is written by a kernel or GEMM before it is read.
         unsafe {
             Ok(Self {
                 max_ctx,

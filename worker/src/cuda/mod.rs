@@ -15,6 +15,29 @@
 //! only (`ShardSpec`: its heads, FFN rows and lm_head vocabulary rows), all-reduces after o_proj and down through
 //! NCCL on its stream, and gathers the step's output over the group: for greedy steps each rank's (max, argmax)
 //! per row, for logits steps its vocabulary slice of every row.
+//!
+//! ## Kernels and start-up choices
+//! Decode rows use a paged-attention kernel (split into partitions when rows × KV heads would leave the GPU idle): on
+//! CUDA cores (lane per key) or on tensor cores (`mma.sync` m16n8k16 with the GQA group's query heads as the M rows,
+//! so K and V are read once per group). A sequence's prefill chunk of ≥ 16 rows uses a flash-style tensor-core kernel
+//! (16 query rows per warp, keys straight from the paged cache, scores never leave registers) or dense attention
+//! through cuBLAS. `graphs`: decode CUDA graphs per (batch bucket, context class), captured after the KV cache is
+//! reserved, replayed with one metadata upload. `tune_linear` and `tune` choose by timing on the device at start-up:
+//! per weight shape and decode row count, cuBLAS, a `gemv_bf16` instantiation or a cuBLASLt candidate (timed over
+//! every layer's weights in turn, so nothing is timed from L2); per decode row count, CUDA-core or tensor-core
+//! attention; for prefill, cuBLAS or the flash kernel. A candidate serves only if it agrees with the default path on
+//! the same inputs (linear layers: within 1e-3 of cuBLAS and the same bits on two runs), so a faulty kernel or
+//! misused descriptor costs speed, never answers. `timing`/`ceilings`: the device-event measurements behind the tuner
+//! and `ferrite gpu-bench`. `sampling`: tokens drawn on the device with the host sampler's algorithm.
+//!
+//! ## Invariants
+//! - The KV cache is sized last, from what `gpu_memory_utilization` leaves after weights, activations (sized for
+//!   `max_batch_tokens`) and a fixed headroom; no step allocates device memory.
+//! - Programmatic dependent launch (sm_90+): every kernel calls `pdl_wait()` before it reads anything earlier work
+//!   wrote or writes anything earlier work reads (the only earlier reads are `gemv_bf16`'s first weight loads).
+//!   `cuda_programmatic_launch_changes_no_bit` (GPU) checks logits are bit-identical with PDL on and off.
+//! - Not batch invariant, unlike the CPU: cuBLAS and the tuner pick kernels by batch size, so a sequence's logits
+//!   move by float reassociation with the batch (tests compare within tolerance).
 
 mod graphs;
 mod sampling;
@@ -126,7 +149,7 @@ impl Scratch {
         let qkv_width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
         let q_width = c.num_heads * c.head_dim;
         let logit_rows = rows.min(LOGIT_ROWS_CAP);
-        // SAFETY (all allocations): every buffer is written by a kernel or GEMM before it is read in a step.
+        // SAFETY: (all allocations) every buffer is written by a kernel or GEMM before it is read in a step.
         unsafe {
             Ok(Self {
                 rows,

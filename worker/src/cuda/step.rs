@@ -182,7 +182,7 @@ impl CudaBackend {
         let lin = |x, wt, y, rows, i, o| unsafe { self.linear(x, wt, y, rows, i, o) };
         let st = &self.stream;
 
-        // SAFETY (every launch below): each buffer was allocated for `scratch.rows ≥ n` rows of its width (or for the
+        // SAFETY: (every launch below) each buffer was allocated for `scratch.rows ≥ n` rows of its width (or for the
         // whole model / cache); the metadata at `l` holds n entries per array and block tables validated against
         // num_blocks (validate_batch, or padding rows pointing at block 0); all work is ordered on one stream.
         unsafe {

@@ -122,7 +122,7 @@ impl CudaBackend {
                 if candidates.is_empty() {
                     continue; // cuBLAS serves it anyway: nothing to time
                 }
-                // SAFETY (every product below): x holds ≥ rows · inp bf16, y / reference / tmp ≥ rows · out f32
+                // SAFETY: (every product below) x holds ≥ rows · inp bf16, y / reference / tmp ≥ rows · out f32
                 // (checked above), each weight is a live `out × inp` matrix, and an Lt algorithm is for this shape.
                 let run = |k: &LinearKernel, w: u64, to: u64| unsafe { self.run_linear(k, x, w, to, (rows, inp, out)) };
                 run(&LinearKernel::Cublas, ws[0], reference)?;

@@ -252,7 +252,7 @@ pub(super) unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
 /// The CPU must support avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot<B: ActBlock>(t: GgmlType, w: &[u8], x: &[B]) -> f32 {
-    // SAFETY (all arms): same CPU-feature requirement as this function.
+    // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
             GgmlType::Q4_0 => row::<Q4_0, B>(w, x),
@@ -286,7 +286,7 @@ pub(super) unsafe fn gemv<B: ActBlock>(
     x: &[B],
     out: &mut [f32],
 ) {
-    // SAFETY (all arms): same CPU-feature requirement as this function.
+    // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
             GgmlType::Q4_0 => gemv_k::<Q4_0, B>(w, row_bytes, x, out),

@@ -339,13 +339,13 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
     assert!(NA <= G && row_bytes >= nb * ts && g.table.len() >= nb);
     let (yp, tp, sp) = (g.qs.as_ptr(), g.table.as_ptr(), g.scale.as_mut_ptr());
     // The activation quants of block i of row b as two i16 halves.
-    // SAFETY (callers below): i < nb and b < NA; the lines are 64-byte aligned.
+    // SAFETY: (callers below) i < nb and b < NA; the lines are 64-byte aligned.
     let y = |b: usize, i: usize| unsafe {
         let p = yp.add(G * i + b).cast::<__m256i>();
         (_mm256_load_si256(p), _mm256_load_si256(p.add(1)))
     };
     // The scale product of block i and row b.
-    // SAFETY (callers below): i < nb and b < NA.
+    // SAFETY: (callers below) i < nb and b < NA.
     let s = |b: usize, i: usize| unsafe { _mm256_broadcast_ss(&(*sp.add(i)).0[2 * b]) };
     let dot = |(w0, w1): (__m256i, __m256i), (x0, x1): (__m256i, __m256i)| {
         _mm256_cvtepi32_ps(_mm256_add_epi32(
@@ -452,7 +452,7 @@ pub(super) unsafe fn gemm(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    // SAFETY (all arms): same CPU-feature requirement as this function.
+    // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
             GgmlType::Q4_0 => gemm_k::<Q4_0>(w, row_bytes, x, nb, n, out, out_stride),

@@ -177,7 +177,7 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ16]) -> f32 {
 /// The CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot(t: GgmlType, w: &[u8], x: &[BlockQ16]) -> f32 {
-    // SAFETY (all arms): same CPU-feature requirement as this function.
+    // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
             GgmlType::Q4_0 => row::<Q4_0>(w, x),
@@ -210,7 +210,7 @@ pub(super) unsafe fn gemv(
     x: &[BlockQ16],
     out: &mut [f32],
 ) {
-    // SAFETY (all arms): same CPU-feature requirement as this function.
+    // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
             GgmlType::Q4_0 => gemv_k::<Q4_0>(w, row_bytes, x, out),
@@ -370,7 +370,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
     // The two halves of `g.scale`: this row's scale products and the next row's.
     let (mut cur, mut next) = (g.scale.as_mut_ptr(), g.scale.as_mut_ptr().wrapping_add(nb));
     // The activation quants of block i of row b.
-    // SAFETY (callers below): i < nb and b < NA; the lines are 64-byte aligned.
+    // SAFETY: (callers below) i < nb and b < NA; the lines are 64-byte aligned.
     let y = |b: usize, i: usize| unsafe { _mm512_load_si512(yp.add(G * i + b).cast::<__m512i>()) };
     // The block product of widened weight quants q with block i of row b.
     let p = |q: __m512i, b: usize, i: usize| _mm512_cvtepi32_ps(_mm512_madd_epi16(q, y(b, i)));
@@ -381,12 +381,12 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
         let wp = unsafe { w.as_ptr().add(r * row_bytes) };
         let has_next = r + 1 < rows;
         // Next row's scales of block i into `next`, returned; not called on the last row.
-        // SAFETY (callers below): i < nb, row r + 1 exists.
+        // SAFETY: (callers below) i < nb, row r + 1 exists.
         let next_scales = |i: usize| unsafe {
             block_scales::<K>(wp.add(row_bytes + i * ts), tp.add(i), next.add(i))
         };
         // The scale product of block i and row b (this row).
-        // SAFETY (callers below): i < nb and b < NA.
+        // SAFETY: (callers below) i < nb and b < NA.
         let s = |b: usize, i: usize| unsafe { _mm512_set1_ps((*cur.add(i)).0[2 * b]) };
         let mut accm0 = _mm512_setzero_ps();
         let mut accm1 = _mm512_setzero_ps();
@@ -519,7 +519,7 @@ pub(super) unsafe fn gemm(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    // SAFETY (all arms): same CPU-feature requirement as this function.
+    // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
             GgmlType::Q4_0 => gemm_k::<Q4_0>(w, row_bytes, x, nb, n, out, out_stride),
