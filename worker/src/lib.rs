@@ -14,6 +14,7 @@
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
 
 pub mod backend;
+pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

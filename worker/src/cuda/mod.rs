@@ -60,7 +60,7 @@ use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError, CudaKernels, Gemm, KernelCache, PrefillWorkspace};
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, validate_batch};
-pub use crate::server::CudaAttention;
+pub use crate::config::CudaAttention;
 use crate::tp::comm::CommError;
 use crate::tp::nccl::{NcclGroup, NcclRank};
 use weights::DeviceWeights;
