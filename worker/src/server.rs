@@ -12,7 +12,7 @@ use crate::cpu::weights::WeightPrecision;
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::engine::core::{Engine, EngineConfig, EngineHandle};
 use crate::engine::scheduler::SchedulerConfig;
-use crate::kv::DEFAULT_BLOCK_SIZE;
+use crate::backend::DEFAULT_BLOCK_SIZE;
 use crate::service::{ModelInfo, WorkerService};
 
 /// Worker settings (validated by [`WorkerConfig::validate`]).

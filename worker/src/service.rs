@@ -132,7 +132,9 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
             EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::Overloaded { .. })) => {
                 return Err(Status::resource_exhausted(e.to_string()));
             }
-            EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::TooLarge { .. })) => {
+            EngineOutput::Rejected(EngineError::Admission(
+                e @ (AdmissionError::TooLarge { .. } | AdmissionError::PromptTooLong { .. } | AdmissionError::EmptyPrompt),
+            )) => {
                 return Err(Status::invalid_argument(e.to_string()));
             }
             EngineOutput::Rejected(e @ EngineError::DuplicateId(_)) => return Err(Status::already_exists(e.to_string())),
