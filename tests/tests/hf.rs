@@ -8,13 +8,11 @@ use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_tests::tiny::{self, write_hf as write_tiny, write_safetensors};
-use ferrite_tests::{default_model, ref_cases, reference};
+use ferrite_tests::{BlockTables, default_model, greedy, ref_cases, reference};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::export::{ExportDtype, export_hf};
-use ferrite_worker::generate::{GenerateParams, generate};
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 use serde_json::json;
 
 fn export(dtype: ExportDtype) -> tempfile::TempDir {
@@ -26,8 +24,7 @@ fn export(dtype: ExportDtype) -> tempfile::TempDir {
 }
 
 fn last_logits(b: &mut CpuBackend, prompt: &[u32]) -> Vec<f32> {
-    let mut alloc = SimpleBlockAllocator::new(64, 16);
-    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let table = BlockTables::new(64, 16).table(prompt.len());
     let batch = ForwardBatch {
         seqs: vec![SeqInput { tokens: prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
     };
@@ -55,9 +52,7 @@ fn exported_hf_directory_matches_gguf_greedy_and_text() {
     let opts = CpuOptions { precision: WeightPrecision::F32, num_kv_blocks: 64, ..CpuOptions::default() };
     let mut b = CpuBackend::load(&hf, &opts).unwrap();
     for case in ref_cases() {
-        let mut alloc = SimpleBlockAllocator::new(64, 16);
-        let params = GenerateParams { max_tokens: case.greedy_ids.len(), stop_token_ids: vec![2], ..Default::default() };
-        let got = generate(&mut b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap().tokens;
+        let got = greedy(&mut b, &case.prompt_ids, case.greedy_ids.len(), &[2]);
         assert_eq!(got, case.greedy_ids, "{}: HF-path greedy tokens", case.name);
     }
 }

@@ -10,8 +10,6 @@
 //! - [`tp`]: tensor parallelism — the in-process communicator and the rank-thread CPU backend.
 //! - [`metrics`]: Prometheus `/metrics` of a worker.
 //! - [`instant`]: a no-compute backend for measuring engine/gRPC/router overhead.
-//! - [`kv`] / [`generate`]: a free-list block allocator and a single-request decode loop (being replaced by the
-//!   engine core).
 //! - [`model`]: opens a model (GGUF file or Hugging Face directory) over memory-mapped files.
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
 
@@ -21,9 +19,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod export;
-pub mod generate;
 pub mod instant;
-pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod server;
