@@ -1,20 +1,21 @@
 //! The continuous-batching scheduler (vLLM v1 style): a pure state machine with no IO.
 //!
 //! Every sequence has `tokens` (prompt + generated) and `num_computed` (tokens whose KV is in the cache); a step
-//! lets `num_computed` catch up under a token budget. [`Scheduler::schedule`] visits **running** sequences first
+//! lets `num_computed` catch up under a token budget. `Scheduler::schedule` visits **running** sequences first
 //! (decode = 1 token, an unfinished prefill = a chunk), then admits **waiting** ones (prefix-cache hits first, so
 //! their cached blocks are skipped; never the whole prompt, so at least one token is computed and logits exist).
 //! When blocks run out, the newest running sequence is **preempted by recompute**: its blocks are freed (full ones
 //! stay in the prefix cache), `num_computed` resets to 0, and it goes to the front of the queue.
 //!
-//! Blocks are held by [`BlockTable`]s, which return them to the pool when dropped: a sequence that is removed for any
+//! Blocks are held by `BlockTable`s, which return them to the pool when dropped: a sequence that is removed for any
 //! reason cannot leak KV blocks.
 //!
 //! **The scheduler owns every sequence.** Its table (`Scheduler::seqs`) is the only place a sequence lives: the
-//! scheduling state above plus an opaque payload `M` that the caller attaches at [`Scheduler::add`] (the engine core
+//! scheduling state above plus an opaque payload `M` that the caller attaches at `Scheduler::add` (the engine core
 //! puts its sampler, request id, completion index, limits and stop rules there, `super::step::SeqMeta`). So there is
-//! one exit path, [`Scheduler::remove`], which hands the whole sequence back (payload and blocks) and cannot leave a
-//! second copy behind. The payload is generic so these tests and any planner experiment need no sampler.
+//! one exit path, `Scheduler::remove`, which hands the whole sequence back (payload and blocks) and cannot leave a
+//! second copy behind. The payload is generic, so the scheduler knows nothing of sampling and its own tests need no
+//! sampler.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

@@ -9,21 +9,21 @@
 //!
 //! **Who owns what.** Each sequence (one of a request's `n` completions) lives in exactly one place, the scheduler's
 //! table: the scheduler holds its scheduling state (tokens, KV blocks, progress) and carries the core's per-sequence
-//! state as its payload, [`SeqMeta`] (request id, completion index, sampler, token limit, stop rules). Scheduling
+//! state as its payload, `SeqMeta` (request id, completion index, sampler, token limit, stop rules). Scheduling
 //! needs to see and drop whole sequences (admission, preemption, removal), so the scheduler is the natural owner;
 //! the core only indexes which sequences make up a request (`requests`, id lists, no state), which abort and "is the
-//! request over?" need. A sequence leaves through [`EngineCore::remove_seq`] only, which removes it from the
+//! request over?" need. A sequence leaves through `EngineCore::remove_seq` only, which removes it from the
 //! scheduler (its blocks return to the pool at once) and from the index.
 //!
 //! **A step.** Plan (the scheduler picks a budget of tokens: running sequences first, then admissions, preempting
 //! when blocks run out) → choose the backend call → run it → record the computed tokens (newly full blocks enter the
 //! prefix cache) → for each sequence that got logits: its next token (from the backend, or the host sampler), then
 //! the stop rules. The backend call is one of three, chosen for the whole step:
-//! - `forward_greedy` when every sampling sequence is plain greedy ([`Sampler::is_plain_greedy`]): the backend takes
+//! - `forward_greedy` when every sampling sequence is plain greedy (`Sampler::is_plain_greedy`): the backend takes
 //!   the argmax where the logits are (on a GPU only ids cross PCIe);
 //! - `forward_sample` when none needs its logits on the host (no logprobs): the backend draws with the sequences'
 //!   [`crate::backend::RowSampling`]s, the same algorithm and uniforms as the host sampler;
-//! - `forward` otherwise, then the host sampler ([`Sampler::sample`], which also computes logprobs).
+//! - `forward` otherwise, then the host sampler (`Sampler::sample`, which also computes logprobs).
 //!
 //! A failed step fails the requests in it (nothing was written to the KV cache); a fatal backend error
 //! ([`BackendError::is_fatal`]) fails every request held and the caller is expected to stop.
@@ -133,6 +133,16 @@ pub struct CoreStats {
     pub generated_tokens: u64,
 }
 
+/// The core's own counters (see [`CoreStats`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    prefix_hit_tokens: u64,
+    aborts: u64,
+    steps: u64,
+    batch_tokens: u64,
+    generated_tokens: u64,
+}
+
 /// When a sequence stops besides its token limit (the request's `StoppingParams`, without the parts the sampler
 /// owns).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +152,7 @@ pub(crate) struct StopRules {
     stop_token_ids: Vec<u32>,
 }
 
-/// The core's state of one sequence, carried by the scheduler's [`Sequence`] (so it lives and dies with it).
+/// The core's state of one sequence, carried by the scheduler's `Sequence` (so it lives and dies with it).
 pub(crate) struct SeqMeta {
     request_id: Arc<str>,
     /// Completion index among the request's `n`.
@@ -185,7 +195,7 @@ pub struct EngineCore {
     requests: HashMap<Arc<str>, Vec<SeqId>>,
     eos_token_ids: Vec<u32>,
     next_seq: SeqId,
-    stats: CoreStats,
+    counters: Counters,
     /// Outputs not yet handed to the caller.
     outbox: Vec<Emitted>,
     /// A logit row the host sampler may modify.
@@ -202,7 +212,7 @@ impl EngineCore {
             requests: HashMap::new(),
             eos_token_ids: cfg.eos_token_ids,
             next_seq: 1,
-            stats: CoreStats::default(),
+            counters: Counters::default(),
             outbox: Vec::new(),
             scratch: Vec::new(),
         }
@@ -265,7 +275,7 @@ impl EngineCore {
                 self.finish(id, FinishReason::Abort, None);
             }
         }
-        self.stats.aborts += 1;
+        self.counters.aborts += 1;
         true
     }
 
@@ -278,8 +288,8 @@ impl EngineCore {
         let num_tokens = plan.iter().map(|p| p.num_tokens).sum();
         let call = self.choose_call(&plan);
         let result = self.forward(backend, &plan, call);
-        self.stats.steps += 1;
-        self.stats.batch_tokens = num_tokens as u64;
+        self.counters.steps += 1;
+        self.counters.batch_tokens = num_tokens as u64;
         match result {
             Ok(returned) => {
                 self.sched.complete(&plan);
@@ -316,14 +326,19 @@ impl EngineCore {
 
     pub fn stats(&self) -> CoreStats {
         let (prefix_queries, prefix_hits) = self.sched.prefix_stats();
+        let c = self.counters;
         CoreStats {
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),
             kv: self.sched.usage(),
             prefix_queries,
             prefix_hits,
+            prefix_hit_tokens: c.prefix_hit_tokens,
             preemptions: self.sched.preemptions(),
-            ..self.stats
+            aborts: c.aborts,
+            steps: c.steps,
+            batch_tokens: c.batch_tokens,
+            generated_tokens: c.generated_tokens,
         }
     }
 
@@ -402,7 +417,7 @@ impl EngineCore {
             };
             seq.meta.sampler.record(token);
             self.sched.append_token(p.id, token);
-            self.stats.generated_tokens += 1;
+            self.counters.generated_tokens += 1;
             let seq = self.sched.get(p.id).expect("planned sequence exists");
             let output = EngineOutput::Tokens {
                 index: seq.meta.index,
@@ -422,7 +437,7 @@ impl EngineCore {
     /// Ends a sequence with `reason` (its request ends with its last sequence).
     fn finish(&mut self, id: SeqId, reason: FinishReason, matched_stop: Option<u32>) {
         let Some((seq, last)) = self.remove_seq(id) else { return };
-        self.stats.prefix_hit_tokens += seq.cached_prompt_tokens() as u64;
+        self.counters.prefix_hit_tokens += seq.cached_prompt_tokens() as u64;
         self.emit_finished(&seq, reason, matched_stop, last);
     }
 
