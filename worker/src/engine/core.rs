@@ -50,7 +50,7 @@ enum Command {
 pub struct EngineHandle {
     cmd: mpsc::Sender<Command>,
     pub stats: Arc<EngineStats>,
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// Set once, when the engine stopped on a fatal backend error.
     fatal: watch::Receiver<Option<String>>,
 }

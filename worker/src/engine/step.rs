@@ -104,7 +104,7 @@ pub struct Emitted {
 /// What a step did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
-    /// Every output since the previous step or [`EngineCore::take_outputs`], in order.
+    /// Every output since the previous step (a step also hands over what aborts emitted in between), in order.
     pub outputs: Vec<Emitted>,
     /// Tokens the step computed; 0 when nothing could be scheduled (the core is idle, or waits for a change).
     pub num_tokens: usize,
@@ -258,7 +258,7 @@ impl EngineCore {
     }
 
     /// Ends a request (`index` None) or one completion of it with `Abort` (a request ends with its last completion).
-    /// Returns whether it was running or waiting. The `Finished` outputs wait in the outbox.
+    /// Returns whether it was running or waiting. The `Finished` outputs come with the next step's.
     pub fn abort(&mut self, request_id: &str, index: Option<u32>) -> bool {
         let Some(ids) = self.requests.get(request_id) else { return false };
         match index {
@@ -309,8 +309,9 @@ impl EngineCore {
         }
     }
 
-    /// Outputs produced outside a step (by [`EngineCore::abort`]) and not handed over yet.
-    pub fn take_outputs(&mut self) -> Vec<Emitted> {
+    /// Outputs produced outside a step (by [`EngineCore::abort`]) and not handed over yet; the next step hands them
+    /// over otherwise.
+    pub(crate) fn take_outputs(&mut self) -> Vec<Emitted> {
         std::mem::take(&mut self.outbox)
     }
 
@@ -320,7 +321,8 @@ impl EngineCore {
     }
 
     /// Whether a request is still running or waiting.
-    pub fn has_request(&self, request_id: &str) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_request(&self, request_id: &str) -> bool {
         self.requests.contains_key(request_id)
     }
 

@@ -348,10 +348,10 @@ fn abort_ends_a_request_or_one_completion_and_returns_their_blocks() {
     assert_eq!(c.stats().kv.in_use, 0);
     assert!(!c.abort("r", None));
 
-    // A request still waiting is aborted too (nothing generated).
+    // A request still waiting is aborted too (nothing generated); the next step hands its output over.
     c.add(greedy("w", &[1, 2], 5)).unwrap();
     assert!(c.abort("w", None));
-    let out = c.take_outputs();
+    let out = c.step(&mut b).outputs;
     assert!(matches!(&out[..], [Emitted { output: EngineOutput::Finished { index: 0, reason: FinishReason::Abort, completion_tokens: 0, .. }, last: true, .. }]), "{out:?}");
     assert_eq!((c.stats().waiting, c.stats().aborts), (0, 3));
     assert!(c.step(&mut b).outputs.is_empty());
