@@ -1,17 +1,18 @@
 //! `ferrite bench`: prefill and batched-decode throughput on CPU, next to this machine's measured memory bandwidth
-//! (decode at batch 1 streams every weight once per token, so `bandwidth / weight bytes` is its roofline).
+//! (decode at batch 1 streams every weight once per token, so `bandwidth / weight bytes` is its roofline). Prefill and
+//! decode are timed as engine-core steps (`EngineCore::step` on this thread: the same batches the backend sees when
+//! serving, without the engine thread); `--engine` adds concurrent streams through the engine thread.
 
 use std::time::Instant;
 
-use anyhow::bail;
-use ferrite_worker::model::open_model;
-use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
+use anyhow::{Context, bail};
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
+use ferrite_worker::backend::{Backend, DEFAULT_BLOCK_SIZE};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::engine::core::{Engine, EngineConfig, EngineOutput, EngineRequest};
 use ferrite_worker::engine::scheduler::SchedulerConfig;
-use ferrite_worker::generate::argmax;
-use ferrite_worker::kv::{BlockAllocator, DEFAULT_BLOCK_SIZE, SimpleBlockAllocator};
+use ferrite_worker::engine::step::{EngineCore, StepOutput};
+use ferrite_worker::model::open_model;
 use rayon::prelude::*;
 
 use super::{ModelArgs, resolve_model};
@@ -57,6 +58,33 @@ fn memory_bandwidth_gbs(pool: &rayon::ThreadPool) -> f64 {
     median(runs)
 }
 
+/// A greedy request for `max_new` tokens that never stops early.
+fn request(id: String, prompt: Vec<u32>, max_new: u32) -> EngineRequest {
+    EngineRequest {
+        request_id: id,
+        prompt,
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        stopping: StoppingParams { max_new_tokens: max_new, ignore_eos: true, ..StoppingParams::default() },
+        n: 1,
+        cache_salt: Vec::new(),
+    }
+}
+
+/// One engine-core step that must compute `tokens` tokens.
+fn step(core: &mut EngineCore, backend: &mut dyn Backend, tokens: usize) -> anyhow::Result<StepOutput> {
+    let out = core.step(backend);
+    if let Some(e) = &out.fatal {
+        bail!("the backend failed: {e}");
+    }
+    if let Some(e) = out.outputs.iter().find(|e| matches!(e.output, EngineOutput::Failed(_))) {
+        bail!("the step failed: {:?}", e.output);
+    }
+    if out.num_tokens != tokens {
+        bail!("the step computed {} tokens, {tokens} expected", out.num_tokens);
+    }
+    Ok(out)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.repeat == 0 || a.decode_steps == 0 || a.prompt_tokens == 0 || a.batch.contains(&0) {
         bail!("--repeat, --decode-steps, --prompt-tokens and --batch sizes must be > 0");
@@ -66,8 +94,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let vocab = files.config.vocab_size as u32;
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let decode_prompt = 16;
-    let per_seq = (decode_prompt + a.decode_steps).div_ceil(DEFAULT_BLOCK_SIZE);
-    let blocks = a.prompt_tokens.div_ceil(DEFAULT_BLOCK_SIZE).max(per_seq * max_batch);
+    // Every sequence of a decode run holds its prompt, the token of its prefill and one per decode step; the prefill
+    // run holds its prompt and one token. Block 0 is reserved.
+    let per_seq = (decode_prompt + a.decode_steps + 1).div_ceil(DEFAULT_BLOCK_SIZE);
+    let blocks = 1 + (a.prompt_tokens + 1).div_ceil(DEFAULT_BLOCK_SIZE).max(per_seq * max_batch);
     let opts = CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
     let mut backend = CpuBackend::load(&files, &opts)?;
     let threads = if a.model.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.model.threads };
@@ -80,58 +110,54 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("memory bandwidth (read): {bw:.1} GB/s; weights streamed per decode step: {weight_mb:.1} MB");
     println!("batch-1 decode roofline (bandwidth / weight bytes): {roofline:.0} tok/s");
 
+    // A fresh core (an empty prefix cache) per run: one step prefills every waiting prompt.
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: a.prompt_tokens.max(decode_prompt * max_batch),
+            max_num_seqs: max_batch,
+            max_waiting: max_batch,
+            max_model_len: files.config.max_position_embeddings,
+        },
+        model_fingerprint: files.fingerprint()?,
+        eos_token_ids: Vec::new(),
+    };
+    let info = backend.info();
+    let new_core = || EngineCore::new(cfg.clone(), &info);
+
     // Deterministic pseudo-random prompt tokens.
     let tok = |i: usize| ((i as u64 * 2_654_435_761) % u64::from(vocab.min(40_000))) as u32 + 100;
 
-    // Prefill.
+    // Prefill: one step computing the whole prompt (and its first token).
     let prompt: Vec<u32> = (0..a.prompt_tokens).map(tok).collect();
     let mut runs = Vec::new();
-    for _ in 0..a.repeat {
-        let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
-        let table = alloc.ensure(0, prompt.len())?.to_vec();
+    for r in 0..a.repeat {
+        let mut core = new_core();
+        core.add(request(format!("prefill{r}"), prompt.clone(), 1)).context("prefill request")?;
         let t = Instant::now();
-        backend.forward(&ForwardBatch {
-            seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
-        })?;
+        step(&mut core, &mut backend, prompt.len())?;
         runs.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
     }
     println!("prefill ({} tokens): {:.0} tok/s", a.prompt_tokens, median(runs));
 
-    // Decode at each batch size: every sequence has a 16-token prompt, then `decode_steps` batched steps.
+    // Decode at each batch size: every sequence has a 16-token prompt (prefilled in one untimed step), then
+    // `decode_steps` batched steps of one token per sequence.
     for &b in &a.batch {
         let mut runs = Vec::new();
         for _ in 0..a.repeat {
-            let mut alloc = SimpleBlockAllocator::new(blocks, DEFAULT_BLOCK_SIZE);
-            let mut last: Vec<u32> = Vec::with_capacity(b);
-            let mut tables = Vec::with_capacity(b);
+            let mut core = new_core();
             for s in 0..b {
                 let p: Vec<u32> = (0..decode_prompt).map(|i| tok(i + 31 * s)).collect();
-                let table = alloc.ensure(s as u64, decode_prompt + a.decode_steps)?.to_vec();
-                let logits = backend.forward(&ForwardBatch {
-                    seqs: vec![SeqInput { tokens: &p, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
-                })?;
-                last.push(logits.last(0).map_or(0, argmax));
-                tables.push(table);
+                core.add(request(format!("decode{s}"), p, a.decode_steps as u32 + 1)).context("decode request")?;
             }
+            step(&mut core, &mut backend, b * decode_prompt)?;
             let t = Instant::now();
-            for step in 0..a.decode_steps {
-                let toks = last.clone();
-                let batch = ForwardBatch {
-                    seqs: (0..b)
-                        .map(|s| SeqInput {
-                            tokens: std::slice::from_ref(&toks[s]),
-                            start_pos: decode_prompt + step,
-                            block_table: &tables[s],
-                            logits: LogitsWanted::Last,
-                        })
-                        .collect(),
-                };
-                let logits = backend.forward(&batch)?;
-                for (s, l) in last.iter_mut().enumerate() {
-                    *l = logits.last(s).map_or(0, argmax);
-                }
+            for _ in 0..a.decode_steps {
+                step(&mut core, &mut backend, b)?;
             }
             runs.push((b * a.decode_steps) as f64 / t.elapsed().as_secs_f64());
+            if !core.is_idle() {
+                bail!("the decode run did not end after {} steps", a.decode_steps);
+            }
         }
         let tps = median(runs);
         if b == 1 {
@@ -165,14 +191,6 @@ fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::
     )?;
     let vocab = files.config.vocab_size as u64;
     let tok = |i: u64| ((i * 2_654_435_761) % vocab.min(40_000)) as u32 + 100;
-    let request = |id: String, prompt: Vec<u32>, max_new: u32| EngineRequest {
-        request_id: id,
-        prompt,
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
-        stopping: StoppingParams { max_new_tokens: max_new, ignore_eos: true, ..StoppingParams::default() },
-        n: 1,
-        cache_salt: Vec::new(),
-    };
     let mut single = 0.0;
     for &streams in &a.batch {
         let mut runs = Vec::new();

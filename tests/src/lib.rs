@@ -1,11 +1,17 @@
 //! Shared helpers for Ferrite's cross-crate tests: locating the default model (fetched through
 //! `scripts/fetch-model.sh`, the only download tests may do) and the transformers reference outputs in
-//! `tests/data/reference/`.
+//! `tests/data/reference/`; fresh KV block tables for tests that drive a backend directly ([`BlockTables`]), and
+//! generation on the engine core driven on the test's thread ([`generate`], [`greedy`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use ferrite_common::sampling::{SamplingParams, StoppingParams};
+use ferrite_worker::backend::Backend;
+use ferrite_worker::engine::core::{EngineConfig, EngineOutput, EngineRequest, FinishReason};
+use ferrite_worker::engine::scheduler::SchedulerConfig;
+use ferrite_worker::engine::step::EngineCore;
 use serde_json::Value;
 
 pub mod tiny;
@@ -148,6 +154,89 @@ impl<B: ferrite_worker::backend::Backend> ferrite_worker::backend::Backend for F
     }
 }
 
+/// Hands out fresh KV block tables to tests that call a backend directly: blocks in ascending order from block 1
+/// (block 0 stays reserved, as in the engine's pool), never reused. A fixture, not an allocator: serving and
+/// generation manage blocks in the engine core.
+#[derive(Debug)]
+pub struct BlockTables {
+    next: usize,
+    num_blocks: usize,
+    block_size: usize,
+}
+
+impl BlockTables {
+    /// Tables over a backend with `num_blocks` KV blocks of `block_size` tokens.
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        Self { next: 1, num_blocks, block_size }
+    }
+
+    /// A table of fresh blocks for `tokens` tokens; panics when the backend's blocks run out.
+    pub fn table(&mut self, tokens: usize) -> Vec<u32> {
+        let n = tokens.div_ceil(self.block_size);
+        assert!(self.next + n <= self.num_blocks, "out of KV blocks: {n} more needed, {} left", self.num_blocks - self.next);
+        self.next += n;
+        (self.next - n..self.next).map(|b| b as u32).collect()
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    /// KV blocks still in use once the request ended (0 unless a block leaked).
+    pub blocks_in_use: usize,
+}
+
+/// Runs one request (its first completion) to the end on an [`EngineCore`] over `backend`, stepping on this thread
+/// with `max_num_batched_tokens` tokens per step (a smaller budget prefills the prompt in chunks). The core's KV pool
+/// is the backend's; its context is the model's. A rejected or failed request is an `Err` with the reason.
+pub fn generate(backend: &mut dyn Backend, request: EngineRequest, max_num_batched_tokens: usize) -> Result<Generated, String> {
+    let scheduler = SchedulerConfig {
+        max_num_batched_tokens,
+        max_num_seqs: 1,
+        max_waiting: 1,
+        max_model_len: backend.config().max_position_embeddings,
+    };
+    let cfg = EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: Vec::new() };
+    let mut core = EngineCore::new(cfg, &backend.info());
+    core.add(request).map_err(|e| e.to_string())?;
+    let (mut tokens, mut finish) = (Vec::new(), None);
+    while !core.is_idle() {
+        let out = core.step(backend);
+        assert!(out.num_tokens > 0 || out.fatal.is_some(), "the engine core made no progress");
+        for e in out.outputs {
+            match e.output {
+                EngineOutput::Tokens { index: 0, tokens: t, .. } => tokens.extend(t),
+                EngineOutput::Finished { index: 0, reason, .. } => finish = Some(reason),
+                EngineOutput::Failed(m) => return Err(m),
+                EngineOutput::Rejected(e) => return Err(e.to_string()),
+                _ => {}
+            }
+        }
+    }
+    let finish = finish.expect("a request that ends has finished");
+    Ok(Generated { tokens, finish, blocks_in_use: core.stats().kv.in_use })
+}
+
+/// A greedy request for up to `max_tokens` (> 0) tokens after `prompt` that stops after any of `stop_ids` (included).
+pub fn greedy_request(prompt: &[u32], max_tokens: usize, stop_ids: &[u32]) -> EngineRequest {
+    assert!(max_tokens > 0, "0 would mean: up to the context");
+    EngineRequest {
+        request_id: "test".into(),
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        stopping: StoppingParams { max_new_tokens: max_tokens as u32, stop_token_ids: stop_ids.to_vec(), ..StoppingParams::default() },
+        n: 1,
+        cache_salt: Vec::new(),
+    }
+}
+
+/// Greedy tokens after `prompt` (see [`greedy_request`]), the prompt prefilled in one step.
+pub fn greedy(backend: &mut dyn Backend, prompt: &[u32], max_tokens: usize, stop_ids: &[u32]) -> Vec<u32> {
+    generate(backend, greedy_request(prompt, max_tokens, stop_ids), usize::MAX).expect("greedy generation").tokens
+}
+
 /// Checks `forward_sample` against the host sampler on the same logits: prefills the first four reference prompts
 /// (all but their last token, so nothing else), then for five steps draws each one's next token with four different
 /// parameter sets (temperature only; top-k + top-p; min-p + penalties; greedy with a frequency penalty and a logit
@@ -155,14 +244,12 @@ impl<B: ferrite_worker::backend::Backend> ferrite_worker::backend::Backend for F
 /// Step 0 is a prefill of each prompt, later steps one-token decode steps of all four (graphs where the backend has
 /// them). `blocks` is the backend's KV capacity.
 pub fn assert_sampling_matches_host(b: &mut dyn ferrite_worker::backend::Backend, seed: u64, blocks: usize) {
-    use ferrite_common::sampling::{SamplingParams, StoppingParams};
     use ferrite_worker::backend::{ForwardBatch, LogitsWanted, SeqInput};
     use ferrite_worker::engine::sampler::Sampler;
-    use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
     let cases = ref_cases();
     let prompts: Vec<&[u32]> = cases.iter().take(4).map(|c| c.prompt_ids.as_slice()).collect();
-    let mut alloc = SimpleBlockAllocator::new(blocks, ferrite_worker::kv::DEFAULT_BLOCK_SIZE);
-    let tables: Vec<Vec<u32>> = prompts.iter().enumerate().map(|(i, p)| alloc.ensure(i as u64, p.len()).unwrap().to_vec()).collect();
+    let mut alloc = BlockTables::new(blocks, ferrite_worker::backend::DEFAULT_BLOCK_SIZE);
+    let tables: Vec<Vec<u32>> = prompts.iter().map(|p| alloc.table(p.len())).collect();
     let params = [
         SamplingParams { temperature: 1.0, ..SamplingParams::default() },
         SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, ..SamplingParams::default() },

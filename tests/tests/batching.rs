@@ -2,10 +2,12 @@
 //! alone, in a batch with others of different lengths, or with its prompt split into chunks.
 
 use ferrite_common::model::ModelFiles;
-use ferrite_tests::{default_model, ref_cases};
+use ferrite_tests::{BlockTables, default_model, generate, greedy_request, ref_cases};
 use ferrite_worker::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
+use ferrite_worker::engine::core::{EngineConfig, EngineError, EngineOutput};
+use ferrite_worker::engine::scheduler::{AdmissionError, SchedulerConfig};
+use ferrite_worker::engine::step::EngineCore;
 
 fn backend() -> CpuBackend {
     let model = ModelFiles::open(&default_model()).expect("open default model");
@@ -21,22 +23,20 @@ fn logits_are_batch_invariant_in_prefill_and_decode() {
     let mut b = backend();
     let cases = ref_cases();
     let prompts: Vec<&[u32]> = cases.iter().take(3).map(|c| c.prompt_ids.as_slice()).collect();
-    let mut alloc = SimpleBlockAllocator::new(128, 16);
+    let mut alloc = BlockTables::new(128, 16);
 
     // Alone: prefill then one decode step each.
     let mut alone = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let table = alloc.ensure(i as u64, p.len() + 1).unwrap().to_vec();
+    for p in &prompts {
+        let table = alloc.table(p.len() + 1);
         let pre = b.forward(&ForwardBatch { seqs: vec![seq(p, 0, &table, LogitsWanted::All)] }).unwrap();
         let next = [7u32];
         let dec = b.forward(&ForwardBatch { seqs: vec![seq(&next, p.len(), &table, LogitsWanted::Last)] }).unwrap();
         alone.push((pre.seq(0).to_vec(), dec.seq(0).to_vec()));
-        alloc.free(i as u64);
     }
 
-    // Together, in one prefill batch and one decode batch, with tables in a different order of blocks.
-    let tables: Vec<Vec<u32>> =
-        (0..prompts.len()).rev().map(|i| alloc.ensure(i as u64, prompts[i].len() + 1).unwrap().to_vec()).rev().collect();
+    // Together, in one prefill batch and one decode batch, with other blocks, handed out in the reverse order.
+    let tables: Vec<Vec<u32>> = prompts.iter().rev().map(|p| alloc.table(p.len() + 1)).rev().collect();
     let pre = b
         .forward(&ForwardBatch {
             seqs: prompts.iter().zip(&tables).map(|(p, t)| seq(p, 0, t, LogitsWanted::All)).collect(),
@@ -59,8 +59,7 @@ fn chunked_prefill_equals_one_shot() {
     let mut b = backend();
     let case = ref_cases().into_iter().find(|c| c.name == "long_context").expect("long_context case");
     let p = &case.prompt_ids;
-    let mut alloc = SimpleBlockAllocator::new(128, 16);
-    let table = alloc.ensure(0, p.len()).unwrap().to_vec();
+    let table = BlockTables::new(128, 16).table(p.len());
     let one = b.forward(&ForwardBatch { seqs: vec![seq(p, 0, &table, LogitsWanted::Last)] }).unwrap();
     for chunk in [7, 16, 50] {
         let mut last = None;
@@ -91,37 +90,42 @@ fn bad_batches_get_typed_errors() {
     }
 }
 
+/// Generation on the engine core prefills the prompt in chunks of the step budget; the tokens do not depend on it,
+/// and the request's blocks all come back.
 #[test]
 fn generate_with_chunked_prefill_gives_the_same_tokens() {
-    use ferrite_worker::generate::{GenerateParams, generate};
     let mut b = backend();
     let case = ref_cases().into_iter().find(|c| c.name == "chat_limerick").expect("case");
-    let run = |b: &mut CpuBackend, chunk: usize| {
-        let mut alloc = SimpleBlockAllocator::new(128, 16);
-        let params = GenerateParams { max_tokens: 12, prefill_chunk: chunk, ..Default::default() };
-        let out = generate(b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap();
-        assert_eq!(alloc.num_free(), 128, "generate frees its blocks");
+    let mut run = |chunk: usize| {
+        let out = generate(&mut b, greedy_request(&case.prompt_ids, 12, &[]), chunk).expect("generate");
+        assert_eq!(out.blocks_in_use, 0, "the request's blocks come back");
         out.tokens
     };
-    let one = run(&mut b, 0);
-    assert_eq!(run(&mut b, 5), one);
-    assert_eq!(run(&mut b, 16), one);
+    let one = run(usize::MAX);
+    assert_eq!(one.len(), 12);
+    assert_eq!(run(5), one);
+    assert_eq!(run(16), one);
 }
 
+/// On the engine core, a request the backend rejects fails with the backend's typed error as its message and its
+/// blocks come back; one that can never fit the KV cache, or has no prompt, is refused before it runs.
 #[test]
-fn generate_errors_are_typed_and_free_blocks() {
-    use ferrite_worker::generate::{GenerateError, GenerateParams, generate};
-    let mut b = backend();
-    let mut alloc = SimpleBlockAllocator::new(8, 16);
-    let params = GenerateParams { max_tokens: 4, ..Default::default() };
-    let e = generate(&mut b, &mut alloc, 0, &[1, 2, 60_000], &params, |_| {}).unwrap_err();
-    assert!(matches!(e, GenerateError::Backend(BackendError::InvalidToken { id: 60_000, .. })), "{e}");
-    assert_eq!(generate(&mut b, &mut alloc, 0, &[], &params, |_| {}).unwrap_err(), GenerateError::EmptyPrompt);
-    let hot = GenerateParams { temperature: f32::NAN, ..params.clone() };
-    assert!(matches!(generate(&mut b, &mut alloc, 0, &[1], &hot, |_| {}), Err(GenerateError::BadTemperature(_))));
-    // More tokens than the allocator holds: a typed KV error, not a panic.
-    let long = GenerateParams { max_tokens: 200, ..params };
-    let e = generate(&mut b, &mut alloc, 0, &[1; 100], &long, |_| {}).unwrap_err();
-    assert!(matches!(e, GenerateError::Kv(_)), "{e}");
-    assert_eq!(alloc.num_free(), 8, "every error path frees the sequence's blocks");
+fn generation_errors_are_reported_and_free_blocks() {
+    let model = ModelFiles::open(&default_model()).expect("open default model");
+    let mut b = CpuBackend::load(&model, &CpuOptions { num_kv_blocks: 8, ..CpuOptions::default() }).expect("load");
+    let scheduler = SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs: 4, max_waiting: 4, max_model_len: 2048 };
+    let mut core = EngineCore::new(EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: vec![2] }, &b.info());
+    let refused = |e: AdmissionError| Err(EngineError::Admission(e));
+    assert_eq!(core.add(greedy_request(&[], 4, &[])), refused(AdmissionError::EmptyPrompt));
+    // 7 usable blocks of 16 tokens (block 0 is reserved) cannot hold 100 + 200 tokens.
+    assert_eq!(core.add(greedy_request(&[1; 100], 200, &[])), refused(AdmissionError::TooLarge { needed: 19, capacity: 7 }));
+    core.add(greedy_request(&[1, 2, 60_000], 4, &[])).expect("accepted: the backend checks token ids");
+    let out = core.step(&mut b);
+    let failed = EngineOutput::Failed(BackendError::InvalidToken { seq: 0, id: 60_000, vocab: 49_152 }.to_string());
+    assert!(matches!(&out.outputs[..], [e] if e.output == failed && e.last), "{:?}", out.outputs);
+    assert!(out.fatal.is_none() && core.is_idle());
+    assert_eq!(core.stats().kv.in_use, 0, "the failed request's blocks came back");
+    // A request that needs every usable block runs.
+    let out = generate(&mut b, greedy_request(&[1; 100], 12, &[]), usize::MAX).expect("fits");
+    assert_eq!((out.tokens.len(), out.blocks_in_use), (12, 0));
 }

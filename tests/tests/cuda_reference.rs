@@ -29,12 +29,11 @@ use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cpu::ops::argmax;
-use ferrite_tests::{default_model, ref_cases, ref_logits};
+use ferrite_tests::{BlockTables, default_model, ref_cases, ref_logits};
 use ferrite_worker::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
 use ferrite_worker::tp::group::TpBackend;
 use ferrite_worker::tp::nccl::NcclGroup;
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 
 const BLOCKS: usize = 512;
 
@@ -84,8 +83,7 @@ fn started<B>(f: impl FnOnce(&ModelFiles, &CudaOptions) -> Result<B, ModelError>
 
 /// Logits at every position of `tokens`, in one prefill.
 fn all_logits(b: &mut dyn Backend, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let table = alloc.ensure(0, tokens.len()).unwrap().to_vec();
+    let table = BlockTables::new(BLOCKS, 16).table(tokens.len());
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
     let l = b.forward(&batch).expect("forward");
     l.seq(0).chunks(l.vocab).map(<[f32]>::to_vec).collect()
@@ -123,8 +121,7 @@ fn cuda_rank_fails_promptly_when_its_group_is_aborted() {
         return;
     };
     let tokens: Vec<u32> = (1..20).collect();
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let table = alloc.ensure(0, tokens.len()).unwrap().to_vec();
+    let table = BlockTables::new(BLOCKS, 16).table(tokens.len());
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
     b.forward_greedy(&batch).expect("a healthy group runs");
     group.expect("NCCL").abort("injected by the test");
@@ -206,11 +203,10 @@ fn check_against_reference(b: &mut dyn Backend) {
         // Decode (prefill, then one-token steps with the argmax on the device, graph replays where graphs are on),
         // fed the reference's tokens: the device's argmax is the reference's at every compared step, and while
         // every step so far was compared (our own tokens would have been the reference's), the run is free-running.
-        let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
+        let table = BlockTables::new(BLOCKS, 16).table(case.prompt_ids.len() + case.greedy_ids.len());
         let mut tokens = case.prompt_ids.clone();
         let mut start = 0;
         for (i, &want_id) in case.greedy_ids.iter().enumerate() {
-            let table = alloc.ensure(1, tokens.len()).unwrap().to_vec();
             let batch = ForwardBatch {
                 seqs: vec![SeqInput { tokens: &tokens[start..], start_pos: start, block_table: &table, logits: LogitsWanted::Last }],
             };
@@ -231,8 +227,8 @@ fn check_against_reference(b: &mut dyn Backend) {
 fn cuda_batched_prefill_matches_single() {
     let Some(mut b) = backend() else { return };
     let cases = ref_cases();
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let tables: Vec<Vec<u32>> = cases.iter().enumerate().map(|(i, c)| alloc.ensure(i as u64, c.prompt_ids.len()).unwrap().to_vec()).collect();
+    let mut alloc = BlockTables::new(BLOCKS, 16);
+    let tables: Vec<Vec<u32>> = cases.iter().map(|c| alloc.table(c.prompt_ids.len())).collect();
     let batch = ForwardBatch {
         seqs: cases
             .iter()
@@ -263,11 +259,11 @@ fn cuda_batched_prefill_matches_single() {
 /// graph replay when graphs are on): each sequence's logits.
 fn three_sequence_decode(b: &mut CudaBackend) -> Vec<Vec<f32>> {
     let cases = ref_cases();
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
+    let mut alloc = BlockTables::new(BLOCKS, 16);
     let prompts: Vec<&[u32]> = cases.iter().take(3).map(|c| c.prompt_ids.as_slice()).collect();
     let mut tables = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let t = alloc.ensure(i as u64, p.len() + 1).unwrap().to_vec();
+    for p in &prompts {
+        let t = alloc.table(p.len() + 1);
         let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &p[..p.len() - 1], start_pos: 0, block_table: &t, logits: LogitsWanted::None }] };
         b.forward(&batch).expect("prefill");
         tables.push(t);

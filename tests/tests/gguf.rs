@@ -8,10 +8,9 @@ use ferrite_common::dtype::GgmlType;
 use ferrite_common::error::ModelError;
 use ferrite_common::gguf::writer::{Meta, TensorIn, to_bytes};
 use ferrite_common::model::ModelFiles;
-use ferrite_tests::{default_model, tiny};
+use ferrite_tests::{BlockTables, default_model, tiny};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 
 const H: usize = tiny::HIDDEN;
 const HD: usize = tiny::HEAD_DIM;
@@ -96,8 +95,7 @@ fn logits(model: &Path) -> Vec<f32> {
     let m = ModelFiles::open(model).unwrap();
     let mut b = CpuBackend::load(&m, &CpuOptions { num_kv_blocks: 4, ..CpuOptions::default() }).unwrap();
     let prompt = [5u32, 77, 3, 120, 9, 9, 41, 0, 2, 64, 31, 100];
-    let mut alloc = SimpleBlockAllocator::new(4, 16);
-    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let table = BlockTables::new(4, 16).table(prompt.len());
     let batch = ForwardBatch {
         seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::All }],
     };

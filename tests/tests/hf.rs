@@ -8,13 +8,11 @@ use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_tests::tiny::{self, write_hf as write_tiny, write_safetensors};
-use ferrite_tests::{default_model, ref_cases, reference};
+use ferrite_tests::{BlockTables, default_model, greedy, ref_cases, reference};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::export::{ExportDtype, export_hf};
-use ferrite_worker::generate::{GenerateParams, generate};
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 use serde_json::json;
 
 fn export(dtype: ExportDtype) -> tempfile::TempDir {
@@ -26,8 +24,7 @@ fn export(dtype: ExportDtype) -> tempfile::TempDir {
 }
 
 fn last_logits(b: &mut CpuBackend, prompt: &[u32]) -> Vec<f32> {
-    let mut alloc = SimpleBlockAllocator::new(64, 16);
-    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let table = BlockTables::new(64, 16).table(prompt.len());
     let batch = ForwardBatch {
         seqs: vec![SeqInput { tokens: prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
     };
@@ -55,9 +52,7 @@ fn exported_hf_directory_matches_gguf_greedy_and_text() {
     let opts = CpuOptions { precision: WeightPrecision::F32, num_kv_blocks: 64, ..CpuOptions::default() };
     let mut b = CpuBackend::load(&hf, &opts).unwrap();
     for case in ref_cases() {
-        let mut alloc = SimpleBlockAllocator::new(64, 16);
-        let params = GenerateParams { max_tokens: case.greedy_ids.len(), stop_token_ids: vec![2], ..Default::default() };
-        let got = generate(&mut b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap().tokens;
+        let got = greedy(&mut b, &case.prompt_ids, case.greedy_ids.len(), &[2]);
         assert_eq!(got, case.greedy_ids, "{}: HF-path greedy tokens", case.name);
     }
 }
@@ -96,8 +91,7 @@ fn bf16_export_loads_and_stays_close() {
         // reference's wherever its margin exceeds twice that.
         let mut forced = case.prompt_ids.clone();
         forced.extend(&case.greedy_ids);
-        let mut alloc = SimpleBlockAllocator::new(64, 16);
-        let table = alloc.ensure(0, forced.len()).unwrap().to_vec();
+        let table = BlockTables::new(64, 16).table(forced.len());
         let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &forced, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
         let all = b.forward(&batch).unwrap();
         let rows: Vec<&[f32]> = all.seq(0).chunks(all.vocab).skip(case.prompt_ids.len() - 1).collect();
@@ -114,9 +108,7 @@ fn bf16_export_loads_and_stays_close() {
 
         // Free-running greedy generation: the reference's tokens, up to a tie.
         let n = case.margins.iter().position(|&m| m < TIE).unwrap_or(case.greedy_ids.len());
-        let mut alloc = SimpleBlockAllocator::new(64, 16);
-        let params = GenerateParams { max_tokens: case.greedy_ids.len(), stop_token_ids: vec![2], ..Default::default() };
-        let tokens = generate(&mut b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap().tokens;
+        let tokens = greedy(&mut b, &case.prompt_ids, case.greedy_ids.len(), &[2]);
         assert_eq!(tokens.get(..n), Some(&case.greedy_ids[..n]), "{}: greedy tokens (compared up to step {n})", case.name);
         if n == case.greedy_ids.len() {
             assert_eq!(tokens.len(), n, "{}: greedy tokens", case.name);

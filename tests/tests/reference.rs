@@ -6,12 +6,11 @@
 //!   [`quantized_path_stays_within_bound`].
 
 use ferrite_common::model::ModelFiles;
-use ferrite_tests::{RefCase, default_model, ref_cases, ref_logits};
+use ferrite_tests::{BlockTables, RefCase, default_model, ref_cases, ref_logits};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
-use ferrite_worker::generate::{GenerateParams, argmax, generate};
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
+use ferrite_worker::engine::sampler::argmax;
 
 const EOS: u32 = 2;
 
@@ -22,8 +21,7 @@ fn backend(precision: WeightPrecision) -> CpuBackend {
 
 /// Logits at every position of `tokens` (teacher forcing), in one prefill.
 fn all_logits(b: &mut CpuBackend, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut alloc = SimpleBlockAllocator::new(64, 16);
-    let table = alloc.ensure(0, tokens.len()).unwrap().to_vec();
+    let table = BlockTables::new(64, 16).table(tokens.len());
     let batch =
         ForwardBatch { seqs: vec![SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
     let l = b.forward(&batch).unwrap();
@@ -38,10 +36,9 @@ fn max_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
+/// Free-running greedy generation on the engine core (prefill, then one-token decode steps).
 fn greedy(b: &mut CpuBackend, case: &RefCase) -> Vec<u32> {
-    let mut alloc = SimpleBlockAllocator::new(64, 16);
-    let params = GenerateParams { max_tokens: case.greedy_ids.len(), stop_token_ids: vec![EOS], ..Default::default() };
-    generate(b, &mut alloc, 0, &case.prompt_ids, &params, |_| {}).unwrap().tokens
+    ferrite_tests::greedy(b, &case.prompt_ids, case.greedy_ids.len(), &[EOS])
 }
 
 #[test]

@@ -11,12 +11,10 @@ use std::time::{Duration, Instant};
 
 use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
-use ferrite_tests::{default_model, ref_cases, tiny};
+use ferrite_tests::{BlockTables, default_model, ref_cases, tiny};
 use ferrite_worker::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
-use ferrite_worker::generate::{GenerateParams, generate};
-use ferrite_worker::kv::{BlockAllocator, SimpleBlockAllocator};
 use ferrite_worker::tp::comm::{CommError, Communicator, CpuComm, CpuGroup};
 use ferrite_worker::tp::group::TpBackend;
 
@@ -33,16 +31,14 @@ fn tp_backend(model: &ModelFiles, tp: usize, precision: WeightPrecision) -> TpBa
 
 /// Logits at every position of `tokens`, in one prefill.
 fn all_logits(b: &mut dyn Backend, tokens: &[u32]) -> Vec<f32> {
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let table = alloc.ensure(0, tokens.len()).unwrap().to_vec();
+    let table = BlockTables::new(BLOCKS, 16).table(tokens.len());
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
     b.forward(&batch).expect("forward").data
 }
 
+/// `n` greedy tokens on the engine core.
 fn greedy(b: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let params = GenerateParams { max_tokens: n, stop_token_ids: vec![], ..Default::default() };
-    generate(b, &mut alloc, 0, prompt, &params, |_| {}).expect("generate").tokens
+    ferrite_tests::greedy(b, prompt, n, &[])
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
@@ -179,8 +175,7 @@ fn a_failing_rank_fails_the_step_without_deadlock() {
     let (_dir, mut b) = faulty_tp2(false, Duration::from_secs(60));
     let t = Instant::now();
     let prompt: Vec<u32> = (1..20).collect();
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let table = BlockTables::new(BLOCKS, 16).table(prompt.len());
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
     let err = b.forward(&batch).expect_err("the step must fail");
     assert!(matches!(&err, BackendError::Collective(m) if m.contains("injected failure")), "{err}");
@@ -197,8 +192,7 @@ fn a_stuck_rank_times_out_the_step_and_fails_the_group() {
     // The in-process collectives would wait a minute; the group's step timeout is 2 s.
     let (_dir, mut b) = faulty_tp2(true, Duration::from_secs(2));
     let prompt: Vec<u32> = (1..20).collect();
-    let mut alloc = SimpleBlockAllocator::new(BLOCKS, 16);
-    let table = alloc.ensure(0, prompt.len()).unwrap().to_vec();
+    let table = BlockTables::new(BLOCKS, 16).table(prompt.len());
     let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
     let t = Instant::now();
     let err = b.forward(&batch).expect_err("the step must fail");

@@ -78,7 +78,7 @@ mod tests {
         let mut b = InstantBackend::new(cfg, 4, 16);
         let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &[3, 9], start_pos: 0, block_table: &[1], logits: LogitsWanted::All }] };
         let l = b.forward(&batch).unwrap();
-        assert_eq!(crate::generate::argmax(&l.seq(0)[..10]), 4);
-        assert_eq!(crate::generate::argmax(&l.seq(0)[10..]), 0);
+        assert_eq!(ferrite_kernels::cpu::ops::argmax(&l.seq(0)[..10]), 4);
+        assert_eq!(ferrite_kernels::cpu::ops::argmax(&l.seq(0)[10..]), 0);
     }
 }

@@ -10,7 +10,7 @@ pub use crate::config::{BackendKind, CudaAttention, WorkerConfig, WorkerError};
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::engine::core::{Engine, EngineConfig, EngineHandle};
 use crate::engine::scheduler::SchedulerConfig;
-use crate::kv::DEFAULT_BLOCK_SIZE;
+use crate::backend::DEFAULT_BLOCK_SIZE;
 use crate::service::{ModelInfo, WorkerService};
 
 /// A loaded worker, ready to serve.

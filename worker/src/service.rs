@@ -137,6 +137,12 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
                 let msg = format!("`max_new_tokens` (with the prompt) is too large for this worker: {e}");
                 return Err(rejection_status(RejectKind::ContextLength, "max_new_tokens", msg));
             }
+            EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::PromptTooLong { .. })) => {
+                return Err(rejection_status(RejectKind::ContextLength, "prompt_ids", e.to_string()));
+            }
+            EngineOutput::Rejected(EngineError::Admission(e @ AdmissionError::EmptyPrompt)) => {
+                return Err(rejection_status(RejectKind::InvalidArgument, "prompt_ids", e.to_string()));
+            }
             EngineOutput::Rejected(e @ EngineError::DuplicateId(_)) => return Err(Status::already_exists(e.to_string())),
             EngineOutput::Rejected(e @ EngineError::ShutDown) => return Err(Status::unavailable(e.to_string())),
             EngineOutput::Failed(msg) => return Err(Status::internal(format!("generation failed: {msg}"))),

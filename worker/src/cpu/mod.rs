@@ -34,7 +34,7 @@ pub struct CpuOptions {
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        Self { precision: WeightPrecision::Native, threads: 0, num_kv_blocks: 256, block_size: crate::kv::DEFAULT_BLOCK_SIZE }
+        Self { precision: WeightPrecision::Native, threads: 0, num_kv_blocks: 256, block_size: crate::backend::DEFAULT_BLOCK_SIZE }
     }
 }
 

@@ -93,7 +93,7 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::kv::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, gemm_search: true, attention: CudaAttention::Auto, kernel_cache: None }
+        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::backend::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, gemm_search: true, attention: CudaAttention::Auto, kernel_cache: None }
     }
 }
 

@@ -9,12 +9,12 @@
 //!   de-duplication, so block tables stay append-only, as in vLLM).
 //! - Block 0 is reserved (health checks and padding) and never handed out.
 //!
-//! Invariant (checked by [`BlockPool::check_invariants`] in tests): `free_uncached + cached_free + in_use == total`.
+//! Invariant (checked by `BlockPool::check_invariants` in tests): `free_uncached + cached_free + in_use == total`.
 
 use std::collections::HashMap;
 
 /// A physical KV block id.
-pub type BlockId = u32;
+pub(crate) type BlockId = u32;
 
 const NIL: u32 = u32::MAX;
 
@@ -43,14 +43,14 @@ pub struct PoolUsage {
 /// Returned by [`BlockPool::allocate`] when too few blocks are free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("out of KV blocks: {needed} needed, {free} free")]
-pub struct OutOfBlocks {
-    pub needed: usize,
-    pub free: usize,
+pub(crate) struct OutOfBlocks {
+    pub(crate) needed: usize,
+    pub(crate) free: usize,
 }
 
 /// The pool. Single-threaded: owned by the engine thread.
 #[derive(Debug)]
-pub struct BlockPool {
+pub(crate) struct BlockPool {
     block_size: usize,
     blocks: Vec<Block>,
     /// LRU free list: head is evicted first.
@@ -59,13 +59,13 @@ pub struct BlockPool {
     num_free: usize,
     index: HashMap<u64, BlockId>,
     /// Prefix-cache lookups and hits, in blocks.
-    pub queries: u64,
-    pub hits: u64,
+    pub(crate) queries: u64,
+    pub(crate) hits: u64,
 }
 
 impl BlockPool {
     /// A pool of `num_blocks` blocks (block 0 reserved) of `block_size` tokens.
-    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+    pub(crate) fn new(num_blocks: usize, block_size: usize) -> Self {
         let blocks = (0..num_blocks)
             .map(|_| Block { ref_cnt: 0, hash: None, tokens: Vec::new(), prev: NIL, next: NIL, in_free_list: false })
             .collect();
@@ -76,17 +76,18 @@ impl BlockPool {
         pool
     }
 
-    pub fn block_size(&self) -> usize {
+    pub(crate) fn block_size(&self) -> usize {
         self.block_size
     }
 
     /// Blocks that can be allocated now (free, cached or not).
-    pub fn num_free(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn num_free(&self) -> usize {
         self.num_free
     }
 
     /// Usable blocks in total.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.blocks.len().saturating_sub(1)
     }
 
@@ -126,7 +127,7 @@ impl BlockPool {
     }
 
     /// Takes `n` blocks from the LRU head (evicting cached ones). All or nothing.
-    pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, OutOfBlocks> {
+    pub(crate) fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, OutOfBlocks> {
         if n > self.num_free {
             return Err(OutOfBlocks { needed: n, free: self.num_free });
         }
@@ -152,7 +153,7 @@ impl BlockPool {
     }
 
     /// Looks up a full block by hash and verifies its tokens. On a hit the block gains a reference.
-    pub fn lookup_and_touch(&mut self, hash: u64, tokens: &[u32]) -> Option<BlockId> {
+    pub(crate) fn lookup_and_touch(&mut self, hash: u64, tokens: &[u32]) -> Option<BlockId> {
         self.queries += 1;
         let id = *self.index.get(&hash)?;
         if self.blocks[id as usize].tokens != tokens {
@@ -167,7 +168,7 @@ impl BlockPool {
     }
 
     /// Marks a block the caller owns as full with `tokens` under `hash`, making it findable.
-    pub fn register(&mut self, id: BlockId, hash: u64, tokens: &[u32]) {
+    pub(crate) fn register(&mut self, id: BlockId, hash: u64, tokens: &[u32]) {
         debug_assert_eq!(tokens.len(), self.block_size);
         let b = &mut self.blocks[id as usize];
         if b.hash.is_some() {
@@ -180,7 +181,7 @@ impl BlockPool {
 
     /// Drops one reference to each block, in the given order: callers pass a sequence's blocks last-first so the
     /// tail of a prompt is evicted before its head.
-    pub fn free(&mut self, ids: impl IntoIterator<Item = BlockId>) {
+    pub(crate) fn free(&mut self, ids: impl IntoIterator<Item = BlockId>) {
         for id in ids {
             let b = &mut self.blocks[id as usize];
             debug_assert!(b.ref_cnt > 0, "double free of block {id}");
@@ -194,7 +195,7 @@ impl BlockPool {
         }
     }
 
-    pub fn usage(&self) -> PoolUsage {
+    pub(crate) fn usage(&self) -> PoolUsage {
         let mut u = PoolUsage { total: self.capacity(), ..Default::default() };
         for b in &self.blocks[1..] {
             if b.in_free_list {
@@ -210,8 +211,9 @@ impl BlockPool {
         u
     }
 
-    /// Asserts the pool's bookkeeping (tests and debug builds).
-    pub fn check_invariants(&self) {
+    /// Asserts the pool's bookkeeping (tests).
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
         let u = self.usage();
         assert_eq!(u.free_uncached + u.cached_free + u.in_use, u.total);
         assert_eq!(u.free_uncached + u.cached_free, self.num_free);

@@ -1,7 +1,17 @@
-//! The serving engine: paged KV with prefix caching ([`block_pool`]), continuous batching ([`scheduler`]),
-//! sampling ([`sampler`]), and the engine thread that drives a [`crate::backend::Backend`].
+//! The serving engine (vLLM v1 design), token ids in and out.
+//!
+//! - `block_pool`: KV blocks with reference counts, the prefix-cache hash index and the LRU free list.
+//! - [`scheduler`]: the continuous-batching planner (token budget, chunked prefill, prefix hits, preemption by
+//!   recompute, admission control); it owns every sequence, with the engine's per-sequence state as payload.
+//! - [`sampler`]: per-sequence sampling state (seed, draw counter, penalties, logprobs).
+//! - [`step`]: [`step::EngineCore`], the sans-IO engine: add / abort / step over a lent backend, outputs as data.
+//! - [`core`]: the engine thread around the core ([`core::Engine::spawn`], [`core::EngineHandle`]): channels,
+//!   disconnect reaping, stats, the fatal-error watch.
+//!
+//! Dependencies run one way: `block_pool` ← `scheduler` ← `step` (with `sampler`) ← `core`.
 
-pub mod block_pool;
+pub(crate) mod block_pool;
 pub mod core;
 pub mod sampler;
 pub mod scheduler;
+pub mod step;

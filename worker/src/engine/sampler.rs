@@ -84,7 +84,7 @@ impl Sampler {
 
     /// Whether the next token is plain argmax of the raw logits (greedy, no bias, no penalties, no logprobs, past
     /// `min_tokens`), so the backend may take it where the logits are ([`crate::backend::Backend::forward_greedy`]).
-    pub fn is_plain_greedy(&self, num_generated: usize) -> bool {
+    pub(crate) fn is_plain_greedy(&self, num_generated: usize) -> bool {
         let p = &self.params;
         p.temperature < GREEDY_BELOW
             && !self.logprobs
@@ -97,7 +97,7 @@ impl Sampler {
 
     /// Whether the next token needs the logits on the host (logprobs); otherwise the backend may sample it
     /// ([`crate::backend::Backend::forward_sample`]).
-    pub fn needs_logits(&self) -> bool {
+    pub(crate) fn needs_logits(&self) -> bool {
         self.logprobs
     }
 
@@ -141,7 +141,7 @@ impl Sampler {
 
     /// Picks the next token from the raw logits of the last position (`logits` is scratch and gets modified).
     /// `num_generated` is the number of tokens this sequence has generated so far.
-    pub fn sample(&mut self, logits: &mut [f32], num_generated: usize) -> (u32, Option<TokenLogprob>) {
+    pub(crate) fn sample(&mut self, logits: &mut [f32], num_generated: usize) -> (u32, Option<TokenLogprob>) {
         // Raw logprobs need the unprocessed logit of the token chosen later, so keep a copy only when asked.
         let lse = if self.logprobs {
             self.raw.clear();

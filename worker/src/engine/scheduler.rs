@@ -1,14 +1,21 @@
 //! The continuous-batching scheduler (vLLM v1 style): a pure state machine with no IO.
 //!
 //! Every sequence has `tokens` (prompt + generated) and `num_computed` (tokens whose KV is in the cache); a step
-//! lets `num_computed` catch up under a token budget. [`Scheduler::schedule`] visits **running** sequences first
+//! lets `num_computed` catch up under a token budget. `Scheduler::schedule` visits **running** sequences first
 //! (decode = 1 token, an unfinished prefill = a chunk), then admits **waiting** ones (prefix-cache hits first, so
 //! their cached blocks are skipped; never the whole prompt, so at least one token is computed and logits exist).
 //! When blocks run out, the newest running sequence is **preempted by recompute**: its blocks are freed (full ones
 //! stay in the prefix cache), `num_computed` resets to 0, and it goes to the front of the queue.
 //!
-//! Blocks are held by [`BlockTable`]s, which return them to the pool when dropped: a sequence that is removed for any
+//! Blocks are held by `BlockTable`s, which return them to the pool when dropped: a sequence that is removed for any
 //! reason cannot leak KV blocks.
+//!
+//! **The scheduler owns every sequence.** Its table (`Scheduler::seqs`) is the only place a sequence lives: the
+//! scheduling state above plus an opaque payload `M` that the caller attaches at `Scheduler::add` (the engine core
+//! puts its sampler, request id, completion index, limits and stop rules there, `super::step::SeqMeta`). So there is
+//! one exit path, `Scheduler::remove`, which hands the whole sequence back (payload and blocks) and cannot leave a
+//! second copy behind. The payload is generic, so the scheduler knows nothing of sampling and its own tests need no
+//! sampler.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -19,7 +26,7 @@ use ferrite_common::hash::BlockHasher;
 use super::block_pool::{BlockId, BlockPool, PoolUsage};
 
 /// Engine-internal id of one sequence (one of the `n` completions of a request).
-pub type SeqId = u64;
+pub(crate) type SeqId = u64;
 
 /// Scheduler limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,11 +48,18 @@ pub enum AdmissionError {
     Overloaded { waiting: usize, limit: usize },
     #[error("the request needs {needed} KV blocks but the worker has only {capacity}")]
     TooLarge { needed: usize, capacity: usize },
+    /// The prompt leaves no room in the context for a generated token (the gRPC service rejects this earlier,
+    /// naming the field; the engine core refuses it for its direct callers).
+    #[error("the prompt has {prompt} tokens; the context holds {max_model_len}, so nothing could be generated")]
+    PromptTooLong { prompt: usize, max_model_len: usize },
+    /// An empty prompt has no last token to take logits from (the service rejects it earlier too).
+    #[error("the prompt is empty")]
+    EmptyPrompt,
 }
 
 /// A sequence's KV blocks; dropping it returns them to the pool (tail first).
 #[derive(Debug)]
-pub struct BlockTable {
+pub(crate) struct BlockTable {
     pool: Rc<RefCell<BlockPool>>,
     ids: Vec<BlockId>,
 }
@@ -55,7 +69,7 @@ impl BlockTable {
         Self { pool: Rc::clone(pool), ids: Vec::new() }
     }
 
-    pub fn ids(&self) -> &[BlockId] {
+    pub(crate) fn ids(&self) -> &[BlockId] {
         &self.ids
     }
 }
@@ -66,17 +80,17 @@ impl Drop for BlockTable {
     }
 }
 
-/// One sequence.
+/// One sequence: the scheduling state (read-only outside this module, so a caller holding `&mut Sequence` can change
+/// only its payload) and the caller's payload `meta`.
 #[derive(Debug)]
-pub struct Sequence {
-    pub id: SeqId,
+pub(crate) struct Sequence<M> {
     /// Prompt followed by generated tokens.
-    pub tokens: Vec<u32>,
-    pub prompt_len: usize,
-    pub num_computed: usize,
-    pub blocks: BlockTable,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    num_computed: usize,
+    blocks: BlockTable,
     /// Prompt tokens served from the prefix cache at first admission.
-    pub cached_prompt_tokens: usize,
+    cached_prompt_tokens: usize,
     /// Hash of the chain before the first block (from the cache salt).
     root_hash: u64,
     /// Hashes of full blocks of `tokens`, computed lazily.
@@ -85,42 +99,63 @@ pub struct Sequence {
     num_registered: usize,
     /// Not schedulable until this sequence has computed its prompt (n > 1 copies wait for the first, then hit its
     /// cached prompt blocks).
-    pub wait_for: Option<SeqId>,
+    wait_for: Option<SeqId>,
     admitted_once: bool,
+    /// The caller's per-sequence state.
+    pub(crate) meta: M,
 }
 
-impl Sequence {
-    pub fn num_generated(&self) -> usize {
+impl<M> Sequence<M> {
+    /// Prompt followed by generated tokens.
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    pub(crate) fn num_generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// The physical KV blocks, in position order.
+    pub(crate) fn block_ids(&self) -> &[BlockId] {
+        self.blocks.ids()
+    }
+
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub(crate) fn cached_prompt_tokens(&self) -> usize {
+        self.cached_prompt_tokens
     }
 }
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Scheduled {
-    pub id: SeqId,
+pub(crate) struct Scheduled {
+    pub(crate) id: SeqId,
     /// Position of the first new token (= tokens already in the cache).
-    pub start: usize,
-    pub num_tokens: usize,
+    pub(crate) start: usize,
+    pub(crate) num_tokens: usize,
     /// True when this step computes the sequence's last known token, so its logits give the next one.
-    pub sample: bool,
+    pub(crate) sample: bool,
 }
 
-/// The scheduler.
+/// The scheduler, and the owner of every sequence (with its payload `M`).
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler<M> {
     cfg: SchedulerConfig,
     pool: Rc<RefCell<BlockPool>>,
     hasher: BlockHasher,
-    seqs: HashMap<SeqId, Sequence>,
+    seqs: HashMap<SeqId, Sequence<M>>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     /// Sequences preempted so far.
-    pub preemptions: u64,
+    preemptions: u64,
 }
 
-impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, pool: BlockPool, hasher: BlockHasher) -> Self {
+impl<M> Scheduler<M> {
+    pub(crate) fn new(cfg: SchedulerConfig, pool: BlockPool, hasher: BlockHasher) -> Self {
         debug_assert_eq!(pool.block_size(), hasher.block_size());
         Self {
             cfg,
@@ -133,12 +168,31 @@ impl Scheduler {
         }
     }
 
-    pub fn block_size(&self) -> usize {
+    pub(crate) fn block_size(&self) -> usize {
         self.hasher.block_size()
     }
 
-    /// Queues a new sequence. `max_len` bounds prompt + generation (used to reject what can never fit).
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_len: usize, cache_salt: &[u8], wait_for: Option<SeqId>) -> Result<(), AdmissionError> {
+    pub(crate) fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues a new sequence carrying `meta`. `max_len` bounds prompt + generation (used to reject what can never
+    /// fit).
+    pub(crate) fn add(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_len: usize,
+        cache_salt: &[u8],
+        wait_for: Option<SeqId>,
+        meta: M,
+    ) -> Result<(), AdmissionError> {
+        if prompt.is_empty() {
+            return Err(AdmissionError::EmptyPrompt);
+        }
+        if prompt.len() >= self.cfg.max_model_len {
+            return Err(AdmissionError::PromptTooLong { prompt: prompt.len(), max_model_len: self.cfg.max_model_len });
+        }
         let needed = max_len.min(self.cfg.max_model_len).div_ceil(self.block_size());
         let capacity = self.pool.borrow().capacity();
         if needed > capacity {
@@ -148,7 +202,6 @@ impl Scheduler {
             return Err(AdmissionError::Overloaded { waiting: self.waiting.len(), limit: self.cfg.max_waiting });
         }
         let seq = Sequence {
-            id,
             prompt_len: prompt.len(),
             tokens: prompt,
             num_computed: 0,
@@ -159,25 +212,32 @@ impl Scheduler {
             num_registered: 0,
             wait_for,
             admitted_once: false,
+            meta,
         };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
         Ok(())
     }
 
-    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+    pub(crate) fn get(&self, id: SeqId) -> Option<&Sequence<M>> {
         self.seqs.get(&id)
     }
 
+    /// The sequence, mutable only in its payload (its scheduling fields are private to this module).
+    pub(crate) fn get_mut(&mut self, id: SeqId) -> Option<&mut Sequence<M>> {
+        self.seqs.get_mut(&id)
+    }
+
     /// Appends a sampled token to a sequence.
-    pub fn append_token(&mut self, id: SeqId, token: u32) {
+    pub(crate) fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.tokens.push(token);
         }
     }
 
-    /// Removes a sequence (finished or aborted); its blocks go back to the pool now.
-    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+    /// Removes a sequence (finished, aborted or failed) and hands it back; its blocks go back to the pool when the
+    /// returned sequence is dropped (at once, unless the caller keeps it).
+    pub(crate) fn remove(&mut self, id: SeqId) -> Option<Sequence<M>> {
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
         let seq = self.seqs.remove(&id);
@@ -190,34 +250,35 @@ impl Scheduler {
         seq
     }
 
-    pub fn num_running(&self) -> usize {
+    pub(crate) fn num_running(&self) -> usize {
         self.running.len()
     }
 
-    pub fn num_waiting(&self) -> usize {
+    pub(crate) fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
 
-    /// Prompt tokens of waiting sequences not yet computed (for load reports).
-    pub fn waiting_tokens(&self) -> usize {
-        self.waiting.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.tokens.len() - s.num_computed).sum()
-    }
-
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.seqs.is_empty()
     }
 
-    pub fn usage(&self) -> PoolUsage {
+    pub(crate) fn usage(&self) -> PoolUsage {
         self.pool.borrow().usage()
     }
 
+    /// Sequences preempted so far.
+    pub(crate) fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
     /// Prefix-cache (queries, hits) in blocks.
-    pub fn prefix_stats(&self) -> (u64, u64) {
+    pub(crate) fn prefix_stats(&self) -> (u64, u64) {
         let p = self.pool.borrow();
         (p.queries, p.hits)
     }
 
-    pub fn check_invariants(&self) {
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
         self.pool.borrow().check_invariants();
         let held: usize = self.seqs.values().map(|s| s.blocks.ids.len()).sum();
         assert!(held >= self.usage().in_use, "every in-use block is held by a sequence");
@@ -275,7 +336,7 @@ impl Scheduler {
     }
 
     /// Plans the next step.
-    pub fn schedule(&mut self) -> Vec<Scheduled> {
+    pub(crate) fn schedule(&mut self) -> Vec<Scheduled> {
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut plan = Vec::new();
         let mut preempted = false;
@@ -337,7 +398,7 @@ impl Scheduler {
     }
 
     /// Records that a planned step ran: advances `num_computed` and registers blocks that became full.
-    pub fn complete(&mut self, plan: &[Scheduled]) {
+    pub(crate) fn complete(&mut self, plan: &[Scheduled]) {
         let bs = self.block_size();
         let hasher = self.hasher;
         for s in plan {
@@ -357,7 +418,7 @@ impl Scheduler {
 }
 
 /// Extends `seq.hashes` to cover every full block of its tokens.
-fn ensure_hashes(hasher: &BlockHasher, seq: &mut Sequence) {
+fn ensure_hashes<M>(hasher: &BlockHasher, seq: &mut Sequence<M>) {
     let bs = hasher.block_size();
     let full = seq.tokens.len() / bs;
     while seq.hashes.len() < full {

@@ -1,0 +1,488 @@
+//! The engine core: the serving engine's logic as a sans-IO state machine, with no channels, threads or clocks.
+//!
+//! [`EngineCore`] takes requests ([`EngineCore::add`]), aborts them or one of their `n` completions
+//! ([`EngineCore::abort`]), and runs one batched step at a time over a backend the caller lends it
+//! ([`EngineCore::step`]). Everything it has to say comes back as plain data: each step returns a [`StepOutput`]
+//! whose outputs ([`Emitted`]: a request id, an [`EngineOutput`], and whether it is the request's last) the caller
+//! delivers however it likes. The engine thread ([`super::core`]) delivers them to per-request channels;
+//! `ferrite generate`, the benchmarks and tests drive a core in a loop on their own thread.
+//!
+//! **Who owns what.** Each sequence (one of a request's `n` completions) lives in exactly one place, the scheduler's
+//! table: the scheduler holds its scheduling state (tokens, KV blocks, progress) and carries the core's per-sequence
+//! state as its payload, `SeqMeta` (request id, completion index, sampler, token limit, stop rules). Scheduling
+//! needs to see and drop whole sequences (admission, preemption, removal), so the scheduler is the natural owner;
+//! the core only indexes which sequences make up a request (`requests`, id lists, no state), which abort and "is the
+//! request over?" need. A sequence leaves through `EngineCore::remove_seq` only, which removes it from the
+//! scheduler (its blocks return to the pool at once) and from the index.
+//!
+//! **A step.** Plan (the scheduler picks a budget of tokens: running sequences first, then admissions, preempting
+//! when blocks run out) → choose the backend call → run it → record the computed tokens (newly full blocks enter the
+//! prefix cache) → for each sequence that got logits: its next token (from the backend, or the host sampler), then
+//! the stop rules. The backend call is one of three, chosen for the whole step:
+//! - `forward_greedy` when every sampling sequence is plain greedy (`Sampler::is_plain_greedy`): the backend takes
+//!   the argmax where the logits are (on a GPU only ids cross PCIe);
+//! - `forward_sample` when none needs its logits on the host (no logprobs): the backend draws with the sequences'
+//!   [`crate::backend::RowSampling`]s, the same algorithm and uniforms as the host sampler;
+//! - `forward` otherwise, then the host sampler (`Sampler::sample`, which also computes logprobs).
+//!
+//! A failed step fails the requests in it (nothing was written to the KV cache); a fatal backend error
+//! ([`BackendError::is_fatal`]) fails every request held and the caller is expected to stop.
+//!
+//! Determinism: the core draws no randomness. A request without a seed samples with seed 0 here; the engine thread
+//! draws a random seed for such requests before it adds them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferrite_common::hash::BlockHasher;
+use ferrite_common::sampling::{SamplingParams, StoppingParams};
+
+use super::block_pool::BlockPool;
+pub use super::block_pool::PoolUsage;
+use super::sampler::{Sampler, TokenLogprob};
+use super::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
+use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, SeqInput};
+
+/// A validated generation request (token ids in).
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingParams,
+    /// Completions; they share the prompt's cached blocks.
+    pub n: u32,
+    pub cache_salt: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+}
+
+/// What the engine streams back for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineOutput {
+    Tokens { index: u32, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, cached_prompt_tokens: u32 },
+    Finished { index: u32, reason: FinishReason, matched_stop: Option<u32>, prompt_tokens: u32, completion_tokens: u32, cached_tokens: u32 },
+    /// The request was not run (nothing was generated).
+    Rejected(EngineError),
+    /// The step failed after the request started; the request is over.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error("request id `{0}` is already running")]
+    DuplicateId(String),
+    #[error("the engine has shut down")]
+    ShutDown,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    pub model_fingerprint: [u8; 16],
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// One output of the core, for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    pub request_id: Arc<str>,
+    pub output: EngineOutput,
+    /// The request is over after this output (its last completion finished, it was aborted, or it failed): the core
+    /// no longer knows it, and the caller may drop whatever it keeps for it.
+    pub last: bool,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    /// Every output since the previous step (a step also hands over what aborts emitted in between), in order.
+    pub outputs: Vec<Emitted>,
+    /// Tokens the step computed; 0 when nothing could be scheduled (the core is idle, or waits for a change).
+    pub num_tokens: usize,
+    /// A fatal backend error: every request has been failed, the core holds nothing, and the caller should stop.
+    pub fatal: Option<BackendError>,
+}
+
+/// Counters and gauges of a core, as plain numbers (the engine thread copies them into its atomic stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv: PoolUsage,
+    /// Prefix-cache lookups and hits, in blocks.
+    pub prefix_queries: u64,
+    pub prefix_hits: u64,
+    /// Prompt tokens served from the prefix cache, counted when a sequence finishes (or one completion is aborted).
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
+    /// Abort calls that found their request (or completion).
+    pub aborts: u64,
+    /// Steps that ran a forward pass (failed ones included).
+    pub steps: u64,
+    /// Tokens computed by the last step that ran a forward pass.
+    pub batch_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+/// The core's own counters (see [`CoreStats`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    prefix_hit_tokens: u64,
+    aborts: u64,
+    steps: u64,
+    batch_tokens: u64,
+    generated_tokens: u64,
+}
+
+/// When a sequence stops besides its token limit (the request's `StoppingParams`, without the parts the sampler
+/// owns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StopRules {
+    min_tokens: usize,
+    ignore_eos: bool,
+    stop_token_ids: Vec<u32>,
+}
+
+/// The core's state of one sequence, carried by the scheduler's `Sequence` (so it lives and dies with it).
+pub(crate) struct SeqMeta {
+    request_id: Arc<str>,
+    /// Completion index among the request's `n`.
+    index: u32,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    stop: StopRules,
+}
+
+/// Decides whether a sequence that just got `token` (now `generated` tokens, `len` in all) stops: a stop or eos id
+/// once `min_tokens` are generated, else its token limit or the context.
+fn stop_reason(meta: &SeqMeta, eos: &[u32], token: u32, generated: usize, len: usize, max_model_len: usize) -> Option<(FinishReason, Option<u32>)> {
+    let stop = &meta.stop;
+    if generated >= stop.min_tokens && ((!stop.ignore_eos && eos.contains(&token)) || stop.stop_token_ids.contains(&token)) {
+        Some((FinishReason::Stop, Some(token)))
+    } else if generated >= meta.max_new_tokens || len >= max_model_len {
+        Some((FinishReason::Length, None))
+    } else {
+        None
+    }
+}
+
+/// The backend call of a step.
+enum Call {
+    Greedy,
+    Sample(Vec<RowSampling>),
+    Logits,
+}
+
+/// What the backend returned: token ids (greedy or drawn on the backend), or logits for the host sampler.
+enum Returned {
+    Ids(Vec<u32>),
+    Logits(Logits),
+}
+
+/// See the module docs.
+pub struct EngineCore {
+    sched: Scheduler<SeqMeta>,
+    /// Request id → its live sequences (an index: the sequences themselves live in `sched`).
+    requests: HashMap<Arc<str>, Vec<SeqId>>,
+    eos_token_ids: Vec<u32>,
+    next_seq: SeqId,
+    counters: Counters,
+    /// Outputs not yet handed to the caller.
+    outbox: Vec<Emitted>,
+    /// A logit row the host sampler may modify.
+    scratch: Vec<f32>,
+}
+
+impl EngineCore {
+    /// A core whose KV pool matches the backend's (`info.num_kv_blocks` blocks of `info.block_size` tokens).
+    pub fn new(cfg: EngineConfig, info: &BackendInfo) -> Self {
+        let pool = BlockPool::new(info.num_kv_blocks, info.block_size);
+        let hasher = BlockHasher::new(&cfg.model_fingerprint, info.block_size);
+        Self {
+            sched: Scheduler::new(cfg.scheduler, pool, hasher),
+            requests: HashMap::new(),
+            eos_token_ids: cfg.eos_token_ids,
+            next_seq: 1,
+            counters: Counters::default(),
+            outbox: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Queues a request's `n` sequences, or none of them.
+    pub fn add(&mut self, req: EngineRequest) -> Result<(), EngineError> {
+        if self.requests.contains_key(req.request_id.as_str()) {
+            return Err(EngineError::DuplicateId(req.request_id));
+        }
+        let max_len = self.sched.config().max_model_len;
+        let max_new_tokens = match req.stopping.max_new_tokens {
+            0 => max_len.saturating_sub(req.prompt.len()),
+            m => m as usize,
+        };
+        let seed = req.sampling.seed.unwrap_or(0);
+        let request_id: Arc<str> = req.request_id.into();
+        let stop = StopRules {
+            min_tokens: req.stopping.min_tokens as usize,
+            ignore_eos: req.stopping.ignore_eos,
+            stop_token_ids: req.stopping.stop_token_ids.clone(),
+        };
+        let n = req.n.max(1);
+        let mut ids = Vec::with_capacity(n as usize);
+        for index in 0..n {
+            let id = self.next_seq;
+            self.next_seq += 1;
+            // Copies wait for the first to compute the prompt, then take its blocks from the prefix cache.
+            let wait_for = ids.first().copied();
+            let sampler = Sampler::new(req.sampling.clone(), &req.stopping, &self.eos_token_ids, &req.prompt, seed, index);
+            let meta = SeqMeta { request_id: Arc::clone(&request_id), index, sampler, max_new_tokens, stop: stop.clone() };
+            let max_seq_len = req.prompt.len() + max_new_tokens;
+            if let Err(e) = self.sched.add(id, req.prompt.clone(), max_seq_len, &req.cache_salt, wait_for, meta) {
+                for id in ids {
+                    self.sched.remove(id);
+                }
+                return Err(e.into());
+            }
+            ids.push(id);
+        }
+        self.requests.insert(request_id, ids);
+        Ok(())
+    }
+
+    /// Ends a request (`index` None) or one completion of it with `Abort` (a request ends with its last completion).
+    /// Returns whether it was running or waiting. The `Finished` outputs come with the next step's.
+    pub fn abort(&mut self, request_id: &str, index: Option<u32>) -> bool {
+        let Some(ids) = self.requests.get(request_id) else { return false };
+        match index {
+            None => {
+                for id in ids.clone() {
+                    if let Some((seq, last)) = self.remove_seq(id) {
+                        self.emit_finished(&seq, FinishReason::Abort, None, last);
+                    }
+                }
+            }
+            Some(index) => {
+                let found = ids.iter().copied().find(|&id| self.sched.get(id).is_some_and(|s| s.meta.index == index));
+                let Some(id) = found else { return false };
+                self.finish(id, FinishReason::Abort, None);
+            }
+        }
+        self.counters.aborts += 1;
+        true
+    }
+
+    /// Plans and runs one step on `backend`, then returns every output since the last hand-over.
+    pub fn step(&mut self, backend: &mut dyn Backend) -> StepOutput {
+        let plan = self.sched.schedule();
+        if plan.is_empty() {
+            return self.hand_over(0, None);
+        }
+        let num_tokens = plan.iter().map(|p| p.num_tokens).sum();
+        let call = self.choose_call(&plan);
+        let result = self.forward(backend, &plan, call);
+        self.counters.steps += 1;
+        self.counters.batch_tokens = num_tokens as u64;
+        match result {
+            Ok(returned) => {
+                self.sched.complete(&plan);
+                self.take_tokens(&plan, &returned);
+                self.hand_over(num_tokens, None)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                self.fail_requests(plan.iter().map(|p| p.id), &e);
+                if !e.is_fatal() {
+                    return self.hand_over(num_tokens, None);
+                }
+                let all: Vec<SeqId> = self.requests.values().flatten().copied().collect();
+                self.fail_requests(all.into_iter(), &e);
+                self.hand_over(num_tokens, Some(e))
+            }
+        }
+    }
+
+    /// Outputs produced outside a step (by [`EngineCore::abort`]) and not handed over yet; the next step hands them
+    /// over otherwise.
+    pub(crate) fn take_outputs(&mut self) -> Vec<Emitted> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Whether the core holds no sequence.
+    pub fn is_idle(&self) -> bool {
+        self.sched.is_idle()
+    }
+
+    /// Whether a request is still running or waiting.
+    #[cfg(test)]
+    pub(crate) fn has_request(&self, request_id: &str) -> bool {
+        self.requests.contains_key(request_id)
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        let (prefix_queries, prefix_hits) = self.sched.prefix_stats();
+        let c = self.counters;
+        CoreStats {
+            running: self.sched.num_running(),
+            waiting: self.sched.num_waiting(),
+            kv: self.sched.usage(),
+            prefix_queries,
+            prefix_hits,
+            prefix_hit_tokens: c.prefix_hit_tokens,
+            preemptions: self.sched.preemptions(),
+            aborts: c.aborts,
+            steps: c.steps,
+            batch_tokens: c.batch_tokens,
+            generated_tokens: c.generated_tokens,
+        }
+    }
+
+    fn hand_over(&mut self, num_tokens: usize, fatal: Option<BackendError>) -> StepOutput {
+        StepOutput { outputs: self.take_outputs(), num_tokens, fatal }
+    }
+
+    /// The backend call for the whole step (see the module docs; with no sequence sampling, greedy).
+    fn choose_call(&mut self, plan: &[Scheduled]) -> Call {
+        let sampled = || plan.iter().filter(|p| p.sample).map(|p| self.sched.get(p.id).expect("planned sequence exists"));
+        if sampled().all(|s| s.meta.sampler.is_plain_greedy(s.num_generated())) {
+            return Call::Greedy;
+        }
+        if sampled().any(|s| s.meta.sampler.needs_logits()) {
+            return Call::Logits;
+        }
+        // Preparing a row consumes the sequence's draw, as sampling on the host would.
+        let rows = plan
+            .iter()
+            .filter(|p| p.sample)
+            .map(|p| {
+                let s = self.sched.get_mut(p.id).expect("planned sequence exists");
+                let generated = s.num_generated();
+                s.meta.sampler.prepare(generated)
+            })
+            .collect();
+        Call::Sample(rows)
+    }
+
+    fn forward(&self, backend: &mut dyn Backend, plan: &[Scheduled], call: Call) -> Result<Returned, BackendError> {
+        let batch = ForwardBatch {
+            seqs: plan
+                .iter()
+                .map(|p| {
+                    let s = self.sched.get(p.id).expect("planned sequence exists");
+                    SeqInput {
+                        tokens: &s.tokens()[p.start..p.start + p.num_tokens],
+                        start_pos: p.start,
+                        block_table: s.block_ids(),
+                        logits: if p.sample { LogitsWanted::Last } else { LogitsWanted::None },
+                    }
+                })
+                .collect(),
+        };
+        match call {
+            Call::Greedy => backend.forward_greedy(&batch).map(Returned::Ids),
+            Call::Sample(rows) => backend.forward_sample(&batch, &rows).map(Returned::Ids),
+            Call::Logits => backend.forward(&batch).map(Returned::Logits),
+        }
+    }
+
+    /// Takes each sampling sequence's next token from what the backend returned, streams it and applies the stop
+    /// rules.
+    fn take_tokens(&mut self, plan: &[Scheduled], returned: &Returned) {
+        let mut ids = match returned {
+            Returned::Ids(ids) => ids.iter().copied(),
+            Returned::Logits(_) => [].iter().copied(),
+        };
+        for (i, p) in plan.iter().enumerate() {
+            if !p.sample {
+                continue;
+            }
+            let seq = self.sched.get_mut(p.id).expect("planned sequence exists");
+            let generated = seq.num_generated();
+            let (token, logprob) = match returned {
+                Returned::Ids(_) => {
+                    let Some(token) = ids.next() else { continue };
+                    (token, None)
+                }
+                Returned::Logits(logits) => {
+                    let Some(row) = logits.last(i) else { continue };
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(row);
+                    seq.meta.sampler.sample(&mut self.scratch, generated)
+                }
+            };
+            seq.meta.sampler.record(token);
+            self.sched.append_token(p.id, token);
+            self.counters.generated_tokens += 1;
+            let seq = self.sched.get(p.id).expect("planned sequence exists");
+            let output = EngineOutput::Tokens {
+                index: seq.meta.index,
+                tokens: vec![token],
+                logprobs: logprob.into_iter().collect(),
+                cached_prompt_tokens: seq.cached_prompt_tokens() as u32,
+            };
+            self.outbox.push(Emitted { request_id: Arc::clone(&seq.meta.request_id), output, last: false });
+            let max_model_len = self.sched.config().max_model_len;
+            let stop = stop_reason(&seq.meta, &self.eos_token_ids, token, seq.num_generated(), seq.tokens().len(), max_model_len);
+            if let Some((reason, matched_stop)) = stop {
+                self.finish(p.id, reason, matched_stop);
+            }
+        }
+    }
+
+    /// Ends a sequence with `reason` (its request ends with its last sequence).
+    fn finish(&mut self, id: SeqId, reason: FinishReason, matched_stop: Option<u32>) {
+        let Some((seq, last)) = self.remove_seq(id) else { return };
+        self.counters.prefix_hit_tokens += seq.cached_prompt_tokens() as u64;
+        self.emit_finished(&seq, reason, matched_stop, last);
+    }
+
+    fn emit_finished(&mut self, seq: &Sequence<SeqMeta>, reason: FinishReason, matched_stop: Option<u32>, last: bool) {
+        let output = EngineOutput::Finished {
+            index: seq.meta.index,
+            reason,
+            matched_stop,
+            prompt_tokens: seq.prompt_len() as u32,
+            completion_tokens: seq.num_generated() as u32,
+            cached_tokens: seq.cached_prompt_tokens() as u32,
+        };
+        self.outbox.push(Emitted { request_id: Arc::clone(&seq.meta.request_id), output, last });
+    }
+
+    /// Ends every request that has a sequence in `seqs` with `Failed` (all of its sequences go).
+    fn fail_requests(&mut self, seqs: impl Iterator<Item = SeqId>, e: &BackendError) {
+        let requests: Vec<Arc<str>> = seqs.filter_map(|id| self.sched.get(id)).map(|s| Arc::clone(&s.meta.request_id)).collect();
+        for request_id in requests {
+            let Some(ids) = self.requests.get(&request_id) else { continue }; // already failed
+            for id in ids.clone() {
+                self.remove_seq(id);
+            }
+            self.outbox.push(Emitted { request_id, output: EngineOutput::Failed(e.to_string()), last: true });
+        }
+    }
+
+    /// The one way a sequence leaves: out of the scheduler (the returned sequence holds its blocks; dropping it frees
+    /// them) and out of its request's index. Also says whether that was the request's last sequence (the request is
+    /// then forgotten).
+    fn remove_seq(&mut self, id: SeqId) -> Option<(Sequence<SeqMeta>, bool)> {
+        let seq = self.sched.remove(id)?;
+        let request_id = &seq.meta.request_id;
+        let ids = self.requests.get_mut(request_id).expect("a sequence's request is indexed");
+        ids.retain(|&s| s != id);
+        let last = ids.is_empty();
+        if last {
+            self.requests.remove(request_id);
+        }
+        Some((seq, last))
+    }
+}
+
+#[cfg(test)]
+#[path = "step_tests.rs"]
+mod tests;
