@@ -46,10 +46,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish_non_exhaustive()
     }
 }
 
@@ -68,8 +65,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| ChatTemplateError::Syntax(error_text(&e)))?;
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| ChatTemplateError::Syntax(error_text(&e)))?;
         Ok(ChatTemplate { env, bos_token, eos_token })
     }
 
@@ -131,20 +127,8 @@ fn strftime_now(format: String) -> String {
     strftime(&format, secs)
 }
 
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// A minimal strftime over a UTC Unix time: `%Y %y %m %d %e %B %b %A %a %H %M %S %%` and the glibc no-padding forms
@@ -258,8 +242,7 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
         }
     };
     result.map_err(|e| Error::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(e))?;
-    let text = String::from_utf8(out)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, "JSON is not UTF-8").with_source(e))?;
+    let text = String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, "JSON is not UTF-8").with_source(e))?;
     Ok(Value::from_safe_string(text))
 }
 
@@ -280,10 +263,7 @@ mod tests {
         let t = ChatTemplate::new(CHATML, None, None).unwrap();
         let msgs = [msg("system", "Be brief."), msg("user", "Hi")];
         let with = t.render(&msgs, true).unwrap();
-        assert_eq!(
-            with,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(with, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
         let without = t.render(&msgs, false).unwrap();
         assert_eq!(without, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
     }
@@ -357,10 +337,7 @@ mod tests {
             "bos_token": "<s>",
             "eos_token": {"content": "</s>", "lstrip": false}
         });
-        assert_eq!(
-            chat_template_from_tokenizer_config(&v),
-            Some(("T".to_string(), Some("<s>".to_string()), Some("</s>".to_string())))
-        );
+        assert_eq!(chat_template_from_tokenizer_config(&v), Some(("T".to_string(), Some("<s>".to_string()), Some("</s>".to_string()))));
         let v = serde_json::json!({
             "chat_template": [{"name": "tool_use", "template": "X"}, {"name": "default", "template": "D"}],
             "eos_token": null

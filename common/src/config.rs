@@ -84,10 +84,7 @@ impl LlamaConfig {
         }
         if let Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) =
             &self.rope_scaling
-            && !(*factor > 0.0
-                && *low_freq_factor > 0.0
-                && high_freq_factor > low_freq_factor
-                && *original_max_position_embeddings > 0)
+            && !(*factor > 0.0 && *low_freq_factor > 0.0 && high_freq_factor > low_freq_factor && *original_max_position_embeddings > 0)
         {
             return err("rope_scaling (llama3) needs factor > 0 and high_freq_factor > low_freq_factor > 0".into());
         }
@@ -151,7 +148,8 @@ impl LlamaConfig {
         };
         let hidden_size = uint("llama.embedding_length")?;
         let num_heads = uint("llama.attention.head_count")?;
-        let num_kv_heads = if g.get("llama.attention.head_count_kv").is_some() { uint("llama.attention.head_count_kv")? } else { num_heads };
+        let num_kv_heads =
+            if g.get("llama.attention.head_count_kv").is_some() { uint("llama.attention.head_count_kv")? } else { num_heads };
         let head_dim = if g.get("llama.attention.key_length").is_some() {
             uint("llama.attention.key_length")?
         } else {
@@ -173,9 +171,10 @@ impl LlamaConfig {
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
         let mut eos_token_ids: Vec<u32> = eos.into_iter().collect();
         if let Some(eot) = g.get("tokenizer.ggml.eot_token_id").and_then(|v| v.as_u64())
-            && !eos_token_ids.contains(&(eot as u32)) {
-                eos_token_ids.push(eot as u32);
-            }
+            && !eos_token_ids.contains(&(eot as u32))
+        {
+            eos_token_ids.push(eot as u32);
+        }
         let cfg = LlamaConfig {
             hidden_size,
             intermediate_size: uint("llama.feed_forward_length")?,
@@ -344,7 +343,8 @@ mod tests {
 
     #[test]
     fn parses_llama31_config() {
-        let generation = GenerationConfig::from_json(Path::new("g.json"), r#"{"eos_token_id": [128001, 128009], "temperature": 0.6}"#).unwrap();
+        let generation =
+            GenerationConfig::from_json(Path::new("g.json"), r#"{"eos_token_id": [128001, 128009], "temperature": 0.6}"#).unwrap();
         let c = LlamaConfig::from_hf_json(Path::new("config.json"), LLAMA31, Some(&generation)).unwrap();
         assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.gqa_group()), (32, 8, 128, 4));
         assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
@@ -378,10 +378,7 @@ mod tests {
         let e = LlamaConfig::from_hf_json(Path::new("config.json"), &bad, None).unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
         let bad = LLAMA31.replace("LlamaForCausalLM", "MistralForCausalLM");
-        assert!(matches!(
-            LlamaConfig::from_hf_json(Path::new("config.json"), &bad, None),
-            Err(ModelError::UnsupportedArchitecture { .. })
-        ));
+        assert!(matches!(LlamaConfig::from_hf_json(Path::new("config.json"), &bad, None), Err(ModelError::UnsupportedArchitecture { .. })));
         let bad = LLAMA31.replace("\"llama3\"", "\"yarn\"");
         let e = LlamaConfig::from_hf_json(Path::new("config.json"), &bad, None).unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");

@@ -150,9 +150,7 @@ impl GgufFile {
             let head = source.prefix(want).map_err(|e| ModelError::io(path, e))?;
             match Self::parse(path, &head, source.len()) {
                 // The header runs past what was read (not past the file): read more.
-                Err(ModelError::Truncated { len, .. }) if len == head.len() as u64 && len < source.len() => {
-                    want = want.saturating_mul(2)
-                }
+                Err(ModelError::Truncated { len, .. }) if len == head.len() as u64 && len < source.len() => want = want.saturating_mul(2),
                 Ok((version, metadata, tensors, by_name)) => {
                     return Ok(Self { path: path.into(), source: source.clone(), version, metadata, tensors, by_name });
                 }
@@ -201,9 +199,10 @@ impl GgufFile {
             infos.push((name, dims, type_id, offset));
         }
         let alignment = match metadata.get("general.alignment") {
-            Some(v) => v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).ok_or_else(|| {
-                ModelError::malformed(path, "general.alignment is not a power of two")
-            })?,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| *a > 0 && a.is_power_of_two())
+                .ok_or_else(|| ModelError::malformed(path, "general.alignment is not a power of two"))?,
             None => DEFAULT_ALIGNMENT,
         };
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
@@ -215,28 +214,20 @@ impl GgufFile {
                 name: name.clone(),
                 dtype: format!("ggml type id {type_id}"),
             })?;
-            let n: u64 = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-                ModelError::malformed(path, format!("tensor `{name}` dims {dims:?} overflow"))
-            })?;
+            let n: u64 = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| ModelError::malformed(path, format!("tensor `{name}` dims {dims:?} overflow")))?;
             let n_bytes = usize::try_from(n)
                 .ok()
                 .and_then(|n| dtype.bytes_for(n))
                 .filter(|_| dims[0] % dtype.block_size() as u64 == 0)
-                .ok_or_else(|| {
-                    ModelError::malformed(
-                        path,
-                        format!("tensor `{name}` dims {dims:?} are not whole {dtype} blocks"),
-                    )
-                })? as u64;
+                .ok_or_else(|| ModelError::malformed(path, format!("tensor `{name}` dims {dims:?} are not whole {dtype} blocks")))?
+                as u64;
             let offset = data_start.checked_add(rel).ok_or_else(|| ModelError::malformed(path, "offset overflow"))?;
             let end = offset.saturating_add(n_bytes);
             if end > file_len {
-                return Err(ModelError::Truncated {
-                    path: path.into(),
-                    what: format!("tensor `{name}`"),
-                    needed: end,
-                    len: file_len,
-                });
+                return Err(ModelError::Truncated { path: path.into(), what: format!("tensor `{name}`"), needed: end, len: file_len });
             }
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(ModelError::malformed(path, format!("duplicate tensor `{name}`")));
@@ -341,8 +332,7 @@ impl Reader<'_> {
         let len = self.u64(what)?;
         let len = usize::try_from(len).map_err(|_| ModelError::malformed(self.path, format!("{what} too long")))?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| ModelError::malformed(self.path, format!("{what} is not valid UTF-8")))
+        String::from_utf8(bytes.to_vec()).map_err(|_| ModelError::malformed(self.path, format!("{what} is not valid UTF-8")))
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<GgufValue, ModelError> {

@@ -51,8 +51,7 @@ impl HfWeights {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let index: ShardIndex =
-                serde_json::from_str(&text).map_err(|e| ModelError::malformed(&index_path, e.to_string()))?;
+            let index: ShardIndex = serde_json::from_str(&text).map_err(|e| ModelError::malformed(&index_path, e.to_string()))?;
             let mut names: Vec<&String> = index.weight_map.values().collect();
             names.sort();
             names.dedup();
@@ -84,8 +83,8 @@ impl HfWeights {
                 if name == "__metadata__" {
                     continue;
                 }
-                let info: TensorEntry = serde_json::from_value(entry)
-                    .map_err(|e| ModelError::malformed(&path, format!("safetensors entry `{name}`: {e}")))?;
+                let info: TensorEntry =
+                    serde_json::from_value(entry).map_err(|e| ModelError::malformed(&path, format!("safetensors entry `{name}`: {e}")))?;
                 let dtype = match info.dtype.as_str() {
                     "F32" => GgmlType::F32,
                     "F16" => GgmlType::F16,

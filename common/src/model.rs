@@ -256,16 +256,13 @@ impl ModelFiles {
         let (name, path, dtype, shape) = match &self.store {
             WeightStore::Gguf(g) => {
                 let name = role.gguf_name();
-                let info = g
-                    .tensor_info(&name)
-                    .ok_or_else(|| ModelError::MissingTensor { path: g.path().into(), name: name.clone() })?;
+                let info = g.tensor_info(&name).ok_or_else(|| ModelError::MissingTensor { path: g.path().into(), name: name.clone() })?;
                 (name, g.path(), info.dtype, info.shape())
             }
             WeightStore::Hf(w) => {
                 let name = role.hf_name();
-                let info = w
-                    .tensor_info(&name)
-                    .ok_or_else(|| ModelError::MissingTensor { path: w.primary_path().into(), name: name.clone() })?;
+                let info =
+                    w.tensor_info(&name).ok_or_else(|| ModelError::MissingTensor { path: w.primary_path().into(), name: name.clone() })?;
                 (name, w.tensor_path(info), info.dtype, info.shape.clone())
             }
         };

@@ -118,12 +118,7 @@ impl ShardSpec {
 
     /// The model as this rank sees it: its own head and FFN counts (vocabulary and hidden size unchanged).
     pub fn local_config(&self, c: &LlamaConfig) -> LlamaConfig {
-        LlamaConfig {
-            num_heads: self.q_heads.len(),
-            num_kv_heads: self.kv_heads.len(),
-            intermediate_size: self.ffn.len(),
-            ..c.clone()
-        }
+        LlamaConfig { num_heads: self.q_heads.len(), num_kv_heads: self.kv_heads.len(), intermediate_size: self.ffn.len(), ..c.clone() }
     }
 }
 

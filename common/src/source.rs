@@ -72,9 +72,10 @@ impl FileSource {
 
     /// `len` bytes at `offset` (borrowed when mapped, read otherwise). The range must lie inside the file.
     pub fn range(&self, offset: u64, len: usize) -> io::Result<Cow<'_, [u8]>> {
-        let end = offset.checked_add(len as u64).filter(|&e| e <= self.len()).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::UnexpectedEof, format!("range {offset}+{len} lies past the end of the file"))
-        })?;
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, format!("range {offset}+{len} lies past the end of the file")))?;
         match self {
             FileSource::Mapped(b) => Ok(Cow::Borrowed(&b[offset as usize..end as usize])),
             FileSource::Unmapped { file, .. } => {

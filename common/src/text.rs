@@ -28,10 +28,9 @@ impl TextAssets {
                 let special = special_tokens_from_gguf(g);
                 let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
                 let template = match g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-                    Some(src) => Some(
-                        ChatTemplate::new(src, name(special.bos), name(special.eos))
-                            .map_err(|e| template_err(e.to_string()))?,
-                    ),
+                    Some(src) => {
+                        Some(ChatTemplate::new(src, name(special.bos), name(special.eos)).map_err(|e| template_err(e.to_string()))?)
+                    }
                     None => None,
                 };
                 (tokenizer, template)
@@ -41,8 +40,8 @@ impl TextAssets {
                 let cfg_path = path.join("tokenizer_config.json");
                 let template = if cfg_path.exists() {
                     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::Io { path: cfg_path.clone(), source: e })?;
-                    let v: serde_json::Value = serde_json::from_str(&text)
-                        .map_err(|e| ModelError::Tokenizer { path: cfg_path.clone(), detail: e.to_string() })?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer { path: cfg_path.clone(), detail: e.to_string() })?;
                     match chat_template_from_tokenizer_config(&v) {
                         Some((src, bos, eos)) => Some(ChatTemplate::new(&src, bos, eos).map_err(|e| template_err(e.to_string()))?),
                         None => None,
@@ -66,8 +65,6 @@ impl TextAssets {
     pub fn render_user_prompt(&self, user: &str) -> Result<Option<String>, ModelError> {
         let Some(t) = &self.chat_template else { return Ok(None) };
         let msgs = [ChatMessage { role: "user".into(), content: user.into() }];
-        t.render(&msgs, true)
-            .map(Some)
-            .map_err(|e| ModelError::ChatTemplate { path: "<chat template>".into(), detail: e.to_string() })
+        t.render(&msgs, true).map(Some).map_err(|e| ModelError::ChatTemplate { path: "<chat template>".into(), detail: e.to_string() })
     }
 }

@@ -48,7 +48,8 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// The Llama 3 pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`, HF `tokenizer.json` of Llama 3).
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Special-token facts the engine needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,12 +106,7 @@ fn token_id(g: &GgufFile, key: &str) -> Option<u32> {
 
 /// Reads BOS/EOS/padding ids and `add_bos_token` from GGUF metadata. Missing or non-integer ids are `None`.
 pub fn special_tokens_from_gguf(g: &GgufFile) -> SpecialTokens {
-    SpecialTokens {
-        bos: token_id(g, KEY_BOS),
-        eos: token_id(g, KEY_EOS),
-        add_bos: add_bos_of(g),
-        pad: token_id(g, KEY_PAD),
-    }
+    SpecialTokens { bos: token_id(g, KEY_BOS), eos: token_id(g, KEY_EOS), add_bos: add_bos_of(g), pad: token_id(g, KEY_PAD) }
 }
 
 /// Builds a HF `tokenizers::Tokenizer` from GGUF tokenizer metadata (`tokenizer.ggml.model == "gpt2"`: byte-level
@@ -131,10 +127,7 @@ pub fn special_tokens_from_gguf(g: &GgufFile) -> SpecialTokens {
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer, ModelError> {
     let model = g.require(KEY_MODEL)?.as_str().ok_or_else(|| tok_err(g, format!("`{KEY_MODEL}` is not a string")))?;
     if model != "gpt2" {
-        return Err(tok_err(
-            g,
-            format!("unsupported tokenizer model `{model}` (supported: `gpt2` byte-level BPE; use a tokenizer.json)"),
-        ));
+        return Err(tok_err(g, format!("unsupported tokenizer model `{model}` (supported: `gpt2` byte-level BPE; use a tokenizer.json)")));
     }
     let pre = match g.get(KEY_PRE) {
         None => None,
@@ -184,8 +177,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer, ModelError> {
 
     let special = special_tokens_from_gguf(g);
     if special.add_bos {
-        let bos =
-            special.bos.ok_or_else(|| tok_err(g, format!("`{KEY_ADD_BOS}` is set but `{KEY_BOS}` is missing")))?;
+        let bos = special.bos.ok_or_else(|| tok_err(g, format!("`{KEY_ADD_BOS}` is set but `{KEY_BOS}` is missing")))?;
         let content = tokens
             .get(bos as usize)
             .ok_or_else(|| tok_err(g, format!("bos token id {bos} is outside the vocabulary ({})", tokens.len())))?;
@@ -197,9 +189,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer, ModelError> {
 fn pre_tokenizer(kind: PreKind) -> Result<PreTokenizerWrapper, String> {
     Ok(match kind {
         PreKind::Gpt2 => ByteLevel::new(false, true, true).into(),
-        PreKind::SmolLm => {
-            Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
-        }
+        PreKind::SmolLm => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
         PreKind::Llama3 => {
             let split = Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
                 .map_err(|e| format!("llama3 pre-tokenizer regex: {e}"))?;
@@ -241,19 +231,15 @@ fn bos_processor(bos: u32, content: &str) -> Result<TemplateProcessing, String> 
         .try_single("bos:0 $A:0")
         .and_then(|b| b.try_pair("bos:0 $A:0 bos:1 $B:1"))
         .map_err(|e| format!("bos template: {e}"))?
-        .special_tokens(vec![
-            SpecialToken::new("bos".into(), vec![bos], vec![content.to_string()]).map_err(|e| e.to_string())?,
-        ])
+        .special_tokens(vec![SpecialToken::new("bos".into(), vec![bos], vec![content.to_string()]).map_err(|e| e.to_string())?])
         .build()
         .map_err(|e| format!("bos template: {e}"))
 }
 
 /// Loads a `tokenizer.json`.
 pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer, ModelError> {
-    Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
-        path: path.to_path_buf(),
-        detail: format!("cannot load tokenizer.json: {e}"),
-    })
+    Tokenizer::from_file(path)
+        .map_err(|e| ModelError::Tokenizer { path: path.to_path_buf(), detail: format!("cannot load tokenizer.json: {e}") })
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ use ferrite_common::gguf::GgufFile;
 use ferrite_common::tokenizer::{SpecialTokens, special_tokens_from_gguf, tokenizer_from_gguf};
 use tokenizers::Tokenizer;
 
-
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -25,17 +24,9 @@ fn model_path() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = workspace_root();
-    let out = Command::new("bash")
-        .arg(root.join("scripts/fetch-model.sh"))
-        .current_dir(&root)
-        .output()
-        .expect("run scripts/fetch-model.sh");
-    assert!(
-        out.status.success(),
-        "scripts/fetch-model.sh failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new("bash").arg(root.join("scripts/fetch-model.sh")).current_dir(&root).output().expect("run scripts/fetch-model.sh");
+    assert!(out.status.success(), "scripts/fetch-model.sh failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
     let fetched = PathBuf::from(printed.lines().last().expect("fetch-model.sh printed no path").trim());
     assert!(fetched.is_file(), "fetch-model.sh printed {fetched:?}, which is not a file");
@@ -43,9 +34,7 @@ fn model_path() -> PathBuf {
 }
 
 fn reference() -> serde_json::Value {
-    let dir = std::env::var_os("FERRITE_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("tests/data/reference"));
+    let dir = std::env::var_os("FERRITE_REFERENCE_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("tests/data/reference"));
     let path = dir.join("reference.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()

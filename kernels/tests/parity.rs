@@ -10,8 +10,8 @@
 
 mod ops;
 
-use half::bf16;
 use ferrite_kernels::cpu::sample::{Adjust, SampleParams};
+use half::bf16;
 use ops::{AttnCase, AttnPath, CpuOps, Ops, SampleCase};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -199,7 +199,14 @@ fn check_attention(ops: &mut dyn Ops) {
         // long enough for several warps and row blocks of the flash-style prefill kernel.
         let case = AttnCase::random(&mut rng, nh, nkv, hd, 16, &[(700, 1), (37, 5), (0, 9), (100, 150)]);
         let reference = case.reference();
-        let paths = [AttnPath::Paged(None), AttnPath::Paged(Some(128)), AttnPath::PagedTc(None), AttnPath::PagedTc(Some(128)), AttnPath::Dense, AttnPath::DenseTc];
+        let paths = [
+            AttnPath::Paged(None),
+            AttnPath::Paged(Some(128)),
+            AttnPath::PagedTc(None),
+            AttnPath::PagedTc(Some(128)),
+            AttnPath::Dense,
+            AttnPath::DenseTc,
+        ];
         for path in paths {
             let out = ops.attention(&case, path);
             let what = format!("attention {nh}/{nkv}x{hd} {path:?}");
@@ -256,7 +263,12 @@ fn check_argmax(ops: &mut dyn Ops) {
     assert_eq!(ids, want, "{} argmax_rows", ops.name());
     // The value is the winner's logit (what tensor-parallel ranks compare), -inf for a row of -inf.
     let want_vals: Vec<f32> = want.iter().enumerate().map(|(r, &i)| logits[r * vocab + i as usize]).collect();
-    assert_eq!(vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want_vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} argmax values", ops.name());
+    assert_eq!(
+        vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want_vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "{} argmax values",
+        ops.name()
+    );
 }
 
 fn check_linear(ops: &mut dyn Ops) {
@@ -279,11 +291,11 @@ fn check_linear(ops: &mut dyn Ops) {
         }
         // The tuner's agreement measure against the host's: f32 sums of squares over ≤ 74k values.
         let perturbed: Vec<f32> = y.iter().map(|&v| v + rng.random_range(-0.01f32..0.01)).collect();
-        let (measured, host) = (ops.relative_difference(&perturbed, &y), rel_err(&perturbed, &y.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()));
+        let (measured, host) =
+            (ops.relative_difference(&perturbed, &y), rel_err(&perturbed, &y.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()));
         assert!((measured - host).abs() <= 1e-4 * host, "{} relative_difference {measured:.6e}, host {host:.6e}", ops.name());
     }
 }
-
 
 fn sample_cases(rng: &mut StdRng, rows: usize, vocab: usize) -> Vec<SampleCase> {
     (0..rows)
@@ -458,7 +470,13 @@ fn check_sample(ops: &mut dyn Ops) {
                     // Three f32 roundings of values below 20 in magnitude: a few 1e-6 at most.
                     (f64::from(o) - w).abs() <= 1e-5
                 };
-                assert!(ok, "{} vocab {vocab} row {r} id {i}: adjusted {o}, reference {w} (logit {}, {:?})", ops.name(), row[i], c.adjust.iter().find(|a| a.id as usize == i));
+                assert!(
+                    ok,
+                    "{} vocab {vocab} row {r} id {i}: adjusted {o}, reference {w} (logit {}, {:?})",
+                    ops.name(),
+                    row[i],
+                    c.adjust.iter().find(|a| a.id as usize == i)
+                );
             }
         }
         if on_device {
@@ -476,7 +494,12 @@ fn check_sample(ops: &mut dyn Ops) {
             let p = c.params.top_p;
             let stable = [nudged(c.u * (1.0 - nudge), p), nudged((c.u * (1.0 + nudge)).min(1.0 - 1e-12), p)]
                 .into_iter()
-                .chain((p < 1.0).then(|| [nudged(c.u, p * (1.0 - nudge as f32)), nudged(c.u, (p * (1.0 + nudge as f32)).min(1.0))]).into_iter().flatten())
+                .chain(
+                    (p < 1.0)
+                        .then(|| [nudged(c.u, p * (1.0 - nudge as f32)), nudged(c.u, (p * (1.0 + nudge as f32)).min(1.0))])
+                        .into_iter()
+                        .flatten(),
+                )
                 .all(|t| t == want);
             if stable {
                 assert_eq!(got[r], want, "{} vocab {vocab} row {r} ({:?}, u {}): the reference draws {want}", ops.name(), c.params, c.u);

@@ -29,9 +29,21 @@ pub enum Event {
     /// The first message arrived from the worker (the response can start).
     Started,
     /// `received`: when the worker message carrying it arrived (router latency is measured from there).
-    Delta { index: u32, text: String, logprobs: Vec<TokenLogprob>, received: Instant },
-    Finish { index: u32, reason: &'static str },
-    Usage { prompt: u32, completion: u32, cached: u32 },
+    Delta {
+        index: u32,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+        received: Instant,
+    },
+    Finish {
+        index: u32,
+        reason: &'static str,
+    },
+    Usage {
+        prompt: u32,
+        completion: u32,
+        cached: u32,
+    },
     Error(ApiError),
 }
 
@@ -85,13 +97,21 @@ async fn drive(
     if valid.echo {
         let echo = text.tokenizer.decode(prompt, false).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         for i in 0..n {
-            if tx.send(Event::Delta { index: base + i, text: echo.clone(), logprobs: Vec::new(), received: Instant::now() }).await.is_err() {
+            if tx.send(Event::Delta { index: base + i, text: echo.clone(), logprobs: Vec::new(), received: Instant::now() }).await.is_err()
+            {
                 return Ok(());
             }
         }
     }
     struct Choice<'t> {
-        decode: tokenizers::DecodeStream<'t, tokenizers::ModelWrapper, tokenizers::NormalizerWrapper, tokenizers::PreTokenizerWrapper, tokenizers::PostProcessorWrapper, tokenizers::DecoderWrapper>,
+        decode: tokenizers::DecodeStream<
+            't,
+            tokenizers::ModelWrapper,
+            tokenizers::NormalizerWrapper,
+            tokenizers::PreTokenizerWrapper,
+            tokenizers::PostProcessorWrapper,
+            tokenizers::DecoderWrapper,
+        >,
         jail: StopJail,
         tokens: u32,
         done: bool,
@@ -121,7 +141,11 @@ async fn drive(
                     let logprobs: Vec<TokenLogprob> = c
                         .logprobs
                         .get(k)
-                        .map(|l| TokenLogprob { token: tok, logprob: l.logprob, top: l.top.iter().map(|t| (t.token_id, t.logprob)).collect() })
+                        .map(|l| TokenLogprob {
+                            token: tok,
+                            logprob: l.logprob,
+                            top: l.top.iter().map(|t| (t.token_id, t.logprob)).collect(),
+                        })
                         .into_iter()
                         .collect();
                     let piece = ch.decode.step(tok).ok().flatten().unwrap_or_default();

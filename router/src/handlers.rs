@@ -349,11 +349,25 @@ impl Writer {
     }
 
     fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
-        ChatCompletionChunk { id: self.id.clone(), object: "chat.completion.chunk", created: self.created, model: self.model.clone(), choices, usage }
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
     }
 
     fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> CompletionResponse {
-        CompletionResponse { id: self.id.clone(), object: "text_completion", created: self.created, model: self.model.clone(), choices, usage }
+        CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
     }
 
     /// Turns events (first `early`, received before the headers went out, then `rx`'s) into SSE chunks until every

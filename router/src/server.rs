@@ -40,7 +40,13 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
             .config
             .model_names
             .iter()
-            .map(|id| ModelCard { id: id.clone(), object: "model", created: st.created, owned_by: "ferrite", max_model_len: st.limits.max_model_len as u32 })
+            .map(|id| ModelCard {
+                id: id.clone(),
+                object: "model",
+                created: st.created,
+                owned_by: "ferrite",
+                max_model_len: st.limits.max_model_len as u32,
+            })
             .collect(),
     })
 }
@@ -81,7 +87,10 @@ async fn metadata(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Json(ApiError { code: Some("not_found"), ..ApiError::new(ErrorKind::InvalidRequest, "Unknown endpoint.") }.body()))
+    (
+        StatusCode::NOT_FOUND,
+        Json(ApiError { code: Some("not_found"), ..ApiError::new(ErrorKind::InvalidRequest, "Unknown endpoint.") }.body()),
+    )
         .into_response()
 }
 

@@ -43,7 +43,10 @@ impl RouterMetrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(Opts::new("ferrite_router_requests_total", "HTTP requests"), &["endpoint", "status"])?;
         let buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-        let ttft = HistogramVec::new(HistogramOpts::new("ferrite_router_ttft_seconds", "Time to first token").buckets(buckets.clone()), &["endpoint"])?;
+        let ttft = HistogramVec::new(
+            HistogramOpts::new("ferrite_router_ttft_seconds", "Time to first token").buckets(buckets.clone()),
+            &["endpoint"],
+        )?;
         let e2e = HistogramVec::new(HistogramOpts::new("ferrite_router_e2e_seconds", "Request latency").buckets(buckets), &["endpoint"])?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -54,7 +57,8 @@ impl RouterMetrics {
             &["endpoint"],
         )?;
         let token = HistogramVec::new(
-            HistogramOpts::new("ferrite_router_token_seconds", "Router time per streamed token (worker chunk in, SSE event out)").buckets(fine),
+            HistogramOpts::new("ferrite_router_token_seconds", "Router time per streamed token (worker chunk in, SSE event out)")
+                .buckets(fine),
             &["endpoint"],
         )?;
         registry.register(Box::new(prepare.clone()))?;
@@ -79,7 +83,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(text: Arc<TextAssets>, workers: WorkerPool, config: RouterConfig, limits: Limits, extra_metrics: Option<ExtraMetrics>) -> Result<Self, RouterError> {
+    pub fn new(
+        text: Arc<TextAssets>,
+        workers: WorkerPool,
+        config: RouterConfig,
+        limits: Limits,
+        extra_metrics: Option<ExtraMetrics>,
+    ) -> Result<Self, RouterError> {
         let metrics = RouterMetrics::new()?;
         Ok(Self {
             text,
@@ -98,8 +108,10 @@ impl AppState {
         if self.config.model_names.iter().any(|m| m == model) {
             Ok(model.to_string())
         } else {
-            Err(ApiError { param: Some("model".into()), ..ApiError::new(ErrorKind::ModelNotFound, format!("The model `{model}` does not exist.")) })
+            Err(ApiError {
+                param: Some("model".into()),
+                ..ApiError::new(ErrorKind::ModelNotFound, format!("The model `{model}` does not exist."))
+            })
         }
     }
 }
-

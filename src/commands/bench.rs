@@ -98,7 +98,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // run holds its prompt and one token. Block 0 is reserved.
     let per_seq = (decode_prompt + a.decode_steps + 1).div_ceil(DEFAULT_BLOCK_SIZE);
     let blocks = 1 + (a.prompt_tokens + 1).div_ceil(DEFAULT_BLOCK_SIZE).max(per_seq * max_batch);
-    let opts = CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
+    let opts =
+        CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
     let mut backend = CpuBackend::load(&files, &opts)?;
     let threads = if a.model.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.model.threads };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
@@ -179,7 +180,12 @@ fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::
     let blocks = 1024;
     let backend = CpuBackend::load(
         files,
-        &CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE },
+        &CpuOptions {
+            precision: a.model.precision.into(),
+            threads: a.model.threads,
+            num_kv_blocks: blocks,
+            block_size: DEFAULT_BLOCK_SIZE,
+        },
     )?;
     let engine = Engine::spawn(
         Box::new(backend),
@@ -238,6 +244,11 @@ fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::
         warm.push(ttft(format!("warm{r}"), with(2))?);
     }
     let (cold, warm) = (median(cold), median(warm));
-    println!("engine: time to first token, 408-token prompt: cold {:.1} ms, 400-token prefix cached {:.1} ms ({:.1}x faster)", cold * 1e3, warm * 1e3, cold / warm);
+    println!(
+        "engine: time to first token, 408-token prompt: cold {:.1} ms, 400-token prefix cached {:.1} ms ({:.1}x faster)",
+        cold * 1e3,
+        warm * 1e3,
+        cold / warm
+    );
     Ok(())
 }

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use ferrite_worker::model::open_model;
 use ferrite_common::text::TextAssets;
 use ferrite_worker::export::{ExportDtype, export_hf};
+use ferrite_worker::model::open_model;
 
 use super::resolve_model;
 

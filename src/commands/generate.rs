@@ -45,11 +45,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let files = open_model(&path)?;
     let text = TextAssets::load(&files)?;
-    let prompt_text = if a.chat {
-        text.render_user_prompt(&a.prompt)?.context("--chat: the model has no chat template")?
-    } else {
-        a.prompt.clone()
-    };
+    let prompt_text =
+        if a.chat { text.render_user_prompt(&a.prompt)?.context("--chat: the model has no chat template")? } else { a.prompt.clone() };
     let enc = text.tokenizer.encode(prompt_text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenize: {e}"))?;
     let prompt = enc.get_ids().to_vec();
     if prompt.is_empty() {
@@ -61,12 +58,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     // Block 0 of the KV cache is reserved (the engine never hands it out).
     let blocks = 1 + (prompt.len() + a.max_tokens).div_ceil(DEFAULT_BLOCK_SIZE);
-    let opts = CpuOptions {
-        precision: a.model.precision.into(),
-        threads: a.model.threads,
-        num_kv_blocks: blocks,
-        block_size: DEFAULT_BLOCK_SIZE,
-    };
+    let opts =
+        CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
     let mut backend = CpuBackend::load(&files, &opts)?;
     tracing::info!(model = %path.display(), prompt_tokens = prompt.len(), load_ms = started.elapsed().as_millis() as u64, "loaded");
     let scheduler = SchedulerConfig { max_num_batched_tokens: prompt.len(), max_num_seqs: 1, max_waiting: 1, max_model_len: max_ctx };

@@ -13,7 +13,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use ferrite_common::config::{LlamaConfig, RopeStyle};
 use ferrite_common::shard::ShardSpec;
-use ferrite_worker::backend::{Adjust, Backend, DEFAULT_BLOCK_SIZE, ForwardBatch, LogitsWanted, RowSampling, SampleParams, SeqInput, sample_uniform};
+use ferrite_worker::backend::{
+    Adjust, Backend, DEFAULT_BLOCK_SIZE, ForwardBatch, LogitsWanted, RowSampling, SampleParams, SeqInput, sample_uniform,
+};
 use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
 use ferrite_worker::model::open_model;
 use ferrite_worker::tp::comm::Communicator;
@@ -103,7 +105,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let copy_gbs = backend.measure_copy_bandwidth()?;
     let gemm_tflops = backend.measure_gemm_rate(8192, 8192, 8192)?;
     let gemm_prefill_tflops = backend.measure_gemm_rate(a.prefill_tokens, c.hidden_size, c.intermediate_size)?;
-    println!("ceilings: copy {copy_gbs:.0} GB/s (read + write), bf16 GEMM 8192³ {gemm_tflops:.0} TFLOP/s, prefill-shape GEMM {gemm_prefill_tflops:.0} TFLOP/s");
+    println!(
+        "ceilings: copy {copy_gbs:.0} GB/s (read + write), bf16 GEMM 8192³ {gemm_tflops:.0} TFLOP/s, prefill-shape GEMM {gemm_prefill_tflops:.0} TFLOP/s"
+    );
 
     let mut allreduce = Vec::new();
     if let Some(comm) = backend.nccl() {
@@ -140,7 +144,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!(
         "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10}",
-        "batch", "ctx", "ms/step", "tok/s", "roof ms", "frac", "eager ms", "linear ms", "lin frac", "attn ms", "attn frac", "other ms", "rest ms", "sampled ms"
+        "batch",
+        "ctx",
+        "ms/step",
+        "tok/s",
+        "roof ms",
+        "frac",
+        "eager ms",
+        "linear ms",
+        "lin frac",
+        "attn ms",
+        "attn frac",
+        "other ms",
+        "rest ms",
+        "sampled ms"
     );
     for &b in &a.batch {
         let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
@@ -232,12 +249,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let prefill_ms = median(times);
     let t = a.prefill_tokens as f64;
     let (h, hd) = (c.hidden_size as f64, c.head_dim as f64);
-    let layer_params = h * (c.num_heads + 2 * c.num_kv_heads) as f64 * hd + (c.num_heads as f64 * hd) * h + 3.0 * h * c.intermediate_size as f64;
+    let layer_params =
+        h * (c.num_heads + 2 * c.num_kv_heads) as f64 * hd + (c.num_heads as f64 * hd) * h + 3.0 * h * c.intermediate_size as f64;
     let flops = 2.0 * layer_params * c.num_layers as f64 * t
         + 2.0 * h * c.vocab_size as f64
         + 4.0 * c.num_layers as f64 * c.num_heads as f64 * hd * t * t / 2.0;
     let tflops = flops / (prefill_ms * 1e-3) / 1e12;
-    println!("prefill {} tokens: {prefill_ms:.2} ms, {tflops:.0} TFLOP/s = {:.2} of the 8192³ GEMM rate", a.prefill_tokens, tflops / gemm_tflops);
+    println!(
+        "prefill {} tokens: {prefill_ms:.2} ms, {tflops:.0} TFLOP/s = {:.2} of the 8192³ GEMM rate",
+        a.prefill_tokens,
+        tflops / gemm_tflops
+    );
 
     if let Some(path) = &a.json_out {
         let out = json!({
@@ -287,6 +309,10 @@ fn block_tables(seqs: usize, tokens: usize, blocks: usize) -> anyhow::Result<Vec
 /// The decode step over [`decode_inputs`]: each sequence adds its token at position `ctx`.
 fn decode_batch<'a>(tables: &'a [Vec<u32>], toks: &'a [[u32; 1]], ctx: usize) -> ForwardBatch<'a> {
     ForwardBatch {
-        seqs: toks.iter().zip(tables).map(|(t, table)| SeqInput { tokens: t, start_pos: ctx, block_table: table, logits: LogitsWanted::Last }).collect(),
+        seqs: toks
+            .iter()
+            .zip(tables)
+            .map(|(t, table)| SeqInput { tokens: t, start_pos: ctx, block_table: table, logits: LogitsWanted::Last })
+            .collect(),
     }
 }

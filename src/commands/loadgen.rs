@@ -58,11 +58,10 @@ pub struct Args {
 }
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from", "that", "this",
-    "it", "he", "she", "they", "we", "you", "his", "her", "their", "our", "time", "year", "people", "way", "day",
-    "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point",
-    "number", "group", "problem", "fact", "house", "water", "city", "river", "tree", "stone", "light", "night",
-    "road", "book", "table", "door", "music", "color", "green", "small",
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from", "that", "this", "it", "he", "she", "they",
+    "we", "you", "his", "her", "their", "our", "time", "year", "people", "way", "day", "man", "world", "life", "hand", "part", "child",
+    "eye", "woman", "place", "work", "week", "case", "point", "number", "group", "problem", "fact", "house", "water", "city", "river",
+    "tree", "stone", "light", "night", "road", "book", "table", "door", "music", "color", "green", "small",
 ];
 
 /// splitmix64: a fixed, well-mixed hash so prompts are deterministic across runs and machines.
@@ -95,10 +94,7 @@ impl LineSplitter {
         let Some(end) = self.buf.iter().rposition(|&b| b == b'\n') else { return Vec::new() };
         let rest = self.buf.split_off(end + 1);
         let done = std::mem::replace(&mut self.buf, rest);
-        done[..end]
-            .split(|&b| b == b'\n')
-            .map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l)).into_owned())
-            .collect()
+        done[..end].split(|&b| b == b'\n').map(|l| String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l)).into_owned()).collect()
     }
 }
 
@@ -288,12 +284,19 @@ fn print_text(s: &Value) {
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
     println!(
         "{} requests ({} ok, {} errors{}) in {:.2} s at concurrency {}",
-        s["requests"], s["completed"], s["errors"], if s["interrupted"] == true { ", interrupted" } else { "" },
-        s["duration_s"].as_f64().unwrap_or(0.0), s["concurrency"],
+        s["requests"],
+        s["completed"],
+        s["errors"],
+        if s["interrupted"] == true { ", interrupted" } else { "" },
+        s["duration_s"].as_f64().unwrap_or(0.0),
+        s["concurrency"],
     );
     println!(
         "throughput: {:.2} req/s, {} output tok/s ({} output tokens, {} prompt tokens)",
-        s["requests_per_s"].as_f64().unwrap_or(0.0), f(&s["output_tokens_per_s"]), s["output_tokens"], s["prompt_tokens"],
+        s["requests_per_s"].as_f64().unwrap_or(0.0),
+        f(&s["output_tokens_per_s"]),
+        s["output_tokens"],
+        s["prompt_tokens"],
     );
     println!("{:<10}{:>10}{:>10}{:>10}{:>10}", "ms", "p50", "p90", "p99", "mean");
     for (name, key) in [("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms")] {

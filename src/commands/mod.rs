@@ -17,7 +17,6 @@ use anyhow::bail;
 use crate::default_model;
 use ferrite_worker::cpu::weights::WeightPrecision;
 
-
 /// Options every model-running command takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -105,7 +104,13 @@ impl From<CudaAttention> for ferrite_worker::server::CudaAttention {
 
 impl EngineArgs {
     /// The worker config for `model`, with `max_waiting` sequences allowed to queue.
-    pub fn worker_config(&self, model: PathBuf, model_id: Option<String>, max_waiting: usize, m: &ModelArgs) -> ferrite_worker::server::WorkerConfig {
+    pub fn worker_config(
+        &self,
+        model: PathBuf,
+        model_id: Option<String>,
+        max_waiting: usize,
+        m: &ModelArgs,
+    ) -> ferrite_worker::server::WorkerConfig {
         ferrite_worker::server::WorkerConfig {
             model,
             model_id,
@@ -143,7 +148,9 @@ impl EngineArgs {
 
 /// `$XDG_CACHE_HOME/ferrite/kernels`, else `$HOME/.cache/ferrite/kernels` (None without either).
 fn default_kernel_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("ferrite").join("kernels"))
 }
 
@@ -222,7 +229,15 @@ mod tests {
         let c = config(&["--backend", "cuda"]);
         assert!(!c.enforce_eager && c.cuda_programmatic_launch && c.cuda_gemm_search && c.cuda_attention == Attn::Auto);
         assert_eq!((c.max_num_batched_tokens, c.max_num_seqs), (2048, 256));
-        let c = config(&["--enforce-eager", "--cuda-attention", "tensor-cores", "--cuda-programmatic-launch", "false", "--cuda-gemm-search", "false"]);
+        let c = config(&[
+            "--enforce-eager",
+            "--cuda-attention",
+            "tensor-cores",
+            "--cuda-programmatic-launch",
+            "false",
+            "--cuda-gemm-search",
+            "false",
+        ]);
         assert!(c.enforce_eager && !c.cuda_programmatic_launch && !c.cuda_gemm_search && c.cuda_attention == Attn::TensorCores);
         assert_eq!(config(&["--cuda-attention", "cuda-cores"]).cuda_attention, Attn::CudaCores);
         assert!(Cli::try_parse_from(["ferrite", "--cuda-attention", "fastest"]).is_err());

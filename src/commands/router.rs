@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
-use ferrite_router::{AppState, serve_http};
 use ferrite_router::Limits;
 use ferrite_router::WorkerPool;
+use ferrite_router::{AppState, serve_http};
 
 use super::resolve_model;
 use super::serve::HttpArgs;
@@ -42,17 +42,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             m => m.min(c.max_position_embeddings),
         };
         let limits = Limits { max_model_len, vocab_size: c.vocab_size };
-        let model_id =
-            files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string());
+        let model_id = files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string());
         let (vocab, fingerprint) = (c.vocab_size, files.fingerprint()?);
         let check = pool.clone();
         tokio::spawn(async move {
             // Not fatal either way: a worker that comes up later is picked up by readiness and routing.
             match check.info(Duration::from_secs(24 * 3600)).await {
-                Ok(info) if info.vocab_size as usize != vocab || info.model_fingerprint.as_slice() != fingerprint.as_slice() => tracing::error!(
-                    worker_model = %info.model_id,
-                    "the worker serves a different model than the router's --model (vocabulary or weights differ)"
-                ),
+                Ok(info) if info.vocab_size as usize != vocab || info.model_fingerprint.as_slice() != fingerprint.as_slice() => {
+                    tracing::error!(
+                        worker_model = %info.model_id,
+                        "the worker serves a different model than the router's --model (vocabulary or weights differ)"
+                    )
+                }
                 Ok(info) if (info.max_model_len as usize) < max_model_len => tracing::warn!(
                     worker_max_model_len = info.max_model_len,
                     router_max_model_len = max_model_len,

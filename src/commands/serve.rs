@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
-use ferrite_router::{AppState, RouterConfig, serve_http};
 use ferrite_router::Limits;
 use ferrite_router::WorkerPool;
+use ferrite_router::{AppState, RouterConfig, serve_http};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
@@ -39,7 +39,11 @@ impl HttpArgs {
     pub fn config(&self, model_id: &str) -> RouterConfig {
         let mut names = vec![model_id.to_string()];
         names.extend(self.served_model_names.iter().filter(|n| n.as_str() != model_id).cloned());
-        RouterConfig { model_names: names, max_concurrent_requests: self.max_concurrent_requests.max(1), max_body_bytes: self.max_body_bytes }
+        RouterConfig {
+            model_names: names,
+            max_concurrent_requests: self.max_concurrent_requests.max(1),
+            max_body_bytes: self.max_body_bytes,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {

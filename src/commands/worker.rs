@@ -42,7 +42,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         let listener = TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "worker listening");
-        worker.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+        worker
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
         anyhow::Ok(())
     })
 }

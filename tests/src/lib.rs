@@ -54,10 +54,7 @@ pub fn default_model() -> PathBuf {
         if let Ok(p) = std::env::var("FERRITE_MODEL") {
             return PathBuf::from(p);
         }
-        let out = Command::new("bash")
-            .arg(workspace_root().join("scripts/fetch-model.sh"))
-            .output()
-            .expect("run scripts/fetch-model.sh");
+        let out = Command::new("bash").arg(workspace_root().join("scripts/fetch-model.sh")).output().expect("run scripts/fetch-model.sh");
         assert!(out.status.success(), "fetch-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
     })
@@ -66,9 +63,7 @@ pub fn default_model() -> PathBuf {
 
 /// The reference folder: `$FERRITE_REFERENCE_DIR`, else `<workspace>/tests/data/reference`.
 pub fn reference_dir() -> PathBuf {
-    std::env::var("FERRITE_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("tests/data/reference"))
+    std::env::var("FERRITE_REFERENCE_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("tests/data/reference"))
 }
 
 /// `reference.json`, parsed.
@@ -145,7 +140,10 @@ impl<B: ferrite_worker::backend::Backend> ferrite_worker::backend::Backend for F
     fn info(&self) -> ferrite_worker::backend::BackendInfo {
         self.inner.info()
     }
-    fn forward(&mut self, batch: &ferrite_worker::backend::ForwardBatch<'_>) -> Result<ferrite_worker::backend::Logits, ferrite_worker::backend::BackendError> {
+    fn forward(
+        &mut self,
+        batch: &ferrite_worker::backend::ForwardBatch<'_>,
+    ) -> Result<ferrite_worker::backend::Logits, ferrite_worker::backend::BackendError> {
         if self.steps == 0 {
             return Err(ferrite_worker::backend::BackendError::Device("injected device failure".into()));
         }

@@ -65,9 +65,9 @@ pub fn tensors() -> Vec<Tensor> {
 pub fn write_safetensors(path: &Path, tensors: &[Tensor]) {
     let bytes: Vec<(&str, &[usize], Vec<u8>)> =
         tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
-    let views = bytes.iter().map(|(n, s, b)| {
-        (*n, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.to_vec(), b).expect("consistent view"))
-    });
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| (*n, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.to_vec(), b).expect("consistent view")));
     safetensors::serialize_to_file(views, None, path).expect("write safetensors");
 }
 

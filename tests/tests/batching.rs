@@ -37,16 +37,11 @@ fn logits_are_batch_invariant_in_prefill_and_decode() {
 
     // Together, in one prefill batch and one decode batch, with other blocks, handed out in the reverse order.
     let tables: Vec<Vec<u32>> = prompts.iter().rev().map(|p| alloc.table(p.len() + 1)).rev().collect();
-    let pre = b
-        .forward(&ForwardBatch {
-            seqs: prompts.iter().zip(&tables).map(|(p, t)| seq(p, 0, t, LogitsWanted::All)).collect(),
-        })
-        .unwrap();
+    let pre =
+        b.forward(&ForwardBatch { seqs: prompts.iter().zip(&tables).map(|(p, t)| seq(p, 0, t, LogitsWanted::All)).collect() }).unwrap();
     let next = [7u32];
     let dec = b
-        .forward(&ForwardBatch {
-            seqs: prompts.iter().zip(&tables).map(|(p, t)| seq(&next, p.len(), t, LogitsWanted::Last)).collect(),
-        })
+        .forward(&ForwardBatch { seqs: prompts.iter().zip(&tables).map(|(p, t)| seq(&next, p.len(), t, LogitsWanted::Last)).collect() })
         .unwrap();
     for (i, (pre_alone, dec_alone)) in alone.iter().enumerate() {
         assert!(pre.seq(i) == pre_alone.as_slice(), "prefill logits of sequence {i} differ in a batch");
@@ -79,8 +74,12 @@ fn bad_batches_get_typed_errors() {
     type Case<'a> = (ForwardBatch<'a>, fn(&BackendError) -> bool);
     let cases: Vec<Case<'_>> = vec![
         (ForwardBatch { seqs: vec![seq(&[], 0, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::EmptySequence { .. })),
-        (ForwardBatch { seqs: vec![seq(&[49_152], 0, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::InvalidToken { id: 49_152, .. })),
-        (ForwardBatch { seqs: vec![seq(&[1; 40], 0, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::BlockTableTooShort { .. })),
+        (ForwardBatch { seqs: vec![seq(&[49_152], 0, &table, LogitsWanted::Last)] }, |e| {
+            matches!(e, BackendError::InvalidToken { id: 49_152, .. })
+        }),
+        (ForwardBatch { seqs: vec![seq(&[1; 40], 0, &table, LogitsWanted::Last)] }, |e| {
+            matches!(e, BackendError::BlockTableTooShort { .. })
+        }),
         (ForwardBatch { seqs: vec![seq(&[1], 0, &[999], LogitsWanted::Last)] }, |e| matches!(e, BackendError::InvalidBlock { .. })),
         (ForwardBatch { seqs: vec![seq(&[1], 8192, &table, LogitsWanted::Last)] }, |e| matches!(e, BackendError::ContextOverflow { .. })),
     ];

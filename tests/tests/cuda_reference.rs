@@ -116,7 +116,8 @@ fn cuda_tensor_parallel_world1_matches_reference() {
 fn cuda_rank_fails_promptly_when_its_group_is_aborted() {
     let plan = ShardSpec::plan(&ModelFiles::open(&default_model()).unwrap().config, 1, 1).unwrap();
     let group = NcclGroup::new(1, Duration::from_secs(30)).ok();
-    let Some(mut b) = started(|model, opts| CudaBackend::load_rank(model, opts, RankSpec { plan: &plan, group: group.clone().expect("NCCL"), rank: 0 }))
+    let Some(mut b) =
+        started(|model, opts| CudaBackend::load_rank(model, opts, RankSpec { plan: &plan, group: group.clone().expect("NCCL"), rank: 0 }))
     else {
         return;
     };
@@ -139,7 +140,8 @@ fn nccl_rank_host_collectives_at_world_size_1() {
     use ferrite_worker::tp::comm::Communicator;
     let plan = ShardSpec::plan(&ModelFiles::open(&default_model()).unwrap().config, 1, 1).unwrap();
     let group = NcclGroup::new(1, Duration::from_secs(30)).ok();
-    let Some(b) = started(|model, opts| CudaBackend::load_rank(model, opts, RankSpec { plan: &plan, group: group.clone().expect("NCCL"), rank: 0 }))
+    let Some(b) =
+        started(|model, opts| CudaBackend::load_rank(model, opts, RankSpec { plan: &plan, group: group.clone().expect("NCCL"), rank: 0 }))
     else {
         return;
     };
@@ -195,7 +197,13 @@ fn check_against_reference(b: &mut dyn Backend) {
         }
         for &i in steps_compared {
             let ours = &steps[p - 1 + i];
-            assert_eq!(argmax(ours), case.greedy_ids[i], "{} teacher-forced step {i}: margin {} > 2 × {TOP_BOUND}", case.name, case.margins[i]);
+            assert_eq!(
+                argmax(ours),
+                case.greedy_ids[i],
+                "{} teacher-forced step {i}: margin {} > 2 × {TOP_BOUND}",
+                case.name,
+                case.margins[i]
+            );
             checked += 1;
         }
         eprintln!("{}: top-10 logits max |err| {top_err:.3}; {} teacher-forced steps equal", case.name, steps_compared.len());
@@ -264,13 +272,16 @@ fn three_sequence_decode(b: &mut CudaBackend) -> Vec<Vec<f32>> {
     let mut tables = Vec::new();
     for p in &prompts {
         let t = alloc.table(p.len() + 1);
-        let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &p[..p.len() - 1], start_pos: 0, block_table: &t, logits: LogitsWanted::None }] };
+        let batch =
+            ForwardBatch { seqs: vec![SeqInput { tokens: &p[..p.len() - 1], start_pos: 0, block_table: &t, logits: LogitsWanted::None }] };
         b.forward(&batch).expect("prefill");
         tables.push(t);
     }
     let last: Vec<[u32; 1]> = prompts.iter().map(|p| [p[p.len() - 1]]).collect();
     let batch = ForwardBatch {
-        seqs: (0..3).map(|i| SeqInput { tokens: &last[i], start_pos: prompts[i].len() - 1, block_table: &tables[i], logits: LogitsWanted::Last }).collect(),
+        seqs: (0..3)
+            .map(|i| SeqInput { tokens: &last[i], start_pos: prompts[i].len() - 1, block_table: &tables[i], logits: LogitsWanted::Last })
+            .collect(),
     };
     let out = b.forward(&batch).expect("decode");
     (0..3).map(|i| out.last(i).unwrap().to_vec()).collect()

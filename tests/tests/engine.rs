@@ -9,8 +9,8 @@ use ferrite_common::sampling::{SamplingParams, StoppingParams};
 use ferrite_tests::{FailAfter, default_model, ref_cases};
 use ferrite_worker::cpu::{CpuBackend, CpuOptions};
 use ferrite_worker::engine::core::{Engine, EngineConfig, EngineError, EngineHandle, EngineOutput, EngineRequest, FinishReason};
-use ferrite_worker::instant::InstantBackend;
 use ferrite_worker::engine::scheduler::SchedulerConfig;
+use ferrite_worker::instant::InstantBackend;
 
 fn engine(budget: usize, kv_blocks: usize) -> EngineHandle {
     let files = ModelFiles::open(&default_model()).unwrap();
@@ -146,7 +146,13 @@ fn backend_sampling_and_host_sampling_draw_the_same_tokens() {
             seed: Some(1234),
             ..SamplingParams::default()
         },
-        stopping: StoppingParams { max_new_tokens: 12, ignore_eos: true, logprobs, top_logprobs: u32::from(logprobs), ..StoppingParams::default() },
+        stopping: StoppingParams {
+            max_new_tokens: 12,
+            ignore_eos: true,
+            logprobs,
+            top_logprobs: u32::from(logprobs),
+            ..StoppingParams::default()
+        },
         n: 2,
         cache_salt: Vec::new(),
     };

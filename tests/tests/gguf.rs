@@ -72,8 +72,7 @@ fn gguf_bytes(arch: &str, drop: Option<&str>) -> Vec<u8> {
             (gguf_name(n), dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
         })
         .collect();
-    let tensors: Vec<TensorIn<'_>> =
-        data.iter().map(|(n, d, b)| TensorIn { name: n, dims: d, dtype: GgmlType::F32, data: b }).collect();
+    let tensors: Vec<TensorIn<'_>> = data.iter().map(|(n, d, b)| TensorIn { name: n, dims: d, dtype: GgmlType::F32, data: b }).collect();
     to_bytes(
         &[
             ("general.architecture", Meta::Str(arch)),
@@ -96,9 +95,7 @@ fn logits(model: &Path) -> Vec<f32> {
     let mut b = CpuBackend::load(&m, &CpuOptions { num_kv_blocks: 4, ..CpuOptions::default() }).unwrap();
     let prompt = [5u32, 77, 3, 120, 9, 9, 41, 0, 2, 64, 31, 100];
     let table = BlockTables::new(4, 16).table(prompt.len());
-    let batch = ForwardBatch {
-        seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::All }],
-    };
+    let batch = ForwardBatch { seqs: vec![SeqInput { tokens: &prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
     b.forward(&batch).unwrap().data
 }
 

@@ -25,9 +25,7 @@ fn export(dtype: ExportDtype) -> tempfile::TempDir {
 
 fn last_logits(b: &mut CpuBackend, prompt: &[u32]) -> Vec<f32> {
     let table = BlockTables::new(64, 16).table(prompt.len());
-    let batch = ForwardBatch {
-        seqs: vec![SeqInput { tokens: prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }],
-    };
+    let batch = ForwardBatch { seqs: vec![SeqInput { tokens: prompt, start_pos: 0, block_table: &table, logits: LogitsWanted::Last }] };
     b.forward(&batch).unwrap().last(0).unwrap().to_vec()
 }
 
@@ -101,7 +99,13 @@ fn bf16_export_loads_and_stays_close() {
         }
         for (i, &want_id) in case.greedy_ids.iter().enumerate() {
             if case.margins[i] > 2.0 * TOP10 {
-                assert_eq!(ferrite_kernels::cpu::ops::argmax(rows[i]), want_id, "{} teacher-forced step {i} (margin {})", case.name, case.margins[i]);
+                assert_eq!(
+                    ferrite_kernels::cpu::ops::argmax(rows[i]),
+                    want_id,
+                    "{} teacher-forced step {i} (margin {})",
+                    case.name,
+                    case.margins[i]
+                );
                 forced_steps += 1;
             }
         }

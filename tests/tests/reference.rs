@@ -22,8 +22,7 @@ fn backend(precision: WeightPrecision) -> CpuBackend {
 /// Logits at every position of `tokens` (teacher forcing), in one prefill.
 fn all_logits(b: &mut CpuBackend, tokens: &[u32]) -> Vec<Vec<f32>> {
     let table = BlockTables::new(64, 16).table(tokens.len());
-    let batch =
-        ForwardBatch { seqs: vec![SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
+    let batch = ForwardBatch { seqs: vec![SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsWanted::All }] };
     let l = b.forward(&batch).unwrap();
     l.seq(0).chunks(l.vocab).map(<[f32]>::to_vec).collect()
 }

@@ -65,9 +65,19 @@ async fn greedy_outputs_match_the_reference() {
         let max_tokens = case["greedy_ids"].as_array().unwrap().len();
         let want = case["greedy_text"].as_str().unwrap().trim_end_matches("<|im_end|>");
         let (status, v, raw) = if case["kind"] == "chat" {
-            post_json(&app, "/v1/chat/completions", json!({"model": MODEL, "messages": case["messages"], "max_tokens": max_tokens, "temperature": 0})).await
+            post_json(
+                &app,
+                "/v1/chat/completions",
+                json!({"model": MODEL, "messages": case["messages"], "max_tokens": max_tokens, "temperature": 0}),
+            )
+            .await
         } else {
-            post_json(&app, "/v1/completions", json!({"model": MODEL, "prompt": case["prompt_text"], "max_tokens": max_tokens, "temperature": 0})).await
+            post_json(
+                &app,
+                "/v1/completions",
+                json!({"model": MODEL, "prompt": case["prompt_text"], "max_tokens": max_tokens, "temperature": 0}),
+            )
+            .await
         };
         assert_eq!(status, StatusCode::OK, "{name}: {raw}");
         let choice = &v["choices"][0];
@@ -203,7 +213,12 @@ async fn every_error_class_is_an_openai_envelope() {
         (json!({"model": MODEL, "prompt": "x", "temperature": 3}), StatusCode::BAD_REQUEST, "invalid_value", Some("temperature")),
         (json!({"model": MODEL, "prompt": "x", "max_tokens": 0}), StatusCode::BAD_REQUEST, "invalid_value", Some("max_tokens")),
         (json!({"model": MODEL, "prompt": "x", "n": 0}), StatusCode::BAD_REQUEST, "invalid_value", Some("n")),
-        (json!({"model": MODEL, "prompt": "x", "max_tokens": 5000}), StatusCode::BAD_REQUEST, "context_length_exceeded", Some("max_tokens")),
+        (
+            json!({"model": MODEL, "prompt": "x", "max_tokens": 5000}),
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+            Some("max_tokens"),
+        ),
         (json!({"model": MODEL, "prompt": [1, 2, 999999]}), StatusCode::BAD_REQUEST, "invalid_value", Some("prompt")),
         (json!({"model": MODEL}), StatusCode::BAD_REQUEST, "invalid_json", None),
     ];
@@ -236,9 +251,11 @@ async fn a_client_that_disconnects_mid_stream_frees_the_worker() {
     let cfg = WorkerConfig { max_model_len: 4096, kv_cache_mib: 256, ..test_worker_config() };
     let (app, engine) = stack_cfg(1 << 20, 64, cfg).await;
     let s = &engine.stats;
-    let counters = || (s.aborts.load(Ordering::Relaxed), s.generated_tokens.load(Ordering::Relaxed), s.kv_blocks_used.load(Ordering::Relaxed));
+    let counters =
+        || (s.aborts.load(Ordering::Relaxed), s.generated_tokens.load(Ordering::Relaxed), s.kv_blocks_used.load(Ordering::Relaxed));
     let before = counters();
-    let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": BUDGET, "temperature": 0, "ignore_eos": true, "stream": true});
+    let body =
+        json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": BUDGET, "temperature": 0, "ignore_eos": true, "stream": true});
     let req = Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(body.to_string())).unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -249,7 +266,10 @@ async fn a_client_that_disconnects_mid_stream_frees_the_worker() {
     drop(body);
     let mut idle = false;
     for _ in 0..200 {
-        if s.running.load(Ordering::Relaxed) == 0 && s.waiting.load(Ordering::Relaxed) == 0 && s.kv_blocks_used.load(Ordering::Relaxed) == before.2 {
+        if s.running.load(Ordering::Relaxed) == 0
+            && s.waiting.load(Ordering::Relaxed) == 0
+            && s.kv_blocks_used.load(Ordering::Relaxed) == before.2
+        {
             idle = true;
             break;
         }
@@ -312,7 +332,8 @@ async fn prompt_lists_token_prompts_and_echo() {
     assert_eq!(v["usage"]["prompt_tokens"], 9);
     // Token-id prompts and echo.
     let ids = reference()["cases"]["once_upon"]["prompt_ids"].clone();
-    let (_, t, _) = post_json(&app, "/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "echo": true})).await;
+    let (_, t, _) =
+        post_json(&app, "/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "echo": true})).await;
     assert_eq!(t["choices"][0]["text"].as_str().unwrap(), format!("Once upon a time{}", a["choices"][0]["text"].as_str().unwrap()));
 }
 

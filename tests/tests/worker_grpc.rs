@@ -21,7 +21,11 @@ async fn start_with_metrics(max_waiting: usize, max_num_seqs: usize) -> (WorkerC
     start_worker(max_waiting, max_num_seqs, 1).await
 }
 
-async fn start_worker(max_waiting: usize, max_num_seqs: usize, tensor_parallel_size: usize) -> (WorkerClient<Channel>, std::net::SocketAddr) {
+async fn start_worker(
+    max_waiting: usize,
+    max_num_seqs: usize,
+    tensor_parallel_size: usize,
+) -> (WorkerClient<Channel>, std::net::SocketAddr) {
     start_cfg(WorkerConfig { max_num_seqs, max_waiting, tensor_parallel_size, ..test_worker_config() }).await
 }
 
@@ -45,7 +49,11 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing"))
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
 }
 
 /// The worker counters an abort must move: aborted requests, generated tokens, KV blocks in use.
@@ -229,7 +237,11 @@ async fn cancelled_stream_frees_its_blocks_and_abort_ends_a_request_or_one_compl
     match last.and_then(|m| m.kind) {
         Some(pb::generate_response::Kind::Finished(f)) => {
             assert_eq!(f.reason, pb::FinishReason::Abort as i32);
-            assert!(f.completion_tokens >= 1 && f64::from(f.completion_tokens) < AFTER_ABORT, "{} of {UNFINISHABLE} tokens", f.completion_tokens);
+            assert!(
+                f.completion_tokens >= 1 && f64::from(f.completion_tokens) < AFTER_ABORT,
+                "{} of {UNFINISHABLE} tokens",
+                f.completion_tokens
+            );
             assert_eq!(f.completion_tokens as usize, streamed, "every generated token was streamed");
         }
         other => panic!("expected Finished(ABORT), got {other:?}"),
@@ -372,7 +384,10 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         (pb::GenerateRequest { prompt_ids: vec![1; 1024], ..ok.clone() }, "prompt_ids"),
         (pb::GenerateRequest { request_id: String::new(), ..ok.clone() }, "request_id"),
         (pb::GenerateRequest { max_new_tokens: 5000, ..ok.clone() }, "max_new_tokens"),
-        (pb::GenerateRequest { sampling: Some(pb::SamplingParams { temperature: Some(-1.0), ..Default::default() }), ..ok.clone() }, "temperature"),
+        (
+            pb::GenerateRequest { sampling: Some(pb::SamplingParams { temperature: Some(-1.0), ..Default::default() }), ..ok.clone() },
+            "temperature",
+        ),
         (pb::GenerateRequest { sampling: Some(pb::SamplingParams { top_p: Some(0.0), ..Default::default() }), ..ok.clone() }, "top_p"),
         (pb::GenerateRequest { sampling: Some(pb::SamplingParams { min_p: Some(2.0), ..Default::default() }), ..ok.clone() }, "min_p"),
         (pb::GenerateRequest { top_logprobs: 3, ..ok.clone() }, "top_logprobs"),

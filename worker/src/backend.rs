@@ -145,7 +145,11 @@ pub trait Backend: Send {
 }
 
 /// `Backend::forward_sample` on the host: `forward`, then [`RowSampling::sample_host`] on each last logit row.
-pub fn forward_then_sample<B: Backend + ?Sized>(b: &mut B, batch: &ForwardBatch<'_>, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+pub fn forward_then_sample<B: Backend + ?Sized>(
+    b: &mut B,
+    batch: &ForwardBatch<'_>,
+    rows: &[RowSampling],
+) -> Result<Vec<u32>, BackendError> {
     let l = b.forward(batch)?;
     let mut scratch = ferrite_kernels::cpu::sample::SampleScratch::default();
     let mut row = Vec::new();
@@ -159,12 +163,7 @@ pub fn forward_then_sample<B: Backend + ?Sized>(b: &mut B, batch: &ForwardBatch<
 }
 
 /// Validates a batch against the model and KV geometry (shared by backends, so errors are identical).
-pub fn validate_batch(
-    batch: &ForwardBatch<'_>,
-    config: &LlamaConfig,
-    block_size: usize,
-    num_blocks: usize,
-) -> Result<(), BackendError> {
+pub fn validate_batch(batch: &ForwardBatch<'_>, config: &LlamaConfig, block_size: usize, num_blocks: usize) -> Result<(), BackendError> {
     for (seq, s) in batch.seqs.iter().enumerate() {
         if s.tokens.is_empty() {
             return Err(BackendError::EmptySequence { seq });

@@ -1,16 +1,15 @@
 //! Starting a worker: load the model, size the KV cache, start the engine thread and serve gRPC.
 
-
 use ferrite_common::model::ModelFiles;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::backend::Backend;
+use crate::backend::DEFAULT_BLOCK_SIZE;
 pub use crate::config::{BackendKind, CudaAttention, WorkerConfig, WorkerError};
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::engine::core::{Engine, EngineConfig, EngineHandle};
 use crate::engine::scheduler::SchedulerConfig;
-use crate::backend::DEFAULT_BLOCK_SIZE;
 use crate::service::{ModelInfo, WorkerService};
 
 /// A loaded worker, ready to serve.
@@ -66,7 +65,12 @@ impl Worker {
                 return Err(WorkerError::Config("this binary was built without CUDA support (cargo build --features cuda)".into()));
             }
             BackendKind::Cpu => {
-                let opts = CpuOptions { precision: cfg.precision, threads: cfg.threads, num_kv_blocks: num_blocks, block_size: DEFAULT_BLOCK_SIZE };
+                let opts = CpuOptions {
+                    precision: cfg.precision,
+                    threads: cfg.threads,
+                    num_kv_blocks: num_blocks,
+                    block_size: DEFAULT_BLOCK_SIZE,
+                };
                 if cfg.tensor_parallel_size > 1 {
                     Box::new(crate::tp::group::TpBackend::cpu(&files, &opts, plan(files.max_block_size())?)?)
                 } else {

@@ -52,11 +52,7 @@ pub enum QuantError {
     Unsupported(GgmlType),
     /// `elements` is not a whole number of blocks, or `bytes` is not the size of that many blocks.
     #[error("{elements} elements of type {dtype} do not match {bytes} bytes of data")]
-    BadLength {
-        dtype: GgmlType,
-        elements: usize,
-        bytes: usize,
-    },
+    BadLength { dtype: GgmlType, elements: usize, bytes: usize },
 }
 
 /// Number of values in one [`BlockQ8`].
@@ -99,10 +95,7 @@ enum Isa {
 fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
             return Isa::Avx2;
         }
     }
@@ -176,22 +169,14 @@ pub fn dequantize_row(t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Qu
         return Err(QuantError::Unsupported(t));
     }
     if t.bytes_for(dst.len()) != Some(src.len()) {
-        return Err(QuantError::BadLength {
-            dtype: t,
-            elements: dst.len(),
-            bytes: src.len(),
-        });
+        return Err(QuantError::BadLength { dtype: t, elements: dst.len(), bytes: src.len() });
     }
     let ts = t.type_size();
-    let blocks = src
-        .chunks_exact(ts)
-        .zip(dst.chunks_exact_mut(t.block_size()));
+    let blocks = src.chunks_exact(ts).zip(dst.chunks_exact_mut(t.block_size()));
     match t {
         F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
-        BF16 => blocks.for_each(|(b, y)| {
-            y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
-        }),
+        BF16 => blocks.for_each(|(b, y)| y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
         Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
         Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
         Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
@@ -290,11 +275,7 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
 ///
 /// The SIMD and scalar paths give identical blocks.
 pub fn quantize_row_q16(x: &[f32], out: &mut [BlockQ16]) {
-    debug_assert_eq!(
-        x.len(),
-        out.len() * QK16,
-        "quantize_row_q16: length mismatch"
-    );
+    debug_assert_eq!(x.len(), out.len() * QK16, "quantize_row_q16: length mismatch");
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
@@ -324,11 +305,7 @@ pub fn supports_q8_dot(t: GgmlType) -> bool {
 /// used. `x.qs` must not hold -128 (never produced by [`quantize_row_q8`]).
 pub fn vec_dot_q8(t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
     debug_assert!(supports_q8_dot(t), "vec_dot_q8: unsupported type {t}");
-    debug_assert_eq!(
-        w.len(),
-        x.len() * t.type_size(),
-        "vec_dot_q8: length mismatch"
-    );
+    debug_assert_eq!(w.len(), x.len() * t.type_size(), "vec_dot_q8: length mismatch");
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
@@ -354,11 +331,7 @@ pub fn supports_q16_dot(t: GgmlType) -> bool {
 /// used.
 pub fn vec_dot_q16(t: GgmlType, w: &[u8], x: &[BlockQ16]) -> f32 {
     debug_assert!(supports_q16_dot(t), "vec_dot_q16: unsupported type {t}");
-    debug_assert_eq!(
-        w.len(),
-        x.len() * t.type_size(),
-        "vec_dot_q16: length mismatch"
-    );
+    debug_assert_eq!(w.len(), x.len() * t.type_size(), "vec_dot_q16: length mismatch");
     match isa_q16() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa_q16()` returned Avx2, so the CPU supports avx2, fma and f16c.
@@ -463,44 +436,20 @@ pub fn gemv_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &m
 /// Inconsistent lengths (`x.len() != n * blocks_per_row`, `out` shorter than `(n - 1) *
 /// out_stride + rows`) hit a `debug_assert!`; in release only the activation rows that fit in
 /// both `x` and `out` are computed.
-pub fn gemm_q16(
-    t: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ16],
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+pub fn gemm_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
     debug_assert!(supports_q16_dot(t), "gemm_q16: unsupported type {t}");
     if !supports_q16_dot(t) || n == 0 || row_bytes == 0 {
         return;
     }
     let nb = row_bytes / t.type_size();
     let rows = w.len() / row_bytes;
-    debug_assert_eq!(
-        row_bytes,
-        nb * t.type_size(),
-        "gemm_q16: row_bytes is not a whole number of blocks"
-    );
+    debug_assert_eq!(row_bytes, nb * t.type_size(), "gemm_q16: row_bytes is not a whole number of blocks");
     debug_assert_eq!(x.len(), n * nb, "gemm_q16: activation length mismatch");
-    debug_assert!(
-        n == 1 || out_stride >= rows,
-        "gemm_q16: out_stride {out_stride} < rows {rows}"
-    );
-    debug_assert!(
-        out.len() >= (n - 1) * out_stride + rows,
-        "gemm_q16: output too short"
-    );
+    debug_assert!(n == 1 || out_stride >= rows, "gemm_q16: out_stride {out_stride} < rows {rows}");
+    debug_assert!(out.len() >= (n - 1) * out_stride + rows, "gemm_q16: output too short");
     // Activation rows that fit in `x` and whose outputs fit in `out`.
     let fit_x = x.len().checked_div(nb).unwrap_or(n);
-    let fit_out = if out.len() < rows {
-        0
-    } else {
-        (out.len() - rows)
-            .checked_div(out_stride)
-            .map_or(n, |q| q + 1)
-    };
+    let fit_out = if out.len() < rows { 0 } else { (out.len() - rows).checked_div(out_stride).map_or(n, |q| q + 1) };
     let n = n.min(fit_x).min(fit_out);
     if n == 0 || rows == 0 {
         return;

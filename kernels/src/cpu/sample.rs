@@ -202,9 +202,9 @@ mod tests {
     fn adjustments_compose_in_order() {
         let mut l = vec![2.0f32, -2.0, 1.0, 5.0];
         let adj = [
-            Adjust { id: 0, bias: 1.0, repeat: true, sub: 0.5, mask: false },  // (2 + 1) / 2 - 0.5 = 1.0
-            Adjust { id: 1, bias: 0.0, repeat: true, sub: 0.0, mask: false },  // -2 · 2 = -4
-            Adjust { id: 3, bias: 0.0, repeat: false, sub: 0.0, mask: true },  // -inf
+            Adjust { id: 0, bias: 1.0, repeat: true, sub: 0.5, mask: false }, // (2 + 1) / 2 - 0.5 = 1.0
+            Adjust { id: 1, bias: 0.0, repeat: true, sub: 0.0, mask: false }, // -2 · 2 = -4
+            Adjust { id: 3, bias: 0.0, repeat: false, sub: 0.0, mask: true }, // -inf
             Adjust { id: 99, bias: 1.0, repeat: false, sub: 0.0, mask: false }, // out of range: ignored
         ];
         apply_adjustments(&mut l, &adj, 2.0);

@@ -6,10 +6,10 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::cublas::{CudaBlas, result as blas, sys};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use super::CudaError;
 use super::gemm_lt::{LtAlgo, LtHandle, WORKSPACE_BYTES};
+use cudarc::cublas::{CudaBlas, result as blas, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 /// A cuBLAS handle and a cuBLASLt handle bound to the backend's stream, sharing one workspace (so neither ever
 /// allocates inside a captured CUDA graph; launches on one stream never overlap).
@@ -21,7 +21,6 @@ pub struct Gemm {
     pub(super) workspace_ptr: u64,
     _workspace: CudaSlice<u8>,
 }
-
 
 /// One operand of a strided-batched GEMM: device address, leading dimension, stride between batch items (elements).
 #[derive(Debug, Clone, Copy)]
@@ -81,7 +80,19 @@ impl Gemm {
     /// # Safety
     /// Every batch item's operands lie inside live device buffers of this handle's device.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn batched(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Operand, c_bf16: bool, batch: usize) -> Result<(), CudaError> {
+    pub unsafe fn batched(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        c_bf16: bool,
+        batch: usize,
+    ) -> Result<(), CudaError> {
         if batch == 0 || m == 0 || n == 0 {
             return Ok(());
         }

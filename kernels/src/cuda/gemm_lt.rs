@@ -77,16 +77,23 @@ unsafe impl Sync for Descriptors {}
 
 impl Descriptors {
     fn new(rows: usize, inp: usize, out: usize) -> Result<Self, CudaError> {
-        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F).map_err(|e| err("matmul descriptor", e))?;
+        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+            .map_err(|e| err("matmul descriptor", e))?;
         let mut this = Self { desc, a: std::ptr::null_mut(), b: std::ptr::null_mut(), d: std::ptr::null_mut() };
-        let layout = |t, r: usize, c: usize, ld: usize| lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(|e| err("matrix layout", e));
+        let layout = |t, r: usize, c: usize, ld: usize| {
+            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(|e| err("matrix layout", e))
+        };
         this.a = layout(sys::cudaDataType::CUDA_R_16BF, inp, out, inp)?;
         this.b = layout(sys::cudaDataType::CUDA_R_16BF, inp, rows, inp)?;
         this.d = layout(sys::cudaDataType::CUDA_R_32F, out, rows, out)?;
         // cublasOperation_t, 4 bytes: 1 = T, 0 = N.
-        for (attr, op) in [(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, 1i32), (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, 0)] {
+        for (attr, op) in [
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, 1i32),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, 0),
+        ] {
             // SAFETY: `desc` is live; the value is an int32 on the stack, read during the call.
-            unsafe { lt::set_matmul_desc_attribute(this.desc, attr, (&op as *const i32).cast(), size_of::<i32>()) }.map_err(|e| err("transpose attribute", e))?;
+            unsafe { lt::set_matmul_desc_attribute(this.desc, attr, (&op as *const i32).cast(), size_of::<i32>()) }
+                .map_err(|e| err("transpose attribute", e))?;
         }
         Ok(this)
     }
@@ -116,14 +123,25 @@ impl Preference {
         let limit = workspace as u64;
         // SAFETY: `pref` is live; the value is a uint64 on the stack, read during the call.
         unsafe {
-            lt::set_matmul_pref_attribute(pref.0, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&limit as *const u64).cast(), size_of::<u64>())
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&limit as *const u64).cast(),
+                size_of::<u64>(),
+            )
         }
         .map_err(|e| err("workspace preference", e))?;
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         let align = LT_ALIGN as u32;
-        for attr in [P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES] {
+        for attr in [
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ] {
             // SAFETY: `pref` is live; the value is a uint32 on the stack, read during the call.
-            unsafe { lt::set_matmul_pref_attribute(pref.0, attr, (&align as *const u32).cast(), size_of::<u32>()) }.map_err(|e| err("alignment preference", e))?;
+            unsafe { lt::set_matmul_pref_attribute(pref.0, attr, (&align as *const u32).cast(), size_of::<u32>()) }
+                .map_err(|e| err("alignment preference", e))?;
         }
         Ok(pref)
     }
@@ -166,7 +184,9 @@ impl LtAlgo {
         let (mut value, mut written) = (0u32, 0usize);
         // SAFETY: `algo` is an initialized algorithm from the heuristic; the buffer is 4 writable bytes and cuBLASLt
         // writes at most that many (it fails instead when the attribute is wider).
-        let status = unsafe { sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, (&mut value as *mut u32).cast(), size_of::<u32>(), &mut written) };
+        let status = unsafe {
+            sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, (&mut value as *mut u32).cast(), size_of::<u32>(), &mut written)
+        };
         if status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && written == size_of::<u32>() { value } else { 0 }
     }
 }
@@ -188,9 +208,11 @@ impl LtHandle {
         let d = &descriptors;
         // SAFETY: every descriptor is live; `results` has room for `max` entries and cuBLASLt writes at most that many,
         // reporting how many in `found`. C and D share one layout (beta = 0, D written in place of C).
-        unsafe { sys::cublasLtMatmulAlgoGetHeuristic(handle.0, d.desc, d.a, d.b, d.d, d.d, pref.0, max as i32, results.as_mut_ptr(), &mut found) }
-            .result()
-            .map_err(|e| err(&format!("heuristic for {rows}x{inp}->{out}"), e))?;
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(handle.0, d.desc, d.a, d.b, d.d, d.d, pref.0, max as i32, results.as_mut_ptr(), &mut found)
+        }
+        .result()
+        .map_err(|e| err(&format!("heuristic for {rows}x{inp}->{out}"), e))?;
         use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
         Ok(results[..(found.max(0) as usize).min(max)]
             .iter()
@@ -201,8 +223,13 @@ impl LtHandle {
                 rows,
                 inp,
                 out,
-                config: [A::CUBLASLT_ALGO_CONFIG_ID, A::CUBLASLT_ALGO_CONFIG_TILE_ID, A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, A::CUBLASLT_ALGO_CONFIG_STAGES_ID]
-                    .map(|a| LtAlgo::attribute(&r.algo, a)),
+                config: [
+                    A::CUBLASLT_ALGO_CONFIG_ID,
+                    A::CUBLASLT_ALGO_CONFIG_TILE_ID,
+                    A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                    A::CUBLASLT_ALGO_CONFIG_STAGES_ID,
+                ]
+                .map(|a| LtAlgo::attribute(&r.algo, a)),
             })
             .collect())
     }
@@ -214,7 +241,15 @@ impl LtHandle {
     /// `x` holds `algo.rows · algo.inp` bf16, `w` `algo.out · algo.inp` bf16, `y` `algo.rows · algo.out` f32, all
     /// on the handle's device; `algo` came from this handle's [`LtHandle::candidates`]; `workspace` is a live device
     /// buffer of [`WORKSPACE_BYTES`] used by nothing else on another stream.
-    pub(super) unsafe fn linear(&self, algo: &LtAlgo, x: u64, w: u64, y: u64, workspace: u64, stream: &CudaStream) -> Result<(), CudaError> {
+    pub(super) unsafe fn linear(
+        &self,
+        algo: &LtAlgo,
+        x: u64,
+        w: u64,
+        y: u64,
+        workspace: u64,
+        stream: &CudaStream,
+    ) -> Result<(), CudaError> {
         let handle = self;
         if !LtAlgo::accepts(x, w, y) {
             return Err(CudaError::Unsupported(format!("cuBLASLt operands must be {LT_ALIGN}-byte aligned: x {x:#x}, w {w:#x}, y {y:#x}")));

@@ -187,33 +187,31 @@ pub fn compile(arch: &str) -> Result<Image, CudaError> {
         .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("create program: {e:?}") })?;
     // No --use_fast_math: it turns sincosf into approximations that are wrong for RoPE angles of thousands of
     // radians. The kernels call the fast intrinsics (__expf) where they are accurate enough.
-    let opts: Vec<String> = std::iter::once(format!("--gpu-architecture={arch}")).chain(COMPILE_OPTIONS.iter().map(|o| o.to_string())).collect();
+    let opts: Vec<String> =
+        std::iter::once(format!("--gpu-architecture={arch}")).chain(COMPILE_OPTIONS.iter().map(|o| o.to_string())).collect();
     let opts_ref: Vec<&str> = opts.iter().map(String::as_str).collect();
     // SAFETY: `prog` is a live program created above and destroyed exactly once at the end of this function; every
     // buffer handed to NVRTC is sized from the matching NVRTC size query.
     let result = unsafe {
         let compiled = nvrtc_result::compile_program(prog, &opts_ref);
-        let log = nvrtc_result::get_program_log(prog)
-            .map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let log =
+            nvrtc_result::get_program_log(prog).map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
         match compiled {
             Err(e) => Err(CudaError::Compile { arch: arch.into(), log: format!("{e:?}\n{log}") }),
             Ok(()) if arch.starts_with("sm_") => {
                 let mut size = 0usize;
-                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| CudaError::Compile {
-                    arch: arch.into(),
-                    log: format!("cubin size: {e:?}"),
-                })?;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("cubin size: {e:?}") })?;
                 let mut buf = vec![0u8; size];
-                nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()).result().map_err(|e| CudaError::Compile {
-                    arch: arch.into(),
-                    log: format!("get cubin: {e:?}"),
-                })?;
+                nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("get cubin: {e:?}") })?;
                 Ok(Image::Cubin(buf))
             }
             Ok(()) => {
-                let ptx = nvrtc_result::get_ptx(prog)
-                    .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("get ptx: {e:?}") })?;
+                let ptx =
+                    nvrtc_result::get_ptx(prog).map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("get ptx: {e:?}") })?;
                 Ok(Image::Ptx(CStr::from_ptr(ptx.as_ptr()).to_string_lossy().into_owned()))
             }
         }
@@ -268,7 +266,15 @@ pub struct PrefillWorkspace {
 
 impl PrefillWorkspace {
     /// `score_bytes` bounds the score (f32) + probability (bf16) tiles together.
-    pub fn new(stream: &Arc<CudaStream>, n_heads: usize, kv_width: usize, head_dim: usize, max_rows: usize, max_ctx: usize, score_bytes: usize) -> Result<Self, CudaError> {
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        n_heads: usize,
+        kv_width: usize,
+        head_dim: usize,
+        max_rows: usize,
+        max_ctx: usize,
+        score_bytes: usize,
+    ) -> Result<Self, CudaError> {
         let score_elems = (score_bytes / 6).max(n_heads * max_ctx);
         // SAFETY: (all) each buffer is written by a kernel or GEMM before it is read.
         unsafe {
@@ -373,7 +379,15 @@ impl CudaKernels {
     ///
     /// # Safety
     /// `table` holds `vocab · hidden` bf16, `tokens` `rows` i32, `out` `rows · hidden` f32, all live on this device.
-    pub unsafe fn embed_gather(&self, table: u64, tokens: u64, out: u64, rows: usize, hidden: usize, vocab: usize) -> Result<(), CudaError> {
+    pub unsafe fn embed_gather(
+        &self,
+        table: u64,
+        tokens: u64,
+        out: u64,
+        rows: usize,
+        hidden: usize,
+        vocab: usize,
+    ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
@@ -392,7 +406,17 @@ impl CudaKernels {
     /// `x` (and `add` if non-null) hold every residual row addressed, `w` `hidden` f32, `out` `rows · hidden` bf16,
     /// `row_ids` (if non-null) `rows` valid residual row indices.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn add_rms_norm(&self, x: u64, add: u64, w: u64, out: u64, row_ids: u64, rows: usize, hidden: usize, eps: f32) -> Result<(), CudaError> {
+    pub unsafe fn add_rms_norm(
+        &self,
+        x: u64,
+        add: u64,
+        w: u64,
+        out: u64,
+        row_ids: u64,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
@@ -428,11 +452,27 @@ impl CudaKernels {
     /// `rows` i32, `inv_freq` `head_dim / 2` f32, each cache `num_slots · n_kv · head_dim` bf16 (may be 0 when every
     /// slot is -1).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rope_kv_write(&self, qkv: u64, pos: u64, inv_freq: u64, k_cache: u64, v_cache: u64, slots: u64, rows: usize, n_heads: usize, n_kv: usize, head_dim: usize, row_stride: usize, interleaved: bool, num_slots: usize) -> Result<(), CudaError> {
+    pub unsafe fn rope_kv_write(
+        &self,
+        qkv: u64,
+        pos: u64,
+        inv_freq: u64,
+        k_cache: u64,
+        v_cache: u64,
+        slots: u64,
+        rows: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+        row_stride: usize,
+        interleaved: bool,
+        num_slots: usize,
+    ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
-        let (nh, nkv, hd, rs, il, ns) = (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved), num_slots as i64);
+        let (nh, nkv, hd, rs, il, ns) =
+            (n_heads as i32, n_kv as i32, head_dim as i32, row_stride as i32, i32::from(interleaved), num_slots as i64);
         let mut b = self.launcher("rope_kv_write");
         b.arg(&qkv).arg(&pos).arg(&inv_freq).arg(&k_cache).arg(&v_cache).arg(&slots);
         b.arg(&nh).arg(&nkv).arg(&hd).arg(&rs).arg(&il).arg(&ns);
@@ -450,18 +490,43 @@ impl CudaKernels {
     /// `part_out` / `part_ml` (when `num_parts > 1`) hold `rows · n_heads · num_parts · head_dim` and
     /// `rows · n_heads · num_parts · 2` f32.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn paged_attention(&self, s: &AttentionShape, qkv: u64, k_cache: u64, v_cache: u64, tables: u64, table_off: u64, ctx_len: u64, out: u64, part_out: u64, part_ml: u64) -> Result<(), CudaError> {
+    pub unsafe fn paged_attention(
+        &self,
+        s: &AttentionShape,
+        qkv: u64,
+        k_cache: u64,
+        v_cache: u64,
+        tables: u64,
+        table_off: u64,
+        ctx_len: u64,
+        out: u64,
+        part_out: u64,
+        part_ml: u64,
+    ) -> Result<(), CudaError> {
         if s.rows == 0 {
             return Ok(());
         }
         let group = s.n_heads / s.n_kv.max(1);
-        if s.n_kv == 0 || !s.n_heads.is_multiple_of(s.n_kv) || group > ATTENTION_MAX_GROUP || !ATTENTION_HEAD_DIMS.contains(&s.head_dim) || s.num_parts == 0 {
+        if s.n_kv == 0
+            || !s.n_heads.is_multiple_of(s.n_kv)
+            || group > ATTENTION_MAX_GROUP
+            || !ATTENTION_HEAD_DIMS.contains(&s.head_dim)
+            || s.num_parts == 0
+        {
             return Err(CudaError::Unsupported(format!(
                 "attention with {} heads / {} KV heads / head_dim {} (need group ≤ {ATTENTION_MAX_GROUP}, head_dim one of {ATTENTION_HEAD_DIMS:?})",
                 s.n_heads, s.n_kv, s.head_dim
             )));
         }
-        let (nh, nkv, hd, rs, bs, ps, np) = (s.n_heads as i32, s.n_kv as i32, s.head_dim as i32, s.row_stride as i32, s.block_size as i32, s.part_size as i32, s.num_parts as i32);
+        let (nh, nkv, hd, rs, bs, ps, np) = (
+            s.n_heads as i32,
+            s.n_kv as i32,
+            s.head_dim as i32,
+            s.row_stride as i32,
+            s.block_size as i32,
+            s.part_size as i32,
+            s.num_parts as i32,
+        );
         if s.tensor_cores && !self.has_tensor_cores() {
             return Err(CudaError::Unsupported(format!("tensor-core attention needs sm_80 or later (device: {})", self.arch)));
         }
@@ -498,19 +563,35 @@ impl CudaKernels {
     /// `table` at the sequence's block table (covering `start + n` positions); `out` at the first of `n` output
     /// rows (bf16, `n_heads · head_dim` wide); `ws` belongs to this device.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn prefill_attention(&self, gemm: &Gemm, ws: &PrefillWorkspace, s: &AttentionShape, qkv: u64, n: usize, start: usize, k_cache: u64, v_cache: u64, table: u64, out: u64) -> Result<(), CudaError> {
+    pub unsafe fn prefill_attention(
+        &self,
+        gemm: &Gemm,
+        ws: &PrefillWorkspace,
+        s: &AttentionShape,
+        qkv: u64,
+        n: usize,
+        start: usize,
+        k_cache: u64,
+        v_cache: u64,
+        table: u64,
+        out: u64,
+    ) -> Result<(), CudaError> {
         let ctx = start + n;
         if n == 0 {
             return Ok(());
         }
         if ctx > ws.max_ctx || n > ws.max_rows {
-            return Err(CudaError::Unsupported(format!("prefill attention over {ctx} positions / {n} rows exceeds the workspace ({} / {})", ws.max_ctx, ws.max_rows)));
+            return Err(CudaError::Unsupported(format!(
+                "prefill attention over {ctx} positions / {n} rows exceeds the workspace ({} / {})",
+                ws.max_ctx, ws.max_rows
+            )));
         }
         let (nh, nkv, hd) = (s.n_heads, s.n_kv, s.head_dim);
         let group = nh / nkv;
         let (q_width, kv_width) = (nh * hd, nkv * hd);
         let st = &self.stream;
-        let (kp, vp, qp, sp, pp) = (ws.k.device_ptr(st).0, ws.v.device_ptr(st).0, ws.q.device_ptr(st).0, ws.s.device_ptr(st).0, ws.p.device_ptr(st).0);
+        let (kp, vp, qp, sp, pp) =
+            (ws.k.device_ptr(st).0, ws.v.device_ptr(st).0, ws.q.device_ptr(st).0, ws.s.device_ptr(st).0, ws.p.device_ptr(st).0);
         let (bs, kw, rs, qw) = (s.block_size as i32, kv_width as i32, s.row_stride as i32, q_width as i32);
         let mut b = self.launcher("gather_kv");
         b.arg(&k_cache).arg(&v_cache).arg(&table).arg(&bs).arg(&kw).arg(&kp).arg(&vp);
@@ -560,7 +641,17 @@ impl CudaKernels {
     /// (covering `start + n` positions, every block inside the caches); `out` at the first of `n` output rows (bf16,
     /// `n_heads · head_dim` wide).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn prefill_attention_tc(&self, s: &AttentionShape, qkv: u64, n: usize, start: usize, k_cache: u64, v_cache: u64, table: u64, out: u64) -> Result<(), CudaError> {
+    pub unsafe fn prefill_attention_tc(
+        &self,
+        s: &AttentionShape,
+        qkv: u64,
+        n: usize,
+        start: usize,
+        k_cache: u64,
+        v_cache: u64,
+        table: u64,
+        out: u64,
+    ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
@@ -568,10 +659,14 @@ impl CudaKernels {
             return Err(CudaError::Unsupported(format!("tensor-core attention needs sm_80 or later (device: {})", self.arch)));
         }
         if s.n_kv == 0 || !s.n_heads.is_multiple_of(s.n_kv) || !ATTENTION_HEAD_DIMS.contains(&s.head_dim) {
-            return Err(CudaError::Unsupported(format!("prefill attention with {} heads / {} KV heads / head_dim {}", s.n_heads, s.n_kv, s.head_dim)));
+            return Err(CudaError::Unsupported(format!(
+                "prefill attention with {} heads / {} KV heads / head_dim {}",
+                s.n_heads, s.n_kv, s.head_dim
+            )));
         }
         let name = if s.head_dim == 64 { "prefill_attention_tc_hd64" } else { "prefill_attention_tc_hd128" };
-        let (n_i, start_i, bs, nh, nkv, rs) = (n as i32, start as i32, s.block_size as i32, s.n_heads as i32, s.n_kv as i32, s.row_stride as i32);
+        let (n_i, start_i, bs, nh, nkv, rs) =
+            (n as i32, start as i32, s.block_size as i32, s.n_heads as i32, s.n_kv as i32, s.row_stride as i32);
         let mut b = self.launcher(name);
         b.arg(&qkv).arg(&n_i).arg(&start_i).arg(&k_cache).arg(&v_cache).arg(&table).arg(&bs).arg(&out);
         b.arg(&nh).arg(&nkv).arg(&rs).arg(&s.scale);
@@ -586,12 +681,23 @@ impl CudaKernels {
     /// # Safety
     /// `x` holds `rows · inp` bf16, `w` `out · inp` bf16 (16-byte aligned rows: `inp % 8 == 0`), `y` `rows · out` f32.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemv_bf16(&self, kernel: GemvKernel, x: u64, w: u64, y: u64, rows: usize, inp: usize, out: usize) -> Result<(), CudaError> {
+    pub unsafe fn gemv_bf16(
+        &self,
+        kernel: GemvKernel,
+        x: u64,
+        w: u64,
+        y: u64,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
         if rows > GEMV_MAX_ROWS || !inp.is_multiple_of(8) || !x.is_multiple_of(16) || !w.is_multiple_of(16) {
-            return Err(CudaError::Unsupported(format!("gemv_bf16: {rows} rows (max {GEMV_MAX_ROWS}), in {inp} (must be a multiple of 8)")));
+            return Err(CudaError::Unsupported(format!(
+                "gemv_bf16: {rows} rows (max {GEMV_MAX_ROWS}), in {inp} (must be a multiple of 8)"
+            )));
         }
         let (b_, i_, o_) = (rows as i32, inp as i32, out as i32);
         let mut b = self.launcher(kernel.name());
@@ -605,7 +711,15 @@ impl CudaKernels {
     ///
     /// # Safety
     /// `src` holds `(rows − 1) · src_stride + width` f32, `dst` `(rows − 1) · dst_stride + width`; they do not overlap.
-    pub unsafe fn copy_f32_2d(&self, src: u64, src_stride: usize, dst: u64, dst_stride: usize, rows: usize, width: usize) -> Result<(), CudaError> {
+    pub unsafe fn copy_f32_2d(
+        &self,
+        src: u64,
+        src_stride: usize,
+        dst: u64,
+        dst_stride: usize,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), CudaError> {
         if rows == 0 || width == 0 {
             return Ok(());
         }
@@ -640,7 +754,15 @@ impl CudaKernels {
     /// # Safety
     /// `logits` holds every row named in `adj` (`stride` f32 apart, `vocab` valid), `adj` `5 n` i32, `rep` one f32
     /// per row named; no (row, id) pair repeats.
-    pub unsafe fn apply_adjustments(&self, logits: u64, stride: usize, vocab: usize, adj: u64, n: usize, rep: u64) -> Result<(), CudaError> {
+    pub unsafe fn apply_adjustments(
+        &self,
+        logits: u64,
+        stride: usize,
+        vocab: usize,
+        adj: u64,
+        n: usize,
+        rep: u64,
+    ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
@@ -660,7 +782,17 @@ impl CudaKernels {
     /// `logits` holds `rows` rows `stride` f32 apart (`vocab` valid); `params` `4 rows` f32, `top_k` and `ids` `rows`
     /// i32, `u` `rows` f64.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn sample_rows(&self, logits: u64, stride: usize, vocab: usize, params: u64, top_k: u64, u: u64, ids: u64, rows: usize) -> Result<(), CudaError> {
+    pub unsafe fn sample_rows(
+        &self,
+        logits: u64,
+        stride: usize,
+        vocab: usize,
+        params: u64,
+        top_k: u64,
+        u: u64,
+        ids: u64,
+        rows: usize,
+    ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }

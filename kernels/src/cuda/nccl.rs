@@ -48,7 +48,8 @@ impl NcclComm {
         let mut comm = MaybeUninit::uninit();
         // SAFETY: `comm` is written by ncclCommInitRank before it is read; id/rank/world are plain values.
         let comm = unsafe {
-            nccl::comm_init_rank(comm.as_mut_ptr(), world as i32, sys::ncclUniqueId { internal: id }, rank as i32).map_err(|e| err("init", e))?;
+            nccl::comm_init_rank(comm.as_mut_ptr(), world as i32, sys::ncclUniqueId { internal: id }, rank as i32)
+                .map_err(|e| err("init", e))?;
             comm.assume_init()
         };
         Ok(Self { comm, rank, world })

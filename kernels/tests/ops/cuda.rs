@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use ferrite_kernels::cuda::{AttentionShape, CudaKernels, GEMV_MAX_ROWS, Gemm, GemvKernel, PrefillWorkspace, pack_adjustments, pack_sample_params};
+use ferrite_kernels::cuda::{
+    AttentionShape, CudaKernels, GEMV_MAX_ROWS, Gemm, GemvKernel, PrefillWorkspace, pack_adjustments, pack_sample_params,
+};
 use half::bf16;
 
 use super::{AttnCase, AttnPath, Ops, SampleCase};
@@ -123,7 +125,8 @@ impl Ops for CudaOps {
     fn embed_gather(&mut self, table: &[u16], tokens: &[i32], hidden: usize) -> Vec<f32> {
         let (t, ids, out) = (self.up(table), self.up(tokens), self.nan_f32(tokens.len() * hidden));
         // SAFETY: sizes per the launcher's contract.
-        unsafe { self.kernels.embed_gather(self.ptr(&t), self.ptr(&ids), self.ptr(&out), tokens.len(), hidden, table.len() / hidden) }.expect("launch");
+        unsafe { self.kernels.embed_gather(self.ptr(&t), self.ptr(&ids), self.ptr(&out), tokens.len(), hidden, table.len() / hidden) }
+            .expect("launch");
         self.down(&out)
     }
 
@@ -137,15 +140,43 @@ impl Ops for CudaOps {
         let add_ptr = addd.as_ref().map_or(0, |a| self.ptr(a));
         let rows_ptr = rowsd.as_ref().map_or(0, |r| self.ptr(r));
         // SAFETY: sizes per the launcher's contract.
-        unsafe { self.kernels.add_rms_norm(self.ptr(&xd), add_ptr, self.ptr(&wd), self.ptr(&out), rows_ptr, n, hidden, eps) }.expect("launch");
+        unsafe { self.kernels.add_rms_norm(self.ptr(&xd), add_ptr, self.ptr(&wd), self.ptr(&out), rows_ptr, n, hidden, eps) }
+            .expect("launch");
         x.copy_from_slice(&self.down(&xd));
         self.down_bf16(&out)
     }
 
-    fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool) {
+    fn rope_qk(
+        &mut self,
+        qkv: &mut [f32],
+        pos: &[i32],
+        inv_freq: &[f32],
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        stride: usize,
+        interleaved: bool,
+    ) {
         let (q, p, f, none) = (self.up(qkv), self.up(pos), self.up(inv_freq), self.up(&vec![-1i32; pos.len()]));
         // SAFETY: sizes per the launcher's contract; every slot is -1, so the (null) caches are never written.
-        unsafe { self.kernels.rope_kv_write(self.ptr(&q), self.ptr(&p), self.ptr(&f), 0, 0, self.ptr(&none), pos.len(), nh, nkv, hd, stride, interleaved, 0) }.expect("launch");
+        unsafe {
+            self.kernels.rope_kv_write(
+                self.ptr(&q),
+                self.ptr(&p),
+                self.ptr(&f),
+                0,
+                0,
+                self.ptr(&none),
+                pos.len(),
+                nh,
+                nkv,
+                hd,
+                stride,
+                interleaved,
+                0,
+            )
+        }
+        .expect("launch");
         qkv.copy_from_slice(&self.down(&q));
     }
 
@@ -190,7 +221,8 @@ impl Ops for CudaOps {
         let out = self.nan_bf16(n * case.nh * case.hd);
         if let AttnPath::Dense | AttnPath::DenseTc = path {
             // Each sequence's rows through the cuBLAS prefill path; a small score budget forces several row tiles.
-            let ws = PrefillWorkspace::new(&self.stream, case.nh, case.nkv * case.hd, case.hd, n, max_ctx, 6 * case.nh * max_ctx * 4).expect("workspace");
+            let ws = PrefillWorkspace::new(&self.stream, case.nh, case.nkv * case.hd, case.hd, n, max_ctx, 6 * case.nh * max_ctx * 4)
+                .expect("workspace");
             let mut r0 = 0;
             for (s, _) in case.tables.iter().enumerate() {
                 let rows = case.rows.iter().filter(|r| r.0 == s).count();
@@ -203,7 +235,18 @@ impl Ops for CudaOps {
                     if let AttnPath::DenseTc = path {
                         self.kernels.prefill_attention_tc(&shape, qkv_row, rows, start, self.ptr(&k), self.ptr(&v), table, out_row)
                     } else {
-                        self.kernels.prefill_attention(&self.gemm, &ws, &shape, qkv_row, rows, start, self.ptr(&k), self.ptr(&v), table, out_row)
+                        self.kernels.prefill_attention(
+                            &self.gemm,
+                            &ws,
+                            &shape,
+                            qkv_row,
+                            rows,
+                            start,
+                            self.ptr(&k),
+                            self.ptr(&v),
+                            table,
+                            out_row,
+                        )
                     }
                 }
                 .expect("prefill attention");
@@ -276,7 +319,9 @@ impl Ops for CudaOps {
         // SAFETY: sizes per the launchers' contracts.
         unsafe {
             self.kernels.apply_adjustments(self.ptr(&l), vocab, vocab, self.ptr(&adj), n, self.ptr(&rep)).expect("launch");
-            self.kernels.sample_rows(self.ptr(&l), vocab, vocab, self.ptr(&p), self.ptr(&k), self.ptr(&ud), self.ptr(&ids), rows.len()).expect("launch");
+            self.kernels
+                .sample_rows(self.ptr(&l), vocab, vocab, self.ptr(&p), self.ptr(&k), self.ptr(&ud), self.ptr(&ids), rows.len())
+                .expect("launch");
         }
         self.down(&ids).into_iter().map(|i| i as u32).collect()
     }

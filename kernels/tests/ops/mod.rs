@@ -35,7 +35,17 @@ pub trait Ops {
     /// Returns the bf16 output (as f32); updates `x` with the residual add.
     fn add_rms_norm(&mut self, x: &mut [f32], add: Option<&[f32]>, w: &[f32], rows: Option<&[i32]>, hidden: usize, eps: f32) -> Vec<f32>;
     #[allow(clippy::too_many_arguments)]
-    fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool);
+    fn rope_qk(
+        &mut self,
+        qkv: &mut [f32],
+        pos: &[i32],
+        inv_freq: &[f32],
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        stride: usize,
+        interleaved: bool,
+    );
     fn silu_mul(&mut self, gate_up: &[f32], rows: usize, ffn: usize) -> Vec<f32>;
     /// Writes the case's new K/V into its cache, then attends; `[rows, nh·hd]` (bf16 as f32).
     fn attention(&mut self, case: &AttnCase, path: AttnPath) -> Vec<f32>;
@@ -203,7 +213,17 @@ impl Ops for CpuOps {
         out.iter().map(|&v| round(v)).collect()
     }
 
-    fn rope_qk(&mut self, qkv: &mut [f32], pos: &[i32], inv_freq: &[f32], nh: usize, nkv: usize, hd: usize, stride: usize, interleaved: bool) {
+    fn rope_qk(
+        &mut self,
+        qkv: &mut [f32],
+        pos: &[i32],
+        inv_freq: &[f32],
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        stride: usize,
+        interleaved: bool,
+    ) {
         let pairing = if interleaved { RopePairing::Interleaved } else { RopePairing::Half };
         for (row, &p) in qkv.chunks_exact_mut(stride).zip(pos) {
             rope(&mut row[..(nh + nkv) * hd], hd, p as usize, inv_freq, pairing);
@@ -256,7 +276,9 @@ impl Ops for CpuOps {
         let pos: Vec<i32> = case.rows.iter().map(|r| r.1 as i32).collect();
         self.rope_qk(&mut qkv, &pos, inv_freq, case.nh, case.nkv, case.hd, case.stride(), interleaved);
         let (qw, kw) = (case.nh * case.hd, case.nkv * case.hd);
-        let part = |off: usize| -> Vec<f32> { qkv.chunks_exact(case.stride()).flat_map(|row| row[off..][..kw].iter().map(|&v| round(v))).collect() };
+        let part = |off: usize| -> Vec<f32> {
+            qkv.chunks_exact(case.stride()).flat_map(|row| row[off..][..kw].iter().map(|&v| round(v))).collect()
+        };
         let (k, v) = (part(qw), part(qw + kw));
         (qkv, k, v)
     }

@@ -30,11 +30,7 @@ impl StopJail {
             return JailOutput::Emit(std::mem::take(&mut self.held));
         }
         // Earliest full match wins (ties: the longer stop string).
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()).map(|pos| (pos, std::cmp::Reverse(s.len()), s)))
-            .min();
+        let hit = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|pos| (pos, std::cmp::Reverse(s.len()), s))).min();
         if let Some((pos, _, s)) = hit {
             let text = self.held[..pos].to_string();
             let matched = s.clone();

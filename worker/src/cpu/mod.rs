@@ -181,9 +181,7 @@ impl CpuBackend {
 
         for (l, lw) in self.weights.layers.iter().enumerate() {
             // Attention block.
-            sc.h.par_chunks_mut(hidden)
-                .zip(sc.x.par_chunks(hidden))
-                .for_each(|(h, x)| rms_norm(x, &lw.attn_norm, c.rms_norm_eps, h));
+            sc.h.par_chunks_mut(hidden).zip(sc.x.par_chunks(hidden)).for_each(|(h, x)| rms_norm(x, &lw.attn_norm, c.rms_norm_eps, h));
             matmul::linear(&lw.qkv, &sc.h, t, hidden, &mut sc.qkv);
             sc.qkv.par_chunks_mut(qkv_width).zip(&rows).for_each(|(row, &(_, pos))| {
                 rope(&mut row[..q_width + kv_width], hd, pos, &self.inv_freq, self.pairing);
@@ -218,9 +216,7 @@ impl CpuBackend {
             sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
 
             // MLP block.
-            sc.h.par_chunks_mut(hidden)
-                .zip(sc.x.par_chunks(hidden))
-                .for_each(|(h, x)| rms_norm(x, &lw.ffn_norm, c.rms_norm_eps, h));
+            sc.h.par_chunks_mut(hidden).zip(sc.x.par_chunks(hidden)).for_each(|(h, x)| rms_norm(x, &lw.ffn_norm, c.rms_norm_eps, h));
             matmul::linear(&lw.gate_up, &sc.h, t, hidden, &mut sc.gate_up);
             sc.act.par_chunks_mut(ffn).zip(sc.gate_up.par_chunks(2 * ffn)).for_each(|(a, gu)| {
                 let (g, u) = gu.split_at(ffn);

@@ -8,8 +8,8 @@ use ferrite_common::dtype::GgmlType;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::{LlamaTensor, ModelFiles, WeightView};
 use ferrite_common::shard::ShardSpec;
-use std::ops::Range;
 use ferrite_kernels::cpu::quant::{dequantize_row, supports_q16_dot};
+use std::ops::Range;
 
 /// How the CPU backend keeps weights in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,8 +25,18 @@ pub enum WeightPrecision {
 #[derive(Debug, Clone)]
 pub enum Matrix {
     /// Raw GGML blocks; `row_bytes` bytes per row.
-    Blocks { dtype: GgmlType, rows: usize, cols: usize, row_bytes: usize, data: Vec<u8> },
-    F32 { rows: usize, cols: usize, data: Vec<f32> },
+    Blocks {
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        row_bytes: usize,
+        data: Vec<u8>,
+    },
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
 }
 
 impl Matrix {
@@ -60,8 +70,7 @@ impl Matrix {
         match self {
             Matrix::Blocks { dtype, row_bytes, data, .. } => {
                 // Lengths were validated at load; a failure here is a bug.
-                dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], out)
-                    .expect("row geometry validated at load");
+                dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], out).expect("row geometry validated at load");
             }
             Matrix::F32 { cols, data, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
         }
@@ -72,12 +81,7 @@ impl Matrix {
             [r, c] => (r, c),
             [c] => (1, c),
             _ => {
-                return Err(ModelError::WrongShape {
-                    path: path.into(),
-                    name: w.name.clone(),
-                    actual: w.shape.clone(),
-                    expected: vec![],
-                });
+                return Err(ModelError::WrongShape { path: path.into(), name: w.name.clone(), actual: w.shape.clone(), expected: vec![] });
             }
         };
         let bad = |_| ModelError::UnsupportedDtype { path: path.into(), name: w.name.clone(), dtype: w.dtype.to_string() };
@@ -101,7 +105,13 @@ impl Matrix {
     /// formats differ.
     /// Loads rows `rows` and columns `cols` of a `[rows, cols]` tensor (ranges clamped to the tensor; columns must
     /// fall on the storage type's block boundaries).
-    fn load_slice(path: &std::path::Path, w: &WeightView<'_>, rows: Range<usize>, cols: Range<usize>, precision: WeightPrecision) -> Result<Self, ModelError> {
+    fn load_slice(
+        path: &std::path::Path,
+        w: &WeightView<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        precision: WeightPrecision,
+    ) -> Result<Self, ModelError> {
         let (n_rows, n_cols) = match w.shape[..] {
             [r, c] => (r, c),
             _ => return Self::load(path, w, precision),
@@ -121,7 +131,12 @@ impl Matrix {
         for r in rows.clone() {
             data.extend_from_slice(&w.data[r * row_bytes + c0..r * row_bytes + c1]);
         }
-        let view = WeightView { name: w.name.clone(), dtype: w.dtype, shape: vec![rows.len(), cols.len()], data: std::borrow::Cow::Borrowed(&data) };
+        let view = WeightView {
+            name: w.name.clone(),
+            dtype: w.dtype,
+            shape: vec![rows.len(), cols.len()],
+            data: std::borrow::Cow::Borrowed(&data),
+        };
         Self::load(path, &view, precision)
     }
 

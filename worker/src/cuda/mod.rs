@@ -39,11 +39,11 @@
 //! - Not batch invariant, unlike the CPU: cuBLAS and the tuner pick kernels by batch size, so a sequence's logits
 //!   move by float reassociation with the batch (tests compare within tolerance).
 
+mod ceilings;
 mod graphs;
 mod sampling;
 mod step;
 mod timing;
-mod ceilings;
 mod tune;
 mod tune_linear;
 pub use tune_linear::{LinearChoice, LinearKernel, LinearPick};
@@ -93,7 +93,18 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, gpu_memory_utilization: 0.9, block_size: crate::backend::DEFAULT_BLOCK_SIZE, max_kv_blocks: None, max_batch_tokens: 2048, graph_max_batch: 256, programmatic_launch: true, gemm_search: true, attention: CudaAttention::Auto, kernel_cache: None }
+        Self {
+            device: 0,
+            gpu_memory_utilization: 0.9,
+            block_size: crate::backend::DEFAULT_BLOCK_SIZE,
+            max_kv_blocks: None,
+            max_batch_tokens: 2048,
+            graph_max_batch: 256,
+            programmatic_launch: true,
+            gemm_search: true,
+            attention: CudaAttention::Auto,
+            kernel_cache: None,
+        }
     }
 }
 
@@ -174,7 +185,11 @@ enum LogitsSink<'a> {
     Host(&'a mut Vec<f32>),
     Greedy(&'a mut Vec<u32>),
     /// Sampled on the device with `rows[next..]`, in order.
-    Sample { rows: &'a [RowSampling], next: usize, out: &'a mut Vec<u32> },
+    Sample {
+        rows: &'a [RowSampling],
+        next: usize,
+        out: &'a mut Vec<u32>,
+    },
 }
 
 /// Why a step failed on the device: a CUDA error, or (tensor parallel) the group.
@@ -300,7 +315,11 @@ impl CudaBackend {
     }
 
     /// Opens rank `r.rank`'s device for its share of `config` (returned) and joins the NCCL group.
-    fn open_rank(config: &LlamaConfig, opts: &CudaOptions, r: &RankSpec<'_>) -> Result<(LlamaConfig, Arc<CudaStream>, CudaKernels, Joined), CudaError> {
+    fn open_rank(
+        config: &LlamaConfig,
+        opts: &CudaOptions,
+        r: &RankSpec<'_>,
+    ) -> Result<(LlamaConfig, Arc<CudaStream>, CudaKernels, Joined), CudaError> {
         let local = r.plan[r.rank].local_config(config);
         let (stream, kernels) = Self::open(&local, opts)?;
         let comm = Arc::new(NcclRank::init(Arc::clone(&r.group), r.rank, Arc::clone(&stream))?);
@@ -359,7 +378,15 @@ impl CudaBackend {
         };
         let kv_width = config.num_kv_heads * config.head_dim;
         let dense_ctx = config.max_position_embeddings.min(DENSE_MAX_CTX);
-        let prefill_ws = PrefillWorkspace::new(&stream, config.num_heads, kv_width, config.head_dim, opts.max_batch_tokens, dense_ctx, DENSE_SCORE_BYTES)?;
+        let prefill_ws = PrefillWorkspace::new(
+            &stream,
+            config.num_heads,
+            kv_width,
+            config.head_dim,
+            opts.max_batch_tokens,
+            dense_ctx,
+            DENSE_SCORE_BYTES,
+        )?;
         let inv_freq = stream.clone_htod(&config.rope_inv_freq())?;
         stream.synchronize()?;
 
@@ -636,7 +663,16 @@ impl CudaBackend {
         for (k, range) in tp.vocab.iter().enumerate() {
             // SAFETY: rank k's rows are dense with its own width at k·part in `gather` (rows·width ≤ part floats);
             // `full_logits` holds logit_rows ≥ rows rows of the full vocabulary, and range lies within it.
-            unsafe { self.kernels.copy_f32_2d(gather + (k * part * 4) as u64, range.len(), full + (range.start * 4) as u64, vocab, rows, range.len()) }?;
+            unsafe {
+                self.kernels.copy_f32_2d(
+                    gather + (k * part * 4) as u64,
+                    range.len(),
+                    full + (range.start * 4) as u64,
+                    vocab,
+                    rows,
+                    range.len(),
+                )
+            }?;
         }
         Ok(full)
     }

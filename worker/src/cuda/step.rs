@@ -106,7 +106,13 @@ impl CudaBackend {
 
     /// Packs and uploads the metadata of an eager sub-step (`rows` of `batch`; `tables`/`table_off` cover every
     /// sequence of the batch) and plans its attention.
-    pub(super) fn encode_eager(&mut self, batch: &ForwardBatch<'_>, rows: &[Row], tables: &[i32], table_off: &[i32]) -> Result<Layout, CudaError> {
+    pub(super) fn encode_eager(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        rows: &[Row],
+        tables: &[i32],
+        table_off: &[i32],
+    ) -> Result<Layout, CudaError> {
         let n = rows.len();
         // Sequences whose chunk takes the dense prefill path: (first row, rows, start position, sequence).
         let mut dense: Vec<(usize, usize, usize, usize)> = Vec::new();
@@ -149,7 +155,8 @@ impl CudaBackend {
         let base = self.meta.device_ptr(&self.stream).0;
         let mut layout = Layout::packed(base, n, picked.len(), shape);
         layout.paged_rows = paged_rows;
-        layout.dense = dense.into_iter().map(|(r0, len, start, s)| (r0, len, start, layout.tables + (table_off[s] as usize * 4) as u64)).collect();
+        layout.dense =
+            dense.into_iter().map(|(r0, len, start, s)| (r0, len, start, layout.tables + (table_off[s] as usize * 4) as u64)).collect();
         Ok(layout)
     }
 

@@ -72,7 +72,8 @@ impl CudaBackend {
             self.kernels.fill_random_bf16(h, sc.h.len(), 3, 1.0, 0.0)?;
             self.kernels.fill_random_bf16(act, sc.act.len(), 4, 1.0, 0.0)?;
         }
-        let (qkv, proj, gate_up, logits) = (sc.qkv.device_ptr(st).0, sc.proj.device_ptr(st).0, sc.gate_up.device_ptr(st).0, sc.logits.device_ptr(st).0);
+        let (qkv, proj, gate_up, logits) =
+            (sc.qkv.device_ptr(st).0, sc.proj.device_ptr(st).0, sc.gate_up.device_ptr(st).0, sc.logits.device_ptr(st).0);
         let (hd, hidden, ffn) = (c.head_dim, c.hidden_size, c.intermediate_size);
         let qkv_width = (c.num_heads + 2 * c.num_kv_heads) * hd;
         let step = || -> Result<(), CudaError> {
@@ -112,7 +113,8 @@ impl CudaBackend {
         let base = buffer.device_ptr(st).0;
         let at = |k: usize| base + (k * rows * 4) as u64;
         let (x, h, qkv, proj) = (sc.x.device_ptr(st).0, sc.h.device_ptr(st).0, sc.qkv.device_ptr(st).0, sc.proj.device_ptr(st).0);
-        let (gate_up, act, logits, ids) = (sc.gate_up.device_ptr(st).0, sc.act.device_ptr(st).0, sc.logits.device_ptr(st).0, sc.ids.device_ptr(st).0);
+        let (gate_up, act, logits, ids) =
+            (sc.gate_up.device_ptr(st).0, sc.act.device_ptr(st).0, sc.logits.device_ptr(st).0, sc.ids.device_ptr(st).0);
         let (k_base, v_base, inv_freq) = (self.k_cache.device_ptr(st).0, self.v_cache.device_ptr(st).0, self.inv_freq.device_ptr(st).0);
         let w = &self.weights;
         let k = &self.kernels;
@@ -128,7 +130,21 @@ impl CudaBackend {
                     let add = if layer == 0 { 0 } else { proj };
                     k.add_rms_norm(x, add, lw.attn_norm.device_ptr(st).0, h, 0, rows, hidden, c.rms_norm_eps)?;
                     let off = layer as u64 * layer_bytes;
-                    k.rope_kv_write(qkv, at(1), inv_freq, k_base + off, v_base + off, at(2), rows, nh, nkv, hd, qkv_width, interleaved, slots_per_layer)?;
+                    k.rope_kv_write(
+                        qkv,
+                        at(1),
+                        inv_freq,
+                        k_base + off,
+                        v_base + off,
+                        at(2),
+                        rows,
+                        nh,
+                        nkv,
+                        hd,
+                        qkv_width,
+                        interleaved,
+                        slots_per_layer,
+                    )?;
                     k.add_rms_norm(x, proj, lw.ffn_norm.device_ptr(st).0, h, 0, rows, hidden, c.rms_norm_eps)?;
                     k.silu_mul(gate_up, act, rows, ffn)?;
                 }
@@ -159,7 +175,20 @@ impl CudaBackend {
                 let (kc, vc) = (k_base + layer * layer_bytes, v_base + layer * layer_bytes);
                 // SAFETY: qkv holds ≥ rows rows; every table entry names a block inside each layer's cache; attn,
                 // part_out and part_ml are the step scratch sized for these partitions (eager_parts).
-                unsafe { self.kernels.paged_attention(&meta.shape, qkv, kc, vc, meta.tables, meta.table_off, meta.ctx_len, attn, part_out, part_ml) }?;
+                unsafe {
+                    self.kernels.paged_attention(
+                        &meta.shape,
+                        qkv,
+                        kc,
+                        vc,
+                        meta.tables,
+                        meta.table_off,
+                        meta.ctx_len,
+                        attn,
+                        part_out,
+                        part_ml,
+                    )
+                }?;
             }
             Ok(())
         };

@@ -69,7 +69,11 @@ impl CudaBackend {
         st.synchronize()?;
         match decode? {
             Err((rows, diff)) => {
-                tracing::warn!(rows, diff, "paged attention: the tensor-core kernel disagrees with the CUDA-core kernel; using the CUDA-core kernel");
+                tracing::warn!(
+                    rows,
+                    diff,
+                    "paged attention: the tensor-core kernel disagrees with the CUDA-core kernel; using the CUDA-core kernel"
+                );
             }
             Ok(results) => {
                 let mut from = usize::MAX;
@@ -94,7 +98,13 @@ impl CudaBackend {
             }
             Some(Ok((rows, blas, tc))) => {
                 self.prefill_tc = tc < blas;
-                tracing::info!(rows, cublas_ms = blas, tensor_core_ms = tc, flash = self.prefill_tc, "prefill attention for {REPS} launches");
+                tracing::info!(
+                    rows,
+                    cublas_ms = blas,
+                    tensor_core_ms = tc,
+                    flash = self.prefill_tc,
+                    "prefill attention for {REPS} launches"
+                );
             }
         }
         Ok(())

@@ -66,7 +66,14 @@ impl CudaBackend {
 
     /// # Safety
     /// As [`ferrite_kernels::cuda::Gemm::linear`] for `(rows, inp, out)`; an `Lt` kernel's algorithm is for that shape.
-    unsafe fn run_linear(&self, kernel: &LinearKernel, x: u64, w: u64, y: u64, (rows, inp, out): (usize, usize, usize)) -> Result<(), CudaError> {
+    unsafe fn run_linear(
+        &self,
+        kernel: &LinearKernel,
+        x: u64,
+        w: u64,
+        y: u64,
+        (rows, inp, out): (usize, usize, usize),
+    ) -> Result<(), CudaError> {
         // SAFETY: forwarded contract.
         unsafe {
             match kernel {
@@ -147,8 +154,14 @@ impl CudaBackend {
             tracing::warn!(why, "cuBLASLt unavailable: linear layers choose between cuBLAS and gemv_bf16 only");
         }
         for choice in &table {
-            let picks: Vec<String> = choice.picks.iter().map(|p| format!("{}: {:?} {:.2}x", p.rows, p.kernel, p.cublas_ms / p.ms)).collect();
-            tracing::info!(inp = choice.inp, out = choice.out, "decode linear layers: per row count, the kernel and its speed-up over cuBLAS: {}", picks.join(", "));
+            let picks: Vec<String> =
+                choice.picks.iter().map(|p| format!("{}: {:?} {:.2}x", p.rows, p.kernel, p.cublas_ms / p.ms)).collect();
+            tracing::info!(
+                inp = choice.inp,
+                out = choice.out,
+                "decode linear layers: per row count, the kernel and its speed-up over cuBLAS: {}",
+                picks.join(", ")
+            );
         }
         self.linear_table = table;
         Ok(())

@@ -168,7 +168,18 @@ struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     fn new(model: &'a ModelFiles, stream: &'a Arc<CudaStream>, shard: Option<&'a ShardSpec>) -> Self {
-        let mut this = Self { model, stream, shard, staging: Vec::new(), scratch: Vec::new(), total: 0, done: 0, next_report: 10, started: Instant::now(), bar: None };
+        let mut this = Self {
+            model,
+            stream,
+            shard,
+            staging: Vec::new(),
+            scratch: Vec::new(),
+            total: 0,
+            done: 0,
+            next_report: 10,
+            started: Instant::now(),
+            bar: None,
+        };
         // Bytes read from the file: a shard reads its rows whole (column slices included), so count rows.
         this.total = LlamaTensor::all(&model.config)
             .into_iter()
@@ -185,7 +196,9 @@ impl<'a> Loader<'a> {
         // Tensor-parallel ranks load concurrently: their bars would overwrite each other, so they log instead.
         if shard.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let bar = indicatif::ProgressBar::new(this.total as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("loading weights [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}") {
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "loading weights [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            ) {
                 bar.set_style(style.progress_chars("=> "));
             }
             this.bar = Some(bar);
@@ -255,7 +268,14 @@ impl<'a> Loader<'a> {
     }
 
     /// Uploads rows `rows` × columns `cols` of `v` to `dst` at element `offset` (dense, `cols.len()` per row).
-    fn upload(&mut self, v: &WeightView<'a>, rows: Range<usize>, cols: Range<usize>, dst: &mut CudaSlice<u16>, offset: usize) -> Result<(), ModelError> {
+    fn upload(
+        &mut self,
+        v: &WeightView<'a>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        dst: &mut CudaSlice<u16>,
+        offset: usize,
+    ) -> Result<(), ModelError> {
         let path = &self.model.path;
         let full = v.shape[1];
         let row_bytes = v.dtype.bytes_for(full).ok_or_else(|| ModelError::Malformed {

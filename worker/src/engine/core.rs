@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 
-pub use super::step::{EngineConfig, EngineError, EngineOutput, EngineRequest, FinishReason};
 use super::step::{Emitted, EngineCore};
+pub use super::step::{EngineConfig, EngineError, EngineOutput, EngineRequest, FinishReason};
 use crate::backend::{Backend, BackendError};
 
 /// Live counters, read by health checks and metrics.

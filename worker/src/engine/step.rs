@@ -65,8 +65,20 @@ pub enum FinishReason {
 /// What the engine streams back for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineOutput {
-    Tokens { index: u32, tokens: Vec<u32>, logprobs: Vec<TokenLogprob>, cached_prompt_tokens: u32 },
-    Finished { index: u32, reason: FinishReason, matched_stop: Option<u32>, prompt_tokens: u32, completion_tokens: u32, cached_tokens: u32 },
+    Tokens {
+        index: u32,
+        tokens: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+        cached_prompt_tokens: u32,
+    },
+    Finished {
+        index: u32,
+        reason: FinishReason,
+        matched_stop: Option<u32>,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        cached_tokens: u32,
+    },
     /// The request was not run (nothing was generated).
     Rejected(EngineError),
     /// The step failed after the request started; the request is over.
@@ -164,7 +176,14 @@ pub(crate) struct SeqMeta {
 
 /// Decides whether a sequence that just got `token` (now `generated` tokens, `len` in all) stops: a stop or eos id
 /// once `min_tokens` are generated, else its token limit or the context.
-fn stop_reason(meta: &SeqMeta, eos: &[u32], token: u32, generated: usize, len: usize, max_model_len: usize) -> Option<(FinishReason, Option<u32>)> {
+fn stop_reason(
+    meta: &SeqMeta,
+    eos: &[u32],
+    token: u32,
+    generated: usize,
+    len: usize,
+    max_model_len: usize,
+) -> Option<(FinishReason, Option<u32>)> {
     let stop = &meta.stop;
     if generated >= stop.min_tokens && ((!stop.ignore_eos && eos.contains(&token)) || stop.stop_token_ids.contains(&token)) {
         Some((FinishReason::Stop, Some(token)))

@@ -332,7 +332,10 @@ fn abort_ends_a_request_or_one_completion_and_returns_their_blocks() {
     assert!(!c.abort("r", Some(5)), "no such completion");
     assert!(c.abort("r", Some(1)));
     let out = c.take_outputs();
-    assert!(matches!(&out[..], [Emitted { output: EngineOutput::Finished { index: 1, reason: FinishReason::Abort, .. }, last: false, .. }]), "{out:?}");
+    assert!(
+        matches!(&out[..], [Emitted { output: EngineOutput::Finished { index: 1, reason: FinishReason::Abort, .. }, last: false, .. }]),
+        "{out:?}"
+    );
     seen.absorb(out);
     assert_eq!(c.stats().kv.in_use, used - private);
     assert!(c.has_request("r"));
@@ -343,7 +346,17 @@ fn abort_ends_a_request_or_one_completion_and_returns_their_blocks() {
     // The whole request: its last completion ends, the request is over, every block is free.
     assert!(c.abort("r", None));
     let out = c.take_outputs();
-    assert!(matches!(&out[..], [Emitted { output: EngineOutput::Finished { index: 0, reason: FinishReason::Abort, completion_tokens: 4, .. }, last: true, .. }]), "{out:?}");
+    assert!(
+        matches!(
+            &out[..],
+            [Emitted {
+                output: EngineOutput::Finished { index: 0, reason: FinishReason::Abort, completion_tokens: 4, .. },
+                last: true,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
     assert!(!c.has_request("r") && c.is_idle());
     assert_eq!(c.stats().kv.in_use, 0);
     assert!(!c.abort("r", None));
@@ -352,7 +365,17 @@ fn abort_ends_a_request_or_one_completion_and_returns_their_blocks() {
     c.add(greedy("w", &[1, 2], 5)).unwrap();
     assert!(c.abort("w", None));
     let out = c.step(&mut b).outputs;
-    assert!(matches!(&out[..], [Emitted { output: EngineOutput::Finished { index: 0, reason: FinishReason::Abort, completion_tokens: 0, .. }, last: true, .. }]), "{out:?}");
+    assert!(
+        matches!(
+            &out[..],
+            [Emitted {
+                output: EngineOutput::Finished { index: 0, reason: FinishReason::Abort, completion_tokens: 0, .. },
+                last: true,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
     assert_eq!((c.stats().waiting, c.stats().aborts), (0, 3));
     assert!(c.step(&mut b).outputs.is_empty());
 }
@@ -422,7 +445,10 @@ fn the_backend_call_follows_what_the_sequences_need() {
     assert_eq!(on_host, Calls { forward: 5, ..Calls::default() });
     assert_eq!(a.tokens("s", 0), b.tokens("s", 0));
     // The most demanding sequence of a step decides: greedy next to logprobs runs `forward`.
-    assert_eq!(calls(vec![greedy("g", &[1, 2, 3], 3), with_logprobs(greedy("l", &[4, 5, 6], 3))]).0, Calls { forward: 3, ..Calls::default() });
+    assert_eq!(
+        calls(vec![greedy("g", &[1, 2, 3], 3), with_logprobs(greedy("l", &[4, 5, 6], 3))]).0,
+        Calls { forward: 3, ..Calls::default() }
+    );
     // min_tokens masks the stop ids, so those first steps are sampled (with the masks), then greedy again.
     let mut r = greedy("m", &[1, 2, 3], 5);
     r.stopping.min_tokens = 2;

@@ -8,7 +8,7 @@ use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
 
-use super::comm::{CpuGroup, Communicator};
+use super::comm::{Communicator, CpuGroup};
 use super::group::{COLLECTIVE_TIMEOUT, CPU_STEP_TIMEOUT, GroupAbort, Rank, RankFactory, TpBackend};
 use crate::cpu::{CpuBackend, CpuOptions};
 

@@ -38,7 +38,8 @@ impl TpBackend {
                 opts.device + tp - 1
             )));
         }
-        let group = NcclGroup::new(tp, timeout).map_err(|e| ModelError::InvalidConfig { path: model.path.clone(), detail: format!("NCCL: {e}") })?;
+        let group = NcclGroup::new(tp, timeout)
+            .map_err(|e| ModelError::InvalidConfig { path: model.path.clone(), detail: format!("NCCL: {e}") })?;
         let abort: GroupAbort = {
             let group = Arc::clone(&group);
             Arc::new(move |why: &str| group.abort(why))
@@ -48,7 +49,13 @@ impl TpBackend {
             let opts = CudaOptions { device: opts.device + rank, ..opts.clone() };
             let spec = RankSpec { plan: &plan, group: Arc::clone(&group), rank };
             let backend = CudaBackend::load_rank(&model_files, &opts, spec)?;
-            tracing::info!(rank, device = opts.device, gpu = backend.device_name(), kv_blocks = backend.info().num_kv_blocks, "tensor-parallel rank ready");
+            tracing::info!(
+                rank,
+                device = opts.device,
+                gpu = backend.device_name(),
+                kv_blocks = backend.info().num_kv_blocks,
+                "tensor-parallel rank ready"
+            );
             Ok(Rank { weight_bytes: backend.weight_bytes(), backend: Box::new(backend), samples_on_device: true })
         });
         // GPU ranks poll each wait against `timeout` themselves; the engine side only catches a rank stuck in a call.

@@ -92,7 +92,13 @@ impl TpBackend {
     /// Starts `tp` rank threads, builds each rank with `factory` on its thread and waits until every rank is ready
     /// (or the first one fails: then the group is aborted and its error returned). `config` is the whole model's; a
     /// step that has not finished after `step_timeout` fails the group.
-    pub fn start(config: LlamaConfig, tp: usize, factory: RankFactory, abort: GroupAbort, step_timeout: Duration) -> Result<Self, ModelError> {
+    pub fn start(
+        config: LlamaConfig,
+        tp: usize,
+        factory: RankFactory,
+        abort: GroupAbort,
+        step_timeout: Duration,
+    ) -> Result<Self, ModelError> {
         let (ready_tx, ready_rx) = channel::<RankReady>();
         let (result_tx, results) = channel::<RankResult>();
         let mut senders = Vec::with_capacity(tp);
@@ -104,7 +110,10 @@ impl TpBackend {
             let handle = std::thread::Builder::new()
                 .name(format!("ferrite-tp-rank-{rank}"))
                 .spawn(move || rank_main(rank, factory, abort, rx, ready, results))
-                .map_err(|e| ModelError::InvalidConfig { path: Default::default(), detail: format!("spawning tensor-parallel rank {rank}: {e}") })?;
+                .map_err(|e| ModelError::InvalidConfig {
+                    path: Default::default(),
+                    detail: format!("spawning tensor-parallel rank {rank}: {e}"),
+                })?;
             threads.push(handle);
         }
         drop(ready_tx);
@@ -205,7 +214,14 @@ impl TpBackend {
     }
 }
 
-fn rank_main(rank: usize, factory: RankFactory, abort: GroupAbort, steps: Receiver<Arc<Step>>, ready: Sender<RankReady>, results: Sender<RankResult>) {
+fn rank_main(
+    rank: usize,
+    factory: RankFactory,
+    abort: GroupAbort,
+    steps: Receiver<Arc<Step>>,
+    ready: Sender<RankReady>,
+    results: Sender<RankResult>,
+) {
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory(rank))).unwrap_or_else(|_| {
         Err(ModelError::InvalidConfig { path: Default::default(), detail: format!("tensor-parallel rank {rank} panicked while loading") })
     });
@@ -221,7 +237,11 @@ fn rank_main(rank: usize, factory: RankFactory, abort: GroupAbort, steps: Receiv
     let _ = ready.send((rank, Ok((backend.info(), weight_bytes))));
     while let Ok(step) = steps.recv() {
         let batch = ForwardBatch {
-            seqs: step.seqs.iter().map(|s| SeqInput { tokens: &s.tokens, start_pos: s.start_pos, block_table: &s.block_table, logits: s.logits }).collect(),
+            seqs: step
+                .seqs
+                .iter()
+                .map(|s| SeqInput { tokens: &s.tokens, start_pos: s.start_pos, block_table: &s.block_table, logits: s.logits })
+                .collect(),
         };
         // A panic must not leave the other ranks waiting in a collective: it fails the step like an error.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &step.mode {

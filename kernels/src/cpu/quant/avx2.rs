@@ -99,12 +99,7 @@ pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn bytes_from_bits(qh: u32) -> __m256i {
-    let shuf = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
+    let shuf = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
     let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
     _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
@@ -122,12 +117,7 @@ pub(super) fn bytes_from_bits(qh: u32) -> __m256i {
 /// CPU must support avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn scales<const K: u8, B: ActBlock>(
-    wa: *const u8,
-    xa: *const B,
-    wb: *const u8,
-    xb: *const B,
-) -> (__m128, __m128) {
+pub(super) unsafe fn scales<const K: u8, B: ActBlock>(wa: *const u8, xa: *const B, wb: *const u8, xb: *const B) -> (__m128, __m128) {
     // SAFETY: unaligned reads of the first 2 or 4 bytes of each weight block (>= 18 bytes), and
     // an unaligned 8-byte read of `d, s` or an aligned f32 read of `d` (`ActBlock`s start with
     // `d: f32, s: f32`, so they are 4-aligned) of each activation block; all readable by the
@@ -210,12 +200,7 @@ pub(super) unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
         // SAFETY: i + 1 < nb, so blocks i and i + 1 lie inside `w` (nb * ts <= w.len()) and `x`;
         // the CPU features are the caller's guarantee.
         let (sa, sb, pa, pb) = unsafe {
-            let (wa, wb, xa, xb) = (
-                wp.add(i * ts),
-                wp.add((i + 1) * ts),
-                xp.add(i),
-                xp.add(i + 1),
-            );
+            let (wa, wb, xa, xb) = (wp.add(i * ts), wp.add((i + 1) * ts), xp.add(i), xp.add(i + 1));
             let (sa, sb) = scales::<K, B>(wa, xa, wb, xb);
             (sa, sb, B::block::<K>(wa, xa), B::block::<K>(wb, xb))
         };
@@ -279,13 +264,7 @@ unsafe fn gemv_k<const K: u8, B: ActBlock>(w: &[u8], row_bytes: usize, x: &[B], 
 /// # Safety
 /// The CPU must support avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn gemv<B: ActBlock>(
-    t: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[B],
-    out: &mut [f32],
-) {
+pub(super) unsafe fn gemv<B: ActBlock>(t: GgmlType, w: &[u8], row_bytes: usize, x: &[B], out: &mut [f32]) {
     // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
@@ -312,14 +291,7 @@ pub(super) unsafe fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     for (xb, yb) in x.chunks_exact(QK8).zip(out.iter_mut()) {
         let p = xb.as_ptr();
         // SAFETY: `xb` holds 32 f32s, so the four unaligned 8-lane loads are in bounds.
-        let v = unsafe {
-            [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ]
-        };
+        let v = unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))] };
         // amax: max is exact, so the order does not matter.
         let m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
         let m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
@@ -365,12 +337,7 @@ pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     while i + 32 <= n {
         for (k, acc) in acc.iter_mut().enumerate() {
             // SAFETY: i + 8k + 8 <= i + 32 <= n, in bounds of both slices.
-            let (x, y) = unsafe {
-                (
-                    _mm256_loadu_ps(pa.add(i + 8 * k)),
-                    _mm256_loadu_ps(pb.add(i + 8 * k)),
-                )
-            };
+            let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i + 8 * k)), _mm256_loadu_ps(pb.add(i + 8 * k))) };
             *acc = _mm256_fmadd_ps(x, y, *acc);
         }
         i += 32;

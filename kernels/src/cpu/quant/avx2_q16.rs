@@ -23,9 +23,7 @@
 use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
-use super::avx2::{
-    ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, bytes_from_bits, has_min, hsum, nibbles, row, type_size,
-};
+use super::avx2::{ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, bytes_from_bits, has_min, hsum, nibbles, row, type_size};
 use super::{BlockQ16, GgmlType, QK16};
 
 /// 16 bytes of packed nibbles -> (elements 0..16, elements 16..32) as unsigned i16.
@@ -106,19 +104,13 @@ unsafe fn quants16<const K: u8>(w: *const u8) -> (__m256i, __m256i) {
                 let hi = bytes_from_bits(read_unaligned(w.add(2).cast::<u32>()));
                 let hi = _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8));
                 let q = _mm256_or_si256(nibbles(w.add(6)), hi);
-                (
-                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                )
+                (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)))
             }
             Q5_1 => {
                 let hi = bytes_from_bits(read_unaligned(w.add(4).cast::<u32>()));
                 let hi = _mm256_and_si256(hi, _mm256_set1_epi8(0x10));
                 let q = _mm256_or_si256(nibbles(w.add(8)), hi);
-                (
-                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
-                )
+                (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)))
             }
             _ => (
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(2).cast::<__m128i>())),
@@ -142,14 +134,7 @@ pub(super) unsafe fn quantize_row_q16(x: &[f32], out: &mut [BlockQ16]) {
     for (xb, yb) in x.chunks_exact(QK16).zip(out.iter_mut()) {
         let p = xb.as_ptr();
         // SAFETY: `xb` holds 32 f32s, so the four unaligned 8-lane loads are in bounds.
-        let v = unsafe {
-            [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ]
-        };
+        let v = unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))] };
         // amax: max is exact, so the order does not matter.
         let m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
         let m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
@@ -226,13 +211,7 @@ impl Group {
             self.table.resize(nb, Lanes::default());
             self.scale.resize(2 * nb, Lanes::default());
         }
-        for (i, (qi, ti)) in self
-            .qs
-            .chunks_exact_mut(G)
-            .zip(&mut self.table)
-            .take(nb)
-            .enumerate()
-        {
+        for (i, (qi, ti)) in self.qs.chunks_exact_mut(G).zip(&mut self.table).take(nb).enumerate() {
             *ti = Lanes::default();
             for b in 0..na {
                 let blk = &x[b * nb + i];
@@ -265,12 +244,7 @@ impl Group {
 /// the CPU must support avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_scales<const K: u8>(
-    w: *const u8,
-    nb: usize,
-    table: *const Lanes,
-    scale: *mut Lanes,
-) -> [f32; 2 * G] {
+unsafe fn row_scales<const K: u8>(w: *const u8, nb: usize, table: *const Lanes, scale: *mut Lanes) -> [f32; 2 * G] {
     let ts = type_size(K);
     // One block: its products stored and returned as two halves.
     // SAFETY: block `i < nb` lies inside the caller's ranges; the entries are 64-byte aligned.
@@ -348,10 +322,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
     // SAFETY: (callers below) i < nb and b < NA.
     let s = |b: usize, i: usize| unsafe { _mm256_broadcast_ss(&(*sp.add(i)).0[2 * b]) };
     let dot = |(w0, w1): (__m256i, __m256i), (x0, x1): (__m256i, __m256i)| {
-        _mm256_cvtepi32_ps(_mm256_add_epi32(
-            _mm256_madd_epi16(w0, x0),
-            _mm256_madd_epi16(w1, x1),
-        ))
+        _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)))
     };
     for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
         let wp = wr.as_ptr();
@@ -362,12 +333,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
         let mut i = 0;
         while i + 1 < nb {
             // SAFETY: blocks i and i + 1 < nb of the weight row.
-            let (qa, qb) = unsafe {
-                (
-                    quants16::<K>(wp.add(i * ts)),
-                    quants16::<K>(wp.add((i + 1) * ts)),
-                )
-            };
+            let (qa, qb) = unsafe { (quants16::<K>(wp.add(i * ts)), quants16::<K>(wp.add((i + 1) * ts))) };
             for (b, acc) in acc0.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(s(b, i), dot(qa, y(b, i)), *acc);
             }
@@ -394,15 +360,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_k<const K: u8>(
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ16],
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+unsafe fn gemm_k<const K: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ16], nb: usize, n: usize, out: &mut [f32], out_stride: usize) {
     let mut b0 = 0;
     while b0 < n {
         let na = match n - b0 {

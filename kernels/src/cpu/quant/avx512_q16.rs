@@ -130,12 +130,7 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ16]) -> f32 {
         // SAFETY: i + 1 < nb, so blocks i and i + 1 lie inside `w` (nb * ts <= w.len()) and `x`;
         // the CPU features are the caller's guarantee.
         let (sa, sb, pa, pb) = unsafe {
-            let (wa, wb, xa, xb) = (
-                wp.add(i * ts),
-                wp.add((i + 1) * ts),
-                xp.add(i),
-                xp.add(i + 1),
-            );
+            let (wa, wb, xa, xb) = (wp.add(i * ts), wp.add((i + 1) * ts), xp.add(i), xp.add(i + 1));
             let (sa, sb) = scales::<K, BlockQ16>(wa, xa, wb, xb);
             (sa, sb, block::<K>(wa, xa), block::<K>(wb, xb))
         };
@@ -159,10 +154,7 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ16]) -> f32 {
         }
     }
     let v = _mm512_add_ps(acc0, acc1);
-    let v = _mm256_add_ps(
-        _mm512_castps512_ps256(v),
-        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
-    );
+    let v = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
     let mut sum = hsum(v);
     if has_min(K) {
         let m = _mm_add_ps(accm0, accm1);
@@ -203,13 +195,7 @@ unsafe fn gemv_k<const K: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &
 /// # Safety
 /// The CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
-pub(super) unsafe fn gemv(
-    t: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ16],
-    out: &mut [f32],
-) {
+pub(super) unsafe fn gemv(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &mut [f32]) {
     // SAFETY: (all arms) same CPU-feature requirement as this function.
     unsafe {
         match t {
@@ -228,10 +214,7 @@ pub(super) unsafe fn gemv(
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
 fn reduce(acc0: __m512, acc1: __m512) -> f32 {
     let v = _mm512_add_ps(acc0, acc1);
-    let v = _mm256_add_ps(
-        _mm512_castps512_ps256(v),
-        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
-    );
+    let v = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
     hsum(v)
 }
 
@@ -282,11 +265,7 @@ const fn reduced_lane(b: usize) -> usize {
 /// the CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
-unsafe fn block_scales<const K: u8>(
-    wb: *const u8,
-    table: *const Lanes,
-    scale: *mut Lanes,
-) -> __m512 {
+unsafe fn block_scales<const K: u8>(wb: *const u8, table: *const Lanes, scale: *mut Lanes) -> __m512 {
     // SAFETY: the caller's guarantees.
     unsafe {
         // [d_w, m_w] (or [d_w, d_w]) repeated: one conversion, exact.
@@ -311,12 +290,7 @@ unsafe fn block_scales<const K: u8>(
 /// the CPU must support avx512f, avx512bw, gfni, avx2, fma and f16c.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
-unsafe fn row_scales<const K: u8>(
-    w: *const u8,
-    nb: usize,
-    table: *const Lanes,
-    scale: *mut Lanes,
-) -> __m512 {
+unsafe fn row_scales<const K: u8>(w: *const u8, nb: usize, table: *const Lanes, scale: *mut Lanes) -> __m512 {
     let ts = type_size(K);
     // SAFETY: block `i < nb` lies inside the caller's ranges.
     let one = |i: usize| unsafe { block_scales::<K>(w.add(i * ts), table.add(i), scale.add(i)) };
@@ -382,9 +356,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
         let has_next = r + 1 < rows;
         // Next row's scales of block i into `next`, returned; not called on the last row.
         // SAFETY: (callers below) i < nb, row r + 1 exists.
-        let next_scales = |i: usize| unsafe {
-            block_scales::<K>(wp.add(row_bytes + i * ts), tp.add(i), next.add(i))
-        };
+        let next_scales = |i: usize| unsafe { block_scales::<K>(wp.add(row_bytes + i * ts), tp.add(i), next.add(i)) };
         // The scale product of block i and row b (this row).
         // SAFETY: (callers below) i < nb and b < NA.
         let s = |b: usize, i: usize| unsafe { _mm512_set1_ps((*cur.add(i)).0[2 * b]) };
@@ -402,12 +374,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
                 }
             }
             // SAFETY: blocks i and i + 1 < nb of the weight row.
-            let (qa, qb) = unsafe {
-                (
-                    quants::<K>(wp.add(i * ts)),
-                    quants::<K>(wp.add((i + 1) * ts)),
-                )
-            };
+            let (qa, qb) = unsafe { (quants::<K>(wp.add(i * ts)), quants::<K>(wp.add((i + 1) * ts))) };
             for b in 0..NA {
                 acc0[b] = _mm512_fmadd_ps(s(b, i), p(qa, b, i), acc0[b]);
                 acc1[b] = _mm512_fmadd_ps(s(b, i + 1), p(qb, b, i + 1), acc1[b]);
@@ -459,15 +426,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
 }
 
 #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
-unsafe fn gemm_k<const K: u8>(
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ16],
-    nb: usize,
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+unsafe fn gemm_k<const K: u8>(w: &[u8], row_bytes: usize, x: &[BlockQ16], nb: usize, n: usize, out: &mut [f32], out_stride: usize) {
     let mut b0 = 0;
     while b0 < n {
         let na = match n - b0 {

@@ -8,14 +8,7 @@ use super::f16_at;
 /// 12 `scales` bytes of Q4_K / Q5_K.
 #[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
+    if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) }
 }
 
 /// block_q2_K { u8 scales[16]; u8 qs[64]; f16 d; f16 dmin } (84 bytes). Sub-block i (16 values)
@@ -161,9 +154,7 @@ mod tests {
     #[test]
     fn scale_min_k4_matches_gguf_py_unpacking() {
         // gguf-py Q4_K.get_scale_min, written out for one byte pattern.
-        let q: [u8; 12] = [
-            0xC1, 0x82, 0x43, 0x04, 0xFF, 0x3E, 0x7D, 0xBC, 0x5A, 0xA5, 0x0F, 0xF0,
-        ];
+        let q: [u8; 12] = [0xC1, 0x82, 0x43, 0x04, 0xFF, 0x3E, 0x7D, 0xBC, 0x5A, 0xA5, 0x0F, 0xF0];
         for j in 0..8 {
             let (d, m) = (&q[0..4], &q[4..8]);
             let md = &q[8..12];
@@ -171,10 +162,7 @@ mod tests {
                 (d[j] & 0x3F, m[j] & 0x3F)
             } else {
                 let k = j - 4;
-                (
-                    (md[k] & 0x0F) | ((d[k] >> 2) & 0x30),
-                    (md[k] >> 4) | ((m[k] >> 2) & 0x30),
-                )
+                ((md[k] & 0x0F) | ((d[k] >> 2) & 0x30), (md[k] >> 4) | ((m[k] >> 2) & 0x30))
             };
             assert_eq!(scale_min_k4(j, &q), (sc, mn), "sub-block {j}");
         }

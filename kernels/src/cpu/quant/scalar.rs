@@ -89,11 +89,7 @@ fn block_dot<B: Act>(t: GgmlType, b: &[u8], x: &B) -> (i32, f32, f32) {
                 s += (i32::from(qs[j] & 0x0F) - zero) * xq[j];
                 s += (i32::from(qs[j] >> 4) - zero) * xq[j + 16];
             }
-            let m = if t == GgmlType::Q4_1 {
-                f16_at(b, 2)
-            } else {
-                0.0
-            };
+            let m = if t == GgmlType::Q4_1 { f16_at(b, 2) } else { 0.0 };
             (s, f16_at(b, 0), m)
         }
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
@@ -107,19 +103,11 @@ fn block_dot<B: Act>(t: GgmlType, b: &[u8], x: &B) -> (i32, f32, f32) {
                 s += ((i32::from(qs[j] & 0x0F) | h0) - zero) * xq[j];
                 s += ((i32::from(qs[j] >> 4) | h1) - zero) * xq[j + 16];
             }
-            let m = if t == GgmlType::Q5_1 {
-                f16_at(b, 2)
-            } else {
-                0.0
-            };
+            let m = if t == GgmlType::Q5_1 { f16_at(b, 2) } else { 0.0 };
             (s, f16_at(b, 0), m)
         }
         GgmlType::Q8_0 => {
-            let s = b[2..34]
-                .iter()
-                .zip(&xq)
-                .map(|(&q, &y)| i32::from(q as i8) * y)
-                .sum();
+            let s = b[2..34].iter().zip(&xq).map(|(&q, &y)| i32::from(q as i8) * y).sum();
             (s, f16_at(b, 0), 0.0)
         }
         _ => (0, 0.0, 0.0),

@@ -4,13 +4,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
-const DOT_TYPES: [GgmlType; 5] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-];
+const DOT_TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
 /// Random weight blocks of type `t` (random quants, sane f16 scale/min fields).
 fn random_weights(t: GgmlType, blocks: usize, rng: &mut StdRng) -> Vec<u8> {
@@ -91,26 +85,11 @@ fn quantize_row_q8_round_trip() {
 fn quantize_row_q8_rounds_half_away_from_zero() {
     // amax 127 -> d = 1, id = 1: x * id == x exactly.
     let mut x = [0.0f32; 32];
-    let vals = [
-        127.0,
-        -126.5,
-        0.5,
-        -0.5,
-        1.5,
-        -1.5,
-        2.5,
-        -2.5,
-        0.49999997,
-        -0.49999997,
-        -0.0,
-    ];
+    let vals = [127.0, -126.5, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, -0.49999997, -0.0];
     x[..vals.len()].copy_from_slice(&vals);
     let q = quantize(&x);
     assert_eq!(q[0].d, 1.0);
-    assert_eq!(
-        &q[0].qs[..vals.len()],
-        &[127, -127, 1, -1, 2, -2, 3, -3, 0, 0, 0]
-    );
+    assert_eq!(&q[0].qs[..vals.len()], &[127, -127, 1, -1, 2, -2, 3, -3, 0, 0, 0]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -128,19 +107,13 @@ fn quantize_row_q8_simd_equals_scalar() {
     let mut x = random_acts(32 * 256, &mut rng);
     // Blocks whose values land exactly on .5 after scaling, and near it.
     for (i, v) in x[..64].iter_mut().enumerate() {
-        *v = if i % 32 == 0 {
-            127.0
-        } else {
-            (i as f32 - 40.0) * 0.5 + if i % 3 == 0 { 1e-5 } else { 0.0 }
-        };
+        *v = if i % 32 == 0 { 127.0 } else { (i as f32 - 40.0) * 0.5 + if i % 3 == 0 { 1e-5 } else { 0.0 } };
     }
     // Blocks with d == 1 (amax 127) holding every f32 within 40 ulps of each k/2, |k/2| <= 127.
     for k in -254i32..=254 {
         let h = k as f32 * 0.5;
-        let mut vals: Vec<f32> = (-40i32..=40)
-            .map(|u| f32::from_bits(h.to_bits().wrapping_add_signed(u)))
-            .filter(|v| v.abs() <= 127.0)
-            .collect();
+        let mut vals: Vec<f32> =
+            (-40i32..=40).map(|u| f32::from_bits(h.to_bits().wrapping_add_signed(u))).filter(|v| v.abs() <= 127.0).collect();
         vals.push(h);
         for chunk in vals.chunks(31) {
             x.push(127.0);
@@ -171,15 +144,9 @@ fn vec_dot_q8_matches_reference() {
                 let x = quantize(&random_acts(n, &mut rng));
                 let got = f64::from(vec_dot_q8(t, &w, &x));
                 let (want, norm) = reference_dot(t, &w, &x);
-                assert!(
-                    (got - want).abs() <= 1e-5 * norm + 1e-30,
-                    "{t} n={n}: {got} vs {want} (norm {norm})"
-                );
+                assert!((got - want).abs() <= 1e-5 * norm + 1e-30, "{t} n={n}: {got} vs {want} (norm {norm})");
                 let sc = f64::from(scalar::vec_dot(t, &w, &x));
-                assert!(
-                    (sc - want).abs() <= 1e-5 * norm + 1e-30,
-                    "{t} n={n} scalar: {sc} vs {want}"
-                );
+                assert!((sc - want).abs() <= 1e-5 * norm + 1e-30, "{t} n={n} scalar: {sc} vs {want}");
             }
         }
     }
@@ -201,10 +168,7 @@ fn vec_dot_q8_simd_close_to_scalar() {
                 // SAFETY: checked has_avx2() above.
                 let simd = unsafe { avx2::vec_dot(t, &w, &x) };
                 let (_, norm) = reference_dot(t, &w, &x);
-                assert!(
-                    f64::from((sc - simd).abs()) <= 1e-5 * norm + 1e-30,
-                    "{t} nb={nb}: scalar {sc} simd {simd}"
-                );
+                assert!(f64::from((sc - simd).abs()) <= 1e-5 * norm + 1e-30, "{t} nb={nb}: scalar {sc} simd {simd}");
             }
         }
     }
@@ -219,10 +183,7 @@ fn gemv_q8_is_bitwise_row_by_row() {
             let row_bytes = t.bytes_for(n).unwrap();
             let w = random_weights(t, rows * n / QK8, &mut rng);
             let x = quantize(&random_acts(n, &mut rng));
-            let want: Vec<f32> = w
-                .chunks_exact(row_bytes)
-                .map(|r| vec_dot_q8(t, r, &x))
-                .collect();
+            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| vec_dot_q8(t, r, &x)).collect();
             let mut out = vec![f32::NAN; rows];
             gemv_q8(t, &w, row_bytes, &x, &mut out);
             assert_eq!(bits(&out), bits(&want), "{t} n={n}");
@@ -230,11 +191,7 @@ fn gemv_q8_is_bitwise_row_by_row() {
             for &(start, len) in &[(0usize, 1usize), (3, 2), (5, 7), (12, 1)] {
                 let mut part = vec![f32::NAN; len];
                 gemv_q8(t, &w[start * row_bytes..], row_bytes, &x, &mut part);
-                assert_eq!(
-                    bits(&part),
-                    bits(&want[start..start + len]),
-                    "{t} n={n} rows {start}+{len}"
-                );
+                assert_eq!(bits(&part), bits(&want[start..start + len]), "{t} n={n} rows {start}+{len}");
             }
         }
     }
@@ -273,26 +230,12 @@ fn dot_f32_matches_f64_reference() {
     for n in (0..100).chain([576, 1536, 4099]) {
         let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let want: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(&x, &y)| f64::from(x) * f64::from(y))
-            .sum();
-        let norm: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs())
-            .sum();
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+        let norm: f64 = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs()).sum();
         let got = dot_f32(&a, &b);
-        assert!(
-            (f64::from(got) - want).abs() <= 1e-6 * norm + 1e-12,
-            "n={n}: {got} vs {want}"
-        );
+        assert!((f64::from(got) - want).abs() <= 1e-6 * norm + 1e-12, "n={n}: {got} vs {want}");
         let sc = scalar::dot_f32(&a, &b);
-        assert!(
-            (f64::from(sc) - want).abs() <= 1e-6 * norm + 1e-12,
-            "n={n} scalar: {sc} vs {want}"
-        );
+        assert!((f64::from(sc) - want).abs() <= 1e-6 * norm + 1e-12, "n={n} scalar: {sc} vs {want}");
         assert_eq!(dot_f32(&a, &b).to_bits(), got.to_bits());
     }
 }
@@ -300,42 +243,22 @@ fn dot_f32_matches_f64_reference() {
 #[test]
 fn dequantize_row_errors_and_plain_floats() {
     let mut out = [0.0f32; 3];
-    let src: Vec<u8> = [1.0f32, -2.5, 3.25]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let src: Vec<u8> = [1.0f32, -2.5, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
     dequantize_row(GgmlType::F32, &src, &mut out).unwrap();
     assert_eq!(out, [1.0, -2.5, 3.25]);
     assert_eq!(
         dequantize_row(GgmlType::F32, &src[..8], &mut out),
-        Err(QuantError::BadLength {
-            dtype: GgmlType::F32,
-            elements: 3,
-            bytes: 8
-        })
+        Err(QuantError::BadLength { dtype: GgmlType::F32, elements: 3, bytes: 8 })
     );
     let mut out32 = [0.0f32; 33];
-    assert!(matches!(
-        dequantize_row(GgmlType::Q4_0, &[0; 18], &mut out32),
-        Err(QuantError::BadLength { .. })
-    ));
+    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0; 18], &mut out32), Err(QuantError::BadLength { .. })));
     for t in [GgmlType::Q8_1, GgmlType::Q8K] {
         let mut out = vec![0.0f32; t.block_size()];
         let src = vec![0u8; t.type_size()];
-        assert_eq!(
-            dequantize_row(t, &src, &mut out),
-            Err(QuantError::Unsupported(t))
-        );
+        assert_eq!(dequantize_row(t, &src, &mut out), Err(QuantError::Unsupported(t)));
     }
-    let e = QuantError::BadLength {
-        dtype: GgmlType::Q4_1,
-        elements: 64,
-        bytes: 3,
-    };
-    assert_eq!(
-        e.to_string(),
-        "64 elements of type q4_1 do not match 3 bytes of data"
-    );
+    let e = QuantError::BadLength { dtype: GgmlType::Q4_1, elements: 64, bytes: 3 };
+    assert_eq!(e.to_string(), "64 elements of type q4_1 do not match 3 bytes of data");
     // Empty rows are fine.
     dequantize_row(GgmlType::Q6K, &[], &mut []).unwrap();
 }

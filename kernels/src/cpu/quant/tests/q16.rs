@@ -75,26 +75,11 @@ fn quantize_row_q16_round_trip() {
 fn quantize_row_q16_rounds_half_away_from_zero() {
     // amax 32767 -> d = 1, id = 1: x * id == x exactly.
     let mut x = [0.0f32; 32];
-    let vals = [
-        -32767.0,
-        32766.5,
-        0.5,
-        -0.5,
-        1.5,
-        -1.5,
-        2.5,
-        -2.5,
-        0.49999997,
-        -0.49999997,
-        -0.0,
-    ];
+    let vals = [-32767.0, 32766.5, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, -0.49999997, -0.0];
     x[..vals.len()].copy_from_slice(&vals);
     let q = quantize16(&x);
     assert_eq!(q[0].d, 1.0);
-    assert_eq!(
-        &q[0].qs[..vals.len()],
-        &[-32767, 32767, 1, -1, 2, -2, 3, -3, 0, 0, 0]
-    );
+    assert_eq!(&q[0].qs[..vals.len()], &[-32767, 32767, 1, -1, 2, -2, 3, -3, 0, 0, 0]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -110,10 +95,8 @@ fn quantize_row_q16_simd_equals_scalar() {
     let ks = (-600i32..=600).chain((-65534..=65534).step_by(97));
     for k in ks {
         let h = k as f32 * 0.5;
-        let mut vals: Vec<f32> = (-40i32..=40)
-            .map(|u| f32::from_bits(h.to_bits().wrapping_add_signed(u)))
-            .filter(|v| v.abs() <= 32767.0)
-            .collect();
+        let mut vals: Vec<f32> =
+            (-40i32..=40).map(|u| f32::from_bits(h.to_bits().wrapping_add_signed(u))).filter(|v| v.abs() <= 32767.0).collect();
         vals.push(h);
         for chunk in vals.chunks(31) {
             x.push(if k % 2 == 0 { 32767.0 } else { -32767.0 });
@@ -150,15 +133,9 @@ fn vec_dot_q16_matches_reference() {
                 let x = quantize16(&random_acts(n, &mut rng));
                 let got = f64::from(vec_dot_q16(t, &w, &x));
                 let (want, norm) = reference_dot16(t, &w, &x);
-                assert!(
-                    (got - want).abs() <= 1e-6 * norm + 1e-30,
-                    "{t} n={n}: {got} vs {want} (norm {norm})"
-                );
+                assert!((got - want).abs() <= 1e-6 * norm + 1e-30, "{t} n={n}: {got} vs {want} (norm {norm})");
                 let sc = f64::from(scalar::vec_dot(t, &w, &x));
-                assert!(
-                    (sc - want).abs() <= 1e-6 * norm + 1e-30,
-                    "{t} n={n} scalar: {sc} vs {want}"
-                );
+                assert!((sc - want).abs() <= 1e-6 * norm + 1e-30, "{t} n={n} scalar: {sc} vs {want}");
             }
         }
     }
@@ -168,18 +145,10 @@ fn vec_dot_q16_matches_reference() {
 fn vec_dot_q16_extreme_quants_are_exact() {
     // Worst case for the i32 lanes / f32 conversion: |q_w| = 128 (Q8_0) or 16 (Q5_0) times
     // |q_x| = 32767 everywhere; with d_w = d_x = 1 every partial sum is an exact integer.
-    for (t, q) in [
-        (GgmlType::Q8_0, 0x80u8),
-        (GgmlType::Q5_0, 0x00),
-        (GgmlType::Q4_0, 0x00),
-    ] {
+    for (t, q) in [(GgmlType::Q8_0, 0x80u8), (GgmlType::Q5_0, 0x00), (GgmlType::Q4_0, 0x00)] {
         let mut w = vec![q; t.type_size()];
         w[0..2].copy_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
-        let x = [BlockQ16 {
-            d: 1.0,
-            s: 0.0,
-            qs: [32767; QK16],
-        }];
+        let x = [BlockQ16 { d: 1.0, s: 0.0, qs: [32767; QK16] }];
         let qw = match t {
             GgmlType::Q8_0 => -128.0,
             GgmlType::Q5_0 => -16.0,
@@ -258,14 +227,8 @@ fn vec_dot_q16_simd_close_to_scalar() {
                 let (want, norm) = reference_dot16(t, &w, &x);
                 for (name, f) in &impls {
                     let got = f(t, &w, &x);
-                    assert!(
-                        f64::from((sc - got).abs()) <= 1e-6 * norm + 1e-30,
-                        "{t} nb={nb}: scalar {sc} {name} {got}"
-                    );
-                    assert!(
-                        (f64::from(got) - want).abs() <= 1e-6 * norm + 1e-30,
-                        "{t} nb={nb}: {name} {got} vs {want}"
-                    );
+                    assert!(f64::from((sc - got).abs()) <= 1e-6 * norm + 1e-30, "{t} nb={nb}: scalar {sc} {name} {got}");
+                    assert!((f64::from(got) - want).abs() <= 1e-6 * norm + 1e-30, "{t} nb={nb}: {name} {got} vs {want}");
                 }
             }
         }
@@ -281,10 +244,7 @@ fn gemv_q16_is_bitwise_row_by_row() {
             let row_bytes = t.bytes_for(n).unwrap();
             let w = random_weights(t, rows * n / QK16, &mut rng);
             let x = quantize16(&random_acts(n, &mut rng));
-            let want: Vec<f32> = w
-                .chunks_exact(row_bytes)
-                .map(|r| vec_dot_q16(t, r, &x))
-                .collect();
+            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| vec_dot_q16(t, r, &x)).collect();
             let mut out = vec![f32::NAN; rows];
             gemv_q16(t, &w, row_bytes, &x, &mut out);
             assert_eq!(bits(&out), bits(&want), "{t} n={n}");
@@ -292,25 +252,15 @@ fn gemv_q16_is_bitwise_row_by_row() {
             for &(start, len) in &[(0usize, 1usize), (3, 2), (5, 7), (12, 1)] {
                 let mut part = vec![f32::NAN; len];
                 gemv_q16(t, &w[start * row_bytes..], row_bytes, &x, &mut part);
-                assert_eq!(
-                    bits(&part),
-                    bits(&want[start..start + len]),
-                    "{t} n={n} rows {start}+{len}"
-                );
+                assert_eq!(bits(&part), bits(&want[start..start + len]), "{t} n={n} rows {start}+{len}");
             }
             // Repeated calls give the same bits.
-            assert_eq!(
-                vec_dot_q16(t, &w[..row_bytes], &x).to_bits(),
-                want[0].to_bits()
-            );
+            assert_eq!(vec_dot_q16(t, &w[..row_bytes], &x).to_bits(), want[0].to_bits());
             // The AVX2 path too when dispatch picks AVX-512.
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
                 // SAFETY: checked has_avx2().
-                let want: Vec<f32> = w
-                    .chunks_exact(row_bytes)
-                    .map(|r| unsafe { avx2::vec_dot(t, r, &x) })
-                    .collect();
+                let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| unsafe { avx2::vec_dot(t, r, &x) }).collect();
                 let mut out = vec![f32::NAN; rows];
                 // SAFETY: checked has_avx2().
                 unsafe { avx2::gemv(t, &w, row_bytes, &x, &mut out) };
@@ -343,11 +293,7 @@ fn check_gemm_bitwise(
                         for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
                             let want = dot(t, wr, xb);
                             let got = out[b * stride + r];
-                            assert_eq!(
-                                got.to_bits(),
-                                want.to_bits(),
-                                "{name} {t} nb={nb} rows={rows} n={n}: b={b} r={r}: {got} vs {want}"
-                            );
+                            assert_eq!(got.to_bits(), want.to_bits(), "{name} {t} nb={nb} rows={rows} n={n}: b={b} r={r}: {got} vs {want}");
                         }
                         if b + 1 < n {
                             let pad = &out[b * stride + rows..(b + 1) * stride];
@@ -390,29 +336,11 @@ fn gemm_q16_matches_gemv_q16_in_a_tile() {
     let nb = cols / QK16;
     let (r0, r1, stride, off) = (7usize, 30usize, 50usize, 5usize);
     let mut out = vec![0.0f32; n * stride];
-    gemm_q16(
-        t,
-        &w[r0 * row_bytes..r1 * row_bytes],
-        row_bytes,
-        &x,
-        n,
-        &mut out[off..],
-        stride,
-    );
+    gemm_q16(t, &w[r0 * row_bytes..r1 * row_bytes], row_bytes, &x, n, &mut out[off..], stride);
     for b in 0..n {
         let mut want = vec![0.0f32; r1 - r0];
-        gemv_q16(
-            t,
-            &w[r0 * row_bytes..r1 * row_bytes],
-            row_bytes,
-            &x[b * nb..(b + 1) * nb],
-            &mut want,
-        );
-        assert_eq!(
-            bits(&out[b * stride + off..][..r1 - r0]),
-            bits(&want),
-            "b={b}"
-        );
+        gemv_q16(t, &w[r0 * row_bytes..r1 * row_bytes], row_bytes, &x[b * nb..(b + 1) * nb], &mut want);
+        assert_eq!(bits(&out[b * stride + off..][..r1 - r0]), bits(&want), "b={b}");
     }
 }
 
@@ -436,15 +364,7 @@ fn gemm_q16_clamps_inconsistent_lengths_in_release() {
     assert!(out[3].is_nan() && out[7].is_nan() && out[8].is_nan() && out[9].is_nan());
     // Unsupported types leave `out` untouched.
     let mut out = [7.0f32; 4];
-    gemm_q16(
-        GgmlType::Q4K,
-        &[0u8; 144],
-        144,
-        &[BlockQ16::default(); 8],
-        1,
-        &mut out,
-        4,
-    );
+    gemm_q16(GgmlType::Q4K, &[0u8; 144], 144, &[BlockQ16::default(); 8], 1, &mut out, 4);
     assert_eq!(out, [7.0; 4]);
 }
 
@@ -509,18 +429,9 @@ fn bench_vec_dot_q4_1_576() {
         let row_bytes = t.bytes_for(n).unwrap();
         let w = random_weights(t, rows * n / QK8, &mut rng);
         let mut out = vec![0.0f32; rows];
-        let ns = best_ns(200, || {
-            gemv_q8(t, black_box(&w), row_bytes, black_box(&x), &mut out)
-        });
-        let ns16 = best_ns(200, || {
-            gemv_q16(t, black_box(&w), row_bytes, black_box(&x16), &mut out)
-        });
-        println!(
-            "gemv {t} {rows}x{n} ({} KiB): q8 {:.1} ns/row, q16 {:.1} ns/row",
-            w.len() / 1024,
-            ns / rows as f64,
-            ns16 / rows as f64
-        );
+        let ns = best_ns(200, || gemv_q8(t, black_box(&w), row_bytes, black_box(&x), &mut out));
+        let ns16 = best_ns(200, || gemv_q16(t, black_box(&w), row_bytes, black_box(&x16), &mut out));
+        println!("gemv {t} {rows}x{n} ({} KiB): q8 {:.1} ns/row, q16 {:.1} ns/row", w.len() / 1024, ns / rows as f64, ns16 / rows as f64);
         #[cfg(target_arch = "x86_64")]
         if avx2_too {
             let ns = best_ns(200, || {
@@ -550,12 +461,9 @@ fn bench_gemm_q16_q4_1_1536x576() {
     use std::hint::black_box;
     let mut rng = StdRng::seed_from_u64(9);
     println!("isa q16 {:?}", isa_q16());
-    for (t, rows, cols) in [
-        (GgmlType::Q4_1, 1536usize, 576usize),
-        (GgmlType::Q4_1, 576, 1536),
-        (GgmlType::Q8_0, 1536, 576),
-        (GgmlType::Q4_1, 512, 4096),
-    ] {
+    for (t, rows, cols) in
+        [(GgmlType::Q4_1, 1536usize, 576usize), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q8_0, 1536, 576), (GgmlType::Q4_1, 512, 4096)]
+    {
         let row_bytes = t.bytes_for(cols).unwrap();
         let nb = cols / QK16;
         let w = random_weights(t, rows * nb, &mut rng);
@@ -569,15 +477,7 @@ fn bench_gemm_q16_q4_1_1536x576() {
                 }
             });
             let ns_gemm = best_ns(iters, || {
-                gemm_q16(
-                    t,
-                    black_box(&w),
-                    row_bytes,
-                    black_box(&x),
-                    n,
-                    &mut out,
-                    rows,
-                );
+                gemm_q16(t, black_box(&w), row_bytes, black_box(&x), n, &mut out, rows);
             });
             let per = (rows * n) as f64;
             print!(
@@ -596,23 +496,9 @@ fn bench_gemm_q16_q4_1_1536x576() {
                 });
                 // SAFETY: as above; the lengths are consistent.
                 let ns_gemm = best_ns(iters, || unsafe {
-                    avx2_q16::gemm(
-                        t,
-                        black_box(&w),
-                        row_bytes,
-                        black_box(&x),
-                        nb,
-                        n,
-                        &mut out,
-                        rows,
-                    );
+                    avx2_q16::gemm(t, black_box(&w), row_bytes, black_box(&x), nb, n, &mut out, rows);
                 });
-                print!(
-                    "; avx2 path: gemv loop {:5.2} ns, gemm {:5.2} ns ({:.2}x)",
-                    ns_gemv / per,
-                    ns_gemm / per,
-                    ns_gemv / ns_gemm
-                );
+                print!("; avx2 path: gemv loop {:5.2} ns, gemm {:5.2} ns ({:.2}x)", ns_gemv / per, ns_gemm / per, ns_gemv / ns_gemm);
             }
             println!();
         }
