@@ -73,3 +73,57 @@ fn main() -> anyhow::Result<()> {
         Command::Loadgen(a) => commands::loadgen::run(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// README's command reference: subcommand → the `--flags` its synopsis shows.
+    fn readme_synopses() -> BTreeMap<String, BTreeSet<String>> {
+        let readme = include_str!("../README.md");
+        let section = readme.split("## The `ferrite` command").nth(1).expect("README has a `ferrite` command section");
+        let block = section.split("```sh").nth(1).and_then(|b| b.split("```").next()).expect("a sh block with the synopses");
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut current = None;
+        for line in block.lines() {
+            if let Some(rest) = line.strip_prefix("ferrite ") {
+                let name = rest.split_whitespace().next().expect("a subcommand name").to_string();
+                out.entry(name.clone()).or_default();
+                current = Some(name);
+            }
+            let Some(name) = &current else { continue };
+            for word in line.split(|c: char| c.is_whitespace() || "[]|=".contains(c)) {
+                if word.starts_with("--") && word.len() > 2 {
+                    out.get_mut(name).expect("entry").insert(word.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn readme_lists_exactly_the_subcommands_and_only_real_flags() {
+        let cli = Cli::command();
+        let readme = readme_synopses();
+        let mut actual: BTreeSet<String> = cli.get_subcommands().map(|c| c.get_name().to_string()).collect();
+        if !cfg!(feature = "cuda") {
+            actual.insert("gpu-bench".into()); // documented; built with `--features cuda`
+        }
+        assert_eq!(readme.keys().cloned().collect::<BTreeSet<_>>(), actual, "README's `ferrite` command list");
+        for sub in cli.get_subcommands() {
+            let known: BTreeSet<String> = sub
+                .get_arguments()
+                .chain(cli.get_arguments())
+                .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+                .chain(["--help".to_string()])
+                .collect();
+            let listed = &readme[sub.get_name()];
+            let unknown: Vec<&String> = listed.iter().filter(|f| !known.contains(*f)).collect();
+            assert!(unknown.is_empty(), "README shows flags `ferrite {}` does not have: {unknown:?}", sub.get_name());
+        }
+    }
+}

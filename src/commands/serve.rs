@@ -1,5 +1,6 @@
-//! `ferrite serve`: the one-command local stack — the OpenAI-compatible router and an embedded CPU worker in one
-//! process (the worker listens on a loopback port; the router talks to it over gRPC like to any worker).
+//! `ferrite serve`: the one-command local stack — the OpenAI-compatible router and an embedded worker (CPU, or CUDA
+//! with `--backend cuda`) in one process (the worker listens on a loopback port; the router talks to it over gRPC
+//! like to any worker).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -7,8 +7,10 @@
 //!   [`engine::step::EngineCore`] (serving, `ferrite generate`, benchmarks and tests all run it) and the engine thread
 //!   around it.
 //! - [`service`] / [`server`]: the gRPC worker service (token ids in, token ids out) and its startup.
-//! - [`tp`]: tensor parallelism — the in-process communicator and the rank-thread CPU backend.
-//! - [`metrics`]: Prometheus `/metrics` of a worker.
+//! - [`tp`]: tensor parallelism — the communicators (in-process CPU group, NCCL) and the rank-thread backend.
+//! - [`config`]: [`config::WorkerConfig`] (validated settings), the backend choice, start-up errors.
+//! - [`metrics`]: the worker's Prometheus metrics as text (the `ferrite` binary serves them over HTTP; this crate
+//!   never sees HTTP).
 //! - [`instant`]: a no-compute backend for measuring engine/gRPC/router overhead.
 //! - [`model`]: opens a model (GGUF file or Hugging Face directory) over memory-mapped files.
 //! - [`export`]: writes a Hugging Face directory from a GGUF model (`ferrite export-hf`).
