@@ -16,11 +16,11 @@ use ferrite_common::shard::ShardSpec;
 use ferrite_worker::backend::{
     Adjust, Backend, DEFAULT_BLOCK_SIZE, ForwardBatch, LogitsWanted, RowSampling, SampleParams, SeqInput, sample_uniform,
 };
+use ferrite_worker::cuda::nccl::NcclGroup;
 use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
 use ferrite_worker::model::open_model;
 use ferrite_worker::tp::comm::Communicator;
 use ferrite_worker::tp::group::COLLECTIVE_TIMEOUT;
-use ferrite_worker::tp::nccl::NcclGroup;
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]

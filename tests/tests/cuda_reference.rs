@@ -31,9 +31,9 @@ use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cpu::ops::argmax;
 use ferrite_tests::{BlockTables, default_model, ref_cases, ref_logits};
 use ferrite_worker::backend::{Backend, BackendError, ForwardBatch, LogitsWanted, SeqInput};
+use ferrite_worker::cuda::nccl::NcclGroup;
 use ferrite_worker::cuda::{CudaBackend, CudaOptions, RankSpec};
 use ferrite_worker::tp::group::TpBackend;
-use ferrite_worker::tp::nccl::NcclGroup;
 
 const BLOCKS: usize = 512;
 

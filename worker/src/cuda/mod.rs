@@ -41,6 +41,7 @@
 
 mod ceilings;
 mod graphs;
+pub mod nccl;
 mod sampling;
 mod step;
 mod timing;
@@ -62,7 +63,7 @@ use ferrite_kernels::cuda::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, CudaError,
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, validate_batch};
 pub use crate::config::CudaAttention;
 use crate::tp::comm::CommError;
-use crate::tp::nccl::{NcclGroup, NcclRank};
+use nccl::{NcclGroup, NcclRank};
 use weights::DeviceWeights;
 
 /// CUDA backend options.

@@ -13,8 +13,8 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::shard::ShardSpec;
 
 use super::group::{COLLECTIVE_TIMEOUT, GroupAbort, Rank, RankFactory, TpBackend};
-use super::nccl::NcclGroup;
 use crate::backend::Backend;
+use crate::cuda::nccl::NcclGroup;
 use crate::cuda::{CudaBackend, CudaOptions, RankSpec};
 
 impl TpBackend {

@@ -6,7 +6,8 @@
 //!   group-wide, final failure.
 //! - [`cpu`]: CPU ranks (`TpBackend::cpu`).
 //! - [`gather`]: assembling the ranks' vocabulary slices (logits rows, greedy ids) on the host.
-//! - `nccl` and `cuda` (feature `cuda`): the NCCL group and GPU ranks (`TpBackend::cuda`, one GPU per rank).
+//! - `cuda` (feature `cuda`): GPU ranks (`TpBackend::cuda`, one GPU per rank); their NCCL group is `crate::cuda::nccl`
+//!   (with the CUDA code, where `unsafe` is allowed).
 //!
 //! ## Failure is group-wide, final and bounded
 //! A rank whose step fails aborts the group; a collective waits at most 120 s; a step not finished within the step
@@ -36,5 +37,3 @@ pub mod cpu;
 pub mod cuda;
 pub mod gather;
 pub mod group;
-#[cfg(feature = "cuda")]
-pub mod nccl;

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use ferrite_kernels::cuda::CudaError;
 use ferrite_kernels::cuda::nccl::{NcclComm, nccl_available, unique_id};
 
-use super::comm::{CommError, Communicator, run_bounded};
+use crate::tp::comm::{CommError, Communicator, run_bounded};
 
 /// A worker's NCCL group: create it once (it makes the unique id), then [`NcclRank::init`] on each rank's thread.
 pub struct NcclGroup {
