@@ -10,7 +10,8 @@
 //! - Beside the ring, the log keeps the set of hashes live after its last event, so a full dump (`Cleared` + one
 //!   `Stored` of that set) is consistent with a sequence number and never needs the engine thread.
 //! - [`KvEventLog::read`] answers a subscriber: the events after the sequence number it last applied, or a
-//!   [`KvRead::Resync`] when that number is 0, has fallen off the ring, or is ahead of the log (a restarted worker).
+//!   [`KvRead::Resync`] when that number has fallen off the ring or is ahead of the log (a restarted worker);
+//!   [`KvEventLog::dump`] is the resync a `since_seq` of 0 asks for.
 //!   The gRPC stream (`crate::service`) turns reads into `KvEventBatch`es with [`batch`].
 
 use std::collections::{HashSet, VecDeque};
@@ -99,16 +100,22 @@ impl KvEventLog {
         self.last_seq.subscribe()
     }
 
-    /// The events after `since_seq` (the last one the subscriber applied), at most `max` of them; or a resync when
-    /// `since_seq` is 0, has fallen off the ring, or is ahead of the log.
+    /// The events after `since_seq` (the last one the subscriber applied; 0: none), at most `max` of them; or a
+    /// resync when `since_seq` has fallen off the ring or is ahead of the log.
     pub fn read(&self, since_seq: u64, max: usize) -> KvRead {
         let r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         let last = r.last_seq();
-        if since_seq == 0 || since_seq > last || since_seq + 1 < r.first_seq {
+        if since_seq > last || since_seq + 1 < r.first_seq {
             return KvRead::Resync { last_seq: last, hashes: r.live.iter().copied().collect() };
         }
         let skip = (since_seq + 1 - r.first_seq) as usize;
         KvRead::Events { first_seq: since_seq + 1, events: r.events.iter().skip(skip).take(max).copied().collect() }
+    }
+
+    /// A full dump: every hash held after the last event (what a `since_seq` of 0 asks for).
+    pub fn dump(&self) -> KvRead {
+        let r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        KvRead::Resync { last_seq: r.last_seq(), hashes: r.live.iter().copied().collect() }
     }
 }
 
@@ -158,14 +165,16 @@ mod tests {
     #[test]
     fn replays_from_a_sequence_number_in_the_ring() {
         let log = KvEventLog::new(8);
-        assert_eq!(log.read(0, 100), KvRead::Resync { last_seq: 0, hashes: vec![] }, "0 asks for a dump");
+        assert_eq!(log.dump(), KvRead::Resync { last_seq: 0, hashes: vec![] });
+        assert_eq!(log.read(0, 100), KvRead::Events { first_seq: 1, events: vec![] }, "after an empty dump: nothing new");
         log.publish([Stored(1), Stored(2), Removed(1)]);
         log.publish([]);
         assert_eq!(log.last_seq(), 3, "publishing nothing takes no number");
         assert_eq!(log.read(1, 100), KvRead::Events { first_seq: 2, events: vec![Stored(2), Removed(1)] });
         assert_eq!(log.read(1, 1), KvRead::Events { first_seq: 2, events: vec![Stored(2)] }, "at most max");
         assert_eq!(log.read(3, 100), KvRead::Events { first_seq: 4, events: vec![] }, "up to date");
-        assert_eq!(log.read(0, 100), KvRead::Resync { last_seq: 3, hashes: vec![2] });
+        assert_eq!(log.read(0, 100), KvRead::Events { first_seq: 1, events: vec![Stored(1), Stored(2), Removed(1)] });
+        assert_eq!(log.dump(), KvRead::Resync { last_seq: 3, hashes: vec![2] });
     }
 
     #[test]

@@ -180,14 +180,15 @@ fn load_report(s: &EngineStats) -> pb::LoadReport {
     }
 }
 
-/// One `KvEvents` subscriber: sends what the log holds after `at` (a resync when it cannot), then waits for news or
-/// the load-report tick; ends when the client goes away.
+/// One `KvEvents` subscriber: a dump when `since_seq` is 0, else what the log holds after it (a resync when it
+/// cannot); then whatever comes, batch by batch, or a bare load report on the tick. Ends when the client goes away.
 async fn pump_kv_events(
     log: Arc<KvEventLog>,
     stats: Arc<EngineStats>,
-    mut at: u64,
+    since_seq: u64,
     tx: tokio::sync::mpsc::Sender<Result<pb::KvEventBatch, Status>>,
 ) {
+    let mut at = since_seq;
     let mut news = log.subscribe();
     let mut tick = tokio::time::interval(LOAD_REPORT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -197,7 +198,7 @@ async fn pump_kv_events(
         news.borrow_and_update();
         // Send everything there is (the first batch even if empty: it carries the first load report).
         loop {
-            let read = log.read(at, MAX_BATCH_EVENTS);
+            let read = if first && since_seq == 0 { log.dump() } else { log.read(at, MAX_BATCH_EVENTS) };
             if !first && matches!(&read, KvRead::Events { events, .. } if events.is_empty()) {
                 break;
             }
