@@ -63,9 +63,11 @@ impl View {
         self.at = if b.resync { b.first_seq - 1 } else { b.first_seq + n - 1 };
     }
 
-    /// Applies batches until every hash of `want` is held.
+    /// Applies batches until every hash of `want` is held (load reports keep coming, so the wait has a deadline).
     async fn until_held(&mut self, stream: &mut Streaming<pb::KvEventBatch>, want: &[u64]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !want.iter().all(|h| self.held.contains(h)) {
+            assert!(tokio::time::Instant::now() < deadline, "{want:x?} not all stored within 10 s; holding {:x?}", self.held);
             self.apply(&next(stream).await);
         }
     }
