@@ -582,3 +582,14 @@ fn evictions_are_published_and_the_events_add_up_to_the_index() {
     }
     assert!(removed >= 6, "a full pool evicts, and says so ({removed} removals)");
 }
+
+#[test]
+fn waiting_prefill_tokens_count_the_prompts_not_yet_admitted() {
+    let mut b = instant(32);
+    let mut c = core(&b, Limits { max_seqs: 1, ..Limits::default() });
+    c.add(greedy("a", &prompt(10, 1), 3)).unwrap();
+    c.add(greedy("b", &prompt(7, 2), 3)).unwrap();
+    assert_eq!(c.stats().waiting_prefill_tokens, 17);
+    c.step(&mut b); // admits "a" only (one running sequence at most)
+    assert_eq!((c.stats().waiting, c.stats().waiting_prefill_tokens), (1, 7));
+}
