@@ -7,6 +7,7 @@
 //!   [`engine::step::EngineCore`] (serving, `ferrite generate`, benchmarks and tests all run it) and the engine thread
 //!   around it.
 //! - [`service`] / [`server`]: the gRPC worker service (token ids in, token ids out) and its startup.
+//! - [`kv_events`]: the numbered ring of prefix-cache index changes behind the `KvEvents` stream.
 //! - [`tp`]: tensor parallelism — the communicators (in-process CPU group, NCCL) and the rank-thread backend.
 //! - [`config`]: [`config::WorkerConfig`] (validated settings), the backend choice, start-up errors.
 //! - [`metrics`]: the worker's Prometheus metrics as text (the `ferrite` binary serves them over HTTP; this crate
@@ -23,6 +24,7 @@ pub mod cuda;
 pub mod engine;
 pub mod export;
 pub mod instant;
+pub mod kv_events;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -1,8 +1,15 @@
 //! The worker's gRPC service (`ferrite.worker.v1.Worker`): validates requests, hands them to the engine and streams
 //! token ids back. The router owns text; nothing here sees a string of user content.
+//!
+//! `KvEvents` streams the engine's prefix-cache index changes from the shared [`KvEventLog`] (replay from the
+//! client's sequence number, or a resync with a full dump), with a [`pb::LoadReport`] on every batch and at least
+//! once every [`LOAD_REPORT_INTERVAL`]. Each stream is a task of its own that ends when the client goes away; it reads
+//! the log under its mutex and never talks to the engine thread.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use ferrite_common::hash::HASH_VERSION;
 use ferrite_common::proto::worker as pb;
@@ -10,11 +17,18 @@ use ferrite_common::proto::{rejection_status, worker::rejection::Kind as RejectK
 use ferrite_common::sampling::{MAX_N, ParamError, SamplingParams, StoppingParams};
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
-use crate::engine::core::{EngineError, EngineHandle, EngineOutput, EngineRequest, FinishReason};
+use crate::engine::core::{EngineError, EngineHandle, EngineOutput, EngineRequest, EngineStats, FinishReason};
 use crate::engine::scheduler::AdmissionError;
+use crate::kv_events::{self, KvEventLog, KvRead};
+
+/// A `KvEvents` stream sends a batch (with a load report) at least this often, events or not.
+pub const LOAD_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Block hashes per live `KvEvents` batch (a resync's dump is one batch, whatever its size).
+const MAX_BATCH_EVENTS: usize = 4096;
 
 /// Static facts about the served model.
 #[derive(Debug, Clone)]
@@ -151,10 +165,80 @@ fn to_proto(out: EngineOutput) -> Result<pb::GenerateResponse, Status> {
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+type KvEventsStream = ReceiverStream<Result<pb::KvEventBatch, Status>>;
+
+/// The engine's load now, from its published stats.
+fn load_report(s: &EngineStats) -> pb::LoadReport {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    pb::LoadReport {
+        running: get(&s.running) as u32,
+        waiting: get(&s.waiting) as u32,
+        waiting_prefill_tokens: get(&s.waiting_prefill_tokens),
+        kv_blocks_total: get(&s.kv_blocks_total) as u32,
+        kv_blocks_used: get(&s.kv_blocks_used) as u32,
+        kv_blocks_cached_free: get(&s.kv_blocks_cached_free) as u32,
+    }
+}
+
+/// One `KvEvents` subscriber: a dump when `since_seq` is 0, else what the log holds after it (a resync when it
+/// cannot); then whatever comes, batch by batch, or a bare load report on the tick. Ends when the client goes away.
+async fn pump_kv_events(
+    log: Arc<KvEventLog>,
+    stats: Arc<EngineStats>,
+    since_seq: u64,
+    tx: tokio::sync::mpsc::Sender<Result<pb::KvEventBatch, Status>>,
+) {
+    let mut at = since_seq;
+    let mut news = log.subscribe();
+    let mut tick = tokio::time::interval(LOAD_REPORT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the first batch below stands for it
+    let mut first = true;
+    loop {
+        news.borrow_and_update();
+        // Send everything there is (the first batch even if empty: it carries the first load report).
+        loop {
+            let read = if first && since_seq == 0 { log.dump() } else { log.read(at, MAX_BATCH_EVENTS) };
+            if !first && matches!(&read, KvRead::Events { events, .. } if events.is_empty()) {
+                break;
+            }
+            first = false;
+            let (batch, next) = kv_events::batch(read, Some(load_report(&stats)));
+            at = next;
+            if tx.send(Ok(batch)).await.is_err() {
+                return;
+            }
+            tick.reset();
+        }
+        tokio::select! {
+            changed = news.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {
+                let (batch, _) = kv_events::batch(KvRead::Events { first_seq: at + 1, events: Vec::new() }, Some(load_report(&stats)));
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
     type GenerateStream = GenerateStream;
+    type KvEventsStream = KvEventsStream;
+
+    async fn kv_events(&self, request: Request<pb::KvEventsRequest>) -> Result<Response<Self::KvEventsStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let log = Arc::clone(&self.engine.kv_events);
+        let stats = Arc::clone(&self.engine.stats);
+        tokio::spawn(pump_kv_events(log, stats, request.get_ref().since_seq, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let req = self.validate(request.get_ref())?;

@@ -8,6 +8,9 @@
 //! - Newly full blocks are registered under their hash; a hash already in the index keeps its old block (no
 //!   de-duplication, so block tables stay append-only, as in vLLM).
 //! - Block 0 is reserved (health checks and padding) and never handed out.
+//! - Every change to the index is recorded as a [`BlockEvent`] (a hash entered: `Stored`; a hash left on eviction:
+//!   `Removed`) in a plain `Vec` that the engine core drains after each step ([`BlockPool::take_events`]) and the
+//!   engine thread publishes (`crate::kv_events`). A re-registration of a hash already indexed records nothing.
 //!
 //! Invariant (checked by `BlockPool::check_invariants` in tests): `free_uncached + cached_free + in_use == total`.
 
@@ -27,6 +30,15 @@ struct Block {
     prev: u32,
     next: u32,
     in_free_list: bool,
+}
+
+/// A change to the prefix-cache index, for the router's KV index (`KvEvents`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockEvent {
+    /// A full block became findable under this (chained) hash.
+    Stored(u64),
+    /// The hash left the index (its block was evicted for reuse).
+    Removed(u64),
 }
 
 /// Counts for metrics and load reports.
@@ -58,6 +70,8 @@ pub(crate) struct BlockPool {
     tail: u32,
     num_free: usize,
     index: HashMap<u64, BlockId>,
+    /// Index changes not yet taken by [`BlockPool::take_events`].
+    events: Vec<BlockEvent>,
     /// Prefix-cache lookups and hits, in blocks.
     pub(crate) queries: u64,
     pub(crate) hits: u64,
@@ -69,7 +83,8 @@ impl BlockPool {
         let blocks = (0..num_blocks)
             .map(|_| Block { ref_cnt: 0, hash: None, tokens: Vec::new(), prev: NIL, next: NIL, in_free_list: false })
             .collect();
-        let mut pool = Self { block_size, blocks, head: NIL, tail: NIL, num_free: 0, index: HashMap::new(), queries: 0, hits: 0 };
+        let mut pool =
+            Self { block_size, blocks, head: NIL, tail: NIL, num_free: 0, index: HashMap::new(), events: Vec::new(), queries: 0, hits: 0 };
         for id in 1..num_blocks as u32 {
             pool.push_tail(id);
         }
@@ -148,6 +163,7 @@ impl BlockPool {
             b.tokens.clear();
             if self.index.get(&h) == Some(&id) {
                 self.index.remove(&h);
+                self.events.push(BlockEvent::Removed(h));
             }
         }
     }
@@ -176,7 +192,21 @@ impl BlockPool {
         }
         b.hash = Some(hash);
         b.tokens = tokens.to_vec();
-        self.index.entry(hash).or_insert(id);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.index.entry(hash) {
+            e.insert(id);
+            self.events.push(BlockEvent::Stored(hash));
+        }
+    }
+
+    /// The index changes since the last call, in order.
+    pub(crate) fn take_events(&mut self) -> Vec<BlockEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Every hash in the index now (what a consumer that applied every event holds), in no particular order.
+    #[cfg(test)]
+    pub(crate) fn cached_hashes(&self) -> Vec<u64> {
+        self.index.keys().copied().collect()
     }
 
     /// Drops one reference to each block, in the given order: callers pass a sequence's blocks last-first so the
@@ -299,9 +329,42 @@ mod tests {
     }
 
     #[test]
+    fn index_changes_are_recorded_as_events() {
+        use BlockEvent::{Removed, Stored};
+        let mut p = BlockPool::new(3, 4); // 2 usable
+        let a = p.allocate(2).unwrap();
+        assert_eq!(p.take_events(), [], "allocating free, uncached blocks changes no index");
+        p.register(a[0], 10, &toks(1));
+        p.register(a[1], 11, &toks(2));
+        assert_eq!(p.take_events(), [Stored(10), Stored(11)]);
+        assert_eq!(p.take_events(), [], "taken once");
+        p.register(a[0], 10, &toks(1));
+        assert_eq!(p.take_events(), [], "the same block again: nothing");
+        p.free([a[1], a[0]]);
+        assert_eq!(p.take_events(), [], "freeing keeps cached blocks findable");
+        // A hit, then a second block with a hash already indexed: the index keeps its block, nothing is recorded.
+        assert_eq!(p.lookup_and_touch(10, &toks(1)), Some(a[0]));
+        let b = p.allocate(1).unwrap(); // evicts a[1] (hash 11)
+        assert_eq!(b, [a[1]]);
+        assert_eq!(p.take_events(), [Removed(11)]);
+        p.register(b[0], 10, &toks(1));
+        assert_eq!(p.take_events(), [], "a hash already in the index is not stored again");
+        // That duplicate leaves without a Removed (it was never indexed); the indexed block's eviction records one.
+        p.free([b[0], a[0]]);
+        let c = p.allocate(2).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(p.take_events(), [Removed(10)]);
+        let mut cached = p.cached_hashes();
+        cached.sort_unstable();
+        assert_eq!(cached, Vec::<u64>::new());
+        p.check_invariants();
+    }
+
+    #[test]
     fn random_workload_keeps_invariants() {
         let mut p = BlockPool::new(33, 4);
         let mut owned: Vec<Vec<BlockId>> = Vec::new();
+        let mut mirror = std::collections::BTreeSet::new();
         let mut s = 1u64;
         for step in 0..2000u64 {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -320,8 +383,17 @@ mod tests {
                 v.shrink_to_fit();
                 owned.push(v);
             }
+            for e in p.take_events() {
+                match e {
+                    BlockEvent::Stored(h) => assert!(mirror.insert(h), "stored twice without a removal: {h}"),
+                    BlockEvent::Removed(h) => assert!(mirror.remove(&h), "removed without being stored: {h}"),
+                }
+            }
             if step % 100 == 0 {
                 p.check_invariants();
+                let mut cached = p.cached_hashes();
+                cached.sort_unstable();
+                assert_eq!(cached, mirror.iter().copied().collect::<Vec<_>>(), "the events replay to the index");
             }
         }
         for v in owned {

@@ -5,7 +5,8 @@
 //! drains commands into the core (drawing a seed for unseeded requests, so the core stays deterministic), aborts
 //! requests whose client went away (`tx.is_closed()`, TGI's disconnect check), runs [`EngineCore::step`], delivers
 //! the step's outputs to the requests' channels, and publishes the core's [`super::step::CoreStats`] into the atomic
-//! [`EngineStats`] (with the time of the step's end). On a fatal backend error the core has failed every request; the
+//! [`EngineStats`] (with the time of the step's end), and the step's prefix-cache index changes into the shared
+//! [`KvEventLog`] (a short mutex and a `watch` bump; the `KvEvents` streams read it on their own tasks). On a fatal backend error the core has failed every request; the
 //! thread publishes, sets the handle's fatal error and ends, so later submissions are rejected as shut down.
 
 use std::collections::HashMap;
@@ -19,12 +20,15 @@ use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 use super::step::{Emitted, EngineCore};
 pub use super::step::{EngineConfig, EngineError, EngineOutput, EngineRequest, FinishReason};
 use crate::backend::{Backend, BackendError};
+use crate::kv_events::{DEFAULT_CAPACITY, KvEventLog};
 
 /// Live counters, read by health checks and metrics.
 #[derive(Debug, Default)]
 pub struct EngineStats {
     pub running: AtomicU64,
     pub waiting: AtomicU64,
+    /// Tokens waiting sequences still have to prefill.
+    pub waiting_prefill_tokens: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_cached_free: AtomicU64,
@@ -50,6 +54,8 @@ enum Command {
 pub struct EngineHandle {
     cmd: mpsc::Sender<Command>,
     pub stats: Arc<EngineStats>,
+    /// The prefix-cache index changes, numbered (the `KvEvents` stream).
+    pub kv_events: Arc<KvEventLog>,
     pub(crate) started: Instant,
     /// Set once, when the engine stopped on a fatal backend error.
     fatal: watch::Receiver<Option<String>>,
@@ -107,6 +113,7 @@ pub struct Engine {
     /// Output channel of every request the core holds.
     txs: HashMap<Arc<str>, tmpsc::UnboundedSender<EngineOutput>>,
     stats: Arc<EngineStats>,
+    kv_events: Arc<KvEventLog>,
     started: Instant,
     fatal: watch::Sender<Option<String>>,
 }
@@ -119,14 +126,17 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let started = Instant::now();
         let thread_stats = Arc::clone(&stats);
+        let kv_events = Arc::new(KvEventLog::new(DEFAULT_CAPACITY));
+        let thread_kv_events = Arc::clone(&kv_events);
         // The core's block pool is single-threaded (`Rc`), so the core is built on the engine thread.
         std::thread::Builder::new().name("ferrite-engine".into()).spawn(move || {
             let core = EngineCore::new(cfg, &backend.info());
-            let engine = Engine { backend, core, rx, txs: HashMap::new(), stats: thread_stats, started, fatal };
+            let engine =
+                Engine { backend, core, rx, txs: HashMap::new(), stats: thread_stats, kv_events: thread_kv_events, started, fatal };
             engine.publish();
             engine.run();
         })?;
-        Ok(EngineHandle { cmd: tx, stats, started, fatal: fatal_rx })
+        Ok(EngineHandle { cmd: tx, stats, kv_events, started, fatal: fatal_rx })
     }
 
     fn run(mut self) {
@@ -147,8 +157,10 @@ impl Engine {
             }
             self.reap_disconnected();
             let out = self.core.step(&mut *self.backend);
-            // Stats first, so a client that has seen an output never reads older numbers.
+            // Stats and KV events first, so a client that has seen an output never reads older numbers or misses the
+            // blocks its prompt stored.
             self.publish();
+            self.kv_events.publish(out.kv_events);
             self.deliver(out.outputs);
             if let Some(e) = out.fatal {
                 return self.stop_fatal(&e);
@@ -225,6 +237,7 @@ impl Engine {
         let c = self.core.stats();
         s.running.store(c.running as u64, Ordering::Relaxed);
         s.waiting.store(c.waiting as u64, Ordering::Relaxed);
+        s.waiting_prefill_tokens.store(c.waiting_prefill_tokens as u64, Ordering::Relaxed);
         s.kv_blocks_total.store(c.kv.total as u64, Ordering::Relaxed);
         s.kv_blocks_used.store(c.kv.in_use as u64, Ordering::Relaxed);
         s.kv_blocks_cached_free.store(c.kv.cached_free as u64, Ordering::Relaxed);

@@ -23,7 +23,7 @@ use std::rc::Rc;
 
 use ferrite_common::hash::BlockHasher;
 
-use super::block_pool::{BlockId, BlockPool, PoolUsage};
+use super::block_pool::{BlockEvent, BlockId, BlockPool, PoolUsage};
 
 /// Engine-internal id of one sequence (one of the `n` completions of a request).
 pub(crate) type SeqId = u64;
@@ -260,6 +260,22 @@ impl<M> Scheduler<M> {
 
     pub(crate) fn is_idle(&self) -> bool {
         self.seqs.is_empty()
+    }
+
+    /// Tokens that waiting sequences still have to compute before they can sample (their prefill backlog).
+    pub(crate) fn waiting_prefill_tokens(&self) -> usize {
+        self.waiting.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.tokens.len().saturating_sub(s.num_computed)).sum()
+    }
+
+    /// The pool's prefix-cache index changes since the last call (see `BlockPool::take_events`).
+    pub(crate) fn take_block_events(&mut self) -> Vec<BlockEvent> {
+        self.pool.borrow_mut().take_events()
+    }
+
+    /// Every hash in the pool's prefix-cache index (tests).
+    #[cfg(test)]
+    pub(crate) fn cached_hashes(&self) -> Vec<u64> {
+        self.pool.borrow().cached_hashes()
     }
 
     pub(crate) fn usage(&self) -> PoolUsage {

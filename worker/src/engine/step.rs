@@ -28,6 +28,9 @@
 //! A failed step fails the requests in it (nothing was written to the KV cache); a fatal backend error
 //! ([`BackendError::is_fatal`]) fails every request held and the caller is expected to stop.
 //!
+//! Every step also hands over the prefix-cache index changes it caused ([`StepOutput::kv_events`], recorded by the
+//! block pool), as data; the engine thread publishes them to routers.
+//!
 //! Determinism: the core draws no randomness. A request without a seed samples with seed 0 here; the engine thread
 //! draws a random seed for such requests before it adds them.
 
@@ -38,7 +41,7 @@ use ferrite_common::hash::BlockHasher;
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
 
 use super::block_pool::BlockPool;
-pub use super::block_pool::PoolUsage;
+pub use super::block_pool::{BlockEvent, PoolUsage};
 use super::sampler::{Sampler, TokenLogprob};
 use super::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, SeqInput};
@@ -122,6 +125,9 @@ pub struct StepOutput {
     pub num_tokens: usize,
     /// A fatal backend error: every request has been failed, the core holds nothing, and the caller should stop.
     pub fatal: Option<BackendError>,
+    /// Prefix-cache index changes since the previous step, in order (the engine thread publishes them as
+    /// `KvEvents`; callers without a router may drop them).
+    pub kv_events: Vec<BlockEvent>,
 }
 
 /// Counters and gauges of a core, as plain numbers (the engine thread copies them into its atomic stats).
@@ -129,6 +135,8 @@ pub struct StepOutput {
 pub struct CoreStats {
     pub running: usize,
     pub waiting: usize,
+    /// Tokens waiting sequences still have to prefill.
+    pub waiting_prefill_tokens: usize,
     pub kv: PoolUsage,
     /// Prefix-cache lookups and hits, in blocks.
     pub prefix_queries: u64,
@@ -339,6 +347,12 @@ impl EngineCore {
         self.sched.is_idle()
     }
 
+    /// Every hash in the prefix-cache index now (tests: what the published events must add up to).
+    #[cfg(test)]
+    pub(crate) fn cached_hashes(&self) -> Vec<u64> {
+        self.sched.cached_hashes()
+    }
+
     /// Whether a request is still running or waiting.
     #[cfg(test)]
     pub(crate) fn has_request(&self, request_id: &str) -> bool {
@@ -351,6 +365,7 @@ impl EngineCore {
         CoreStats {
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),
+            waiting_prefill_tokens: self.sched.waiting_prefill_tokens(),
             kv: self.sched.usage(),
             prefix_queries,
             prefix_hits,
@@ -364,7 +379,7 @@ impl EngineCore {
     }
 
     fn hand_over(&mut self, num_tokens: usize, fatal: Option<BackendError>) -> StepOutput {
-        StepOutput { outputs: self.take_outputs(), num_tokens, fatal }
+        StepOutput { outputs: self.take_outputs(), num_tokens, fatal, kv_events: self.sched.take_block_events() }
     }
 
     /// The backend call for the whole step (see the module docs; with no sequence sampling, greedy).

@@ -519,3 +519,77 @@ fn a_failed_step_fails_its_requests_and_a_fatal_one_fails_all() {
     assert!(c.is_idle());
     assert_eq!(c.stats().kv.in_use, 0);
 }
+
+/// Steps until idle, collecting the prefix-cache index changes every step hands over.
+fn drive_events(core: &mut EngineCore, backend: &mut dyn Backend) -> Vec<BlockEvent> {
+    let mut events = Vec::new();
+    for _ in 0..10_000 {
+        if core.is_idle() {
+            return events;
+        }
+        events.extend(core.step(backend).kv_events);
+    }
+    panic!("the core did not finish");
+}
+
+#[test]
+fn a_prompts_full_blocks_are_published_as_their_chained_hashes() {
+    let mut b = instant(8); // 7 usable blocks
+    let mut c = core(&b, Limits::default());
+    let p = prompt(10, 3); // two full blocks and a partial one
+    let mut r = greedy("a", &p, 1);
+    r.cache_salt = b"tenant".to_vec();
+    c.add(r).unwrap();
+    let events = drive_events(&mut c, &mut b);
+    let hasher = BlockHasher::new(&[7; 16], BS);
+    let want: Vec<BlockEvent> = hasher.prefix_hashes(b"tenant", &p).into_iter().map(BlockEvent::Stored).collect();
+    assert_eq!(want.len(), 2);
+    assert_eq!(events, want, "the prompt's full blocks, salted, in order; the partial block is not published");
+
+    // The same prompt again is a prefix hit: nothing new enters the index.
+    c.add(greedy("b", &p, 1)).unwrap();
+    c.add({
+        let mut r = greedy("b2", &p, 1);
+        r.cache_salt = b"tenant".to_vec();
+        r
+    })
+    .unwrap();
+    let events = drive_events(&mut c, &mut b);
+    let unsalted: Vec<BlockEvent> = hasher.prefix_hashes(b"", &p).into_iter().map(BlockEvent::Stored).collect();
+    assert_eq!(events, unsalted, "only the unsalted copy is new");
+}
+
+#[test]
+fn evictions_are_published_and_the_events_add_up_to_the_index() {
+    let mut b = instant(5); // 4 usable blocks: each 12-token prompt takes 3 (+1 to decode), so every new one evicts
+    let mut c = core(&b, Limits::default());
+    let mut mirror = std::collections::BTreeSet::new();
+    let mut removed = 0;
+    for i in 0..6 {
+        c.add(greedy(&format!("r{i}"), &prompt(12, 7 * i + 1), 2)).unwrap();
+        for e in drive_events(&mut c, &mut b) {
+            match e {
+                BlockEvent::Stored(h) => assert!(mirror.insert(h), "stored twice: {h}"),
+                BlockEvent::Removed(h) => {
+                    assert!(mirror.remove(&h), "removed but never stored: {h}");
+                    removed += 1;
+                }
+            }
+        }
+        let mut cached = c.cached_hashes();
+        cached.sort_unstable();
+        assert_eq!(cached, mirror.iter().copied().collect::<Vec<_>>(), "after request {i}");
+    }
+    assert!(removed >= 6, "a full pool evicts, and says so ({removed} removals)");
+}
+
+#[test]
+fn waiting_prefill_tokens_count_the_prompts_not_yet_admitted() {
+    let mut b = instant(32);
+    let mut c = core(&b, Limits { max_seqs: 1, ..Limits::default() });
+    c.add(greedy("a", &prompt(10, 1), 3)).unwrap();
+    c.add(greedy("b", &prompt(7, 2), 3)).unwrap();
+    assert_eq!(c.stats().waiting_prefill_tokens, 17);
+    c.step(&mut b); // admits "a" only (one running sequence at most)
+    assert_eq!((c.stats().waiting, c.stats().waiting_prefill_tokens), (1, 7));
+}
