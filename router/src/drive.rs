@@ -27,7 +27,9 @@ pub struct TokenLogprob {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The first message arrived from the worker (the response can start).
-    Started,
+    Started {
+        worker: String,
+    },
     /// `received`: when the worker message carrying it arrived (router latency is measured from there).
     Delta {
         index: u32,
@@ -81,7 +83,7 @@ async fn drive(
     let prompt = &valid.prompts[p];
     let n = valid.n;
     let base = p as u32 * n;
-    let mut lease = st.workers.pick()?;
+    let mut lease = st.workers.pick(prompt, &valid.proto.cache_salt)?;
     let mut client = lease.client();
     let mut req = valid.proto.clone();
     req.request_id = request_id.clone();
@@ -90,7 +92,7 @@ async fn drive(
     lease.set_request(request_id);
     let mut stream = client.generate(req).await.map_err(|s| status_to_api(&s))?.into_inner();
     *worker = Some(lease.addr().to_string());
-    if tx.send(Event::Started).await.is_err() {
+    if tx.send(Event::Started { worker: lease.addr().to_string() }).await.is_err() {
         return Ok(());
     }
     let text = Arc::clone(&st.text);

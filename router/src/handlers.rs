@@ -14,6 +14,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferrite_common::chat::ChatMessage;
@@ -191,13 +192,17 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
         drop(permit);
         return resp;
     }
+    let mut workers = Vec::new();
     // Wait for every prompt to start (or the first error) before sending headers. Prompts that started already send
     // their tokens meanwhile: keep them for the stream.
     let mut started = 0;
     let mut early = Vec::new();
     while started < valid.prompts.len() {
         match rx.recv().await {
-            Some(Event::Started) => started += 1,
+            Some(Event::Started { worker }) => {
+                started += 1;
+                workers.push(worker);
+            }
             Some(Event::Error(e)) => return Err(e),
             Some(ev) => early.push(ev),
             None => return Err(ApiError::new(ErrorKind::Internal, "the request ended before it started")),
@@ -213,7 +218,17 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
     });
     let mut resp = Sse::new(ReceiverStream::new(out_rx)).keep_alive(KeepAlive::default()).into_response();
     resp.extensions_mut().insert(Streaming);
+    set_worker_header(&mut resp, &workers);
     Ok(resp)
+}
+
+/// The response header naming the worker(s) that served a request (comma-separated, one per prompt).
+pub const WORKER_HEADER: &str = "x-ferrite-worker";
+
+fn set_worker_header(resp: &mut Response, workers: &[String]) {
+    if let Ok(v) = HeaderValue::from_str(&workers.join(",")) {
+        resp.headers_mut().insert(WORKER_HEADER, v);
+    }
 }
 
 struct Writer {
@@ -285,10 +300,11 @@ impl Writer {
 
     async fn collect(&self, rx: &mut mpsc::Receiver<Event>) -> Result<Response, ApiError> {
         let mut acc = vec![Acc::default(); self.total_choices()];
+        let mut workers = Vec::new();
         let mut usage = Usage::default();
         while let Some(ev) = rx.recv().await {
             match ev {
-                Event::Started => {}
+                Event::Started { worker } => workers.push(worker),
                 Event::Delta { index, text, logprobs, .. } => {
                     let a = &mut acc[index as usize];
                     a.text.push_str(&text);
@@ -304,7 +320,7 @@ impl Writer {
             }
         }
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        Ok(match self.ep {
+        let mut resp = match self.ep {
             Endpoint::Completions => Json(CompletionResponse {
                 id: self.id.clone(),
                 object: "text_completion",
@@ -341,7 +357,9 @@ impl Writer {
                 usage,
             })
             .into_response(),
-        })
+        };
+        set_worker_header(&mut resp, &workers);
+        Ok(resp)
     }
 
     fn chunk<T: Serialize>(value: &T) -> Result<SseEvent, Infallible> {
@@ -397,7 +415,7 @@ impl Writer {
             };
             let mut received = None;
             let item = match ev {
-                Event::Started => continue,
+                Event::Started { .. } => continue,
                 Event::Delta { index, text, logprobs, received: r } => match self.ep {
                     Endpoint::Chat => {
                         received = Some(r);

@@ -2,9 +2,10 @@
 //!
 //! The router owns text: chat templates, tokenization, detokenization and stop strings; workers see token ids only
 //! (gRPC, `ferrite_common::proto`). A request goes: [`handlers`] (parse, template, tokenize) → [`validate`] (the
-//! shared rules of `ferrite_common::sampling`, OpenAI field names) → [`workers`] (pick a worker, lease it; the lease
-//! aborts the request on the worker when dropped) → [`drive`] (stream token ids, detokenize, stop strings) → back
-//! to [`handlers`] (JSON or SSE in the OpenAI shapes of [`openai`]).
+//! shared rules of `ferrite_common::sampling`, OpenAI field names) → [`workers`] (pick a worker by the [`Routing`]
+//! policy, over the [`kv_index`] and [`policy`]'s cost function for cache-aware routing; lease it; the lease aborts
+//! the request on the worker when dropped) → [`drive`] (stream token ids, detokenize, stop strings) → back to
+//! [`handlers`] (JSON or SSE in the OpenAI shapes of [`openai`]; the serving worker in `x-ferrite-worker`).
 //!
 //! The face of the crate is what the `ferrite` binary composes: build an [`AppState`] (text assets, a
 //! [`WorkerPool`], [`RouterConfig`], [`Limits`]) and serve it with [`serve_http`], or get the axum [`app`] for tests.
@@ -15,7 +16,9 @@
 mod drive;
 mod error;
 mod handlers;
+mod kv_index;
 mod openai;
+mod policy;
 mod server;
 mod state;
 mod text;
@@ -23,6 +26,7 @@ mod validate;
 mod workers;
 
 pub use error::RouterError;
+pub use policy::{Routing, UnknownRouting};
 pub use server::{app, serve_http};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;

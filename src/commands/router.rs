@@ -6,8 +6,8 @@ use std::time::Duration;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
-use ferrite_router::WorkerPool;
 use ferrite_router::{AppState, serve_http};
+use ferrite_router::{Routing, WorkerPool};
 
 use super::resolve_model;
 use super::serve::HttpArgs;
@@ -25,6 +25,10 @@ pub struct Args {
     /// Context limit for request validation (0 = the model's); the workers may enforce a lower one.
     #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
     max_model_len: usize,
+    /// How to pick a worker: `cache-aware` (prefix-cache overlap from the workers' KV events against their load),
+    /// `least-load` (fewest requests in flight) or `round-robin`.
+    #[arg(long, env = "FERRITE_ROUTING", default_value = "cache-aware")]
+    routing: Routing,
 }
 
 /// The router listens at once: it takes the model id and limits from the model files it was given, answers 503 (and
@@ -35,7 +39,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let files = ModelFiles::open(&path)?;
         let text = Arc::new(TextAssets::load(&files)?);
-        let pool = WorkerPool::new(&a.workers)?;
+        let pool = WorkerPool::with_routing(&a.workers, a.routing)?;
+        pool.start_kv_subscriptions();
+        tracing::info!(routing = %a.routing, workers = pool.len(), "routing policy");
         let c = &files.config;
         let max_model_len = match a.max_model_len {
             0 => c.max_position_embeddings,

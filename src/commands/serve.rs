@@ -10,8 +10,8 @@ use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
-use ferrite_router::WorkerPool;
 use ferrite_router::{AppState, RouterConfig, serve_http};
+use ferrite_router::{Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
@@ -60,6 +60,9 @@ pub struct Args {
     model: ModelArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    /// Routing policy (as `ferrite router --routing`); with the one embedded worker it changes nothing.
+    #[arg(long, env = "FERRITE_ROUTING", default_value = "cache-aware")]
+    routing: Routing,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -76,8 +79,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let grpc_addr = grpc.local_addr()?;
         let info = worker.info.clone();
         let worker_task = tokio::spawn(worker.serve(grpc, std::future::pending()));
-        let pool = WorkerPool::new(&[format!("http://{grpc_addr}")])?;
+        let pool = WorkerPool::with_routing(&[format!("http://{grpc_addr}")], a.routing)?;
         pool.info(Duration::from_secs(30)).await.context("embedded worker")?;
+        pool.start_kv_subscriptions();
+        tracing::info!(routing = %a.routing, "routing policy (one embedded worker: every request goes to it)");
         let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
         let extra: ferrite_router::ExtraMetrics = Arc::new(move || metrics.render());
         let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, Some(extra))?;
