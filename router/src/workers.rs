@@ -404,8 +404,9 @@ mod tests {
         // An empty batch (a load report) keeps the sequence number; a batch that skips one is a gap.
         assert_eq!(apply(inner, 0, 7, &batch(8, false, vec![])), Some(7));
         assert_eq!(apply(inner, 0, 7, &batch(9, false, vec![stored(&[5])])), None);
-        // A second resync purges what the first one left; the other worker is untouched.
-        assert_eq!(apply(inner, 0, 7, &batch(3, true, vec![E::Cleared(pb::Cleared {}), stored(&[9])])), Some(2));
+        // A second resync purges what the first one left, even without its leading `Cleared`; the other worker is
+        // untouched.
+        assert_eq!(apply(inner, 0, 7, &batch(3, true, vec![stored(&[9])])), Some(2));
         assert_eq!(pool.indexed_blocks(), vec![1, 1]);
     }
 }
