@@ -89,6 +89,14 @@ async fn cache_aware_routing_follows_the_prefix_to_the_worker_that_holds_it() {
             assert_eq!(worker, addrs[1], "request {i} went to the worker without the prefix");
             assert!(cached >= 96, "request {i}: {cached} cached prompt tokens, want the 96-token prefix");
         }
+        // Streamed: the header goes out with the SSE response's headers.
+        let body = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": with_suffix(5), "max_tokens": 2, "stream": true});
+        let req = Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(body.to_string())).unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers().get("x-ferrite-worker").map(|v| v.to_str().unwrap()), Some(addrs[1].as_str()));
+        let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     })
     .await
     .expect("within 120 s");
