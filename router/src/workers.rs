@@ -381,6 +381,19 @@ mod tests {
         assert_eq!((e.kind, e.param), (ErrorKind::InvalidRequest, None));
     }
 
+    #[tokio::test]
+    async fn an_unreachable_worker_is_purged_from_the_index() {
+        let pool = WorkerPool::new(&["http://127.0.0.1:9".into()]).unwrap();
+        pool.inner.index.store(0, &[1, 2, 3]);
+        *pool.inner.workers[0].load.lock().unwrap() = Some(pb::LoadReport::default());
+        pool.start_kv_subscriptions();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pool.indexed_blocks() != [0] || pool.inner.workers[0].load.lock().unwrap().is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "still indexed: {:?}", pool.indexed_blocks());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn batch(first_seq: u64, resync: bool, events: Vec<E>) -> pb::KvEventBatch {
         let events = events.into_iter().map(|e| pb::KvEvent { e: Some(e) }).collect();
         pb::KvEventBatch { first_seq, events, load: Some(pb::LoadReport { running: 3, ..Default::default() }), resync }
