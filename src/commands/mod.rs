@@ -92,7 +92,7 @@ pub enum CudaAttention {
     TensorCores,
 }
 
-impl From<CudaAttention> for ferrite_worker::server::CudaAttention {
+impl From<CudaAttention> for ferrite_worker::config::CudaAttention {
     fn from(c: CudaAttention) -> Self {
         match c {
             CudaAttention::Auto => Self::Auto,
@@ -110,8 +110,8 @@ impl EngineArgs {
         model_id: Option<String>,
         max_waiting: usize,
         m: &ModelArgs,
-    ) -> ferrite_worker::server::WorkerConfig {
-        ferrite_worker::server::WorkerConfig {
+    ) -> ferrite_worker::config::WorkerConfig {
+        ferrite_worker::config::WorkerConfig {
             model,
             model_id,
             kv_cache_mib: self.kv_cache_mib,
@@ -166,7 +166,7 @@ pub enum Backend {
     Cuda,
 }
 
-impl From<Backend> for ferrite_worker::server::BackendKind {
+impl From<Backend> for ferrite_worker::config::BackendKind {
     fn from(b: Backend) -> Self {
         match b {
             Backend::Cpu => Self::Cpu,
@@ -218,14 +218,14 @@ mod tests {
         model: ModelArgs,
     }
 
-    fn config(args: &[&str]) -> ferrite_worker::server::WorkerConfig {
+    fn config(args: &[&str]) -> ferrite_worker::config::WorkerConfig {
         let cli = Cli::try_parse_from(std::iter::once("ferrite").chain(args.iter().copied())).expect("valid flags");
         cli.engine.worker_config(PathBuf::from("m.gguf"), None, 8, &cli.model)
     }
 
     #[test]
     fn cuda_escape_hatches_reach_the_worker_config() {
-        use ferrite_worker::server::CudaAttention as Attn;
+        use ferrite_worker::config::CudaAttention as Attn;
         let c = config(&["--backend", "cuda"]);
         assert!(!c.enforce_eager && c.cuda_programmatic_launch && c.cuda_gemm_search && c.cuda_attention == Attn::Auto);
         assert_eq!((c.max_num_batched_tokens, c.max_num_seqs), (2048, 256));

@@ -23,8 +23,8 @@ pub fn workspace_root() -> PathBuf {
 
 /// A CPU worker config for tests on the default model (KV 96 MiB, context 1024, 2 threads); override fields with
 /// struct update syntax.
-pub fn test_worker_config() -> ferrite_worker::server::WorkerConfig {
-    ferrite_worker::server::WorkerConfig {
+pub fn test_worker_config() -> ferrite_worker::config::WorkerConfig {
+    ferrite_worker::config::WorkerConfig {
         model: default_model(),
         model_id: None,
         kv_cache_mib: 96,

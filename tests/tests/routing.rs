@@ -31,7 +31,7 @@ fn with_suffix(i: u32) -> Vec<u32> {
 }
 
 async fn start_worker() -> String {
-    let cfg = ferrite_worker::server::WorkerConfig { threads: 1, kv_cache_mib: 32, ..test_worker_config() };
+    let cfg = ferrite_worker::config::WorkerConfig { threads: 1, kv_cache_mib: 32, ..test_worker_config() };
     let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.unwrap().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -208,7 +208,8 @@ fn a_stuck_rank_times_out_the_step_and_fails_the_group() {
 /// Impossible settings are refused at start-up with a typed error that says what works.
 #[test]
 fn bad_tensor_parallel_settings_are_refused_at_start_up() {
-    use ferrite_worker::server::{Worker, WorkerConfig, WorkerError};
+    use ferrite_worker::config::{WorkerConfig, WorkerError};
+    use ferrite_worker::server::Worker;
     let err = |cfg: WorkerConfig| match Worker::load(&cfg) {
         Err(WorkerError::Config(m)) => m,
         Err(e) => panic!("expected a config error, got {e}"),
@@ -228,7 +229,8 @@ fn bad_tensor_parallel_settings_are_refused_at_start_up() {
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_ranks_without_enough_gpus_are_refused_at_start_up() {
-    use ferrite_worker::server::{BackendKind, Worker, WorkerConfig, WorkerError};
+    use ferrite_worker::config::{BackendKind, WorkerConfig, WorkerError};
+    use ferrite_worker::server::Worker;
     let cfg = WorkerConfig { backend: BackendKind::Cuda, tensor_parallel_size: 3, ..ferrite_tests::test_worker_config() };
     let t = Instant::now();
     match Worker::load(&cfg) {

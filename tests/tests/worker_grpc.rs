@@ -6,7 +6,8 @@ use std::time::Duration;
 use ferrite_common::proto::worker as pb;
 use ferrite_common::proto::worker::worker_client::WorkerClient;
 use ferrite_tests::{ref_cases, test_worker_config};
-use ferrite_worker::server::{Worker, WorkerConfig};
+use ferrite_worker::config::WorkerConfig;
+use ferrite_worker::server::Worker;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -169,8 +170,8 @@ async fn prefix_cached_run_gives_the_same_tokens() {
 /// `EngineFailed` (the binary exits non-zero), promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_backend_error_ends_serve_with_an_error() {
+    use ferrite_worker::config::WorkerError;
     use ferrite_worker::instant::InstantBackend;
-    use ferrite_worker::server::WorkerError;
     let cfg = test_worker_config();
     let files = ferrite_common::model::ModelFiles::open(&cfg.model).unwrap();
     let backend = ferrite_tests::FailAfter::new(InstantBackend::new(files.config.clone(), 64, 16), 2);

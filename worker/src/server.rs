@@ -6,7 +6,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::backend::Backend;
 use crate::backend::DEFAULT_BLOCK_SIZE;
-pub use crate::config::{BackendKind, CudaAttention, WorkerConfig, WorkerError};
+use crate::config::{BackendKind, WorkerConfig, WorkerError};
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::engine::core::{Engine, EngineConfig, EngineHandle};
 use crate::engine::scheduler::SchedulerConfig;
