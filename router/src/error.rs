@@ -12,6 +12,9 @@ pub enum RouterError {
     /// No worker answered `Info` in time.
     #[error("no worker answered Info within {0:?}")]
     NoWorker(Duration),
+    /// The API key configuration is unusable (never carries a key).
+    #[error("API keys: {0}")]
+    ApiKeys(String),
     /// The Prometheus registry refused a metric (a duplicate name: a bug).
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),

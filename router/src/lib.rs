@@ -13,6 +13,7 @@
 //!
 //! This crate depends on `ferrite-common` only: it never links the engine, the kernels or CUDA.
 
+mod auth;
 mod drive;
 mod error;
 mod handlers;
@@ -25,6 +26,7 @@ mod text;
 mod validate;
 mod workers;
 
+pub use auth::{ApiKeys, AuthConfig};
 pub use error::RouterError;
 pub use policy::{Routing, UnknownRouting};
 pub use server::{app, serve_http};

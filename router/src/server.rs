@@ -18,7 +18,8 @@ use crate::state::AppState;
 /// The axum application.
 pub fn app(state: Arc<AppState>) -> axum::Router {
     let limit = state.config.max_body_bytes;
-    axum::Router::new()
+    let auth = state.config.auth.clone();
+    let router = axum::Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(models))
@@ -29,8 +30,12 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v1/version", get(version))
         .route("/v1/metadata", get(metadata))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit));
+    let router = match auth {
+        Some(auth) => router.layer(axum::middleware::from_fn_with_state(auth, crate::auth::require_key)),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {

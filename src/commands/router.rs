@@ -69,7 +69,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("{e}"),
             }
         });
-        let state = AppState::new(text, pool, a.http.config(&model_id), limits, None)?;
+        let state = AppState::new(text, pool, a.http.config(&model_id)?, limits, None)?;
         serve_http(Arc::new(state), a.http.addr()).await?;
         anyhow::Ok(())
     })

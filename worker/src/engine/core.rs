@@ -103,7 +103,20 @@ impl EngineHandle {
         let now = self.started.elapsed().as_millis() as u64;
         now.saturating_sub(self.stats.last_step_end_ms.load(Ordering::Relaxed))
     }
+
+    /// Whether the engine is alive, and the age of its last step in milliseconds while it has work (0 when idle).
+    /// Dead: it stopped on a fatal error, or a busy engine has not finished a step in [`STUCK_STEP_MS`] (the
+    /// watchdog rule of ARCHITECTURE.md: a hung device or NCCL collective). One rule for the gRPC `Health` and the
+    /// HTTP liveness probe.
+    pub fn liveness(&self) -> (bool, u64) {
+        let busy = self.stats.running.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed) > 0;
+        let age = if busy { self.last_step_age_ms() } else { 0 };
+        (self.fatal_error().is_none() && age < STUCK_STEP_MS, age)
+    }
 }
+
+/// A busy engine whose last step ended longer ago than this is stuck.
+pub const STUCK_STEP_MS: u64 = 30_000;
 
 /// The engine (runs on its own thread; see [`Engine::spawn`]).
 pub struct Engine {
