@@ -52,8 +52,8 @@ impl ApiKeys {
 
     /// Keys from a file, one per line.
     pub fn from_file(path: &std::path::Path) -> Result<Self, RouterError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RouterError::ApiKeys(format!("reading the API key file {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| RouterError::ApiKeys(format!("reading the API key file {}: {e}", path.display())))?;
         Self::new(text.lines())
     }
 

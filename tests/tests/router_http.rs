@@ -36,7 +36,8 @@ async fn stack_cfg(max_body_bytes: usize, max_concurrent_requests: usize, cfg: W
     let pool = WorkerPool::new(&[format!("http://{addr}")]).unwrap();
     let info = pool.info(Duration::from_secs(10)).await.unwrap();
     let text = Arc::new(TextAssets::load(&ModelFiles::open(&default_model()).unwrap()).unwrap());
-    let config = RouterConfig { model_names: vec![info.model_id, "alias/llama".into()], max_concurrent_requests, max_body_bytes, auth: None };
+    let config =
+        RouterConfig { model_names: vec![info.model_id, "alias/llama".into()], max_concurrent_requests, max_body_bytes, auth: None };
     let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
     (app(Arc::new(AppState::new(text, pool, config, limits, None).unwrap())), engine)
 }
