@@ -188,7 +188,7 @@ mod tests {
             t.record(Duration::from_secs_f64(ms / 1e3));
         }
         let h = histogram(&t);
-        let cum: Vec<u64> = h.get_bucket().iter().map(|b| b.get_cumulative_count()).collect();
+        let cum: Vec<u64> = h.get_bucket().iter().map(|b| b.cumulative_count()).collect();
         // ≤1 ms: 1; ≤2.5 ms: 1; ≤5 ms: 3; ≤10, ≤25 ms: 3; ≤50 ms and up: 4; 20 s is past the last bucket (+Inf only).
         assert_eq!(cum, vec![1, 1, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4]);
         assert_eq!(h.get_sample_count(), 5);
