@@ -29,7 +29,7 @@ mod workers;
 pub use auth::{ApiKeys, AuthConfig};
 pub use error::RouterError;
 pub use policy::{Routing, UnknownRouting};
-pub use server::{app, serve_http};
+pub use server::{TlsFiles, app, serve_http};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;
 pub use workers::WorkerPool;

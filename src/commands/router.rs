@@ -70,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         });
         let state = AppState::new(text, pool, a.http.config(&model_id)?, limits, None)?;
-        serve_http(Arc::new(state), a.http.addr()).await?;
+        serve_http(Arc::new(state), a.http.addr(), a.http.tls()).await?;
         anyhow::Ok(())
     })
 }

@@ -11,7 +11,7 @@ use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
-use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, serve_http};
+use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
 use ferrite_router::{Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
@@ -63,6 +63,12 @@ pub struct HttpArgs {
     /// `/metrics` needs an API key too (by default it stays open for Prometheus).
     #[arg(long, env = "FERRITE_PROTECT_METRICS")]
     pub protect_metrics: bool,
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`).
+    #[arg(long, env = "FERRITE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "FERRITE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl HttpArgs {
@@ -97,6 +103,11 @@ impl HttpArgs {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
+    }
+
+    /// The HTTPS certificate and key, when given.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles { cert: self.tls_cert.clone()?, key: self.tls_key.clone()? })
     }
 }
 
@@ -137,7 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // A worker that stops (its engine failed for good) takes the process down with a non-zero exit, so the
         // orchestrator restarts it instead of leaving an HTTP front that answers 503 forever.
         tokio::select! {
-            r = serve_http(Arc::new(state), a.http.addr()) => r?,
+            r = serve_http(Arc::new(state), a.http.addr(), a.http.tls()) => r?,
             r = worker_task => match r {
                 Ok(Ok(())) => anyhow::bail!("the embedded worker stopped"),
                 Ok(Err(e)) => return Err(anyhow::Error::new(e).context("the embedded worker stopped")),

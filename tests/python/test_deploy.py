@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import subprocess
 import tempfile
 import time
@@ -218,3 +219,74 @@ def test_every_metric_the_alerts_and_dashboard_use_is_exported(chart_cluster):
     exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
     missing = sorted(used - exported)
     assert not missing, f"used by the chart's alerts or dashboard but not exported: {missing}"
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (PEM files), as a cluster's cert-manager would mount them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ferrite-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_https_with_tls_cert_and_key_serves_the_openai_sdk():
+    if os.environ.get("FERRITE_BASE_URL"):
+        pytest.skip("needs to start its own server")
+    tmp = Path(tempfile.mkdtemp(prefix="ferrite-tls-"))
+    cert, key = _self_signed(tmp)
+    trust = ssl.create_default_context(cafile=str(cert))
+    port = _free_port()
+    log = tmp / "serve.log"
+    cmd = [str(_binary()), "serve", "--host", "127.0.0.1", "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, _tail(log)
+            try:
+                if httpx.get(f"https://127.0.0.1:{port}/v1/health/ready", verify=trust, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"HTTPS server not ready\n{_tail(log)}")
+        client = openai.OpenAI(
+            base_url=f"https://127.0.0.1:{port}/v1", api_key="none", max_retries=0, http_client=httpx.Client(verify=trust, timeout=60)
+        )
+        model = client.models.list().data[0].id
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+        assert r.choices[0].text
+        # Plain HTTP on the HTTPS port gets no answer it can read; an unverified client refuses the certificate.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"https://127.0.0.1:{port}/v1/models", timeout=5)
+    finally:
+        _stop(proc)
