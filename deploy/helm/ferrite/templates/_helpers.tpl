@@ -35,13 +35,13 @@ app.kubernetes.io/component: {{ .component }}
 {{ .svc }}.{{ .root.Release.Namespace }}.svc.cluster.local
 {{- end -}}
 
-{{/* Raft peers: ID=http://router-N.peers:PORT, ids = StatefulSet ordinal + 1. */}}
+{{/* Raft peers: ID=router-N.peers:PORT, ids = StatefulSet ordinal + 1. */}}
 {{- define "ferrite.raftPeers" -}}
 {{- $root := . -}}
 {{- $peers := list -}}
 {{- range $i := until (int .Values.router.replicas) -}}
 {{- $host := printf "%s-%d.%s" (include "ferrite.router" $root) $i (include "ferrite.podDomain" (dict "svc" (include "ferrite.routerPeers" $root) "root" $root)) -}}
-{{- $peers = append $peers (printf "%d=http://%s:%d" (add $i 1) $host (int $root.Values.router.raft.port)) -}}
+{{- $peers = append $peers (printf "%d=%s:%d" (add $i 1) $host (int $root.Values.router.raft.port)) -}}
 {{- end -}}
 {{- join "," $peers -}}
 {{- end -}}
