@@ -107,22 +107,32 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float
     pytest.fail(f"{what} not ready at {url} within {timeout:.0f} s\n{_tail(log)}")
 
 
-@pytest.fixture(scope="module")
-def chart_cluster():
+@pytest.fixture(scope="module", params=["static", "raft"])
+def chart_cluster(request):
     """One router and one CPU worker started with exactly the command, arguments and environment the chart renders
-    for the CPU example (static worker list, API keys on), localized: 0.0.0.0 → 127.0.0.1 with free ports, pod
-    DNS names → 127.0.0.1, pod paths → temporary folders, the key Secret → a file."""
-    docs = render("-f", str(CHART / "examples" / "cpu.yaml"), "--set", "router.raft.enabled=false",
+    for the CPU example (API keys on; workers listed statically, or registering with the router's raft group, whose
+    container runs the chart's shell line with the pod's host name), localized: 0.0.0.0 → 127.0.0.1 with free
+    ports, pod DNS names → 127.0.0.1, pod paths → temporary folders, the key Secret → a file."""
+    raft = request.param == "raft"
+    docs = render("-f", str(CHART / "examples" / "cpu.yaml"), "--set", f"router.raft.enabled={str(raft).lower()}",
                   "--set", "router.replicas=1", "--set", "apiKeys.enabled=true", "--set", f"apiKeys.keys={{{KEY}}}")
     (secret,) = [d for d in docs if d["kind"] == "Secret"]
     tmp = Path(tempfile.mkdtemp(prefix="ferrite-chart-"))
     (tmp / "keys").write_text(secret["stringData"]["keys"])
-    grpc, metrics, http = _free_port(), _free_port(), _free_port()
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "ferrite").symlink_to(_binary().resolve())
+    grpc, metrics, http, raft_port = _free_port(), _free_port(), _free_port(), _free_port()
     model_dir = os.environ.get("FERRITE_MODEL_DIR") or str(Path.home() / ".cache" / "ferrite" / "models")
     local = {
         "FERRITE_WORKER_LISTEN": f"127.0.0.1:{grpc}",
         "FERRITE_WORKER_METRICS_LISTEN": f"127.0.0.1:{metrics}",
         "FERRITE_WORKERS": f"http://127.0.0.1:{grpc}",
+        "FERRITE_ADVERTISE": f"http://127.0.0.1:{grpc}",
+        "FERRITE_REGISTER_WITH": f"127.0.0.1:{raft_port}",
+        "FERRITE_RAFT_LISTEN": f"127.0.0.1:{raft_port}",
+        "FERRITE_RAFT_ADVERTISE": f"127.0.0.1:{raft_port}",
+        "FERRITE_RAFT_PEERS": f"1=127.0.0.1:{raft_port}",
+        "FERRITE_DATA_DIR": str(tmp / "data"),
         "FERRITE_HOST": "127.0.0.1",
         "FERRITE_PORT": str(http),
         "FERRITE_MODEL_DIR": model_dir,
@@ -133,22 +143,26 @@ def chart_cluster():
     }
     procs = []
     try:
-        for component in ("worker", "router"):
+        for component in ("router", "worker") if raft else ("worker", "router"):
             (c,) = containers(docs, component)
             env = _localize(c["env"], local, {})
-            # The chart's values for these must have been localized above, or the test would talk to the cluster.
-            for k in ("FERRITE_WORKER_LISTEN", "FERRITE_HOST", "FERRITE_WORKERS"):
-                assert "0.0.0.0" not in env.get(k, "") and ".svc" not in env.get(k, ""), (k, env.get(k))
+            # Every cluster address must have been localized, or the test would talk to a cluster.
+            for k, v in env.items():
+                assert "0.0.0.0" not in v and ".svc" not in v, (component, k, v)
             argv = c.get("command", []) + c.get("args", [])
-            assert argv[0] != "/bin/sh", "raft is off: the container runs ferrite directly"
+            assert (argv[0] == "/bin/sh") == (raft and component == "router"), argv
+            if argv[0] != "/bin/sh":
+                argv = ["ferrite", *argv]
             log = tmp / f"{component}.log"
-            cmd = [str(_binary()), *argv]
-            full_env = {"PATH": os.environ.get("PATH", ""), **env}
+            full_env = {"PATH": f"{tmp / 'bin'}:{os.environ.get('PATH', '')}", "HOSTNAME": f"ferrite-{component}-0", **env}
             with open(log, "wb") as f:
-                procs.append((subprocess.Popen(cmd, env=full_env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp), log))
-            probe = c["readinessProbe"]["httpGet"]
-            port = {"metrics": metrics, "http": http}[probe["port"]]
-            _wait(f"http://127.0.0.1:{port}{probe['path']}", procs[-1][0], log, component)
+                procs.append((subprocess.Popen(argv, env=full_env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp), log))
+            if component == "worker":
+                probe = c["readinessProbe"]["httpGet"]
+                _wait(f"http://127.0.0.1:{metrics}{probe['path']}", procs[-1][0], log, component)
+        (router,) = containers(docs, "router")
+        probe = router["readinessProbe"]["httpGet"]
+        _wait(f"http://127.0.0.1:{http}{probe['path']}", procs[0 if raft else 1][0], tmp / "router.log", "router")
         yield {"base": f"http://127.0.0.1:{http}", "worker_metrics": f"http://127.0.0.1:{metrics}", "docs": docs}
     finally:
         for p, _ in procs:
