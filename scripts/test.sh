@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check: formatting, clippy (lints denied) on the default and the `cuda` feature sets, the Rust workspace
 # tests (one optimized build, with the `cuda` feature so the CUDA code compiles and every kernel is compiled by NVRTC;
-# the GPU tests skip without a device), then the Python suite that drives `ferrite serve` (and router + worker
+# the GPU tests skip without a device), the Helm chart checks, then the Python suite that drives `ferrite serve` (and router + worker
 # processes) with the official `openai` SDK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +21,6 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release --workspace --all-targets --features "$FEATURES" -- -D warnings
 cargo test --release --workspace --features "$FEATURES" "$@"
 cargo build --release --bin ferrite --features cuda
+# The Helm chart: lint, render, schema-validate (installs helm and the validators into .tools/ on first use).
+scripts/check-deploy.sh
 .venv-py/bin/python -m pytest tests/python -q

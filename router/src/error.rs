@@ -12,6 +12,18 @@ pub enum RouterError {
     /// No worker answered `Info` in time.
     #[error("no worker answered Info within {0:?}")]
     NoWorker(Duration),
+    /// The HTTP listener could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS certificate/key {0}")]
+    Tls(String),
+    /// The API key configuration is unusable (never carries a key).
+    #[error("API keys: {0}")]
+    ApiKeys(String),
     /// The Prometheus registry refused a metric (a duplicate name: a bug).
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),

@@ -13,6 +13,7 @@
 //!
 //! This crate depends on `ferrite-common` only: it never links the engine, the kernels or CUDA.
 
+mod auth;
 mod drive;
 mod error;
 mod handlers;
@@ -25,9 +26,10 @@ mod text;
 mod validate;
 mod workers;
 
+pub use auth::{ApiKeys, AuthConfig};
 pub use error::RouterError;
 pub use policy::{Routing, UnknownRouting};
-pub use server::{app, serve_http};
+pub use server::{TlsFiles, app, serve_http};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;
 pub use workers::WorkerPool;

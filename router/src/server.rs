@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
 
+use crate::error::RouterError;
 use crate::handlers;
 use crate::openai::error::{ApiError, ErrorKind};
 use crate::openai::types::{ModelCard, ModelList};
@@ -18,7 +19,8 @@ use crate::state::AppState;
 /// The axum application.
 pub fn app(state: Arc<AppState>) -> axum::Router {
     let limit = state.config.max_body_bytes;
-    axum::Router::new()
+    let auth = state.config.auth.clone();
+    let router = axum::Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(models))
@@ -29,8 +31,12 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v1/version", get(version))
         .route("/v1/metadata", get(metadata))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit));
+    let router = match auth {
+        Some(auth) => router.layer(axum::middleware::from_fn_with_state(auth, crate::auth::require_key)),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
@@ -94,13 +100,54 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-/// Binds `addr` and serves the router until Ctrl-C.
-pub async fn serve_http(state: Arc<AppState>, addr: std::net::SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, models = ?state.config.model_names, "router listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+/// A PEM certificate chain and private key for HTTPS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Binds `addr` and serves the router (HTTPS with `tls`) until Ctrl-C or SIGTERM, then finishes the requests in
+/// flight (up to 30 s for HTTPS; plain HTTP waits for them all).
+pub async fn serve_http(state: Arc<AppState>, addr: std::net::SocketAddr, tls: Option<TlsFiles>) -> Result<(), RouterError> {
+    let app = app(Arc::clone(&state));
+    let Some(tls) = tls else {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| RouterError::Bind { addr, source: e })?;
+        let bound = listener.local_addr().map_err(|e| RouterError::Bind { addr, source: e })?;
+        tracing::info!(addr = %bound, models = ?state.config.model_names, "router listening (http)");
+        return axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.map_err(RouterError::Serve);
+    };
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
         .await
+        .map_err(|e| RouterError::Tls(format!("{} / {}: {e}", tls.cert.display(), tls.key.display())))?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
+    });
+    tracing::info!(addr = %addr, models = ?state.config.model_names, "router listening (https)");
+    axum_server::bind_rustls(addr, config).handle(handle).serve(app.into_make_service()).await.map_err(RouterError::Serve)
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends first).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
 }

@@ -8,6 +8,7 @@ use ferrite_common::text::TextAssets;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio::sync::Semaphore;
 
+use crate::auth::AuthConfig;
 use crate::error::RouterError;
 use crate::openai::error::{ApiError, ErrorKind};
 use crate::validate::Limits;
@@ -22,6 +23,8 @@ pub struct RouterConfig {
     pub max_concurrent_requests: usize,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// API keys callers must present (`None`: open).
+    pub auth: Option<Arc<AuthConfig>>,
 }
 
 /// Router metrics (names are `ferrite_router_*`; labels are bounded).

@@ -69,8 +69,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("{e}"),
             }
         });
-        let state = AppState::new(text, pool, a.http.config(&model_id), limits, None)?;
-        serve_http(Arc::new(state), a.http.addr()).await?;
+        let state = AppState::new(text, pool, a.http.config(&model_id)?, limits, None)?;
+        serve_http(Arc::new(state), a.http.addr(), a.http.tls()).await?;
         anyhow::Ok(())
     })
 }

@@ -3,6 +3,7 @@
 //! like to any worker).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,12 +11,30 @@ use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
-use ferrite_router::{AppState, RouterConfig, serve_http};
+use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
 use ferrite_router::{Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
 use super::{EngineArgs, ModelArgs, resolve_model};
+
+/// A secret from the command line or environment: `Debug` never shows it.
+#[derive(Clone)]
+pub struct Redacted(String);
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
 
 /// HTTP front-end options shared by `serve` and `router`.
 #[derive(clap::Args, Debug, Clone)]
@@ -34,21 +53,61 @@ pub struct HttpArgs {
     /// Largest request body in bytes (HTTP 413 above).
     #[arg(long, env = "FERRITE_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// File of API keys, one per line: requests must send `Authorization: Bearer <key>` (health stays open).
+    #[arg(long, env = "FERRITE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// An accepted API key (repeatable, or comma-separated in the variable). Prefer the file or the variable: a key
+    /// on the command line shows in the process list. All keys from all sources are accepted.
+    #[arg(long = "api-key", env = "FERRITE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<Redacted>,
+    /// `/metrics` needs an API key too (by default it stays open for Prometheus).
+    #[arg(long, env = "FERRITE_PROTECT_METRICS")]
+    pub protect_metrics: bool,
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`).
+    #[arg(long, env = "FERRITE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "FERRITE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl HttpArgs {
-    pub fn config(&self, model_id: &str) -> RouterConfig {
+    /// The router's configuration; reads API keys from `--api-key-file` and `FERRITE_API_KEYS`.
+    pub fn config(&self, model_id: &str) -> anyhow::Result<RouterConfig> {
         let mut names = vec![model_id.to_string()];
         names.extend(self.served_model_names.iter().filter(|n| n.as_str() != model_id).cloned());
-        RouterConfig {
+        Ok(RouterConfig {
             model_names: names,
             max_concurrent_requests: self.max_concurrent_requests.max(1),
             max_body_bytes: self.max_body_bytes,
+            auth: self.auth()?,
+        })
+    }
+
+    /// API keys from the file and `--api-key`, or `None` when neither is given.
+    fn auth(&self) -> anyhow::Result<Option<Arc<AuthConfig>>> {
+        let mut lines = Vec::new();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+            lines.extend(text.lines().map(str::to_string));
         }
+        lines.extend(self.api_keys.iter().map(|k| k.0.clone()));
+        if lines.is_empty() && self.api_key_file.is_none() {
+            anyhow::ensure!(!self.protect_metrics, "--protect-metrics needs API keys (--api-key-file, --api-key or FERRITE_API_KEYS)");
+            return Ok(None);
+        }
+        let keys = ApiKeys::new(lines.iter().map(String::as_str))?;
+        tracing::info!(keys = ?keys, protect_metrics = self.protect_metrics, "API keys required");
+        Ok(Some(Arc::new(AuthConfig { keys: Arc::new(keys), protect_metrics: self.protect_metrics })))
     }
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
+    }
+
+    /// The HTTPS certificate and key, when given.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles { cert: self.tls_cert.clone()?, key: self.tls_key.clone()? })
     }
 }
 
@@ -85,11 +144,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         tracing::info!(routing = %a.routing, "routing policy (one embedded worker: every request goes to it)");
         let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
         let extra: ferrite_router::ExtraMetrics = Arc::new(move || metrics.render());
-        let state = AppState::new(text, pool, a.http.config(&info.model_id), limits, Some(extra))?;
+        let state = AppState::new(text, pool, a.http.config(&info.model_id)?, limits, Some(extra))?;
         // A worker that stops (its engine failed for good) takes the process down with a non-zero exit, so the
         // orchestrator restarts it instead of leaving an HTTP front that answers 503 forever.
         tokio::select! {
-            r = serve_http(Arc::new(state), a.http.addr()) => r?,
+            r = serve_http(Arc::new(state), a.http.addr(), a.http.tls()) => r?,
             r = worker_task => match r {
                 Ok(Ok(())) => anyhow::bail!("the embedded worker stopped"),
                 Ok(Err(e)) => return Err(anyhow::Error::new(e).context("the embedded worker stopped")),

@@ -13,7 +13,8 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "FERRITE_WORKER_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Address for Prometheus `/metrics` (off when not given).
+    /// Address of the HTTP side port: Prometheus `/metrics` and the `/health/live`, `/health/ready` probes (off when
+    /// not given).
     #[arg(long, env = "FERRITE_WORKER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
@@ -36,12 +37,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.context("loading the model")??;
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
         if let Some(m) = a.metrics_listen {
-            let bound = crate::metrics_http::spawn(&worker.engine, m).await?;
-            tracing::info!(addr = %bound, "metrics on /metrics");
+            let bound = crate::worker_http::spawn(&worker.engine, m, ready_rx).await?;
+            tracing::info!(addr = %bound, "metrics on /metrics, probes on /health/live and /health/ready");
         }
         let listener = TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "worker listening");
+        ready_tx.send_replace(true);
         worker
             .serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;

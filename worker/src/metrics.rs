@@ -2,14 +2,17 @@
 //! the gRPC port; this crate speaks no HTTP).
 //!
 //! Values live in the engine's atomic [`EngineStats`]; a scrape copies them into the registry, so the engine thread
-//! never touches Prometheus types. Labels are bounded (never request ids or user text).
+//! never touches Prometheus types. The step-time histogram is kept in atomics too ([`StepTimes`]) and handed to the
+//! registry by a small [`Collector`] at scrape time. Labels are bounded (never request ids or user text).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, Gauge, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::engine::core::{EngineHandle, EngineStats};
+use crate::engine::core::{EngineHandle, EngineStats, STEP_SECONDS_BUCKETS, StepPhase, StepTimes};
 
 /// Metric names (one place, mirrored in the Grafana dashboard later).
 pub mod names {
@@ -24,6 +27,8 @@ pub mod names {
     pub const STEPS: &str = "ferrite_worker_steps_total";
     pub const GENERATED: &str = "ferrite_worker_generated_tokens_total";
     pub const BATCH_TOKENS: &str = "ferrite_worker_batch_tokens";
+    pub const KV_USAGE: &str = "ferrite_worker_kv_usage_ratio";
+    pub const STEP_SECONDS: &str = "ferrite_worker_step_seconds";
 }
 
 /// A counter and the engine statistic it mirrors.
@@ -37,6 +42,7 @@ pub struct WorkerMetrics {
     waiting: IntGauge,
     kv_blocks: IntGaugeVec,
     batch_tokens: IntGauge,
+    kv_usage: Gauge,
     counters: Vec<CounterSource>,
     scrape: Mutex<()>,
 }
@@ -56,6 +62,9 @@ impl WorkerMetrics {
         };
         let kv_blocks = IntGaugeVec::new(Opts::new(names::KV_BLOCKS, "KV cache blocks by state"), &["state"])?;
         registry.register(Box::new(kv_blocks.clone()))?;
+        let kv_usage = Gauge::new(names::KV_USAGE, "Share of KV cache blocks held by running sequences (0..1)")?;
+        registry.register(Box::new(kv_usage.clone()))?;
+        registry.register(Box::new(StepCollector::new(Arc::clone(&engine.stats))?))?;
         let counters: Vec<CounterSource> = vec![
             (counter(names::PREFIX_QUERIES, "Prefix-cache block lookups")?, |s| s.prefix_queries.load(Ordering::Relaxed)),
             (counter(names::PREFIX_HITS, "Prefix-cache block hits")?, |s| s.prefix_hits.load(Ordering::Relaxed)),
@@ -72,6 +81,7 @@ impl WorkerMetrics {
             waiting: gauge(names::WAITING, "Sequences waiting")?,
             batch_tokens: gauge(names::BATCH_TOKENS, "Tokens in the last engine step")?,
             kv_blocks,
+            kv_usage,
             counters,
             stats: Arc::clone(&engine.stats),
             registry,
@@ -91,6 +101,7 @@ impl WorkerMetrics {
         self.kv_blocks.with_label_values(&["used"]).set(used);
         self.kv_blocks.with_label_values(&["cached_free"]).set(cached);
         self.kv_blocks.with_label_values(&["free"]).set(total - used - cached);
+        self.kv_usage.set(if total > 0 { used as f64 / total as f64 } else { 0.0 });
         for (c, read) in &self.counters {
             c.reset();
             c.inc_by(read(s));
@@ -99,5 +110,88 @@ impl WorkerMetrics {
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Exposes the engine's [`StepTimes`] as the `ferrite_worker_step_seconds{phase}` histogram.
+struct StepCollector {
+    stats: Arc<EngineStats>,
+    desc: Desc,
+}
+
+impl StepCollector {
+    fn new(stats: Arc<EngineStats>) -> prometheus::Result<Self> {
+        let help = "Engine step duration by phase (prefill: the step computed prompt tokens; decode: only decodes)";
+        let desc = Desc::new(names::STEP_SECONDS.into(), help.into(), vec!["phase".into()], Default::default())?;
+        Ok(Self { stats, desc })
+    }
+}
+
+fn histogram(t: &StepTimes) -> Histogram {
+    let mut h = Histogram::default();
+    let mut cumulative = 0;
+    let buckets = STEP_SECONDS_BUCKETS
+        .iter()
+        .zip(&t.buckets)
+        .map(|(&upper, n)| {
+            cumulative += n.load(Ordering::Relaxed);
+            let mut b = Bucket::default();
+            b.set_upper_bound(upper);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    h.set_bucket(buckets);
+    // Read the count after the buckets: a step recorded in between shows in `+Inf` only, never as a missing sample.
+    h.set_sample_count(t.count.load(Ordering::Relaxed).max(cumulative));
+    h.set_sample_sum(t.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+    h
+}
+
+impl Collector for StepCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let metrics = StepPhase::ALL
+            .iter()
+            .map(|&phase| {
+                let mut label = LabelPair::default();
+                label.set_name("phase".into());
+                label.set_value(phase.as_str().into());
+                let mut m = Metric::default();
+                m.set_label(vec![label]);
+                m.set_histogram(histogram(&self.stats.step_times[phase as usize]));
+                m
+            })
+            .collect();
+        let mut family = MetricFamily::default();
+        family.set_name(names::STEP_SECONDS.into());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.set_metric(metrics);
+        vec![family]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn step_times_land_in_cumulative_buckets() {
+        let t = StepTimes::default();
+        for ms in [0.5, 3.0, 3.0, 40.0, 20_000.0] {
+            t.record(Duration::from_secs_f64(ms / 1e3));
+        }
+        let h = histogram(&t);
+        let cum: Vec<u64> = h.get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        // ≤1 ms: 1; ≤2.5 ms: 1; ≤5 ms: 3; ≤10, ≤25 ms: 3; ≤50 ms and up: 4; 20 s is past the last bucket (+Inf only).
+        assert_eq!(cum, vec![1, 1, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4]);
+        assert_eq!(h.get_sample_count(), 5);
+        assert!((h.get_sample_sum() - 20.0465).abs() < 1e-9, "{}", h.get_sample_sum());
     }
 }

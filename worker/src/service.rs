@@ -264,11 +264,9 @@ impl pb::worker_server::Worker for WorkerService {
         let s = &self.engine.stats;
         let running = s.running.load(Ordering::Relaxed) as u32;
         let waiting = s.waiting.load(Ordering::Relaxed) as u32;
-        let busy = running + waiting > 0;
-        let age = if busy { self.engine.last_step_age_ms() } else { 0 };
+        let (healthy, age) = self.engine.liveness();
         Ok(Response::new(pb::HealthResponse {
-            // A busy engine that has not finished a step in 30 s is stuck (the watchdog rule of ARCHITECTURE.md).
-            healthy: age < 30_000,
+            healthy,
             running,
             waiting,
             kv_blocks_total: s.kv_blocks_total.load(Ordering::Relaxed) as u32,

@@ -16,6 +16,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The prompt plus `max_tokens` does not fit the context (400, `context_length_exceeded`).
     ContextLength,
+    /// No or a wrong API key (401, `invalid_api_key`).
+    Unauthorized,
     /// Unknown model name (404, `model_not_found`).
     ModelNotFound,
     /// Request body over the limit (413).
@@ -32,6 +34,7 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::InvalidRequest | ErrorKind::ContextLength => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::ModelNotFound => StatusCode::NOT_FOUND,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -43,7 +46,7 @@ impl ErrorKind {
     fn type_str(self) -> &'static str {
         match self {
             ErrorKind::InvalidRequest | ErrorKind::ContextLength | ErrorKind::PayloadTooLarge => "invalid_request_error",
-            ErrorKind::ModelNotFound => "invalid_request_error",
+            ErrorKind::ModelNotFound | ErrorKind::Unauthorized => "invalid_request_error",
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Unavailable => "service_unavailable_error",
             ErrorKind::Internal => "internal_server_error",
@@ -54,6 +57,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest => "invalid_value",
             ErrorKind::ContextLength => "context_length_exceeded",
+            ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::RateLimited => "rate_limit_exceeded",

@@ -42,6 +42,50 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     /// Milliseconds since `started` at the end of the last step.
     pub last_step_end_ms: AtomicU64,
+    /// Step durations by [`StepPhase`] (index `phase as usize`), bucketed by [`STEP_SECONDS_BUCKETS`].
+    pub step_times: [StepTimes; 2],
+}
+
+/// What an engine step computed: prompt tokens (possibly with decodes riding along: chunked prefill), or only
+/// decode tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    Prefill = 0,
+    Decode = 1,
+}
+
+impl StepPhase {
+    pub const ALL: [StepPhase; 2] = [StepPhase::Prefill, StepPhase::Decode];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepPhase::Prefill => "prefill",
+            StepPhase::Decode => "decode",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the step-time histogram buckets.
+pub const STEP_SECONDS_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A histogram of step durations in atomics (the engine thread records; a scrape reads): per-bucket counts (not
+/// cumulative), the count and the sum in microseconds.
+#[derive(Debug, Default)]
+pub struct StepTimes {
+    pub buckets: [AtomicU64; STEP_SECONDS_BUCKETS.len()],
+    pub count: AtomicU64,
+    pub sum_us: AtomicU64,
+}
+
+impl StepTimes {
+    pub fn record(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = STEP_SECONDS_BUCKETS.iter().position(|&b| s <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 enum Command {
@@ -103,7 +147,20 @@ impl EngineHandle {
         let now = self.started.elapsed().as_millis() as u64;
         now.saturating_sub(self.stats.last_step_end_ms.load(Ordering::Relaxed))
     }
+
+    /// Whether the engine is alive, and the age of its last step in milliseconds while it has work (0 when idle).
+    /// Dead: it stopped on a fatal error, or a busy engine has not finished a step in [`STUCK_STEP_MS`] (the
+    /// watchdog rule of ARCHITECTURE.md: a hung device or NCCL collective). One rule for the gRPC `Health` and the
+    /// HTTP liveness probe.
+    pub fn liveness(&self) -> (bool, u64) {
+        let busy = self.stats.running.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed) > 0;
+        let age = if busy { self.last_step_age_ms() } else { 0 };
+        (self.fatal_error().is_none() && age < STUCK_STEP_MS, age)
+    }
 }
+
+/// A busy engine whose last step ended longer ago than this is stuck.
+pub const STUCK_STEP_MS: u64 = 30_000;
 
 /// The engine (runs on its own thread; see [`Engine::spawn`]).
 pub struct Engine {
@@ -156,7 +213,14 @@ impl Engine {
                 }
             }
             self.reap_disconnected();
+            // Running sequences decode one token each: a step computing more than that many included prompt tokens.
+            let running_before = self.core.stats().running;
+            let started = Instant::now();
             let out = self.core.step(&mut *self.backend);
+            if out.num_tokens > 0 {
+                let phase = if out.num_tokens > running_before { StepPhase::Prefill } else { StepPhase::Decode };
+                self.stats.step_times[phase as usize].record(started.elapsed());
+            }
             // Stats and KV events first, so a client that has seen an output never reads older numbers or misses the
             // blocks its prompt stored.
             self.publish();
