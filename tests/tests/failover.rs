@@ -175,6 +175,9 @@ async fn a_burst_of_distinct_prompts_spreads_over_all_workers() {
     served.iter().for_each(|w| *count.entry(w.as_str()).or_default() += 1);
     for a in &addrs {
         assert!(count.get(a.as_str()).is_some_and(|n| *n >= 1), "{a} served nothing of the burst: {count:?}");
+        // The router counts its decisions per policy and worker.
+        let routed = http.metric(&router.base, &format!("ferrite_router_routed_total{{policy=\"cache-aware\",worker=\"{a}\"}}")).await;
+        assert_eq!(routed, count[a.as_str()] as f64, "{a}");
     }
 }
 
