@@ -130,6 +130,9 @@ async fn open(
             Ok((stream, Some(first))) => {
                 lease.succeeded();
                 lease.first_token();
+                if let (Some(predicted), Some(pb::generate_response::Kind::Chunk(c))) = (lease.predicted_cached(), &first.kind) {
+                    st.workers.metrics().overlap_error(predicted, c.cached_prompt_tokens);
+                }
                 return Ok((lease, stream, first));
             }
             Ok((_, None)) => tonic::Status::unknown("the worker stream ended before its first message"),

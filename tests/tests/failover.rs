@@ -223,4 +223,8 @@ async fn a_restarted_worker_is_resynced_and_routed_to_again() {
     let r = http.post(&url, &completion(json!(long_prompt(1, 1)), 1, false)).await;
     assert_eq!((r.status, r.worker.as_deref()), (200, Some(holder.as_str())), "{}", r.body);
     assert!(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= 96);
+    // That guess was exact: the worker reported the 96 cached tokens the index predicted.
+    let exact = http.metric(&router.base, "ferrite_router_overlap_error_tokens_bucket{le=\"0\"}").await
+        - http.metric(&router.base, "ferrite_router_overlap_error_tokens_bucket{le=\"-1\"}").await;
+    assert!(exact >= 1.0, "no exact overlap prediction recorded");
 }

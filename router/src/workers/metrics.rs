@@ -1,8 +1,10 @@
 //! The pool's Prometheus metrics (`ferrite_router_*`): routing decisions by policy and worker, retries, migrations,
 //! KV index resyncs; and, set at scrape time, each worker's breaker state, the index size and the workers by state.
-//! Worker labels are the members' addresses (bounded by the membership; a removed worker's series are dropped).
+//! `ferrite_router_overlap_error_tokens` is how good the cache-aware guesses are: the prompt tokens the worker
+//! reports cached minus the ones the KV index predicted (0: exact; negative: the index promised blocks the worker
+//! no longer had). Worker labels are the members' addresses (bounded by the membership; a removed worker's series are dropped).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct PoolMetrics {
@@ -13,6 +15,7 @@ pub struct PoolMetrics {
     breaker: IntGaugeVec,
     index_blocks: IntGauge,
     workers: IntGaugeVec,
+    overlap_error: Histogram,
 }
 
 impl PoolMetrics {
@@ -37,6 +40,13 @@ impl PoolMetrics {
             )?,
             index_blocks: IntGauge::new("ferrite_router_kv_index_blocks", "Block hashes in the KV index, over all workers")?,
             workers: IntGaugeVec::new(Opts::new("ferrite_router_workers", "Pool members by state"), &["state"])?,
+            overlap_error: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ferrite_router_overlap_error_tokens",
+                    "Cache-aware routing: prompt tokens the worker reported cached minus the ones the KV index predicted",
+                )
+                .buckets(vec![-1024.0, -256.0, -64.0, -16.0, -1.0, 0.0, 15.0, 63.0, 255.0, 1023.0]),
+            )?,
         })
     }
 
@@ -49,6 +59,7 @@ impl PoolMetrics {
         registry.register(Box::new(self.breaker.clone()))?;
         registry.register(Box::new(self.index_blocks.clone()))?;
         registry.register(Box::new(self.workers.clone()))?;
+        registry.register(Box::new(self.overlap_error.clone()))?;
         Ok(())
     }
 
@@ -63,6 +74,11 @@ impl PoolMetrics {
     /// `outcome`: `migrated` or `failed` (past the limit, or nowhere to go).
     pub fn migration(&self, outcome: &str) {
         self.migrations.with_label_values(&[outcome]).inc();
+    }
+
+    /// A request's first answer: the worker reported `reported` cached prompt tokens, the index predicted `predicted`.
+    pub fn overlap_error(&self, predicted: u32, reported: u32) {
+        self.overlap_error.observe(f64::from(reported) - f64::from(predicted));
     }
 
     pub fn resync(&self) {

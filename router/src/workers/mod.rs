@@ -367,13 +367,20 @@ impl WorkerPool {
             let (prefill, blocks) = match identity {
                 Some(id) => {
                     let b = id.block_size.max(1) as u64;
-                    let cached = overlap.get(&slot.id).copied().unwrap_or(0) as u64 * b;
+                    // The worker computes at least the prompt's last token: a hit never covers its last block.
+                    let full = (prompt.len() as u64).saturating_sub(1) / b * b;
+                    let cached = (overlap.get(&slot.id).copied().unwrap_or(0) as u64 * b).min(full);
                     ((prompt.len() as u64).saturating_sub(cached), (prompt.len() as u64).div_ceil(b))
                 }
                 None => (prompt.len() as u64, 0),
             };
             inner.metrics.routed(inner.cfg.routing.as_str(), &slot.addr);
-            return Ok(Lease::new(slot, prefill, blocks, probe));
+            let predicted = (prompt.len() as u64 - prefill) as u32;
+            let mut lease = Lease::new(slot, prefill, blocks, probe);
+            if inner.cfg.routing == Routing::CacheAware && identity.is_some() {
+                lease.set_predicted_cached(predicted);
+            }
+            return Ok(lease);
         }
     }
 

@@ -227,6 +227,8 @@ pub struct Lease {
     contribution: Contribution,
     /// This request is the breaker's half-open probe and has not reported how it went.
     probe: bool,
+    /// Prompt tokens the KV index expected the worker to hold (cache-aware routing only).
+    predicted_cached: Option<u32>,
 }
 
 impl Lease {
@@ -234,7 +236,16 @@ impl Lease {
     pub fn new(slot: std::sync::Arc<WorkerSlot>, prefill_tokens: u64, blocks: u64, probe: bool) -> Self {
         slot.inflight.fetch_add(1, Ordering::Relaxed);
         let contribution = slot.predict_dispatch(prefill_tokens, blocks);
-        Self { slot, request_id: None, contribution, probe }
+        Self { slot, request_id: None, contribution, probe, predicted_cached: None }
+    }
+
+    pub fn set_predicted_cached(&mut self, tokens: u32) {
+        self.predicted_cached = Some(tokens);
+    }
+
+    /// Prompt tokens the KV index expected the worker to hold (cache-aware routing only).
+    pub fn predicted_cached(&self) -> Option<u32> {
+        self.predicted_cached
     }
 
     pub fn client(&self) -> WorkerClient<Channel> {
