@@ -2,18 +2,41 @@
 //! (`tokenizers::DecodeStream`, which never emits broken UTF-8), apply stop strings per choice, and turn everything
 //! into [`Event`]s for the response writer. Dropping the driver (client gone) drops its [`Lease`], which aborts the
 //! request on the worker.
+//!
+//! Failures of the worker (design doc §7):
+//! - **Before the first message** (connect error, `Unavailable`, a stream that ends or resets before anything came,
+//!   an overloaded worker): the request goes to the next-best eligible worker, at most [`MAX_RETRIES`] more times,
+//!   after a jittered backoff; the failure counts for the worker's circuit breaker. The client sees nothing of it.
+//!   A refusal that is the request's fault (`InvalidArgument`, ...) is never retried.
+//! - **After it** (a stream error, or an end without `Finished`): the stream *migrates* — the prompt plus the tokens
+//!   generated so far go to another worker with the remaining `max_new_tokens` (and `min_tokens`), and its tokens
+//!   feed the same detokenizer and stop-string jail, so the client sees one uninterrupted stream; usage counts the
+//!   original prompt and every completion token. At most the pool's migration limit times; past it, or with no
+//!   worker left, the stream ends with the OpenAI error event. Greedy output is the same as without the failure
+//!   (the CPU backend is batch invariant: a prefilled token gives the logits its decode step gave); sampled output
+//!   continues with the same seed, so it is a valid sample but not the one the first worker would have drawn, and
+//!   presence/frequency penalties then count the migrated tokens as prompt. With `n > 1` a stream migrates only
+//!   when one completion is left unfinished (each unfinished one would need its own request); otherwise it ends
+//!   with the error event.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferrite_common::proto::worker as pb;
 use tokio::sync::mpsc;
+use tonic::Streaming;
 
+use crate::kv_index::WorkerId;
 use crate::openai::error::{ApiError, ErrorKind};
 use crate::state::AppState;
 use crate::text::stop::{JailOutput, StopJail};
 use crate::validate::ValidRequest;
-use crate::workers::status_to_api;
+use crate::workers::{Failure, Lease, classify, status_to_api};
+
+/// Retries before the first message, on other workers.
+pub const MAX_RETRIES: usize = 2;
+/// The first retry's backoff (doubling, ±50 % jitter).
+const RETRY_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Logprob of one generated token (ids; the writer turns them into text).
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +95,73 @@ pub async fn drive_prompt(st: Arc<AppState>, valid: Arc<ValidRequest>, p: usize,
     }
 }
 
+fn jitter(base: Duration, attempt: usize) -> Duration {
+    base.mul_f64((1u64 << attempt.min(10)) as f64 * rand::random_range(0.5..1.5))
+}
+
+/// Sends `req` to the best eligible worker not in `tried` and waits for its first message; on a worker failure
+/// tries the next-best one (at most [`MAX_RETRIES`] more). Failed workers are added to `tried`.
+async fn open(
+    st: &AppState,
+    req: &pb::GenerateRequest,
+    tried: &mut Vec<WorkerId>,
+) -> Result<(Lease, Streaming<pb::GenerateResponse>, pb::GenerateResponse), ApiError> {
+    let mut last: Option<ApiError> = None;
+    for attempt in 0..=MAX_RETRIES {
+        if attempt > 0 {
+            tokio::time::sleep(jitter(RETRY_BACKOFF, attempt - 1)).await;
+        }
+        let mut lease = match st.workers.pick(&req.prompt_ids, &req.cache_salt, tried) {
+            Ok(l) => l,
+            Err(e) => return Err(last.unwrap_or(e)),
+        };
+        if attempt > 0 {
+            st.workers.metrics().retry();
+        }
+        lease.set_request(req.request_id.clone());
+        let mut client = lease.client();
+        let opened = async {
+            let mut stream = client.generate(req.clone()).await?.into_inner();
+            let first = stream.message().await?;
+            Ok::<_, tonic::Status>((stream, first))
+        }
+        .await;
+        let status = match opened {
+            Ok((stream, Some(first))) => {
+                lease.succeeded();
+                lease.first_token();
+                if let (Some(predicted), Some(pb::generate_response::Kind::Chunk(c))) = (lease.predicted_cached(), &first.kind) {
+                    st.workers.metrics().overlap_error(predicted, c.cached_prompt_tokens);
+                }
+                return Ok((lease, stream, first));
+            }
+            Ok((_, None)) => tonic::Status::unknown("the worker stream ended before its first message"),
+            Err(s) => s,
+        };
+        match classify(&status) {
+            Failure::Client => {
+                lease.succeeded();
+                lease.finish();
+                return Err(status_to_api(&status));
+            }
+            Failure::Overloaded => lease.finish(),
+            Failure::Worker { hard } => {
+                tracing::warn!(request_id = %req.request_id, worker = lease.addr(), error = %status, attempt, "worker failed before the first token");
+                lease.failed(hard);
+            }
+        }
+        tried.push(lease.worker_id());
+        last = Some(status_to_api(&status));
+    }
+    Err(last.unwrap_or_else(|| ApiError::new(ErrorKind::Unavailable, "no worker is available")))
+}
+
+/// How a worker stream ended early.
+struct Lost {
+    hard: bool,
+    reason: String,
+}
+
 async fn drive(
     st: &AppState,
     valid: &ValidRequest,
@@ -83,28 +173,7 @@ async fn drive(
     let prompt = &valid.prompts[p];
     let n = valid.n;
     let base = p as u32 * n;
-    let mut lease = st.workers.pick(prompt, &valid.proto.cache_salt)?;
-    let mut client = lease.client();
-    let mut req = valid.proto.clone();
-    req.request_id = request_id.clone();
-    req.prompt_ids = prompt.clone();
-    req.max_new_tokens = valid.max_new_tokens[p];
-    lease.set_request(request_id);
-    let mut stream = client.generate(req).await.map_err(|s| status_to_api(&s))?.into_inner();
-    *worker = Some(lease.addr().to_string());
-    if tx.send(Event::Started { worker: lease.addr().to_string() }).await.is_err() {
-        return Ok(());
-    }
     let text = Arc::clone(&st.text);
-    if valid.echo {
-        let echo = text.tokenizer.decode(prompt, false).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-        for i in 0..n {
-            if tx.send(Event::Delta { index: base + i, text: echo.clone(), logprobs: Vec::new(), received: Instant::now() }).await.is_err()
-            {
-                return Ok(());
-            }
-        }
-    }
     struct Choice<'t> {
         decode: tokenizers::DecodeStream<
             't,
@@ -115,96 +184,178 @@ async fn drive(
             tokenizers::DecoderWrapper,
         >,
         jail: StopJail,
-        tokens: u32,
+        /// Generated token ids (what a migration re-sends).
+        tokens: Vec<u32>,
         done: bool,
     }
     let mut choices: Vec<Choice<'_>> = (0..n)
-        .map(|_| Choice { decode: text.tokenizer.decode_stream(true), jail: StopJail::new(&valid.stops), tokens: 0, done: false })
+        .map(|_| Choice { decode: text.tokenizer.decode_stream(true), jail: StopJail::new(&valid.stops), tokens: Vec::new(), done: false })
         .collect();
-    let (mut remaining, mut completion, mut cached, mut worker_finished) = (n, 0u32, 0u32, 0u32);
-    while remaining > 0 {
-        let msg = match stream.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err(ApiError::new(ErrorKind::Internal, "the worker stream ended before the request finished")),
-            Err(s) => return Err(status_to_api(&s)),
-        };
-        let received = Instant::now();
-        match msg.kind {
-            Some(pb::generate_response::Kind::Chunk(c)) => {
-                if c.index == 0 {
-                    cached = c.cached_prompt_tokens;
-                }
-                let Some(ch) = choices.get_mut(c.index as usize) else { continue };
-                for (k, &tok) in c.token_ids.iter().enumerate() {
-                    if ch.done {
-                        break;
-                    }
-                    ch.tokens += 1;
-                    let logprobs: Vec<TokenLogprob> = c
-                        .logprobs
-                        .get(k)
-                        .map(|l| TokenLogprob {
-                            token: tok,
-                            logprob: l.logprob,
-                            top: l.top.iter().map(|t| (t.token_id, t.logprob)).collect(),
-                        })
-                        .into_iter()
-                        .collect();
-                    let piece = ch.decode.step(tok).ok().flatten().unwrap_or_default();
-                    let index = base + c.index;
-                    let ev = match ch.jail.push(&piece) {
-                        JailOutput::Emit(t) if t.is_empty() && logprobs.is_empty() => None,
-                        JailOutput::Emit(t) => Some(Event::Delta { index, text: t, logprobs, received }),
-                        JailOutput::Stopped { text: t, .. } => {
-                            ch.done = true;
-                            remaining -= 1;
-                            completion += ch.tokens;
-                            if remaining > 0 {
-                                // The other choices go on: stop generating this one on the worker now.
-                                lease.abort_choice(c.index);
-                            }
-                            if tx.send(Event::Delta { index, text: t, logprobs, received }).await.is_err() {
-                                return Ok(());
-                            }
-                            Some(Event::Finish { index, reason: "stop" })
-                        }
-                    };
-                    if let Some(ev) = ev
-                        && tx.send(ev).await.is_err()
-                    {
+    let mut req = valid.proto.clone();
+    req.request_id = request_id.clone();
+    req.prompt_ids = prompt.clone();
+    req.max_new_tokens = valid.max_new_tokens[p];
+    let (mut remaining, mut cached) = (n, 0u32);
+    // The worker's completion index → the choice's (identity, or the one choice a migration carries on).
+    let mut map: Vec<usize> = (0..n as usize).collect();
+    let (mut tried, mut migrations) = (Vec::new(), 0u32);
+    loop {
+        let (mut lease, mut stream, first) = open(st, &req, &mut tried).await?;
+        if worker.is_none() {
+            *worker = Some(lease.addr().to_string());
+            if tx.send(Event::Started { worker: lease.addr().to_string() }).await.is_err() {
+                return Ok(());
+            }
+            if valid.echo {
+                let echo = text.tokenizer.decode(prompt, false).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+                for i in 0..n {
+                    let ev = Event::Delta { index: base + i, text: echo.clone(), logprobs: Vec::new(), received: Instant::now() };
+                    if tx.send(ev).await.is_err() {
                         return Ok(());
                     }
                 }
             }
-            Some(pb::generate_response::Kind::Finished(f)) => {
-                worker_finished += 1;
-                if f.index == 0 {
-                    cached = f.cached_tokens;
-                }
-                let Some(ch) = choices.get_mut(f.index as usize) else { continue };
-                if ch.done {
-                    continue;
-                }
-                ch.done = true;
-                remaining -= 1;
-                completion += ch.tokens;
-                let index = base + f.index;
-                let rest = ch.jail.flush();
-                if !rest.is_empty() && tx.send(Event::Delta { index, text: rest, logprobs: Vec::new(), received }).await.is_err() {
-                    return Ok(());
-                }
-                if tx.send(Event::Finish { index, reason: reason(f.reason) }).await.is_err() {
-                    return Ok(());
-                }
-            }
-            None => {}
         }
+        let mut next = Some(first);
+        let mut worker_finished = 0usize;
+        let lost = loop {
+            if remaining == 0 {
+                break None;
+            }
+            let msg = match next.take() {
+                Some(m) => m,
+                None => match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break Some(Lost { hard: false, reason: "the worker stream ended before the request finished".into() }),
+                    Err(s) => match classify(&s) {
+                        Failure::Worker { hard } => break Some(Lost { hard, reason: s.to_string() }),
+                        _ => return Err(status_to_api(&s)),
+                    },
+                },
+            };
+            let received = Instant::now();
+            match msg.kind {
+                Some(pb::generate_response::Kind::Chunk(c)) => {
+                    if c.index == 0 && migrations == 0 {
+                        cached = c.cached_prompt_tokens;
+                    }
+                    let Some(&ci) = map.get(c.index as usize) else { continue };
+                    let ch = &mut choices[ci];
+                    for (k, &tok) in c.token_ids.iter().enumerate() {
+                        if ch.done {
+                            break;
+                        }
+                        ch.tokens.push(tok);
+                        let logprobs: Vec<TokenLogprob> = c
+                            .logprobs
+                            .get(k)
+                            .map(|l| TokenLogprob {
+                                token: tok,
+                                logprob: l.logprob,
+                                top: l.top.iter().map(|t| (t.token_id, t.logprob)).collect(),
+                            })
+                            .into_iter()
+                            .collect();
+                        let piece = ch.decode.step(tok).ok().flatten().unwrap_or_default();
+                        let index = base + ci as u32;
+                        let ev = match ch.jail.push(&piece) {
+                            JailOutput::Emit(t) if t.is_empty() && logprobs.is_empty() => None,
+                            JailOutput::Emit(t) => Some(Event::Delta { index, text: t, logprobs, received }),
+                            JailOutput::Stopped { text: t, .. } => {
+                                ch.done = true;
+                                remaining -= 1;
+                                if remaining > 0 {
+                                    // The other choices go on: stop generating this one on the worker now.
+                                    lease.abort_choice(c.index);
+                                }
+                                if tx.send(Event::Delta { index, text: t, logprobs, received }).await.is_err() {
+                                    return Ok(());
+                                }
+                                Some(Event::Finish { index, reason: "stop" })
+                            }
+                        };
+                        if let Some(ev) = ev
+                            && tx.send(ev).await.is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(pb::generate_response::Kind::Finished(f)) => {
+                    worker_finished += 1;
+                    if f.index == 0 && migrations == 0 {
+                        cached = f.cached_tokens;
+                    }
+                    let Some(&ci) = map.get(f.index as usize) else { continue };
+                    let ch = &mut choices[ci];
+                    if ch.done {
+                        continue;
+                    }
+                    ch.done = true;
+                    remaining -= 1;
+                    let index = base + ci as u32;
+                    let rest = ch.jail.flush();
+                    if !rest.is_empty() && tx.send(Event::Delta { index, text: rest, logprobs: Vec::new(), received }).await.is_err() {
+                        return Ok(());
+                    }
+                    if tx.send(Event::Finish { index, reason: reason(f.reason) }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                None => {}
+            }
+        };
+        let Some(lost) = lost else {
+            // Every choice is done. If some ended on a stop string the worker may still be generating: unless it
+            // reported all of them finished, dropping the lease aborts the request there.
+            if worker_finished == map.len() {
+                lease.finish();
+            }
+            break;
+        };
+        // The worker failed mid-stream: migrate the one unfinished choice, or end with the error event.
+        lease.failed(lost.hard);
+        tried.push(lease.worker_id());
+        let addr = lease.addr().to_string();
+        drop(lease);
+        let unfinished: Vec<usize> = (0..choices.len()).filter(|&i| !choices[i].done).collect();
+        let fail = |why: &str| {
+            st.workers.metrics().migration("failed");
+            tracing::warn!(request_id = %request_id, worker = %addr, error = %lost.reason, why, "stream lost");
+            ApiError::new(ErrorKind::Unavailable, format!("the worker serving this stream failed ({})", lost.reason))
+        };
+        let [ci] = unfinished[..] else { return Err(fail("several completions unfinished: not migrated")) };
+        if migrations >= st.workers.migration_limit() {
+            return Err(fail("past the migration limit"));
+        }
+        migrations += 1;
+        let done = choices[ci].tokens.len() as u32;
+        let budget = valid.max_new_tokens[p];
+        if budget > 0 && done >= budget {
+            // Every token was generated; only the worker's `Finished` was lost.
+            let rest = choices[ci].jail.flush();
+            let index = base + ci as u32;
+            if !rest.is_empty()
+                && tx.send(Event::Delta { index, text: rest, logprobs: Vec::new(), received: Instant::now() }).await.is_err()
+            {
+                return Ok(());
+            }
+            if tx.send(Event::Finish { index, reason: "length" }).await.is_err() {
+                return Ok(());
+            }
+            break;
+        }
+        tracing::info!(request_id = %request_id, worker = %addr, error = %lost.reason, generated = done, migration = migrations, "worker lost mid-stream: migrating");
+        st.workers.metrics().migration("migrated");
+        req = valid.proto.clone();
+        req.request_id = format!("{request_id}-m{migrations}");
+        req.prompt_ids = prompt.iter().chain(&choices[ci].tokens).copied().collect();
+        req.max_new_tokens = if budget == 0 { 0 } else { budget - done };
+        req.min_tokens = req.min_tokens.saturating_sub(done);
+        req.n = 1;
+        map = vec![ci];
     }
-    // Every choice is done. If some ended on a stop string the worker may still be generating: unless it reported all
-    // of them finished, dropping the lease aborts the request there.
-    if worker_finished == n {
-        lease.finish();
-    }
+    let completion = choices.iter().map(|c| c.tokens.len() as u32).sum();
     let _ = tx.send(Event::Usage { prompt: prompt.len() as u32, completion, cached }).await;
     Ok(())
 }

@@ -9,6 +9,9 @@ pub enum RouterError {
     /// A `--worker` address that is not a URI tonic can connect to.
     #[error("bad worker address `{addr}`: {reason} (expected e.g. http://10.0.0.5:50051)")]
     BadWorkerAddress { addr: String, reason: String },
+    /// A setting out of range.
+    #[error("{0}")]
+    Config(String),
     /// No worker answered `Info` in time.
     #[error("no worker answered Info within {0:?}")]
     NoWorker(Duration),

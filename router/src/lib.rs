@@ -32,4 +32,4 @@ pub use policy::{Routing, UnknownRouting};
 pub use server::{TlsFiles, app, serve_http};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;
-pub use workers::WorkerPool;
+pub use workers::{BreakerConfig, MAX_MIGRATION_LIMIT, Member, PoolConfig, PoolConfigError, WorkerPool};

@@ -70,6 +70,7 @@ async fn ready(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    st.workers.update_gauges();
     let mut buf = Vec::new();
     let _ = TextEncoder::new().encode(&st.metrics.registry.gather(), &mut buf);
     let mut text = String::from_utf8(buf).unwrap_or_default();

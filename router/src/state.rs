@@ -94,6 +94,7 @@ impl AppState {
         extra_metrics: Option<ExtraMetrics>,
     ) -> Result<Self, RouterError> {
         let metrics = RouterMetrics::new()?;
+        workers.metrics().register(&metrics.registry)?;
         Ok(Self {
             text,
             workers,

@@ -7,10 +7,10 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
 use ferrite_router::{AppState, serve_http};
-use ferrite_router::{Routing, WorkerPool};
+use ferrite_router::{PoolConfig, WorkerPool};
 
 use super::resolve_model;
-use super::serve::HttpArgs;
+use super::serve::{HttpArgs, RoutingArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -25,10 +25,8 @@ pub struct Args {
     /// Context limit for request validation (0 = the model's); the workers may enforce a lower one.
     #[arg(long, env = "FERRITE_MAX_MODEL_LEN", default_value_t = 0)]
     max_model_len: usize,
-    /// How to pick a worker: `cache-aware` (prefix-cache overlap from the workers' KV events against their load),
-    /// `least-load` (fewest requests in flight) or `round-robin`.
-    #[arg(long, env = "FERRITE_ROUTING", default_value = "cache-aware")]
-    routing: Routing,
+    #[command(flatten)]
+    routing: RoutingArgs,
 }
 
 /// The router listens at once: it takes the model id and limits from the model files it was given, answers 503 (and
@@ -39,9 +37,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let files = ModelFiles::open(&path)?;
         let text = Arc::new(TextAssets::load(&files)?);
-        let pool = WorkerPool::with_routing(&a.workers, a.routing)?;
+        let (vocab, fingerprint) = (files.config.vocab_size, files.fingerprint()?);
+        // Workers that serve another model than `--model` are refused (logged, kept out of routing).
+        let cfg = PoolConfig { model_fingerprint: Some(fingerprint.to_vec()), ..a.routing.pool_config() };
+        let pool = WorkerPool::with_config(&a.workers, cfg)?;
         pool.start_kv_subscriptions();
-        tracing::info!(routing = %a.routing, workers = pool.len(), "routing policy");
+        tracing::info!(routing = %a.routing.routing, migration_limit = a.routing.migration_limit, workers = pool.len(), "routing policy");
         let c = &files.config;
         let max_model_len = match a.max_model_len {
             0 => c.max_position_embeddings,
@@ -49,7 +50,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         let limits = Limits { max_model_len, vocab_size: c.vocab_size };
         let model_id = files.path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string());
-        let (vocab, fingerprint) = (c.vocab_size, files.fingerprint()?);
         let check = pool.clone();
         tokio::spawn(async move {
             // Not fatal either way: a worker that comes up later is picked up by readiness and routing.

@@ -12,7 +12,7 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
 use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
-use ferrite_router::{Routing, WorkerPool};
+use ferrite_router::{MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
@@ -111,6 +111,26 @@ impl HttpArgs {
     }
 }
 
+/// Routing and failover options shared by `serve` and `router`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// How to pick a worker: `cache-aware` (prefix-cache overlap from the workers' KV events against their load),
+    /// `least-load` (fewest requests in flight) or `round-robin`.
+    #[arg(long, env = "FERRITE_ROUTING", default_value = "cache-aware")]
+    pub routing: Routing,
+    /// How many times a stream whose worker fails after its first token moves to another worker (prompt + the tokens
+    /// so far, the client sees one stream); 0 ends such a stream with an error event.
+    #[arg(long, env = "FERRITE_MIGRATION_LIMIT", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_MIGRATION_LIMIT)))]
+    pub migration_limit: u32,
+}
+
+impl RoutingArgs {
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig { routing: self.routing, migration_limit: self.migration_limit, ..PoolConfig::default() }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -119,9 +139,10 @@ pub struct Args {
     model: ModelArgs,
     #[command(flatten)]
     engine: EngineArgs,
-    /// Routing policy (as `ferrite router --routing`); with the one embedded worker it changes nothing.
-    #[arg(long, env = "FERRITE_ROUTING", default_value = "cache-aware")]
-    routing: Routing,
+    /// Routing (as `ferrite router`); with the one embedded worker the policy changes nothing and a stream has no
+    /// other worker to migrate to.
+    #[command(flatten)]
+    routing: RoutingArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -138,10 +159,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let grpc_addr = grpc.local_addr()?;
         let info = worker.info.clone();
         let worker_task = tokio::spawn(worker.serve(grpc, std::future::pending()));
-        let pool = WorkerPool::with_routing(&[format!("http://{grpc_addr}")], a.routing)?;
+        let pool = WorkerPool::with_config(&[format!("http://{grpc_addr}")], a.routing.pool_config())?;
         pool.info(Duration::from_secs(30)).await.context("embedded worker")?;
         pool.start_kv_subscriptions();
-        tracing::info!(routing = %a.routing, "routing policy (one embedded worker: every request goes to it)");
+        tracing::info!(routing = %a.routing.routing, "routing policy (one embedded worker: every request goes to it)");
         let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
         let extra: ferrite_router::ExtraMetrics = Arc::new(move || metrics.render());
         let state = AppState::new(text, pool, a.http.config(&info.model_id)?, limits, Some(extra))?;

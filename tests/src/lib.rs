@@ -14,6 +14,7 @@ use ferrite_worker::engine::scheduler::SchedulerConfig;
 use ferrite_worker::engine::step::EngineCore;
 use serde_json::Value;
 
+pub mod cluster;
 pub mod tiny;
 
 /// The workspace root.

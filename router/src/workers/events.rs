@@ -1,0 +1,166 @@
+//! One task per worker (its "pump"): checks the worker's `Info` against the pool (hash version, block size, model
+//! fingerprint: a worker that differs is refused, logged and checked again later), then keeps its `KvEvents` stream
+//! open and feeds the KV index (cache-aware routing only) and the worker's last `LoadReport` (every policy: the
+//! eligibility rule reads it).
+//!
+//! After a broken stream the pump checks `Info` again and resumes from the last applied sequence number; a worker
+//! that cannot be reached is purged from the index (and its load forgotten), counts as a hard failure for its
+//! circuit breaker, and is retried with backoff from 0 (a resync). A restarted worker process answers a resumed
+//! stream with a resync (its numbers start again at 1), or the pump has purged it already while it was down.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ferrite_common::hash::HASH_VERSION;
+use ferrite_common::proto::worker as pb;
+use ferrite_common::proto::worker::kv_event::E;
+
+use super::slot::{Verified, WorkerSlot};
+use super::{Identity, Inner};
+use crate::policy::Routing;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long `Info` may take before the worker counts as unreachable (a black-holed address never answers).
+const INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs until the worker is removed or the pool is dropped.
+pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
+    let mut since = 0u64;
+    let mut backoff = BACKOFF_MIN;
+    let mut unreachable_logged = false;
+    loop {
+        if slot.is_removed() {
+            return;
+        }
+        let mut client = slot.client.clone();
+        let info = tokio::time::timeout(INFO_TIMEOUT, client.info(pb::InfoRequest {})).await;
+        let Some(inner) = pool.upgrade() else { return };
+        let opened = match info {
+            Ok(Ok(info)) => match check(&inner, &info.into_inner()) {
+                Ok(()) => {
+                    if slot.set_verified(Verified::Ok) != Verified::Ok {
+                        tracing::info!(worker = %slot.addr, "worker joined the routing set");
+                    }
+                    unreachable_logged = false;
+                    slot.breaker_success();
+                    drop(inner);
+                    client.kv_events(pb::KvEventsRequest { since_seq: since }).await.map_err(|s| s.to_string())
+                }
+                Err(reason) => {
+                    if slot.set_verified(Verified::Refused) != Verified::Refused {
+                        tracing::warn!(worker = %slot.addr, reason, "worker refused: kept out of routing (checked again later)");
+                    }
+                    inner.index.purge(slot.id);
+                    slot.set_load(None);
+                    since = 0;
+                    drop(inner);
+                    tokio::time::sleep(BACKOFF_MAX).await;
+                    continue;
+                }
+            },
+            Ok(Err(s)) => Err(s.to_string()),
+            Err(_) => Err(format!("no answer to Info within {INFO_TIMEOUT:?}")),
+        };
+        match opened {
+            Ok(resp) => {
+                backoff = BACKOFF_MIN;
+                let mut stream = resp.into_inner();
+                loop {
+                    let msg = stream.message().await;
+                    let Some(inner) = pool.upgrade() else { return };
+                    if slot.is_removed() {
+                        return;
+                    }
+                    match msg {
+                        Ok(Some(batch)) => match apply(&inner, &slot, since, &batch) {
+                            Some(s) => since = s,
+                            None => {
+                                tracing::warn!(worker = %slot.addr, since, first_seq = batch.first_seq, "KvEvents gap: resyncing");
+                                inner.index.purge(slot.id);
+                                since = 0;
+                                break;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(worker = %slot.addr, error = %e, "KvEvents stream broke; resuming");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let Some(inner) = pool.upgrade() else { return };
+                if !unreachable_logged {
+                    tracing::warn!(worker = %slot.addr, error = %e, "worker unreachable: dropping its index entries, retrying");
+                    unreachable_logged = true;
+                }
+                slot.breaker_failure(true);
+                inner.index.purge(slot.id);
+                slot.set_load(None);
+                since = 0;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Whether a worker's `Info` fits the pool: our hash version, the configured model (if any), and the same
+/// fingerprint and block size as the first worker that fit (which sets the pool's block hasher).
+pub(super) fn check(inner: &Inner, info: &pb::WorkerInfo) -> Result<(), String> {
+    if info.hash_version != HASH_VERSION {
+        return Err(format!("it hashes blocks with version {}, this router with {HASH_VERSION}", info.hash_version));
+    }
+    if let Some(fp) = &inner.cfg.model_fingerprint
+        && fp.as_slice() != info.model_fingerprint.as_slice()
+    {
+        return Err(format!("it serves another model (`{}`: its weights differ from the router's --model)", info.model_id));
+    }
+    if info.block_size == 0 {
+        return Err("it reports a block size of 0".into());
+    }
+    let id = inner.identity.get_or_init(|| Identity::from_info(info));
+    if id.fingerprint != info.model_fingerprint {
+        return Err(format!("it serves another model (`{}`) than the pool's first worker", info.model_id));
+    }
+    if id.block_size != info.block_size {
+        return Err(format!("its KV block size is {}, the pool's {}", info.block_size, id.block_size));
+    }
+    Ok(())
+}
+
+/// Applies one batch of `slot`'s stream to the index (cache-aware routing) and its load; returns the last applied
+/// sequence number, or `None` on a gap (a non-resync batch that does not start right after `since`).
+pub(super) fn apply(inner: &Inner, slot: &WorkerSlot, since: u64, b: &pb::KvEventBatch) -> Option<u64> {
+    if !b.resync && b.first_seq != since + 1 {
+        return None;
+    }
+    let index = inner.cfg.routing == Routing::CacheAware;
+    if b.resync {
+        inner.metrics.resync();
+        inner.index.purge(slot.id);
+    }
+    let mut n = 0u64;
+    for e in &b.events {
+        match &e.e {
+            Some(E::Stored(s)) => {
+                n += s.block_hashes.len() as u64;
+                if index {
+                    inner.index.store(slot.id, &s.block_hashes);
+                }
+            }
+            Some(E::Removed(r)) => {
+                n += r.block_hashes.len() as u64;
+                inner.index.remove(slot.id, &r.block_hashes);
+            }
+            Some(E::Cleared(_)) => inner.index.purge(slot.id),
+            None => {}
+        }
+    }
+    if let Some(load) = b.load {
+        slot.set_load(Some(load));
+    }
+    Some(if b.resync { b.first_seq.saturating_sub(1) } else { since + n })
+}
