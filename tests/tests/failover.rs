@@ -7,7 +7,6 @@
 //! turns (one lock): each starts two or three model processes on a small machine.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use ferrite_common::proto::worker as pb;
@@ -15,7 +14,7 @@ use ferrite_common::proto::worker::worker_client::WorkerClient;
 use ferrite_tests::cluster::{Http, RouterProc, WorkerProc, free_port, start_router, start_worker};
 use serde_json::{Value, json};
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -51,7 +50,7 @@ async fn workers(n: usize) -> Vec<WorkerProc> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_under_sixteen_streams_loses_no_request_and_migrated_streams_keep_their_text() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut ws = workers(2).await;
     let addrs: Vec<String> = ws.iter().map(|w| w.addr.clone()).collect();
     let router = start_router(&addrs, &["--migration-limit", "1"]).await;
@@ -120,7 +119,7 @@ async fn futures_join<T: Send + 'static>(futs: impl Iterator<Item = impl std::fu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_never_answers_is_skipped_and_with_none_left_the_answer_is_503() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = ONE_AT_A_TIME.lock().await;
     // Accepts connections and never says a word.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hole_addr = format!("http://{}", hole.local_addr().unwrap());
@@ -154,7 +153,7 @@ async fn a_worker_that_never_answers_is_skipped_and_with_none_left_the_answer_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_distinct_prompts_spreads_over_all_workers() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let ws = workers(3).await;
     let addrs: Vec<String> = ws.iter().map(|w| w.addr.clone()).collect();
     let router = start_router(&addrs, &[]).await;
@@ -190,7 +189,7 @@ fn long_prompt(head: u32, suffix: u32) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_is_resynced_and_routed_to_again() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut ws = workers(2).await;
     let addrs: Vec<String> = ws.iter().map(|w| w.addr.clone()).collect();
     let router = start_router(&addrs, &[]).await;

@@ -39,9 +39,7 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
         let opened = match info {
             Ok(Ok(info)) => match check(&inner, &info.into_inner()) {
                 Ok(()) => {
-                    if slot.set_verified(Verified::Ok) != Verified::Ok {
-                        tracing::info!(worker = %slot.addr, "worker joined the routing set");
-                    }
+                    super::joined(&slot);
                     unreachable_logged = false;
                     slot.breaker_success();
                     drop(inner);

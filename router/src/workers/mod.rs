@@ -408,10 +408,24 @@ impl WorkerPool {
         m.set_index_blocks(self.inner.index.total_blocks());
     }
 
-    /// True when at least one member that is not draining answers `Health` as healthy within a second.
+    /// True when a request would be routed now: some member that is not draining, whose `Info` fits the pool and
+    /// whose breaker lets requests through, answers `Health` as healthy within a second. A member not checked yet (or
+    /// refused before) is checked here rather than after its pump's backoff.
     pub async fn any_ready(&self) -> bool {
-        for w in self.members().iter().filter(|w| !w.is_draining() && w.verified() != Verified::Refused) {
+        for w in self.members().iter().filter(|w| !w.is_draining() && !w.is_removed()) {
             let mut c = w.client.clone();
+            if w.verified() != Verified::Ok {
+                match tokio::time::timeout(Duration::from_secs(1), c.info(pb::InfoRequest {})).await {
+                    Ok(Ok(info)) if events::check(&self.inner, info.get_ref()).is_ok() => {
+                        joined(w);
+                        w.breaker_success();
+                    }
+                    _ => continue,
+                }
+            }
+            if !w.breaker_can_pass() {
+                continue;
+            }
             let health = tokio::time::timeout(Duration::from_secs(1), c.health(pb::HealthRequest {})).await;
             if let Ok(Ok(h)) = health
                 && h.into_inner().healthy
@@ -433,7 +447,7 @@ impl WorkerPool {
                 if let Ok(Ok(i)) = tokio::time::timeout(Duration::from_secs(1), c.info(pb::InfoRequest {})).await {
                     let info = i.into_inner();
                     if events::check(&self.inner, &info).is_ok() {
-                        w.set_verified(Verified::Ok);
+                        joined(w);
                         found.get_or_insert(info);
                     }
                 }
@@ -446,6 +460,13 @@ impl WorkerPool {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Marks `w` as checked (its `Info` fits the pool): routable from now on.
+fn joined(w: &WorkerSlot) {
+    if w.set_verified(Verified::Ok) != Verified::Ok {
+        tracing::info!(worker = %w.addr, "worker joined the routing set");
     }
 }
 
