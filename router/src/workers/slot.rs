@@ -281,10 +281,13 @@ impl Lease {
         self.slot.predict_first_token(&mut self.contribution);
     }
 
-    /// The worker failed the request (`hard`: unreachable); nothing is left to abort there.
+    /// The worker failed the request (`hard`: unreachable, so nothing is left to abort there; otherwise the drop
+    /// still sends `Abort`, in case the worker goes on with a request whose stream broke).
     pub fn failed(&mut self, hard: bool) {
         self.probe = false;
-        self.request_id = None;
+        if hard {
+            self.request_id = None;
+        }
         self.slot.breaker_failure(hard);
     }
 
