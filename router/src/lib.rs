@@ -13,6 +13,7 @@
 //!
 //! This crate depends on `ferrite-common` only: it never links the engine, the kernels or CUDA.
 
+pub mod cluster;
 mod drive;
 mod error;
 mod handlers;
