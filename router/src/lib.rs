@@ -28,7 +28,7 @@ mod workers;
 
 pub use error::RouterError;
 pub use policy::{Routing, UnknownRouting};
-pub use server::{app, serve_http};
+pub use server::{app, serve_http, serve_http_with};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;
 pub use workers::WorkerPool;

@@ -96,9 +96,14 @@ async fn not_found() -> Response {
 
 /// Binds `addr` and serves the router until Ctrl-C.
 pub async fn serve_http(state: Arc<AppState>, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    serve_http_with(state, addr, axum::Router::new()).await
+}
+
+/// [`serve_http`] with more routes (the control plane's `/v1/cluster`).
+pub async fn serve_http_with(state: Arc<AppState>, addr: std::net::SocketAddr, extra: axum::Router) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, models = ?state.config.model_names, "router listening");
-    axum::serve(listener, app(state))
+    axum::serve(listener, app(state).merge(extra))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

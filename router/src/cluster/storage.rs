@@ -5,6 +5,8 @@
 //! The log is also mirrored in memory, so raft's reads never touch the disk: it is short, because the node compacts it
 //! into a snapshot every [`COMPACT_EVERY`] applied entries.
 //!
+//! What the node has applied is stored too (state, index, conf state), so a restart never applies an entry twice.
+//!
 //! Opening checks the marker before touching the database: a directory of another cluster, another router, a newer
 //! format, or a marker or database that does not parse is refused with a [`DataDirError`], and nothing is written.
 
@@ -28,6 +30,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT: &str = "snapshot";
+const APPLIED: &str = "applied";
 
 /// Why a data directory cannot be used (or written).
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +69,10 @@ pub struct ClusterStorage {
     snapshot: Snapshot,
     /// Entries after the snapshot, in index order.
     entries: Vec<Entry>,
-    /// The state the node has applied, for [`raft::Storage::snapshot`] (a follower that fell behind the log).
-    applied: (u64, Vec<u8>),
+    /// The state the node has applied, with its index, term and conf state: persisted after every applied batch, so a
+    /// restart resumes from it (nothing is applied twice), and served as [`raft::Storage::snapshot`] to a follower
+    /// that fell behind the log.
+    applied: Snapshot,
 }
 
 fn write_err(e: impl std::fmt::Display) -> DataDirError {
@@ -147,7 +152,7 @@ impl ClusterStorage {
             conf_state: ConfState::default(),
             snapshot: Snapshot::default(),
             entries: Vec::new(),
-            applied: (0, Vec::new()),
+            applied: Snapshot::default(),
         }
     }
 
@@ -164,6 +169,11 @@ impl ClusterStorage {
         }
         if let Some(v) = meta.get(SNAPSHOT).map_err(|e| e.to_string())? {
             s.snapshot.merge_from_bytes(v.value()).map_err(|e| parse_err(SNAPSHOT, e))?;
+        }
+        s.applied = s.snapshot.clone();
+        if let Some(v) = meta.get(APPLIED).map_err(|e| e.to_string())? {
+            s.applied = Snapshot::default();
+            s.applied.merge_from_bytes(v.value()).map_err(|e| parse_err(APPLIED, e))?;
         }
         let table = tx.open_table(ENTRIES).map_err(|e| e.to_string())?;
         let mut expect = s.snapshot.get_metadata().index + 1;
@@ -182,10 +192,13 @@ impl ClusterStorage {
         if s.hard_state.commit > last || (s.hard_state.commit < first && s.hard_state.commit != 0) {
             return Err(format!("the commit index {} lies outside the log [{first}, {last}]", s.hard_state.commit));
         }
+        let applied = s.applied.get_metadata().index;
+        if applied < first || applied > s.hard_state.commit.max(first) {
+            return Err(format!("the applied index {applied} lies outside [{first}, commit {}]", s.hard_state.commit));
+        }
         drop(table);
         drop(meta);
         drop(tx);
-        s.applied = (first, s.snapshot.get_data().to_vec());
         Ok(s)
     }
 
@@ -194,7 +207,7 @@ impl ClusterStorage {
         self.conf_state != ConfState::default()
     }
 
-    /// The last compaction snapshot (the node restores its state from it at start).
+    /// The last compaction snapshot.
     pub fn snapshot_ref(&self) -> &Snapshot {
         &self.snapshot
     }
@@ -249,13 +262,9 @@ impl ClusterStorage {
         self.persist(&[], Some(&hs))
     }
 
-    /// Records the conf state after a conf change was applied.
-    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), DataDirError> {
-        let tx = self.db.begin_write().map_err(write_err)?;
-        tx.open_table(META).map_err(write_err)?.insert(CONF_STATE, encode(&cs)?.as_slice()).map_err(write_err)?;
-        tx.commit().map_err(write_err)?;
+    /// Records the conf state after a conf change was applied (persisted with the next [`Self::set_applied`]).
+    pub fn set_conf_state(&mut self, cs: ConfState) {
         self.conf_state = cs;
-        Ok(())
     }
 
     /// Replaces the log with a snapshot received from the leader (or made at bootstrap).
@@ -277,39 +286,53 @@ impl ClusterStorage {
         self.entries.clear();
         self.hard_state = hs;
         self.conf_state = cs;
-        self.applied = (meta.index, snap.get_data().to_vec());
+        self.applied = snap.clone();
         self.snapshot = snap;
         Ok(())
     }
 
-    /// Tells the storage what the node has applied (served to followers that need a snapshot).
-    pub fn set_applied(&mut self, index: u64, state: Vec<u8>) {
-        self.applied = (index, state);
-    }
-
-    /// The applied index the last [`Self::set_applied`] (or snapshot) recorded.
-    pub fn applied_index(&self) -> u64 {
-        self.applied.0
-    }
-
-    /// Whether enough entries were applied since the last snapshot to compact.
-    pub fn should_compact(&self) -> bool {
-        self.applied.0 >= self.snapshot.get_metadata().index + COMPACT_EVERY
-    }
-
-    /// Stores a snapshot of the applied state and drops the log up to it.
-    pub fn compact(&mut self) -> Result<(), DataDirError> {
-        let index = self.applied.0;
-        if index <= self.snapshot.get_metadata().index {
-            return Ok(());
-        }
+    /// Records (fsynced) what the node has applied up to `index`: the serialized state and the current conf state.
+    pub fn set_applied(&mut self, index: u64, state: Vec<u8>) -> Result<(), DataDirError> {
         let term = raft::Storage::term(self, index).map_err(write_err)?;
         let mut snap = Snapshot::default();
-        snap.set_data(self.applied.1.clone().into());
+        snap.set_data(state.into());
         let m = snap.mut_metadata();
         m.index = index;
         m.term = term;
         m.set_conf_state(self.conf_state.clone());
+        let tx = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut t = tx.open_table(META).map_err(write_err)?;
+            t.insert(APPLIED, encode(&snap)?.as_slice()).map_err(write_err)?;
+            t.insert(CONF_STATE, encode(&self.conf_state)?.as_slice()).map_err(write_err)?;
+        }
+        tx.commit().map_err(write_err)?;
+        self.applied = snap;
+        Ok(())
+    }
+
+    /// The applied index the last [`Self::set_applied`] (or snapshot) recorded.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.get_metadata().index
+    }
+
+    /// The state the last [`Self::set_applied`] (or snapshot) recorded.
+    pub fn applied_state(&self) -> &[u8] {
+        self.applied.get_data()
+    }
+
+    /// Whether enough entries were applied since the last snapshot to compact.
+    pub fn should_compact(&self) -> bool {
+        self.applied_index() >= self.snapshot.get_metadata().index + COMPACT_EVERY
+    }
+
+    /// Makes the applied state the snapshot and drops the log up to it.
+    pub fn compact(&mut self) -> Result<(), DataDirError> {
+        let index = self.applied_index();
+        if index <= self.snapshot.get_metadata().index {
+            return Ok(());
+        }
+        let snap = self.applied.clone();
         let tx = self.db.begin_write().map_err(write_err)?;
         {
             tx.open_table(ENTRIES).map_err(write_err)?.retain_in(..=index, |_, _| false).map_err(write_err)?;
@@ -364,17 +387,10 @@ impl raft::Storage for ClusterStorage {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let (index, data) = &self.applied;
-        if *index < request_index {
+        if self.applied_index() < request_index {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
-        let mut snap = Snapshot::default();
-        snap.set_data(data.clone().into());
-        let m = snap.mut_metadata();
-        m.index = *index;
-        m.term = self.term(*index)?;
-        m.set_conf_state(self.conf_state.clone());
-        Ok(snap)
+        Ok(self.applied.clone())
     }
 }
 

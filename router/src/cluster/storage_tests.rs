@@ -48,11 +48,14 @@ fn written_state_survives_a_reopen() {
         // A conflicting tail replaces what was there.
         s.persist(&[entry(4, 3), entry(5, 3)], Some(&hs(3, 4))).unwrap();
         s.set_commit(5).unwrap();
+        s.set_conf_state(ConfState { voters: vec![1, 2], ..Default::default() });
+        s.set_applied(4, b"state@4".to_vec()).unwrap();
     }
     let (s, fresh) = ClusterStorage::open(&path, "c1", 1).unwrap();
     assert!(!fresh);
     assert!(s.initialized());
-    assert_eq!(s.conf_state().voters, vec![1]);
+    assert_eq!(s.conf_state().voters, vec![1, 2]);
+    assert_eq!((s.applied_index(), s.applied_state()), (4, &b"state@4"[..]));
     let st = s.initial_state().unwrap();
     assert_eq!((st.hard_state.term, st.hard_state.commit), (3, 5));
     assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (2, 5));
@@ -70,7 +73,7 @@ fn compaction_drops_the_log_and_keeps_the_state() {
     let n = COMPACT_EVERY + 5;
     let entries: Vec<Entry> = (2..=n + 1).map(|i| entry(i, 2)).collect();
     s.persist(&entries, Some(&hs(2, n + 1))).unwrap();
-    s.set_applied(n, b"state@n".to_vec());
+    s.set_applied(n, b"state@n".to_vec()).unwrap();
     assert!(s.should_compact());
     s.compact().unwrap();
     assert!(!s.should_compact());
