@@ -100,6 +100,9 @@ pub(crate) struct Node {
     transport: Arc<Transport>,
     state: ClusterState,
     pending: HashMap<u64, Pending>,
+    /// Answers for proposals applied in this ready, sent once the new state is published (so a caller that reads the
+    /// state right after its answer sees its own change).
+    answers: Vec<(Pending, Result<Outcome, ProposeError>)>,
     state_tx: watch::Sender<ClusterState>,
     status_tx: watch::Sender<RaftStatus>,
     metrics: ClusterMetrics,
@@ -154,7 +157,7 @@ impl Node {
         metrics.observe_state(&state);
         state_tx.send_replace(state.clone());
         let role = (raw.raft.state, raw.raft.term);
-        Ok(Self { id: raw.raft.id, raw, inbox, transport, state, pending: HashMap::new(), state_tx, status_tx, metrics, role })
+        Ok(Self { id: raw.raft.id, raw, inbox, transport, state, pending: HashMap::new(), answers: Vec::new(), state_tx, status_tx, metrics, role })
     }
 
     /// Runs until every sender of the inbox is gone, or a storage write fails (then the status says so).
@@ -335,6 +338,12 @@ impl Node {
                 changed
             });
         }
+        for (p, result) in self.answers.drain(..) {
+            match p {
+                Pending::Cmd(r) => drop(r.send(result)),
+                Pending::Conf(r) => drop(r.send(result.map(|_| ()))),
+            }
+        }
         Ok(())
     }
 
@@ -362,8 +371,8 @@ impl Node {
                             Err(ProposeError::Dropped(format!("unknown command: {err}")))
                         }
                     };
-                    if let Some(Pending::Cmd(r)) = self.take_pending(&e.context) {
-                        let _ = r.send(result);
+                    if let Some(p) = self.take_pending(&e.context) {
+                        self.answers.push((p, result));
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -404,8 +413,8 @@ impl Node {
                             Err(ProposeError::Dropped(err.to_string()))
                         }
                     };
-                    if let Some(Pending::Conf(r)) = self.take_pending(&e.context) {
-                        let _ = r.send(result);
+                    if let Some(p) = self.take_pending(&e.context) {
+                        self.answers.push((p, result.map(|()| Outcome::Applied { epoch: 0 })));
                     }
                 }
             }

@@ -138,8 +138,8 @@ impl ClusterStorage {
             let s = Self::empty(db);
             return Ok((s, true));
         }
-        // Read-only first: a corrupted file is refused before redb gets a chance to repair (write) anything.
-        drop(Database::builder().open_read_only(&db_path).map_err(|e| corrupt(format!("{DB_FILE}: {e}")))?);
+        // redb checks the file's header before anything else: a corrupted one is refused unwritten. A file left by a
+        // crash (SIGKILL) has a valid header and is repaired here, which is what recovery needs.
         let db = Database::open(&db_path).map_err(|e| corrupt(format!("{DB_FILE}: {e}")))?;
         let s = Self::load(db).map_err(|e| corrupt(e))?;
         Ok((s, fresh))
