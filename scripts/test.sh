@@ -19,6 +19,7 @@ export FERRITE_REQUIRE_NVRTC=1
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release --workspace --all-targets --features "$FEATURES" -- -D warnings
-cargo test --release --workspace --features "$FEATURES" "$@"
+# The binary first: tests/tests/cluster_raft.rs starts `ferrite router` and `ferrite worker` processes.
 cargo build --release --bin ferrite --features cuda
+cargo test --release --workspace --features "$FEATURES" "$@"
 .venv-py/bin/python -m pytest tests/python -q

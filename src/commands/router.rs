@@ -72,7 +72,7 @@ impl RaftArgs {
             raft_id: id,
             listen,
             advertise: self.raft_advertise.clone().unwrap_or_else(|| listen.to_string()),
-            peers: self.raft_peers.iter().cloned().filter(|(p, _)| *p != id).collect(),
+            peers: self.raft_peers.iter().filter(|&(p, _)| *p != id).cloned().collect(),
             data_dir: dir,
             bootstrap: self.bootstrap,
             cluster_id: self.cluster_id.clone(),

@@ -135,10 +135,8 @@ impl Cluster {
         let port = free_port();
         let addr = format!("http://127.0.0.1:{port}");
         let routers: Vec<String> = register_with.iter().map(|id| self.routers[*id as usize - 1].raft.clone()).collect();
-        let mut a: Vec<String> = ["worker", "--backend", "cpu", "--threads", "1", "--kv-cache-mib", "32", "--model"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> =
+            ["worker", "--backend", "cpu", "--threads", "1", "--kv-cache-mib", "32", "--model"].iter().map(|s| s.to_string()).collect();
         a.push(default_model().display().to_string());
         a.extend(["--listen".into(), format!("127.0.0.1:{port}"), "--advertise".into(), addr.clone()]);
         a.extend(["--register-with".into(), routers.join(",")]);
@@ -179,13 +177,8 @@ fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) ->
 /// `(leader id, voters)` as router `id` sees them.
 fn leader_and_voters(v: &Value) -> (u64, Vec<u64>) {
     let leader = v["leader_id"].as_u64().unwrap_or(0);
-    let voters = v["routers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["membership"] == "voter")
-        .map(|r| r["id"].as_u64().unwrap())
-        .collect();
+    let voters =
+        v["routers"].as_array().unwrap().iter().filter(|r| r["membership"] == "voter").map(|r| r["id"].as_u64().unwrap()).collect();
     (leader, voters)
 }
 
@@ -290,7 +283,8 @@ fn sigterm_deregisters_the_worker_and_exits_0() {
 }
 
 fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+    let mut v: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
     v.sort();
     v
 }

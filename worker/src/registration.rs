@@ -48,12 +48,13 @@ impl Registration {
     pub fn spawn(cfg: RegistrationConfig) -> std::io::Result<Self> {
         let (ctl, rx) = mpsc::channel();
         let (refused_tx, refused) = tokio::sync::watch::channel(None);
-        let thread = std::thread::Builder::new().name("ferrite-heartbeat".into()).spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(Client::new(cfg, refused_tx).run(rx)),
-                Err(e) => tracing::error!(error = %e, "the registration runtime did not start"),
-            }
-        })?;
+        let thread =
+            std::thread::Builder::new().name("ferrite-heartbeat".into()).spawn(
+                move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(Client::new(cfg, refused_tx).run(rx)),
+                    Err(e) => tracing::error!(error = %e, "the registration runtime did not start"),
+                },
+            )?;
         Ok(Self { ctl, refused, thread: Some(thread) })
     }
 

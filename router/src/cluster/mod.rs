@@ -257,7 +257,10 @@ impl ClusterHandle {
     /// Adds a router as a learner (the leader promotes it once it caught up); resolves when the change applied.
     pub async fn add_router(&self, id: u64, addr: String) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.inner.inbox.try_send(Input::AddRouter { id, addr, reply }).map_err(|_| ProposeError::Dropped("the raft node is busy".into()))?;
+        self.inner
+            .inbox
+            .try_send(Input::AddRouter { id, addr, reply })
+            .map_err(|_| ProposeError::Dropped("the raft node is busy".into()))?;
         rx.await.unwrap_or(Err(ProposeError::Stopped))
     }
 

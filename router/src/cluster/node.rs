@@ -44,12 +44,25 @@ pub enum ProposeError {
 /// What the node thread is asked to do.
 pub(crate) enum Input {
     Raft(Message),
-    Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    Propose {
+        cmd: Command,
+        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    },
     /// Add a router as a learner (promoted to voter once caught up); answered when the change applies.
-    AddRouter { id: u64, addr: String, reply: oneshot::Sender<Result<(), ProposeError>> },
-    RemoveRouter { id: u64, reply: oneshot::Sender<Result<(), ProposeError>> },
+    AddRouter {
+        id: u64,
+        addr: String,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    RemoveRouter {
+        id: u64,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
     Unreachable(u64),
-    SnapshotStatus { to: u64, ok: bool },
+    SnapshotStatus {
+        to: u64,
+        ok: bool,
+    },
 }
 
 /// The node's raft status, published after every loop turn.
@@ -157,7 +170,19 @@ impl Node {
         metrics.observe_state(&state);
         state_tx.send_replace(state.clone());
         let role = (raw.raft.state, raw.raft.term);
-        Ok(Self { id: raw.raft.id, raw, inbox, transport, state, pending: HashMap::new(), answers: Vec::new(), state_tx, status_tx, metrics, role })
+        Ok(Self {
+            id: raw.raft.id,
+            raw,
+            inbox,
+            transport,
+            state,
+            pending: HashMap::new(),
+            answers: Vec::new(),
+            state_tx,
+            status_tx,
+            metrics,
+            role,
+        })
     }
 
     /// Runs until every sender of the inbox is gone, or a storage write fails (then the status says so).
@@ -195,9 +220,8 @@ impl Node {
     }
 
     fn not_leader(&self) -> Option<ProposeError> {
-        (self.raw.raft.state != StateRole::Leader).then(|| ProposeError::NotLeader {
-            leader: (self.raw.raft.leader_id != 0).then_some(self.raw.raft.leader_id),
-        })
+        (self.raw.raft.state != StateRole::Leader)
+            .then(|| ProposeError::NotLeader { leader: (self.raw.raft.leader_id != 0).then_some(self.raw.raft.leader_id) })
     }
 
     fn handle(&mut self, input: Input) {
@@ -434,9 +458,14 @@ impl Node {
         }
         if self.raw.raft.state == StateRole::Leader && !self.raw.raft.has_pending_conf() {
             let committed = self.raw.raft.raft_log.committed;
-            let ready = self.raw.store().conf_state().learners.iter().copied().find(|l| {
-                self.raw.raft.prs().get(*l).is_some_and(|p| p.matched >= committed)
-            });
+            let ready = self
+                .raw
+                .store()
+                .conf_state()
+                .learners
+                .iter()
+                .copied()
+                .find(|l| self.raw.raft.prs().get(*l).is_some_and(|p| p.matched >= committed));
             if let Some(l) = ready {
                 let addr = self.state.routers.get(&l).cloned().unwrap_or_default();
                 tracing::info!(router = l, "promoting a caught-up learner to voter");

@@ -77,11 +77,23 @@ pub struct ClusterState {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     /// (Re-)register a worker: a new epoch, the given lease, state `Joining`.
-    UpsertWorker { spec: WorkerSpec, lease_id: u64 },
-    SetWorkerState { id: WorkerId, epoch: u64, state: WorkerState },
+    UpsertWorker {
+        spec: WorkerSpec,
+        lease_id: u64,
+    },
+    SetWorkerState {
+        id: WorkerId,
+        epoch: u64,
+        state: WorkerState,
+    },
     /// The lease lapsed: its worker (if still on that lease) becomes `Dead`.
-    ExpireLease { lease_id: u64 },
-    RemoveWorker { id: WorkerId, epoch: u64 },
+    ExpireLease {
+        lease_id: u64,
+    },
+    RemoveWorker {
+        id: WorkerId,
+        epoch: u64,
+    },
 }
 
 /// What applying a command did.

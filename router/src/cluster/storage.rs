@@ -41,9 +41,7 @@ pub enum DataDirError {
     ForeignCluster { dir: PathBuf, found: String, expected: String },
     #[error("data directory {dir} belongs to raft id {found}, not {expected} (refusing to start; nothing was changed)")]
     OtherNode { dir: PathBuf, found: u64, expected: u64 },
-    #[error(
-        "data directory {dir} has format {found}, newer than this build's {FORMAT} (refusing to start; nothing was changed)"
-    )]
+    #[error("data directory {dir} has format {found}, newer than this build's {FORMAT} (refusing to start; nothing was changed)")]
     NewerFormat { dir: PathBuf, found: u32 },
     #[error("data directory {dir}: {source}")]
     Io { dir: PathBuf, source: std::io::Error },
@@ -141,7 +139,7 @@ impl ClusterStorage {
         // redb checks the file's header before anything else: a corrupted one is refused unwritten. A file left by a
         // crash (SIGKILL) has a valid header and is repaired here, which is what recovery needs.
         let db = Database::open(&db_path).map_err(|e| corrupt(format!("{DB_FILE}: {e}")))?;
-        let s = Self::load(db).map_err(|e| corrupt(e))?;
+        let s = Self::load(db).map_err(corrupt)?;
         Ok((s, fresh))
     }
 

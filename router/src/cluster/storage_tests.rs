@@ -5,18 +5,13 @@ use super::*;
 use raft::Storage as _;
 
 fn entry(index: u64, term: u64) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
+    let mut e = Entry { index, term, ..Default::default() };
     e.set_data(format!("e{index}").into_bytes().into());
     e
 }
 
 fn hs(term: u64, commit: u64) -> HardState {
-    let mut h = HardState::default();
-    h.term = term;
-    h.commit = commit;
-    h
+    HardState { term, commit, ..Default::default() }
 }
 
 fn bootstrap(s: &mut ClusterStorage) {
@@ -30,7 +25,8 @@ fn bootstrap(s: &mut ClusterStorage) {
 
 /// Every file in `dir` with its bytes, to show a refusal changed nothing.
 fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
+    let mut v: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
     v.sort();
     v
 }

@@ -104,13 +104,8 @@ impl Transport {
             Some(p) if p.addr == addr && !p.tx.is_closed() => p,
             _ => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                let task = PeerTask {
-                    to,
-                    from: self.id,
-                    cluster_id: self.cluster_id.clone(),
-                    addr: addr.clone(),
-                    inbox: self.inbox.clone(),
-                };
+                let task =
+                    PeerTask { to, from: self.id, cluster_id: self.cluster_id.clone(), addr: addr.clone(), inbox: self.inbox.clone() };
                 self.runtime.spawn(task.run(rx));
                 peers.insert(to, Peer { addr, tx });
                 &peers[&to]
