@@ -234,7 +234,14 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
         (seen[0] != 0 && seen[0] != old && seen.iter().all(|l| *l == seen[0])).then_some(seen[0])
     });
     assert!(survivors.contains(&new));
-    // No worker lost, and not re-registered either (the new leader took its lease over).
+    // The new leader holds the worker's lease with a recent heartbeat (lease ages are known on the leader only)...
+    let fresh = wait_for(Duration::from_secs(10), "the new leader holding a fresh lease for the worker", || {
+        let v = c.view(new)?;
+        let w = v["workers"].as_array()?.iter().find(|w| w["addr"] == addr.as_str())?.clone();
+        (w["state"] == "active" && w["lease_age_ms"].as_u64()? < 2000).then_some(w)
+    });
+    // ...of the same registration: the leader took the lease over (no expiry, no re-registration), no worker lost.
+    assert_eq!(fresh["epoch"].as_u64(), Some(epoch), "{fresh}");
     assert_eq!(wait_workers(&c, &survivors, &addr, "active", Duration::from_secs(5)), epoch);
 
     // A worker that dies after the failover is still found dead, within its 5 s lease (plus an election's slack).
