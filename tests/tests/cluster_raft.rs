@@ -39,14 +39,7 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[String], log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let child = Command::new(binary()).args(args).stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out).spawn().unwrap();
         Self { child, log }
     }
 
@@ -318,4 +311,60 @@ fn a_bad_data_directory_is_refused_untouched() {
     assert!(!r.wait_exit(Duration::from_secs(30)).success());
     assert!(r.log_text().contains("refusing to start"), "{}", r.log_text());
     assert_eq!(files(dir), before);
+}
+
+/// The cluster service's answers to bad or misdirected calls, over gRPC as a worker or a stranger would make them.
+#[test]
+fn the_cluster_service_refuses_redirects_and_drops_strangers() {
+    use ferrite_common::proto::cluster as pb;
+    let c = Cluster::new(2);
+    let _r1 = c.start_router(1, &["--bootstrap"]);
+    let _r2 = c.start_router(2, &[]);
+    wait_for(Duration::from_secs(30), "two voters agreeing on router 1", || {
+        let seen: Vec<_> = (1..=2).map(|i| c.view(i).map(|v| leader_and_voters(&v))).collect::<Option<Vec<_>>>()?;
+        seen.iter().all(|s| *s == (1, vec![1, 2])).then_some(())
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = |i: usize| {
+            let uri = format!("http://{}", c.routers[i].raft);
+            async move { pb::cluster_client::ClusterClient::connect(uri).await.unwrap() }
+        };
+        let register = |fingerprint: Vec<u8>| pb::RegisterRequest {
+            worker_id: "http://127.0.0.1:1".into(),
+            addr: "http://127.0.0.1:1".into(),
+            model_id: "some-other-model".into(),
+            model_fingerprint: fingerprint,
+            tensor_parallel_size: 1,
+            capacity: 1,
+        };
+        // Another model than the routers': refused, with the reason, and nothing registered.
+        let r = client(0).await.register(register(vec![0; 16])).await.unwrap().into_inner();
+        assert_eq!(r.status, pb::ReplyStatus::Refused as i32, "{r:?}");
+        assert!(r.reason.contains("some-other-model"), "{}", r.reason);
+        assert!(c.view(1).unwrap()["workers"].as_array().unwrap().is_empty());
+
+        // A follower sends heartbeats to the leader's raft address.
+        let r = client(1).await.heartbeat(pb::HeartbeatRequest { lease_id: 42 }).await.unwrap().into_inner();
+        assert_eq!((r.status, r.leader_hint.as_str()), (pb::ReplyStatus::NotLeader as i32, c.routers[0].raft.as_str()));
+        // The leader does not know this lease: the worker must register again.
+        let r = client(0).await.heartbeat(pb::HeartbeatRequest { lease_id: 42 }).await.unwrap().into_inner();
+        assert_eq!(r.status, pb::ReplyStatus::UnknownLease as i32, "{r:?}");
+
+        // Raft messages from a router that is no peer are dropped, and counted.
+        let uri = format!("http://{}", c.routers[0].raft);
+        let mut raft = pb::raft_client::RaftClient::connect(uri).await.unwrap();
+        let batch = pb::RaftBatch { cluster_id: "ferrite".into(), from: 99, messages: vec![vec![1, 2, 3]] };
+        let e = raft.send(batch).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    });
+    let metrics = {
+        let mut s = TcpStream::connect(format!("127.0.0.1:{}", c.routers[0].http)).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    };
+    assert!(metrics.contains("ferrite_cluster_raft_dropped_total{reason=\"unknown_peer\"} 1"), "{metrics}");
+    assert!(metrics.contains("ferrite_cluster_raft_is_leader 1"), "{metrics}");
 }
