@@ -1,7 +1,7 @@
 //! Prometheus metrics of the control plane (`ferrite_cluster_*`), in their own registry: the router appends their
 //! text to `/metrics`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use super::node::RaftStatus;
 use super::state::{ClusterState, WorkerState};
@@ -19,6 +19,8 @@ pub struct ClusterMetrics {
     /// Raft messages dropped on the way in (`reason`: unknown_peer, foreign_cluster, bad_message, inbox_full) or out
     /// (queue_full, no_address).
     pub dropped: IntCounterVec,
+    /// From a proposal to its entry applied on the leader (committed by a quorum, fsynced).
+    pub proposal_seconds: Histogram,
 }
 
 impl ClusterMetrics {
@@ -31,6 +33,10 @@ impl ClusterMetrics {
         let workers = IntGaugeVec::new(Opts::new("ferrite_cluster_workers", "Workers by state"), &["state"])?;
         let lease_expirations = IntCounter::new("ferrite_cluster_lease_expirations_total", "Worker leases expired by this leader")?;
         let dropped = IntCounterVec::new(Opts::new("ferrite_cluster_raft_dropped_total", "Raft messages dropped"), &["reason"])?;
+        let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let proposal_seconds =
+            Histogram::with_opts(HistogramOpts::new("ferrite_cluster_proposal_seconds", "Raft proposal to applied").buckets(buckets))?;
+        registry.register(Box::new(proposal_seconds.clone()))?;
         registry.register(Box::new(term.clone()))?;
         registry.register(Box::new(is_leader.clone()))?;
         registry.register(Box::new(commit.clone()))?;
@@ -38,7 +44,7 @@ impl ClusterMetrics {
         registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(lease_expirations.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
-        Ok(Self { registry, term, is_leader, commit, applied, workers, lease_expirations, dropped })
+        Ok(Self { registry, term, is_leader, commit, applied, workers, lease_expirations, dropped, proposal_seconds })
     }
 
     pub(crate) fn observe(&self, s: &RaftStatus) {

@@ -249,9 +249,14 @@ impl ClusterHandle {
 
     /// Proposes a command on this router (it must be the leader); resolves when it applied.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let start = std::time::Instant::now();
         let (reply, rx) = oneshot::channel();
         self.inner.inbox.try_send(Input::Propose { cmd, reply }).map_err(|_| ProposeError::Dropped("the raft node is busy".into()))?;
-        rx.await.unwrap_or(Err(ProposeError::Stopped))
+        let result = rx.await.unwrap_or(Err(ProposeError::Stopped));
+        if result.is_ok() {
+            self.inner.metrics.proposal_seconds.observe(start.elapsed().as_secs_f64());
+        }
+        result
     }
 
     /// Adds a router as a learner (the leader promotes it once it caught up); resolves when the change applied.
