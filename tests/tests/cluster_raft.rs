@@ -243,6 +243,21 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
 }
 
 #[test]
+fn a_paused_follower_catches_up() {
+    let c = Cluster::new(3);
+    let routers = three_routers(&c);
+    let (leader, _) = leader_and_voters(&c.view(1).unwrap());
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    routers[follower as usize - 1].signal("STOP");
+    // The other two still commit: the worker registers while the follower sleeps.
+    let others: Vec<u64> = (1..=3).filter(|&i| i != follower).collect();
+    let (_worker, addr) = c.start_worker(&[leader]);
+    let epoch = wait_workers(&c, &others, &addr, "active", Duration::from_secs(60));
+    routers[follower as usize - 1].signal("CONT");
+    assert_eq!(wait_workers(&c, &[follower], &addr, "active", Duration::from_secs(15)), epoch);
+}
+
+#[test]
 fn a_whole_cluster_restart_recovers_routers_and_workers() {
     let c = Cluster::new(3);
     let mut routers = three_routers(&c);
