@@ -152,6 +152,9 @@ impl ClusterHandle {
     /// Must be called inside a tokio runtime.
     pub async fn start(cfg: ClusterConfig, model: ModelIdentity) -> Result<Self, ClusterError> {
         cfg.validate()?;
+        if cfg.advertise.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) {
+            tracing::warn!(advertise = %cfg.advertise, "peers and workers cannot reach an unspecified address: set --raft-advertise");
+        }
         let (mut storage, fresh) = ClusterStorage::open(&cfg.data_dir, &cfg.cluster_id, cfg.raft_id)?;
         if !storage.initialized() {
             if cfg.bootstrap {
