@@ -1,10 +1,16 @@
-//! Generated gRPC types and services (`proto/worker.proto`, package `ferrite.worker.v1`).
+//! Generated gRPC types and services (`proto/worker.proto`, package `ferrite.worker.v1`;
+//! `proto/cluster.proto`, package `ferrite.cluster.v1`).
 
 #![allow(clippy::all, missing_docs)]
 
 /// Router ↔ worker protocol.
 pub mod worker {
     tonic::include_proto!("ferrite.worker.v1");
+}
+
+/// Router ↔ router raft transport, and the cluster service workers register with (`proto/cluster.proto`).
+pub mod cluster {
+    tonic::include_proto!("ferrite.cluster.v1");
 }
 
 /// A refused call's gRPC status with its structured [`worker::Rejection`] attached.

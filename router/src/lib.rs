@@ -14,6 +14,7 @@
 //! This crate depends on `ferrite-common` only: it never links the engine, the kernels or CUDA.
 
 mod auth;
+pub mod cluster;
 mod drive;
 mod error;
 mod handlers;
@@ -29,7 +30,7 @@ mod workers;
 pub use auth::{ApiKeys, AuthConfig};
 pub use error::RouterError;
 pub use policy::{Routing, UnknownRouting};
-pub use server::{TlsFiles, app, serve_http};
+pub use server::{TlsFiles, app, serve_http, serve_http_with};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;
 pub use workers::{BreakerConfig, MAX_MIGRATION_LIMIT, Member, PoolConfig, PoolConfigError, WorkerPool};

@@ -111,7 +111,17 @@ pub struct TlsFiles {
 /// Binds `addr` and serves the router (HTTPS with `tls`) until Ctrl-C or SIGTERM, then finishes the requests in
 /// flight (up to 30 s for HTTPS; plain HTTP waits for them all).
 pub async fn serve_http(state: Arc<AppState>, addr: std::net::SocketAddr, tls: Option<TlsFiles>) -> Result<(), RouterError> {
-    let app = app(Arc::clone(&state));
+    serve_http_with(state, addr, tls, axum::Router::new()).await
+}
+
+/// [`serve_http`] with more routes (the control plane's `/v1/cluster`).
+pub async fn serve_http_with(
+    state: Arc<AppState>,
+    addr: std::net::SocketAddr,
+    tls: Option<TlsFiles>,
+    extra: axum::Router,
+) -> Result<(), RouterError> {
+    let app = app(Arc::clone(&state)).merge(extra);
     let Some(tls) = tls else {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| RouterError::Bind { addr, source: e })?;
         let bound = listener.local_addr().map_err(|e| RouterError::Bind { addr, source: e })?;

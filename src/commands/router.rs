@@ -1,13 +1,16 @@
 //! `ferrite router`: the OpenAI-compatible front end for separately running workers.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
-use ferrite_router::{AppState, serve_http};
-use ferrite_router::{PoolConfig, WorkerPool};
+use ferrite_router::cluster::{self, ClusterConfig, ClusterHandle, ModelIdentity};
+use ferrite_router::{AppState, ExtraMetrics, serve_http_with};
+use ferrite_router::{Member, PoolConfig, WorkerPool};
 
 use super::resolve_model;
 use super::serve::{HttpArgs, RoutingArgs};
@@ -17,8 +20,11 @@ pub struct Args {
     #[command(flatten)]
     http: HttpArgs,
     /// Worker gRPC addresses, e.g. `http://10.0.0.5:50051` (repeatable or comma-separated).
-    #[arg(long = "worker", env = "FERRITE_WORKERS", value_delimiter = ',', required = true)]
+    /// Not needed with --raft-id: workers then register with the routers' cluster (`ferrite worker --register-with`).
+    #[arg(long = "worker", env = "FERRITE_WORKERS", value_delimiter = ',', required_unless_present = "raft_id")]
     workers: Vec<String>,
+    #[command(flatten)]
+    raft: RaftArgs,
     /// The model the workers serve (a .gguf or HF directory): the router needs its tokenizer and chat template.
     #[arg(long, env = "FERRITE_MODEL")]
     model: Option<std::path::PathBuf>,
@@ -27,6 +33,49 @@ pub struct Args {
     max_model_len: usize,
     #[command(flatten)]
     routing: RoutingArgs,
+}
+
+/// The raft control plane: routers replicate which workers exist (see ARCHITECTURE.md, "Control plane").
+#[derive(clap::Args, Debug)]
+pub struct RaftArgs {
+    /// This router's raft id (≥ 1, stable across restarts: for a StatefulSet, the ordinal + 1). Turns the control
+    /// plane on: the routers keep a replicated, durable worker list that workers register with.
+    #[arg(long, env = "FERRITE_RAFT_ID", requires_all = ["raft_listen", "data_dir"])]
+    raft_id: Option<u64>,
+    /// Address of the raft and cluster gRPC services (routers and workers connect here), e.g. `0.0.0.0:7001`.
+    #[arg(long, env = "FERRITE_RAFT_LISTEN", requires = "raft_id")]
+    raft_listen: Option<SocketAddr>,
+    /// Address other routers and workers reach this router's raft listener at (default: --raft-listen).
+    #[arg(long, env = "FERRITE_RAFT_ADVERTISE", requires = "raft_id")]
+    raft_advertise: Option<String>,
+    /// Another router of the group, `ID=HOST:PORT` (repeatable or comma-separated).
+    #[arg(long = "raft-peer", env = "FERRITE_RAFT_PEERS", value_delimiter = ',', value_parser = cluster::parse_peer, requires = "raft_id")]
+    raft_peers: Vec<(u64, String)>,
+    /// Where this router keeps its raft log and snapshots (created if missing; a directory of another cluster,
+    /// router or format is refused).
+    #[arg(long, env = "FERRITE_DATA_DIR", requires = "raft_id")]
+    data_dir: Option<PathBuf>,
+    /// Start a new cluster with this router as its only member, unless the data directory already holds one.
+    #[arg(long, requires = "raft_id")]
+    bootstrap: bool,
+    /// Name of the cluster: kept in the data directory and checked on every raft message.
+    #[arg(long, env = "FERRITE_CLUSTER_ID", default_value = "ferrite", requires = "raft_id")]
+    cluster_id: String,
+}
+
+impl RaftArgs {
+    fn config(&self) -> Option<ClusterConfig> {
+        let (id, listen, dir) = (self.raft_id?, self.raft_listen?, self.data_dir.clone()?);
+        Some(ClusterConfig {
+            raft_id: id,
+            listen,
+            advertise: self.raft_advertise.clone().unwrap_or_else(|| listen.to_string()),
+            peers: self.raft_peers.iter().filter(|&(p, _)| *p != id).cloned().collect(),
+            data_dir: dir,
+            bootstrap: self.bootstrap,
+            cluster_id: self.cluster_id.clone(),
+        })
+    }
 }
 
 /// The router listens at once: it takes the model id and limits from the model files it was given, answers 503 (and
@@ -69,8 +118,42 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("{e}"),
             }
         });
-        let state = AppState::new(text, pool, a.http.config(&model_id)?, limits, None)?;
-        serve_http(Arc::new(state), a.http.addr(), a.http.tls()).await?;
+        let cluster = match a.raft.config() {
+            Some(cfg) => {
+                let model = ModelIdentity { model_id: model_id.clone(), fingerprint: fingerprint.to_vec() };
+                Some(ClusterHandle::start(cfg, model).await?)
+            }
+            None => None,
+        };
+        if let Some(c) = &cluster {
+            // Routers route from their applied copy of the membership: every change reconciles the live worker set.
+            let mut rx = c.watch_state();
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                loop {
+                    let members: Vec<Member> = cluster::routable_workers(&rx.borrow_and_update())
+                        .into_iter()
+                        .map(|(addr, draining)| Member { addr, draining })
+                        .collect();
+                    tracing::info!(workers = members.len(), "cluster membership applied");
+                    pool.sync_members(&members);
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let extra: Option<ExtraMetrics> = cluster.clone().map(|c| Arc::new(move || c.metrics_text()) as ExtraMetrics);
+        let state = AppState::new(text, pool, a.http.config(&model_id)?, limits, extra)?;
+        let routes = cluster.clone().map(cluster::routes).unwrap_or_default();
+        let serve = serve_http_with(Arc::new(state), a.http.addr(), a.http.tls(), routes);
+        match &cluster {
+            Some(c) => tokio::select! {
+                r = serve => r?,
+                why = c.failed() => anyhow::bail!("the raft control plane stopped: {why}"),
+            },
+            None => serve.await?,
+        }
         anyhow::Ok(())
     })
 }

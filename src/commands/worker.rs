@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 
+use std::time::Duration;
+
 use anyhow::Context;
+use ferrite_worker::registration::{Registration, RegistrationConfig};
 use ferrite_worker::server::Worker;
 use tokio::net::TcpListener;
 
@@ -27,13 +30,23 @@ pub struct Args {
     max_waiting: usize,
     #[command(flatten)]
     engine: EngineArgs,
+    /// Routers' raft addresses (`host:port`, repeatable or comma-separated) to register with: the worker joins the
+    /// cluster, heartbeats, and deregisters on SIGTERM. Needs --advertise.
+    #[arg(long = "register-with", env = "FERRITE_REGISTER_WITH", value_delimiter = ',', requires = "advertise")]
+    register_with: Vec<String>,
+    /// This worker's gRPC address as routers reach it, e.g. `http://10.0.0.5:50051` (also its id in the cluster).
+    #[arg(long, env = "FERRITE_ADVERTISE")]
+    advertise: Option<String>,
 }
 
-/// Loads the model, then serves gRPC (and `/metrics` when asked) until Ctrl-C or until the engine fails for good (a
-/// non-zero exit, so an orchestrator restarts the worker).
+/// Loads the model, then serves gRPC (and `/metrics` when asked) until Ctrl-C or SIGTERM, or until the engine fails
+/// for good (a non-zero exit, so an orchestrator restarts the worker). With `--register-with`, it registers with the
+/// routers' cluster once serving, and on Ctrl-C/SIGTERM deregisters (no new requests), finishes what it has and exits 0.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = a.engine.worker_config(resolve_model(a.model.model.clone())?, a.served_model_name, a.max_waiting, &a.model);
     cfg.validate()?;
+    let (routers, advertise) = (a.register_with, a.advertise);
+    let capacity = cfg.max_num_seqs as u32;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.context("loading the model")??;
@@ -45,11 +58,56 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let listener = TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "worker listening");
         ready_tx.send_replace(true);
-        worker
-            .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        let registration = match advertise {
+            Some(advertise) if !routers.is_empty() => Some(Registration::spawn(RegistrationConfig {
+                routers,
+                advertise,
+                model_id: worker.info.model_id.clone(),
+                fingerprint: worker.info.fingerprint.to_vec(),
+                tp_size: worker.info.tp,
+                capacity,
+            })?),
+            _ => None,
+        };
+        let refused = async {
+            match &registration {
+                Some(r) => Some(r.refused().await),
+                None => std::future::pending().await,
+            }
+        };
+        let mut refusal = None;
+        let stop = async {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                why = refused => refusal = why,
+            }
+            if let Some(r) = &registration {
+                // Deregister first (routers stop sending new requests), then the server drains what it has.
+                r.deregister(Duration::from_secs(5)).await;
+            }
+        };
+        worker.serve(listener, stop).await?;
+        drop(registration);
+        if let Some(why) = refusal {
+            anyhow::bail!("the cluster refused this worker: {why}");
+        }
         anyhow::Ok(())
     })
+}
+
+/// Ctrl-C, or SIGTERM (how Kubernetes stops a pod).
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGTERM handler not installed");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing the requests in flight");
 }

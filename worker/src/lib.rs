@@ -27,6 +27,7 @@ pub mod instant;
 pub mod kv_events;
 pub mod metrics;
 pub mod model;
+pub mod registration;
 pub mod server;
 pub mod service;
 pub mod tp;
