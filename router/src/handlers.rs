@@ -154,7 +154,12 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0:
         return Err(ApiError::invalid("messages", "`messages` must not be empty"));
     }
     let template = st.text.chat_template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-    let messages: Vec<ChatMessage> = req.messages.into_iter().map(|m| ChatMessage { role: m.role, content: flatten(m.content) }).collect();
+    req.extras.check()?;
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let role = crate::openai::fields::template_role(&m.role)?.to_string();
+        messages.push(ChatMessage { role, content: flatten(m.content) });
+    }
     let prompt = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template already wrote any BOS/special tokens.
     let ids = tokenize(st, prompt, false).await?;

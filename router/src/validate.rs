@@ -28,6 +28,8 @@ pub(crate) fn openai_param(wire_field: &str) -> Option<&'static str> {
         "min_tokens" => "min_tokens",
         "n" => "n",
         "seed" => "seed",
+        // The worker could not compile the grammar (`response_format` or a `guided_*` field).
+        "constraint" => "response_format",
         _ => return None,
     })
 }
@@ -129,6 +131,7 @@ pub fn validate(
         }
         max_new.push(m);
     }
+    let constraint = crate::openai::constraint::constraint_of(&common)?;
     let stops: Vec<String> = common.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > 16 {
         return Err(ApiError::invalid("stop", "at most 16 stop sequences"));
@@ -162,6 +165,7 @@ pub fn validate(
         min_tokens,
         logit_bias,
         n,
+        constraint,
         ..Default::default()
     };
     Ok(ValidRequest {

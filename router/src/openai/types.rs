@@ -60,6 +60,14 @@ pub struct CommonParams {
     #[serde(default)]
     pub ignore_eos: bool,
     pub min_tokens: Option<u32>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", ...}` (checked in
+    /// [`super::constraint`]; also accepted on `/v1/completions`).
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM-style constraints (one at most, and not with a JSON `response_format`).
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -109,6 +117,8 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub common: CommonParams,
+    #[serde(flatten)]
+    pub extras: super::fields::ChatExtras,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
