@@ -35,7 +35,13 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 }
 
 fn card(st: &AppState, id: &str) -> ModelCard {
-    ModelCard { id: id.to_string(), object: "model", created: st.created, owned_by: "ferrite", max_model_len: st.limits.max_model_len as u32 }
+    ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: st.created,
+        owned_by: "ferrite",
+        max_model_len: st.limits.max_model_len as u32,
+    }
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {

@@ -28,7 +28,8 @@ pub fn constraint_of(c: &CommonParams) -> Result<Option<pb::Constraint>, ApiErro
     if let Some(schema) = &c.guided_json {
         let text = match schema {
             Value::String(s) => {
-                serde_json::from_str::<Value>(s).map_err(|e| ApiError::invalid("guided_json", format!("`guided_json` is not JSON: {e}")))?;
+                serde_json::from_str::<Value>(s)
+                    .map_err(|e| ApiError::invalid("guided_json", format!("`guided_json` is not JSON: {e}")))?;
                 s.clone()
             }
             Value::Object(_) | Value::Bool(_) => schema.to_string(),

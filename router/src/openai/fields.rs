@@ -59,7 +59,10 @@ impl ChatExtras {
             return Err(ApiError::invalid("audio", "audio output is not supported"));
         }
         if let Some(e) = &self.reasoning_effort {
-            return Err(ApiError::invalid("reasoning_effort", format!("`reasoning_effort` `{e}` is not supported: the model does not reason")));
+            return Err(ApiError::invalid(
+                "reasoning_effort",
+                format!("`reasoning_effort` `{e}` is not supported: the model does not reason"),
+            ));
         }
         if self.web_search_options.is_some() {
             return Err(ApiError::invalid("web_search_options", "web search is not supported"));

@@ -215,9 +215,13 @@ fn token_bytes(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Vec<Vec<u8>>,
             (Some(a), _) if a.special => special(&a.content),
             (Some(a), _) => a.content.as_bytes().to_vec(),
             (None, Some(name)) => match alphabet {
-                Alphabet::ByteLevel => name.chars().map(|c| chars.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| special(&name)),
+                Alphabet::ByteLevel => {
+                    name.chars().map(|c| chars.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| special(&name))
+                }
                 Alphabet::ByteFallback => match name.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
-                    Some(hex) if hex.len() == 2 => vec![u8::from_str_radix(hex, 16).map_err(|e| ConstraintError::Tokenizer(e.to_string()))?],
+                    Some(hex) if hex.len() == 2 => {
+                        vec![u8::from_str_radix(hex, 16).map_err(|e| ConstraintError::Tokenizer(e.to_string()))?]
+                    }
                     _ => name.replace('\u{2581}', " ").into_bytes(),
                 },
             },
