@@ -61,6 +61,8 @@ pub struct ValidRequest {
     pub echo: bool,
     /// Template of the worker request (id, prompt and max_new_tokens are filled per prompt).
     pub proto: pb::GenerateRequest,
+    /// Chat with tools: the output is parsed into tool calls.
+    pub tools: Option<std::sync::Arc<crate::openai::tools::ToolSet>>,
 }
 
 /// Facts about the served model the validator needs.
@@ -178,6 +180,7 @@ pub fn validate(
         logprobs,
         echo,
         proto,
+        tools: None,
     })
 }
 

@@ -53,7 +53,7 @@ def test_developer_role_renders_as_system(client, model):
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("reasoning_effort", "low"),
         ("web_search_options", {}),
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
     ],
 )
 def test_unservable_fields_are_400_naming_them(client, model, field, value):

@@ -30,14 +30,13 @@ pub struct ChatExtras {
     pub reasoning_effort: Option<String>,
     /// Refused: there is no web search.
     pub web_search_options: Option<Value>,
-    /// Refused until tool calling lands (dropping tools silently would answer as if there were none), except with
-    /// `tool_choice: "none"`, which asks for exactly that.
+    /// Tool calling ([`super::tools`]).
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
-    /// The deprecated function-calling fields: refused like `tools`.
+    /// The deprecated function-calling fields: refused (use `tools`).
     pub functions: Option<Vec<Value>>,
     pub function_call: Option<Value>,
-    /// Ignored without tools.
+    /// Ignored: a forced call (`required`, named) is one call; with `auto` the model may write several.
     pub parallel_tool_calls: Option<bool>,
 }
 
@@ -67,16 +66,9 @@ impl ChatExtras {
         if self.web_search_options.is_some() {
             return Err(ApiError::invalid("web_search_options", "web search is not supported"));
         }
-        let tool_choice_none = self.tool_choice.as_ref().is_some_and(|c| c == "none");
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
-            return Err(ApiError::invalid("tools", "tool calling is not supported yet (send `tool_choice: \"none\"` to answer in text)"));
-        }
-        if self.tool_choice.is_some() && !tool_choice_none && self.tools.as_ref().is_none_or(|t| t.is_empty()) {
-            return Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`"));
-        }
         let function_call_none = self.function_call.as_ref().is_some_and(|c| c == "none");
         if self.functions.as_ref().is_some_and(|f| !f.is_empty()) && !function_call_none {
-            return Err(ApiError::invalid("functions", "function calling is not supported yet"));
+            return Err(ApiError::invalid("functions", "`functions` is not supported; use `tools`"));
         }
         Ok(())
     }
@@ -112,9 +104,6 @@ mod tests {
             (r#"{"audio":{"voice":"alloy","format":"wav"}}"#, "audio"),
             (r#"{"reasoning_effort":"low"}"#, "reasoning_effort"),
             (r#"{"web_search_options":{}}"#, "web_search_options"),
-            (r#"{"tools":[{"type":"function","function":{"name":"f"}}]}"#, "tools"),
-            (r#"{"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto"}"#, "tools"),
-            (r#"{"tool_choice":"required"}"#, "tool_choice"),
             (r#"{"functions":[{"name":"f"}]}"#, "functions"),
         ];
         for (json, field) in refused {

@@ -3,4 +3,5 @@
 pub mod constraint;
 pub mod error;
 pub mod fields;
+pub mod tools;
 pub mod types;

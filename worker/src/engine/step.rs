@@ -25,6 +25,13 @@
 //!   [`crate::backend::RowSampling`]s, the same algorithm and uniforms as the host sampler;
 //! - `forward` otherwise, then the host sampler (`Sampler::sample`, which also computes logprobs).
 //!
+//! Constrained decoding ([`super::constraint`]): a step that draws for a constrained sequence takes `forward`
+//! whatever the backend (on CUDA too: the device sampler has no mask), and that sequence's row is masked (-inf outside
+//! its grammar) before the host sampler sees it, greedy or not. Its other sequences draw on the host too, with the
+//! same tokens they would get on the backend (same algorithm and uniforms; on CPU the logits are batch invariant).
+//! After the draw the grammar accepts the token; a complete grammar ends the sequence with `Stop`. A free sequence
+//! carries no constraint and pays one branch.
+//!
 //! A failed step fails the requests in it (nothing was written to the KV cache); a fatal backend error
 //! ([`BackendError::is_fatal`]) fails every request held and the caller is expected to stop.
 //!
