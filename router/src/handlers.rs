@@ -265,6 +265,8 @@ struct Acc {
     text: String,
     lps: Vec<TokenLogprob>,
     finish: Option<&'static str>,
+    /// Bytes of `text` already streamed (chat with tools).
+    sent: usize,
 }
 
 impl Writer {
@@ -455,16 +457,28 @@ impl Writer {
             let mut received = None;
             let item = match ev {
                 Event::Started { .. } => continue,
-                Event::Delta { index, text, logprobs, .. } if held.is_some() => {
-                    // With tools a choice is sent whole when it finishes: only then is it known to be calls or text.
+                Event::Delta { index, text, logprobs, received: r } if held.is_some() => {
+                    // With tools, text is sent once it cannot be the start of a call; the rest when the choice ends.
                     let a = &mut held.as_mut().expect("tools hold their choices")[index as usize];
                     a.text.push_str(&text);
                     a.lps.extend(logprobs);
-                    continue;
+                    let ready = self.valid.tools.as_deref().map_or(0, |t| t.streamable_len(&a.text));
+                    if ready <= a.sent {
+                        continue;
+                    }
+                    received = Some(r);
+                    let piece = a.text[a.sent..ready].to_string();
+                    a.sent = ready;
+                    let lps = std::mem::take(&mut a.lps);
+                    let lp = self.wants_logprobs().then(|| self.chat_logprobs(&lps));
+                    let delta = ChatDelta { role: None, content: Some(piece), tool_calls: None };
+                    Self::chunk(&self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None))
                 }
                 Event::Finish { index, reason } if held.is_some() => {
                     let a = std::mem::take(&mut held.as_mut().expect("tools hold their choices")[index as usize]);
                     let (content, calls, finish) = self.chat_message(a.text, Some(reason));
+                    // What was streamed already is a prefix of the content.
+                    let content = content.and_then(|c| c.get(a.sent..).filter(|rest| !rest.is_empty()).map(str::to_string));
                     let tool_calls = calls.map(|calls| {
                         calls
                             .into_iter()
@@ -472,11 +486,13 @@ impl Writer {
                             .map(|(i, c)| ToolCallDelta { index: i as u32, id: c.id, kind: c.kind, function: c.function })
                             .collect()
                     });
-                    let lp = self.wants_logprobs().then(|| self.chat_logprobs(&a.lps));
-                    let delta = ChatDelta { role: None, content, tool_calls };
-                    let body = self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None);
-                    if out.send(Self::chunk(&body)).await.is_err() {
-                        return;
+                    if content.is_some() || tool_calls.is_some() || !a.lps.is_empty() {
+                        let lp = self.wants_logprobs().then(|| self.chat_logprobs(&a.lps));
+                        let delta = ChatDelta { role: None, content, tool_calls };
+                        let body = self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None);
+                        if out.send(Self::chunk(&body)).await.is_err() {
+                            return;
+                        }
                     }
                     Self::chunk(&self.chat_chunk(
                         vec![ChatChunkChoice { index, delta: ChatDelta::default(), logprobs: None, finish_reason: finish }],

@@ -133,6 +133,36 @@ def test_streamed_tool_call_deltas_assemble_to_the_same_calls(client, model):
     assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == [(c.function.name, c.function.arguments) for c in plain]
 
 
+def _stream(client, **kw) -> tuple[str | None, list[tuple[str, str]], str | None, int]:
+    """Assembles a streamed choice 0: content, calls, finish_reason, and the number of content chunks."""
+    content, calls, finish, pieces = None, {}, None, 0
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            if c.delta.content:
+                content = (content or "") + c.delta.content
+                pieces += 1
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, ["", ""])
+                entry[0] += d.function.name or ""
+                entry[1] += d.function.arguments or ""
+    return content, [tuple(v) for _, v in sorted(calls.items())], finish, pieces
+
+
+def test_auto_streams_text_and_calls_as_the_plain_answer(client, model):
+    """With `auto`, text streams as it comes (more than one chunk for a text answer) and the assembled stream equals
+    the non-streaming answer, calls included."""
+    for prompt in PROMPTS:
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], tools=TOOLS, max_tokens=60, temperature=0)
+        plain = client.chat.completions.create(**kw).choices[0]
+        content, calls, finish, pieces = _stream(client, **kw)
+        assert content == plain.message.content, prompt
+        assert calls == [(c.function.name, c.function.arguments) for c in plain.message.tool_calls or []], prompt
+        assert finish == plain.finish_reason, prompt
+        if not plain.message.tool_calls and len(plain.message.content) > 40:
+            assert pieces > 1, f"{prompt}: a text answer came in one chunk"
+
+
 @pytest.mark.parametrize(
     "extra,field",
     [

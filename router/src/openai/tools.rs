@@ -176,6 +176,20 @@ impl ToolSet {
         Some(pb::Constraint { kind: Some(pb::constraint::Kind::Lark(lark)) })
     }
 
+    /// How much of a growing output can be streamed as content already: with `auto` and Hermes calls, the text before
+    /// a `<tool_call>` (or before a tail that may become one), once it is more than whitespace; otherwise nothing
+    /// (the choice is sent when it finishes).
+    pub fn streamable_len(&self, text: &str) -> usize {
+        if self.choice != Choice::Auto || self.format != Format::Hermes {
+            return 0;
+        }
+        let end = text.find(OPEN).unwrap_or_else(|| {
+            let keep = (1..OPEN.len()).rev().find(|&k| text.ends_with(&OPEN[..k])).unwrap_or(0);
+            text.len() - keep
+        });
+        if text[..end].trim().is_empty() { 0 } else { end }
+    }
+
     /// The calls in a finished output, and the text before them (`None` when there is none). `None` when the output
     /// holds no call that parses.
     pub fn parse(&self, text: &str) -> Option<(Option<String>, Vec<ParsedCall>)> {
@@ -196,9 +210,10 @@ fn call_of(v: &Value, args_keys: &[&str]) -> Option<ParsedCall> {
     Some(ParsedCall { name, arguments })
 }
 
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
 fn parse_hermes(text: &str) -> Option<(Option<String>, Vec<ParsedCall>)> {
-    const OPEN: &str = "<tool_call>";
-    const CLOSE: &str = "</tool_call>";
     let first = text.find(OPEN)?;
     let mut calls = Vec::new();
     let mut rest = &text[first..];
@@ -212,8 +227,9 @@ fn parse_hermes(text: &str) -> Option<(Option<String>, Vec<ParsedCall>)> {
         calls.push(call_of(&v, &["arguments", "parameters"])?);
         rest = after;
     }
-    let content = text[..first].trim();
-    Some(((!content.is_empty()).then(|| content.to_string()), calls))
+    // As written (streaming sends it as it comes), unless it is only whitespace.
+    let content = &text[..first];
+    Some(((!content.trim().is_empty()).then(|| content.to_string()), calls))
 }
 
 fn parse_llama(text: &str) -> Option<(Option<String>, Vec<ParsedCall>)> {

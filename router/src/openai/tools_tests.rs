@@ -49,7 +49,7 @@ fn hermes_output_parses_into_calls() {
     let s = set("", Format::Hermes);
     let (content, calls) =
         s.parse("Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>").unwrap();
-    assert_eq!(content.as_deref(), Some("Let me check."));
+    assert_eq!(content.as_deref(), Some("Let me check.\n"));
     assert_eq!(calls, vec![ParsedCall { name: "get_weather".into(), arguments: r#"{"city":"Paris"}"#.into() }]);
     let (content, calls) =
         s.parse("<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"get_time\"}").unwrap();
@@ -108,4 +108,16 @@ fn assistant_calls_and_tool_results_reach_the_template() {
     let mut msgs = vec![json!({"role": "user", "content": "hi"})];
     add_system_prompt(&mut msgs, "TOOLS".into());
     assert_eq!((msgs.len(), &msgs[0]["role"]), (2, &json!("system")));
+}
+
+#[test]
+fn auto_hermes_streams_the_text_before_a_call() {
+    let s = set("", Format::Hermes);
+    assert_eq!(s.streamable_len("Sure, "), 6);
+    assert_eq!(s.streamable_len("Sure <tool"), 5); // `<tool` may become a call
+    assert_eq!(s.streamable_len("Sure <tool_call>{\"name\""), 5);
+    assert_eq!(s.streamable_len("\n<tool_call>"), 0); // whitespace alone is not content
+    assert_eq!(s.streamable_len("a < b"), 5);
+    assert_eq!(set(r#","tool_choice":"required""#, Format::Hermes).streamable_len("Sure"), 0);
+    assert_eq!(set("", Format::Llama3Json).streamable_len("Sure"), 0);
 }
