@@ -182,6 +182,7 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0:
             return Err(ApiError::invalid("tool_choice", "a forced tool call cannot be combined with `response_format`"));
         }
         valid.proto.constraint = Some(grammar);
+        valid.constraint_field = Some("tool_choice");
     }
     valid.tools = tools;
     run(st, valid, model, Endpoint::Chat, t0).await
@@ -222,7 +223,7 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
                 started += 1;
                 workers.push(worker);
             }
-            Some(Event::Error(e)) => return Err(e),
+            Some(Event::Error(e)) => return Err(valid.name_constraint(e)),
             Some(ev) => early.push(ev),
             None => return Err(ApiError::new(ErrorKind::Internal, "the request ended before it started")),
         }
@@ -353,7 +354,7 @@ impl Writer {
                     usage.completion_tokens += completion;
                     usage.prompt_tokens_details.cached_tokens += cached;
                 }
-                Event::Error(e) => return Err(e),
+                Event::Error(e) => return Err(self.valid.name_constraint(e)),
             }
         }
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;

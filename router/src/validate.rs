@@ -63,6 +63,22 @@ pub struct ValidRequest {
     pub proto: pb::GenerateRequest,
     /// Chat with tools: the output is parsed into tool calls.
     pub tools: Option<std::sync::Arc<crate::openai::tools::ToolSet>>,
+    /// The request field `proto.constraint` came from: a worker that cannot compile the grammar is reported as a
+    /// 400 naming it.
+    pub constraint_field: Option<&'static str>,
+}
+
+impl ValidRequest {
+    /// A worker's error, with a grammar it refused (`constraint`, reported as `response_format`) named after the
+    /// field that asked for it.
+    pub fn name_constraint(&self, mut e: ApiError) -> ApiError {
+        if let Some(field) = self.constraint_field
+            && e.param.as_deref() == openai_param("constraint")
+        {
+            e.param = Some(field.to_string());
+        }
+        e
+    }
 }
 
 /// Facts about the served model the validator needs.
@@ -133,7 +149,7 @@ pub fn validate(
         }
         max_new.push(m);
     }
-    let constraint = crate::openai::constraint::constraint_of(&common)?;
+    let (constraint_field, constraint) = crate::openai::constraint::constraint_of(&common)?.unzip();
     let stops: Vec<String> = common.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > 16 {
         return Err(ApiError::invalid("stop", "at most 16 stop sequences"));
@@ -181,6 +197,7 @@ pub fn validate(
         echo,
         proto,
         tools: None,
+        constraint_field,
     })
 }
 

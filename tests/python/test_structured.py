@@ -170,5 +170,5 @@ def test_bad_schema_is_400_naming_response_format(client, model, response_format
 def test_bad_guided_grammar_is_400(client, model):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=model, prompt="x", max_tokens=4, extra_body={"guided_regex": "(unclosed"})
-    assert ei.value.body["param"] == "response_format", ei.value.body
+    assert ei.value.body["param"] == "guided_regex", ei.value.body
     assert "compile" in ei.value.body["message"]

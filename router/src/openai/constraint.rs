@@ -17,8 +17,9 @@ pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 /// JSON mode: any JSON object.
 const JSON_OBJECT_SCHEMA: &str = r#"{"type":"object"}"#;
 
-/// The constraint a request asks for, if any (at most one of `response_format` (json) and the `guided_*` fields).
-pub fn constraint_of(c: &CommonParams) -> Result<Option<pb::Constraint>, ApiError> {
+/// The constraint a request asks for, if any (at most one of `response_format` (json) and the `guided_*` fields),
+/// with the field it came from (a worker's refusal to compile it names that field).
+pub fn constraint_of(c: &CommonParams) -> Result<Option<(&'static str, pb::Constraint)>, ApiError> {
     let mut found: Vec<(&'static str, Kind)> = Vec::new();
     if let Some(rf) = &c.response_format
         && let Some(kind) = response_format(rf)?
@@ -63,7 +64,7 @@ pub fn constraint_of(c: &CommonParams) -> Result<Option<pb::Constraint>, ApiErro
             if len > MAX_GRAMMAR_BYTES {
                 return Err(ApiError::invalid(field, format!("`{field}` is too large ({len} bytes; at most {MAX_GRAMMAR_BYTES})")));
             }
-            Ok(Some(pb::Constraint { kind: Some(kind) }))
+            Ok(Some((field, pb::Constraint { kind: Some(kind) })))
         }
         _ => {
             let names: Vec<&str> = found.iter().map(|f| f.0).collect();
@@ -111,12 +112,12 @@ fn regex_escape(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn of(json: &str) -> Result<Option<pb::Constraint>, ApiError> {
+    fn of(json: &str) -> Result<Option<(&'static str, pb::Constraint)>, ApiError> {
         constraint_of(&serde_json::from_str::<CommonParams>(json).unwrap())
     }
 
     fn kind(json: &str) -> Option<Kind> {
-        of(json).unwrap().and_then(|c| c.kind)
+        of(json).unwrap().and_then(|(_, c)| c.kind)
     }
 
     #[test]
@@ -130,6 +131,7 @@ mod tests {
         let Some(Kind::JsonSchema(s)) = kind(parse) else { panic!("not a schema") };
         assert_eq!(serde_json::from_str::<Value>(&s).unwrap()["required"][0], "a");
         assert_eq!(kind(r#"{"guided_regex":"[0-9]+"}"#), Some(Kind::Regex("[0-9]+".into())));
+        assert_eq!(of(r#"{"guided_regex":"a"}"#).unwrap().unwrap().0, "guided_regex");
         assert_eq!(kind(r#"{"guided_choice":["a.b","c"]}"#), Some(Kind::Regex(r"(a\.b|c)".into())));
         assert_eq!(kind(r#"{"guided_grammar":"start: \"x\""}"#), Some(Kind::Lark("start: \"x\"".into())));
         assert_eq!(kind(r#"{"guided_json":"{\"type\":\"string\"}"}"#), Some(Kind::JsonSchema(r#"{"type":"string"}"#.into())));
