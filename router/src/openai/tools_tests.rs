@@ -95,7 +95,10 @@ fn assistant_calls_and_tool_results_reach_the_template() {
     assert_eq!(native["tool_calls"][0]["function"]["arguments"]["city"], "Paris");
     assert_eq!(native["content"], "");
     let text = template_message("assistant", String::new(), &m, Format::Hermes, false).unwrap();
-    assert_eq!(text["content"], "<tool_call>\n{\"arguments\":{\"city\":\"Paris\"},\"name\":\"get_weather\"}\n</tool_call>");
+    // (Key order depends on serde_json's `preserve_order`, which feature unification may turn on: compare values.)
+    let content = text["content"].as_str().unwrap();
+    let body = content.strip_prefix("<tool_call>\n").and_then(|c| c.strip_suffix("\n</tool_call>")).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap(), json!({"name": "get_weather", "arguments": {"city": "Paris"}}));
     let tool: super::super::types::ChatMessageIn =
         serde_json::from_str(r#"{"role":"tool","tool_call_id":"call_1","content":"sunny"}"#).unwrap();
     assert_eq!(template_message("tool", "sunny".into(), &tool, Format::Hermes, false).unwrap()["tool_call_id"], "call_1");
