@@ -42,6 +42,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The template reads a `tools` variable (transformers passes the request's tools under that name).
+    uses_tools: bool,
+    /// The template source, for callers that pick a tool-call format from it.
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -66,14 +70,37 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| ChatTemplateError::Syntax(error_text(&e)))?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        let uses_tools = source.contains("tools");
+        Ok(ChatTemplate { env, bos_token, eos_token, uses_tools, source: source.to_string() })
     }
 
     /// Renders `messages`; with `add_generation_prompt` the template appends the assistant header.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template renders a `tools` list (else callers describe the tools in a system prompt).
+    pub fn uses_tools(&self) -> bool {
+        self.uses_tools
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders messages of any serializable shape (tool calls and tool results included) with `tools` (OpenAI's
+    /// `tools` list, undefined when `None`), as transformers' `apply_chat_template(messages, tools=...)`.
+    pub fn render_with_tools<M: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let token = |t: &Option<String>| t.as_deref().map_or(Value::UNDEFINED, Value::from);
         let ctx = context! {
             messages => Value::from(Serde(messages)),
+            tools => tools.map_or(Value::UNDEFINED, |t| Value::from(Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => token(&self.bos_token),
             eos_token => token(&self.eos_token),

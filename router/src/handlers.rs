@@ -17,7 +17,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use ferrite_common::chat::ChatMessage;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -25,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::drive::{Event, TokenLogprob, drive_prompt};
 use crate::openai::error::{ApiError, ErrorKind};
+use crate::openai::tools::{self, Format, ToolSet};
 use crate::openai::types::*;
 use crate::state::AppState;
 use crate::validate::{LogprobsMode, ValidRequest, validate};
@@ -154,8 +154,20 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0:
         return Err(ApiError::invalid("messages", "`messages` must not be empty"));
     }
     let template = st.text.chat_template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-    let messages: Vec<ChatMessage> = req.messages.into_iter().map(|m| ChatMessage { role: m.role, content: flatten(m.content) }).collect();
-    let prompt = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    req.extras.check()?;
+    let format = Format::of(template.source());
+    let tools = ToolSet::from_request(&req.extras, format)?.map(Arc::new);
+    let native = template.uses_tools();
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    for m in &req.messages {
+        let role = crate::openai::fields::template_role(&m.role)?;
+        messages.push(tools::template_message(role, flatten(m.content.clone()), m, format, native)?);
+    }
+    if let Some(t) = tools.as_deref().filter(|_| !native) {
+        tools::add_system_prompt(&mut messages, t.system_prompt());
+    }
+    let template_tools = tools.as_deref().filter(|_| native).map(|t| &t.tools_json);
+    let prompt = template.render_with_tools(&messages, template_tools, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template already wrote any BOS/special tokens.
     let ids = tokenize(st, prompt, false).await?;
     let logprobs = if req.logprobs { LogprobsMode::Chat(req.top_logprobs.unwrap_or(0)) } else { LogprobsMode::None };
@@ -164,7 +176,15 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0:
     }
     let max_model_len = st.limits.max_model_len;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let valid = validate(req.common, vec![ids], max_tokens, |p| max_model_len.saturating_sub(p) as u32, logprobs, false, st.limits)?;
+    let mut valid = validate(req.common, vec![ids], max_tokens, |p| max_model_len.saturating_sub(p) as u32, logprobs, false, st.limits)?;
+    if let Some(grammar) = tools.as_ref().and_then(|t| t.grammar()) {
+        if valid.proto.constraint.is_some() {
+            return Err(ApiError::invalid("tool_choice", "a forced tool call cannot be combined with `response_format`"));
+        }
+        valid.proto.constraint = Some(grammar);
+        valid.constraint_field = Some("tool_choice");
+    }
+    valid.tools = tools;
     run(st, valid, model, Endpoint::Chat, t0).await
 }
 
@@ -203,7 +223,7 @@ async fn run(st: &Arc<AppState>, valid: ValidRequest, model: String, ep: Endpoin
                 started += 1;
                 workers.push(worker);
             }
-            Some(Event::Error(e)) => return Err(e),
+            Some(Event::Error(e)) => return Err(valid.name_constraint(e)),
             Some(ev) => early.push(ev),
             None => return Err(ApiError::new(ErrorKind::Internal, "the request ended before it started")),
         }
@@ -246,6 +266,8 @@ struct Acc {
     text: String,
     lps: Vec<TokenLogprob>,
     finish: Option<&'static str>,
+    /// Bytes of `text` already streamed (chat with tools).
+    sent: usize,
 }
 
 impl Writer {
@@ -294,6 +316,22 @@ impl Writer {
         }
     }
 
+    /// A finished chat choice: its text, or the tool calls parsed from it (finish reason `tool_calls`).
+    fn chat_message(&self, text: String, finish: Option<&'static str>) -> (Option<String>, Option<Vec<ToolCallOut>>, Option<&'static str>) {
+        let Some((content, calls)) = self.valid.tools.as_ref().and_then(|t| t.parse(&text)) else {
+            return (Some(text), None, finish);
+        };
+        let calls = calls
+            .into_iter()
+            .map(|c| ToolCallOut {
+                id: request_id("call"),
+                kind: "function",
+                function: FunctionOut { name: c.name, arguments: c.arguments },
+            })
+            .collect();
+        (content, Some(calls), Some("tool_calls"))
+    }
+
     fn wants_logprobs(&self) -> bool {
         self.valid.logprobs != LogprobsMode::None
     }
@@ -316,7 +354,7 @@ impl Writer {
                     usage.completion_tokens += completion;
                     usage.prompt_tokens_details.cached_tokens += cached;
                 }
-                Event::Error(e) => return Err(e),
+                Event::Error(e) => return Err(self.valid.name_constraint(e)),
             }
         }
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
@@ -347,11 +385,14 @@ impl Writer {
                 choices: acc
                     .into_iter()
                     .enumerate()
-                    .map(|(i, a)| ChatChoice {
-                        index: i as u32,
-                        logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&a.lps)),
-                        message: ChatMessageOut { role: "assistant", content: a.text },
-                        finish_reason: a.finish,
+                    .map(|(i, a)| {
+                        let (content, tool_calls, finish_reason) = self.chat_message(a.text, a.finish);
+                        ChatChoice {
+                            index: i as u32,
+                            logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&a.lps)),
+                            message: ChatMessageOut { role: "assistant", content, tool_calls },
+                            finish_reason,
+                        }
                     })
                     .collect(),
                 usage,
@@ -395,7 +436,7 @@ impl Writer {
         let mut offsets = vec![0u32; self.total_choices()];
         if self.ep == Endpoint::Chat {
             for i in 0..self.total_choices() as u32 {
-                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
                 let c = self.chat_chunk(vec![ChatChunkChoice { index: i, delta, logprobs: None, finish_reason: None }], None);
                 if out.send(Self::chunk(&c)).await.is_err() {
                     return;
@@ -403,6 +444,7 @@ impl Writer {
             }
         }
         let token_hist = self.st.metrics.token.with_label_values(&[self.ep.label()]);
+        let mut held = self.valid.tools.is_some().then(|| vec![Acc::default(); self.total_choices()]);
         let mut early = early.into_iter();
         loop {
             // Early events waited for the other prompts to start: not the router's per-token latency.
@@ -416,11 +458,53 @@ impl Writer {
             let mut received = None;
             let item = match ev {
                 Event::Started { .. } => continue,
+                Event::Delta { index, text, logprobs, received: r } if held.is_some() => {
+                    // With tools, text is sent once it cannot be the start of a call; the rest when the choice ends.
+                    let a = &mut held.as_mut().expect("tools hold their choices")[index as usize];
+                    a.text.push_str(&text);
+                    a.lps.extend(logprobs);
+                    let ready = self.valid.tools.as_deref().map_or(0, |t| t.streamable_len(&a.text));
+                    if ready <= a.sent {
+                        continue;
+                    }
+                    received = Some(r);
+                    let piece = a.text[a.sent..ready].to_string();
+                    a.sent = ready;
+                    let lps = std::mem::take(&mut a.lps);
+                    let lp = self.wants_logprobs().then(|| self.chat_logprobs(&lps));
+                    let delta = ChatDelta { role: None, content: Some(piece), tool_calls: None };
+                    Self::chunk(&self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None))
+                }
+                Event::Finish { index, reason } if held.is_some() => {
+                    let a = std::mem::take(&mut held.as_mut().expect("tools hold their choices")[index as usize]);
+                    let (content, calls, finish) = self.chat_message(a.text, Some(reason));
+                    // What was streamed already is a prefix of the content.
+                    let content = content.and_then(|c| c.get(a.sent..).filter(|rest| !rest.is_empty()).map(str::to_string));
+                    let tool_calls = calls.map(|calls| {
+                        calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, c)| ToolCallDelta { index: i as u32, id: c.id, kind: c.kind, function: c.function })
+                            .collect()
+                    });
+                    if content.is_some() || tool_calls.is_some() || !a.lps.is_empty() {
+                        let lp = self.wants_logprobs().then(|| self.chat_logprobs(&a.lps));
+                        let delta = ChatDelta { role: None, content, tool_calls };
+                        let body = self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None);
+                        if out.send(Self::chunk(&body)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Self::chunk(&self.chat_chunk(
+                        vec![ChatChunkChoice { index, delta: ChatDelta::default(), logprobs: None, finish_reason: finish }],
+                        None,
+                    ))
+                }
                 Event::Delta { index, text, logprobs, received: r } => match self.ep {
                     Endpoint::Chat => {
                         received = Some(r);
                         let lp = self.wants_logprobs().then(|| self.chat_logprobs(&logprobs));
-                        let delta = ChatDelta { role: None, content: Some(text) };
+                        let delta = ChatDelta { role: None, content: Some(text), tool_calls: None };
                         Self::chunk(&self.chat_chunk(vec![ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None }], None))
                     }
                     Endpoint::Completions => {

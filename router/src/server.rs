@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +24,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
         .route("/v1/health/live", get(live))
         .route("/v1/health/ready", get(ready))
         .route("/health", get(ready))
@@ -39,22 +40,26 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
     router.with_state(state)
 }
 
+fn card(st: &AppState, id: &str) -> ModelCard {
+    ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: st.created,
+        owned_by: "ferrite",
+        max_model_len: st.limits.max_model_len as u32,
+    }
+}
+
 async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
-    Json(ModelList {
-        object: "list",
-        data: st
-            .config
-            .model_names
-            .iter()
-            .map(|id| ModelCard {
-                id: id.clone(),
-                object: "model",
-                created: st.created,
-                owned_by: "ferrite",
-                max_model_len: st.limits.max_model_len as u32,
-            })
-            .collect(),
-    })
+    Json(ModelList { object: "list", data: st.config.model_names.iter().map(|id| card(&st, id)).collect() })
+}
+
+/// `GET /v1/models/{model}` (`client.models.retrieve`): the card, or 404 `model_not_found`.
+async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match st.resolve_model(&id) {
+        Ok(id) => Json(card(&st, &id)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn live() -> Json<serde_json::Value> {

@@ -28,6 +28,8 @@ pub(crate) fn openai_param(wire_field: &str) -> Option<&'static str> {
         "min_tokens" => "min_tokens",
         "n" => "n",
         "seed" => "seed",
+        // The worker could not compile the grammar (`response_format` or a `guided_*` field).
+        "constraint" => "response_format",
         _ => return None,
     })
 }
@@ -59,6 +61,24 @@ pub struct ValidRequest {
     pub echo: bool,
     /// Template of the worker request (id, prompt and max_new_tokens are filled per prompt).
     pub proto: pb::GenerateRequest,
+    /// Chat with tools: the output is parsed into tool calls.
+    pub tools: Option<std::sync::Arc<crate::openai::tools::ToolSet>>,
+    /// The request field `proto.constraint` came from: a worker that cannot compile the grammar is reported as a
+    /// 400 naming it.
+    pub constraint_field: Option<&'static str>,
+}
+
+impl ValidRequest {
+    /// A worker's error, with a grammar it refused (`constraint`, reported as `response_format`) named after the
+    /// field that asked for it.
+    pub fn name_constraint(&self, mut e: ApiError) -> ApiError {
+        if let Some(field) = self.constraint_field
+            && e.param.as_deref() == openai_param("constraint")
+        {
+            e.param = Some(field.to_string());
+        }
+        e
+    }
 }
 
 /// Facts about the served model the validator needs.
@@ -129,6 +149,7 @@ pub fn validate(
         }
         max_new.push(m);
     }
+    let (constraint_field, constraint) = crate::openai::constraint::constraint_of(&common)?.unzip();
     let stops: Vec<String> = common.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > 16 {
         return Err(ApiError::invalid("stop", "at most 16 stop sequences"));
@@ -162,6 +183,7 @@ pub fn validate(
         min_tokens,
         logit_bias,
         n,
+        constraint,
         ..Default::default()
     };
     Ok(ValidRequest {
@@ -174,6 +196,8 @@ pub fn validate(
         logprobs,
         echo,
         proto,
+        tools: None,
+        constraint_field,
     })
 }
 

@@ -67,6 +67,7 @@ fn request(id: String, prompt: Vec<u32>, max_new: u32) -> EngineRequest {
         stopping: StoppingParams { max_new_tokens: max_new, ignore_eos: true, ..StoppingParams::default() },
         n: 1,
         cache_salt: Vec::new(),
+        constraint: None,
     }
 }
 

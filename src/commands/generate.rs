@@ -79,6 +79,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             stopping: StoppingParams { max_new_tokens: a.max_tokens.try_into()?, ..StoppingParams::default() },
             n: 1,
             cache_salt: Vec::new(),
+            constraint: None,
         })?;
     }
     while !core.is_idle() {

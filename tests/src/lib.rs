@@ -228,6 +228,7 @@ pub fn greedy_request(prompt: &[u32], max_tokens: usize, stop_ids: &[u32]) -> En
         stopping: StoppingParams { max_new_tokens: max_tokens as u32, stop_token_ids: stop_ids.to_vec(), ..StoppingParams::default() },
         n: 1,
         cache_salt: Vec::new(),
+        constraint: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn request(id: &str, prompt: &[u32], max_new: u32) -> EngineRequest {
         stopping: StoppingParams { max_new_tokens: max_new, ignore_eos: true, ..StoppingParams::default() },
         n: 1,
         cache_salt: Vec::new(),
+        constraint: None,
     }
 }
 
@@ -155,6 +156,7 @@ fn backend_sampling_and_host_sampling_draw_the_same_tokens() {
         },
         n: 2,
         cache_salt: Vec::new(),
+        constraint: None,
     };
     let collect = |req: EngineRequest| {
         let mut rx = e.submit(req);

@@ -1,5 +1,7 @@
 //! Starting a worker: load the model, size the KV cache, start the engine thread and serve gRPC.
 
+use std::sync::Arc;
+
 use ferrite_common::model::ModelFiles;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -8,6 +10,7 @@ use crate::backend::Backend;
 use crate::backend::DEFAULT_BLOCK_SIZE;
 use crate::config::{BackendKind, WorkerConfig, WorkerError};
 use crate::cpu::{CpuBackend, CpuOptions};
+use crate::engine::constraint::GrammarCompiler;
 use crate::engine::core::{Engine, EngineConfig, EngineHandle};
 use crate::engine::scheduler::SchedulerConfig;
 use crate::service::{ModelInfo, WorkerService};
@@ -123,8 +126,16 @@ impl Worker {
                 eos_token_ids: text.eos_token_ids,
             },
         )?;
+        // The token table for constrained decoding, built once per model.
+        let grammar = match GrammarCompiler::new(&text.tokenizer, c.vocab_size, &info.eos_ids) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::warn!(error = %e, "constrained decoding is off: requests with a grammar will be refused");
+                None
+            }
+        };
         tracing::info!(model = %info.model_id, kv_blocks = num_blocks, max_model_len, "worker ready");
-        Ok(Self { service: WorkerService::new(engine.clone(), info.clone()), engine, info })
+        Ok(Self { service: WorkerService::new(engine.clone(), info.clone(), grammar), engine, info })
     }
 
     /// Serves gRPC on `listener` until `shutdown` resolves (`Ok`) or the engine stops on a fatal backend error

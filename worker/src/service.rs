@@ -20,6 +20,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
+use crate::engine::constraint::{Grammar, GrammarCompiler};
 use crate::engine::core::{EngineError, EngineHandle, EngineOutput, EngineRequest, EngineStats, FinishReason};
 use crate::engine::scheduler::AdmissionError;
 use crate::kv_events::{self, KvEventLog, KvRead};
@@ -45,16 +46,37 @@ pub struct ModelInfo {
     pub tp: u32,
 }
 
+/// How long a grammar may take to compile (llguidance's own limits bound its work; this bounds the wait).
+pub const GRAMMAR_COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The tonic service.
 #[derive(Clone)]
 pub struct WorkerService {
     engine: EngineHandle,
     info: ModelInfo,
+    /// The model's grammar compiler (constrained decoding); `None` when its tokenizer cannot have one.
+    grammar: Option<Arc<GrammarCompiler>>,
 }
 
 impl WorkerService {
-    pub fn new(engine: EngineHandle, info: ModelInfo) -> Self {
-        Self { engine, info }
+    pub fn new(engine: EngineHandle, info: ModelInfo, grammar: Option<Arc<GrammarCompiler>>) -> Self {
+        Self { engine, info, grammar }
+    }
+
+    /// Compiles the request's constraint on the blocking pool (never on the engine thread or the executor), within
+    /// [`GRAMMAR_COMPILE_TIMEOUT`]. Every failure is a rejection naming `constraint`.
+    async fn compile(&self, c: &pb::Constraint) -> Result<Grammar, Status> {
+        let reject = |m: String| rejection_status(RejectKind::InvalidArgument, "constraint", m);
+        let compiler =
+            self.grammar.clone().ok_or_else(|| reject("constrained decoding is not available for this model's tokenizer".into()))?;
+        let c = c.clone();
+        let job = tokio::task::spawn_blocking(move || compiler.compile(&c));
+        match tokio::time::timeout(GRAMMAR_COMPILE_TIMEOUT, job).await {
+            Ok(Ok(Ok(g))) => Ok(g),
+            Ok(Ok(Err(e))) => Err(reject(format!("the grammar does not compile: {e}"))),
+            Ok(Err(e)) => Err(Status::internal(format!("grammar compilation failed: {e}"))),
+            Err(_) => Err(reject(format!("the grammar took more than {} s to compile", GRAMMAR_COMPILE_TIMEOUT.as_secs()))),
+        }
     }
 
     pub fn into_server(self) -> pb::worker_server::WorkerServer<Self> {
@@ -109,6 +131,7 @@ impl WorkerService {
             stopping,
             n: r.n.max(1),
             cache_salt: r.cache_salt.clone(),
+            constraint: None, // compiled by `generate`, off this thread
         })
     }
 }
@@ -241,7 +264,10 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let req = self.validate(request.get_ref())?;
+        let mut req = self.validate(request.get_ref())?;
+        if let Some(c) = &request.get_ref().constraint {
+            req.constraint = Some(self.compile(c).await?);
+        }
         let mut rx = self.engine.submit(req);
         // Admission errors become the call's status (not a stream item), so clients can retry elsewhere.
         let first = match rx.recv().await {

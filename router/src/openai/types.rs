@@ -60,6 +60,14 @@ pub struct CommonParams {
     #[serde(default)]
     pub ignore_eos: bool,
     pub min_tokens: Option<u32>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", ...}` (checked in
+    /// [`super::constraint`]; also accepted on `/v1/completions`).
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM-style constraints (one at most, and not with a JSON `response_format`).
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -96,6 +104,14 @@ pub struct ChatMessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant message's calls (`[{id, type, function: {name, arguments}}]`).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -109,6 +125,8 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub common: CommonParams,
+    #[serde(flatten)]
+    pub extras: super::fields::ChatExtras,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -176,7 +194,35 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the message is only tool calls (as OpenAI sends it).
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionOut {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+/// A tool call in a streamed delta: the whole call in one chunk, at its position among the choice's calls.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -203,6 +249,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -4,6 +4,7 @@
 //! - [`scheduler`]: the continuous-batching planner (token budget, chunked prefill, prefix hits, preemption by
 //!   recompute, admission control); it owns every sequence, with the engine's per-sequence state as payload.
 //! - [`sampler`]: per-sequence sampling state (seed, draw counter, penalties, logprobs).
+//! - [`constraint`]: constrained decoding (llguidance): the token table, grammar compilation, the per-sequence mask.
 //! - [`step`]: [`step::EngineCore`], the sans-IO engine: add / abort / step over a lent backend, outputs as data.
 //! - [`core`]: the engine thread around the core ([`core::Engine::spawn`], [`core::EngineHandle`]): channels,
 //!   disconnect reaping, stats, the fatal-error watch.
@@ -11,6 +12,7 @@
 //! Dependencies run one way: `block_pool` ← `scheduler` ← `step` (with `sampler`) ← `core`.
 
 pub(crate) mod block_pool;
+pub mod constraint;
 pub mod core;
 pub mod sampler;
 pub mod scheduler;

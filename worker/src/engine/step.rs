@@ -25,6 +25,13 @@
 //!   [`crate::backend::RowSampling`]s, the same algorithm and uniforms as the host sampler;
 //! - `forward` otherwise, then the host sampler (`Sampler::sample`, which also computes logprobs).
 //!
+//! Constrained decoding ([`super::constraint`]): a step that draws for a constrained sequence takes `forward`
+//! whatever the backend (on CUDA too: the device sampler has no mask), and that sequence's row is masked (-inf outside
+//! its grammar) before the host sampler sees it, greedy or not. Its other sequences draw on the host too, with the
+//! same tokens they would get on the backend (same algorithm and uniforms; on CPU the logits are batch invariant).
+//! After the draw the grammar accepts the token; a complete grammar ends the sequence with `Stop`. A free sequence
+//! carries no constraint and pays one branch.
+//!
 //! A failed step fails the requests in it (nothing was written to the KV cache); a fatal backend error
 //! ([`BackendError::is_fatal`]) fails every request held and the caller is expected to stop.
 //!
@@ -42,6 +49,7 @@ use ferrite_common::sampling::{SamplingParams, StoppingParams};
 
 use super::block_pool::BlockPool;
 pub use super::block_pool::{BlockEvent, PoolUsage};
+use super::constraint::{Constraint, Grammar};
 use super::sampler::{Sampler, TokenLogprob};
 use super::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, SeqInput};
@@ -56,6 +64,8 @@ pub struct EngineRequest {
     /// Completions; they share the prompt's cached blocks.
     pub n: u32,
     pub cache_salt: Vec<u8>,
+    /// The grammar every completion must match (compiled off the engine thread); `None`: free text.
+    pub constraint: Option<Grammar>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +190,8 @@ pub(crate) struct SeqMeta {
     sampler: Sampler,
     max_new_tokens: usize,
     stop: StopRules,
+    /// The grammar's state for this sequence (constrained decoding); `None` costs free sequences nothing.
+    constraint: Option<Constraint>,
 }
 
 /// Decides whether a sequence that just got `token` (now `generated` tokens, `len` in all) stops: a stop or eos id
@@ -270,7 +282,8 @@ impl EngineCore {
             // Copies wait for the first to compute the prompt, then take its blocks from the prefix cache.
             let wait_for = ids.first().copied();
             let sampler = Sampler::new(req.sampling.clone(), &req.stopping, &self.eos_token_ids, &req.prompt, seed, index);
-            let meta = SeqMeta { request_id: Arc::clone(&request_id), index, sampler, max_new_tokens, stop: stop.clone() };
+            let constraint = req.constraint.as_ref().map(Grammar::start);
+            let meta = SeqMeta { request_id: Arc::clone(&request_id), index, sampler, max_new_tokens, stop: stop.clone(), constraint };
             let max_seq_len = req.prompt.len() + max_new_tokens;
             if let Err(e) = self.sched.add(id, req.prompt.clone(), max_seq_len, &req.cache_salt, wait_for, meta) {
                 for id in ids {
@@ -385,6 +398,10 @@ impl EngineCore {
     /// The backend call for the whole step (see the module docs; with no sequence sampling, greedy).
     fn choose_call(&mut self, plan: &[Scheduled]) -> Call {
         let sampled = || plan.iter().filter(|p| p.sample).map(|p| self.sched.get(p.id).expect("planned sequence exists"));
+        // A grammar's mask is applied to host logits (whatever the backend), before any draw, greedy or not.
+        if sampled().any(|s| s.meta.constraint.is_some()) {
+            return Call::Logits;
+        }
         if sampled().all(|s| s.meta.sampler.is_plain_greedy(s.num_generated())) {
             return Call::Greedy;
         }
@@ -448,8 +465,26 @@ impl EngineCore {
                     let Some(row) = logits.last(i) else { continue };
                     self.scratch.clear();
                     self.scratch.extend_from_slice(row);
+                    if let Some(c) = seq.meta.constraint.as_mut()
+                        && let Err(why) = c.mask(&mut self.scratch)
+                    {
+                        // Nothing valid can follow: end the output here rather than draw outside the grammar.
+                        tracing::warn!(request_id = %seq.meta.request_id, error = %why, "constrained sequence ends: no token fits its grammar");
+                        self.finish(p.id, FinishReason::Stop, None);
+                        continue;
+                    }
                     seq.meta.sampler.sample(&mut self.scratch, generated)
                 }
+            };
+            let grammar_done = match seq.meta.constraint.as_mut() {
+                None => false,
+                Some(c) => match c.accept(token) {
+                    Ok(()) => c.is_complete(),
+                    Err(why) => {
+                        tracing::warn!(request_id = %seq.meta.request_id, error = %why, "constrained sequence ends: its grammar refused a token");
+                        true
+                    }
+                },
             };
             seq.meta.sampler.record(token);
             self.sched.append_token(p.id, token);
@@ -464,6 +499,12 @@ impl EngineCore {
             self.outbox.push(Emitted { request_id: Arc::clone(&seq.meta.request_id), output, last: false });
             let max_model_len = self.sched.config().max_model_len;
             let stop = stop_reason(&seq.meta, &self.eos_token_ids, token, seq.num_generated(), seq.tokens().len(), max_model_len);
+            // A complete grammar ends the output with `stop`, even at `max_tokens` or before eos.
+            let stop = match stop {
+                Some((FinishReason::Stop, m)) => Some((FinishReason::Stop, m)),
+                _ if grammar_done => Some((FinishReason::Stop, None)),
+                other => other,
+            };
             if let Some((reason, matched_stop)) = stop {
                 self.finish(p.id, reason, matched_stop);
             }

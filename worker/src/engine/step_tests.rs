@@ -169,6 +169,7 @@ fn greedy(id: &str, prompt: &[u32], max_new: u32) -> EngineRequest {
         stopping: StoppingParams { max_new_tokens: max_new, ..StoppingParams::default() },
         n: 1,
         cache_salt: Vec::new(),
+        constraint: None,
     }
 }
 
