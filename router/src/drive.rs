@@ -72,6 +72,12 @@ pub enum Event {
     Error(ApiError),
 }
 
+/// A choice's end, counted by reason.
+fn finish(st: &AppState, index: u32, reason: &'static str) -> Event {
+    st.metrics.finished.with_label_values(&[reason]).inc();
+    Event::Finish { index, reason }
+}
+
 fn reason(r: i32) -> &'static str {
     match pb::FinishReason::try_from(r) {
         Ok(pb::FinishReason::Stop) => "stop",
@@ -187,9 +193,17 @@ async fn drive(
         /// Generated token ids (what a migration re-sends).
         tokens: Vec<u32>,
         done: bool,
+        /// When its last chunk arrived (inter-token latency).
+        last: Option<Instant>,
     }
     let mut choices: Vec<Choice<'_>> = (0..n)
-        .map(|_| Choice { decode: text.tokenizer.decode_stream(true), jail: StopJail::new(&valid.stops), tokens: Vec::new(), done: false })
+        .map(|_| Choice {
+            decode: text.tokenizer.decode_stream(true),
+            jail: StopJail::new(&valid.stops),
+            tokens: Vec::new(),
+            done: false,
+            last: None,
+        })
         .collect();
     let mut req = valid.proto.clone();
     req.request_id = request_id.clone();
@@ -241,6 +255,11 @@ async fn drive(
                     }
                     let Some(&ci) = map.get(c.index as usize) else { continue };
                     let ch = &mut choices[ci];
+                    if let Some(prev) = ch.last.replace(received)
+                        && !ch.done
+                    {
+                        st.metrics.itl.observe(received.duration_since(prev).as_secs_f64());
+                    }
                     for (k, &tok) in c.token_ids.iter().enumerate() {
                         if ch.done {
                             break;
@@ -271,7 +290,7 @@ async fn drive(
                                 if tx.send(Event::Delta { index, text: t, logprobs, received }).await.is_err() {
                                     return Ok(());
                                 }
-                                Some(Event::Finish { index, reason: "stop" })
+                                Some(finish(st, index, "stop"))
                             }
                         };
                         if let Some(ev) = ev
@@ -298,7 +317,7 @@ async fn drive(
                     if !rest.is_empty() && tx.send(Event::Delta { index, text: rest, logprobs: Vec::new(), received }).await.is_err() {
                         return Ok(());
                     }
-                    if tx.send(Event::Finish { index, reason: reason(f.reason) }).await.is_err() {
+                    if tx.send(finish(st, index, reason(f.reason))).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -340,7 +359,7 @@ async fn drive(
             {
                 return Ok(());
             }
-            if tx.send(Event::Finish { index, reason: "length" }).await.is_err() {
+            if tx.send(finish(st, index, "length")).await.is_err() {
                 return Ok(());
             }
             break;
@@ -356,6 +375,10 @@ async fn drive(
         map = vec![ci];
     }
     let completion = choices.iter().map(|c| c.tokens.len() as u32).sum();
+    let m = &st.metrics;
+    m.prompt_tokens.inc_by(prompt.len() as u64);
+    m.cached_prompt_tokens.inc_by(u64::from(cached));
+    m.generated_tokens.inc_by(u64::from(completion));
     let _ = tx.send(Event::Usage { prompt: prompt.len() as u32, completion, cached }).await;
     Ok(())
 }

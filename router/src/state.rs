@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrite_common::text::TextAssets;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::Semaphore;
 
 use crate::auth::AuthConfig;
@@ -39,6 +39,14 @@ pub struct RouterMetrics {
     /// The router's own time per streamed token: from the worker's chunk arriving to its SSE event being handed to
     /// the HTTP body (detokenize, stop-string jail, JSON, channels).
     pub token: HistogramVec,
+    /// Time between a choice's consecutive worker chunks (inter-token latency as the router receives it).
+    pub itl: Histogram,
+    /// Completions by finish reason.
+    pub finished: IntCounterVec,
+    pub prompt_tokens: IntCounter,
+    /// Prompt tokens the worker served from its prefix cache.
+    pub cached_prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
 }
 
 impl RouterMetrics {
@@ -66,7 +74,23 @@ impl RouterMetrics {
         )?;
         registry.register(Box::new(prepare.clone()))?;
         registry.register(Box::new(token.clone()))?;
-        Ok(Self { registry, requests, ttft, e2e, prepare, token })
+        let itl = Histogram::with_opts(
+            HistogramOpts::new("ferrite_router_itl_seconds", "Inter-token latency: time between a choice's consecutive worker chunks")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]),
+        )?;
+        let finished = IntCounterVec::new(Opts::new("ferrite_router_finished_total", "Completions by finish reason"), &["finish_reason"])?;
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let prompt_tokens = counter("ferrite_router_prompt_tokens_total", "Prompt tokens of finished requests")?;
+        let cached_prompt_tokens =
+            counter("ferrite_router_cached_prompt_tokens_total", "Prompt tokens served from a worker's prefix cache")?;
+        let generated_tokens = counter("ferrite_router_generated_tokens_total", "Tokens generated")?;
+        registry.register(Box::new(itl.clone()))?;
+        registry.register(Box::new(finished.clone()))?;
+        Ok(Self { registry, requests, ttft, e2e, prepare, token, itl, finished, prompt_tokens, cached_prompt_tokens, generated_tokens })
     }
 }
 

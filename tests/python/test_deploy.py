@@ -304,3 +304,27 @@ def test_https_with_tls_cert_and_key_serves_the_openai_sdk():
             httpx.get(f"https://127.0.0.1:{port}/v1/models", timeout=5)
     finally:
         _stop(proc)
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in the scrape"
+    return float(m.group(1))
+
+
+def test_router_token_and_latency_metrics_count_a_request(chart_cluster):
+    base = chart_cluster["base"]
+    before = httpx.get(f"{base}/metrics", timeout=10).text
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    r = client.completions.create(model=model, prompt="Count: one, two,", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    after = httpx.get(f"{base}/metrics", timeout=10).text
+
+    def delta(name: str) -> float:
+        return _sample(after, name) - _sample(before, name)
+
+    assert delta("ferrite_router_generated_tokens_total") == r.usage.completion_tokens == 6
+    assert delta("ferrite_router_prompt_tokens_total") == r.usage.prompt_tokens
+    assert _sample(after, "ferrite_router_finished_total", '{finish_reason="length"}') >= 1
+    # 6 tokens in 6 chunks: 5 gaps between them.
+    assert delta("ferrite_router_itl_seconds_count") >= 5
