@@ -411,6 +411,7 @@ pub fn gemv_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[Block
 /// Inconsistent lengths (`x.len() != n * blocks_per_row`, `out` shorter than `(n - 1) *
 /// out_stride + rows`) hit a `debug_assert!`; in release only the activation rows that fit in
 /// both `x` and `out` are computed.
+#[allow(clippy::too_many_arguments)] // the BLAS-like signature of the SIMD kernels it dispatches to
 pub fn gemm_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
     debug_assert!(supports_q16_dot(t), "gemm_q16: unsupported type {t}");
     if !supports_q16_dot(t) || n == 0 || row_bytes == 0 {

@@ -135,7 +135,7 @@ fn rows_are_batch_invariant() {
     for isa in CpuIsa::supported() {
         let (seqs, q) = case.rows(&mut rng, &[(0, 0, 300), (1, 0, 70), (2, 0, 5)]);
         let batched = case.tiled(isa, &seqs, &q);
-        for (s, &(first, len)) in [(0usize, 300usize), (300, 70), (370, 5)].iter().enumerate().map(|(s, p)| (s, p)) {
+        for (s, &(first, len)) in [(0usize, 300usize), (300, 70), (370, 5)].iter().enumerate() {
             // Every row alone (decode-shaped: one row, start_pos = its position).
             for i in 0..len {
                 let r = first + i;
