@@ -173,8 +173,10 @@ struct TileJob<'a> {
     scale: f32,
 }
 
-/// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls (`dot4`, `dot`,
-/// `rescale_accumulate`, `scale_row`, defined there with that module's target features) inline into it.
+/// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls (`scores`,
+/// `softmax_tile`, `rescale_accumulate`, `scale_row`, defined there with that module's target features) inline into
+/// it. Each key tile is transposed once per job (`kt[d · KEY_TILE + j]`, zero past the last key) so a row's scores
+/// are plain vertical FMAs, shared by all of the job's rows.
 macro_rules! tile_loop {
     ($job:expr, $acc:expr) => {{
         let job: &TileJob<'_> = $job;
@@ -184,14 +186,20 @@ macro_rules! tile_loop {
         let last = job.pos.last().copied().unwrap_or(0);
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
-        let mut keys: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+        let mut kt = vec![0f32; hd * KEY_TILE];
         let mut values: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
         let mut p = [0f32; KEY_TILE];
         for k0 in (0..=last).step_by(KEY_TILE) {
             let kn = KEY_TILE.min(last + 1 - k0);
-            for j in 0..kn {
-                keys[j] = job.kv.key(k0 + j);
-                values[j] = job.kv.value(k0 + j);
+            for j in 0..KEY_TILE {
+                if j < kn {
+                    for (d, &x) in job.kv.key(k0 + j).iter().enumerate() {
+                        kt[d * KEY_TILE + j] = x;
+                    }
+                    values[j] = job.kv.value(k0 + j);
+                } else {
+                    (0..hd).for_each(|d| kt[d * KEY_TILE + j] = 0.0);
+                }
             }
             for r in 0..rows {
                 if job.pos[r] < k0 {
@@ -199,29 +207,11 @@ macro_rules! tile_loop {
                 }
                 // Keys this row may see in the tile (causal mask).
                 let n = kn.min(job.pos[r] + 1 - k0);
-                let q = &job.qs[r * hd..(r + 1) * hd];
-                let mut j = 0;
-                while j + 4 <= n {
-                    let s = dot4(q, [keys[j], keys[j + 1], keys[j + 2], keys[j + 3]]);
-                    p[j..j + 4].copy_from_slice(&s);
-                    j += 4;
-                }
-                while j < n {
-                    p[j] = dot(q, keys[j]);
-                    j += 1;
-                }
-                let mut m = max[r];
-                for s in &mut p[..n] {
-                    *s *= job.scale;
-                    m = m.max(*s);
-                }
+                scores(&job.qs[r * hd..(r + 1) * hd], &kt, &mut p);
+                // `p` becomes exp(score - m) for the first `n` keys and 0 past them.
+                let (m, tile_sum) = softmax_tile(&mut p, n, job.scale, max[r]);
                 // exp(-inf) = 0 on the first tile: the empty accumulator stays 0.
                 let alpha = (max[r] - m).exp();
-                let mut tile_sum = 0f32;
-                for s in &mut p[..n] {
-                    *s = (*s - m).exp();
-                    tile_sum += *s;
-                }
                 max[r] = m;
                 sum[r] = sum[r] * alpha + tile_sum;
                 rescale_accumulate(&mut acc[r * hd..(r + 1) * hd], alpha, &p[..n], &values[..n]);
@@ -234,7 +224,7 @@ macro_rules! tile_loop {
 }
 use tile_loop;
 
-/// Portable micro-kernels: every sum in index order, separate multiply and add.
+/// Portable micro-kernels: every sum in index order, separate multiply and add, libm's `exp`.
 mod scalar {
     use super::{KEY_TILE, TileJob};
 
@@ -242,14 +232,33 @@ mod scalar {
         tile_loop!(job, acc)
     }
 
+    /// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]`, `d` in order.
     #[inline(always)]
-    fn dot(q: &[f32], k: &[f32]) -> f32 {
-        q.iter().zip(k).fold(0.0, |s, (a, b)| s + a * b)
+    fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+        p.fill(0.0);
+        for (&qd, k) in q.iter().zip(kt.chunks_exact(KEY_TILE)) {
+            for (pj, &kj) in p.iter_mut().zip(k) {
+                *pj += qd * kj;
+            }
+        }
     }
 
+    /// Scales the first `n` scores, returns the new running max `m` and `Σ exp(s_j - m)` (in key order), leaving
+    /// `p[j] = exp(s_j - m)` for `j < n` and 0 past them.
     #[inline(always)]
-    fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
-        k.map(|k| dot(q, k))
+    fn softmax_tile(p: &mut [f32; KEY_TILE], n: usize, scale: f32, m_old: f32) -> (f32, f32) {
+        let mut m = m_old;
+        for s in &mut p[..n] {
+            *s *= scale;
+            m = m.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in &mut p[..n] {
+            *s = (*s - m).exp();
+            sum += *s;
+        }
+        p[n..].fill(0.0);
+        (m, sum)
     }
 
     /// `acc = acc · alpha + Σ_j p_j · v_j`, keys in order for each lane.

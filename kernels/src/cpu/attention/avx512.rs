@@ -1,10 +1,17 @@
-//! AVX-512 micro-kernels of the tiled attention (head_dim a multiple of 16). Each score is one 16-lane FMA chain
-//! over the head's chunks in order, then a fixed horizontal sum, whether computed alone ([`dot`]) or four keys at a
-//! time ([`dot4`]): the two give the same bits, so a row's scores do not depend on where its tile's keys end.
+//! AVX-512 micro-kernels of the tiled attention (head_dim a multiple of 16), the same arithmetic as `avx2.rs` in
+//! 16-lane vectors. Every value a row gets is computed
+//! lane-wise from that row's own data in a fixed order: a score is two FMA chains over the even and odd dimensions
+//! (then added), the tile's exponentials use [`exp`] on all [`KEY_TILE`] lanes (masked lanes zeroed), and each output
+//! lane is two FMA chains over the even and odd keys.
 
 use core::arch::x86_64::*;
 
 use super::{KEY_TILE, TileJob, tile_loop};
+
+/// Lanes per vector.
+const W: usize = 16;
+/// Vectors per key tile.
+const TV: usize = KEY_TILE / W;
 
 /// The tile loop with these micro-kernels inlined.
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -12,7 +19,53 @@ pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
     tile_loop!(job, acc)
 }
 
-/// The 16 lanes' sum (`_mm512_reduce_add_ps`: a fixed tree of halvings).
+/// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]` for the whole tile.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+    let pairs = q.len() / 2;
+    assert!(kt.len() >= 2 * pairs * KEY_TILE, "scores: transposed tile too short");
+    let mut even = [_mm512_setzero_ps(); TV];
+    let mut odd = [_mm512_setzero_ps(); TV];
+    for d in 0..pairs {
+        let (q0, q1) = (_mm512_set1_ps(q[2 * d]), _mm512_set1_ps(q[2 * d + 1]));
+        // SAFETY: rows 2d and 2d+1 of `kt` (KEY_TILE floats each) lie inside it (asserted above).
+        unsafe {
+            let k0 = kt.as_ptr().add(2 * d * KEY_TILE);
+            let k1 = k0.add(KEY_TILE);
+            for v in 0..TV {
+                even[v] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(k0.add(v * W)), even[v]);
+                odd[v] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k1.add(v * W)), odd[v]);
+            }
+        }
+    }
+    for v in 0..TV {
+        // SAFETY: `p` holds KEY_TILE = TV · W floats.
+        unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(v * W), _mm512_add_ps(even[v], odd[v])) };
+    }
+}
+
+/// `exp(x)` to ~2 ulp for x in [-87, 88] (Cephes' `expf`: `x = n·ln2 + r`, degree-6 polynomial in r, times 2ⁿ);
+/// below -87 it gives ~2⁻¹²⁶ (callers zero masked lanes themselves).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exp(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+    let pow2n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127))));
+    _mm512_mul_ps(y, pow2n)
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn hsum(v: __m512) -> f32 {
@@ -21,48 +74,75 @@ fn hsum(v: __m512) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn dot(q: &[f32], k: &[f32]) -> f32 {
-    let mut a = _mm512_setzero_ps();
-    for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
-        // SAFETY: both chunks hold 16 floats.
-        a = unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(qc.as_ptr()), _mm512_loadu_ps(kc.as_ptr()), a) };
-    }
-    hsum(a)
+fn hmax(v: __m512) -> f32 {
+    _mm512_reduce_max_ps(v)
 }
 
+/// Scales the first `n` scores, returns the new running max `m` and the tile's `Σ exp(s_j - m)` (lane sums, then a
+/// fixed tree), leaving `p[j] = exp(s_j - m)` for `j < n` and 0 past them.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
-    let n = q.len() / 16 * 16;
-    assert!(k.iter().all(|k| k.len() >= n), "dot4: key shorter than the query");
-    let mut a = [_mm512_setzero_ps(); 4];
-    for c in (0..n).step_by(16) {
-        // SAFETY: `c + 16 <= n`, and `q` and every key hold at least `n` floats.
-        unsafe {
-            let qv = _mm512_loadu_ps(q.as_ptr().add(c));
-            for (a, k) in a.iter_mut().zip(&k) {
-                *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k.as_ptr().add(c)), *a);
-            }
-        }
+fn softmax_tile(p: &mut [f32; KEY_TILE], n: usize, scale: f32, m_old: f32) -> (f32, f32) {
+    let sc = _mm512_set1_ps(scale);
+    let mut s = [_mm512_setzero_ps(); TV];
+    let mut live: [__mmask16; TV] = [0; TV];
+    let mut mx = _mm512_set1_ps(m_old);
+    for v in 0..TV {
+        // Lanes v·W .. v·W + W hold keys; those at n and past are masked.
+        let k = n.saturating_sub(v * W).min(W);
+        live[v] = ((1u32 << k) - 1) as __mmask16;
+        // SAFETY: `p` holds KEY_TILE = TV · W floats.
+        let x = _mm512_mul_ps(unsafe { _mm512_loadu_ps(p.as_ptr().add(v * W)) }, sc);
+        s[v] = _mm512_mask_blend_ps(live[v], _mm512_set1_ps(f32::NEG_INFINITY), x);
+        mx = _mm512_max_ps(mx, s[v]);
     }
-    [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])]
+    let m = hmax(mx);
+    let mv = _mm512_set1_ps(m);
+    let mut total = _mm512_setzero_ps();
+    for v in 0..TV {
+        let e = _mm512_maskz_mov_ps(live[v], exp(_mm512_sub_ps(s[v], mv)));
+        total = _mm512_add_ps(total, e);
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(v * W), e) };
+    }
+    (m, hsum(total))
 }
 
-/// `acc = acc · alpha + Σ_j p_j · v_j`, one FMA per key in key order for each lane.
+/// `acc = acc · alpha + Σ_j p_j · v_j`: per lane, one FMA chain over the even keys (starting from `acc · alpha`) and
+/// one over the odd keys, added at the end. Four vectors of the head at a time, so the chains stay in registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn rescale_accumulate(acc: &mut [f32], alpha: f32, p: &[f32], v: &[&[f32]]) {
-    let n = acc.len() / 16 * 16;
-    assert!(v.iter().all(|v| v.len() >= n), "rescale_accumulate: value row shorter than the accumulator");
+    const G: usize = 4;
+    let n = acc.len() / W * W;
+    assert!(p.len() <= v.len() && v[..p.len()].iter().all(|v| v.len() >= n), "rescale_accumulate: value row too short");
     let al = _mm512_set1_ps(alpha);
-    for c in (0..n).step_by(16) {
-        // SAFETY: `c + 16 <= n`, and `acc` and every value row hold at least `n` floats.
-        unsafe {
-            let mut x = _mm512_mul_ps(_mm512_loadu_ps(acc.as_ptr().add(c)), al);
-            for (&pj, vj) in p.iter().zip(v) {
-                x = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_loadu_ps(vj.as_ptr().add(c)), x);
+    for c0 in (0..n).step_by(G * W) {
+        let g = G.min((n - c0) / W);
+        let mut even = [_mm512_setzero_ps(); G];
+        let mut odd = [_mm512_setzero_ps(); G];
+        for c in 0..g {
+            // SAFETY: `c0 + (c + 1) · W <= n <= acc.len()`.
+            even[c] = _mm512_mul_ps(unsafe { _mm512_loadu_ps(acc.as_ptr().add(c0 + c * W)) }, al);
+        }
+        let mut j = 0;
+        while j < p.len() {
+            let pe = _mm512_set1_ps(p[j]);
+            let po = _mm512_set1_ps(if j + 1 < p.len() { p[j + 1] } else { 0.0 });
+            for c in 0..g {
+                // SAFETY: every value row holds at least `n` floats (asserted above); `c0 + c · W + W <= n`.
+                unsafe {
+                    even[c] = _mm512_fmadd_ps(pe, _mm512_loadu_ps(v[j].as_ptr().add(c0 + c * W)), even[c]);
+                    if j + 1 < p.len() {
+                        odd[c] = _mm512_fmadd_ps(po, _mm512_loadu_ps(v[j + 1].as_ptr().add(c0 + c * W)), odd[c]);
+                    }
+                }
             }
-            _mm512_storeu_ps(acc.as_mut_ptr().add(c), x);
+            j += 2;
+        }
+        for c in 0..g {
+            // SAFETY: as for the loads from `acc`.
+            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c0 + c * W), _mm512_add_ps(even[c], odd[c])) };
         }
     }
 }

@@ -172,3 +172,51 @@ fn rows_outside_every_sequence_are_untouched() {
     assert!(out[..32].iter().chain(&out[160..]).all(|&v| v == -7.0));
     assert!(out[32..160].iter().all(|v| v.is_finite() && *v != -7.0));
 }
+
+/// Indicative only (run alone on a quiet host): the tiled kernel against the naive per-(row, head) loop it replaced
+/// (`attend_one` fanned out over rayon like the old forward pass), one prefill of 1k / 2k / 4k tokens of the default
+/// model's attention shape (9 query heads, 3 KV heads, head_dim 64), one layer, interleaved A/B/A/B.
+/// `cargo test --release -p ferrite-kernels --lib bench_tiled_vs_naive -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark"]
+fn bench_tiled_vs_naive_prefill() {
+    use std::time::Instant;
+    let mut rng = StdRng::seed_from_u64(10);
+    let isa = CpuIsa::host();
+    let (nh, nkv, hd) = (9, 3, 64);
+    println!("isa {isa}, threads {}", rayon::current_num_threads());
+    for len in [1024, 2048, 4096] {
+        let case = Case::new(&mut rng, nh, nkv, hd, 16, &[len]);
+        let (seqs, q) = case.rows(&mut rng, &[(0, 0, len)]);
+        let naive = |out: &mut Vec<f32>| {
+            let table = &case.tables[0].0;
+            let slot = |t: usize| (table[t / 16] as usize * 16 + t % 16) * nkv * hd;
+            out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
+                let (r, h) = (i / nh, i % nh);
+                let off = (h / (nh / nkv)) * hd;
+                let key = |t: usize| &case.k[slot(t) + off..][..hd];
+                let value = |t: usize| &case.v[slot(t) + off..][..hd];
+                attend_one(isa, &q[i * hd..][..hd], r + 1, case.shape().scale, key, value, scores, o);
+            });
+        };
+        let mut out = vec![0f32; q.len()];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let t = Instant::now();
+            naive(&mut out);
+            a.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            paged_attention(isa, &case.kv(), &seqs, &q, &case.shape(), &mut out);
+            b.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "prefill {len}: naive {:.1} / {:.1} ms, tiled {:.1} / {:.1} ms, naive/tiled {:.2} / {:.2}",
+            a[0],
+            a[1],
+            b[0],
+            b[1],
+            a[0] / b[0],
+            a[1] / b[1]
+        );
+    }
+}
