@@ -182,10 +182,10 @@ fn rows_outside_every_sequence_are_untouched() {
 fn bench_tiled_vs_naive_prefill() {
     use std::time::Instant;
     let mut rng = StdRng::seed_from_u64(10);
-    let isa = CpuIsa::host();
     let (nh, nkv, hd) = (9, 3, 64);
-    println!("isa {isa}, threads {}", rayon::current_num_threads());
-    for len in [1024, 2048, 4096] {
+    println!("threads {}", rayon::current_num_threads());
+    let simd = CpuIsa::supported().into_iter().filter(|i| i.level() != crate::cpu::isa::IsaLevel::Scalar);
+    for (isa, len) in simd.flat_map(|isa| [1024, 2048, 4096].map(|len| (isa, len))) {
         let case = Case::new(&mut rng, nh, nkv, hd, 16, &[len]);
         let (seqs, q) = case.rows(&mut rng, &[(0, 0, len)]);
         let naive = |out: &mut Vec<f32>| {
@@ -210,7 +210,7 @@ fn bench_tiled_vs_naive_prefill() {
             b.push(t.elapsed().as_secs_f64() * 1e3);
         }
         println!(
-            "prefill {len}: naive {:.1} / {:.1} ms, tiled {:.1} / {:.1} ms, naive/tiled {:.2} / {:.2}",
+            "{isa} prefill {len}: naive {:.1} / {:.1} ms, tiled {:.1} / {:.1} ms, naive/tiled {:.2} / {:.2}",
             a[0],
             a[1],
             b[0],
