@@ -19,29 +19,31 @@ pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
     tile_loop!(job, acc)
 }
 
-/// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]` for the whole tile.
+/// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]` for the whole tile: four FMA chains per vector of keys, over the
+/// dimensions `d ≡ 0, 1, 2, 3 (mod 4)`, summed as `(c0 + c1) + (c2 + c3)` (eight independent chains hide the FMA
+/// latency; AVX2 has enough with two per vector, as it has twice the vectors).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
-    let pairs = q.len() / 2;
-    assert!(kt.len() >= 2 * pairs * KEY_TILE, "scores: transposed tile too short");
-    let mut even = [_mm512_setzero_ps(); TV];
-    let mut odd = [_mm512_setzero_ps(); TV];
-    for d in 0..pairs {
-        let (q0, q1) = (_mm512_set1_ps(q[2 * d]), _mm512_set1_ps(q[2 * d + 1]));
-        // SAFETY: rows 2d and 2d+1 of `kt` (KEY_TILE floats each) lie inside it (asserted above).
-        unsafe {
-            let k0 = kt.as_ptr().add(2 * d * KEY_TILE);
-            let k1 = k0.add(KEY_TILE);
-            for v in 0..TV {
-                even[v] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(k0.add(v * W)), even[v]);
-                odd[v] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k1.add(v * W)), odd[v]);
+    const U: usize = 4;
+    let quads = q.len() / U;
+    assert!(kt.len() >= U * quads * KEY_TILE, "scores: transposed tile too short");
+    let mut c = [[_mm512_setzero_ps(); TV]; U];
+    for d in 0..quads {
+        for (u, cu) in c.iter_mut().enumerate() {
+            let qv = _mm512_set1_ps(q[U * d + u]);
+            // SAFETY: row U·d + u of `kt` (KEY_TILE floats) lies inside it (asserted above).
+            let k = unsafe { kt.as_ptr().add((U * d + u) * KEY_TILE) };
+            for (v, cv) in cu.iter_mut().enumerate() {
+                // SAFETY: as above; `v · W + W <= KEY_TILE`.
+                *cv = _mm512_fmadd_ps(qv, unsafe { _mm512_loadu_ps(k.add(v * W)) }, *cv);
             }
         }
     }
     for v in 0..TV {
+        let s = _mm512_add_ps(_mm512_add_ps(c[0][v], c[1][v]), _mm512_add_ps(c[2][v], c[3][v]));
         // SAFETY: `p` holds KEY_TILE = TV · W floats.
-        unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(v * W), _mm512_add_ps(even[v], odd[v])) };
+        unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(v * W), s) };
     }
 }
 
