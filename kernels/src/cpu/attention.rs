@@ -151,18 +151,6 @@ impl JobKv<'_> {
         let slot = self.table[pos / bs] as usize * bs + pos % bs;
         slot * self.kv.slot_stride + self.head_offset
     }
-
-    #[inline(always)]
-    fn key(&self, pos: usize) -> &[f32] {
-        let o = self.offset(pos);
-        &self.kv.k[o..o + self.hd]
-    }
-
-    #[inline(always)]
-    fn value(&self, pos: usize) -> &[f32] {
-        let o = self.offset(pos);
-        &self.kv.v[o..o + self.hd]
-    }
 }
 
 /// What the tile loop of a job reads: its rows' queries (`[rows, hd]`) and positions (ascending).
@@ -193,12 +181,14 @@ macro_rules! tile_loop {
             let kn = KEY_TILE.min(last + 1 - k0);
             for j in 0..KEY_TILE {
                 if j < kn {
-                    for (d, &x) in job.kv.key(k0 + j).iter().enumerate() {
-                        kt[d * KEY_TILE + j] = x;
+                    // K and V of a position share their offset: resolve the page once.
+                    let off = job.kv.offset(k0 + j);
+                    for (row, &x) in kt.chunks_exact_mut(KEY_TILE).zip(&job.kv.kv.k[off..off + hd]) {
+                        row[j] = x;
                     }
-                    values[j] = job.kv.value(k0 + j);
+                    values[j] = &job.kv.kv.v[off..off + hd];
                 } else {
-                    (0..hd).for_each(|d| kt[d * KEY_TILE + j] = 0.0);
+                    kt.chunks_exact_mut(KEY_TILE).for_each(|row| row[j] = 0.0);
                 }
             }
             for r in 0..rows {

@@ -174,29 +174,35 @@ fn rows_outside_every_sequence_are_untouched() {
 }
 
 /// Indicative only (run alone on a quiet host): the tiled kernel against the naive per-(row, head) loop it replaced
-/// (`attend_one` fanned out over rayon like the old forward pass), one prefill of 1k / 2k / 4k tokens of the default
-/// model's attention shape (9 query heads, 3 KV heads, head_dim 64), one layer, interleaved A/B/A/B.
+/// (`attend_one` fanned out over rayon like the old forward pass), in the default model's attention shape (9 query
+/// heads, 3 KV heads, head_dim 64), one layer, interleaved A/B/A/B: one prefill of 1k / 2k / 4k tokens, and a decode
+/// step of 16 sequences at those contexts.
 /// `cargo test --release -p ferrite-kernels --lib bench_tiled_vs_naive -- --ignored --nocapture`
 #[test]
 #[ignore = "benchmark"]
-fn bench_tiled_vs_naive_prefill() {
+fn bench_tiled_vs_naive() {
     use std::time::Instant;
     let mut rng = StdRng::seed_from_u64(10);
     let (nh, nkv, hd) = (9, 3, 64);
     println!("threads {}", rayon::current_num_threads());
-    let simd = CpuIsa::supported().into_iter().filter(|i| i.level() != crate::cpu::isa::IsaLevel::Scalar);
-    for (isa, len) in simd.flat_map(|isa| [1024, 2048, 4096].map(|len| (isa, len))) {
-        let case = Case::new(&mut rng, nh, nkv, hd, 16, &[len]);
-        let (seqs, q) = case.rows(&mut rng, &[(0, 0, len)]);
+    let simd: Vec<CpuIsa> = CpuIsa::supported().into_iter().filter(|i| i.level() != crate::cpu::isa::IsaLevel::Scalar).collect();
+    for (isa, len, decode) in
+        simd.iter().flat_map(|&isa| [1024, 2048, 4096].into_iter().flat_map(move |len| [(isa, len, false), (isa, len, true)]))
+    {
+        let (ctx, parts): (Vec<usize>, Vec<(usize, usize, usize)>) =
+            if decode { (vec![len; 16], (0..16).map(|s| (s, len - 1, 1)).collect()) } else { (vec![len], vec![(0, 0, len)]) };
+        let case = Case::new(&mut rng, nh, nkv, hd, 16, &ctx);
+        let (seqs, q) = case.rows(&mut rng, &parts);
+        // (table, position) of every stacked row.
+        let rows: Vec<(&[u32], usize)> = seqs.iter().flat_map(|s| (0..s.len).map(move |i| (s.block_table, s.start_pos + i))).collect();
         let naive = |out: &mut Vec<f32>| {
-            let table = &case.tables[0].0;
-            let slot = |t: usize| (table[t / 16] as usize * 16 + t % 16) * nkv * hd;
             out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
-                let (r, h) = (i / nh, i % nh);
+                let ((table, pos), h) = (rows[i / nh], i % nh);
+                let slot = |t: usize| (table[t / 16] as usize * 16 + t % 16) * nkv * hd;
                 let off = (h / (nh / nkv)) * hd;
                 let key = |t: usize| &case.k[slot(t) + off..][..hd];
                 let value = |t: usize| &case.v[slot(t) + off..][..hd];
-                attend_one(isa, &q[i * hd..][..hd], r + 1, case.shape().scale, key, value, scores, o);
+                attend_one(isa, &q[i * hd..][..hd], pos + 1, case.shape().scale, key, value, scores, o);
             });
         };
         let mut out = vec![0f32; q.len()];
@@ -209,8 +215,9 @@ fn bench_tiled_vs_naive_prefill() {
             paged_attention(isa, &case.kv(), &seqs, &q, &case.shape(), &mut out);
             b.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        let what = if decode { "decode 16 seqs at" } else { "prefill" };
         println!(
-            "{isa} prefill {len}: naive {:.1} / {:.1} ms, tiled {:.1} / {:.1} ms, naive/tiled {:.2} / {:.2}",
+            "{isa} {what} {len}: naive {:.2} / {:.2} ms, tiled {:.2} / {:.2} ms, naive/tiled {:.2} / {:.2}",
             a[0],
             a[1],
             b[0],
