@@ -9,9 +9,10 @@
 //! readers). Together with the worker's CUDA code, this crate is the only place `unsafe` is allowed. The GGML block
 //! layouts it computes on are `ferrite_common::dtype`.
 //!
-//! Numerics are deterministic: a function gives the same bits for the same inputs on a given
-//! CPU, whatever the batch it is called with. SIMD paths are chosen at run time
-//! (`is_x86_feature_detected!`) and fall back to portable scalar code.
+//! Numerics are deterministic: a function gives the same bits for the same inputs and the same
+//! [`cpu::isa::CpuIsa`], whatever the batch it is called with. Every dispatching CPU kernel takes
+//! that `CpuIsa` as an argument (the host's best, or the `FERRITE_CPU_ISA` cap, checked against
+//! the CPU when it is made) and falls back to portable scalar code at `scalar`.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

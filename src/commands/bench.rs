@@ -99,8 +99,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // run holds its prompt and one token. Block 0 is reserved.
     let per_seq = (decode_prompt + a.decode_steps + 1).div_ceil(DEFAULT_BLOCK_SIZE);
     let blocks = 1 + (a.prompt_tokens + 1).div_ceil(DEFAULT_BLOCK_SIZE).max(per_seq * max_batch);
-    let opts =
-        CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
+    let opts = CpuOptions {
+        precision: a.model.precision.into(),
+        threads: a.model.threads,
+        num_kv_blocks: blocks,
+        block_size: DEFAULT_BLOCK_SIZE,
+        isa: a.model.isa()?,
+    };
     let mut backend = CpuBackend::load(&files, &opts)?;
     let threads = if a.model.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.model.threads };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
@@ -108,7 +113,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let weight_mb = backend.weight_bytes() as f64 / 1e6;
     let roofline = bw * 1e3 / weight_mb;
     println!("model: {}", path.display());
-    println!("threads: {threads}, precision: {:?}", a.model.precision);
+    println!("threads: {threads}, precision: {:?}, CPU instruction set: {}", a.model.precision, opts.isa);
     println!("memory bandwidth (read): {bw:.1} GB/s; weights streamed per decode step: {weight_mb:.1} MB");
     println!("batch-1 decode roofline (bandwidth / weight bytes): {roofline:.0} tok/s");
 
@@ -186,6 +191,7 @@ fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::
             threads: a.model.threads,
             num_kv_blocks: blocks,
             block_size: DEFAULT_BLOCK_SIZE,
+            isa: a.model.isa()?,
         },
     )?;
     let engine = Engine::spawn(

@@ -58,8 +58,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     // Block 0 of the KV cache is reserved (the engine never hands it out).
     let blocks = 1 + (prompt.len() + a.max_tokens).div_ceil(DEFAULT_BLOCK_SIZE);
-    let opts =
-        CpuOptions { precision: a.model.precision.into(), threads: a.model.threads, num_kv_blocks: blocks, block_size: DEFAULT_BLOCK_SIZE };
+    let opts = CpuOptions {
+        precision: a.model.precision.into(),
+        threads: a.model.threads,
+        num_kv_blocks: blocks,
+        block_size: DEFAULT_BLOCK_SIZE,
+        isa: a.model.isa()?,
+    };
     let mut backend = CpuBackend::load(&files, &opts)?;
     tracing::info!(model = %path.display(), prompt_tokens = prompt.len(), load_ms = started.elapsed().as_millis() as u64, "loaded");
     let scheduler = SchedulerConfig { max_num_batched_tokens: prompt.len(), max_num_seqs: 1, max_waiting: 1, max_model_len: max_ctx };

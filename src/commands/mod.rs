@@ -16,6 +16,7 @@ use anyhow::bail;
 
 use crate::default_model;
 use ferrite_worker::cpu::weights::WeightPrecision;
+use ferrite_worker::cpu::{CpuIsa, IsaLevel};
 
 /// Options every model-running command takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -29,6 +30,17 @@ pub struct ModelArgs {
     /// Weight precision on CPU: `native` keeps GGUF quantized blocks, `f32` dequantizes everything.
     #[arg(long, value_enum, default_value_t = Precision::Native)]
     pub precision: Precision,
+    /// Cap on the instruction set of the CPU kernels: `scalar`, `avx2` or `avx512` (default: the best this CPU
+    /// supports; asking for one it lacks is an error).
+    #[arg(long, env = "FERRITE_CPU_ISA")]
+    pub cpu_isa: Option<IsaLevel>,
+}
+
+impl ModelArgs {
+    /// The CPU kernels' instruction set: `--cpu-isa` checked against this CPU.
+    pub fn isa(&self) -> anyhow::Result<CpuIsa> {
+        Ok(CpuIsa::from_cap(self.cpu_isa)?)
+    }
 }
 
 /// Engine options shared by `serve` and `worker`.
@@ -129,6 +141,7 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             threads: m.threads,
             precision: m.precision.into(),
+            cpu_isa: m.cpu_isa,
             backend: self.backend.into(),
             cuda_device: self.cuda_device,
             gpu_memory_utilization: self.gpu_memory_utilization,
@@ -241,6 +254,20 @@ mod tests {
         assert!(c.enforce_eager && !c.cuda_programmatic_launch && !c.cuda_gemm_search && c.cuda_attention == Attn::TensorCores);
         assert_eq!(config(&["--cuda-attention", "cuda-cores"]).cuda_attention, Attn::CudaCores);
         assert!(Cli::try_parse_from(["ferrite", "--cuda-attention", "fastest"]).is_err());
+    }
+
+    #[test]
+    fn cpu_isa_cap_is_parsed_and_reaches_the_worker_config() {
+        assert_eq!(config(&[]).cpu_isa, None);
+        assert_eq!(config(&["--cpu-isa", "scalar"]).cpu_isa, Some(IsaLevel::Scalar));
+        assert_eq!(config(&["--cpu-isa", "avx512"]).cpu_isa, Some(IsaLevel::Avx512));
+        let err = Cli::try_parse_from(["ferrite", "--cpu-isa", "sse4"]).err().expect("unknown ISA rejected").to_string();
+        assert!(err.contains("expected one of: scalar, avx2, avx512"), "{err}");
+        // A level the host lacks fails validation; the host's own levels pass.
+        for level in IsaLevel::ALL {
+            let c = config(&["--cpu-isa", level.name()]);
+            assert_eq!(c.validate().is_ok(), level.host_supports(), "{level}");
+        }
     }
 
     #[test]

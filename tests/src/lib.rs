@@ -35,6 +35,7 @@ pub fn test_worker_config() -> ferrite_worker::config::WorkerConfig {
         max_model_len: 1024,
         threads: 2,
         precision: ferrite_worker::cpu::weights::WeightPrecision::Native,
+        cpu_isa: None,
         backend: Default::default(),
         cuda_device: 0,
         gpu_memory_utilization: 0.9,

@@ -3,20 +3,23 @@
 //! - The f32 path (every weight dequantized to f32, f32 activations) is the exact twin of the reference: its logits
 //!   must match to 1e-3 · max|logit| (we see ~2e-6) and its greedy tokens must equal the reference for every case.
 //! - The fast path (GGUF blocks, quantized activations) must stay within the bound stated in
-//!   [`quantized_path_stays_within_bound`].
+//!   [`quantized_path_matches_reference_within_bound`].
+//!
+//! Both run once per instruction set this CPU supports (`FERRITE_CPU_ISA`: scalar, avx2, avx512), so every kernel
+//! path the host can take is held to the reference.
 
 use ferrite_common::model::ModelFiles;
 use ferrite_tests::{BlockTables, RefCase, default_model, ref_cases, ref_logits};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
-use ferrite_worker::cpu::{CpuBackend, CpuOptions};
+use ferrite_worker::cpu::{CpuBackend, CpuIsa, CpuOptions};
 use ferrite_worker::engine::sampler::argmax;
 
 const EOS: u32 = 2;
 
-fn backend(precision: WeightPrecision) -> CpuBackend {
+fn backend(precision: WeightPrecision, isa: CpuIsa) -> CpuBackend {
     let model = ModelFiles::open(&default_model()).expect("open default model");
-    CpuBackend::load(&model, &CpuOptions { precision, num_kv_blocks: 64, ..CpuOptions::default() }).expect("load")
+    CpuBackend::load(&model, &CpuOptions { precision, num_kv_blocks: 64, isa, ..CpuOptions::default() }).expect("load")
 }
 
 /// Logits at every position of `tokens` (teacher forcing), in one prefill.
@@ -42,13 +45,19 @@ fn greedy(b: &mut CpuBackend, case: &RefCase) -> Vec<u32> {
 
 #[test]
 fn f32_path_matches_reference_logits_and_greedy_tokens() {
-    let mut b = backend(WeightPrecision::F32);
+    for isa in CpuIsa::supported() {
+        f32_path_matches_at(isa);
+    }
+}
+
+fn f32_path_matches_at(isa: CpuIsa) {
+    let mut b = backend(WeightPrecision::F32, isa);
     for case in ref_cases() {
         let want = ref_logits(&case.name);
         let logits = all_logits(&mut b, &case.prompt_ids);
         let got = logits.last().unwrap();
         let rel = max_err(got, &want) / max_abs(&want);
-        assert!(rel <= 1e-3, "{}: max abs error {rel:e} x max|logit|", case.name);
+        assert!(rel <= 1e-3, "{isa} {}: max abs error {rel:e} x max|logit|", case.name);
         // Top-10 logits of the first generated steps (teacher-forced on the reference tokens).
         let mut forced = case.prompt_ids.clone();
         forced.extend(&case.greedy_ids);
@@ -56,10 +65,10 @@ fn f32_path_matches_reference_logits_and_greedy_tokens() {
         for (i, (ids, vals)) in case.top10.iter().enumerate() {
             let row = &steps[case.prompt_ids.len() - 1 + i];
             for (&id, &v) in ids.iter().zip(vals) {
-                assert!((row[id as usize] - v).abs() <= 1e-3 * max_abs(vals), "{} step {i} id {id}", case.name);
+                assert!((row[id as usize] - v).abs() <= 1e-3 * max_abs(vals), "{isa} {} step {i} id {id}", case.name);
             }
         }
-        assert_eq!(greedy(&mut b, &case), case.greedy_ids, "{}: greedy tokens", case.name);
+        assert_eq!(greedy(&mut b, &case), case.greedy_ids, "{isa} {}: greedy tokens", case.name);
     }
 }
 
@@ -71,8 +80,14 @@ fn f32_path_matches_reference_logits_and_greedy_tokens() {
 /// in practice that is every step of every case (asserted below by counting).
 #[test]
 fn quantized_path_matches_reference_within_bound() {
+    for isa in CpuIsa::supported() {
+        quantized_path_matches_at(isa);
+    }
+}
+
+fn quantized_path_matches_at(isa: CpuIsa) {
     const BOUND: f32 = 1e-3;
-    let mut b = backend(WeightPrecision::Native);
+    let mut b = backend(WeightPrecision::Native, isa);
     let (mut checked, mut total) = (0, 0);
     for case in ref_cases() {
         let want = ref_logits(&case.name);
@@ -82,17 +97,17 @@ fn quantized_path_matches_reference_within_bound() {
         let last = &steps[case.prompt_ids.len() - 1];
         let scale = max_abs(&want);
         let err = max_err(last, &want);
-        assert!(err <= BOUND * scale, "{}: max abs error {} x max|logit|", case.name, err / scale);
+        assert!(err <= BOUND * scale, "{isa} {}: max abs error {} x max|logit|", case.name, err / scale);
         // Teacher-forced argmax at every step whose reference margin cannot legitimately flip.
         for (i, &tok) in case.greedy_ids.iter().enumerate() {
             total += 1;
             if case.margins.get(i).is_some_and(|&m| m > 2.0 * BOUND * scale) {
-                assert_eq!(argmax(&steps[case.prompt_ids.len() - 1 + i]), tok, "{} step {i}", case.name);
+                assert_eq!(argmax(&steps[case.prompt_ids.len() - 1 + i]), tok, "{isa} {} step {i}", case.name);
                 checked += 1;
             }
         }
         // Free-running greedy generation reproduces the reference text.
-        assert_eq!(greedy(&mut b, &case), case.greedy_ids, "{}: greedy tokens", case.name);
+        assert_eq!(greedy(&mut b, &case), case.greedy_ids, "{isa} {}: greedy tokens", case.name);
     }
-    assert!(checked * 10 >= total * 9, "only {checked}/{total} steps had a margin above the bound");
+    assert!(checked * 10 >= total * 9, "{isa}: only {checked}/{total} steps had a margin above the bound");
 }

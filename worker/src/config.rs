@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use ferrite_common::error::ModelError;
 
 use crate::cpu::weights::WeightPrecision;
+use crate::cpu::{CpuIsa, IsaLevel};
 
 /// Worker settings (validated by [`WorkerConfig::validate`]).
 #[derive(Debug, Clone)]
@@ -22,6 +23,9 @@ pub struct WorkerConfig {
     pub max_model_len: usize,
     pub threads: usize,
     pub precision: WeightPrecision,
+    /// Cap on the CPU kernels' instruction set (None: the best this CPU supports); [`Self::validate`] rejects a
+    /// level the host lacks.
+    pub cpu_isa: Option<IsaLevel>,
     /// Which backend runs the model.
     pub backend: BackendKind,
     /// CUDA: device ordinal and the fraction of its memory to use (weights + activations + KV cache).
@@ -94,9 +98,15 @@ impl WorkerConfig {
         if self.tensor_parallel_size == 0 {
             return err("--tensor-parallel-size must be at least 1");
         }
+        self.cpu_isa()?;
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             return err("--gpu-memory-utilization must be in (0, 1]");
         }
         Ok(())
+    }
+
+    /// The instruction set the CPU kernels run at: the cap if the host supports it, else an error.
+    pub fn cpu_isa(&self) -> Result<CpuIsa, WorkerError> {
+        CpuIsa::from_cap(self.cpu_isa).map_err(|e| WorkerError::Config(format!("FERRITE_CPU_ISA / --cpu-isa: {e}")))
     }
 }

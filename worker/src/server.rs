@@ -73,6 +73,7 @@ impl Worker {
                     threads: cfg.threads,
                     num_kv_blocks: num_blocks,
                     block_size: DEFAULT_BLOCK_SIZE,
+                    isa: cfg.cpu_isa()?,
                 };
                 if cfg.tensor_parallel_size > 1 {
                     Box::new(crate::tp::group::TpBackend::cpu(&files, &opts, plan(files.max_block_size())?)?)

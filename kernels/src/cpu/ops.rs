@@ -4,13 +4,14 @@
 //!
 //! These are also the reference twins the CUDA kernels are checked against.
 
+use super::isa::CpuIsa;
 use super::quant::dot_f32;
 
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) * weight` (Llama, computed in f32 like transformers' `LlamaRMSNorm`).
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+pub fn rms_norm(isa: CpuIsa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     debug_assert_eq!(x.len(), weight.len());
     debug_assert_eq!(x.len(), out.len());
-    let ms = dot_f32(x, x) / x.len() as f32;
+    let ms = dot_f32(isa, x, x) / x.len() as f32;
     let scale = 1.0 / (ms + eps).sqrt();
     for ((o, &xi), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = w * (xi * scale);
@@ -82,11 +83,14 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Attention of one query head over `ctx_len` cached positions.
+/// Attention of one query head over `ctx_len` cached positions, the naive way (a full-length score vector).
 ///
 /// `key(t)` / `value(t)` return the head's K / V row at position `t` (the caller resolves paging). `scores` is
-/// scratch space. Writes `softmax(q·K / sqrt(d) ) · V` into `out`.
+/// scratch space. Writes `softmax(q·K / sqrt(d) ) · V` into `out`. The forward pass uses the tiled
+/// [`super::attention::paged_attention`]; this is its reference twin in tests.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_one<'a>(
+    isa: CpuIsa,
     q: &[f32],
     ctx_len: usize,
     scale: f32,
@@ -96,7 +100,7 @@ pub fn attend_one<'a>(
     out: &mut [f32],
 ) {
     scores.clear();
-    scores.extend((0..ctx_len).map(|t| dot_f32(q, key(t)) * scale));
+    scores.extend((0..ctx_len).map(|t| dot_f32(isa, q, key(t)) * scale));
     softmax(scores);
     out.fill(0.0);
     for (t, &p) in scores.iter().enumerate() {
@@ -133,7 +137,7 @@ mod tests {
             let x = rand_vec(&mut rng, n);
             let w = rand_vec(&mut rng, n);
             let mut out = vec![0.0; n];
-            rms_norm(&x, &w, 1e-5, &mut out);
+            rms_norm(CpuIsa::host(), &x, &w, 1e-5, &mut out);
             let ms: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n as f64;
             let s = 1.0 / (ms + 1e-5).sqrt();
             for i in 0..n {
@@ -207,7 +211,7 @@ mod tests {
         let vs: Vec<Vec<f32>> = (0..ctx).map(|_| rand_vec(&mut rng, d)).collect();
         let mut out = vec![0.0; d];
         let mut scratch = Vec::new();
-        attend_one(&q, ctx, 0.25, |t| &ks[t], |t| &vs[t], &mut scratch, &mut out);
+        attend_one(CpuIsa::host(), &q, ctx, 0.25, |t| &ks[t], |t| &vs[t], &mut scratch, &mut out);
         let s: Vec<f64> = ks.iter().map(|k| k.iter().zip(&q).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() * 0.25).collect();
         let m = s.iter().copied().fold(f64::MIN, f64::max);
         let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();

@@ -20,15 +20,18 @@
 //! each weight block once for up to 8 activation rows, with the same bits as [`vec_dot_q16`].
 //!
 //! # Determinism
-//! The SIMD path (AVX2 + FMA + F16C) is chosen at run time; CPUs without it use portable scalar
-//! code that sums in another order (results agree to ~1e-6 relative, not bitwise). The int16
-//! products ([`vec_dot_q16`], [`gemv_q16`]) use AVX-512 (avx512f + avx512bw + gfni) where
-//! available, again with its own summation order. On a given CPU each function is a pure
+//! Every dispatching function takes the [`CpuIsa`] to use (the host's best, or a configured cap).
+//! At `avx2` and above the SIMD path (AVX2 + FMA + F16C) runs; `scalar` runs portable code that
+//! sums in another order (results agree to ~1e-6 relative, not bitwise). The int16 products
+//! ([`vec_dot_q16`], [`gemv_q16`], [`gemm_q16`]) use AVX-512 (avx512f + avx512bw + gfni) at
+//! `avx512`, again with its own summation order. For a given ISA each function is a pure
 //! function of its inputs: [`gemv_q8`] gives, for each row, exactly the bits [`vec_dot_q8`]
 //! gives, whatever the number of rows per call (likewise [`gemv_q16`], [`gemm_q16`] and
 //! [`vec_dot_q16`]).
 
 use half::f16;
+
+use super::isa::CpuIsa;
 
 pub use ferrite_common::dtype::GgmlType;
 
@@ -81,7 +84,7 @@ pub struct BlockQ16 {
     pub qs: [i16; QK16],
 }
 
-/// Which implementation the dispatching functions use on this CPU.
+/// Which implementation the dispatching functions use for an ISA level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     Scalar,
@@ -89,22 +92,18 @@ enum Isa {
     Avx2,
 }
 
-/// AVX2 + FMA + F16C (every AVX2 CPU has F16C; checking it keeps the `unsafe` calls sound).
-/// `is_x86_feature_detected!` caches its answer, so this is a couple of loads.
+/// The f32 / int8 kernels' implementation for `isa` (they have no AVX-512 variant).
 #[inline]
-fn isa() -> Isa {
+fn isa(cpu: CpuIsa) -> Isa {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-            return Isa::Avx2;
-        }
+    if cpu.has_avx2() {
+        return Isa::Avx2;
     }
+    let _ = cpu;
     Isa::Scalar
 }
 
-/// Which implementation the int16-activation dot products use on this CPU: [`isa`], upgraded to
-/// AVX-512 when the CPU also has avx512f, avx512bw and gfni (GFNI also rules out the Skylake-era
-/// parts whose 512-bit instructions lower the clock).
+/// Which implementation the int16-activation dot products use: [`isa`], upgraded to AVX-512 at that level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IsaQ16 {
     Scalar,
@@ -114,38 +113,14 @@ enum IsaQ16 {
     Avx512,
 }
 
-/// [`IsaQ16`], detected once (six feature tests cost ~1 ns, noticeable on a 14 ns row).
 #[inline]
-fn isa_q16() -> IsaQ16 {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static CACHE: AtomicU8 = AtomicU8::new(0);
-    #[cfg(target_arch = "x86_64")]
-    match CACHE.load(Ordering::Relaxed) {
-        1 => return IsaQ16::Scalar,
-        2 => return IsaQ16::Avx2,
-        3 => return IsaQ16::Avx512,
-        _ => {}
-    }
-    let (isa, code) = detect_isa_q16();
-    CACHE.store(code, Ordering::Relaxed);
-    isa
-}
-
-#[cold]
-fn detect_isa_q16() -> (IsaQ16, u8) {
-    match isa() {
+fn isa_q16(cpu: CpuIsa) -> IsaQ16 {
+    match isa(cpu) {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("gfni")
-            {
-                (IsaQ16::Avx512, 3)
-            } else {
-                (IsaQ16::Avx2, 2)
-            }
-        }
-        Isa::Scalar => (IsaQ16::Scalar, 1),
+        Isa::Avx2 if cpu.has_avx512() => IsaQ16::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => IsaQ16::Avx2,
+        Isa::Scalar => IsaQ16::Scalar,
     }
 }
 
@@ -259,11 +234,11 @@ fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
 /// from zero), `s = d * sum(q)`; a block with `d == 0` is all zeros. Inputs must be finite.
 ///
 /// The SIMD and scalar paths give identical blocks.
-pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+pub fn quantize_row_q8(cpu: CpuIsa, x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * QK8, "quantize_row_q8: length mismatch");
-    match isa() {
+    match isa(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         Isa::Avx2 => unsafe { avx2::quantize_row_q8(x, out) },
         Isa::Scalar => scalar::quantize_row_q8(x, out),
     }
@@ -274,11 +249,11 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
 /// sum(q)`; a block with `d == 0` is all zeros. Inputs must be finite.
 ///
 /// The SIMD and scalar paths give identical blocks.
-pub fn quantize_row_q16(x: &[f32], out: &mut [BlockQ16]) {
+pub fn quantize_row_q16(cpu: CpuIsa, x: &[f32], out: &mut [BlockQ16]) {
     debug_assert_eq!(x.len(), out.len() * QK16, "quantize_row_q16: length mismatch");
-    match isa() {
+    match isa(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         Isa::Avx2 => unsafe { avx2_q16::quantize_row_q16(x, out) },
         Isa::Scalar => scalar::quantize_row_q16(x, out),
     }
@@ -303,12 +278,12 @@ pub fn supports_q8_dot(t: GgmlType) -> bool {
 /// Unsupported types (see [`supports_q8_dot`]) hit a `debug_assert!` and return 0.0 in release
 /// builds. Inconsistent lengths hit a `debug_assert!`; in release the common whole blocks are
 /// used. `x.qs` must not hold -128 (never produced by [`quantize_row_q8`]).
-pub fn vec_dot_q8(t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
+pub fn vec_dot_q8(cpu: CpuIsa, t: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
     debug_assert!(supports_q8_dot(t), "vec_dot_q8: unsupported type {t}");
     debug_assert_eq!(w.len(), x.len() * t.type_size(), "vec_dot_q8: length mismatch");
-    match isa() {
+    match isa(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         Isa::Avx2 => unsafe { avx2::vec_dot(t, w, x) },
         Isa::Scalar => scalar::vec_dot(t, w, x),
     }
@@ -329,15 +304,15 @@ pub fn supports_q16_dot(t: GgmlType) -> bool {
 /// Unsupported types (see [`supports_q16_dot`]) hit a `debug_assert!` and return 0.0 in release
 /// builds. Inconsistent lengths hit a `debug_assert!`; in release the common whole blocks are
 /// used.
-pub fn vec_dot_q16(t: GgmlType, w: &[u8], x: &[BlockQ16]) -> f32 {
+pub fn vec_dot_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], x: &[BlockQ16]) -> f32 {
     debug_assert!(supports_q16_dot(t), "vec_dot_q16: unsupported type {t}");
     debug_assert_eq!(w.len(), x.len() * t.type_size(), "vec_dot_q16: length mismatch");
-    match isa_q16() {
+    match isa_q16(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa_q16(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         IsaQ16::Avx2 => unsafe { avx2::vec_dot(t, w, x) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16()` returned Avx512, so the CPU supports avx512f, avx512bw, gfni, avx2,
+        // SAFETY: `isa_q16(cpu)` is Avx512 only for a `CpuIsa` checked to have avx512f, avx512bw, gfni, avx2,
         // fma and f16c.
         IsaQ16::Avx512 => unsafe { avx512_q16::vec_dot(t, w, x) },
         IsaQ16::Scalar => scalar::vec_dot(t, w, x),
@@ -377,13 +352,13 @@ fn gemv_rows<'o>(
 /// Unsupported types hit a `debug_assert!` and leave `out` untouched in release builds.
 /// Inconsistent lengths hit a `debug_assert!`; in release only the rows that fit in `w` are
 /// written.
-pub fn gemv_q8(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
+pub fn gemv_q8(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut [f32]) {
     let Some(out) = gemv_rows("gemv_q8", supports_q8_dot(t), t, w, row_bytes, x.len(), out) else {
         return;
     };
-    match isa() {
+    match isa(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         Isa::Avx2 => unsafe { avx2::gemv(t, w, row_bytes, x, out) },
         Isa::Scalar => {
             for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
@@ -401,16 +376,16 @@ pub fn gemv_q8(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], out: &mut
 /// Unsupported types hit a `debug_assert!` and leave `out` untouched in release builds.
 /// Inconsistent lengths hit a `debug_assert!`; in release only the rows that fit in `w` are
 /// written.
-pub fn gemv_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &mut [f32]) {
+pub fn gemv_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &mut [f32]) {
     let Some(out) = gemv_rows("gemv_q16", supports_q16_dot(t), t, w, row_bytes, x.len(), out) else {
         return;
     };
-    match isa_q16() {
+    match isa_q16(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa_q16(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         IsaQ16::Avx2 => unsafe { avx2::gemv(t, w, row_bytes, x, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16()` returned Avx512, so the CPU supports avx512f, avx512bw, gfni, avx2,
+        // SAFETY: `isa_q16(cpu)` is Avx512 only for a `CpuIsa` checked to have avx512f, avx512bw, gfni, avx2,
         // fma and f16c.
         IsaQ16::Avx512 => unsafe { avx512_q16::gemv(t, w, row_bytes, x, out) },
         IsaQ16::Scalar => {
@@ -436,7 +411,8 @@ pub fn gemv_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], out: &m
 /// Inconsistent lengths (`x.len() != n * blocks_per_row`, `out` shorter than `(n - 1) *
 /// out_stride + rows`) hit a `debug_assert!`; in release only the activation rows that fit in
 /// both `x` and `out` are computed.
-pub fn gemm_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
+#[allow(clippy::too_many_arguments)] // the BLAS-like signature of the SIMD kernels it dispatches to
+pub fn gemm_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
     debug_assert!(supports_q16_dot(t), "gemm_q16: unsupported type {t}");
     if !supports_q16_dot(t) || n == 0 || row_bytes == 0 {
         return;
@@ -456,12 +432,12 @@ pub fn gemm_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], n: usiz
     }
     let w = &w[..rows * row_bytes];
     let x = &x[..n * nb];
-    match isa_q16() {
+    match isa_q16(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa_q16(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         IsaQ16::Avx2 => unsafe { avx2_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16()` returned Avx512, so the CPU supports avx512f, avx512bw, gfni, avx2,
+        // SAFETY: `isa_q16(cpu)` is Avx512 only for a `CpuIsa` checked to have avx512f, avx512bw, gfni, avx2,
         // fma and f16c.
         IsaQ16::Avx512 => unsafe { avx512_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride) },
         IsaQ16::Scalar => {
@@ -480,13 +456,13 @@ pub fn gemm_q16(t: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ16], n: usiz
 /// lanes over chunks of 32, remaining chunks of 8 into the first accumulator, a fixed tree
 /// reduction, then the last `len % 8` products added one by one. The AVX2 path uses FMA, the
 /// scalar path separate multiply and add, so they differ in the last bits.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_f32(cpu: CpuIsa, a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len(), "dot_f32: length mismatch");
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    match isa() {
+    match isa(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returned Avx2, so the CPU supports avx2, fma and f16c.
+        // SAFETY: `isa(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
         Isa::Avx2 => unsafe { avx2::dot_f32(a, b) },
         Isa::Scalar => scalar::dot_f32(a, b),
     }

@@ -4,7 +4,9 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use ferrite_kernels::cpu::ops::{RopePairing, argmax, attend_one, rms_norm, rope, silu_mul};
+use ferrite_kernels::cpu::attention::{AttnShape, PagedKv, SeqRows, paged_attention};
+use ferrite_kernels::cpu::isa::CpuIsa;
+use ferrite_kernels::cpu::ops::{RopePairing, argmax, rms_norm, rope, silu_mul};
 use ferrite_kernels::cpu::sample::{Adjust, SampleParams, SampleScratch, apply_adjustments, sample_row};
 use half::bf16;
 use rand::Rng;
@@ -208,7 +210,7 @@ impl Ops for CpuOps {
                     *a += b;
                 }
             }
-            rms_norm(xr, w, eps, o);
+            rms_norm(CpuIsa::host(), xr, w, eps, o);
         }
         out.iter().map(|&v| round(v)).collect()
     }
@@ -239,22 +241,22 @@ impl Ops for CpuOps {
         out.iter().map(|&v| round(v)).collect()
     }
 
+    /// The production CPU kernel (tiled, [`paged_attention`]) on the case's rows, grouped back into sequences.
     fn attention(&mut self, case: &AttnCase, _path: AttnPath) -> Vec<f32> {
         let (kc, vc) = case.written_caches();
         let (hd, kv) = (case.hd, case.nkv * case.hd);
-        let group = case.nh / case.nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; case.rows.len() * case.nh * hd];
-        let mut scores = Vec::new();
+        let mut seqs: Vec<SeqRows<'_>> = Vec::new();
         for (r, &(s, pos)) in case.rows.iter().enumerate() {
-            for head in 0..case.nh {
-                let q = &case.qkv[r * case.stride() + head * hd..][..hd];
-                let kvh = head / group;
-                let key = |t: usize| &kc[case.slot(s, t) * kv + kvh * hd..][..hd];
-                let value = |t: usize| &vc[case.slot(s, t) * kv + kvh * hd..][..hd];
-                attend_one(q, pos + 1, scale, key, value, &mut scores, &mut out[(r * case.nh + head) * hd..][..hd]);
+            match seqs.last_mut() {
+                Some(last) if std::ptr::eq(last.block_table, case.tables[s].as_slice()) => last.len += 1,
+                _ => seqs.push(SeqRows { block_table: &case.tables[s], start_pos: pos, first_row: r, len: 1 }),
             }
         }
+        let kvp = PagedKv { k: &kc, v: &vc, block_size: case.block_size, slot_stride: kv };
+        let shape =
+            AttnShape { n_heads: case.nh, n_kv_heads: case.nkv, head_dim: hd, q_stride: case.stride(), scale: 1.0 / (hd as f32).sqrt() };
+        let mut out = vec![0f32; case.rows.len() * case.nh * hd];
+        paged_attention(CpuIsa::host(), &kvp, &seqs, &case.qkv, &shape, &mut out);
         out.iter().map(|&v| round(v)).collect()
     }
 
@@ -316,7 +318,7 @@ impl Ops for CpuOps {
         for r in 0..rows {
             let xr: Vec<f32> = x[r * inp..][..inp].iter().map(|&b| to_f32(b)).collect();
             for o in 0..out {
-                y[r * out + o] = ferrite_kernels::cpu::quant::dot_f32(&xr, &wf[o * inp..][..inp]);
+                y[r * out + o] = ferrite_kernels::cpu::quant::dot_f32(CpuIsa::host(), &xr, &wf[o * inp..][..inp]);
             }
         }
         y

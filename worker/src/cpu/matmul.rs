@@ -4,6 +4,7 @@
 //! its own: every output element is one dot product of one weight row with one activation row, computed the same way
 //! whatever the batch size. That is what makes the forward pass batch invariant.
 
+use ferrite_kernels::cpu::isa::CpuIsa;
 use ferrite_kernels::cpu::quant::{BlockQ16, QK16, dequantize_row, dot_f32, gemm_q16, quantize_row_q16};
 use rayon::prelude::*;
 
@@ -16,6 +17,7 @@ const TILE_ROWS: usize = 16;
 
 /// Activations prepared for one or more matmuls that share the same input.
 pub struct Prepared<'a> {
+    isa: CpuIsa,
     x: &'a [f32],
     n: usize,
     cols: usize,
@@ -24,15 +26,15 @@ pub struct Prepared<'a> {
 
 impl<'a> Prepared<'a> {
     /// `x` is `[n, cols]`. Quantizes each row to int16 blocks when `quantize` (in parallel over rows).
-    pub fn new(x: &'a [f32], n: usize, cols: usize, quantize: bool) -> Self {
+    pub fn new(isa: CpuIsa, x: &'a [f32], n: usize, cols: usize, quantize: bool) -> Self {
         debug_assert_eq!(x.len(), n * cols);
         let q16 = quantize.then(|| {
             let per_row = cols / QK16;
             let mut q = vec![BlockQ16::default(); n * per_row];
-            q.par_chunks_mut(per_row).zip(x.par_chunks(cols)).for_each(|(q, x)| quantize_row_q16(x, q));
+            q.par_chunks_mut(per_row).zip(x.par_chunks(cols)).for_each(|(q, x)| quantize_row_q16(isa, x, q));
             q
         });
-        Self { x, n, cols, q16 }
+        Self { isa, x, n, cols, q16 }
     }
 
     fn q16_row(&self, b: usize) -> &[BlockQ16] {
@@ -90,7 +92,7 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
         for t0 in (r0..r1).step_by(tile_rows) {
             let t1 = (t0 + tile_rows).min(r1);
             let tile = &data[t0 * row_bytes..t1 * row_bytes];
-            gemm_q16(*dtype, tile, *row_bytes, q, x.n, &mut local[t0 - r0..], width);
+            gemm_q16(x.isa, *dtype, tile, *row_bytes, q, x.n, &mut local[t0 - r0..], width);
         }
         return;
     }
@@ -106,13 +108,13 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
                         let r = t0 + i;
                         dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], &mut scratch)
                             .expect("row geometry validated at load");
-                        *o = dot_f32(&scratch, x.f32_row(b));
+                        *o = dot_f32(x.isa, &scratch, x.f32_row(b));
                     }
                 }
                 Matrix::F32 { cols, data, .. } => {
                     for (i, o) in out.iter_mut().enumerate() {
                         let r = t0 + i;
-                        *o = dot_f32(&data[r * cols..(r + 1) * cols], x.f32_row(b));
+                        *o = dot_f32(x.isa, &data[r * cols..(r + 1) * cols], x.f32_row(b));
                     }
                 }
             }
@@ -121,17 +123,17 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
 }
 
 /// `[n, out_features]` output of a (possibly split) linear layer.
-pub fn linear(l: &Linear, x: &[f32], n: usize, cols: usize, out: &mut Vec<f32>) {
+pub fn linear(isa: CpuIsa, l: &Linear, x: &[f32], n: usize, cols: usize, out: &mut Vec<f32>) {
     let width = l.out_features();
     out.clear();
     out.resize(n * width, 0.0);
     match l {
         Linear::Fused(m) => {
-            let p = Prepared::new(x, n, cols, m.wants_int_dot());
+            let p = Prepared::new(isa, x, n, cols, m.wants_int_dot());
             matmul_into(m, &p, out, width, 0);
         }
         Linear::Split(parts) => {
-            let p = Prepared::new(x, n, cols, parts.iter().any(Matrix::wants_int_dot));
+            let p = Prepared::new(isa, x, n, cols, parts.iter().any(Matrix::wants_int_dot));
             let mut off = 0;
             for m in parts {
                 matmul_into(m, &p, out, width, off);
@@ -142,10 +144,10 @@ pub fn linear(l: &Linear, x: &[f32], n: usize, cols: usize, out: &mut Vec<f32>) 
 }
 
 /// `[n, rows]` output of one matrix.
-pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut Vec<f32>) {
+pub fn matmul(isa: CpuIsa, w: &Matrix, x: &[f32], n: usize, out: &mut Vec<f32>) {
     out.clear();
     out.resize(n * w.rows(), 0.0);
-    let p = Prepared::new(x, n, w.cols(), w.wants_int_dot());
+    let p = Prepared::new(isa, x, n, w.cols(), w.wants_int_dot());
     matmul_into(w, &p, out, w.rows(), 0);
 }
 
@@ -185,18 +187,20 @@ mod tests {
         let w = q4_1(rows, cols, 1);
         let wf = dequant(&w);
         let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-        let (mut yq, mut yf) = (Vec::new(), Vec::new());
-        matmul(&w, &x, n, &mut yq);
-        matmul(&wf, &x, n, &mut yf);
-        for b in 0..n {
-            for r in 0..rows {
-                let (q, f) = (yq[b * rows + r], yf[b * rows + r]);
-                assert!((q - f).abs() < 0.02 * (1.0 + f.abs()), "b {b} r {r}: {q} vs {f}");
+        for isa in CpuIsa::supported() {
+            let (mut yq, mut yf) = (Vec::new(), Vec::new());
+            matmul(isa, &w, &x, n, &mut yq);
+            matmul(isa, &wf, &x, n, &mut yf);
+            for b in 0..n {
+                for r in 0..rows {
+                    let (q, f) = (yq[b * rows + r], yf[b * rows + r]);
+                    assert!((q - f).abs() < 0.02 * (1.0 + f.abs()), "{isa} b {b} r {r}: {q} vs {f}");
+                }
+                // Same row alone gives the same bits.
+                let mut alone = Vec::new();
+                matmul(isa, &w, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                assert_eq!(alone, yq[b * rows..(b + 1) * rows], "{isa}");
             }
-            // Same row alone gives the same bits.
-            let mut alone = Vec::new();
-            matmul(&w, &x[b * cols..(b + 1) * cols], 1, &mut alone);
-            assert_eq!(alone, yq[b * rows..(b + 1) * rows]);
         }
     }
 }

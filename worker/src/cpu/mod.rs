@@ -8,12 +8,15 @@
 mod matmul;
 pub mod weights;
 
+pub use ferrite_kernels::cpu::isa::{CpuIsa, IsaError, IsaLevel};
+
 use std::sync::Arc;
 
 use ferrite_common::config::{LlamaConfig, RopeStyle};
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cpu::ops::{RopePairing, attend_one, rms_norm, rope, silu_mul};
+use ferrite_kernels::cpu::attention::{AttnShape, PagedKv, SeqRows, paged_attention};
+use ferrite_kernels::cpu::ops::{RopePairing, rms_norm, rope, silu_mul};
 use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, validate_batch};
@@ -30,11 +33,19 @@ pub struct CpuOptions {
     /// KV blocks to allocate.
     pub num_kv_blocks: usize,
     pub block_size: usize,
+    /// The instruction set every kernel runs at (the host's best, or the `FERRITE_CPU_ISA` cap).
+    pub isa: CpuIsa,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        Self { precision: WeightPrecision::Native, threads: 0, num_kv_blocks: 256, block_size: crate::backend::DEFAULT_BLOCK_SIZE }
+        Self {
+            precision: WeightPrecision::Native,
+            threads: 0,
+            num_kv_blocks: 256,
+            block_size: crate::backend::DEFAULT_BLOCK_SIZE,
+            isa: CpuIsa::host(),
+        }
     }
 }
 
@@ -96,6 +107,7 @@ pub struct CpuBackend {
     pairing: RopePairing,
     kv: KvStore,
     pool: Arc<rayon::ThreadPool>,
+    isa: CpuIsa,
     scratch: Scratch,
 }
 
@@ -128,7 +140,9 @@ impl CpuBackend {
             RopeStyle::Interleaved => RopePairing::Interleaved,
             RopeStyle::Half => RopePairing::Half,
         };
+        tracing::info!(isa = %opts.isa, host_best = %CpuIsa::host(), threads = pool.current_num_threads(), "CPU backend: kernel instruction set");
         Ok(Self {
+            isa: opts.isa,
             inv_freq: config.rope_inv_freq(),
             kv: KvStore::new(&config, opts.num_kv_blocks, opts.block_size),
             config,
@@ -176,13 +190,22 @@ impl CpuBackend {
         sc.h.resize(t * hidden, 0.0);
         sc.attn.resize(t * q_width, 0.0);
         sc.act.resize(t * ffn, 0.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let group = c.gqa_group();
+        let isa = self.isa;
+        let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, q_stride: qkv_width, scale: 1.0 / (hd as f32).sqrt() };
+        let attn_seqs: Vec<SeqRows<'_>> = batch
+            .seqs
+            .iter()
+            .scan(0, |first_row, seq| {
+                let r = SeqRows { block_table: seq.block_table, start_pos: seq.start_pos, first_row: *first_row, len: seq.tokens.len() };
+                *first_row += seq.tokens.len();
+                Some(r)
+            })
+            .collect();
 
         for (l, lw) in self.weights.layers.iter().enumerate() {
             // Attention block.
-            sc.h.par_chunks_mut(hidden).zip(sc.x.par_chunks(hidden)).for_each(|(h, x)| rms_norm(x, &lw.attn_norm, c.rms_norm_eps, h));
-            matmul::linear(&lw.qkv, &sc.h, t, hidden, &mut sc.qkv);
+            sc.h.par_chunks_mut(hidden).zip(sc.x.par_chunks(hidden)).for_each(|(h, x)| rms_norm(isa, x, &lw.attn_norm, c.rms_norm_eps, h));
+            matmul::linear(isa, &lw.qkv, &sc.h, t, hidden, &mut sc.qkv);
             sc.qkv.par_chunks_mut(qkv_width).zip(&rows).for_each(|(row, &(_, pos))| {
                 rope(&mut row[..q_width + kv_width], hd, pos, &self.inv_freq, self.pairing);
             });
@@ -191,38 +214,26 @@ impl CpuBackend {
                 self.kv.k[off..off + kv_width].copy_from_slice(&row[q_width..q_width + kv_width]);
                 self.kv.v[off..off + kv_width].copy_from_slice(&row[q_width + kv_width..]);
             }
-            let kv = &self.kv;
-            let qkv = &sc.qkv;
-            let work = |scores: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
-                let (r, head) = (i / nh, i % nh);
-                let (s, pos) = rows[r];
-                let table = batch.seqs[s].block_table;
-                let q = &qkv[r * qkv_width + head * hd..][..hd];
-                let kvh = head / group;
-                let key = |p: usize| &kv.k[kv.offset(l, table, p) + kvh * hd..][..hd];
-                let value = |p: usize| &kv.v[kv.offset(l, table, p) + kvh * hd..][..hd];
-                attend_one(q, pos + 1, scale, key, value, scores, out);
+            let layer = l * self.kv.layer_stride..(l + 1) * self.kv.layer_stride;
+            let kv = PagedKv {
+                k: &self.kv.k[layer.clone()],
+                v: &self.kv.v[layer],
+                block_size: self.kv.block_size,
+                slot_stride: self.kv.slot_stride,
             };
-            // Small decode steps are cheaper on one thread than fanned out; the result is identical either way.
-            let ctx_work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
-            if ctx_work > 16 * 1024 {
-                sc.attn.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, work);
-            } else {
-                let mut scores = Vec::new();
-                sc.attn.chunks_mut(hd).enumerate().for_each(|item| work(&mut scores, item));
-            }
-            matmul::matmul(&lw.wo, &sc.attn, t, &mut sc.proj);
+            paged_attention(isa, &kv, &attn_seqs, &sc.qkv, &shape, &mut sc.attn);
+            matmul::matmul(isa, &lw.wo, &sc.attn, t, &mut sc.proj);
             Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
             sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
 
             // MLP block.
-            sc.h.par_chunks_mut(hidden).zip(sc.x.par_chunks(hidden)).for_each(|(h, x)| rms_norm(x, &lw.ffn_norm, c.rms_norm_eps, h));
-            matmul::linear(&lw.gate_up, &sc.h, t, hidden, &mut sc.gate_up);
+            sc.h.par_chunks_mut(hidden).zip(sc.x.par_chunks(hidden)).for_each(|(h, x)| rms_norm(isa, x, &lw.ffn_norm, c.rms_norm_eps, h));
+            matmul::linear(isa, &lw.gate_up, &sc.h, t, hidden, &mut sc.gate_up);
             sc.act.par_chunks_mut(ffn).zip(sc.gate_up.par_chunks(2 * ffn)).for_each(|(a, gu)| {
                 let (g, u) = gu.split_at(ffn);
                 silu_mul(g, u, a);
             });
-            matmul::matmul(&lw.down, &sc.act, t, &mut sc.proj);
+            matmul::matmul(isa, &lw.down, &sc.act, t, &mut sc.proj);
             Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
             sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));
         }
@@ -244,11 +255,11 @@ impl CpuBackend {
         }
         let mut normed = vec![0f32; picked.len() * hidden];
         for (h, &r) in normed.chunks_exact_mut(hidden).zip(&picked) {
-            rms_norm(&sc.x[r * hidden..(r + 1) * hidden], &self.weights.output_norm, c.rms_norm_eps, h);
+            rms_norm(isa, &sc.x[r * hidden..(r + 1) * hidden], &self.weights.output_norm, c.rms_norm_eps, h);
         }
         let mut data = Vec::new();
         if !picked.is_empty() {
-            matmul::matmul(self.weights.lm_head(), &normed, picked.len(), &mut data);
+            matmul::matmul(isa, self.weights.lm_head(), &normed, picked.len(), &mut data);
         }
         if let Some(tp) = &self.tp {
             // Every rank computed its vocabulary slice of each row: gather, then interleave into full rows.

@@ -3,6 +3,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::cpu::isa::CpuIsa;
+
+/// The ISA the dispatching functions are tested at: the host's best.
+fn host() -> CpuIsa {
+    CpuIsa::host()
+}
 
 const DOT_TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
@@ -39,7 +45,7 @@ fn random_acts(n: usize, rng: &mut StdRng) -> Vec<f32> {
 
 fn quantize(x: &[f32]) -> Vec<BlockQ8> {
     let mut q = vec![BlockQ8::default(); x.len() / QK8];
-    quantize_row_q8(x, &mut q);
+    quantize_row_q8(host(), x, &mut q);
     q
 }
 
@@ -94,7 +100,7 @@ fn quantize_row_q8_rounds_half_away_from_zero() {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    isa() == Isa::Avx2
+    isa(host()) == Isa::Avx2
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -142,7 +148,7 @@ fn vec_dot_q8_matches_reference() {
             for _ in 0..20 {
                 let w = random_weights(t, n / QK8, &mut rng);
                 let x = quantize(&random_acts(n, &mut rng));
-                let got = f64::from(vec_dot_q8(t, &w, &x));
+                let got = f64::from(vec_dot_q8(host(), t, &w, &x));
                 let (want, norm) = reference_dot(t, &w, &x);
                 assert!((got - want).abs() <= 1e-5 * norm + 1e-30, "{t} n={n}: {got} vs {want} (norm {norm})");
                 let sc = f64::from(scalar::vec_dot(t, &w, &x));
@@ -183,14 +189,14 @@ fn gemv_q8_is_bitwise_row_by_row() {
             let row_bytes = t.bytes_for(n).unwrap();
             let w = random_weights(t, rows * n / QK8, &mut rng);
             let x = quantize(&random_acts(n, &mut rng));
-            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| vec_dot_q8(t, r, &x)).collect();
+            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| vec_dot_q8(host(), t, r, &x)).collect();
             let mut out = vec![f32::NAN; rows];
-            gemv_q8(t, &w, row_bytes, &x, &mut out);
+            gemv_q8(host(), t, &w, row_bytes, &x, &mut out);
             assert_eq!(bits(&out), bits(&want), "{t} n={n}");
             // Any split into calls gives the same bits.
             for &(start, len) in &[(0usize, 1usize), (3, 2), (5, 7), (12, 1)] {
                 let mut part = vec![f32::NAN; len];
-                gemv_q8(t, &w[start * row_bytes..], row_bytes, &x, &mut part);
+                gemv_q8(host(), t, &w[start * row_bytes..], row_bytes, &x, &mut part);
                 assert_eq!(bits(&part), bits(&want[start..start + len]), "{t} n={n} rows {start}+{len}");
             }
         }
@@ -206,9 +212,9 @@ fn vec_dot_q8_is_deterministic() {
     let mut rng = StdRng::seed_from_u64(6);
     let w = random_weights(GgmlType::Q4_1, 18, &mut rng);
     let x = quantize(&random_acts(576, &mut rng));
-    let first = vec_dot_q8(GgmlType::Q4_1, &w, &x).to_bits();
+    let first = vec_dot_q8(host(), GgmlType::Q4_1, &w, &x).to_bits();
     for _ in 0..100 {
-        assert_eq!(vec_dot_q8(GgmlType::Q4_1, &w, &x).to_bits(), first);
+        assert_eq!(vec_dot_q8(host(), GgmlType::Q4_1, &w, &x).to_bits(), first);
     }
 }
 
@@ -218,9 +224,9 @@ fn unsupported_dot_types_are_inert_in_release() {
     let w = vec![0u8; 144];
     let x = vec![BlockQ8::default(); 8];
     assert!(!supports_q8_dot(GgmlType::Q4K));
-    assert_eq!(vec_dot_q8(GgmlType::Q4K, &w, &x), 0.0);
+    assert_eq!(vec_dot_q8(host(), GgmlType::Q4K, &w, &x), 0.0);
     let mut out = [7.0f32; 1];
-    gemv_q8(GgmlType::Q4K, &w, 144, &x, &mut out);
+    gemv_q8(host(), GgmlType::Q4K, &w, 144, &x, &mut out);
     assert_eq!(out, [7.0]);
 }
 
@@ -232,11 +238,11 @@ fn dot_f32_matches_f64_reference() {
         let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let want: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
         let norm: f64 = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs()).sum();
-        let got = dot_f32(&a, &b);
+        let got = dot_f32(host(), &a, &b);
         assert!((f64::from(got) - want).abs() <= 1e-6 * norm + 1e-12, "n={n}: {got} vs {want}");
         let sc = scalar::dot_f32(&a, &b);
         assert!((f64::from(sc) - want).abs() <= 1e-6 * norm + 1e-12, "n={n} scalar: {sc} vs {want}");
-        assert_eq!(dot_f32(&a, &b).to_bits(), got.to_bits());
+        assert_eq!(dot_f32(host(), &a, &b).to_bits(), got.to_bits());
     }
 }
 

@@ -8,7 +8,7 @@ use super::*;
 
 fn quantize16(x: &[f32]) -> Vec<BlockQ16> {
     let mut q = vec![BlockQ16::default(); x.len() / QK16];
-    quantize_row_q16(x, &mut q);
+    quantize_row_q16(host(), x, &mut q);
     q
 }
 
@@ -131,7 +131,7 @@ fn vec_dot_q16_matches_reference() {
             for _ in 0..20 {
                 let w = random_weights(t, n / QK16, &mut rng);
                 let x = quantize16(&random_acts(n, &mut rng));
-                let got = f64::from(vec_dot_q16(t, &w, &x));
+                let got = f64::from(vec_dot_q16(host(), t, &w, &x));
                 let (want, norm) = reference_dot16(t, &w, &x);
                 assert!((got - want).abs() <= 1e-6 * norm + 1e-30, "{t} n={n}: {got} vs {want} (norm {norm})");
                 let sc = f64::from(scalar::vec_dot(t, &w, &x));
@@ -155,7 +155,7 @@ fn vec_dot_q16_extreme_quants_are_exact() {
             _ => -8.0,
         };
         let want = qw * 32767.0 * 32.0;
-        assert_eq!(vec_dot_q16(t, &w, &x), want, "{t}");
+        assert_eq!(vec_dot_q16(host(), t, &w, &x), want, "{t}");
         assert_eq!(scalar::vec_dot(t, &w, &x), want, "{t} scalar");
         #[cfg(target_arch = "x86_64")]
         for (name, f) in q16_impls() {
@@ -180,8 +180,8 @@ fn vec_dot_q16_is_much_closer_to_float_than_q8() {
                     })
                     .collect();
                 let (want, norm) = float_dot(t, &w, &xf);
-                let q8 = f64::from(vec_dot_q8(t, &w, &quantize(&xf)));
-                let q16 = f64::from(vec_dot_q16(t, &w, &quantize16(&xf)));
+                let q8 = f64::from(vec_dot_q8(host(), t, &w, &quantize(&xf)));
+                let q16 = f64::from(vec_dot_q16(host(), t, &w, &quantize16(&xf)));
                 e8 += (q8 - want).abs() / norm;
                 e16 += (q16 - want).abs() / norm;
             }
@@ -192,7 +192,7 @@ fn vec_dot_q16_is_much_closer_to_float_than_q8() {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512_q16() -> bool {
-    isa_q16() == IsaQ16::Avx512
+    isa_q16(host()) == IsaQ16::Avx512
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -244,18 +244,18 @@ fn gemv_q16_is_bitwise_row_by_row() {
             let row_bytes = t.bytes_for(n).unwrap();
             let w = random_weights(t, rows * n / QK16, &mut rng);
             let x = quantize16(&random_acts(n, &mut rng));
-            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| vec_dot_q16(t, r, &x)).collect();
+            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|r| vec_dot_q16(host(), t, r, &x)).collect();
             let mut out = vec![f32::NAN; rows];
-            gemv_q16(t, &w, row_bytes, &x, &mut out);
+            gemv_q16(host(), t, &w, row_bytes, &x, &mut out);
             assert_eq!(bits(&out), bits(&want), "{t} n={n}");
             // Any split into calls gives the same bits.
             for &(start, len) in &[(0usize, 1usize), (3, 2), (5, 7), (12, 1)] {
                 let mut part = vec![f32::NAN; len];
-                gemv_q16(t, &w[start * row_bytes..], row_bytes, &x, &mut part);
+                gemv_q16(host(), t, &w[start * row_bytes..], row_bytes, &x, &mut part);
                 assert_eq!(bits(&part), bits(&want[start..start + len]), "{t} n={n} rows {start}+{len}");
             }
             // Repeated calls give the same bits.
-            assert_eq!(vec_dot_q16(t, &w[..row_bytes], &x).to_bits(), want[0].to_bits());
+            assert_eq!(vec_dot_q16(host(), t, &w[..row_bytes], &x).to_bits(), want[0].to_bits());
             // The AVX2 path too when dispatch picks AVX-512.
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
@@ -308,10 +308,14 @@ fn check_gemm_bitwise(
 
 #[test]
 fn gemm_q16_is_bitwise_vec_dot() {
-    check_gemm_bitwise("dispatch", gemm_q16, vec_dot_q16);
+    check_gemm_bitwise(
+        "dispatch",
+        |t, w, row_bytes, x, n, out, stride| gemm_q16(host(), t, w, row_bytes, x, n, out, stride),
+        |t, w, x| vec_dot_q16(host(), t, w, x),
+    );
     // The AVX2 path too when dispatch picks AVX-512.
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && isa_q16() != IsaQ16::Avx2 {
+    if has_avx2() && isa_q16(host()) != IsaQ16::Avx2 {
         check_gemm_bitwise(
             "avx2",
             |t, w, row_bytes, x, n, out, stride| {
@@ -336,10 +340,10 @@ fn gemm_q16_matches_gemv_q16_in_a_tile() {
     let nb = cols / QK16;
     let (r0, r1, stride, off) = (7usize, 30usize, 50usize, 5usize);
     let mut out = vec![0.0f32; n * stride];
-    gemm_q16(t, &w[r0 * row_bytes..r1 * row_bytes], row_bytes, &x, n, &mut out[off..], stride);
+    gemm_q16(host(), t, &w[r0 * row_bytes..r1 * row_bytes], row_bytes, &x, n, &mut out[off..], stride);
     for b in 0..n {
         let mut want = vec![0.0f32; r1 - r0];
-        gemv_q16(t, &w[r0 * row_bytes..r1 * row_bytes], row_bytes, &x[b * nb..(b + 1) * nb], &mut want);
+        gemv_q16(host(), t, &w[r0 * row_bytes..r1 * row_bytes], row_bytes, &x[b * nb..(b + 1) * nb], &mut want);
         assert_eq!(bits(&out[b * stride + off..][..r1 - r0]), bits(&want), "b={b}");
     }
 }
@@ -354,17 +358,17 @@ fn gemm_q16_clamps_inconsistent_lengths_in_release() {
     let x = quantize16(&random_acts(5 * 2 * QK16, &mut rng));
     // Room for 2 full output rows of stride 4 (the third would need 4 * 2 + 3 = 11 entries).
     let mut out = vec![f32::NAN; 10];
-    gemm_q16(t, &w, row_bytes, &x, 5, &mut out, 4);
+    gemm_q16(host(), t, &w, row_bytes, &x, 5, &mut out, 4);
     for b in 0..2 {
         for r in 0..3 {
-            let want = vec_dot_q16(t, &w[r * row_bytes..][..row_bytes], &x[b * 2..][..2]);
+            let want = vec_dot_q16(host(), t, &w[r * row_bytes..][..row_bytes], &x[b * 2..][..2]);
             assert_eq!(out[b * 4 + r].to_bits(), want.to_bits());
         }
     }
     assert!(out[3].is_nan() && out[7].is_nan() && out[8].is_nan() && out[9].is_nan());
     // Unsupported types leave `out` untouched.
     let mut out = [7.0f32; 4];
-    gemm_q16(GgmlType::Q4K, &[0u8; 144], 144, &[BlockQ16::default(); 8], 1, &mut out, 4);
+    gemm_q16(host(), GgmlType::Q4K, &[0u8; 144], 144, &[BlockQ16::default(); 8], 1, &mut out, 4);
     assert_eq!(out, [7.0; 4]);
 }
 
@@ -374,9 +378,9 @@ fn unsupported_q16_dot_types_are_inert_in_release() {
     let w = vec![0u8; 144];
     let x = vec![BlockQ16::default(); 8];
     assert!(!supports_q16_dot(GgmlType::Q4K));
-    assert_eq!(vec_dot_q16(GgmlType::Q4K, &w, &x), 0.0);
+    assert_eq!(vec_dot_q16(host(), GgmlType::Q4K, &w, &x), 0.0);
     let mut out = [7.0f32; 1];
-    gemv_q16(GgmlType::Q4K, &w, 144, &x, &mut out);
+    gemv_q16(host(), GgmlType::Q4K, &w, 144, &x, &mut out);
     assert_eq!(out, [7.0]);
 }
 
@@ -404,16 +408,16 @@ fn bench_vec_dot_q4_1_576() {
     let xf = random_acts(n, &mut rng);
     let x = quantize(&xf);
     let x16 = quantize16(&xf);
-    println!("isa {:?}, q16 {:?}", isa(), isa_q16());
+    println!("isa {:?}, q16 {:?}", isa(host()), isa_q16(host()));
     #[cfg(target_arch = "x86_64")]
     let avx2_too = has_avx512_q16();
     for &t in &DOT_TYPES {
         let w = random_weights(t, n / QK8, &mut rng);
         let ns = best_ns(300_000, || {
-            black_box(vec_dot_q8(t, black_box(&w), black_box(&x)));
+            black_box(vec_dot_q8(host(), t, black_box(&w), black_box(&x)));
         });
         let ns16 = best_ns(300_000, || {
-            black_box(vec_dot_q16(t, black_box(&w), black_box(&x16)));
+            black_box(vec_dot_q16(host(), t, black_box(&w), black_box(&x16)));
         });
         println!("vec_dot {t} x{n}: q8 {ns:.1} ns/row, q16 {ns16:.1} ns/row");
         #[cfg(target_arch = "x86_64")]
@@ -429,8 +433,8 @@ fn bench_vec_dot_q4_1_576() {
         let row_bytes = t.bytes_for(n).unwrap();
         let w = random_weights(t, rows * n / QK8, &mut rng);
         let mut out = vec![0.0f32; rows];
-        let ns = best_ns(200, || gemv_q8(t, black_box(&w), row_bytes, black_box(&x), &mut out));
-        let ns16 = best_ns(200, || gemv_q16(t, black_box(&w), row_bytes, black_box(&x16), &mut out));
+        let ns = best_ns(200, || gemv_q8(host(), t, black_box(&w), row_bytes, black_box(&x), &mut out));
+        let ns16 = best_ns(200, || gemv_q16(host(), t, black_box(&w), row_bytes, black_box(&x16), &mut out));
         println!("gemv {t} {rows}x{n} ({} KiB): q8 {:.1} ns/row, q16 {:.1} ns/row", w.len() / 1024, ns / rows as f64, ns16 / rows as f64);
         #[cfg(target_arch = "x86_64")]
         if avx2_too {
@@ -442,13 +446,13 @@ fn bench_vec_dot_q4_1_576() {
         }
     }
     let mut q = vec![BlockQ8::default(); n / QK8];
-    let ns = best_ns(100_000, || quantize_row_q8(black_box(&xf), &mut q));
+    let ns = best_ns(100_000, || quantize_row_q8(host(), black_box(&xf), &mut q));
     let mut q16 = vec![BlockQ16::default(); n / QK16];
-    let ns16 = best_ns(100_000, || quantize_row_q16(black_box(&xf), &mut q16));
+    let ns16 = best_ns(100_000, || quantize_row_q16(host(), black_box(&xf), &mut q16));
     println!("quantize_row x{n}: q8 {ns:.1} ns, q16 {ns16:.1} ns");
     let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let ns = best_ns(300_000, || {
-        black_box(dot_f32(black_box(&xf), black_box(&b)));
+        black_box(dot_f32(host(), black_box(&xf), black_box(&b)));
     });
     println!("dot_f32 x{n}: {ns:.1} ns");
 }
@@ -460,7 +464,7 @@ fn bench_vec_dot_q4_1_576() {
 fn bench_gemm_q16_q4_1_1536x576() {
     use std::hint::black_box;
     let mut rng = StdRng::seed_from_u64(9);
-    println!("isa q16 {:?}", isa_q16());
+    println!("isa q16 {:?}", isa_q16(host()));
     for (t, rows, cols) in
         [(GgmlType::Q4_1, 1536usize, 576usize), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q8_0, 1536, 576), (GgmlType::Q4_1, 512, 4096)]
     {
@@ -473,11 +477,11 @@ fn bench_gemm_q16_q4_1_1536x576() {
             let iters = (400 / n).max(10) * 576 / cols;
             let ns_gemv = best_ns(iters, || {
                 for (xb, o) in x.chunks_exact(nb).zip(out.chunks_exact_mut(rows)) {
-                    gemv_q16(t, black_box(&w), row_bytes, black_box(xb), o);
+                    gemv_q16(host(), t, black_box(&w), row_bytes, black_box(xb), o);
                 }
             });
             let ns_gemm = best_ns(iters, || {
-                gemm_q16(t, black_box(&w), row_bytes, black_box(&x), n, &mut out, rows);
+                gemm_q16(host(), t, black_box(&w), row_bytes, black_box(&x), n, &mut out, rows);
             });
             let per = (rows * n) as f64;
             print!(

@@ -1,0 +1,270 @@
+//! Causal attention over the paged KV cache on the CPU, tiled in the style of flash attention (Dao et al. 2022):
+//! the query rows of one GQA group (every query head that shares a KV head) for a block of [`QUERY_BLOCK`] positions
+//! stream the sequence's keys and values once, [`KEY_TILE`] keys at a time, and keep an online softmax (running max
+//! and sum) per row instead of a full-length score vector. Each K/V tile is read from memory once and reused from L1
+//! by every row of the job. Jobs — (sequence, KV head, query block) — run in parallel on the caller's rayon pool, so
+//! a long prefill and a batch of decode rows both use every core.
+//!
+//! # Batch invariance
+//! A row's result depends only on its query, its position and the cache: key tiles are aligned to absolute key
+//! positions (`0, KEY_TILE, 2·KEY_TILE, …`), a row visits exactly the keys `0..=pos` in that order, and every
+//! reduction (each score's dot product, the running sum, each output lane's accumulation) has a fixed order within
+//! its row. Which other rows share the job (decode alone, or inside a prefill block) never changes the bits. The
+//! result does depend on the [`CpuIsa`] (the SIMD paths use FMA and lane-wise partial sums), as every CPU kernel's.
+//!
+//! The naive one-row-at-a-time twin, [`super::ops::attend_one`], is what the tests check this against.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(test)]
+mod tests;
+
+use rayon::prelude::*;
+
+use super::isa::CpuIsa;
+
+/// Query positions per job (times the GQA group's heads = query rows sharing each K/V tile).
+pub const QUERY_BLOCK: usize = 16;
+/// Keys per tile: the unit of the online softmax's rescaling (8 KiB of K and of V at head_dim 64).
+pub const KEY_TILE: usize = 32;
+/// Below this many (row, head, key) products a step runs on the calling thread: fanning out small decode steps costs
+/// more than it saves. The result is identical either way.
+const PARALLEL_MIN_WORK: usize = 16 * 1024;
+
+/// One layer's paged K and V storage: token slot `s` (block `b`, offset `o`: `s = b · block_size + o`) holds the
+/// KV heads' rows at `s · slot_stride + kv_head · head_dim`.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub block_size: usize,
+    /// Floats per token slot (`n_kv_heads · head_dim`).
+    pub slot_stride: usize,
+}
+
+/// One sequence's query rows in a step: rows `first_row..first_row + len` of `q` / `out`, at positions
+/// `start_pos..start_pos + len`; its cache already holds K and V for positions `0..start_pos + len`.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqRows<'a> {
+    pub block_table: &'a [u32],
+    pub start_pos: usize,
+    pub first_row: usize,
+    pub len: usize,
+}
+
+/// Head geometry and scaling.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Floats between consecutive rows of `q` (query head `h` of row `r` is at `r · q_stride + h · head_dim`).
+    pub q_stride: usize,
+    /// Score scale, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+/// `out[r, h] = softmax(q[r, h] · K[0..=pos_r]ᵀ · scale) · V[0..=pos_r]` for every row `r` of every sequence and
+/// every query head `h`, reading K and V of head `h / (n_heads / n_kv_heads)` through the block tables. `out` is
+/// `[rows, n_heads · head_dim]`. Rows of `out` that no sequence covers are left as they are.
+///
+/// Panics if a block table, `q` or `out` is too short for the rows and positions it is given (the caller validates
+/// the batch first).
+pub fn paged_attention(isa: CpuIsa, kv: &PagedKv<'_>, seqs: &[SeqRows<'_>], q: &[f32], shape: &AttnShape, out: &mut [f32]) {
+    let group = shape.n_heads / shape.n_kv_heads.max(1);
+    assert!(group * shape.n_kv_heads == shape.n_heads && shape.head_dim > 0, "paged_attention: bad head geometry {shape:?}");
+    let jobs: Vec<Job> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, seq)| {
+            (0..shape.n_kv_heads).flat_map(move |kvh| {
+                (0..seq.len).step_by(QUERY_BLOCK).map(move |i0| Job { seq: s, kv_head: kvh, i0, i1: (i0 + QUERY_BLOCK).min(seq.len) })
+            })
+        })
+        .collect();
+    let run = |job: &Job| run_job(isa, kv, &seqs[job.seq], job, q, shape, group);
+    let work: usize = seqs.iter().map(|s| s.len * (s.start_pos + s.len)).sum::<usize>() * shape.n_heads;
+    let results: Vec<Vec<f32>> =
+        if work >= PARALLEL_MIN_WORK && jobs.len() > 1 { jobs.par_iter().map(run).collect() } else { jobs.iter().map(run).collect() };
+    // Scatter each job's [positions × group heads] rows into `out`.
+    let (hd, width) = (shape.head_dim, shape.n_heads * shape.head_dim);
+    for (job, res) in jobs.iter().zip(&results) {
+        let seq = &seqs[job.seq];
+        for (i, rows) in (job.i0..job.i1).zip(res.chunks_exact(group * hd)) {
+            let dst = (seq.first_row + i) * width + job.kv_head * group * hd;
+            out[dst..dst + group * hd].copy_from_slice(rows);
+        }
+    }
+}
+
+/// One unit of parallel work: rows `i0..i1` of a sequence, for the query heads of one KV head.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    seq: usize,
+    kv_head: usize,
+    i0: usize,
+    i1: usize,
+}
+
+/// The job's output, `[(i1 - i0) · group, head_dim]`, positions outer and the group's heads inner.
+fn run_job(isa: CpuIsa, kv: &PagedKv<'_>, seq: &SeqRows<'_>, job: &Job, q: &[f32], shape: &AttnShape, group: usize) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let rows = (job.i1 - job.i0) * group;
+    // Each row's query, gathered so the micro-kernels read contiguous memory.
+    let mut qs = Vec::with_capacity(rows * hd);
+    let mut pos = Vec::with_capacity(rows);
+    for i in job.i0..job.i1 {
+        let base = (seq.first_row + i) * shape.q_stride + job.kv_head * group * hd;
+        qs.extend_from_slice(&q[base..base + group * hd]);
+        pos.extend(std::iter::repeat_n(seq.start_pos + i, group));
+    }
+    let mut acc = vec![0f32; rows * hd];
+    let job_kv = JobKv { kv, table: seq.block_table, head_offset: job.kv_head * hd, hd };
+    let tile = TileJob { kv: &job_kv, qs: &qs, pos: &pos, scale: shape.scale };
+    let _ = isa;
+    match () {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `CpuIsa` at avx512 is only made after checking avx512f, avx2 and fma on this CPU.
+        () if isa.has_avx512() && hd.is_multiple_of(16) => unsafe { avx512::run_tiles(&tile, &mut acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `CpuIsa` at avx2 or above is only made after checking avx2 and fma on this CPU.
+        () if isa.has_avx2() && hd.is_multiple_of(8) => unsafe { avx2::run_tiles(&tile, &mut acc) },
+        () => scalar::run_tiles(&tile, &mut acc),
+    }
+    acc
+}
+
+/// A job's view of the cache: one KV head of one sequence.
+struct JobKv<'a> {
+    kv: &'a PagedKv<'a>,
+    table: &'a [u32],
+    head_offset: usize,
+    hd: usize,
+}
+
+impl JobKv<'_> {
+    #[inline(always)]
+    fn offset(&self, pos: usize) -> usize {
+        let bs = self.kv.block_size;
+        let slot = self.table[pos / bs] as usize * bs + pos % bs;
+        slot * self.kv.slot_stride + self.head_offset
+    }
+}
+
+/// What the tile loop of a job reads: its rows' queries (`[rows, hd]`) and positions (ascending).
+struct TileJob<'a> {
+    kv: &'a JobKv<'a>,
+    qs: &'a [f32],
+    pos: &'a [usize],
+    scale: f32,
+}
+
+/// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls (`scores`,
+/// `softmax_tile`, `rescale_accumulate`, `scale_row`, defined there with that module's target features) inline into
+/// it. Each key tile is transposed once per job (`kt[d · KEY_TILE + j]`, zero past the last key) so a row's scores
+/// are plain vertical FMAs, shared by all of the job's rows.
+macro_rules! tile_loop {
+    ($job:expr, $acc:expr) => {{
+        let job: &TileJob<'_> = $job;
+        let acc: &mut [f32] = $acc;
+        let hd = job.kv.hd;
+        let rows = job.pos.len();
+        let last = job.pos.last().copied().unwrap_or(0);
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        let mut kt = vec![0f32; hd * KEY_TILE];
+        let mut values: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+        let mut p = [0f32; KEY_TILE];
+        for k0 in (0..=last).step_by(KEY_TILE) {
+            let kn = KEY_TILE.min(last + 1 - k0);
+            for j in 0..KEY_TILE {
+                if j < kn {
+                    // K and V of a position share their offset: resolve the page once.
+                    let off = job.kv.offset(k0 + j);
+                    for (row, &x) in kt.chunks_exact_mut(KEY_TILE).zip(&job.kv.kv.k[off..off + hd]) {
+                        row[j] = x;
+                    }
+                    values[j] = &job.kv.kv.v[off..off + hd];
+                } else {
+                    kt.chunks_exact_mut(KEY_TILE).for_each(|row| row[j] = 0.0);
+                }
+            }
+            for r in 0..rows {
+                if job.pos[r] < k0 {
+                    continue;
+                }
+                // Keys this row may see in the tile (causal mask).
+                let n = kn.min(job.pos[r] + 1 - k0);
+                scores(&job.qs[r * hd..(r + 1) * hd], &kt, &mut p);
+                // `p` becomes exp(score - m) for the first `n` keys and 0 past them.
+                let (m, tile_sum) = softmax_tile(&mut p, n, job.scale, max[r]);
+                // exp(-inf) = 0 on the first tile: the empty accumulator stays 0.
+                let alpha = (max[r] - m).exp();
+                max[r] = m;
+                sum[r] = sum[r] * alpha + tile_sum;
+                rescale_accumulate(&mut acc[r * hd..(r + 1) * hd], alpha, &p[..n], &values[..n]);
+            }
+        }
+        for (r, row) in acc.chunks_exact_mut(hd).enumerate() {
+            scale_row(row, 1.0 / sum[r]);
+        }
+    }};
+}
+use tile_loop;
+
+/// Portable micro-kernels: every sum in index order, separate multiply and add, libm's `exp`.
+mod scalar {
+    use super::{KEY_TILE, TileJob};
+
+    pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
+        tile_loop!(job, acc)
+    }
+
+    /// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]`, `d` in order.
+    #[inline(always)]
+    fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+        p.fill(0.0);
+        for (&qd, k) in q.iter().zip(kt.chunks_exact(KEY_TILE)) {
+            for (pj, &kj) in p.iter_mut().zip(k) {
+                *pj += qd * kj;
+            }
+        }
+    }
+
+    /// Scales the first `n` scores, returns the new running max `m` and `Σ exp(s_j - m)` (in key order), leaving
+    /// `p[j] = exp(s_j - m)` for `j < n` and 0 past them.
+    #[inline(always)]
+    fn softmax_tile(p: &mut [f32; KEY_TILE], n: usize, scale: f32, m_old: f32) -> (f32, f32) {
+        let mut m = m_old;
+        for s in &mut p[..n] {
+            *s *= scale;
+            m = m.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in &mut p[..n] {
+            *s = (*s - m).exp();
+            sum += *s;
+        }
+        p[n..].fill(0.0);
+        (m, sum)
+    }
+
+    /// `acc = acc · alpha + Σ_j p_j · v_j`, keys in order for each lane.
+    #[inline(always)]
+    fn rescale_accumulate(acc: &mut [f32], alpha: f32, p: &[f32], v: &[&[f32]]) {
+        for (i, a) in acc.iter_mut().enumerate() {
+            let mut x = *a * alpha;
+            for (&pj, vj) in p.iter().zip(v) {
+                x += pj * vj[i];
+            }
+            *a = x;
+        }
+    }
+
+    #[inline(always)]
+    fn scale_row(row: &mut [f32], s: f32) {
+        row.iter_mut().for_each(|x| *x *= s);
+    }
+}

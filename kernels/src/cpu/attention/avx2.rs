@@ -1,0 +1,190 @@
+//! AVX2 + FMA micro-kernels of the tiled attention (head_dim a multiple of 8). Every value a row gets is computed
+//! lane-wise from that row's own data in a fixed order: a score is two FMA chains over the even and odd dimensions
+//! (then added), the tile's exponentials use [`exp`] on all [`KEY_TILE`] lanes (masked lanes zeroed), and each output
+//! lane is two FMA chains over the even and odd keys.
+
+use core::arch::x86_64::*;
+
+use super::{KEY_TILE, TileJob, tile_loop};
+
+/// Lanes per vector.
+const W: usize = 8;
+/// Vectors per key tile.
+const TV: usize = KEY_TILE / W;
+
+/// The tile loop with these micro-kernels inlined.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
+    tile_loop!(job, acc)
+}
+
+/// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]` for the whole tile.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+    let pairs = q.len() / 2;
+    assert!(kt.len() >= 2 * pairs * KEY_TILE, "scores: transposed tile too short");
+    let mut even = [_mm256_setzero_ps(); TV];
+    let mut odd = [_mm256_setzero_ps(); TV];
+    for d in 0..pairs {
+        let (q0, q1) = (_mm256_set1_ps(q[2 * d]), _mm256_set1_ps(q[2 * d + 1]));
+        // SAFETY: rows 2d and 2d+1 of `kt` (KEY_TILE floats each) lie inside it (asserted above).
+        unsafe {
+            let k0 = kt.as_ptr().add(2 * d * KEY_TILE);
+            let k1 = k0.add(KEY_TILE);
+            for v in 0..TV {
+                even[v] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0.add(v * W)), even[v]);
+                odd[v] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k1.add(v * W)), odd[v]);
+            }
+        }
+    }
+    for v in 0..TV {
+        // SAFETY: `p` holds KEY_TILE = TV · W floats.
+        unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(v * W), _mm256_add_ps(even[v], odd[v])) };
+    }
+}
+
+/// `exp(x)` to ~2 ulp for x in [-87, 88] (Cephes' `expf`: `x = n·ln2 + r`, degree-6 polynomial in r, times 2ⁿ);
+/// below -87 it gives ~2⁻¹²⁶ (callers zero masked lanes themselves).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+    let n =
+        _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+    _mm256_mul_ps(y, pow2n)
+}
+
+/// `((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hmax(v: __m256) -> f32 {
+    let s4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_max_ss(s2, _mm_movehdup_ps(s2)))
+}
+
+/// Scales the first `n` scores, returns the new running max `m` and the tile's `Σ exp(s_j - m)` (lane sums, then a
+/// fixed tree), leaving `p[j] = exp(s_j - m)` for `j < n` and 0 past them.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_tile(p: &mut [f32; KEY_TILE], n: usize, scale: f32, m_old: f32) -> (f32, f32) {
+    let lane = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+    let (sc, limit) = (_mm256_set1_ps(scale), _mm256_set1_ps(n as f32));
+    let mut s = [_mm256_setzero_ps(); TV];
+    let mut live = [_mm256_setzero_ps(); TV];
+    let mut mx = _mm256_set1_ps(m_old);
+    for v in 0..TV {
+        live[v] = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_add_ps(lane, _mm256_set1_ps((v * W) as f32)), limit);
+        // SAFETY: `p` holds KEY_TILE = TV · W floats.
+        let x = _mm256_mul_ps(unsafe { _mm256_loadu_ps(p.as_ptr().add(v * W)) }, sc);
+        s[v] = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), x, live[v]);
+        mx = _mm256_max_ps(mx, s[v]);
+    }
+    let m = hmax(mx);
+    let mv = _mm256_set1_ps(m);
+    let mut total = _mm256_setzero_ps();
+    for v in 0..TV {
+        let e = _mm256_and_ps(exp(_mm256_sub_ps(s[v], mv)), live[v]);
+        total = _mm256_add_ps(total, e);
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(v * W), e) };
+    }
+    (m, hsum(total))
+}
+
+/// `acc = acc · alpha + Σ_j p_j · v_j`: per lane, one FMA chain over the even keys (starting from `acc · alpha`) and
+/// one over the odd keys, added at the end. Four vectors of the head at a time, so the chains stay in registers.
+#[allow(clippy::needless_range_loop)] // the same index runs over parallel arrays of accumulators
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn rescale_accumulate(acc: &mut [f32], alpha: f32, p: &[f32], v: &[&[f32]]) {
+    const G: usize = 4;
+    let n = acc.len() / W * W;
+    assert!(p.len() <= v.len() && v[..p.len()].iter().all(|v| v.len() >= n), "rescale_accumulate: value row too short");
+    let al = _mm256_set1_ps(alpha);
+    for c0 in (0..n).step_by(G * W) {
+        let g = G.min((n - c0) / W);
+        let mut even = [_mm256_setzero_ps(); G];
+        let mut odd = [_mm256_setzero_ps(); G];
+        for c in 0..g {
+            // SAFETY: `c0 + (c + 1) · W <= n <= acc.len()`.
+            even[c] = _mm256_mul_ps(unsafe { _mm256_loadu_ps(acc.as_ptr().add(c0 + c * W)) }, al);
+        }
+        let mut j = 0;
+        while j < p.len() {
+            let pe = _mm256_set1_ps(p[j]);
+            let po = _mm256_set1_ps(if j + 1 < p.len() { p[j + 1] } else { 0.0 });
+            for c in 0..g {
+                // SAFETY: every value row holds at least `n` floats (asserted above); `c0 + c · W + W <= n`.
+                unsafe {
+                    even[c] = _mm256_fmadd_ps(pe, _mm256_loadu_ps(v[j].as_ptr().add(c0 + c * W)), even[c]);
+                    if j + 1 < p.len() {
+                        odd[c] = _mm256_fmadd_ps(po, _mm256_loadu_ps(v[j + 1].as_ptr().add(c0 + c * W)), odd[c]);
+                    }
+                }
+            }
+            j += 2;
+        }
+        for c in 0..g {
+            // SAFETY: as for the loads from `acc`.
+            unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(c0 + c * W), _mm256_add_ps(even[c], odd[c])) };
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scale_row(row: &mut [f32], s: f32) {
+    row.iter_mut().for_each(|x| *x *= s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::isa::{CpuIsa, IsaLevel};
+
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_lanes(x: &[f32]) -> Vec<f32> {
+        x.chunks_exact(W)
+            .flat_map(|c| {
+                let mut out = [0f32; W];
+                // SAFETY: `c` and `out` hold W floats.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp(_mm256_loadu_ps(c.as_ptr()))) };
+                out
+            })
+            .collect()
+    }
+
+    /// The polynomial exp is within 3 ulp (relative 3.6e-7) of the exact value over the softmax's range, and exact at 0.
+    #[test]
+    fn exp_is_accurate() {
+        if CpuIsa::capped(IsaLevel::Avx2).is_err() {
+            return;
+        }
+        let x: Vec<f32> = (0..W * 20_000).map(|i| -87.0 + 95.0 * i as f32 / (W * 20_000) as f32).chain([0.0; W]).collect();
+        // SAFETY: the host supports this module's features (checked above).
+        let got = unsafe { exp_lanes(&x) };
+        for (&xi, &g) in x.iter().zip(&got) {
+            let want = f64::from(xi).exp();
+            assert!((f64::from(g) - want).abs() <= 3.6e-7 * want, "exp({xi}) = {g}, want {want}");
+        }
+        assert_eq!(got[got.len() - 1], 1.0);
+    }
+}
