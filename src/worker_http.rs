@@ -3,8 +3,9 @@
 //!
 //! - `/health/live`: 200 while the engine is alive (not stopped on a fatal error, and a busy engine finished a step
 //!   within `STUCK_STEP_MS`), else 503: the kubelet restarts a hung worker.
-//! - `/health/ready`: 200 once the model is loaded and the gRPC port serves (and, with a control plane, the worker
-//!   is registered), while the engine is alive; 503 before and while draining.
+//! - `/health/ready`: 200 once the model is loaded and the gRPC port serves and, with `--register-with`, while the
+//!   cluster holds the worker's registration (not before it registered, nor once it deregistered to drain); and
+//!   only while the engine is alive.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,6 +15,8 @@
 
 mod auth;
 pub mod cluster;
+#[cfg(test)]
+mod decision_bench;
 mod drive;
 mod error;
 mod handlers;

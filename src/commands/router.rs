@@ -1,5 +1,6 @@
 //! `ferrite router`: the OpenAI-compatible front end for separately running workers.
 
+use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub struct Args {
     max_model_len: usize,
     #[command(flatten)]
     routing: RoutingArgs,
+    /// PEM CA certificate(s) that `https://` workers' certificates chain to (gRPC over TLS to workers started with
+    /// `--tls-cert`).
+    #[arg(long, env = "FERRITE_WORKER_CA")]
+    worker_ca: Option<PathBuf>,
 }
 
 /// The raft control plane: routers replicate which workers exist (see ARCHITECTURE.md, "Control plane").
@@ -88,7 +93,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let text = Arc::new(TextAssets::load(&files)?);
         let (vocab, fingerprint) = (files.config.vocab_size, files.fingerprint()?);
         // Workers that serve another model than `--model` are refused (logged, kept out of routing).
-        let cfg = PoolConfig { model_fingerprint: Some(fingerprint.to_vec()), ..a.routing.pool_config() };
+        let worker_ca = match &a.worker_ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --worker-ca {}", p.display()))?),
+            None => None,
+        };
+        let cfg = PoolConfig { model_fingerprint: Some(fingerprint.to_vec()), worker_ca, ..a.routing.pool_config() };
         let pool = WorkerPool::with_config(&a.workers, cfg)?;
         pool.start_kv_subscriptions();
         tracing::info!(routing = %a.routing.routing, migration_limit = a.routing.migration_limit, workers = pool.len(), "routing policy");

@@ -143,37 +143,60 @@ pub struct Args {
     /// other worker to migrate to.
     #[command(flatten)]
     routing: RoutingArgs,
+    /// Embedded CPU workers behind the router (each its own engine and KV cache, sharing the cores): a one-command
+    /// demo of routing across workers.
+    #[arg(long, env = "FERRITE_SERVE_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    workers: u16,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = resolve_model(a.model.model.clone())?;
-    let cfg = a.engine.worker_config(path.clone(), None, a.http.max_concurrent_requests.max(1) * 16, &a.model);
+    let n = usize::from(a.workers);
+    let mut cfg = a.engine.worker_config(path.clone(), None, a.http.max_concurrent_requests.max(1) * 16, &a.model);
+    if n > 1 {
+        // The cores are shared out: each embedded worker gets its slice (at least one thread).
+        let cores = match cfg.threads {
+            0 => std::thread::available_parallelism().map_or(1, |c| c.get()),
+            t => t,
+        };
+        cfg.threads = (cores / n).max(1);
+    }
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await??;
+        let mut workers = tokio::task::JoinSet::new();
+        let (mut addrs, mut first) = (Vec::with_capacity(n), None);
+        for i in 0..n {
+            let cfg = cfg.clone();
+            let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await??;
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            addrs.push(format!("http://{}", grpc.local_addr()?));
+            if i == 0 {
+                first = Some((worker.info.clone(), Arc::new(WorkerMetrics::new(&worker.engine)?)));
+            }
+            workers.spawn(worker.serve(grpc, std::future::pending()));
+        }
+        let Some((info, metrics)) = first else { anyhow::bail!("--workers must be at least 1") };
         let files = ModelFiles::open(&path)?;
         let text = Arc::new(TextAssets::load(&files)?);
-        let metrics = Arc::new(WorkerMetrics::new(&worker.engine)?);
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let grpc_addr = grpc.local_addr()?;
-        let info = worker.info.clone();
-        let worker_task = tokio::spawn(worker.serve(grpc, std::future::pending()));
-        let pool = WorkerPool::with_config(&[format!("http://{grpc_addr}")], a.routing.pool_config())?;
+        let pool = WorkerPool::with_config(&addrs, a.routing.pool_config())?;
         pool.info(Duration::from_secs(30)).await.context("embedded worker")?;
         pool.start_kv_subscriptions();
-        tracing::info!(routing = %a.routing.routing, "routing policy (one embedded worker: every request goes to it)");
+        tracing::info!(routing = %a.routing.routing, workers = n, threads_each = cfg.threads, "routing policy over the embedded workers");
         let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
-        let extra: ferrite_router::ExtraMetrics = Arc::new(move || metrics.render());
-        let state = AppState::new(text, pool, a.http.config(&info.model_id)?, limits, Some(extra))?;
+        // One worker's metrics join the router's (with several, their series would collide: the router's own
+        // per-worker metrics tell them apart).
+        let extra: Option<ferrite_router::ExtraMetrics> =
+            (n == 1).then(|| Arc::new(move || metrics.render()) as ferrite_router::ExtraMetrics);
+        let state = AppState::new(text, pool, a.http.config(&info.model_id)?, limits, extra)?;
         // A worker that stops (its engine failed for good) takes the process down with a non-zero exit, so the
         // orchestrator restarts it instead of leaving an HTTP front that answers 503 forever.
         tokio::select! {
             r = serve_http(Arc::new(state), a.http.addr(), a.http.tls()) => r?,
-            r = worker_task => match r {
-                Ok(Ok(())) => anyhow::bail!("the embedded worker stopped"),
-                Ok(Err(e)) => return Err(anyhow::Error::new(e).context("the embedded worker stopped")),
-                Err(e) => anyhow::bail!("the embedded worker panicked: {e}"),
+            Some(r) = workers.join_next() => match r {
+                Ok(Ok(())) => anyhow::bail!("an embedded worker stopped"),
+                Ok(Err(e)) => return Err(anyhow::Error::new(e).context("an embedded worker stopped")),
+                Err(e) => anyhow::bail!("an embedded worker panicked: {e}"),
             },
         }
         anyhow::Ok(())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferrite_worker::registration::{Registration, RegistrationConfig};
-use ferrite_worker::server::Worker;
+use ferrite_worker::server::{TlsIdentity, Worker};
 use tokio::net::TcpListener;
 
 use super::{EngineArgs, ModelArgs, resolve_model};
@@ -37,6 +37,13 @@ pub struct Args {
     /// This worker's gRPC address as routers reach it, e.g. `http://10.0.0.5:50051` (also its id in the cluster).
     #[arg(long, env = "FERRITE_ADVERTISE")]
     advertise: Option<String>,
+    /// Serve gRPC over TLS with this PEM certificate chain (with `--tls-key`); routers then use `https://` addresses
+    /// and `--worker-ca`.
+    #[arg(long, env = "FERRITE_WORKER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "FERRITE_WORKER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// Loads the model, then serves gRPC (and `/metrics` when asked) until Ctrl-C or SIGTERM, or until the engine fails
@@ -47,6 +54,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     cfg.validate()?;
     let (routers, advertise) = (a.register_with, a.advertise);
     let capacity = cfg.max_num_seqs as u32;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(TlsIdentity {
+            cert_pem: std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            key_pem: std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+        }),
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let worker = tokio::task::spawn_blocking(move || Worker::load(&cfg)).await.context("loading the model")??;
@@ -57,7 +71,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         let listener = TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "worker listening");
-        ready_tx.send_replace(true);
         let registration = match advertise {
             Some(advertise) if !routers.is_empty() => Some(Registration::spawn(RegistrationConfig {
                 routers,
@@ -69,6 +82,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })?),
             _ => None,
         };
+        // Ready: serving gRPC and, in a cluster, registered (not before, not while re-registering or draining).
+        match &registration {
+            Some(r) => {
+                let mut registered = r.registered();
+                tokio::spawn(async move {
+                    loop {
+                        ready_tx.send_replace(*registered.borrow_and_update());
+                        if registered.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            None => {
+                ready_tx.send_replace(true);
+            }
+        }
         let refused = async {
             match &registration {
                 Some(r) => Some(r.refused().await),
@@ -86,7 +116,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 r.deregister(Duration::from_secs(5)).await;
             }
         };
-        worker.serve(listener, stop).await?;
+        worker.serve_tls(listener, tls, stop).await?;
         drop(registration);
         if let Some(why) = refusal {
             anyhow::bail!("the cluster refused this worker: {why}");

@@ -328,3 +328,46 @@ def test_router_token_and_latency_metrics_count_a_request(chart_cluster):
     assert _sample(after, "ferrite_router_finished_total", '{finish_reason="length"}') >= 1
     # 6 tokens in 6 chunks: 5 gaps between them.
     assert delta("ferrite_router_itl_seconds_count") >= 5
+
+
+def test_grpc_between_router_and_worker_runs_over_tls():
+    """`ferrite worker --tls-cert/--tls-key` and `ferrite router --worker https://... --worker-ca`: requests flow; a
+    router that does not trust the worker's certificate never routes to it."""
+    if os.environ.get("FERRITE_BASE_URL"):
+        pytest.skip("needs to start its own processes")
+    tmp = Path(tempfile.mkdtemp(prefix="ferrite-grpc-tls-"))
+    cert, key = _self_signed(tmp)
+    (tmp / "other").mkdir()
+    other, _ = _self_signed(tmp / "other")
+    grpc, metrics = _free_port(), _free_port()
+    procs = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = tmp / f"{name}.log"
+        with open(log, "wb") as f:
+            p = subprocess.Popen([str(_binary()), *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        procs.append((p, log))
+        return p
+
+    try:
+        w = start("worker", "worker", "--listen", f"127.0.0.1:{grpc}", "--metrics-listen", f"127.0.0.1:{metrics}",
+                  "--threads", "1", "--tls-cert", str(cert), "--tls-key", str(key))
+        _wait(f"http://127.0.0.1:{metrics}/health/ready", w, tmp / "worker.log", "worker")
+        good, bad = _free_port(), _free_port()
+        r = start("router", "router", "--port", str(good), "--worker", f"https://127.0.0.1:{grpc}", "--worker-ca", str(cert))
+        _wait(f"http://127.0.0.1:{good}/v1/health/ready", r, tmp / "router.log", "router")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{good}/v1", api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens > 0
+        # Trusting another CA: the handshake fails, so the worker is never ready for this router.
+        r2 = start("router2", "router", "--port", str(bad), "--worker", f"https://127.0.0.1:{grpc}", "--worker-ca", str(other))
+        time.sleep(3)
+        assert r2.poll() is None, _tail(tmp / "router2.log")
+        assert httpx.get(f"http://127.0.0.1:{bad}/v1/health/ready", timeout=10).status_code == 503
+        # An https:// worker with no CA to check it against is a configuration error.
+        r3 = start("router3", "router", "--port", str(_free_port()), "--worker", f"https://127.0.0.1:{grpc}")
+        assert r3.wait(timeout=30) != 0, "an https:// worker without --worker-ca must be refused at start"
+    finally:
+        for p, _ in procs:
+            _stop(p)

@@ -40,6 +40,7 @@ enum Ctl {
 pub struct Registration {
     ctl: Sender<Ctl>,
     refused: tokio::sync::watch::Receiver<Option<String>>,
+    registered: tokio::sync::watch::Receiver<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -48,14 +49,21 @@ impl Registration {
     pub fn spawn(cfg: RegistrationConfig) -> std::io::Result<Self> {
         let (ctl, rx) = mpsc::channel();
         let (refused_tx, refused) = tokio::sync::watch::channel(None);
+        let (registered_tx, registered) = tokio::sync::watch::channel(false);
         let thread =
             std::thread::Builder::new().name("ferrite-heartbeat".into()).spawn(
                 move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt.block_on(Client::new(cfg, refused_tx).run(rx)),
+                    Ok(rt) => rt.block_on(Client::new(cfg, refused_tx, registered_tx).run(rx)),
                     Err(e) => tracing::error!(error = %e, "the registration runtime did not start"),
                 },
             )?;
-        Ok(Self { ctl, refused, thread: Some(thread) })
+        Ok(Self { ctl, refused, registered, thread: Some(thread) })
+    }
+
+    /// True while the cluster holds this worker's registration (false before, after an unknown lease until it
+    /// registers again, and once deregistered): the worker's readiness.
+    pub fn registered(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.registered.clone()
     }
 
     /// Resolves with the reason when the cluster refused this worker for good.
@@ -92,6 +100,7 @@ impl Drop for Registration {
 struct Client {
     cfg: RegistrationConfig,
     refused: tokio::sync::watch::Sender<Option<String>>,
+    registered: tokio::sync::watch::Sender<bool>,
     /// The router to call next (the leader, when known).
     target: String,
     turn: usize,
@@ -105,9 +114,13 @@ fn uri(addr: &str) -> String {
 }
 
 impl Client {
-    fn new(cfg: RegistrationConfig, refused: tokio::sync::watch::Sender<Option<String>>) -> Self {
+    fn new(
+        cfg: RegistrationConfig,
+        refused: tokio::sync::watch::Sender<Option<String>>,
+        registered: tokio::sync::watch::Sender<bool>,
+    ) -> Self {
         let target = cfg.routers.first().cloned().unwrap_or_default();
-        Self { cfg, refused, target, turn: 0, lease: None, heartbeat: Duration::from_secs(1) }
+        Self { cfg, refused, registered, target, turn: 0, lease: None, heartbeat: Duration::from_secs(1) }
     }
 
     fn next_router(&mut self) {
@@ -172,6 +185,7 @@ impl Client {
                 Ok(ReplyStatus::Ok) => {
                     tracing::info!(router = %self.target, epoch = r.epoch, "registered with the cluster");
                     self.lease = Some((r.lease_id, r.epoch));
+                    self.registered.send_replace(true);
                     self.heartbeat = Duration::from_millis(u64::from(r.heartbeat_ms.max(100)));
                     // Heartbeat at once: the leader routes to a worker from its first heartbeat on.
                     self.beat().await;
@@ -206,6 +220,7 @@ impl Client {
                 Ok(ReplyStatus::UnknownLease) => {
                     tracing::warn!("the cluster does not know this worker's lease: registering again");
                     self.lease = None;
+                    self.registered.send_replace(false);
                 }
                 _ => self.next_router(),
             },
@@ -226,6 +241,7 @@ impl Client {
             };
             match r {
                 Ok(r) if r.status == ReplyStatus::Ok as i32 => {
+                    self.registered.send_replace(false);
                     tracing::info!("deregistered: draining");
                     return;
                 }

@@ -6,6 +6,13 @@ use ferrite_common::model::ModelFiles;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// A PEM certificate chain and private key for the worker's gRPC port.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
 use crate::backend::Backend;
 use crate::backend::DEFAULT_BLOCK_SIZE;
 use crate::config::{BackendKind, WorkerConfig, WorkerError};
@@ -142,17 +149,35 @@ impl Worker {
     /// Serves gRPC on `listener` until `shutdown` resolves (`Ok`) or the engine stops on a fatal backend error
     /// ([`WorkerError::EngineFailed`]: the caller exits non-zero, so an orchestrator restarts the worker).
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
+        self.serve_tls(listener, None, shutdown).await
+    }
+
+    /// [`Worker::serve`], over TLS when `tls` (a PEM certificate chain and key) is given: routers then dial
+    /// `https://` and check the certificate against their `--worker-ca`.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        tls: Option<TlsIdentity>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), WorkerError> {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| WorkerError::Config(format!("TLS certificate/key: {e}")))?;
+        }
         let engine = self.engine.clone();
-        let stop = async {
+        let closer = self.service.closer();
+        let stop = async move {
             tokio::select! {
                 () = shutdown => {}
                 why = engine.failed() => tracing::error!(error = %why, "stopping the worker"),
             }
+            // Subscribed routers' event streams would hold the graceful shutdown open forever.
+            closer.send_replace(true);
         };
-        tonic::transport::Server::builder()
-            .add_service(self.service.into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
-            .await?;
+        builder.add_service(self.service.into_server()).serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop).await?;
         match self.engine.fatal_error() {
             Some(why) => Err(WorkerError::EngineFailed(why)),
             None => Ok(()),

@@ -56,11 +56,19 @@ pub struct WorkerService {
     info: ModelInfo,
     /// The model's grammar compiler (constrained decoding); `None` when its tokenizer cannot have one.
     grammar: Option<Arc<GrammarCompiler>>,
+    /// Set when the server shuts down: `KvEvents` streams (which never end by themselves) end then, so a graceful
+    /// shutdown waits for the requests in flight, not for subscribed routers to hang up.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl WorkerService {
     pub fn new(engine: EngineHandle, info: ModelInfo, grammar: Option<Arc<GrammarCompiler>>) -> Self {
-        Self { engine, info, grammar }
+        Self { engine, info, grammar, closing: tokio::sync::watch::channel(false).0 }
+    }
+
+    /// A handle that ends the `KvEvents` streams when the server shuts down (see [`WorkerService::close_streams`]).
+    pub fn closer(&self) -> tokio::sync::watch::Sender<bool> {
+        self.closing.clone()
     }
 
     /// Compiles the request's constraint on the blocking pool (never on the engine thread or the executor), within
@@ -210,6 +218,7 @@ async fn pump_kv_events(
     stats: Arc<EngineStats>,
     since_seq: u64,
     tx: tokio::sync::mpsc::Sender<Result<pb::KvEventBatch, Status>>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut at = since_seq;
     let mut news = log.subscribe();
@@ -246,6 +255,8 @@ async fn pump_kv_events(
                 }
             }
             () = tx.closed() => return,
+            // Only ever set to true (or the service is gone): either way the stream ends.
+            _ = closing.changed() => return,
         }
     }
 }
@@ -259,7 +270,11 @@ impl pb::worker_server::Worker for WorkerService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let log = Arc::clone(&self.engine.kv_events);
         let stats = Arc::clone(&self.engine.stats);
-        tokio::spawn(pump_kv_events(log, stats, request.get_ref().since_seq, tx));
+        let closing = self.closing.subscribe();
+        if *closing.borrow() {
+            return Err(Status::unavailable("the worker is shutting down"));
+        }
+        tokio::spawn(pump_kv_events(log, stats, request.get_ref().since_seq, tx, closing));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -67,6 +67,8 @@ pub struct PoolConfig {
     pub model_fingerprint: Option<Vec<u8>>,
     /// KV usage (used / total) at which a worker counts as busy (design doc §6: 0.95).
     pub busy_threshold: f64,
+    /// PEM certificate(s) that `https://` workers' certificates must chain to (their gRPC over TLS).
+    pub worker_ca: Option<Vec<u8>>,
 }
 
 impl Default for PoolConfig {
@@ -77,6 +79,7 @@ impl Default for PoolConfig {
             breaker: BreakerConfig::default(),
             model_fingerprint: None,
             busy_threshold: 0.95,
+            worker_ca: None,
         }
     }
 }
@@ -170,7 +173,7 @@ impl WorkerPool {
     pub fn with_config(addrs: &[String], cfg: PoolConfig) -> Result<Self, RouterError> {
         cfg.validate().map_err(|e| RouterError::Config(e.to_string()))?;
         for a in addrs {
-            endpoint(a)?;
+            endpoint(a, cfg.worker_ca.as_deref())?;
         }
         let pool = Self {
             inner: Arc::new(Inner {
@@ -225,7 +228,7 @@ impl WorkerPool {
 
     /// Adds a worker (or, if it is a member, stops draining it). Its pump starts at once if the pool's have.
     pub fn add(&self, addr: &str) -> Result<(), RouterError> {
-        endpoint(addr)?;
+        endpoint(addr, self.inner.cfg.worker_ca.as_deref())?;
         self.change(|members| self.upsert(members, &Member { addr: addr.to_string(), draining: false }));
         Ok(())
     }
@@ -255,7 +258,7 @@ impl WorkerPool {
         self.change(|current| {
             let mut wanted: Vec<&Member> = Vec::with_capacity(members.len());
             for m in members {
-                if let Err(e) = endpoint(&m.addr) {
+                if let Err(e) = endpoint(&m.addr, self.inner.cfg.worker_ca.as_deref()) {
                     tracing::warn!(error = %e, "membership: worker skipped");
                 } else if !wanted.iter().any(|w| w.addr == m.addr) {
                     wanted.push(m);
@@ -290,7 +293,7 @@ impl WorkerPool {
             s.set_draining(m.draining);
             return;
         }
-        let Ok(endpoint) = endpoint(&m.addr) else { return };
+        let Ok(endpoint) = endpoint(&m.addr, self.inner.cfg.worker_ca.as_deref()) else { return };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let slot =
             Arc::new(WorkerSlot::new(id, m.addr.clone(), WorkerClient::new(endpoint.connect_lazy()), self.inner.cfg.breaker, m.draining));
@@ -470,12 +473,18 @@ fn joined(w: &WorkerSlot) {
     }
 }
 
-/// A gRPC endpoint for `addr`, or why it is not one.
-fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, RouterError> {
-    let e =
-        Channel::from_shared(addr.to_string()).map_err(|e| RouterError::BadWorkerAddress { addr: addr.into(), reason: e.to_string() })?;
+/// A gRPC endpoint for `addr`, or why it is not one. An `https://` address is dialled over TLS, trusting `ca`
+/// (required: workers' certificates are usually from a private CA).
+fn endpoint(addr: &str, ca: Option<&[u8]>) -> Result<tonic::transport::Endpoint, RouterError> {
+    let bad = |reason: String| RouterError::BadWorkerAddress { addr: addr.into(), reason };
+    let mut e = Channel::from_shared(addr.to_string()).map_err(|e| bad(e.to_string()))?;
     if e.uri().host().is_none() {
-        return Err(RouterError::BadWorkerAddress { addr: addr.into(), reason: "no host".into() });
+        return Err(bad("no host".into()));
+    }
+    if e.uri().scheme_str() == Some("https") {
+        let ca = ca.ok_or_else(|| bad("an https:// worker needs --worker-ca (the CA its certificate chains to)".into()))?;
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        e = e.tls_config(tls).map_err(|err| bad(format!("TLS: {err}")))?;
     }
     // Keepalive pings find a peer that vanished without closing its connections (a partition, a frozen host).
     Ok(e.connect_timeout(Duration::from_secs(2))
