@@ -90,6 +90,14 @@ impl KvEventLog {
         self.last_seq.send_replace(last);
     }
 
+    /// Wakes the subscribers without new events: the engine's load changed (a request ended and its blocks went
+    /// back to the pool), so each sends a fresh load report now rather than at the next tick. A router that saw the
+    /// ended request's blocks as used would otherwise steer the next request of the same prefix away from the
+    /// worker that caches it.
+    pub fn touch(&self) {
+        self.last_seq.send_modify(|_| {});
+    }
+
     /// The last sequence number published (0: none yet).
     pub fn last_seq(&self) -> u64 {
         *self.last_seq.borrow()
@@ -220,5 +228,16 @@ mod tests {
         std::thread::spawn(move || l.publish([Stored(9)]));
         tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed()).await.expect("woken").unwrap();
         assert_eq!(*rx.borrow(), 1);
+    }
+
+    #[tokio::test]
+    async fn touch_wakes_subscribers_without_events() {
+        let log = KvEventLog::new(8);
+        log.publish([Stored(9)]);
+        let mut rx = log.subscribe();
+        rx.borrow_and_update();
+        log.touch();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed()).await.expect("woken").unwrap();
+        assert_eq!(log.last_seq(), 1, "no event was added");
     }
 }

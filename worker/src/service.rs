@@ -247,6 +247,14 @@ async fn pump_kv_events(
                 if changed.is_err() {
                     return;
                 }
+                if log.last_seq() == at {
+                    // Woken without events (`KvEventLog::touch`): the load changed; report it now.
+                    let (batch, _) = kv_events::batch(KvRead::Events { first_seq: at + 1, events: Vec::new() }, Some(load_report(&stats)));
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return;
+                    }
+                    tick.reset();
+                }
             }
             _ = tick.tick() => {
                 let (batch, _) = kv_events::batch(KvRead::Events { first_seq: at + 1, events: Vec::new() }, Some(load_report(&stats)));

@@ -225,7 +225,11 @@ impl Engine {
             // blocks its prompt stored.
             self.publish();
             self.kv_events.publish(out.kv_events);
+            let ended = out.outputs.iter().any(|e| e.last);
             self.deliver(out.outputs);
+            if ended {
+                self.kv_events.touch();
+            }
             if let Some(e) = out.fatal {
                 return self.stop_fatal(&e);
             }
