@@ -163,7 +163,7 @@ def chart_cluster(request):
         (router,) = containers(docs, "router")
         probe = router["readinessProbe"]["httpGet"]
         _wait(f"http://127.0.0.1:{http}{probe['path']}", procs[0 if raft else 1][0], tmp / "router.log", "router")
-        yield {"base": f"http://127.0.0.1:{http}", "worker_metrics": f"http://127.0.0.1:{metrics}", "docs": docs}
+        yield {"base": f"http://127.0.0.1:{http}", "worker_metrics": f"http://127.0.0.1:{metrics}", "docs": docs, "mode": request.param}
     finally:
         for p, _ in procs:
             _stop(p)
@@ -231,49 +231,61 @@ def test_every_metric_the_alerts_and_dashboard_use_is_exported(chart_cluster):
         f"{chart_cluster['worker_metrics']}/metrics", timeout=10
     ).text
     exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+    if chart_cluster["mode"] == "static":
+        # Without raft there is no control plane to report on.
+        used = {m for m in used if not m.startswith("ferrite_cluster_")}
     missing = sorted(used - exported)
     assert not missing, f"used by the chart's alerts or dashboard but not exported: {missing}"
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (PEM files), as a cluster's cert-manager would mount them."""
+def _self_signed(tmp: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it (PEM files: CA, certificate, key), as a
+    cluster's cert-manager would mount them. (webpki refuses a CA certificate used as the server's own.)"""
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ferrite-test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+
+    def build(subject: str, issuer: x509.Name | None, issuer_key, public_key, ca: bool) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build("ferrite-test-ca", None, ca_key, ca_key.public_key(), True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build("127.0.0.1", ca.subject, ca_key, key.public_key(), False)
+    ca_path, cert_path, key_path = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    return cert_path, key_path
+    return ca_path, cert_path, key_path
 
 
 def test_https_with_tls_cert_and_key_serves_the_openai_sdk():
     if os.environ.get("FERRITE_BASE_URL"):
         pytest.skip("needs to start its own server")
     tmp = Path(tempfile.mkdtemp(prefix="ferrite-tls-"))
-    cert, key = _self_signed(tmp)
-    trust = ssl.create_default_context(cafile=str(cert))
+    ca, cert, key = _self_signed(tmp)
+    trust = ssl.create_default_context(cafile=str(ca))
     port = _free_port()
     log = tmp / "serve.log"
     cmd = [str(_binary()), "serve", "--host", "127.0.0.1", "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)]
@@ -336,9 +348,9 @@ def test_grpc_between_router_and_worker_runs_over_tls():
     if os.environ.get("FERRITE_BASE_URL"):
         pytest.skip("needs to start its own processes")
     tmp = Path(tempfile.mkdtemp(prefix="ferrite-grpc-tls-"))
-    cert, key = _self_signed(tmp)
+    ca, cert, key = _self_signed(tmp)
     (tmp / "other").mkdir()
-    other, _ = _self_signed(tmp / "other")
+    other, _, _ = _self_signed(tmp / "other")
     grpc, metrics = _free_port(), _free_port()
     procs = []
 
@@ -354,7 +366,7 @@ def test_grpc_between_router_and_worker_runs_over_tls():
                   "--threads", "1", "--tls-cert", str(cert), "--tls-key", str(key))
         _wait(f"http://127.0.0.1:{metrics}/health/ready", w, tmp / "worker.log", "worker")
         good, bad = _free_port(), _free_port()
-        r = start("router", "router", "--port", str(good), "--worker", f"https://127.0.0.1:{grpc}", "--worker-ca", str(cert))
+        r = start("router", "router", "--port", str(good), "--worker", f"https://127.0.0.1:{grpc}", "--worker-ca", str(ca))
         _wait(f"http://127.0.0.1:{good}/v1/health/ready", r, tmp / "router.log", "router")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{good}/v1", api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id

@@ -55,6 +55,10 @@ impl PoolMetrics {
         registry.register(Box::new(self.routed.clone()))?;
         registry.register(Box::new(self.retries.clone()))?;
         registry.register(Box::new(self.migrations.clone()))?;
+        // Both outcomes exist from the start (at 0), so dashboards and alerts see the series before any migration.
+        for outcome in ["migrated", "failed"] {
+            self.migrations.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(self.resyncs.clone()))?;
         registry.register(Box::new(self.breaker.clone()))?;
         registry.register(Box::new(self.index_blocks.clone()))?;
