@@ -99,13 +99,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // run holds its prompt and one token. Block 0 is reserved.
     let per_seq = (decode_prompt + a.decode_steps + 1).div_ceil(DEFAULT_BLOCK_SIZE);
     let blocks = 1 + (a.prompt_tokens + 1).div_ceil(DEFAULT_BLOCK_SIZE).max(per_seq * max_batch);
-    let opts = CpuOptions {
-        precision: a.model.precision.into(),
-        threads: a.model.threads,
-        num_kv_blocks: blocks,
-        block_size: DEFAULT_BLOCK_SIZE,
-        isa: a.model.isa()?,
-    };
+    let opts = a.model.cpu_options(blocks)?;
     let mut backend = CpuBackend::load(&files, &opts)?;
     let threads = if a.model.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.model.threads };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
 use ferrite_common::text::TextAssets;
 use ferrite_worker::backend::{Backend, DEFAULT_BLOCK_SIZE};
-use ferrite_worker::cpu::{CpuBackend, CpuOptions};
+use ferrite_worker::cpu::CpuBackend;
 use ferrite_worker::engine::core::{EngineConfig, EngineOutput, EngineRequest, FinishReason};
 use ferrite_worker::engine::scheduler::SchedulerConfig;
 use ferrite_worker::engine::step::EngineCore;
@@ -58,13 +58,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     // Block 0 of the KV cache is reserved (the engine never hands it out).
     let blocks = 1 + (prompt.len() + a.max_tokens).div_ceil(DEFAULT_BLOCK_SIZE);
-    let opts = CpuOptions {
-        precision: a.model.precision.into(),
-        threads: a.model.threads,
-        num_kv_blocks: blocks,
-        block_size: DEFAULT_BLOCK_SIZE,
-        isa: a.model.isa()?,
-    };
+    let opts = a.model.cpu_options(blocks)?;
     let mut backend = CpuBackend::load(&files, &opts)?;
     tracing::info!(model = %path.display(), prompt_tokens = prompt.len(), load_ms = started.elapsed().as_millis() as u64, "loaded");
     let scheduler = SchedulerConfig { max_num_batched_tokens: prompt.len(), max_num_seqs: 1, max_waiting: 1, max_model_len: max_ctx };

@@ -41,6 +41,17 @@ impl ModelArgs {
     pub fn isa(&self) -> anyhow::Result<CpuIsa> {
         Ok(CpuIsa::from_cap(self.cpu_isa)?)
     }
+
+    /// CPU backend options for a command that runs the model in-process with `num_kv_blocks` KV blocks.
+    pub fn cpu_options(&self, num_kv_blocks: usize) -> anyhow::Result<ferrite_worker::cpu::CpuOptions> {
+        Ok(ferrite_worker::cpu::CpuOptions {
+            precision: self.precision.into(),
+            threads: self.threads,
+            num_kv_blocks,
+            block_size: ferrite_worker::backend::DEFAULT_BLOCK_SIZE,
+            isa: self.isa()?,
+        })
+    }
 }
 
 /// Engine options shared by `serve` and `worker`.

@@ -214,7 +214,8 @@ impl Engine {
             }
             self.reap_disconnected();
             // Running sequences decode one token each: a step computing more than that many included prompt tokens.
-            let running_before = self.core.stats().running;
+            // (The count the last publish stored: no second walk over the core's queues per step.)
+            let running_before = self.stats.running.load(Ordering::Relaxed) as usize;
             let started = Instant::now();
             let out = self.core.step(&mut *self.backend);
             if out.num_tokens > 0 {
