@@ -25,7 +25,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"] and m["profile"]["test"]:
         print(m["executable"])'
 }
-cargo build --release --bin ferrite --features "$FEATURES"
+cargo build --release -p ferrite --bin ferrite --features cuda
 cp target/release/ferrite .gpu/ferrite
 cp "$(bins --workspace --features "$FEATURES" --test parity)" .gpu/parity
 cp "$(bins --workspace --features "$FEATURES" --test cuda_reference)" .gpu/cuda_reference

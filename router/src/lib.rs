@@ -35,4 +35,4 @@ pub use policy::{Routing, UnknownRouting};
 pub use server::{TlsFiles, app, serve_http, serve_http_with};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;
-pub use workers::{BreakerConfig, MAX_MIGRATION_LIMIT, Member, PoolConfig, PoolConfigError, WorkerPool};
+pub use workers::{BreakerConfig, KvEventsMode, MAX_MIGRATION_LIMIT, Member, PoolConfig, PoolConfigError, UnknownKvEventsMode, WorkerPool};

@@ -100,7 +100,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let cfg = PoolConfig { model_fingerprint: Some(fingerprint.to_vec()), worker_ca, ..a.routing.pool_config() };
         let pool = WorkerPool::with_config(&a.workers, cfg)?;
         pool.start_kv_subscriptions();
-        tracing::info!(routing = %a.routing.routing, migration_limit = a.routing.migration_limit, workers = pool.len(), "routing policy");
+        tracing::info!(routing = %a.routing.routing, kv_events = %a.routing.kv_events, migration_limit = a.routing.migration_limit, workers = pool.len(), "routing policy");
         let c = &files.config;
         let max_model_len = match a.max_model_len {
             0 => c.max_position_embeddings,

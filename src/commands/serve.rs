@@ -12,7 +12,7 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
 use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
-use ferrite_router::{MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
+use ferrite_router::{KvEventsMode, MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
@@ -123,11 +123,26 @@ pub struct RoutingArgs {
     #[arg(long, env = "FERRITE_MIGRATION_LIMIT", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_MIGRATION_LIMIT)))]
     pub migration_limit: u32,
+    /// Where cache-aware routing learns which prefix blocks each worker holds: `on` = the workers' KV events
+    /// (exact; a worker without them is tracked approximately), `off` = approximately for every worker (the blocks
+    /// of the prompts this router sent it, for `--approx-kv-ttl`).
+    #[arg(long, env = "FERRITE_KV_EVENTS", default_value = "on")]
+    pub kv_events: KvEventsMode,
+    /// Seconds approximate tracking assumes a worker keeps a routed prompt's blocks (1..=3600).
+    #[arg(long, env = "FERRITE_APPROX_KV_TTL", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub approx_kv_ttl: u64,
 }
 
 impl RoutingArgs {
     pub fn pool_config(&self) -> PoolConfig {
-        PoolConfig { routing: self.routing, migration_limit: self.migration_limit, ..PoolConfig::default() }
+        PoolConfig {
+            routing: self.routing,
+            migration_limit: self.migration_limit,
+            kv_events: self.kv_events,
+            approx_ttl: Duration::from_secs(self.approx_kv_ttl),
+            ..PoolConfig::default()
+        }
     }
 }
 

@@ -164,6 +164,8 @@ async fn prefix_cached_run_gives_the_same_tokens() {
     assert!(metric(&text, "ferrite_worker_generated_tokens_total") >= 24.0);
     assert_eq!(metric(&text, "ferrite_worker_kv_blocks{state=\"used\"}"), 0.0);
     assert!(metric(&text, "ferrite_worker_kv_blocks{state=\"cached_free\"}") >= 12.0);
+    // Both requests were admitted once each: two queue-time samples.
+    assert_eq!(metric(&text, "ferrite_worker_queue_seconds_count"), 2.0, "{text}");
 }
 
 /// A worker whose backend fails for good answers the request in flight with an error, then `serve` returns

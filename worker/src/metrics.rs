@@ -2,8 +2,8 @@
 //! the gRPC port; this crate speaks no HTTP).
 //!
 //! Values live in the engine's atomic [`EngineStats`]; a scrape copies them into the registry, so the engine thread
-//! never touches Prometheus types. The step-time histogram is kept in atomics too ([`StepTimes`]) and handed to the
-//! registry by a small [`Collector`] at scrape time. Labels are bounded (never request ids or user text).
+//! never touches Prometheus types. The step-time and queue-time histograms are kept in atomics too ([`Times`]) and
+//! handed to the registry by a small [`Collector`] at scrape time. Labels are bounded (never request ids or user text).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Gauge, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::engine::core::{EngineHandle, EngineStats, STEP_SECONDS_BUCKETS, StepPhase, StepTimes};
+use crate::engine::core::{EngineHandle, EngineStats, StepPhase, Times};
 
 /// Metric names (one place, mirrored in the Grafana dashboard later).
 pub mod names {
@@ -29,6 +29,7 @@ pub mod names {
     pub const BATCH_TOKENS: &str = "ferrite_worker_batch_tokens";
     pub const KV_USAGE: &str = "ferrite_worker_kv_usage_ratio";
     pub const STEP_SECONDS: &str = "ferrite_worker_step_seconds";
+    pub const QUEUE_SECONDS: &str = "ferrite_worker_queue_seconds";
 }
 
 /// A counter and the engine statistic it mirrors.
@@ -113,24 +114,28 @@ impl WorkerMetrics {
     }
 }
 
-/// Exposes the engine's [`StepTimes`] as the `ferrite_worker_step_seconds{phase}` histogram.
+/// Exposes the engine's histograms: `ferrite_worker_step_seconds{phase}` and `ferrite_worker_queue_seconds`.
 struct StepCollector {
     stats: Arc<EngineStats>,
-    desc: Desc,
+    step: Desc,
+    queue: Desc,
 }
 
 impl StepCollector {
     fn new(stats: Arc<EngineStats>) -> prometheus::Result<Self> {
         let help = "Engine step duration by phase (prefill: the step computed prompt tokens; decode: only decodes)";
-        let desc = Desc::new(names::STEP_SECONDS.into(), help.into(), vec!["phase".into()], Default::default())?;
-        Ok(Self { stats, desc })
+        let step = Desc::new(names::STEP_SECONDS.into(), help.into(), vec!["phase".into()], Default::default())?;
+        let help = "Time a request waited in the worker's queue before its first step (arrival at the engine to admission)";
+        let queue = Desc::new(names::QUEUE_SECONDS.into(), help.into(), vec![], Default::default())?;
+        Ok(Self { stats, step, queue })
     }
 }
 
-fn histogram(t: &StepTimes) -> Histogram {
+fn histogram<const N: usize>(t: &Times<N>) -> Histogram {
     let mut h = Histogram::default();
     let mut cumulative = 0;
-    let buckets = STEP_SECONDS_BUCKETS
+    let buckets = t
+        .bounds
         .iter()
         .zip(&t.buckets)
         .map(|(&upper, n)| {
@@ -142,19 +147,28 @@ fn histogram(t: &StepTimes) -> Histogram {
         })
         .collect();
     h.set_bucket(buckets);
-    // Read the count after the buckets: a step recorded in between shows in `+Inf` only, never as a missing sample.
+    // Read the count after the buckets: a sample recorded in between shows in `+Inf` only, never as a missing one.
     h.set_sample_count(t.count.load(Ordering::Relaxed).max(cumulative));
     h.set_sample_sum(t.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
     h
 }
 
+fn family(desc: &Desc, metrics: Vec<Metric>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(MetricType::HISTOGRAM);
+    family.set_metric(metrics);
+    family
+}
+
 impl Collector for StepCollector {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
+        vec![&self.step, &self.queue]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let metrics = StepPhase::ALL
+        let steps = StepPhase::ALL
             .iter()
             .map(|&phase| {
                 let mut label = LabelPair::default();
@@ -166,12 +180,9 @@ impl Collector for StepCollector {
                 m
             })
             .collect();
-        let mut family = MetricFamily::default();
-        family.set_name(names::STEP_SECONDS.into());
-        family.set_help(self.desc.help.clone());
-        family.set_field_type(MetricType::HISTOGRAM);
-        family.set_metric(metrics);
-        vec![family]
+        let mut queue = Metric::default();
+        queue.set_histogram(histogram(&self.stats.queue_times));
+        vec![family(&self.step, steps), family(&self.queue, vec![queue])]
     }
 }
 
@@ -180,6 +191,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    use crate::engine::core::StepTimes;
 
     #[test]
     fn step_times_land_in_cumulative_buckets() {

@@ -7,6 +7,9 @@
 //! that cannot be reached is purged from the index (and its load forgotten), counts as a hard failure for its
 //! circuit breaker, and is retried with backoff from 0 (a resync). A restarted worker process answers a resumed
 //! stream with a resync (its numbers start again at 1), or the pump has purged it already while it was down.
+//!
+//! A worker that answers `KvEvents` with `UNIMPLEMENTED`, or every worker under `--kv-events off`, is tracked
+//! approximately ([`super::approx`]): its block events are ignored (the stream, if any, still brings its load).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -16,7 +19,7 @@ use ferrite_common::proto::worker as pb;
 use ferrite_common::proto::worker::kv_event::E;
 
 use super::slot::{Verified, WorkerSlot};
-use super::{Identity, Inner};
+use super::{Identity, Inner, KvEventsMode};
 use crate::policy::Routing;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -42,8 +45,23 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                     super::joined(&slot);
                     unreachable_logged = false;
                     slot.breaker_success();
+                    let exact = inner.cfg.kv_events == KvEventsMode::On;
                     drop(inner);
-                    client.kv_events(pb::KvEventsRequest { since_seq: since }).await.map_err(|s| s.to_string())
+                    match client.kv_events(pb::KvEventsRequest { since_seq: since }).await {
+                        Ok(resp) => {
+                            track(&pool, &slot, !exact);
+                            Ok(resp)
+                        }
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            // Another engine behind the same protocol: route on our own guesses, and look again
+                            // later (the address may be taken over by a worker that has the stream).
+                            track(&pool, &slot, true);
+                            since = 0;
+                            tokio::time::sleep(BACKOFF_MAX).await;
+                            continue;
+                        }
+                        Err(s) => Err(s.to_string()),
+                    }
                 }
                 Err(reason) => {
                     if slot.set_verified(Verified::Refused) != Verified::Refused {
@@ -75,7 +93,9 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                             Some(s) => since = s,
                             None => {
                                 tracing::warn!(worker = %slot.addr, since, first_seq = batch.first_seq, "KvEvents gap: resyncing");
-                                inner.index.purge(slot.id);
+                                if !slot.is_approximate() {
+                                    inner.index.purge(slot.id);
+                                }
                                 since = 0;
                                 break;
                             }
@@ -96,12 +116,27 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                 }
                 slot.breaker_failure(true);
                 inner.index.purge(slot.id);
+                slot.approx_clear();
                 slot.set_load(None);
                 since = 0;
             }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Switches `slot` to approximate (`true`) or exact tracking, purging its index entries when that changes.
+fn track(pool: &Weak<Inner>, slot: &WorkerSlot, approximate: bool) {
+    if slot.set_approximate(approximate) != approximate {
+        if let Some(inner) = pool.upgrade() {
+            inner.index.purge(slot.id);
+        }
+        if approximate {
+            tracing::info!(worker = %slot.addr, "no KV events from this worker: its prefix cache is tracked approximately");
+        } else {
+            tracing::info!(worker = %slot.addr, "KV events from this worker: its prefix cache is tracked exactly");
+        }
     }
 }
 
@@ -135,10 +170,14 @@ pub(super) fn apply(inner: &Inner, slot: &WorkerSlot, since: u64, b: &pb::KvEven
     if !b.resync && b.first_seq != since + 1 {
         return None;
     }
-    let index = inner.cfg.routing == Routing::CacheAware;
+    // An approximately tracked worker's entries are the router's guesses: only its load is taken from the stream.
+    let exact = !slot.is_approximate();
+    let index = inner.cfg.routing == Routing::CacheAware && exact;
     if b.resync {
         inner.metrics.resync();
-        inner.index.purge(slot.id);
+        if exact {
+            inner.index.purge(slot.id);
+        }
     }
     let mut n = 0u64;
     for e in &b.events {
@@ -151,9 +190,12 @@ pub(super) fn apply(inner: &Inner, slot: &WorkerSlot, since: u64, b: &pb::KvEven
             }
             Some(E::Removed(r)) => {
                 n += r.block_hashes.len() as u64;
-                inner.index.remove(slot.id, &r.block_hashes);
+                if exact {
+                    inner.index.remove(slot.id, &r.block_hashes);
+                }
             }
-            Some(E::Cleared(_)) => inner.index.purge(slot.id),
+            Some(E::Cleared(_)) if exact => inner.index.purge(slot.id),
+            Some(E::Cleared(_)) => {}
             None => {}
         }
     }

@@ -18,14 +18,17 @@
 //! the KV index (cache-aware routing) and the load reports come from there. [`WorkerPool::start_kv_subscriptions`]
 //! starts them; members added later get theirs at once.
 
+mod approx;
 mod breaker;
 mod events;
 mod metrics;
 mod slot;
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferrite_common::hash::BlockHasher;
 use ferrite_common::proto::rejection_of;
@@ -52,6 +55,51 @@ pub struct Member {
     pub draining: bool,
 }
 
+/// Where cache-aware routing learns which blocks a worker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvEventsMode {
+    /// From each worker's `KvEvents` stream (exact); a worker that does not serve the stream (gRPC `UNIMPLEMENTED`,
+    /// another engine behind the same protocol) is tracked approximately instead.
+    #[default]
+    On,
+    /// Approximately for every worker: the blocks of the prompts this router sent it, for
+    /// [`PoolConfig::approx_ttl`] (load reports still come from the stream). For workers whose events cannot reach
+    /// the router, or to compare the two.
+    Off,
+}
+
+impl KvEventsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvEventsMode::On => "on",
+            KvEventsMode::Off => "off",
+        }
+    }
+}
+
+impl fmt::Display for KvEventsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `--kv-events` value other than `on` or `off`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown KV events mode `{0}` (expected on or off)")]
+pub struct UnknownKvEventsMode(pub String);
+
+impl FromStr for KvEventsMode {
+    type Err = UnknownKvEventsMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(KvEventsMode::On),
+            "off" => Ok(KvEventsMode::Off),
+            other => Err(UnknownKvEventsMode(other.to_string())),
+        }
+    }
+}
+
 /// The largest `--migration-limit`.
 pub const MAX_MIGRATION_LIMIT: u32 = 8;
 
@@ -69,6 +117,10 @@ pub struct PoolConfig {
     pub busy_threshold: f64,
     /// PEM certificate(s) that `https://` workers' certificates must chain to (their gRPC over TLS).
     pub worker_ca: Option<Vec<u8>>,
+    /// Exact KV events or approximate tracking (cache-aware routing only).
+    pub kv_events: KvEventsMode,
+    /// How long approximate tracking assumes a worker keeps a routed prompt's blocks.
+    pub approx_ttl: Duration,
 }
 
 impl Default for PoolConfig {
@@ -80,6 +132,8 @@ impl Default for PoolConfig {
             model_fingerprint: None,
             busy_threshold: 0.95,
             worker_ca: None,
+            kv_events: KvEventsMode::default(),
+            approx_ttl: Duration::from_secs(120),
         }
     }
 }
@@ -91,6 +145,8 @@ pub enum PoolConfigError {
     MigrationLimit(u32),
     #[error("busy threshold {0} is out of range (0, 1]")]
     BusyThreshold(f64),
+    #[error("approximate KV tracking TTL {0:?} is out of range (1 s ..= 1 h)")]
+    ApproxTtl(Duration),
 }
 
 impl PoolConfig {
@@ -100,6 +156,9 @@ impl PoolConfig {
         }
         if !(self.busy_threshold > 0.0 && self.busy_threshold <= 1.0) {
             return Err(PoolConfigError::BusyThreshold(self.busy_threshold));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.approx_ttl) {
+            return Err(PoolConfigError::ApproxTtl(self.approx_ttl));
         }
         Ok(())
     }
@@ -342,8 +401,18 @@ impl WorkerPool {
         let inner = &self.inner;
         let mut alive: Vec<&Arc<WorkerSlot>> = members.iter().filter(|s| !exclude.contains(&s.id) && self.eligible(s)).collect();
         let identity = inner.identity.get();
-        let hashes = match (inner.cfg.routing, identity) {
-            (Routing::CacheAware, Some(id)) if !inner.index.is_empty() => id.hasher.prefix_hashes(cache_salt, prompt),
+        let cache_aware = inner.cfg.routing == Routing::CacheAware;
+        // Approximately tracked workers first drop the guesses whose time to live has passed.
+        let now = Instant::now();
+        let mut approximate = false;
+        if cache_aware {
+            for s in members.iter().filter(|s| s.is_approximate()) {
+                approximate = true;
+                inner.index.remove(s.id, &s.approx_expire(now));
+            }
+        }
+        let hashes = match identity {
+            Some(id) if cache_aware && (approximate || !inner.index.is_empty()) => id.hasher.prefix_hashes(cache_salt, prompt),
             _ => Vec::new(),
         };
         let overlap = inner.index.overlap(&hashes);
@@ -377,6 +446,10 @@ impl WorkerPool {
                 }
                 None => (prompt.len() as u64, 0),
             };
+            if cache_aware && slot.is_approximate() && !hashes.is_empty() {
+                slot.approx_touch(&hashes, now, inner.cfg.approx_ttl);
+                inner.index.store(slot.id, &hashes);
+            }
             inner.metrics.routed(inner.cfg.routing.as_str(), &slot.addr);
             let predicted = (prompt.len() as u64 - prefill) as u32;
             let mut lease = Lease::new(slot, prefill, blocks, probe);

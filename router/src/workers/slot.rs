@@ -9,13 +9,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferrite_common::proto::worker as pb;
 use ferrite_common::proto::worker::worker_client::WorkerClient;
 use tokio::task::AbortHandle;
 use tonic::transport::Channel;
 
+use super::approx::ApproxBlocks;
 use super::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::kv_index::WorkerId;
 
@@ -70,6 +71,9 @@ pub struct WorkerSlot {
     breaker: Mutex<Breaker>,
     /// Its `KvEvents` pump, stopped when the worker is removed.
     pump: Mutex<Option<AbortHandle>>,
+    /// Its blocks in the KV index are the router's guesses ([`ApproxBlocks`]), not its events.
+    approximate: AtomicBool,
+    approx: Mutex<ApproxBlocks>,
 }
 
 impl WorkerSlot {
@@ -86,7 +90,40 @@ impl WorkerSlot {
             predicted: Mutex::new(Predicted::default()),
             breaker: Mutex::new(Breaker::new(breaker)),
             pump: Mutex::new(None),
+            approximate: AtomicBool::new(false),
+            approx: Mutex::new(ApproxBlocks::default()),
         }
+    }
+
+    /// Whether its KV index entries are approximate (see [`ApproxBlocks`]).
+    pub fn is_approximate(&self) -> bool {
+        self.approximate.load(Ordering::Relaxed)
+    }
+
+    /// Switches between exact (events) and approximate tracking; returns the previous mode. The caller purges the
+    /// worker's index entries when the mode changes (neither kind of entry means anything to the other).
+    pub fn set_approximate(&self, on: bool) -> bool {
+        let was = self.approximate.swap(on, Ordering::Relaxed);
+        if was != on {
+            lock(&self.approx).clear();
+        }
+        was
+    }
+
+    /// A prompt with these block hashes was routed here at `now` (approximate tracking).
+    pub fn approx_touch(&self, hashes: &[u64], now: Instant, ttl: Duration) {
+        lock(&self.approx).touch(hashes, now, ttl);
+    }
+
+    /// The guessed hashes whose time to live passed at `now` (removed from the guesses; the caller removes them from
+    /// the index).
+    pub fn approx_expire(&self, now: Instant) -> Vec<u64> {
+        lock(&self.approx).expire(now)
+    }
+
+    /// Forgets the guesses (with the worker's index entries, by the caller).
+    pub fn approx_clear(&self) {
+        lock(&self.approx).clear();
     }
 
     pub fn inflight(&self) -> usize {

@@ -175,3 +175,38 @@ async fn a_worker_with_another_model_block_size_or_hash_version_is_refused() {
     assert!(events::check(&pool.inner, &info(16, b"second")).is_err());
     assert!(PoolConfig { migration_limit: MAX_MIGRATION_LIMIT + 1, ..PoolConfig::default() }.validate().is_err());
 }
+
+#[tokio::test]
+async fn approximate_workers_are_routed_by_the_prompts_sent_to_them_until_the_ttl_passes() {
+    let cfg = PoolConfig { kv_events: KvEventsMode::Off, approx_ttl: Duration::from_secs(1), ..PoolConfig::default() };
+    let pool = WorkerPool::with_config(&addrs(&[1, 2]), cfg).unwrap();
+    verify_all(&pool);
+    let s: Vec<Arc<WorkerSlot>> = pool.members().iter().cloned().collect();
+    s.iter().for_each(|w| assert!(!w.set_approximate(true)));
+    // A 64-token prompt is 4 blocks of 16; a second prompt shares its first 3 blocks.
+    let a: Vec<u32> = (0..64).collect();
+    let b: Vec<u32> = (0..48).chain(1000..1016).collect();
+    let first = pool.pick(&a, b"", &[]).unwrap();
+    let w = first.worker_id();
+    drop(first);
+    assert_eq!(pool.inner.index.blocks_of(w), 4, "the routed prompt's blocks are guessed held");
+    // Held by one worker, the shared prefix draws the second prompt there (the other worker is idle and cold).
+    let second = pool.pick(&b, b"", &[]).unwrap();
+    assert_eq!(second.worker_id(), w);
+    assert_eq!(second.predicted_cached(), Some(48));
+    drop(second);
+    assert_eq!(pool.inner.index.blocks_of(w), 5, "b's last block is new; its first three are shared");
+    // A stream's block events do not touch the guesses (its load still counts).
+    let stored = E::Stored(pb::Stored { block_hashes: vec![42] });
+    let slot_w = s.iter().find(|x| x.id == w).unwrap();
+    assert_eq!(events::apply(&pool.inner, slot_w, 0, &batch(1, false, vec![stored, E::Cleared(pb::Cleared {})])), Some(1));
+    assert_eq!((pool.inner.index.blocks_of(w), slot_w.load().map(|l| l.running)), (5, Some(3)));
+    // After the TTL, the next pick drops the guesses before it looks.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let other: Vec<u32> = (5000..5016).collect();
+    drop(pool.pick(&other, b"", &[]).unwrap());
+    assert_eq!(pool.inner.index.blocks_of(w) + pool.inner.index.blocks_of(s.iter().find(|x| x.id != w).unwrap().id), 1);
+    // Back to exact tracking: the guesses go.
+    assert!(slot_w.set_approximate(false));
+    assert!(PoolConfig { approx_ttl: Duration::ZERO, ..PoolConfig::default() }.validate().is_err());
+}

@@ -44,6 +44,9 @@ pub struct EngineStats {
     pub last_step_end_ms: AtomicU64,
     /// Step durations by [`StepPhase`] (index `phase as usize`), bucketed by [`STEP_SECONDS_BUCKETS`].
     pub step_times: [StepTimes; 2],
+    /// Time from a request's arrival at the engine to its first admission into a step, bucketed by
+    /// [`QUEUE_SECONDS_BUCKETS`].
+    pub queue_times: QueueTimes,
 }
 
 /// What an engine step computed: prompt tokens (possibly with decodes riding along: chunked prefill), or only
@@ -68,19 +71,43 @@ impl StepPhase {
 /// Upper bounds (seconds) of the step-time histogram buckets.
 pub const STEP_SECONDS_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// A histogram of step durations in atomics (the engine thread records; a scrape reads): per-bucket counts (not
-/// cumulative), the count and the sum in microseconds.
-#[derive(Debug, Default)]
-pub struct StepTimes {
-    pub buckets: [AtomicU64; STEP_SECONDS_BUCKETS.len()],
+/// Upper bounds (seconds) of the queue-time histogram buckets.
+pub const QUEUE_SECONDS_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// A histogram of durations in atomics (the engine thread records, a scrape reads), over `N` bucket bounds.
+#[derive(Debug)]
+pub struct Times<const N: usize> {
+    pub bounds: &'static [f64; N],
+    pub buckets: [AtomicU64; N],
     pub count: AtomicU64,
     pub sum_us: AtomicU64,
 }
 
-impl StepTimes {
+/// Step durations ([`STEP_SECONDS_BUCKETS`]).
+pub type StepTimes = Times<{ STEP_SECONDS_BUCKETS.len() }>;
+/// Queue durations ([`QUEUE_SECONDS_BUCKETS`]).
+pub type QueueTimes = Times<{ QUEUE_SECONDS_BUCKETS.len() }>;
+
+impl Default for StepTimes {
+    fn default() -> Self {
+        Self::new(&STEP_SECONDS_BUCKETS)
+    }
+}
+
+impl Default for QueueTimes {
+    fn default() -> Self {
+        Self::new(&QUEUE_SECONDS_BUCKETS)
+    }
+}
+
+impl<const N: usize> Times<N> {
+    pub fn new(bounds: &'static [f64; N]) -> Self {
+        Self { bounds, buckets: std::array::from_fn(|_| AtomicU64::new(0)), count: AtomicU64::new(0), sum_us: AtomicU64::new(0) }
+    }
+
     pub fn record(&self, d: Duration) {
         let s = d.as_secs_f64();
-        if let Some(i) = STEP_SECONDS_BUCKETS.iter().position(|&b| s <= b) {
+        if let Some(i) = self.bounds.iter().position(|&b| s <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
@@ -169,6 +196,8 @@ pub struct Engine {
     rx: mpsc::Receiver<Command>,
     /// Output channel of every request the core holds.
     txs: HashMap<Arc<str>, tmpsc::UnboundedSender<EngineOutput>>,
+    /// When each request the core holds and has not admitted yet arrived.
+    arrived: HashMap<Arc<str>, Instant>,
     stats: Arc<EngineStats>,
     kv_events: Arc<KvEventLog>,
     started: Instant,
@@ -188,8 +217,17 @@ impl Engine {
         // The core's block pool is single-threaded (`Rc`), so the core is built on the engine thread.
         std::thread::Builder::new().name("ferrite-engine".into()).spawn(move || {
             let core = EngineCore::new(cfg, &backend.info());
-            let engine =
-                Engine { backend, core, rx, txs: HashMap::new(), stats: thread_stats, kv_events: thread_kv_events, started, fatal };
+            let engine = Engine {
+                backend,
+                core,
+                rx,
+                txs: HashMap::new(),
+                arrived: HashMap::new(),
+                stats: thread_stats,
+                kv_events: thread_kv_events,
+                started,
+                fatal,
+            };
             engine.publish();
             engine.run();
         })?;
@@ -218,6 +256,12 @@ impl Engine {
             let running_before = self.stats.running.load(Ordering::Relaxed) as usize;
             let started = Instant::now();
             let out = self.core.step(&mut *self.backend);
+            for id in &out.admitted {
+                if let Some(t) = self.arrived.remove(id) {
+                    // Queued until the step that admitted it began.
+                    self.stats.queue_times.record(started.saturating_duration_since(t));
+                }
+            }
             if out.num_tokens > 0 {
                 let phase = if out.num_tokens > running_before { StepPhase::Prefill } else { StepPhase::Decode };
                 self.stats.step_times[phase as usize].record(started.elapsed());
@@ -261,6 +305,7 @@ impl Engine {
                 let request_id: Arc<str> = req.request_id.as_str().into();
                 match self.core.add(*req) {
                     Ok(()) => {
+                        self.arrived.insert(Arc::clone(&request_id), Instant::now());
                         self.txs.insert(request_id, tx);
                     }
                     Err(e) => {
@@ -287,6 +332,7 @@ impl Engine {
             }
             if e.last {
                 self.txs.remove(&e.request_id);
+                self.arrived.remove(&e.request_id);
             }
         }
     }

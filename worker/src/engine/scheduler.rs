@@ -152,6 +152,8 @@ pub(crate) struct Scheduler<M> {
     running: Vec<SeqId>,
     /// Sequences preempted so far.
     preemptions: u64,
+    /// Sequences admitted for the first time since [`Scheduler::take_admitted`] (their queueing ended).
+    admitted: Vec<SeqId>,
 }
 
 impl<M> Scheduler<M> {
@@ -165,6 +167,7 @@ impl<M> Scheduler<M> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            admitted: Vec::new(),
         }
     }
 
@@ -265,6 +268,11 @@ impl<M> Scheduler<M> {
     /// Tokens that waiting sequences still have to compute before they can sample (their prefill backlog).
     pub(crate) fn waiting_prefill_tokens(&self) -> usize {
         self.waiting.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.tokens.len().saturating_sub(s.num_computed)).sum()
+    }
+
+    /// Sequences admitted for the first time since the last call (a preempted sequence re-admitted is not).
+    pub(crate) fn take_admitted(&mut self) -> Vec<SeqId> {
+        std::mem::take(&mut self.admitted)
     }
 
     /// The pool's prefix-cache index changes since the last call (see `BlockPool::take_events`).
@@ -404,6 +412,9 @@ impl<M> Scheduler<M> {
                 }
                 self.waiting.remove(k);
                 let s = self.seqs.get_mut(&id).expect("exists");
+                if !s.admitted_once {
+                    self.admitted.push(id);
+                }
                 s.admitted_once = true;
                 self.running.push(id);
                 plan.push(Scheduled { id, start, num_tokens: n, sample: start + n == len });

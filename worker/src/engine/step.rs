@@ -41,7 +41,7 @@
 //! Determinism: the core draws no randomness. A request without a seed samples with seed 0 here; the engine thread
 //! draws a random seed for such requests before it adds them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ferrite_common::hash::BlockHasher;
@@ -138,6 +138,8 @@ pub struct StepOutput {
     /// Prefix-cache index changes since the previous step, in order (the engine thread publishes them as
     /// `KvEvents`; callers without a router may drop them).
     pub kv_events: Vec<BlockEvent>,
+    /// Requests whose first sequence this step admitted (their time in the queue ended), each once.
+    pub admitted: Vec<Arc<str>>,
 }
 
 /// Counters and gauges of a core, as plain numbers (the engine thread copies them into its atomic stats).
@@ -239,6 +241,10 @@ pub struct EngineCore {
     outbox: Vec<Emitted>,
     /// A logit row the host sampler may modify.
     scratch: Vec<f32>,
+    /// Requests with an admitted sequence (so an `n > 1` request's queueing ends once, with its first sequence).
+    admitted: HashSet<Arc<str>>,
+    /// Of those, the ones not yet handed over in a [`StepOutput`].
+    newly_admitted: Vec<Arc<str>>,
 }
 
 impl EngineCore {
@@ -254,6 +260,8 @@ impl EngineCore {
             counters: Counters::default(),
             outbox: Vec::new(),
             scratch: Vec::new(),
+            admitted: HashSet::new(),
+            newly_admitted: Vec::new(),
         }
     }
 
@@ -322,6 +330,13 @@ impl EngineCore {
     /// Plans and runs one step on `backend`, then returns every output since the last hand-over.
     pub fn step(&mut self, backend: &mut dyn Backend) -> StepOutput {
         let plan = self.sched.schedule();
+        for id in self.sched.take_admitted() {
+            if let Some(seq) = self.sched.get(id)
+                && self.admitted.insert(Arc::clone(&seq.meta.request_id))
+            {
+                self.newly_admitted.push(Arc::clone(&seq.meta.request_id));
+            }
+        }
         if plan.is_empty() {
             return self.hand_over(0, None);
         }
@@ -392,7 +407,8 @@ impl EngineCore {
     }
 
     fn hand_over(&mut self, num_tokens: usize, fatal: Option<BackendError>) -> StepOutput {
-        StepOutput { outputs: self.take_outputs(), num_tokens, fatal, kv_events: self.sched.take_block_events() }
+        let admitted = std::mem::take(&mut self.newly_admitted);
+        StepOutput { outputs: self.take_outputs(), num_tokens, fatal, kv_events: self.sched.take_block_events(), admitted }
     }
 
     /// The backend call for the whole step (see the module docs; with no sequence sampling, greedy).
@@ -553,6 +569,7 @@ impl EngineCore {
         let last = ids.is_empty();
         if last {
             self.requests.remove(request_id);
+            self.admitted.remove(request_id);
         }
         Some((seq, last))
     }

@@ -594,3 +594,44 @@ fn waiting_prefill_tokens_count_the_prompts_not_yet_admitted() {
     c.step(&mut b); // admits "a" only (one running sequence at most)
     assert_eq!((c.stats().waiting, c.stats().waiting_prefill_tokens), (1, 7));
 }
+
+#[test]
+fn each_request_is_reported_admitted_once_when_its_first_sequence_runs() {
+    let mut b = instant(64);
+    let mut c = core(&b, Limits { max_seqs: 1, ..Limits::default() });
+    let mut two = greedy("two", &prompt(6, 1), 1);
+    two.n = 2;
+    c.add(two).unwrap();
+    c.add(greedy("later", &prompt(5, 2), 1)).unwrap();
+    // One slot: "two"'s first copy runs; "later" waits.
+    let first = c.step(&mut b);
+    assert_eq!(first.admitted, vec![Arc::<str>::from("two")]);
+    // Its second copy runs next (not reported: the request's queueing ended with its first), then "later".
+    let mut admitted: Vec<Arc<str>> = Vec::new();
+    for _ in 0..5 {
+        admitted.extend(c.step(&mut b).admitted);
+    }
+    assert_eq!(admitted, vec![Arc::<str>::from("later")]);
+    assert!(c.is_idle());
+}
+
+#[test]
+fn a_preempted_request_is_not_reported_admitted_again() {
+    let reqs: Vec<EngineRequest> = (0..5).map(|i| greedy(&format!("g{i}"), &prompt(6, 3 * i), 10)).collect();
+    let mut b = ContextBackend::new(9);
+    let mut c = core(&b, Limits::default());
+    for r in reqs {
+        c.add(r).unwrap();
+    }
+    let mut admitted: Vec<Arc<str>> = Vec::new();
+    for _ in 0..200 {
+        if c.is_idle() {
+            break;
+        }
+        admitted.extend(c.step(&mut b).admitted);
+    }
+    assert!(c.is_idle() && c.stats().preemptions > 0, "the pool is too small for all five: some are preempted");
+    admitted.sort();
+    let want: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("g{i}").as_str())).collect();
+    assert_eq!(admitted, want, "each once, re-admissions after preemption not counted");
+}
