@@ -43,7 +43,7 @@ fn decision_cost_with_ten_thousand_blocks_per_worker() {
             let cands: Vec<Candidate> = (0..WORKERS)
                 .map(|w| Candidate { overlap_blocks: overlap.get(&w).copied().unwrap_or(0), inflight: w, ..Candidate::default() })
                 .collect();
-            let pick = policy::choose(&cands, tokens.len(), BLOCK);
+            let pick = policy::choose(&cands, tokens.len(), BLOCK, &policy::CostWeights::default(), 0.5);
             times.push(start.elapsed().as_secs_f64() * 1e6);
             assert!(pick.is_some());
         }

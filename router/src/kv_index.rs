@@ -107,6 +107,12 @@ impl KvIndex {
         }
     }
 
+    /// Whether `worker` holds `h`.
+    pub fn holds(&self, worker: WorkerId, h: u64) -> bool {
+        let held = self.held.read().unwrap_or_else(PoisonError::into_inner);
+        held.get(&worker).is_some_and(|s| s.lock().unwrap_or_else(PoisonError::into_inner).contains(&h))
+    }
+
     /// How many hashes `worker` holds (0 if unknown).
     pub fn blocks_of(&self, worker: WorkerId) -> usize {
         let held = self.held.read().unwrap_or_else(PoisonError::into_inner);

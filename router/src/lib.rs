@@ -31,7 +31,7 @@ mod workers;
 
 pub use auth::{ApiKeys, AuthConfig};
 pub use error::RouterError;
-pub use policy::{Routing, UnknownRouting};
+pub use policy::{CostWeights, Routing, UnknownRouting};
 pub use server::{TlsFiles, app, serve_http, serve_http_with};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
 pub use validate::Limits;

@@ -12,7 +12,7 @@ use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
 use ferrite_router::Limits;
 use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
-use ferrite_router::{KvEventsMode, MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
+use ferrite_router::{CostWeights, KvEventsMode, MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 
@@ -132,6 +132,14 @@ pub struct RoutingArgs {
     #[arg(long, env = "FERRITE_APPROX_KV_TTL", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub approx_kv_ttl: u64,
+    /// Cache-aware cost: how much a block of prefill (queued, or the prompt's uncached part) weighs against a KV
+    /// block held by running requests (Dynamo's overlap score weight). Above 1 favours prefix hits over balance.
+    #[arg(long, env = "FERRITE_ROUTING_PREFILL_WEIGHT", default_value_t = 2.0)]
+    pub routing_prefill_weight: f64,
+    /// Cache-aware selection temperature: 0 picks the lowest cost; above 0 draws a worker with probability
+    /// ∝ exp(−normalized cost / T), spreading near-ties (0..=10).
+    #[arg(long, env = "FERRITE_ROUTING_TEMPERATURE", default_value_t = 0.0)]
+    pub routing_temperature: f64,
 }
 
 impl RoutingArgs {
@@ -141,6 +149,7 @@ impl RoutingArgs {
             migration_limit: self.migration_limit,
             kv_events: self.kv_events,
             approx_ttl: Duration::from_secs(self.approx_kv_ttl),
+            weights: CostWeights { prefill: self.routing_prefill_weight, temperature: self.routing_temperature, ..CostWeights::default() },
             ..PoolConfig::default()
         }
     }

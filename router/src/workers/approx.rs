@@ -1,5 +1,11 @@
-//! Approximate KV tracking for a worker that sends no KV events (design doc §6, Dynamo's "approximate" indexer):
-//! the router assumes a worker holds the blocks of every prompt it routed there, for a fixed time to live.
+//! The router's guesses of which blocks a worker holds, each with a time to live.
+//!
+//! - For a worker that sends no KV events (design doc §6, Dynamo's "approximate" indexer) they are all there is:
+//!   the router assumes a worker holds the blocks of every prompt it routed there, for `--approx-kv-ttl`.
+//! - For a worker that does, they cover the gap between routing a prompt and the worker's `Stored` events for its
+//!   blocks (its queue and prefill): without them, requests of one prefix that arrive together are spread over
+//!   several workers, none of which holds the prefix yet. Events confirm guesses ([`ApproxBlocks::confirm`]); an
+//!   unconfirmed guess expires after a short TTL (the request failed, or went elsewhere in the worker's cache).
 //!
 //! The guess is stored in the same [`crate::kv_index::KvIndex`] as event-fed entries, so the cost function needs no
 //! second path; this module only remembers when each guessed hash expires. Routing the same prefix again refreshes
@@ -25,6 +31,17 @@ impl ApproxBlocks {
         for &h in hashes {
             self.expiry.insert(h, until);
             self.queue.push_back((until, h));
+        }
+    }
+
+    /// The worker reported these hashes itself (stored or removed): they are no longer guesses, and their expiry
+    /// must not touch them.
+    pub fn confirm(&mut self, hashes: &[u64]) {
+        if self.expiry.is_empty() {
+            return;
+        }
+        for h in hashes {
+            self.expiry.remove(h);
         }
     }
 
@@ -83,6 +100,17 @@ mod tests {
         gone.sort_unstable();
         assert_eq!(gone, vec![1, 4]);
         assert!(a.is_empty() && a.queue.is_empty(), "stale queue entries are dropped too");
+    }
+
+    #[test]
+    fn confirmed_hashes_never_expire_as_guesses() {
+        let t0 = Instant::now();
+        let mut a = ApproxBlocks::default();
+        a.touch(&[1, 2, 3], t0, Duration::from_secs(1));
+        a.confirm(&[2, 9]);
+        let mut gone = a.expire(t0 + Duration::from_secs(1));
+        gone.sort_unstable();
+        assert_eq!(gone, vec![1, 3]);
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                         tracing::warn!(worker = %slot.addr, reason, "worker refused: kept out of routing (checked again later)");
                     }
                     inner.index.purge(slot.id);
+                    slot.approx_clear();
                     slot.set_load(None);
                     since = 0;
                     drop(inner);
@@ -95,6 +96,7 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                                 tracing::warn!(worker = %slot.addr, since, first_seq = batch.first_seq, "KvEvents gap: resyncing");
                                 if !slot.is_approximate() {
                                     inner.index.purge(slot.id);
+                                    slot.approx_clear();
                                 }
                                 since = 0;
                                 break;
@@ -177,6 +179,7 @@ pub(super) fn apply(inner: &Inner, slot: &WorkerSlot, since: u64, b: &pb::KvEven
         inner.metrics.resync();
         if exact {
             inner.index.purge(slot.id);
+            slot.approx_clear();
         }
     }
     let mut n = 0u64;
@@ -186,15 +189,20 @@ pub(super) fn apply(inner: &Inner, slot: &WorkerSlot, since: u64, b: &pb::KvEven
                 n += s.block_hashes.len() as u64;
                 if index {
                     inner.index.store(slot.id, &s.block_hashes);
+                    slot.approx_confirm(&s.block_hashes);
                 }
             }
             Some(E::Removed(r)) => {
                 n += r.block_hashes.len() as u64;
                 if exact {
                     inner.index.remove(slot.id, &r.block_hashes);
+                    slot.approx_confirm(&r.block_hashes);
                 }
             }
-            Some(E::Cleared(_)) if exact => inner.index.purge(slot.id),
+            Some(E::Cleared(_)) if exact => {
+                inner.index.purge(slot.id);
+                slot.approx_clear();
+            }
             Some(E::Cleared(_)) => {}
             None => {}
         }

@@ -43,7 +43,7 @@ use slot::{Verified, WorkerSlot};
 use crate::error::RouterError;
 use crate::kv_index::{KvIndex, WorkerId};
 use crate::openai::error::{ApiError, ErrorKind};
-use crate::policy::{self, Candidate, Routing};
+use crate::policy::{self, Candidate, CostWeights, CostWeightsError, Routing};
 pub use metrics::PoolMetrics;
 
 /// One entry of the membership list given to [`WorkerPool::sync_members`].
@@ -100,6 +100,9 @@ impl FromStr for KvEventsMode {
     }
 }
 
+/// How long a routed prompt's blocks count as held by a worker with KV events before its events confirm them.
+pub const PENDING_TTL: Duration = Duration::from_secs(30);
+
 /// The largest `--migration-limit`.
 pub const MAX_MIGRATION_LIMIT: u32 = 8;
 
@@ -121,6 +124,8 @@ pub struct PoolConfig {
     pub kv_events: KvEventsMode,
     /// How long approximate tracking assumes a worker keeps a routed prompt's blocks.
     pub approx_ttl: Duration,
+    /// The cache-aware cost function's weights and temperature.
+    pub weights: CostWeights,
 }
 
 impl Default for PoolConfig {
@@ -134,6 +139,7 @@ impl Default for PoolConfig {
             worker_ca: None,
             kv_events: KvEventsMode::default(),
             approx_ttl: Duration::from_secs(120),
+            weights: CostWeights::default(),
         }
     }
 }
@@ -147,6 +153,8 @@ pub enum PoolConfigError {
     BusyThreshold(f64),
     #[error("approximate KV tracking TTL {0:?} is out of range (1 s ..= 1 h)")]
     ApproxTtl(Duration),
+    #[error(transparent)]
+    Weights(#[from] CostWeightsError),
 }
 
 impl PoolConfig {
@@ -160,6 +168,7 @@ impl PoolConfig {
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.approx_ttl) {
             return Err(PoolConfigError::ApproxTtl(self.approx_ttl));
         }
+        self.weights.validate()?;
         Ok(())
     }
 }
@@ -402,17 +411,18 @@ impl WorkerPool {
         let mut alive: Vec<&Arc<WorkerSlot>> = members.iter().filter(|s| !exclude.contains(&s.id) && self.eligible(s)).collect();
         let identity = inner.identity.get();
         let cache_aware = inner.cfg.routing == Routing::CacheAware;
-        // Approximately tracked workers first drop the guesses whose time to live has passed.
+        // Guesses whose time to live has passed leave the index first (`approx`).
         let now = Instant::now();
-        let mut approximate = false;
         if cache_aware {
-            for s in members.iter().filter(|s| s.is_approximate()) {
-                approximate = true;
-                inner.index.remove(s.id, &s.approx_expire(now));
+            for s in members.iter() {
+                let gone = s.approx_expire(now);
+                if !gone.is_empty() {
+                    inner.index.remove(s.id, &gone);
+                }
             }
         }
         let hashes = match identity {
-            Some(id) if cache_aware && (approximate || !inner.index.is_empty()) => id.hasher.prefix_hashes(cache_salt, prompt),
+            Some(id) if cache_aware => id.hasher.prefix_hashes(cache_salt, prompt),
             _ => Vec::new(),
         };
         let overlap = inner.index.overlap(&hashes);
@@ -427,7 +437,7 @@ impl WorkerPool {
                 Routing::CacheAware => {
                     let block_size = identity.map_or(16, |i| i.block_size as usize);
                     let view: Vec<Candidate> = cands.iter().map(|s| candidate(s, overlap.get(&s.id).copied().unwrap_or(0))).collect();
-                    policy::choose(&view, prompt.len(), block_size).unwrap_or(0)
+                    policy::choose(&view, prompt.len(), block_size, &inner.cfg.weights, rand::random()).unwrap_or(0)
                 }
             };
             let slot = Arc::clone(cands[chosen]);
@@ -446,9 +456,17 @@ impl WorkerPool {
                 }
                 None => (prompt.len() as u64, 0),
             };
-            if cache_aware && slot.is_approximate() && !hashes.is_empty() {
-                slot.approx_touch(&hashes, now, inner.cfg.approx_ttl);
-                inner.index.store(slot.id, &hashes);
+            if cache_aware && !hashes.is_empty() {
+                if slot.is_approximate() {
+                    slot.approx_touch(&hashes, now, inner.cfg.approx_ttl);
+                    inner.index.store(slot.id, &hashes);
+                } else {
+                    // Until its events confirm them, the blocks this prompt will store count as held (`approx`).
+                    let held = overlap.get(&slot.id).copied().unwrap_or(0);
+                    let pending: Vec<u64> = hashes[held..].iter().copied().filter(|&h| !inner.index.holds(slot.id, h)).collect();
+                    slot.approx_touch(&pending, now, PENDING_TTL);
+                    inner.index.store(slot.id, &pending);
+                }
             }
             inner.metrics.routed(inner.cfg.routing.as_str(), &slot.addr);
             let predicted = (prompt.len() as u64 - prefill) as u32;

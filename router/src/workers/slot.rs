@@ -73,6 +73,8 @@ pub struct WorkerSlot {
     pump: Mutex<Option<AbortHandle>>,
     /// Its blocks in the KV index are the router's guesses ([`ApproxBlocks`]), not its events.
     approximate: AtomicBool,
+    /// Guesses with their expiry: all its entries when `approximate`, else the routed prompts' blocks its events
+    /// have not confirmed yet.
     approx: Mutex<ApproxBlocks>,
 }
 
@@ -119,6 +121,11 @@ impl WorkerSlot {
     /// the index).
     pub fn approx_expire(&self, now: Instant) -> Vec<u64> {
         lock(&self.approx).expire(now)
+    }
+
+    /// The worker's events reported these hashes: they stop being guesses.
+    pub fn approx_confirm(&self, hashes: &[u64]) {
+        lock(&self.approx).confirm(hashes);
     }
 
     /// Forgets the guesses (with the worker's index entries, by the caller).

@@ -210,3 +210,31 @@ async fn approximate_workers_are_routed_by_the_prompts_sent_to_them_until_the_tt
     assert!(slot_w.set_approximate(false));
     assert!(PoolConfig { approx_ttl: Duration::ZERO, ..PoolConfig::default() }.validate().is_err());
 }
+
+#[tokio::test]
+async fn a_routed_prompt_counts_as_held_until_events_confirm_it_or_its_guess_expires() {
+    let pool = WorkerPool::new(&addrs(&[1, 2])).unwrap();
+    verify_all(&pool);
+    let a: Vec<u32> = (0..64).collect();
+    // The first request has its first token, but the worker's `Stored` events for its blocks are not in yet: the
+    // second request of the prefix follows it (cost 0 prefill + 5 decode blocks, against 8 for a cold prefill).
+    let mut first = pool.pick(&a, b"", &[]).unwrap();
+    let w = first.worker_id();
+    assert_eq!(pool.inner.index.blocks_of(w), 4, "the routed prompt's 4 blocks are pending on its worker");
+    first.first_token();
+    let second = pool.pick(&a, b"", &[]).unwrap();
+    assert_eq!(second.worker_id(), w, "the pending prefix counts as held");
+    drop((first, second));
+    let slot_w = pool.members().iter().find(|s| s.id == w).cloned().unwrap();
+    // The worker's events confirm 3 of the 4 blocks (the last one was, say, evicted at once): those stay.
+    let hashes = pool.inner.identity.get().unwrap().hasher.prefix_hashes(b"", &a);
+    let stored = E::Stored(pb::Stored { block_hashes: hashes[..3].to_vec() });
+    assert_eq!(events::apply(&pool.inner, &slot_w, 0, &batch(1, false, vec![stored])), Some(3));
+    // After the pending TTL the unconfirmed guess goes; the confirmed blocks stay.
+    let later = Instant::now() + PENDING_TTL + Duration::from_millis(1);
+    let gone = slot_w.approx_expire(later);
+    assert_eq!(gone, vec![hashes[3]]);
+    pool.inner.index.remove(w, &gone);
+    assert_eq!(pool.inner.index.blocks_of(w), 3);
+    assert!(pool.inner.index.holds(w, hashes[0]) && !pool.inner.index.holds(w, hashes[3]));
+}
