@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::drive::{Event, TokenLogprob, drive_prompt};
 use crate::openai::error::{ApiError, ErrorKind};
-use crate::openai::tools::{self, Format, ToolSet};
+use crate::openai::tools::{self, ToolSet};
 use crate::openai::types::*;
 use crate::state::AppState;
 use crate::validate::{LogprobsMode, ValidRequest, validate};
@@ -155,7 +155,7 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>, t0:
     }
     let template = st.text.chat_template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
     req.extras.check()?;
-    let format = Format::of(template.source());
+    let format = st.config.tool_call_parser.format(template.source());
     let tools = ToolSet::from_request(&req.extras, format)?.map(Arc::new);
     let native = template.uses_tools();
     let mut messages = Vec::with_capacity(req.messages.len() + 1);

@@ -126,6 +126,7 @@ impl KvIndex {
     }
 
     /// True when no worker holds anything.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.shards.iter().all(|s| s.read().unwrap_or_else(PoisonError::into_inner).is_empty())
     }

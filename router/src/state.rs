@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use crate::auth::AuthConfig;
 use crate::error::RouterError;
 use crate::openai::error::{ApiError, ErrorKind};
+use crate::openai::tools::ToolCallParser;
 use crate::validate::Limits;
 use crate::workers::WorkerPool;
 
@@ -25,6 +26,14 @@ pub struct RouterConfig {
     pub max_body_bytes: usize,
     /// API keys callers must present (`None`: open).
     pub auth: Option<Arc<AuthConfig>>,
+    /// How tool calls are written and parsed (`auto`: from the chat template).
+    pub tool_call_parser: ToolCallParser,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self { model_names: Vec::new(), max_concurrent_requests: 256, max_body_bytes: 4 << 20, auth: None, tool_call_parser: ToolCallParser::Auto }
+    }
 }
 
 /// Router metrics (names are `ferrite_router_*`; labels are bounded).

@@ -59,6 +59,13 @@ pub struct Args {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Constrain every request to this JSON Schema (a file): `response_format` `json_schema` (structured-outputs
+    /// overhead against free requests).
+    #[arg(long)]
+    json_schema: Option<std::path::PathBuf>,
+    /// The schema read from `--json-schema`.
+    #[arg(skip)]
+    schema: Option<Value>,
 }
 
 const WORDS: &[&str] = &[
@@ -151,6 +158,9 @@ impl Ctx {
             b["messages"] = json!([{"role": "user", "content": prompt}]);
         } else {
             b["prompt"] = json!(prompt);
+        }
+        if let Some(schema) = &a.schema {
+            b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
         }
         serde_json::to_vec(&b).expect("json")
     }
@@ -318,7 +328,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rt.block_on(run_async(a))
 }
 
-async fn run_async(a: Args) -> anyhow::Result<()> {
+async fn run_async(mut a: Args) -> anyhow::Result<()> {
+    if let Some(path) = &a.json_schema {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --json-schema {}", path.display()))?;
+        a.schema = Some(serde_json::from_str(&text).with_context(|| format!("--json-schema {}: not JSON", path.display()))?);
+    }
     let path = if a.chat { "chat/completions" } else { "completions" };
     let uri: Uri = format!("{}/{path}", a.base_url.trim_end_matches('/')).parse().context("--base-url")?;
     if uri.scheme_str() != Some("http") {

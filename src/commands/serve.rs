@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
-use ferrite_router::Limits;
+use ferrite_router::{Limits, ToolCallParser};
 use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
 use ferrite_router::{CostWeights, KvEventsMode, MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
 use ferrite_worker::metrics::WorkerMetrics;
@@ -69,6 +69,10 @@ pub struct HttpArgs {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, env = "FERRITE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// How tool calls are rendered and parsed: `auto` (from the chat template), `hermes`
+    /// (`<tool_call>{"name", "arguments"}</tool_call>`) or `llama3_json` (`{"name", "parameters"}`).
+    #[arg(long, env = "FERRITE_TOOL_CALL_PARSER", default_value = "auto")]
+    pub tool_call_parser: ToolCallParser,
 }
 
 impl HttpArgs {
@@ -81,6 +85,7 @@ impl HttpArgs {
             max_concurrent_requests: self.max_concurrent_requests.max(1),
             max_body_bytes: self.max_body_bytes,
             auth: self.auth()?,
+            tool_call_parser: self.tool_call_parser,
         })
     }
 

@@ -176,3 +176,21 @@ def test_bad_tool_requests_are_400(client, model, extra, field):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, extra_body=extra)
     assert ei.value.body["param"] == field, ei.value.body
+
+
+def test_tool_call_parser_flag_overrides_the_template_format(start_server, model):
+    """`--tool-call-parser llama3_json` on a model whose template says nothing about tools (Hermes by default): the
+    grammar makes the model write Llama-3 JSON calls, and they are parsed as such into `tool_calls`."""
+    base = start_server("--tool-call-parser", "llama3_json")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+    for prompt in PROMPTS[:2]:
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], tools=TOOLS, tool_choice="required", max_tokens=100,
+            temperature=0, logprobs=True,
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        check_calls(choice.message, {"get_weather", "get_time"})
+        # The raw tokens are Llama-3 JSON (`"parameters"`), not a `<tool_call>` block.
+        text = "".join(t.token for t in choice.logprobs.content)
+        assert "<tool_call>" not in text and '"parameters"' in text, text

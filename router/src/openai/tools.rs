@@ -5,7 +5,7 @@
 //!   (Hermes style: the tools inside `<tools></tools>`, calls inside `<tool_call></tool_call>`), merged into the
 //!   conversation's first system message. Assistant messages with `tool_calls` reach the template with their
 //!   arguments as objects (what HF templates expect), and as `<tool_call>` text when the fallback prompt is used.
-//! - **Format**, picked from the template ([`Format::of`]): Hermes `<tool_call>{"name", "arguments"}</tool_call>`
+//! - **Format**, picked from the template ([`Format::of`]) unless `--tool-call-parser` names one ([`ToolCallParser`]): Hermes `<tool_call>{"name", "arguments"}</tool_call>`
 //!   (Qwen, Hermes, SmolLM-family templates, and the fallback), or Llama 3.1/3.2 JSON (`{"name", "parameters"}`,
 //!   optionally after `<|python_tag|>`).
 //! - **`tool_choice`.** `none` (no tools at all), `auto` (the model decides; the output is parsed), `required` and a
@@ -45,6 +45,53 @@ impl Format {
             Format::Llama3Json
         } else {
             Format::Hermes
+        }
+    }
+}
+
+/// `--tool-call-parser`: the format named, or `auto` (from the chat template, [`Format::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToolCallParser {
+    #[default]
+    Auto,
+    Fixed(Format),
+}
+
+impl ToolCallParser {
+    /// The format for a model whose chat template is `template_source`.
+    pub fn format(self, template_source: &str) -> Format {
+        match self {
+            ToolCallParser::Auto => Format::of(template_source),
+            ToolCallParser::Fixed(f) => f,
+        }
+    }
+}
+
+impl std::fmt::Display for ToolCallParser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ToolCallParser::Auto => "auto",
+            ToolCallParser::Fixed(Format::Hermes) => "hermes",
+            ToolCallParser::Fixed(Format::Llama3Json) => "llama3_json",
+        })
+    }
+}
+
+/// A `--tool-call-parser` value that names no parser.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown tool-call parser `{0}` (expected auto, hermes or llama3_json)")]
+pub struct UnknownToolCallParser(pub String);
+
+impl std::str::FromStr for ToolCallParser {
+    type Err = UnknownToolCallParser;
+
+    /// vLLM's names (`--tool-call-parser hermes|llama3_json`), plus `auto`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ToolCallParser::Auto),
+            "hermes" => Ok(ToolCallParser::Fixed(Format::Hermes)),
+            "llama3_json" => Ok(ToolCallParser::Fixed(Format::Llama3Json)),
+            other => Err(UnknownToolCallParser(other.to_string())),
         }
     }
 }

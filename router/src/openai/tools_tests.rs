@@ -42,6 +42,15 @@ fn formats_come_from_the_template() {
     assert_eq!(Format::of("{% if tools %}<tool_call>{% endif %}"), Format::Hermes);
     assert_eq!(Format::of("<|python_tag|>{{ x }}"), Format::Llama3Json);
     assert_eq!(Format::of("<|im_start|>{{ m.content }}"), Format::Hermes);
+    // `--tool-call-parser` overrides the template.
+    let llama: ToolCallParser = "llama3_json".parse().unwrap();
+    assert_eq!(llama.format("{% if tools %}<tool_call>{% endif %}"), Format::Llama3Json);
+    assert_eq!("hermes".parse::<ToolCallParser>().unwrap().format("<|python_tag|>"), Format::Hermes);
+    assert_eq!(ToolCallParser::Auto.format("<|python_tag|>"), Format::Llama3Json);
+    assert!("mistral".parse::<ToolCallParser>().is_err());
+    for p in ["auto", "hermes", "llama3_json"] {
+        assert_eq!(p.parse::<ToolCallParser>().unwrap().to_string(), p);
+    }
 }
 
 #[test]
