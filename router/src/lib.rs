@@ -31,9 +31,9 @@ mod workers;
 
 pub use auth::{ApiKeys, AuthConfig};
 pub use error::RouterError;
+pub use openai::tools::{ToolCallParser, UnknownToolCallParser};
 pub use policy::{CostWeights, Routing, UnknownRouting};
 pub use server::{TlsFiles, app, serve_http, serve_http_with};
 pub use state::{AppState, ExtraMetrics, RouterConfig};
-pub use openai::tools::{ToolCallParser, UnknownToolCallParser};
 pub use validate::Limits;
 pub use workers::{BreakerConfig, KvEventsMode, MAX_MIGRATION_LIMIT, Member, PoolConfig, PoolConfigError, UnknownKvEventsMode, WorkerPool};

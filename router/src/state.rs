@@ -32,7 +32,13 @@ pub struct RouterConfig {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        Self { model_names: Vec::new(), max_concurrent_requests: 256, max_body_bytes: 4 << 20, auth: None, tool_call_parser: ToolCallParser::Auto }
+        Self {
+            model_names: Vec::new(),
+            max_concurrent_requests: 256,
+            max_body_bytes: 4 << 20,
+            auth: None,
+            tool_call_parser: ToolCallParser::Auto,
+        }
     }
 }
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::text::TextAssets;
-use ferrite_router::{Limits, ToolCallParser};
 use ferrite_router::{ApiKeys, AppState, AuthConfig, RouterConfig, TlsFiles, serve_http};
 use ferrite_router::{CostWeights, KvEventsMode, MAX_MIGRATION_LIMIT, PoolConfig, Routing, WorkerPool};
+use ferrite_router::{Limits, ToolCallParser};
 use ferrite_worker::metrics::WorkerMetrics;
 use ferrite_worker::server::Worker;
 

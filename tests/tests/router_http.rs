@@ -36,8 +36,13 @@ async fn stack_cfg(max_body_bytes: usize, max_concurrent_requests: usize, cfg: W
     let pool = WorkerPool::new(&[format!("http://{addr}")]).unwrap();
     let info = pool.info(Duration::from_secs(10)).await.unwrap();
     let text = Arc::new(TextAssets::load(&ModelFiles::open(&default_model()).unwrap()).unwrap());
-    let config =
-        RouterConfig { model_names: vec![info.model_id, "alias/llama".into()], max_concurrent_requests, max_body_bytes, auth: None, ..RouterConfig::default() };
+    let config = RouterConfig {
+        model_names: vec![info.model_id, "alias/llama".into()],
+        max_concurrent_requests,
+        max_body_bytes,
+        auth: None,
+        ..RouterConfig::default()
+    };
     let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
     (app(Arc::new(AppState::new(text, pool, config, limits, None).unwrap())), engine)
 }
@@ -302,7 +307,13 @@ async fn full_queue_is_429_and_no_worker_is_503() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let pool = WorkerPool::new(&[format!("http://{closed}")]).unwrap();
     let text = Arc::new(TextAssets::load(&ModelFiles::open(&default_model()).unwrap()).unwrap());
-    let config = RouterConfig { model_names: vec![MODEL.into()], max_concurrent_requests: 4, max_body_bytes: 1 << 20, auth: None, ..RouterConfig::default() };
+    let config = RouterConfig {
+        model_names: vec![MODEL.into()],
+        max_concurrent_requests: 4,
+        max_body_bytes: 1 << 20,
+        auth: None,
+        ..RouterConfig::default()
+    };
     let limits = Limits { max_model_len: 1024, vocab_size: 49_152 };
     let dead = app_with(text, pool, config, limits);
     let ready = dead.clone().oneshot(Request::get("/v1/health/ready").body(Body::empty()).unwrap()).await.unwrap();

@@ -45,7 +45,13 @@ async fn stack(routing: Routing) -> (axum::Router, WorkerPool) {
     let info = pool.info(Duration::from_secs(10)).await.unwrap();
     pool.start_kv_subscriptions();
     let text = Arc::new(TextAssets::load(&ModelFiles::open(&default_model()).unwrap()).unwrap());
-    let config = RouterConfig { model_names: vec![info.model_id], max_concurrent_requests: 8, max_body_bytes: 1 << 20, auth: None, ..RouterConfig::default() };
+    let config = RouterConfig {
+        model_names: vec![info.model_id],
+        max_concurrent_requests: 8,
+        max_body_bytes: 1 << 20,
+        auth: None,
+        ..RouterConfig::default()
+    };
     let limits = Limits { max_model_len: info.max_model_len as usize, vocab_size: info.vocab_size as usize };
     (app(Arc::new(AppState::new(text, pool.clone(), config, limits, None).unwrap())), pool)
 }

@@ -2,8 +2,10 @@
 //!
 //! Closed (requests pass) → Open after [`BreakerConfig::failures`] consecutive failures, or at once on a hard failure
 //! (the worker could not be reached) → after the backoff, HalfOpen: exactly one request (the probe) passes → Closed
-//! when it succeeds, Open again with twice the backoff (up to [`BreakerConfig::max_backoff`]) when it fails. Sans
-//! IO: the caller passes the time, so the state machine is tested without sleeping.
+//! when it succeeds, Open again with twice the backoff (up to [`BreakerConfig::max_backoff`]) when it fails. A failure
+//! of an attempt that started before the last success is stale and ignored (a connection attempt made while the
+//! worker was still starting must not reopen a breaker that a later attempt closed). Sans IO: the caller passes the
+//! time, so the state machine is tested without sleeping.
 
 use std::time::{Duration, Instant};
 
@@ -63,11 +65,13 @@ pub struct Breaker {
     st: St,
     /// The next open period.
     backoff: Duration,
+    /// When the worker last answered.
+    last_success: Option<Instant>,
 }
 
 impl Breaker {
     pub fn new(cfg: BreakerConfig) -> Self {
-        Self { cfg, st: St::Closed { failures: 0 }, backoff: cfg.backoff }
+        Self { cfg, st: St::Closed { failures: 0 }, backoff: cfg.backoff, last_success: None }
     }
 
     pub fn state(&self, now: Instant) -> BreakerState {
@@ -101,14 +105,19 @@ impl Breaker {
         }
     }
 
-    /// The worker answered: close.
-    pub fn success(&mut self) {
+    /// The worker answered at `now`: close.
+    pub fn success(&mut self, now: Instant) {
         self.st = St::Closed { failures: 0 };
         self.backoff = self.cfg.backoff;
+        self.last_success = Some(self.last_success.map_or(now, |t| t.max(now)));
     }
 
-    /// The worker failed a request (`hard`: it could not be reached at all). Returns true when this opened the breaker.
-    pub fn failure(&mut self, now: Instant, hard: bool) -> bool {
+    /// An attempt that began at `started` failed at `now` (`hard`: the worker could not be reached at all). Returns
+    /// true when this opened the breaker. Stale failures (the worker answered after the attempt began) are ignored.
+    pub fn failure(&mut self, now: Instant, hard: bool, started: Instant) -> bool {
+        if self.last_success.is_some_and(|t| t > started) {
+            return false;
+        }
         match self.st {
             St::Closed { failures } => {
                 let failures = failures + 1;
@@ -152,13 +161,13 @@ mod tests {
     fn opens_after_consecutive_failures_and_a_success_resets_the_count() {
         let t = Instant::now();
         let mut b = Breaker::new(CFG);
-        assert!(!b.failure(t, false));
-        assert!(!b.failure(t, false));
-        b.success();
-        assert!(!b.failure(t, false));
-        assert!(!b.failure(t, false));
+        assert!(!b.failure(t, false, t));
+        assert!(!b.failure(t, false, t));
+        b.success(t);
+        assert!(!b.failure(t, false, t));
+        assert!(!b.failure(t, false, t));
         assert_eq!(b.admit(t), Some(false), "two failures since the success: still closed");
-        assert!(b.failure(t, false), "the third in a row opens it");
+        assert!(b.failure(t, false, t), "the third in a row opens it");
         assert_eq!(b.state(t), BreakerState::Open);
         assert!(!b.can_pass(t));
         assert_eq!(b.admit(t), None);
@@ -168,7 +177,7 @@ mod tests {
     fn a_hard_failure_opens_at_once_and_one_probe_passes_after_the_backoff() {
         let t = Instant::now();
         let mut b = Breaker::new(CFG);
-        assert!(b.failure(t, true));
+        assert!(b.failure(t, true, t));
         assert_eq!(b.admit(t + Duration::from_millis(999)), None);
         let later = t + Duration::from_secs(1);
         assert_eq!(b.state(later), BreakerState::HalfOpen);
@@ -179,7 +188,7 @@ mod tests {
         // A probe whose client left tells nothing: another may go.
         b.release_probe();
         assert_eq!(b.admit(later), Some(true));
-        b.success();
+        b.success(t);
         assert_eq!(b.state(later), BreakerState::Closed);
         assert_eq!(b.admit(later), Some(false));
     }
@@ -188,18 +197,31 @@ mod tests {
     fn a_failed_probe_reopens_with_a_doubled_backoff_up_to_the_limit() {
         let mut t = Instant::now();
         let mut b = Breaker::new(CFG);
-        b.failure(t, true); // open for 1 s
+        b.failure(t, true, t); // open for 1 s
         for expected in [2, 3, 3] {
             t += Duration::from_secs(5);
             assert_eq!(b.admit(t), Some(true));
-            assert!(b.failure(t, false), "a failed probe reopens");
+            assert!(b.failure(t, false, t), "a failed probe reopens");
             assert_eq!(b.admit(t + Duration::from_secs(expected) - Duration::from_millis(1)), None);
             assert!(b.can_pass(t + Duration::from_secs(expected)), "open for {expected} s");
         }
         // Failures of requests admitted before it opened change nothing while it is open.
-        assert!(!b.failure(t, true));
-        b.success();
-        b.failure(t, true);
+        assert!(!b.failure(t, true, t));
+        b.success(t);
+        b.failure(t, true, t);
         assert!(b.can_pass(t + Duration::from_secs(1)), "a success resets the backoff");
+    }
+
+    #[test]
+    fn a_failure_of_an_attempt_older_than_the_last_success_is_stale() {
+        let t = Instant::now();
+        let mut b = Breaker::new(CFG);
+        // Started at t (the worker not listening yet), answered by another attempt at t+1, reported failed at t+2.
+        b.success(t + Duration::from_secs(1));
+        assert!(!b.failure(t + Duration::from_secs(2), true, t), "stale: ignored");
+        assert_eq!(b.state(t + Duration::from_secs(2)), BreakerState::Closed);
+        // An attempt begun after the success counts.
+        assert!(b.failure(t + Duration::from_secs(2), true, t + Duration::from_secs(1) + Duration::from_millis(1)));
+        assert_eq!(b.state(t + Duration::from_secs(2)), BreakerState::Open);
     }
 }

@@ -12,7 +12,7 @@
 //! approximately ([`super::approx`]): its block events are ignored (the stream, if any, still brings its load).
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferrite_common::hash::HASH_VERSION;
 use ferrite_common::proto::worker as pb;
@@ -37,6 +37,8 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
             return;
         }
         let mut client = slot.client.clone();
+        // When the attempt that may fail began (a failure older than the worker's last answer is stale).
+        let mut attempt = Instant::now();
         let info = tokio::time::timeout(INFO_TIMEOUT, client.info(pb::InfoRequest {})).await;
         let Some(inner) = pool.upgrade() else { return };
         let opened = match info {
@@ -47,6 +49,7 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                     slot.breaker_success();
                     let exact = inner.cfg.kv_events == KvEventsMode::On;
                     drop(inner);
+                    attempt = Instant::now();
                     match client.kv_events(pb::KvEventsRequest { since_seq: since }).await {
                         Ok(resp) => {
                             track(&pool, &slot, !exact);
@@ -116,7 +119,7 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                     tracing::warn!(worker = %slot.addr, error = %e, "worker unreachable: dropping its index entries, retrying");
                     unreachable_logged = true;
                 }
-                slot.breaker_failure(true);
+                slot.breaker_failure(true, attempt);
                 inner.index.purge(slot.id);
                 slot.approx_clear();
                 slot.set_load(None);

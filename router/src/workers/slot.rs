@@ -245,14 +245,16 @@ impl WorkerSlot {
 
     pub fn breaker_success(&self) {
         let mut b = lock(&self.breaker);
-        if b.state(Instant::now()) != BreakerState::Closed {
+        let now = Instant::now();
+        if b.state(now) != BreakerState::Closed {
             tracing::info!(worker = %self.addr, "circuit breaker closed: the worker answers again");
         }
-        b.success();
+        b.success(now);
     }
 
-    pub fn breaker_failure(&self, hard: bool) {
-        if lock(&self.breaker).failure(Instant::now(), hard) {
+    /// An attempt begun at `started` failed (see [`Breaker::failure`]).
+    pub fn breaker_failure(&self, hard: bool, started: Instant) {
+        if lock(&self.breaker).failure(Instant::now(), hard, started) {
             tracing::warn!(worker = %self.addr, "circuit breaker open: no new requests to this worker until a probe succeeds");
         }
     }
@@ -332,7 +334,9 @@ impl Lease {
         if hard {
             self.request_id = None;
         }
-        self.slot.breaker_failure(hard);
+        // A request's failure always counts (other requests answering meanwhile do not make it stale: a worker
+        // that dies under many streams must open at once).
+        self.slot.breaker_failure(hard, Instant::now());
     }
 
     /// Stops completion `index` of the request on the worker (it ended on a stop string; the others go on). Fire
@@ -419,7 +423,7 @@ mod tests {
     #[tokio::test]
     async fn a_probe_lease_dropped_without_an_outcome_lets_the_next_probe_go() {
         let s = slot();
-        s.breaker_failure(true);
+        s.breaker_failure(true, Instant::now());
         // Wait out the default backoff in the breaker's own clock: admit only once it has passed.
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let probe = loop {

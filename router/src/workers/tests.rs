@@ -145,7 +145,7 @@ async fn pick_skips_open_breakers_and_busy_workers_and_refuses_at_once_when_none
     let s: Vec<Arc<WorkerSlot>> = pool.members().iter().cloned().collect();
     let report = |used| Some(pb::LoadReport { kv_blocks_total: 100, kv_blocks_used: used, ..Default::default() });
     s[0].set_load(report(95));
-    s[1].breaker_failure(true);
+    s[1].breaker_failure(true, std::time::Instant::now());
     assert_eq!(pool.pick(&[1], b"", &[]).unwrap().addr(), s[2].addr, "0 is busy, 1's breaker is open");
     // The third worker failing three times in a row opens its breaker too; the busy one is then better than none.
     for _ in 0..3 {
