@@ -9,9 +9,10 @@
 //!   It may take milliseconds to seconds for a large schema: the gRPC service runs it on the blocking pool with a
 //!   deadline, never on the engine thread, and a grammar llguidance rejects is a [`ConstraintError`] the service turns
 //!   into a structured rejection naming `constraint`.
-//! - [`Constraint`] is one sequence's matcher (each of a request's `n` completions gets a deep clone). Before a draw
-//!   the engine calls [`Constraint::mask`] (disallowed logits become -inf, so every sampling path (greedy, the host
-//!   sampler) only ever sees allowed tokens); after it, [`Constraint::accept`]. The sequence stops when the grammar is
+//! - [`Constraint`] is one sequence's matcher (each of a request's `n` completions gets a deep clone). For a draw the
+//!   engine computes [`Constraint::next_mask`] on a helper thread while the step's forward pass runs, then applies
+//!   it (disallowed logits become -inf, so every sampling path (greedy, the host sampler) only ever sees allowed
+//!   tokens); after the draw, [`Constraint::accept`]. The sequence stops when the grammar is
 //!   complete ([`Constraint::is_complete`]).
 //!
 //! JSON Schemas compile with fixed separators (`", "`, `": "`) and no free whitespace between tokens (vLLM's
@@ -115,19 +116,35 @@ impl GrammarCompiler {
     }
 }
 
+/// The tokens a grammar allows next (computed by [`Constraint::next_mask`], possibly on another thread while the
+/// step's forward pass runs).
+pub struct TokenMask(toktrie::SimpleVob);
+
+impl TokenMask {
+    /// Sets every logit the mask does not allow to -inf.
+    pub fn apply(&self, logits: &mut [f32]) {
+        for (id, l) in logits.iter_mut().enumerate() {
+            if !self.0.is_allowed(id as TokenId) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 impl Constraint {
-    /// Sets every logit the grammar does not allow next to -inf. `Err` when the matcher failed (it then allows
-    /// nothing; the engine ends the sequence).
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+    /// The tokens the grammar allows next. `Err` when the matcher failed or allows nothing (the engine ends the
+    /// sequence).
+    pub fn next_mask(&mut self) -> Result<TokenMask, String> {
         let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
         if allowed.is_zero() {
             return Err("the grammar allows no token".into());
         }
-        for (id, l) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(id as TokenId) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        Ok(TokenMask(allowed))
+    }
+
+    /// Sets every logit the grammar does not allow next to -inf (see [`Constraint::next_mask`]).
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        self.next_mask()?.apply(logits);
         Ok(())
     }
 

@@ -49,7 +49,7 @@ use ferrite_common::sampling::{SamplingParams, StoppingParams};
 
 use super::block_pool::BlockPool;
 pub use super::block_pool::{BlockEvent, PoolUsage};
-use super::constraint::{Constraint, Grammar};
+use super::constraint::{Constraint, Grammar, TokenMask};
 use super::sampler::{Sampler, TokenLogprob};
 use super::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::backend::{Backend, BackendError, BackendInfo, ForwardBatch, Logits, LogitsWanted, RowSampling, SeqInput};
@@ -224,6 +224,9 @@ enum Call {
 }
 
 /// What the backend returned: token ids (greedy or drawn on the backend), or logits for the host sampler.
+/// Each constrained sequence's mask for this step's draw (or why there is none).
+type Masks = HashMap<SeqId, Result<TokenMask, String>>;
+
 enum Returned {
     Ids(Vec<u32>),
     Logits(Logits),
@@ -342,13 +345,13 @@ impl EngineCore {
         }
         let num_tokens = plan.iter().map(|p| p.num_tokens).sum();
         let call = self.choose_call(&plan);
-        let result = self.forward(backend, &plan, call);
+        let (result, mut masks) = self.forward_with_masks(backend, &plan, call);
         self.counters.steps += 1;
         self.counters.batch_tokens = num_tokens as u64;
         match result {
             Ok(returned) => {
                 self.sched.complete(&plan);
-                self.take_tokens(&plan, &returned);
+                self.take_tokens(&plan, &returned, &mut masks);
                 self.hand_over(num_tokens, None)
             }
             Err(e) => {
@@ -437,6 +440,48 @@ impl EngineCore {
         Call::Sample(rows)
     }
 
+    /// Runs the step's backend call and, meanwhile on a helper thread, the grammar masks of its constrained sampling
+    /// sequences (their matchers are lent to the thread and put back after): a mask never adds its time to the step's,
+    /// where a core is free for it.
+    fn forward_with_masks(&mut self, backend: &mut dyn Backend, plan: &[Scheduled], call: Call) -> (Result<Returned, BackendError>, Masks) {
+        let mut lent: Vec<(SeqId, Constraint)> = Vec::new();
+        for p in plan.iter().filter(|p| p.sample) {
+            if let Some(c) = self.sched.get_mut(p.id).and_then(|s| s.meta.constraint.take()) {
+                lent.push((p.id, c));
+            }
+        }
+        if lent.is_empty() {
+            return (self.forward(backend, plan, call), Masks::new());
+        }
+        let ids: Vec<SeqId> = lent.iter().map(|(id, _)| *id).collect();
+        let (result, computed) = std::thread::scope(|scope| {
+            let masks = std::thread::Builder::new().name("ferrite-grammar".into()).spawn_scoped(scope, move || {
+                lent.into_iter()
+                    .map(|(id, mut c)| {
+                        let m = c.next_mask();
+                        (id, c, m)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let result = self.forward(backend, plan, call);
+            (result, masks.map_err(|e| e.to_string()).and_then(|h| h.join().map_err(|_| "the grammar thread panicked".to_string())))
+        });
+        let mut masks = Masks::new();
+        match computed {
+            Ok(done) => {
+                for (id, c, m) in done {
+                    if let Some(s) = self.sched.get_mut(id) {
+                        s.meta.constraint = Some(c);
+                    }
+                    masks.insert(id, m);
+                }
+            }
+            // The matchers are lost with the thread: those sequences end (`take_tokens` sees the error).
+            Err(why) => masks.extend(ids.into_iter().map(|id| (id, Err(why.clone())))),
+        }
+        (result, masks)
+    }
+
     fn forward(&self, backend: &mut dyn Backend, plan: &[Scheduled], call: Call) -> Result<Returned, BackendError> {
         let batch = ForwardBatch {
             seqs: plan
@@ -461,7 +506,7 @@ impl EngineCore {
 
     /// Takes each sampling sequence's next token from what the backend returned, streams it and applies the stop
     /// rules.
-    fn take_tokens(&mut self, plan: &[Scheduled], returned: &Returned) {
+    fn take_tokens(&mut self, plan: &[Scheduled], returned: &Returned, masks: &mut Masks) {
         let mut ids = match returned {
             Returned::Ids(ids) => ids.iter().copied(),
             Returned::Logits(_) => [].iter().copied(),
@@ -481,9 +526,11 @@ impl EngineCore {
                     let Some(row) = logits.last(i) else { continue };
                     self.scratch.clear();
                     self.scratch.extend_from_slice(row);
-                    if let Some(c) = seq.meta.constraint.as_mut()
-                        && let Err(why) = c.mask(&mut self.scratch)
-                    {
+                    let mask = match masks.remove(&p.id) {
+                        Some(m) => Some(m),
+                        None => seq.meta.constraint.as_mut().map(Constraint::next_mask),
+                    };
+                    if let Some(Err(why)) = mask.as_ref().map(|m| m.as_ref().map(|m| m.apply(&mut self.scratch))) {
                         // Nothing valid can follow: end the output here rather than draw outside the grammar.
                         tracing::warn!(request_id = %seq.meta.request_id, error = %why, "constrained sequence ends: no token fits its grammar");
                         self.finish(p.id, FinishReason::Stop, None);
