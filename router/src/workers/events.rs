@@ -119,7 +119,10 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
                     tracing::warn!(worker = %slot.addr, error = %e, "worker unreachable: dropping its index entries, retrying");
                     unreachable_logged = true;
                 }
-                slot.breaker_failure(true, attempt);
+                // A worker never reached yet (still starting) is not routable anyway: only one that was counts.
+                if slot.verified() == Verified::Ok {
+                    slot.breaker_failure(true, attempt);
+                }
                 inner.index.purge(slot.id);
                 slot.approx_clear();
                 slot.set_load(None);

@@ -524,6 +524,8 @@ impl WorkerPool {
             if let Ok(Ok(h)) = health
                 && h.into_inner().healthy
             {
+                // It answered: ready means requests pass now, not one half-open probe at a time.
+                w.breaker_success();
                 return true;
             }
         }
@@ -542,6 +544,7 @@ impl WorkerPool {
                     let info = i.into_inner();
                     if events::check(&self.inner, &info).is_ok() {
                         joined(w);
+                        w.breaker_success();
                         found.get_or_insert(info);
                     }
                 }

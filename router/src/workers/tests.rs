@@ -49,17 +49,21 @@ fn verify_all(pool: &WorkerPool) {
 
 #[tokio::test]
 async fn an_unreachable_worker_is_purged_from_the_index() {
-    let pool = WorkerPool::new(&addrs(&[9])).unwrap();
-    let s = slot(&pool, "http://127.0.0.1:9");
+    // Two workers that stopped answering: one that had joined (its breaker opens), one never reached (still
+    // starting, say: not routable anyway, so its breaker stays closed for the moment it comes up).
+    let pool = WorkerPool::new(&addrs(&[9, 10])).unwrap();
+    let (s, fresh) = (slot(&pool, "http://127.0.0.1:9"), slot(&pool, "http://127.0.0.1:10"));
+    s.set_verified(Verified::Ok);
     pool.inner.index.store(s.id, &[1, 2, 3]);
     s.set_load(Some(pb::LoadReport::default()));
     pool.start_kv_subscriptions();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pool.indexed_blocks() != [0] || s.load().is_some() || s.breaker_state() == BreakerState::Closed {
+    while pool.indexed_blocks() != [0, 0] || s.load().is_some() || s.breaker_state() == BreakerState::Closed {
         assert!(tokio::time::Instant::now() < deadline, "still indexed: {:?}", pool.indexed_blocks());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(s.verified(), Verified::Unknown, "never checked, never routable");
+    assert_eq!(fresh.verified(), Verified::Unknown, "never checked, never routable");
+    assert_eq!(fresh.breaker_state(), BreakerState::Closed, "a worker never reached does not open its breaker");
 }
 
 fn batch(first_seq: u64, resync: bool, events: Vec<E>) -> pb::KvEventBatch {
