@@ -94,7 +94,7 @@ async fn kv_events_publish_prompt_blocks_load_and_replay() {
     assert_eq!(info.block_size, 16);
     let hasher = BlockHasher::new(&info.model_fingerprint, info.block_size as usize);
 
-    let mut stream = client.kv_events(pb::KvEventsRequest { since_seq: 0 }).await.unwrap().into_inner();
+    let mut stream = client.kv_events(pb::KvEventsRequest { since_seq: 0, instance_id: 0 }).await.unwrap().into_inner();
     let first = next(&mut stream).await;
     assert!(first.resync, "since_seq 0 starts with a dump");
     assert!(matches!(first.events[0].e, Some(E::Cleared(_))));
@@ -124,14 +124,17 @@ async fn kv_events_publish_prompt_blocks_load_and_replay() {
     view.until_held(&mut stream, &want_b).await;
     drop(stream);
 
-    // Reconnecting with the sequence number after the first prompt replays the second one's blocks.
-    let mut replay = client.kv_events(pb::KvEventsRequest { since_seq: after_a }).await.unwrap().into_inner();
+    // Reconnecting with the sequence number after the first prompt (counted in this instance) replays the second
+    // one's blocks.
+    assert_ne!(info.instance_id, 0);
+    let mut replay =
+        client.kv_events(pb::KvEventsRequest { since_seq: after_a, instance_id: info.instance_id }).await.unwrap().into_inner();
     let mut v2 = View { at: after_a, ..View::default() };
     v2.until_held(&mut replay, &want_b).await;
     assert_eq!(v2.stored, want_b, "a replay from after_a");
 
     // A sequence number this worker never reached (another process's): a resync with everything it holds.
-    let mut ahead = client.kv_events(pb::KvEventsRequest { since_seq: view.at + 1000 }).await.unwrap().into_inner();
+    let mut ahead = client.kv_events(pb::KvEventsRequest { since_seq: view.at + 1000, instance_id: 0 }).await.unwrap().into_inner();
     let dump = next(&mut ahead).await;
     assert!(dump.resync);
     let mut v3 = View::default();
@@ -139,4 +142,12 @@ async fn kv_events_publish_prompt_blocks_load_and_replay() {
     assert_eq!(v3.held, view.held, "the dump is what the events add up to");
     assert!(want_a.iter().chain(&want_b).all(|h| v3.held.contains(h)));
     assert_eq!(v3.at, view.at);
+
+    // A number this worker did reach, but counted by another instance (the previous process at this address): a
+    // resync too, never a resume.
+    let other = info.instance_id ^ 0x5a5a;
+    let mut stale = client.kv_events(pb::KvEventsRequest { since_seq: after_a, instance_id: other }).await.unwrap().into_inner();
+    let dump = next(&mut stale).await;
+    assert!(dump.resync, "another instance's numbers are not resumed");
+    assert_eq!(dump.first_seq, view.at + 1);
 }

@@ -31,6 +31,8 @@ pub struct KvEventLog {
     ring: Mutex<Ring>,
     /// The last sequence number published (0: none yet); subscribers wait on it.
     last_seq: watch::Sender<u64>,
+    /// This log's identity (random, never 0): sequence numbers mean nothing across instances.
+    instance: u64,
 }
 
 #[derive(Debug)]
@@ -62,7 +64,12 @@ impl KvEventLog {
     /// An empty log whose ring keeps the last `capacity` events (at least 1).
     pub fn new(capacity: usize) -> Self {
         let ring = Ring { capacity: capacity.max(1), events: VecDeque::new(), first_seq: 1, live: HashSet::new() };
-        Self { ring: Mutex::new(ring), last_seq: watch::Sender::new(0) }
+        Self { ring: Mutex::new(ring), last_seq: watch::Sender::new(0), instance: rand::random::<u64>() | 1 }
+    }
+
+    /// This log's identity (`WorkerInfo.instance_id`).
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     /// Appends events (numbered on from the last one) and wakes subscribers; does nothing for none.

@@ -282,7 +282,10 @@ impl pb::worker_server::Worker for WorkerService {
         if *closing.borrow() {
             return Err(Status::unavailable("the worker is shutting down"));
         }
-        tokio::spawn(pump_kv_events(log, stats, request.get_ref().since_seq, tx, closing));
+        let r = request.get_ref();
+        // Numbers from another instance (this address's previous process) mean nothing here: resync.
+        let since = if r.instance_id != 0 && r.instance_id != log.instance() { 0 } else { r.since_seq };
+        tokio::spawn(pump_kv_events(log, stats, since, tx, closing));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -337,6 +340,7 @@ impl pb::worker_server::Worker for WorkerService {
             eos_ids: i.eos_ids.clone(),
             backend: i.backend.clone(),
             vocab_size: i.vocab_size,
+            instance_id: self.engine.kv_events.instance(),
         }))
     }
 }

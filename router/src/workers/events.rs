@@ -5,8 +5,9 @@
 //!
 //! After a broken stream the pump checks `Info` again and resumes from the last applied sequence number; a worker
 //! that cannot be reached is purged from the index (and its load forgotten), counts as a hard failure for its
-//! circuit breaker, and is retried with backoff from 0 (a resync). A restarted worker process answers a resumed
-//! stream with a resync (its numbers start again at 1), or the pump has purged it already while it was down.
+//! circuit breaker, and is retried with backoff from 0 (a resync). A restarted worker process is a new instance
+//! (`WorkerInfo.instance_id`): its old entries are purged and its stream starts with a resync, however quickly it came
+//! back (sequence numbers of two instances are never compared).
 //!
 //! A worker that answers `KvEvents` with `UNIMPLEMENTED`, or every worker under `--kv-events off`, is tracked
 //! approximately ([`super::approx`]): its block events are ignored (the stream, if any, still brings its load).
@@ -30,6 +31,8 @@ const INFO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Runs until the worker is removed or the pool is dropped.
 pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
     let mut since = 0u64;
+    // The worker process `since` counts in (`WorkerInfo.instance_id`; 0 before the first `Info`).
+    let mut instance = 0u64;
     let mut backoff = BACKOFF_MIN;
     let mut unreachable_logged = false;
     loop {
@@ -42,15 +45,28 @@ pub(super) async fn pump(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
         let info = tokio::time::timeout(INFO_TIMEOUT, client.info(pb::InfoRequest {})).await;
         let Some(inner) = pool.upgrade() else { return };
         let opened = match info {
-            Ok(Ok(info)) => match check(&inner, &info.into_inner()) {
+            Ok(Ok(info)) => match check(&inner, info.get_ref()) {
                 Ok(()) => {
+                    let id = info.get_ref().instance_id;
+                    if id != instance {
+                        if instance != 0 {
+                            tracing::info!(worker = %slot.addr, "the worker restarted (a new instance): resyncing its KV index");
+                        }
+                        // The previous instance's blocks are gone with it.
+                        if !slot.is_approximate() {
+                            inner.index.purge(slot.id);
+                            slot.approx_clear();
+                        }
+                        since = 0;
+                        instance = id;
+                    }
                     super::joined(&slot);
                     unreachable_logged = false;
                     slot.breaker_success();
                     let exact = inner.cfg.kv_events == KvEventsMode::On;
                     drop(inner);
                     attempt = Instant::now();
-                    match client.kv_events(pb::KvEventsRequest { since_seq: since }).await {
+                    match client.kv_events(pb::KvEventsRequest { since_seq: since, instance_id: instance }).await {
                         Ok(resp) => {
                             track(&pool, &slot, !exact);
                             Ok(resp)
