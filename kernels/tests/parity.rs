@@ -324,14 +324,31 @@ fn sample_cases(rng: &mut StdRng, rows: usize, vocab: usize) -> Vec<SampleCase> 
                     mask: rng.random_bool(0.1),
                 })
                 .collect();
-            SampleCase { adjust, repetition: 1.3, params: SampleParams { temperature, top_k, top_p, min_p }, u: rng.random::<f64>() }
+            // Every third row a grammar mask: dense random bits, a few allowed ids, or a short mask (the ids past it
+            // are not allowed).
+            let words = vocab.div_ceil(32);
+            let mask = match r % 9 {
+                2 => Some((0..words).map(|_| rng.random::<u32>()).collect()),
+                5 => {
+                    let mut m = vec![0u32; words];
+                    for _ in 0..rng.random_range(1..6) {
+                        let id = rng.random_range(0..vocab);
+                        m[id / 32] |= 1 << (id % 32);
+                    }
+                    Some(m)
+                }
+                8 => Some((0..words / 2).map(|_| rng.random::<u32>() | 1).collect()),
+                _ => None,
+            };
+            let u = rng.random::<f64>();
+            SampleCase { adjust, repetition: 1.3, params: SampleParams { temperature, top_k, top_p, min_p }, u, mask }
         })
         .collect()
 }
 
 /// The adjustments of `kernels/src/cpu/sample.rs` (module doc, step 1) in f64: per adjusted id, `+ bias`, the
 /// repetition penalty (`/ r` when positive, `· r` otherwise), `- sub`, `-inf` when masked; ids past the row are
-/// ignored; every other logit is kept.
+/// ignored; every other logit is kept. Then the row's grammar mask (`apply_mask`): -inf wherever it disallows.
 fn adjust_reference(row: &[f32], c: &SampleCase) -> Vec<f64> {
     let mut out: Vec<f64> = row.iter().map(|&l| f64::from(l)).collect();
     for a in &c.adjust {
@@ -349,7 +366,20 @@ fn adjust_reference(row: &[f32], c: &SampleCase) -> Vec<f64> {
         }
         out[i] = v;
     }
+    if let Some(m) = &c.mask {
+        for (i, v) in out.iter_mut().enumerate() {
+            if !mask_allows(m, i) {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+    }
     out
+}
+
+/// Whether grammar mask `m` allows id `i`: word `i / 32` exists and holds bit `i % 32` (least significant bit =
+/// lowest id).
+fn mask_allows(m: &[u32], i: usize) -> bool {
+    m.get(i / 32).is_some_and(|w| w & (1u32 << (i % 32)) != 0)
 }
 
 /// The draw of `kernels/src/cpu/sample.rs` (module doc, step 2) from adjusted logits, written from the documentation
@@ -426,7 +456,8 @@ fn sample_reference(row: &[f32], p: &SampleParams, u: f64) -> u32 {
 /// them; untouched logits bit for bit). Draws equal the reference's wherever the draw is not within rounding of a
 /// boundary (nudging `u` or `top_p` by 1e-9 on the CPU, 1e-6 on a device, changes nothing there): sums in another
 /// order and `exp` one ulp apart may flip only those. On a device, adjustments are also bitwise the CPU twin's and draws its draws. Ties at the
-/// top-k boundary, NaN/-inf logits, fully masked rows and vocabularies smaller than the block are all covered.
+/// top-k boundary, NaN/-inf logits, fully masked rows, grammar masks (dense, sparse, short: `apply_token_masks`) and
+/// vocabularies smaller than the block are all covered.
 fn check_sample(ops: &mut dyn Ops) {
     let mut rng = fresh_rng("sample_rows");
     let twin = |l: &[f32], vocab: usize, c: &SampleCase| CpuOps.sample_rows(l, vocab, std::slice::from_ref(c))[0];
@@ -448,6 +479,7 @@ fn check_sample(ops: &mut dyn Ops) {
         }
         cases[9].params.top_k = 2;
         cases[9].adjust.clear();
+        cases[9].mask = None;
         // Row 17: everything -inf (falls back to argmax: 0).
         logits[17 * vocab..18 * vocab].fill(f32::NEG_INFINITY);
 
@@ -458,6 +490,11 @@ fn check_sample(ops: &mut dyn Ops) {
             let mut touched = vec![false; vocab];
             for a in c.adjust.iter().filter(|a| (a.id as usize) < vocab) {
                 touched[a.id as usize] = true;
+            }
+            if let Some(m) = &c.mask {
+                for (i, t) in touched.iter_mut().enumerate() {
+                    *t |= !mask_allows(m, i);
+                }
             }
             for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
                 let ok = if !touched[i] {

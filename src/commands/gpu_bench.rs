@@ -175,6 +175,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 repetition: 1.1,
                 adjust: (0..64u32).map(|i| Adjust { id: i * 97 + s as u32, bias: 0.0, repeat: true, sub: 0.0, mask: false }).collect(),
                 u: sample_uniform(s as u64, 0),
+                mask: None,
             })
             .collect();
         // A failure here is reported, not fatal: the rest of the benchmark still runs.

@@ -15,6 +15,7 @@ use ferrite_worker::engine::step::EngineCore;
 use serde_json::Value;
 
 pub mod cluster;
+pub mod constrained;
 pub mod tiny;
 
 /// The workspace root.

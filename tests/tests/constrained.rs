@@ -128,6 +128,16 @@ fn constrained_and_free_sequences_share_a_batch() {
     assert_eq!(*reason, FinishReason::Stop);
 }
 
+/// On the CPU backend, constrained rows drawn by `forward_sample` (the grammar mask in `RowSampling`, applied by
+/// `cpu::sample::apply_mask`) get exactly the tokens the host path (`forward`, `Constraint::mask`, the host sampler)
+/// draws, and free neighbours are unchanged.
+#[test]
+fn constrained_rows_draw_the_same_tokens_on_the_backend_as_on_the_host() {
+    let files = ModelFiles::open(&default_model()).unwrap();
+    let mut backend = CpuBackend::load(&files, &CpuOptions { num_kv_blocks: 256, ..CpuOptions::default() }).unwrap();
+    ferrite_tests::constrained::assert_constrained_draws_match_host(&mut backend);
+}
+
 #[test]
 fn n_completions_each_follow_the_grammar() {
     let m = model();

@@ -349,3 +349,22 @@ fn cuda_tensor_parallel_device_sampling_matches_the_host_sampler() {
     let Some(mut b) = started(|model, opts| TpBackend::cuda(model, opts, ShardSpec::plan(&model.config, 1, 1).unwrap())) else { return };
     ferrite_tests::assert_sampling_matches_host(&mut b, 9, BLOCKS);
 }
+
+/// Grammar masks on the device (`apply_token_masks` in the device sampler): a regex, a JSON schema and a
+/// `json_object` grammar drawn through `forward_sample` get the tokens the host path (all logits read back, masked
+/// and drawn on the host) gets, with free neighbours unchanged, in graph-replayed and eager decode alike.
+#[test]
+fn cuda_grammar_masks_on_the_device_match_the_host_path() {
+    let Some(mut b) = backend() else { return };
+    for graphs in [true, false] {
+        b.set_graphs_enabled(graphs);
+        ferrite_tests::constrained::assert_constrained_draws_match_host(&mut b);
+    }
+}
+
+/// The same on a tensor-parallel rank (world size 1): the masks reach the rank that samples the assembled rows.
+#[test]
+fn cuda_tensor_parallel_grammar_masks_match_the_host_path() {
+    let Some(mut b) = started(|model, opts| TpBackend::cuda(model, opts, ShardSpec::plan(&model.config, 1, 1).unwrap())) else { return };
+    ferrite_tests::constrained::assert_constrained_draws_match_host(&mut b);
+}

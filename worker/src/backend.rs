@@ -72,12 +72,18 @@ pub struct RowSampling {
     pub adjust: Vec<ferrite_kernels::cpu::sample::Adjust>,
     /// The uniform of this draw.
     pub u: f64,
+    /// A grammar's token mask (`ferrite_kernels::cpu::sample::apply_mask`: bit `i % 32` of word `i / 32` set = id
+    /// `i` allowed), applied after the adjustments; `None` for a free row.
+    pub mask: Option<Vec<u32>>,
 }
 
 impl RowSampling {
     /// Draws this row's token from `logits` on the host (modifies them): the twin of the device sampler.
     pub fn sample_host(&self, logits: &mut [f32], scratch: &mut ferrite_kernels::cpu::sample::SampleScratch) -> u32 {
         ferrite_kernels::cpu::sample::apply_adjustments(logits, &self.adjust, self.repetition);
+        if let Some(mask) = &self.mask {
+            ferrite_kernels::cpu::sample::apply_mask(logits, mask);
+        }
         ferrite_kernels::cpu::sample::sample_row(logits, &self.params, self.u, scratch)
     }
 }

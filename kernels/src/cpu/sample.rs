@@ -70,6 +70,22 @@ pub fn apply_adjustments(logits: &mut [f32], adjust: &[Adjust], repetition: f32)
     }
 }
 
+/// Sets to -inf every logit whose token `mask` does not allow (a grammar's mask): bit `i % 32` of word `i / 32` set
+/// = token `i` allowed (llguidance's `SimpleVob` layout); ids past the mask's words are not allowed. Applied after
+/// [`apply_adjustments`], before [`sample_row`]. Twin of the CUDA kernel `apply_token_masks`.
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (chunk, &word) in logits.chunks_mut(32).zip(mask) {
+        for (bit, l) in chunk.iter_mut().enumerate() {
+            if (word >> bit) & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for l in logits.iter_mut().skip(mask.len().saturating_mul(32)) {
+        *l = f32::NEG_INFINITY;
+    }
+}
+
 /// Reused buffers of [`sample_row`].
 #[derive(Debug, Default)]
 pub struct SampleScratch {
@@ -209,5 +225,30 @@ mod tests {
         ];
         apply_adjustments(&mut l, &adj, 2.0);
         assert_eq!(l, vec![1.0, -4.0, 1.0, f32::NEG_INFINITY]);
+    }
+
+    /// The mask against a per-id reference: allowed iff the id's word exists and holds its bit (LSB = lowest id).
+    #[test]
+    fn mask_keeps_exactly_the_allowed_ids() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for vocab in [1usize, 31, 32, 33, 64, 100, 1000] {
+            for words in [0usize, vocab.div_ceil(32).saturating_sub(1), vocab.div_ceil(32), vocab.div_ceil(32) + 2] {
+                let mask: Vec<u32> = (0..words).map(|_| next() as u32).collect();
+                let logits: Vec<f32> = (0..vocab).map(|i| i as f32 - 7.5).collect();
+                let mut got = logits.clone();
+                apply_mask(&mut got, &mask);
+                for (id, (&g, &l)) in got.iter().zip(&logits).enumerate() {
+                    let allowed = mask.get(id / 32).is_some_and(|w| w & (1u32 << (id % 32)) != 0);
+                    let want = if allowed { l } else { f32::NEG_INFINITY };
+                    assert_eq!(g.to_bits(), want.to_bits(), "vocab {vocab} words {words} id {id}");
+                }
+            }
+        }
     }
 }

@@ -57,6 +57,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "causal_softmax",
     "argmax_rows",
     "apply_adjustments",
+    "apply_token_masks",
     "sample_rows",
     "fill_random_bf16",
 ];
@@ -579,6 +580,35 @@ impl CudaKernels {
         b.arg(&logits).arg(&stride).arg(&vocab).arg(&adj).arg(&count).arg(&rep);
         // SAFETY: per this function's contract.
         unsafe { b.launch(cfg(grid(n.div_ceil(256), 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// Sets to -inf the logits of `rows` rows that their grammar mask does not allow: row `r`'s mask is the `words`
+    /// u32 at `masks + mask_rows[r] · words` (bit `i % 32` of word `i / 32` = id `i` allowed), none when
+    /// `mask_rows[r] < 0`. Twin: `cpu::sample::apply_mask`.
+    ///
+    /// # Safety
+    /// `logits` holds `rows` rows `stride` f32 apart (`vocab` valid); `mask_rows` `rows` i32, each negative or
+    /// below the number of masks `masks` holds (`words` u32 each).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn apply_token_masks(
+        &self,
+        logits: u64,
+        stride: usize,
+        vocab: usize,
+        masks: u64,
+        words: usize,
+        mask_rows: u64,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (stride, vocab, words) = (stride as i64, vocab as i32, words as i32);
+        let mut b = self.launcher("apply_token_masks");
+        b.arg(&logits).arg(&stride).arg(&vocab).arg(&masks).arg(&words).arg(&mask_rows);
+        // SAFETY: per this function's contract.
+        unsafe { b.launch(cfg(grid(rows, 1, 1), 256)) }?;
         Ok(())
     }
 

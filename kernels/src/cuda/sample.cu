@@ -161,6 +161,24 @@ extern "C" __global__ void apply_adjustments(float* __restrict__ logits, long lo
     *l = v;
 }
 
+// Applies grammar masks in place: row r's mask is words [mask_rows[r] · words, (mask_rows[r] + 1) · words) of
+// `masks` (bit i % 32 of word i / 32 set = id i allowed; ids past the words are not), or none when mask_rows[r] < 0
+// (the row pays one load). Disallowed logits become -inf. Runs after apply_adjustments, before sample_rows.
+// Twin: `cpu::sample::apply_mask`. grid (rows), block (256).
+extern "C" __global__ void apply_token_masks(float* __restrict__ logits, long long stride, int vocab,
+                                             const unsigned int* __restrict__ masks, int words,
+                                             const int* __restrict__ mask_rows) {
+    pdl_begin();
+    const int slot = mask_rows[blockIdx.x];
+    if (slot < 0) return;
+    float* row = logits + (size_t)blockIdx.x * stride;
+    const unsigned int* m = masks + (size_t)slot * words;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const int w = i >> 5;
+        if (w >= words || !((m[w] >> (i & 31)) & 1u)) row[i] = -INFINITY;
+    }
+}
+
 // Draws one token per row from (adjusted) logits, which it overwrites with the kept weights (-1 = dropped).
 // `params[r]` = (temperature, top_p, min_p, unused), `top_k[r]` (0 = off), `u[r]` uniform in [0, 1).
 // Twin: `cpu::sample::sample_row`. grid (rows), block (SAMPLE_THREADS).

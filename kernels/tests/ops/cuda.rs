@@ -52,6 +52,32 @@ impl CudaOps {
         self.down(s).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect()
     }
 
+    /// Applies the rows' masks to the `rows.len()` rows of `vocab` logits at `logits` with `apply_token_masks` (as
+    /// the worker packs them: `ceil(vocab / 32)` words per masked row, short masks padded with zeros, slot -1 for a
+    /// row without one); launches nothing when no row has a mask.
+    fn masks(&self, logits: u64, vocab: usize, rows: &[SampleCase]) {
+        let words = vocab.div_ceil(32);
+        let (mut masks, mut slots) = (Vec::<u32>::new(), Vec::<i32>::new());
+        for c in rows {
+            match &c.mask {
+                None => slots.push(-1),
+                Some(m) => {
+                    slots.push((masks.len() / words) as i32);
+                    let have = m.len().min(words);
+                    masks.extend_from_slice(&m[..have]);
+                    masks.resize(masks.len() + words - have, 0);
+                }
+            }
+        }
+        if masks.is_empty() {
+            return;
+        }
+        let (m, s) = (self.up(&masks), self.up(&slots));
+        // SAFETY: `rows.len()` rows of `vocab` at `logits` (the caller's buffer); every slot is -1 or names one of
+        // the `words`-long masks uploaded.
+        unsafe { self.kernels.apply_token_masks(logits, vocab, vocab, self.ptr(&m), words, self.ptr(&s), rows.len()) }.expect("launch");
+    }
+
     /// The rows' adjustments as the kernel's 5-word entries, their count, and the per-row repetition penalties.
     fn adjustments(&self, rows: &[SampleCase]) -> (CudaSlice<i32>, usize, CudaSlice<f32>) {
         let mut words = Vec::new();
@@ -306,6 +332,7 @@ impl Ops for CudaOps {
         let (adj, n, rep) = self.adjustments(rows);
         // SAFETY: sizes per the launcher's contract (ids are distinct per row).
         unsafe { self.kernels.apply_adjustments(self.ptr(&l), vocab, vocab, self.ptr(&adj), n, self.ptr(&rep)) }.expect("launch");
+        self.masks(self.ptr(&l), vocab, rows);
         self.down(&l)
     }
 
@@ -319,6 +346,10 @@ impl Ops for CudaOps {
         // SAFETY: sizes per the launchers' contracts.
         unsafe {
             self.kernels.apply_adjustments(self.ptr(&l), vocab, vocab, self.ptr(&adj), n, self.ptr(&rep)).expect("launch");
+        }
+        self.masks(self.ptr(&l), vocab, rows);
+        // SAFETY: sizes per the launcher's contract.
+        unsafe {
             self.kernels
                 .sample_rows(self.ptr(&l), vocab, vocab, self.ptr(&p), self.ptr(&k), self.ptr(&ud), self.ptr(&ids), rows.len())
                 .expect("launch");

@@ -7,7 +7,7 @@ pub mod cuda;
 use ferrite_kernels::cpu::attention::{AttnShape, PagedKv, SeqRows, paged_attention};
 use ferrite_kernels::cpu::isa::CpuIsa;
 use ferrite_kernels::cpu::ops::{RopePairing, argmax, rms_norm, rope, silu_mul};
-use ferrite_kernels::cpu::sample::{Adjust, SampleParams, SampleScratch, apply_adjustments, sample_row};
+use ferrite_kernels::cpu::sample::{Adjust, SampleParams, SampleScratch, apply_adjustments, apply_mask, sample_row};
 use half::bf16;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -28,6 +28,8 @@ pub struct SampleCase {
     pub repetition: f32,
     pub params: SampleParams,
     pub u: f64,
+    /// A grammar mask (bit `i % 32` of word `i / 32` set = id `i` allowed), applied after the adjustments.
+    pub mask: Option<Vec<u32>>,
 }
 
 /// Host-side view of every kernel.
@@ -62,7 +64,7 @@ pub trait Ops {
     /// Each row's argmax and its value (-inf for a row without a non-NaN value).
     fn argmax_rows(&mut self, logits: &[f32], vocab: usize) -> (Vec<u32>, Vec<f32>);
     fn linear(&mut self, x: &[u16], w: &[u16], rows: usize, inp: usize, out: usize) -> Vec<f32>;
-    /// Applies each row's adjustments; returns the adjusted logits.
+    /// Applies each row's adjustments, then its mask; returns the adjusted logits.
     fn adjust_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<f32>;
     /// Adjusts each row and draws its token.
     fn sample_rows(&mut self, logits: &[f32], vocab: usize, rows: &[SampleCase]) -> Vec<u32>;
@@ -297,6 +299,9 @@ impl Ops for CpuOps {
         let mut out = logits.to_vec();
         for (row, c) in out.chunks_exact_mut(vocab).zip(rows) {
             apply_adjustments(row, &c.adjust, c.repetition);
+            if let Some(m) = &c.mask {
+                apply_mask(row, m);
+            }
         }
         out
     }

@@ -366,7 +366,8 @@ impl CudaBackend {
         let gemm = Gemm::new(Arc::clone(&stream))?;
         let logits_width = tp.as_ref().map_or(config.vocab_size, |t| t.vocab.iter().map(|v| v.len()).max().unwrap_or(0));
         let scratch = Scratch::new(&config, &stream, opts.max_batch_tokens, logits_width)?;
-        let samplers = sampling::SampleBuffers::new(&stream, scratch.logit_rows())?;
+        let full_vocab = tp.as_ref().map_or(config.vocab_size, |t| t.full.vocab_size);
+        let samplers = sampling::SampleBuffers::new(&stream, scratch.logit_rows(), full_vocab)?;
         let tp = match tp {
             None => None,
             Some(Joined { comm, full, vocab }) => {

@@ -148,6 +148,17 @@ impl Constraint {
         Ok(())
     }
 
+    /// The grammar's mask of the tokens allowed next, as words (bit `i % 32` of word `i / 32` set = id `i` allowed:
+    /// llguidance's own layout, which `ferrite_kernels::cpu::sample::apply_mask` and the device sampler take).
+    /// `Err` as [`Constraint::mask`].
+    pub fn mask_words(&mut self) -> Result<Vec<u32>, String> {
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        if allowed.is_zero() {
+            return Err("the grammar allows no token".into());
+        }
+        Ok(allowed.as_slice().to_vec())
+    }
+
     /// Advances the grammar by the drawn token.
     pub fn accept(&mut self, token: u32) -> Result<(), String> {
         if self.matcher.is_stopped() {

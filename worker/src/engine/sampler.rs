@@ -136,6 +136,7 @@ impl Sampler {
             repetition: p.repetition_penalty,
             adjust: adj.into_values().collect(),
             u,
+            mask: None,
         }
     }
 

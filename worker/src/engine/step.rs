@@ -25,12 +25,15 @@
 //!   [`crate::backend::RowSampling`]s, the same algorithm and uniforms as the host sampler;
 //! - `forward` otherwise, then the host sampler (`Sampler::sample`, which also computes logprobs).
 //!
-//! Constrained decoding ([`super::constraint`]): a step that draws for a constrained sequence takes `forward`
-//! whatever the backend (on CUDA too: the device sampler has no mask), and that sequence's row is masked (-inf outside
-//! its grammar) before the host sampler sees it, greedy or not. Its other sequences draw on the host too, with the
-//! same tokens they would get on the backend (same algorithm and uniforms; on CPU the logits are batch invariant).
-//! After the draw the grammar accepts the token; a complete grammar ends the sequence with `Stop`. A free sequence
-//! carries no constraint and pays one branch.
+//! Constrained decoding ([`super::constraint`]): a constrained sequence's grammar mask (words, bit set = allowed)
+//! travels in its `RowSampling` (`mask`), so a step that draws for one takes `forward_sample` when no sequence needs
+//! logprobs (never `forward_greedy`, which has no mask: greedy rows draw there with temperature 0, the same argmax);
+//! the backend sets the disallowed logits to -inf after the adjustments (on CUDA the `apply_token_masks` kernel, on
+//! the host `cpu::sample::apply_mask`), before the draw. Otherwise (logprobs, or a grammar that allows nothing, which
+//! ends its sequence) the step takes `forward` and the row is masked before the host sampler sees it. Either way
+//! free neighbours get the tokens they would get alone (same algorithm and uniforms; argmax is argmax). After the
+//! draw the grammar accepts the token; a complete grammar ends the sequence with `Stop`. A free sequence carries no
+//! mask and pays one branch.
 //!
 //! A failed step fails the requests in it (nothing was written to the KV cache); a fatal backend error
 //! ([`BackendError::is_fatal`]) fails every request held and the caller is expected to stop.
@@ -417,16 +420,29 @@ impl EngineCore {
     /// The backend call for the whole step (see the module docs; with no sequence sampling, greedy).
     fn choose_call(&mut self, plan: &[Scheduled]) -> Call {
         let sampled = || plan.iter().filter(|p| p.sample).map(|p| self.sched.get(p.id).expect("planned sequence exists"));
-        // A grammar's mask is applied to host logits (whatever the backend), before any draw, greedy or not.
-        if sampled().any(|s| s.meta.constraint.is_some()) {
-            return Call::Logits;
-        }
-        if sampled().all(|s| s.meta.sampler.is_plain_greedy(s.num_generated())) {
+        // A grammar's mask travels with its row's sampling parameters, so a constrained step never takes the
+        // argmax-only call (which has no mask).
+        let constrained = sampled().any(|s| s.meta.constraint.is_some());
+        if !constrained && sampled().all(|s| s.meta.sampler.is_plain_greedy(s.num_generated())) {
             return Call::Greedy;
         }
         if sampled().any(|s| s.meta.sampler.needs_logits()) {
             return Call::Logits;
         }
+        // The masks first: a grammar that allows nothing (or fails) sends the step to the host path, which ends its
+        // sequence, before any row consumes its draw.
+        let mut masks = Vec::new();
+        if constrained {
+            for p in plan.iter().filter(|p| p.sample) {
+                let s = self.sched.get_mut(p.id).expect("planned sequence exists");
+                masks.push(match s.meta.constraint.as_mut().map(Constraint::mask_words) {
+                    None => None,
+                    Some(Ok(words)) => Some(words),
+                    Some(Err(_)) => return Call::Logits,
+                });
+            }
+        }
+        let mut masks = masks.into_iter();
         // Preparing a row consumes the sequence's draw, as sampling on the host would.
         let rows = plan
             .iter()
@@ -434,7 +450,9 @@ impl EngineCore {
             .map(|p| {
                 let s = self.sched.get_mut(p.id).expect("planned sequence exists");
                 let generated = s.num_generated();
-                s.meta.sampler.prepare(generated)
+                let mut row = s.meta.sampler.prepare(generated);
+                row.mask = masks.next().flatten();
+                row
             })
             .collect();
         Call::Sample(rows)
