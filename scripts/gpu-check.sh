@@ -87,6 +87,15 @@ def sampled(logprobs):
 device, host = sampled(False), sampled(True)
 print("device-sampled:", device, "\nhost-sampled:  ", host)
 assert device == host and device[0] != device[1]
+# Structured output on the device path: a JSON Schema answer parses and has the required fields and types.
+schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "population": {"type": "integer"}},
+          "required": ["city", "population"], "additionalProperties": False}
+body = {"model": "smollm2", "messages": [{"role": "user", "content": "The largest city of France, as JSON."}], "max_tokens": 64,
+        "temperature": 0.7, "seed": 3, "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}}
+req = urllib.request.Request("http://127.0.0.1:18080/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+answer = json.loads(json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["message"]["content"])
+print("json_schema answer:", answer)
+assert set(answer) == {"city", "population"} and isinstance(answer["city"], str) and isinstance(answer["population"], int)
 PY
   kill $pid; wait $pid 2>/dev/null
   return $ok

@@ -1,6 +1,7 @@
 //! Constrained draws on the backend (`forward_sample` with grammar masks) against the host path (`forward`, the mask
 //! on host logits, the host sampler), for any backend: [`assert_constrained_draws_match_host`].
 
+use ferrite_common::config::LlamaConfig;
 use ferrite_common::model::ModelFiles;
 use ferrite_common::proto::worker as pb;
 use ferrite_common::sampling::{SamplingParams, StoppingParams};
@@ -10,7 +11,6 @@ use ferrite_worker::engine::constraint::GrammarCompiler;
 use ferrite_worker::engine::core::{EngineConfig, EngineOutput, EngineRequest, FinishReason};
 use ferrite_worker::engine::scheduler::SchedulerConfig;
 use ferrite_worker::engine::step::EngineCore;
-use ferrite_common::config::LlamaConfig;
 
 /// Counts the backend calls of the steps it runs.
 struct Recording<'a> {
@@ -25,6 +25,11 @@ impl Backend for Recording<'_> {
     }
     fn info(&self) -> BackendInfo {
         self.inner.info()
+    }
+    /// Always the device path (masks in the rows), whatever the backend: on the CPU that is `forward_sample`'s host
+    /// twin (`cpu::sample::apply_mask`), which the engine otherwise never takes for constrained rows.
+    fn draws_on_device(&self) -> bool {
+        true
     }
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
         self.forward += 1;
@@ -99,7 +104,14 @@ pub fn assert_constrained_draws_match_host(backend: &mut dyn Backend) {
     let (on_host, forward, sample) = run(backend, true);
     assert!(forward > 0 && sample == 0, "with logprobs: {forward} forward, {sample} forward_sample calls");
     for (i, ((a, ra), (b, rb))) in on_backend.iter().zip(&on_host).enumerate() {
-        assert_eq!(a, b, "request {i} ({:?}): backend draws {:?}, host draws {:?}", cases[i].0, text.tokenizer.decode(a, true), text.tokenizer.decode(b, true));
+        assert_eq!(
+            a,
+            b,
+            "request {i} ({:?}): backend draws {:?}, host draws {:?}",
+            cases[i].0,
+            text.tokenizer.decode(a, true),
+            text.tokenizer.decode(b, true)
+        );
         assert_eq!(ra, rb, "request {i}");
     }
     let yes_no = text.tokenizer.decode(&on_backend[0].0, true).expect("decode");

@@ -134,6 +134,13 @@ pub trait Backend: Send {
     /// for.
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError>;
 
+    /// Whether `forward_sample` draws where the logits are (a GPU), so only ids cross to the host. Then a step with
+    /// constrained rows sends their grammar masks with the rows (`RowSampling::mask`); otherwise the engine takes
+    /// `forward` and computes the masks on a helper thread while it runs (the host draws anyway).
+    fn draws_on_device(&self) -> bool {
+        false
+    }
+
     /// Runs a step and returns the greedy token (argmax, lowest id on ties, NaN never wins) of each sequence that
     /// asked for logits, in batch order. Equal to `forward` + argmax; backends that can take the argmax where the
     /// logits are (the GPU) override it so only token ids come back.

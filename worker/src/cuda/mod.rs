@@ -698,6 +698,10 @@ impl Backend for CudaBackend {
         BackendInfo { name: "cuda", num_kv_blocks: self.num_blocks, block_size: self.block_size }
     }
 
+    fn draws_on_device(&self) -> bool {
+        true
+    }
+
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
         validate_batch(batch, &self.config, self.block_size, self.num_blocks)?;
         let mut data = Vec::new();

@@ -25,12 +25,13 @@
 //!   [`crate::backend::RowSampling`]s, the same algorithm and uniforms as the host sampler;
 //! - `forward` otherwise, then the host sampler (`Sampler::sample`, which also computes logprobs).
 //!
-//! Constrained decoding ([`super::constraint`]): a constrained sequence's grammar mask (words, bit set = allowed)
-//! travels in its `RowSampling` (`mask`), so a step that draws for one takes `forward_sample` when no sequence needs
-//! logprobs (never `forward_greedy`, which has no mask: greedy rows draw there with temperature 0, the same argmax);
-//! the backend sets the disallowed logits to -inf after the adjustments (on CUDA the `apply_token_masks` kernel, on
+//! Constrained decoding ([`super::constraint`]): on a backend that draws on its device (`Backend::draws_on_device`:
+//! CUDA) a constrained sequence's grammar mask (words, bit set = allowed) travels in its `RowSampling` (`mask`), so a
+//! step that draws for one takes `forward_sample` when no sequence needs logprobs (never `forward_greedy`, which has
+//! no mask: greedy rows draw there with temperature 0, the same argmax); the backend sets the disallowed logits to -inf after the adjustments (on CUDA the `apply_token_masks` kernel, on
 //! the host `cpu::sample::apply_mask`), before the draw. Otherwise (logprobs, or a grammar that allows nothing, which
-//! ends its sequence) the step takes `forward` and the row is masked before the host sampler sees it. Either way
+//! ends its sequence), and always where the host draws (CPU), the step takes `forward`, the masks are computed on a
+//! helper thread while the forward pass runs, and each row is masked before the host sampler sees it. Either way
 //! free neighbours get the tokens they would get alone (same algorithm and uniforms; argmax is argmax). After the
 //! draw the grammar accepts the token; a complete grammar ends the sequence with `Stop`. A free sequence carries no
 //! mask and pays one branch.
@@ -347,7 +348,7 @@ impl EngineCore {
             return self.hand_over(0, None);
         }
         let num_tokens = plan.iter().map(|p| p.num_tokens).sum();
-        let call = self.choose_call(&plan);
+        let call = self.choose_call(&plan, backend.draws_on_device());
         let (result, mut masks) = self.forward_with_masks(backend, &plan, call);
         self.counters.steps += 1;
         self.counters.batch_tokens = num_tokens as u64;
@@ -418,11 +419,15 @@ impl EngineCore {
     }
 
     /// The backend call for the whole step (see the module docs; with no sequence sampling, greedy).
-    fn choose_call(&mut self, plan: &[Scheduled]) -> Call {
+    fn choose_call(&mut self, plan: &[Scheduled], draws_on_device: bool) -> Call {
         let sampled = || plan.iter().filter(|p| p.sample).map(|p| self.sched.get(p.id).expect("planned sequence exists"));
-        // A grammar's mask travels with its row's sampling parameters, so a constrained step never takes the
-        // argmax-only call (which has no mask).
+        // A grammar's mask travels with its row's sampling parameters to a backend that draws on its device, so a
+        // constrained step never takes the argmax-only call (which has no mask). Where the host draws anyway, the
+        // masks are computed while the forward pass runs (`forward_with_masks`) and applied to the host logits.
         let constrained = sampled().any(|s| s.meta.constraint.is_some());
+        if constrained && !draws_on_device {
+            return Call::Logits;
+        }
         if !constrained && sampled().all(|s| s.meta.sampler.is_plain_greedy(s.num_generated())) {
             return Call::Greedy;
         }
@@ -463,7 +468,8 @@ impl EngineCore {
     /// where a core is free for it.
     fn forward_with_masks(&mut self, backend: &mut dyn Backend, plan: &[Scheduled], call: Call) -> (Result<Returned, BackendError>, Masks) {
         let mut lent: Vec<(SeqId, Constraint)> = Vec::new();
-        for p in plan.iter().filter(|p| p.sample) {
+        // Only the host path applies masks after the forward pass (`Call::Sample` carries them in its rows).
+        for p in plan.iter().filter(|p| p.sample && matches!(call, Call::Logits)) {
             if let Some(c) = self.sched.get_mut(p.id).and_then(|s| s.meta.constraint.take()) {
                 lent.push((p.id, c));
             }

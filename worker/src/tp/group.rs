@@ -284,6 +284,11 @@ impl Backend for TpBackend {
         self.info.clone()
     }
 
+    /// Rank 0 draws: on its device when its ranks are GPU ones.
+    fn draws_on_device(&self) -> bool {
+        self.info.name == "cuda"
+    }
+
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
         match self.run(batch, Mode::Logits)? {
             RankOut::Logits(l) => Ok(l),
