@@ -1,8 +1,8 @@
 //! Sampling on the device (`Backend::forward_sample`): after the lm_head, each logit row gets its adjustments
 //! (bias, penalties, min-token masks) and its draw (`apply_adjustments` + `sample_rows`, whose CPU twin is the
 //! engine's host sampler), then its grammar mask when it has one (`apply_token_masks`, twin
-//! `cpu::sample::apply_mask`; a free row costs one load of its slot), so only token ids cross PCIe. The per-row parameters are uploaded with each chunk of
-//! logit rows into buffers reserved at start-up: a step never allocates.
+//! `cpu::sample::apply_mask`; a free row costs one load of its slot), so only token ids cross PCIe. The per-row
+//! parameters are uploaded with each chunk of logit rows into buffers reserved at start-up: a step never allocates.
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use ferrite_kernels::cuda::{CudaError, pack_adjustments, pack_sample_params};
