@@ -248,6 +248,10 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
 
     let (old, _) = leader_and_voters(&c.view(1).unwrap());
     let survivors: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
+    for &i in &survivors {
+        // Each survivor routes to the worker (its pool has checked the worker's `Info`) before the load starts.
+        wait_for(Duration::from_secs(30), "a completion through a survivor", || (complete(c.routers[i as usize - 1].http, "Hi") == Some(200)).then_some(()));
+    }
     // A steady load on the survivors' HTTP ports (two loops of short greedy completions) through the leader's death.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = survivors
@@ -255,6 +259,7 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
         .map(|&i| {
             let (port, stop) = (c.routers[i as usize - 1].http, stop.clone());
             std::thread::spawn(move || {
+                let started = Instant::now();
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 for n in 0.. {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -262,7 +267,7 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
                     }
                     match complete(port, &format!("Request {n} to router {i}:")) {
                         Some(200) => ok += 1,
-                        other => failed.push(other),
+                        other => failed.push((other, started.elapsed().as_millis())),
                     }
                 }
                 (ok, failed)
