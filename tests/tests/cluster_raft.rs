@@ -147,11 +147,17 @@ impl Cluster {
 /// POSTs a short greedy completion to the router on `port` over HTTP/1.0: its status, `None` when the router did not
 /// answer (connection refused or reset, or nothing within 30 s).
 fn complete(port: u16, prompt: &str) -> Option<u16> {
-    let body = serde_json::json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": true})
-        .to_string();
+    let body =
+        serde_json::json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": true})
+            .to_string();
     let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     buf.split_whitespace().nth(1)?.parse().ok()
@@ -250,7 +256,9 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
     let survivors: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
     for &i in &survivors {
         // Each survivor routes to the worker (its pool has checked the worker's `Info`) before the load starts.
-        wait_for(Duration::from_secs(30), "a completion through a survivor", || (complete(c.routers[i as usize - 1].http, "Hi") == Some(200)).then_some(()));
+        wait_for(Duration::from_secs(30), "a completion through a survivor", || {
+            (complete(c.routers[i as usize - 1].http, "Hi") == Some(200)).then_some(())
+        });
     }
     // A steady load on the survivors' HTTP ports (two loops of short greedy completions) through the leader's death.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -306,7 +306,10 @@ impl Node {
             return Ok(());
         }
         if !cs.voters.contains(&id) {
-            return Err(ProposeError::Refused(format!("router {id} is not in the raft group (voters {:?}, learners {:?})", cs.voters, cs.learners)));
+            return Err(ProposeError::Refused(format!(
+                "router {id} is not in the raft group (voters {:?}, learners {:?})",
+                cs.voters, cs.learners
+            )));
         }
         if cs.voters.len() == 1 {
             return Err(ProposeError::Refused(format!("router {id} is the group's last voter: the cluster would have no members")));

@@ -274,7 +274,10 @@ mod tests {
         s.set_router(1, "a:1".into());
         s.set_router(2, "b:1".into());
         s.remove_router(2);
-        assert_eq!((s.routers.keys().copied().collect::<Vec<_>>(), s.removed_routers.iter().copied().collect::<Vec<_>>()), (vec![1], vec![2]));
+        assert_eq!(
+            (s.routers.keys().copied().collect::<Vec<_>>(), s.removed_routers.iter().copied().collect::<Vec<_>>()),
+            (vec![1], vec![2])
+        );
         s.set_router(2, "b:2".into());
         assert!(s.removed_routers.is_empty() && s.routers[&2] == "b:2");
         // A state stored before `removed_routers` existed still parses.
