@@ -216,3 +216,26 @@ impl pb::raft_server::Raft for RaftService {
         Ok(tonic::Response::new(pb::SendAck {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn a_removed_routers_messages_are_refused_as_removed() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (inbox, _rx) = std::sync::mpsc::sync_channel(8);
+        let peers = BTreeMap::from([(2, "127.0.0.1:2".to_string()), (3, "127.0.0.1:3".to_string())]);
+        let t = Transport::new(1, "c".into(), peers, rt.handle().clone(), inbox, ClusterMetrics::new().unwrap());
+        let batch = |from| pb::RaftBatch { cluster_id: "c".into(), from, messages: vec![] };
+        assert!(t.receive(batch(2)).is_ok(), "a configured peer, not removed");
+        // Router 2 left the group: still a configured peer, but its messages get the answer that stops it.
+        t.set_routers(&BTreeMap::from([(1, "127.0.0.1:1".into()), (3, "127.0.0.1:3".into())]), &BTreeSet::from([2]));
+        let e = t.receive(batch(2)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(t.receive(batch(3)).is_ok());
+        assert_eq!(t.receive(batch(9)).unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
+}
