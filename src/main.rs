@@ -56,6 +56,8 @@ enum Command {
     Serve(commands::serve::Args),
     /// Serve the OpenAI-compatible API in front of separately running workers.
     Router(commands::router::Args),
+    /// Operate a router cluster (raft): `cluster remove-router --id N --via HOST:PORT`.
+    Cluster(commands::cluster::Args),
     /// Serve a model over gRPC as a worker (token ids in, token ids out).
     Worker(commands::worker::Args),
     /// Measure prefill and decode throughput, and this machine's memory bandwidth.
@@ -79,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(a) => commands::worker::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Router(a) => commands::router::run(a),
+        Command::Cluster(a) => commands::cluster::run(a),
         Command::Loadgen(a) => commands::loadgen::run(a),
     }
 }
@@ -126,6 +129,7 @@ mod tests {
         for sub in cli.get_subcommands() {
             let known: BTreeSet<String> = sub
                 .get_arguments()
+                .chain(sub.get_subcommands().flat_map(|nested| nested.get_arguments()))
                 .chain(cli.get_arguments())
                 .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
                 .chain(["--help".to_string()])

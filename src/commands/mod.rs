@@ -1,6 +1,7 @@
 //! Subcommands of the `ferrite` binary, and the options they share.
 
 pub mod bench;
+pub mod cluster;
 pub mod export;
 pub mod generate;
 #[cfg(feature = "cuda")]

@@ -1,4 +1,8 @@
 //! `ferrite router`: the OpenAI-compatible front end for separately running workers.
+//!
+//! With `--raft-id` it is also a member of the routers' raft group. A router removed from the group (`ferrite cluster
+//! remove-router`) exits with status 0 once it learns of it (requests in flight on it are cut: take it out of the load
+//! balancer first); its data directory is left as it was, and started again on it, it exits again.
 
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -66,6 +70,9 @@ pub struct RaftArgs {
     /// Name of the cluster: kept in the data directory and checked on every raft message.
     #[arg(long, env = "FERRITE_CLUSTER_ID", default_value = "ferrite", requires = "raft_id")]
     cluster_id: String,
+    /// Seconds a dead worker stays listed before the leader removes it from the cluster (1 s to 30 days).
+    #[arg(long, env = "FERRITE_DEAD_WORKER_GRACE", default_value_t = cluster::DEFAULT_DEAD_WORKER_GRACE.as_secs(), requires = "raft_id")]
+    dead_worker_grace: u64,
 }
 
 impl RaftArgs {
@@ -79,6 +86,7 @@ impl RaftArgs {
             data_dir: dir,
             bootstrap: self.bootstrap,
             cluster_id: self.cluster_id.clone(),
+            dead_worker_grace: Duration::from_secs(self.dead_worker_grace),
         })
     }
 }
@@ -160,6 +168,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Some(c) => tokio::select! {
                 r = serve => r?,
                 why = c.failed() => anyhow::bail!("the raft control plane stopped: {why}"),
+                // Removed from the group (`ferrite cluster remove-router`): it would only serve a frozen worker list.
+                () = c.removed() => tracing::warn!("this router was removed from the raft group: exiting"),
             },
             None => serve.await?,
         }

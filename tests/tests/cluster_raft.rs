@@ -3,6 +3,9 @@
 //! `/v1/cluster` agrees on all three; killing the leader elects another that still lists the worker, and a worker
 //! killed after that goes dead within its lease; a whole-cluster restart recovers members and workers from the data
 //! directories; a worker stopped with SIGTERM deregisters and exits 0; a bad data directory is refused untouched.
+//! Completions sent to the survivors all through a leader kill succeed; a dead worker leaves the replicated state
+//! after `--dead-worker-grace`; a fourth router joins (learner, then voter) and the leader is removed with `ferrite
+//! cluster remove-router`, after which it exits and the other three route on.
 //!
 //! The binary is `$FERRITE_BIN`, else `<target>/release/ferrite` (build it first: `cargo build --release --bin
 //! ferrite`; scripts/test.sh does).
@@ -141,6 +144,25 @@ impl Cluster {
     }
 }
 
+/// POSTs a short greedy completion to the router on `port` over HTTP/1.0: its status, `None` when the router did not
+/// answer (connection refused or reset, or nothing within 30 s).
+fn complete(port: u16, prompt: &str) -> Option<u16> {
+    let body =
+        serde_json::json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": true})
+            .to_string();
+    let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `GET path` over plain HTTP/1.0 (no client library needed); `None` while the router is not answering.
 fn get_json(port: u16, path: &str) -> Option<Value> {
     let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(500)).ok()?;
@@ -187,13 +209,23 @@ fn workers(v: &Value) -> Vec<(String, String, u64)> {
 
 /// Starts routers 1 (bootstrap), 2 and 3 and waits until all agree on one leader and three voters.
 fn three_routers(c: &Cluster) -> Vec<Proc> {
-    let procs = vec![c.start_router(1, &["--bootstrap"]), c.start_router(2, &[]), c.start_router(3, &[])];
-    wait_for(Duration::from_secs(30), "three voters agreeing on a leader", || {
-        let views: Vec<_> = (1..=3).map(|i| c.view(i)).collect::<Option<Vec<_>>>()?;
-        let seen: Vec<_> = views.iter().map(leader_and_voters).collect();
-        (seen[0].0 != 0 && seen.iter().all(|s| *s == (seen[0].0, vec![1, 2, 3]))).then_some(())
-    });
+    three_routers_with(c, &[])
+}
+
+/// [`three_routers`] with more router flags.
+fn three_routers_with(c: &Cluster, extra: &[&str]) -> Vec<Proc> {
+    let bootstrap: Vec<&str> = extra.iter().copied().chain(["--bootstrap"]).collect();
+    let procs = vec![c.start_router(1, &bootstrap), c.start_router(2, extra), c.start_router(3, extra)];
+    wait_agreement(c, &[1, 2, 3], Duration::from_secs(30));
     procs
+}
+
+/// Waits until routers `ids` all see one leader and exactly `ids` as voters; returns the leader.
+fn wait_agreement(c: &Cluster, ids: &[u64], limit: Duration) -> u64 {
+    wait_for(limit, &format!("routers {ids:?} agreeing on a leader and on themselves as the voters"), || {
+        let seen: Vec<_> = ids.iter().map(|&i| c.view(i).map(|v| leader_and_voters(&v))).collect::<Option<Vec<_>>>()?;
+        (seen[0].0 != 0 && seen.iter().all(|s| *s == (seen[0].0, ids.to_vec()))).then_some(seen[0].0)
+    })
 }
 
 /// Waits until every router in `ids` lists exactly `expect` (address, state) with one common epoch; returns it.
@@ -214,14 +246,44 @@ fn wait_workers(c: &Cluster, ids: &[u64], addr: &str, state: &str, limit: Durati
 #[test]
 fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
     let c = Cluster::new(3);
-    let mut routers = three_routers(&c);
+    // A short grace: the dead worker at the end must leave the replicated state within the test.
+    let mut routers = three_routers_with(&c, &["--dead-worker-grace", "3"]);
     // Registered through a follower or the leader alike: followers redirect to the leader.
     let (mut worker, addr) = c.start_worker(&[2, 3]);
     let epoch = wait_workers(&c, &[1, 2, 3], &addr, "active", Duration::from_secs(60));
 
     let (old, _) = leader_and_voters(&c.view(1).unwrap());
-    routers[old as usize - 1].kill();
     let survivors: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
+    for &i in &survivors {
+        // Each survivor routes to the worker (its pool has checked the worker's `Info`) before the load starts.
+        wait_for(Duration::from_secs(30), "a completion through a survivor", || {
+            (complete(c.routers[i as usize - 1].http, "Hi") == Some(200)).then_some(())
+        });
+    }
+    // A steady load on the survivors' HTTP ports (two loops of short greedy completions) through the leader's death.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = survivors
+        .iter()
+        .map(|&i| {
+            let (port, stop) = (c.routers[i as usize - 1].http, stop.clone());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                for n in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    match complete(port, &format!("Request {n} to router {i}:")) {
+                        Some(200) => ok += 1,
+                        other => failed.push((other, started.elapsed().as_millis())),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    routers[old as usize - 1].kill();
     let new = wait_for(Duration::from_secs(10), "a new leader among the survivors", || {
         let seen: Vec<u64> = survivors.iter().map(|&i| c.view(i).map(|v| leader_and_voters(&v).0)).collect::<Option<_>>()?;
         (seen[0] != 0 && seen[0] != old && seen.iter().all(|l| *l == seen[0])).then_some(seen[0])
@@ -236,10 +298,27 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
     // ...of the same registration: the leader took the lease over (no expiry, no re-registration), no worker lost.
     assert_eq!(fresh["epoch"].as_u64(), Some(epoch), "{fresh}");
     assert_eq!(wait_workers(&c, &survivors, &addr, "active", Duration::from_secs(5)), epoch);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in load {
+        let (o, f) = t.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let total = ok + failed.len() as u32;
+    assert!(total >= 10, "too few requests to judge: {ok} ok, failures {failed:?}");
+    assert!(f64::from(ok) >= 0.99 * f64::from(total), "{ok} of {total} requests to the survivors succeeded; failures {failed:?}");
 
-    // A worker that dies after the failover is still found dead, within its 5 s lease (plus an election's slack).
+    // A worker that dies after the failover is still found dead, within its 5 s lease (plus an election's slack)...
     worker.kill();
+    let died = Instant::now();
     assert_eq!(wait_workers(&c, &survivors, &addr, "dead", Duration::from_secs(15)), epoch);
+    assert!(died.elapsed() < Duration::from_secs(8), "dead only after {:?}", died.elapsed());
+    // ...and, its 3 s grace over, the leader removes it from the replicated state.
+    wait_for(Duration::from_secs(15), "the dead worker removed on the survivors", || {
+        survivors.iter().all(|&i| c.view(i).is_some_and(|v| workers(&v).is_empty())).then_some(())
+    });
 }
 
 #[test]
@@ -295,6 +374,9 @@ fn sigterm_deregisters_the_worker_and_exits_0() {
     let w = workers(&c.view(1).unwrap());
     assert!(w == [(addr.clone(), "draining".into(), epoch)] || w == [(addr.clone(), "dead".into(), epoch)], "{w:?}");
     assert!(worker.log_text().contains("deregistered"), "{}", worker.log_text());
+    // The last voter is not removed: the reason says why.
+    let (ok, out) = cluster_cli(&["remove-router".into(), "--id".into(), "1".into(), "--via".into(), c.routers[0].raft.clone()]);
+    assert!(!ok && out.contains("last voter"), "{out}");
 }
 
 fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -366,6 +448,14 @@ fn the_cluster_service_refuses_redirects_and_drops_strangers() {
         let r = client(0).await.heartbeat(pb::HeartbeatRequest { lease_id: 42 }).await.unwrap().into_inner();
         assert_eq!(r.status, pb::ReplyStatus::UnknownLease as i32, "{r:?}");
 
+        // Removing a router: a follower points at the leader, the leader refuses an id outside the group.
+        let remove = |raft_id| pb::RemoveRouterRequest { cluster_id: "ferrite".into(), raft_id };
+        let r = client(1).await.remove_router(remove(7)).await.unwrap().into_inner();
+        assert_eq!((r.status, r.leader_hint.as_str()), (pb::ReplyStatus::NotLeader as i32, c.routers[0].raft.as_str()));
+        let r = client(0).await.remove_router(remove(7)).await.unwrap().into_inner();
+        assert_eq!(r.status, pb::ReplyStatus::Refused as i32, "{r:?}");
+        assert!(r.reason.contains("router 7 is not in the raft group"), "{}", r.reason);
+
         // Raft messages from a router that is no peer are dropped, and counted.
         let uri = format!("http://{}", c.routers[0].raft);
         let mut raft = pb::raft_client::RaftClient::connect(uri).await.unwrap();
@@ -382,4 +472,41 @@ fn the_cluster_service_refuses_redirects_and_drops_strangers() {
     };
     assert!(metrics.contains("ferrite_cluster_raft_dropped_total{reason=\"unknown_peer\"} 1"), "{metrics}");
     assert!(metrics.contains("ferrite_cluster_raft_is_leader 1"), "{metrics}");
+}
+
+/// Runs `ferrite cluster ARGS...`: exit success and stdout+stderr.
+fn cluster_cli(args: &[String]) -> (bool, String) {
+    let out = Command::new(binary()).arg("cluster").args(args).stdin(Stdio::null()).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn a_fourth_router_joins_and_the_leader_is_removed() {
+    let c = Cluster::new(4);
+    let mut routers = three_routers(&c);
+    let (_worker, addr) = c.start_worker(&[1, 2, 3]);
+    let epoch = wait_workers(&c, &[1, 2, 3], &addr, "active", Duration::from_secs(60));
+    // No --bootstrap: it joins as a learner and is promoted once caught up.
+    routers.push(c.start_router(4, &[]));
+    let leader = wait_agreement(&c, &[1, 2, 3, 4], Duration::from_secs(30));
+    assert_eq!(wait_workers(&c, &[1, 2, 3, 4], &addr, "active", Duration::from_secs(10)), epoch);
+
+    // Remove the leader, asked through a follower: the hint is followed, leadership moves, then the old leader goes.
+    let via = (1..=4).find(|&i| i != leader).unwrap();
+    let raft = |i: u64| c.routers[i as usize - 1].raft.clone();
+    let (ok, out) = cluster_cli(&["remove-router".into(), "--id".into(), leader.to_string(), "--via".into(), raft(via)]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("router {leader} removed")), "{out}");
+    // The removed router stops taking part: it exits, cleanly.
+    let status = routers[leader as usize - 1].wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit {status:?}; log:\n{}", routers[leader as usize - 1].log_text());
+    let rest: Vec<u64> = (1..=4).filter(|&i| i != leader).collect();
+    wait_agreement(&c, &rest, Duration::from_secs(15));
+    assert_eq!(wait_workers(&c, &rest, &addr, "active", Duration::from_secs(10)), epoch);
+    for &i in &rest {
+        assert_eq!(complete(c.routers[i as usize - 1].http, "Routing still works:"), Some(200), "router {i}");
+    }
+    // Refusals are final, with the reason: an id not in the group.
+    let (ok, out) = cluster_cli(&["remove-router".into(), "--id".into(), leader.to_string(), "--via".into(), raft(rest[0])]);
+    assert!(!ok && out.contains("is not in the raft group"), "{out}");
 }

@@ -16,6 +16,8 @@ pub struct ClusterMetrics {
     applied: IntGauge,
     workers: IntGaugeVec,
     pub lease_expirations: IntCounter,
+    /// Dead workers removed by this leader once their grace ran out.
+    pub workers_collected: IntCounter,
     /// Raft messages dropped on the way in (`reason`: unknown_peer, foreign_cluster, bad_message, inbox_full) or out
     /// (queue_full, no_address).
     pub dropped: IntCounterVec,
@@ -32,6 +34,8 @@ impl ClusterMetrics {
         let applied = IntGauge::new("ferrite_cluster_raft_applied_index", "Raft applied index")?;
         let workers = IntGaugeVec::new(Opts::new("ferrite_cluster_workers", "Workers by state"), &["state"])?;
         let lease_expirations = IntCounter::new("ferrite_cluster_lease_expirations_total", "Worker leases expired by this leader")?;
+        let workers_collected =
+            IntCounter::new("ferrite_cluster_workers_collected_total", "Dead workers removed by this leader after their grace")?;
         let dropped = IntCounterVec::new(Opts::new("ferrite_cluster_raft_dropped_total", "Raft messages dropped"), &["reason"])?;
         let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
         let proposal_seconds =
@@ -44,7 +48,8 @@ impl ClusterMetrics {
         registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(lease_expirations.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
-        Ok(Self { registry, term, is_leader, commit, applied, workers, lease_expirations, dropped, proposal_seconds })
+        registry.register(Box::new(workers_collected.clone()))?;
+        Ok(Self { registry, term, is_leader, commit, applied, workers, lease_expirations, workers_collected, dropped, proposal_seconds })
     }
 
     pub(crate) fn observe(&self, s: &RaftStatus) {

@@ -4,7 +4,8 @@
 //! - [`state`]: the replicated state machine ([`ClusterState`]) and its epoch-fenced [`Command`]s.
 //! - `node`: the thread that owns raft-rs's `RawNode` (ready loop, proposals matched by id, learner promotion).
 //! - `transport`: raft messages between routers over tonic, bounded per-peer queues.
-//! - `service`: the `Cluster` gRPC service (worker Register/Heartbeat/Deregister, router Join) and the leader's leases.
+//! - `service`: the `Cluster` gRPC service (worker Register/Heartbeat/Deregister, router Join/RemoveRouter), the
+//!   leader's leases and its garbage collection of dead workers.
 //! - `view`: `GET /v1/cluster`.
 //!
 //! Everything is served on the router's raft listener (`--raft-listen`): routers and workers both talk to it, so the
@@ -56,7 +57,14 @@ pub struct ClusterConfig {
     pub bootstrap: bool,
     /// The data directory and every raft message carry it: routers of another cluster are refused.
     pub cluster_id: String,
+    /// How long a dead worker stays in the replicated state before the leader removes it (timed by the leader from
+    /// when it saw the worker dead; [`DEFAULT_DEAD_WORKER_GRACE`] by default).
+    pub dead_worker_grace: Duration,
 }
+
+/// `--dead-worker-grace` default: long enough to see on `/v1/cluster` what died, short enough that a churning
+/// deployment does not accumulate records.
+pub const DEFAULT_DEAD_WORKER_GRACE: Duration = Duration::from_secs(600);
 
 /// The model this cluster serves: a worker with another fingerprint is refused at registration.
 #[derive(Debug, Clone)]
@@ -89,6 +97,9 @@ impl ClusterConfig {
         }
         if let Some(0) = self.peers.keys().next() {
             return bad("--raft-peer ids must be ≥ 1".into());
+        }
+        if self.dead_worker_grace < Duration::from_secs(1) || self.dead_worker_grace > Duration::from_secs(30 * 24 * 3600) {
+            return bad(format!("--dead-worker-grace must be between 1 s and 30 days, not {:?}", self.dead_worker_grace));
         }
         if self.cluster_id.is_empty() {
             return bad("the cluster id must not be empty".into());
@@ -138,6 +149,7 @@ pub(crate) struct Shared {
     leases: Mutex<service::Leases>,
     metrics: ClusterMetrics,
     model: ModelIdentity,
+    dead_worker_grace: Duration,
 }
 
 /// A running control plane (cheap to clone).
@@ -196,6 +208,7 @@ impl ClusterHandle {
                 leases: Mutex::new(service::Leases::default()),
                 metrics,
                 model,
+                dead_worker_grace: cfg.dead_worker_grace,
             }),
         };
         let server = tonic::transport::Server::builder()
@@ -245,6 +258,19 @@ impl ClusterHandle {
         }
     }
 
+    /// Resolves when this router was removed from the raft group (it takes no further part): the router should exit.
+    pub async fn removed(&self) {
+        let mut rx = self.inner.status.clone();
+        loop {
+            if rx.borrow().removed {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// The control plane's Prometheus text.
     pub fn metrics_text(&self) -> String {
         self.inner.metrics.render()
@@ -272,7 +298,7 @@ impl ClusterHandle {
         rx.await.unwrap_or(Err(ProposeError::Stopped))
     }
 
-    /// Removes a router from the group; resolves when the change applied.
+    /// Removes a router from the group (see the `node` module for what is refused); resolves when the change applied.
     pub async fn remove_router(&self, id: u64) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.inner.inbox.try_send(Input::RemoveRouter { id, reply }).map_err(|_| ProposeError::Dropped("the raft node is busy".into()))?;

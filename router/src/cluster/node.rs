@@ -11,6 +11,12 @@
 //! (never by FIFO order); when the role or term changes every pending proposal fails with
 //! [`ProposeError::NotLeader`], since its entry may never commit. The leader promotes a learner to voter once it has
 //! caught up with the commit index.
+//!
+//! Removing a router ([`Input::RemoveRouter`]) is refused for an id outside the group and for the last voter; asked
+//! of the leader about itself, the leader first transfers leadership to its most caught-up voter (raft-rs leaves a
+//! leader that removed itself in an untested state) and answers `NotLeader` with that voter. A router learns it was
+//! removed when it applies its own removal, or when a peer refuses its messages as a removed router's
+//! ([`Input::Removed`], through the transport): its status says `removed` and the router process exits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +45,9 @@ pub enum ProposeError {
     Dropped(String),
     #[error("the raft node has stopped")]
     Stopped,
+    /// Refused for good (the reason says why).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What the node thread is asked to do.
@@ -59,6 +68,10 @@ pub(crate) enum Input {
         reply: oneshot::Sender<Result<(), ProposeError>>,
     },
     Unreachable(u64),
+    /// A peer refused this router's messages: it was removed from the group.
+    Removed {
+        by: u64,
+    },
     SnapshotStatus {
         to: u64,
         ok: bool,
@@ -79,6 +92,8 @@ pub struct RaftStatus {
     pub learners: Vec<u64>,
     /// Set when the node stopped for good (a storage write failed): the router must exit.
     pub failed: Option<String>,
+    /// This router was removed from the group: it takes no further part, and the router exits.
+    pub removed: bool,
 }
 
 impl RaftStatus {
@@ -120,6 +135,7 @@ pub(crate) struct Node {
     status_tx: watch::Sender<RaftStatus>,
     metrics: ClusterMetrics,
     role: (StateRole, u64),
+    removed: bool,
 }
 
 /// Raft's settings for the routers (see ARCHITECTURE: 100 ms ticks, elections after 1–2 s).
@@ -166,7 +182,7 @@ impl Node {
     ) -> Result<Self, DataDirError> {
         let state = ClusterState::from_bytes(raw.store().applied_state())
             .map_err(|e| DataDirError::Write(format!("the stored cluster state does not parse: {e}")))?;
-        transport.set_routers(&state.routers);
+        transport.set_routers(&state.routers, &state.removed_routers);
         metrics.observe_state(&state);
         state_tx.send_replace(state.clone());
         let role = (raw.raft.state, raw.raft.term);
@@ -182,6 +198,7 @@ impl Node {
             status_tx,
             metrics,
             role,
+            removed: false,
         })
     }
 
@@ -262,7 +279,16 @@ impl Node {
                 if let Some(e) = self.not_leader() {
                     return drop(reply.send(Err(e)));
                 }
+                if let Err(e) = self.check_removal(id) {
+                    return drop(reply.send(Err(e)));
+                }
                 self.propose_conf(ConfChangeType::RemoveNode, id, String::new(), Some(reply));
+            }
+            Input::Removed { by } => {
+                if !self.removed {
+                    tracing::warn!(peer = by, "a peer says this router was removed from the raft group: it stops taking part");
+                    self.removed = true;
+                }
             }
             Input::Unreachable(to) => self.raw.report_unreachable(to),
             Input::SnapshotStatus { to, ok } => {
@@ -270,6 +296,34 @@ impl Node {
                 self.raw.report_snapshot(to, status);
             }
         }
+    }
+
+    /// Whether the leader may remove router `id` now: `Refused` for an unknown id or the last voter; `NotLeader` naming
+    /// the voter that leadership is being handed to when `id` is this leader.
+    fn check_removal(&mut self, id: u64) -> Result<(), ProposeError> {
+        let cs = self.raw.store().conf_state();
+        if cs.learners.contains(&id) {
+            return Ok(());
+        }
+        if !cs.voters.contains(&id) {
+            return Err(ProposeError::Refused(format!(
+                "router {id} is not in the raft group (voters {:?}, learners {:?})",
+                cs.voters, cs.learners
+            )));
+        }
+        if cs.voters.len() == 1 {
+            return Err(ProposeError::Refused(format!("router {id} is the group's last voter: the cluster would have no members")));
+        }
+        if id != self.id {
+            return Ok(());
+        }
+        // This leader is asked to remove itself: hand leadership to the most caught-up other voter first.
+        let to = cs.voters.iter().copied().filter(|v| *v != self.id).max_by_key(|v| self.raw.raft.prs().get(*v).map_or(0, |p| p.matched));
+        if let Some(to) = to {
+            tracing::info!(to, "asked to remove this leader: transferring leadership first");
+            self.raw.transfer_leader(to);
+        }
+        Err(ProposeError::NotLeader { leader: to })
     }
 
     fn propose_conf(&mut self, kind: ConfChangeType, node: u64, addr: String, reply: Option<oneshot::Sender<Result<(), ProposeError>>>) {
@@ -352,7 +406,7 @@ impl Node {
             }
         }
         if self.state.version != before || applied.is_some() {
-            self.transport.set_routers(&self.state.routers);
+            self.transport.set_routers(&self.state.routers, &self.state.removed_routers);
             self.metrics.observe_state(&self.state);
             self.state_tx.send_if_modified(|s| {
                 let changed = *s != self.state;
@@ -424,7 +478,13 @@ impl Node {
                                     ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if !addr.is_empty() => {
                                         self.state.set_router(c.node_id, addr.clone())
                                     }
-                                    ConfChangeType::RemoveNode => self.state.remove_router(c.node_id),
+                                    ConfChangeType::RemoveNode => {
+                                        self.state.remove_router(c.node_id);
+                                        if c.node_id == self.id {
+                                            tracing::warn!("this router was removed from the raft group: it stops taking part");
+                                            self.removed = true;
+                                        }
+                                    }
                                     _ => {}
                                 }
                             }
@@ -488,6 +548,7 @@ impl Node {
             voters: cs.voters.clone(),
             learners: cs.learners.clone(),
             failed: None,
+            removed: self.removed,
         };
         self.metrics.observe(&status);
         self.status_tx.send_if_modified(|s| {

@@ -4,6 +4,11 @@
 //! ([`keep_leases`]) extends every lease of the replicated state once when this router becomes leader (so an election
 //! never mass-expires workers), forgets them all when it stops being leader, and proposes `ExpireLease` for a lease past
 //! its deadline. A heartbeat for a lease the leader does not hold gets `UNKNOWN_LEASE`: the worker registers again.
+//!
+//! Garbage collection: the same keeper times how long each worker has been dead (from when this leader first saw it
+//! dead) and, past [`ClusterConfig::dead_worker_grace`](super::ClusterConfig), proposes `RemoveWorker` at the epoch it
+//! died in (so a worker that registered again meanwhile is left alone). A new leader starts those clocks afresh, so
+//! a dead worker leaves at most one grace after the last leader change.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -13,7 +18,7 @@ use pb::ReplyStatus;
 
 use super::ClusterHandle;
 use super::node::ProposeError;
-use super::state::{Command, Outcome, WorkerSpec, WorkerState};
+use super::state::{ClusterState, Command, Outcome, WorkerId, WorkerSpec, WorkerState};
 
 /// How often workers heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -28,6 +33,29 @@ pub(crate) struct Leases {
     /// The term these leases were taken over in (0: not leader).
     term: u64,
     deadlines: HashMap<u64, Instant>,
+    dead: DeadClock,
+}
+
+/// When this leader first saw each dead worker (by id and the epoch it died in).
+#[derive(Default)]
+pub(crate) struct DeadClock {
+    since: HashMap<(WorkerId, u64), Instant>,
+}
+
+impl DeadClock {
+    /// Starts the clock of workers dead as of `state` and not seen dead before, forgets those no longer dead (removed
+    /// or registered again), and returns the ones dead for at least `grace`: `(id, epoch)` for `RemoveWorker`.
+    pub(crate) fn due(&mut self, state: &ClusterState, now: Instant, grace: Duration) -> Vec<(WorkerId, u64)> {
+        let dead: std::collections::HashSet<(WorkerId, u64)> = state.dead().map(|(id, e)| (id.clone(), e)).collect();
+        self.since.retain(|k, _| dead.contains(k));
+        for k in dead {
+            self.since.entry(k).or_insert(now);
+        }
+        let mut due: Vec<(WorkerId, u64)> =
+            self.since.iter().filter(|(_, t)| now.saturating_duration_since(**t) >= grace).map(|(k, _)| k.clone()).collect();
+        due.sort();
+        due
+    }
 }
 
 impl Leases {
@@ -47,7 +75,7 @@ pub(crate) async fn keep_leases(h: ClusterHandle) {
         if status.failed.is_some() {
             return;
         }
-        let expired: Vec<u64> = {
+        let (expired, collect): (Vec<u64>, Vec<(WorkerId, u64)>) = {
             let state = h.state_now();
             let mut leases = h.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
             if !status.is_leader() {
@@ -60,6 +88,7 @@ pub(crate) async fn keep_leases(h: ClusterHandle) {
                 tracing::info!(term = status.term, leases = state.leased().count(), "leader: extending every worker lease");
                 leases.term = status.term;
                 leases.deadlines.clear();
+                leases.dead = DeadClock::default();
             }
             // Every live lease of the state is held (a new leader's, or one a previous leader granted late).
             for w in state.leased() {
@@ -67,7 +96,8 @@ pub(crate) async fn keep_leases(h: ClusterHandle) {
             }
             let live: std::collections::HashSet<u64> = state.leased().map(|w| w.lease_id).collect();
             leases.deadlines.retain(|l, _| live.contains(l));
-            leases.deadlines.iter().filter(|(_, d)| **d <= now).map(|(l, _)| *l).collect()
+            let expired = leases.deadlines.iter().filter(|(_, d)| **d <= now).map(|(l, _)| *l).collect();
+            (expired, leases.dead.due(&state, now, h.inner.dead_worker_grace))
         };
         for lease_id in expired {
             match h.propose(Command::ExpireLease { lease_id }).await {
@@ -79,6 +109,16 @@ pub(crate) async fn keep_leases(h: ClusterHandle) {
                     h.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).deadlines.remove(&lease_id);
                 }
                 Err(e) => tracing::debug!(lease_id, error = %e, "lease expiry not proposed; retrying"),
+            }
+        }
+        for (id, epoch) in collect {
+            match h.propose(Command::RemoveWorker { id: id.clone(), epoch }).await {
+                Ok(Outcome::Applied { .. }) => {
+                    h.inner.metrics.workers_collected.inc();
+                    tracing::info!(worker = %id, epoch, "a dead worker's grace ran out: removed from the cluster");
+                }
+                Ok(Outcome::Stale) => {}
+                Err(e) => tracing::debug!(worker = %id, error = %e, "dead worker removal not proposed; retrying"),
             }
         }
     }
@@ -226,5 +266,74 @@ impl pb::cluster_server::Cluster for ClusterService {
             Ok(Err(e)) => reply(ReplyStatus::Unavailable, String::new(), e.to_string()),
             Err(_) => reply(ReplyStatus::Unavailable, String::new(), "the membership change did not commit in time".into()),
         }
+    }
+
+    async fn remove_router(&self, req: tonic::Request<pb::RemoveRouterRequest>) -> Reply<pb::RemoveRouterReply> {
+        let r = req.into_inner();
+        let reply = |status: ReplyStatus, hint: String, reason: String| {
+            Ok(tonic::Response::new(pb::RemoveRouterReply { status: status as i32, leader_hint: hint, reason, voters: vec![] }))
+        };
+        if r.cluster_id != self.0.inner.cluster_id {
+            let why = format!("this is cluster `{}`, not `{}`", self.0.inner.cluster_id, r.cluster_id);
+            return reply(ReplyStatus::Refused, String::new(), why);
+        }
+        if r.raft_id == 0 {
+            return reply(ReplyStatus::Refused, String::new(), "raft_id must be ≥ 1".into());
+        }
+        if let Some((status, hint)) = self.redirect() {
+            return reply(status, hint, String::new());
+        }
+        match tokio::time::timeout(PROPOSE_TIMEOUT, self.0.remove_router(r.raft_id)).await {
+            Ok(Ok(())) => {
+                // The status is published right after the answer: wait (briefly) for it to show the new voters.
+                let mut status = self.0.inner.status.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(1), status.wait_for(|s| !s.voters.contains(&r.raft_id))).await;
+                let voters = self.0.status().voters;
+                tracing::info!(router = r.raft_id, ?voters, "router removed from the raft group");
+                Ok(tonic::Response::new(pb::RemoveRouterReply { status: ReplyStatus::Ok as i32, voters, ..Default::default() }))
+            }
+            Ok(Err(ProposeError::NotLeader { leader })) => {
+                let hint = leader.and_then(|l| self.0.inner.transport.addr_of(l)).unwrap_or_default();
+                reply(ReplyStatus::NotLeader, hint, "leadership is moving: ask the hinted router".into())
+            }
+            Ok(Err(ProposeError::Refused(why))) => reply(ReplyStatus::Refused, String::new(), why),
+            Ok(Err(e)) => reply(ReplyStatus::Unavailable, String::new(), e.to_string()),
+            Err(_) => reply(ReplyStatus::Unavailable, String::new(), "the membership change did not commit in time".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> WorkerSpec {
+        WorkerSpec { id: id.into(), addr: format!("http://{id}"), model: "m".into(), tp_size: 1, capacity: 8 }
+    }
+
+    #[test]
+    fn dead_workers_are_due_after_the_grace_and_only_at_their_dead_epoch() {
+        let grace = Duration::from_secs(600);
+        let mut s = ClusterState::default();
+        s.apply(&Command::UpsertWorker { spec: spec("a:1"), lease_id: 10 });
+        s.apply(&Command::UpsertWorker { spec: spec("b:1"), lease_id: 20 });
+        let mut clock = DeadClock::default();
+        let t0 = Instant::now();
+        assert!(clock.due(&s, t0, grace).is_empty(), "nobody is dead");
+        let Outcome::Applied { epoch } = s.apply(&Command::ExpireLease { lease_id: 10 }) else { panic!("a live lease expires") };
+        // The clock starts when the leader first sees it dead, not before.
+        assert!(clock.due(&s, t0 + grace, grace).is_empty());
+        assert!(clock.due(&s, t0 + grace + grace / 2, grace).is_empty());
+        let due = clock.due(&s, t0 + grace * 2, grace);
+        assert_eq!(due, vec![("a:1".to_string(), epoch)]);
+        // The removal it leads to is epoch-fenced: it removes the dead registration, and the live worker stays.
+        let mut removed = s.clone();
+        assert_eq!(removed.apply(&Command::RemoveWorker { id: "a:1".into(), epoch }), Outcome::Applied { epoch });
+        assert_eq!(removed.workers.keys().collect::<Vec<_>>(), vec!["b:1"]);
+        // Registered again before the removal commits: the removal is stale, and the clock forgets the old death.
+        s.apply(&Command::UpsertWorker { spec: spec("a:1"), lease_id: 11 });
+        assert_eq!(s.apply(&Command::RemoveWorker { id: "a:1".into(), epoch }), Outcome::Stale);
+        assert!(clock.due(&s, t0 + grace * 3, grace).is_empty());
+        assert_eq!(s.workers.len(), 2);
     }
 }

@@ -5,7 +5,7 @@
 //! and `RemoveWorker` name the epoch they were decided for, `ExpireLease` the lease (one per epoch); a stale one is a
 //! no-op. `UpsertWorker` is what hands out a new epoch (the state's `version` after it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +68,10 @@ pub struct ClusterState {
     pub workers: BTreeMap<WorkerId, WorkerRecord>,
     /// Raft id → raft address of every router in the group (voters and learners).
     pub routers: BTreeMap<u64, String>,
+    /// Raft ids removed from the group (and not added again since): their raft messages are refused with a
+    /// "removed" answer, which tells a removed router that missed its own removal to stop (as etcd does).
+    #[serde(default)]
+    pub removed_routers: BTreeSet<u64>,
     /// Bumped by every change; a registration's epoch is the version it made.
     pub version: u64,
 }
@@ -155,15 +159,23 @@ impl ClusterState {
 
     /// A router joined (or changed its address) through a conf change.
     pub fn set_router(&mut self, id: u64, addr: String) {
+        self.removed_routers.remove(&id);
         self.routers.insert(id, addr);
         self.version += 1;
     }
 
     /// A router left the group through a conf change.
     pub fn remove_router(&mut self, id: u64) {
-        if self.routers.remove(&id).is_some() {
+        let was_member = self.routers.remove(&id).is_some();
+        if self.removed_routers.insert(id) || was_member {
             self.version += 1;
         }
+    }
+
+    /// Dead workers, with the epoch they died in: what the leader's garbage collection removes after a grace period
+    /// (`RemoveWorker` at that epoch, so a worker that registered again since is left alone).
+    pub fn dead(&self) -> impl Iterator<Item = (&WorkerId, u64)> {
+        self.workers.values().filter(|w| w.state == WorkerState::Dead).map(|w| (&w.id, w.epoch))
     }
 
     /// Workers that hold a live lease (everything not dead): the leases a new leader must keep.
@@ -254,6 +266,23 @@ mod tests {
         assert_eq!(s.apply(&set(WorkerState::Active)), Outcome::Stale);
         assert_eq!(s.apply(&Command::RemoveWorker { id: "a:1".into(), epoch: e }), Outcome::Applied { epoch: e });
         assert!(s.workers.is_empty());
+    }
+
+    #[test]
+    fn removed_routers_are_remembered_until_added_again() {
+        let mut s = ClusterState::default();
+        s.set_router(1, "a:1".into());
+        s.set_router(2, "b:1".into());
+        s.remove_router(2);
+        assert_eq!(
+            (s.routers.keys().copied().collect::<Vec<_>>(), s.removed_routers.iter().copied().collect::<Vec<_>>()),
+            (vec![1], vec![2])
+        );
+        s.set_router(2, "b:2".into());
+        assert!(s.removed_routers.is_empty() && s.routers[&2] == "b:2");
+        // A state stored before `removed_routers` existed still parses.
+        let old = br#"{"workers":{},"routers":{"1":"a:1"},"version":3}"#;
+        assert_eq!(ClusterState::from_bytes(old).unwrap().routers.len(), 1);
     }
 
     #[test]

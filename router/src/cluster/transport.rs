@@ -4,7 +4,9 @@
 //! Outbound: one bounded queue and one sending task per peer. The node thread only `try_send`s: a full queue (a slow
 //! or dead peer) drops the message and the node calls `report_unreachable`; raft retransmits. A failed RPC reports
 //! the peer unreachable too (and a snapshot as failed). Inbound: a batch from another cluster, or from a raft id that
-//! is neither a configured peer nor a router of the replicated state, is dropped and counted.
+//! is neither a configured peer nor a router of the replicated state, is dropped and counted; one from a router the
+//! group removed is refused with `FAILED_PRECONDITION` (counted as `removed_peer`), which tells that router, if it
+//! missed its own removal, to stop (the sending side turns the answer into [`Input::Removed`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::SyncSender;
@@ -41,6 +43,8 @@ pub struct Transport {
     static_peers: BTreeMap<u64, String>,
     /// Routers of the replicated state (they may have joined after this router started).
     routers: Mutex<BTreeMap<u64, String>>,
+    /// Routers the replicated state says were removed.
+    removed: Mutex<std::collections::BTreeSet<u64>>,
     peers: Mutex<HashMap<u64, Peer>>,
     runtime: tokio::runtime::Handle,
     inbox: SyncSender<Input>,
@@ -61,6 +65,7 @@ impl Transport {
             cluster_id,
             static_peers,
             routers: Mutex::new(BTreeMap::new()),
+            removed: Mutex::new(Default::default()),
             peers: Mutex::new(HashMap::new()),
             runtime,
             inbox,
@@ -88,8 +93,9 @@ impl Transport {
     }
 
     /// Takes the replicated state's routers (called by the node after it applies a change).
-    pub(crate) fn set_routers(&self, routers: &BTreeMap<u64, String>) {
+    pub(crate) fn set_routers(&self, routers: &BTreeMap<u64, String>, removed: &std::collections::BTreeSet<u64>) {
         *self.routers.lock().unwrap_or_else(|e| e.into_inner()) = routers.clone();
+        *self.removed.lock().unwrap_or_else(|e| e.into_inner()) = removed.clone();
     }
 
     /// Queues `m` for its peer; false when it was dropped (no address, or the queue is full).
@@ -128,6 +134,10 @@ impl Transport {
                 "this router belongs to cluster `{}`, not `{}`",
                 self.cluster_id, batch.cluster_id
             )));
+        }
+        if self.removed.lock().unwrap_or_else(|e| e.into_inner()).contains(&batch.from) {
+            self.metrics.drop_counted("removed_peer");
+            return Err(tonic::Status::failed_precondition(format!("raft id {} was removed from the group", batch.from)));
         }
         if !self.is_known(batch.from) {
             self.metrics.drop_counted("unknown_peer");
@@ -179,6 +189,10 @@ impl PeerTask {
             let req = pb::RaftBatch { cluster_id: self.cluster_id.clone(), from: self.from, messages };
             let ok = match client.send(req).await {
                 Ok(_) => true,
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    let _ = self.inbox.try_send(Input::Removed { by: self.to });
+                    false
+                }
                 Err(e) => {
                     tracing::debug!(peer = self.to, error = %e, "raft send failed");
                     let _ = self.inbox.try_send(Input::Unreachable(self.to));
@@ -200,5 +214,28 @@ impl pb::raft_server::Raft for RaftService {
     async fn send(&self, req: tonic::Request<pb::RaftBatch>) -> Result<tonic::Response<pb::SendAck>, tonic::Status> {
         self.0.receive(req.into_inner())?;
         Ok(tonic::Response::new(pb::SendAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn a_removed_routers_messages_are_refused_as_removed() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (inbox, _rx) = std::sync::mpsc::sync_channel(8);
+        let peers = BTreeMap::from([(2, "127.0.0.1:2".to_string()), (3, "127.0.0.1:3".to_string())]);
+        let t = Transport::new(1, "c".into(), peers, rt.handle().clone(), inbox, ClusterMetrics::new().unwrap());
+        let batch = |from| pb::RaftBatch { cluster_id: "c".into(), from, messages: vec![] };
+        assert!(t.receive(batch(2)).is_ok(), "a configured peer, not removed");
+        // Router 2 left the group: still a configured peer, but its messages get the answer that stops it.
+        t.set_routers(&BTreeMap::from([(1, "127.0.0.1:1".into()), (3, "127.0.0.1:3".into())]), &BTreeSet::from([2]));
+        let e = t.receive(batch(2)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(t.receive(batch(3)).is_ok());
+        assert_eq!(t.receive(batch(9)).unwrap_err().code(), tonic::Code::PermissionDenied);
     }
 }
