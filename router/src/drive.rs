@@ -105,6 +105,20 @@ fn jitter(base: Duration, attempt: usize) -> Duration {
     base.mul_f64((1u64 << attempt.min(10)) as f64 * rand::random_range(0.5..1.5))
 }
 
+/// Picks a worker; with none eligible but one that has just joined and is still being checked (a worker the raft
+/// control plane has just made active, say), waits for it a little (polling, at most [`crate::workers::JOIN_GRACE`] after it
+/// joined) instead of answering 503 at once.
+async fn pick_or_wait(st: &AppState, req: &pb::GenerateRequest, tried: &[WorkerId]) -> Result<Lease, ApiError> {
+    loop {
+        match st.workers.pick(&req.prompt_ids, &req.cache_salt, tried) {
+            Err(ref e) if e.kind == ErrorKind::Unavailable && st.workers.joining(tried) => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends `req` to the best eligible worker not in `tried` and waits for its first message; on a worker failure
 /// tries the next-best one (at most [`MAX_RETRIES`] more). Failed workers are added to `tried`.
 async fn open(
@@ -117,7 +131,7 @@ async fn open(
         if attempt > 0 {
             tokio::time::sleep(jitter(RETRY_BACKOFF, attempt - 1)).await;
         }
-        let mut lease = match st.workers.pick(&req.prompt_ids, &req.cache_salt, tried) {
+        let mut lease = match pick_or_wait(st, req, tried).await {
             Ok(l) => l,
             Err(e) => return Err(last.unwrap_or(e)),
         };

@@ -100,6 +100,9 @@ impl FromStr for KvEventsMode {
     }
 }
 
+/// How long after joining a worker whose first `Info` check is not done yet holds requests back from a 503.
+pub const JOIN_GRACE: Duration = Duration::from_secs(3);
+
 /// How long a routed prompt's blocks count as held by a worker with KV events before its events confirm them.
 pub const PENDING_TTL: Duration = Duration::from_secs(30);
 
@@ -476,6 +479,18 @@ impl WorkerPool {
             }
             return Ok(lease);
         }
+    }
+
+    /// Whether a member not in `exclude` joined less than [`JOIN_GRACE`] ago and is still being checked (its first
+    /// `Info`): a request with no eligible worker waits for it rather than failing at once.
+    pub fn joining(&self, exclude: &[WorkerId]) -> bool {
+        self.members().iter().any(|s| {
+            !exclude.contains(&s.id)
+                && s.verified() == Verified::Unknown
+                && !s.is_draining()
+                && !s.is_removed()
+                && s.added.elapsed() < JOIN_GRACE
+        })
     }
 
     /// Refreshes the gauges read at scrape time (breaker per worker, index size, members by state).

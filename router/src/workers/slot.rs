@@ -71,6 +71,8 @@ pub struct WorkerSlot {
     breaker: Mutex<Breaker>,
     /// Its `KvEvents` pump, stopped when the worker is removed.
     pump: Mutex<Option<AbortHandle>>,
+    /// When it became a member (a worker still being checked soon after is worth a short wait, not a 503).
+    pub added: Instant,
     /// Its blocks in the KV index are the router's guesses ([`ApproxBlocks`]), not its events.
     approximate: AtomicBool,
     /// Guesses with their expiry: all its entries when `approximate`, else the routed prompts' blocks its events
@@ -92,6 +94,7 @@ impl WorkerSlot {
             predicted: Mutex::new(Predicted::default()),
             breaker: Mutex::new(Breaker::new(breaker)),
             pump: Mutex::new(None),
+            added: Instant::now(),
             approximate: AtomicBool::new(false),
             approx: Mutex::new(ApproxBlocks::default()),
         }

@@ -242,3 +242,20 @@ async fn a_routed_prompt_counts_as_held_until_events_confirm_it_or_its_guess_exp
     assert_eq!(pool.inner.index.blocks_of(w), 3);
     assert!(pool.inner.index.holds(w, hashes[0]) && !pool.inner.index.holds(w, hashes[3]));
 }
+
+#[tokio::test]
+async fn a_worker_still_being_checked_soon_after_joining_counts_as_joining() {
+    let pool = WorkerPool::new(&addrs(&[1, 2])).unwrap();
+    let s: Vec<Arc<WorkerSlot>> = pool.members().iter().cloned().collect();
+    assert!(pool.joining(&[]), "both just joined and are unchecked");
+    assert!(pool.joining(&[s[0].id]), "the other one is");
+    assert!(!pool.joining(&[s[0].id, s[1].id]), "excluded ones do not count");
+    s[0].set_verified(Verified::Ok);
+    s[1].set_verified(Verified::Refused);
+    assert!(!pool.joining(&[]), "checked (either way): nothing to wait for");
+    // An unchecked member past the grace (an address that never answers) is not waited for.
+    pool.add("http://127.0.0.1:3").unwrap();
+    assert!(pool.joining(&[]));
+    tokio::time::sleep(JOIN_GRACE + Duration::from_millis(50)).await;
+    assert!(!pool.joining(&[]));
+}
