@@ -106,8 +106,8 @@ fn jitter(base: Duration, attempt: usize) -> Duration {
 }
 
 /// Picks a worker; with none eligible but one that has just joined and is still being checked (a worker the raft
-/// control plane has just made active, say), waits for it a little (polling, at most [`crate::workers::JOIN_GRACE`] after it
-/// joined) instead of answering 503 at once.
+/// control plane has just made active, say), waits for it a little (polling, at most
+/// [`crate::workers::JOIN_GRACE`] after it joined) instead of answering 503 at once.
 async fn pick_or_wait(st: &AppState, req: &pb::GenerateRequest, tried: &[WorkerId]) -> Result<Lease, ApiError> {
     loop {
         match st.workers.pick(&req.prompt_ids, &req.cache_salt, tried) {
