@@ -4,8 +4,9 @@
 //! killed after that goes dead within its lease; a whole-cluster restart recovers members and workers from the data
 //! directories; a worker stopped with SIGTERM deregisters and exits 0; a bad data directory is refused untouched.
 //! Completions sent to the survivors all through a leader kill succeed; a dead worker leaves the replicated state
-//! after `--dead-worker-grace`; a fourth router joins (learner, then voter) and the leader is removed with `ferrite
-//! cluster remove-router`, after which it exits and the other three route on.
+//! after `--dead-worker-grace` (no traffic reaches it; restarted at its address it registers again and serves); a
+//! fourth router joins (learner, then voter) and the leader is removed with `ferrite cluster remove-router`, after
+//! which it exits and the other three route on.
 //!
 //! The binary is `$FERRITE_BIN`, else `<target>/release/ferrite` (build it first: `cargo build --release --bin
 //! ferrite`; scripts/test.sh does).
@@ -128,7 +129,11 @@ impl Cluster {
 
     /// A CPU worker (one thread) registering with the given routers' raft addresses.
     fn start_worker(&self, register_with: &[u64]) -> (Proc, String) {
-        let port = free_port();
+        self.start_worker_on(free_port(), register_with)
+    }
+
+    /// A worker listening on `port` (a restart at a known address).
+    fn start_worker_on(&self, port: u16, register_with: &[u64]) -> (Proc, String) {
         let addr = format!("http://127.0.0.1:{port}");
         let routers: Vec<String> = register_with.iter().map(|id| self.routers[*id as usize - 1].raft.clone()).collect();
         let mut a: Vec<String> =
@@ -319,6 +324,19 @@ fn three_routers_agree_and_a_leader_kill_loses_no_worker() {
     wait_for(Duration::from_secs(15), "the dead worker removed on the survivors", || {
         survivors.iter().all(|&i| c.view(i).is_some_and(|v| workers(&v).is_empty())).then_some(())
     });
+    // It gets no more traffic: with no worker left, a survivor answers 503.
+    assert_eq!(complete(c.routers[survivors[0] as usize - 1].http, "Anyone there?"), Some(503));
+    // Restarted at the same address, it registers again (a new epoch) and serves through every survivor.
+    let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port");
+    let (_again, again) = c.start_worker_on(port, &survivors);
+    assert_eq!(again, addr);
+    let rejoined = wait_workers(&c, &survivors, &addr, "active", Duration::from_secs(60));
+    assert!(rejoined > epoch, "a new registration: epoch {rejoined} after {epoch}");
+    for &i in &survivors {
+        wait_for(Duration::from_secs(30), "a completion through a survivor after the worker rejoined", || {
+            (complete(c.routers[i as usize - 1].http, "Back again") == Some(200)).then_some(())
+        });
+    }
 }
 
 #[test]
