@@ -65,16 +65,19 @@ impl KvIndex {
         &self.shards[(h as usize) % SHARDS]
     }
 
-    /// `worker` now holds `hashes`.
-    pub fn store(&self, worker: WorkerId, hashes: &[u64]) {
+    /// `worker` now holds `hashes`; returns the ones it did not hold before.
+    pub fn store(&self, worker: WorkerId, hashes: &[u64]) -> Vec<u64> {
+        let mut new = Vec::new();
         self.with_held(worker, |held| {
             for &h in hashes {
                 if held.insert(h) {
                     let mut shard = self.shard(h).write().unwrap_or_else(PoisonError::into_inner);
                     shard.entry(h).or_default().push(worker);
+                    new.push(h);
                 }
             }
         });
+        new
     }
 
     /// `worker` evicted `hashes` (ones it never reported are ignored).
@@ -108,6 +111,7 @@ impl KvIndex {
     }
 
     /// Whether `worker` holds `h`.
+    #[cfg(test)]
     pub fn holds(&self, worker: WorkerId, h: u64) -> bool {
         let held = self.held.read().unwrap_or_else(PoisonError::into_inner);
         held.get(&worker).is_some_and(|s| s.lock().unwrap_or_else(PoisonError::into_inner).contains(&h))

@@ -129,7 +129,7 @@ fn constrained_and_free_sequences_share_a_batch() {
 }
 
 /// On the CPU backend, constrained rows drawn by `forward_sample` (the grammar mask in `RowSampling`, applied by
-/// `cpu::sample::apply_mask`) get exactly the tokens the host path (`forward`, `Constraint::mask`, the host sampler)
+/// `cpu::sample::apply_mask`) get exactly the tokens the host path (`forward`, `Constraint::next_mask`, the host sampler)
 /// draws, and free neighbours are unchanged.
 #[test]
 fn constrained_rows_draw_the_same_tokens_on_the_backend_as_on_the_host() {

@@ -464,11 +464,11 @@ impl WorkerPool {
                     slot.approx_touch(&hashes, now, inner.cfg.approx_ttl);
                     inner.index.store(slot.id, &hashes);
                 } else {
-                    // Until its events confirm them, the blocks this prompt will store count as held (`approx`).
+                    // Until its events confirm them, the blocks this prompt will store count as held (`approx`);
+                    // only blocks the worker did not hold already are guesses.
                     let held = overlap.get(&slot.id).copied().unwrap_or(0);
-                    let pending: Vec<u64> = hashes[held..].iter().copied().filter(|&h| !inner.index.holds(slot.id, h)).collect();
+                    let pending = inner.index.store(slot.id, &hashes[held..]);
                     slot.approx_touch(&pending, now, PENDING_TTL);
-                    inner.index.store(slot.id, &pending);
                 }
             }
             inner.metrics.routed(inner.cfg.routing.as_str(), &slot.addr);

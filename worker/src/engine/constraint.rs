@@ -121,13 +121,15 @@ impl GrammarCompiler {
 pub struct TokenMask(toktrie::SimpleVob);
 
 impl TokenMask {
-    /// Sets every logit the mask does not allow to -inf.
+    /// Sets every logit the mask does not allow to -inf (the device sampler's host twin, on the same words).
     pub fn apply(&self, logits: &mut [f32]) {
-        for (id, l) in logits.iter_mut().enumerate() {
-            if !self.0.is_allowed(id as TokenId) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        ferrite_kernels::cpu::sample::apply_mask(logits, self.0.as_slice());
+    }
+
+    /// The mask as words (bit `i % 32` of word `i / 32` set = id `i` allowed: llguidance's own layout, which
+    /// `ferrite_kernels::cpu::sample::apply_mask` and the device sampler take).
+    pub fn into_words(self) -> Vec<u32> {
+        self.0.as_slice().to_vec()
     }
 }
 
@@ -140,23 +142,6 @@ impl Constraint {
             return Err("the grammar allows no token".into());
         }
         Ok(TokenMask(allowed))
-    }
-
-    /// Sets every logit the grammar does not allow next to -inf (see [`Constraint::next_mask`]).
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        self.next_mask()?.apply(logits);
-        Ok(())
-    }
-
-    /// The grammar's mask of the tokens allowed next, as words (bit `i % 32` of word `i / 32` set = id `i` allowed:
-    /// llguidance's own layout, which `ferrite_kernels::cpu::sample::apply_mask` and the device sampler take).
-    /// `Err` as [`Constraint::mask`].
-    pub fn mask_words(&mut self) -> Result<Vec<u32>, String> {
-        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
-        if allowed.is_zero() {
-            return Err("the grammar allows no token".into());
-        }
-        Ok(allowed.as_slice().to_vec())
     }
 
     /// Advances the grammar by the drawn token.

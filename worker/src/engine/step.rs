@@ -440,7 +440,7 @@ impl EngineCore {
         if constrained {
             for p in plan.iter().filter(|p| p.sample) {
                 let s = self.sched.get_mut(p.id).expect("planned sequence exists");
-                masks.push(match s.meta.constraint.as_mut().map(Constraint::mask_words) {
+                masks.push(match s.meta.constraint.as_mut().map(|c| c.next_mask().map(TokenMask::into_words)) {
                     None => None,
                     Some(Ok(words)) => Some(words),
                     Some(Err(_)) => return Call::Logits,
