@@ -50,6 +50,10 @@ pub struct Args {
     /// system prompt, the workload of prefix-cache-aware routing.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     prefix_groups: u64,
+    /// Varies every prompt, shared prefixes included (0: the fixed prompts). Runs that must not find each other's
+    /// prompts in a server's cache (rounds of an interleaved benchmark) pass different seeds.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Unmeasured requests sent first, at the same concurrency.
     #[arg(long, default_value_t = 0)]
     warmup: usize,
@@ -83,12 +87,15 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// `words` words; the first `shared` are the same for every `id`, the rest depend on `id`.
-fn make_prompt(id: u64, words: usize, shared: usize, groups: u64) -> String {
+/// `words` words; the first `shared` are the same for every `id` of a group, the rest depend on `id`; all depend on
+/// `seed` (seed 0 gives the prompts of earlier versions).
+fn make_prompt(id: u64, words: usize, shared: usize, groups: u64, seed: u64) -> String {
     let salt = mix(id ^ 0x5eed_0000_0000_0000);
     let group = id % groups;
+    let prefix_salt = if seed == 0 { 0 } else { mix(seed) };
+    let salt = salt ^ prefix_salt;
     let pick = |j: usize| {
-        let h = if j < shared { mix(j as u64 ^ (group << 32)) } else { mix(salt ^ mix(j as u64)) };
+        let h = if j < shared { mix(j as u64 ^ (group << 32) ^ prefix_salt) } else { mix(salt ^ mix(j as u64)) };
         WORDS[(h % WORDS.len() as u64) as usize]
     };
     (0..words).map(pick).collect::<Vec<_>>().join(" ")
@@ -149,7 +156,7 @@ fn get_u(v: &Value, k: &str) -> Option<usize> {
 impl Ctx {
     fn body(&self, id: u64) -> Vec<u8> {
         let a = &self.a;
-        let prompt = make_prompt(id, a.prompt_tokens, a.shared_prefix, a.prefix_groups);
+        let prompt = make_prompt(id, a.prompt_tokens, a.shared_prefix, a.prefix_groups, a.seed);
         let mut b = json!({
             "model": self.model, "max_tokens": a.output_tokens, "temperature": 0.0, "ignore_eos": true,
             "stream": true, "stream_options": {"include_usage": true},
@@ -418,21 +425,32 @@ mod tests {
 
     #[test]
     fn prompts_share_prefix_and_differ_after() {
-        let (a, b) = (make_prompt(0, 64, 16, 1), make_prompt(1, 64, 16, 1));
+        let (a, b) = (make_prompt(0, 64, 16, 1, 0), make_prompt(1, 64, 16, 1, 0));
         let (wa, wb): (Vec<_>, Vec<_>) = (a.split(' ').collect(), b.split(' ').collect());
         assert_eq!(wa.len(), 64);
         assert_eq!(wa[..16], wb[..16]);
         assert_ne!(wa[16..], wb[16..]);
-        assert_eq!(a, make_prompt(0, 64, 16, 1));
-        assert_eq!(make_prompt(3, 0, 0, 1), "");
+        assert_eq!(a, make_prompt(0, 64, 16, 1, 0));
+        assert_eq!(make_prompt(3, 0, 0, 1, 0), "");
     }
 
     #[test]
     fn prefix_groups_share_within_and_differ_across() {
-        let words = |id: u64| make_prompt(id, 32, 16, 3).split(' ').map(str::to_string).collect::<Vec<_>>();
+        let words = |id: u64| make_prompt(id, 32, 16, 3, 0).split(' ').map(str::to_string).collect::<Vec<_>>();
         let (g0, g1, g0_again) = (words(0), words(1), words(3));
         assert_eq!(g0[..16], g0_again[..16], "requests 0 and 3 are both group 0");
         assert_ne!(g0[..16], g1[..16], "groups 0 and 1 have different prefixes");
         assert_ne!(g0[16..], g0_again[16..]);
+    }
+
+    #[test]
+    fn a_seed_changes_every_word_group_prefixes_included() {
+        let words = |id: u64, seed: u64| make_prompt(id, 32, 16, 2, seed).split(' ').map(str::to_string).collect::<Vec<_>>();
+        let (a, b) = (words(0, 7), words(2, 7));
+        assert_eq!(a[..16], b[..16], "same group, same seed: the prefix is shared");
+        let other = words(0, 8);
+        assert_ne!(a[..16], other[..16], "another seed: another prefix");
+        assert_ne!(a[16..], other[16..]);
+        assert_eq!(words(0, 7), a);
     }
 }

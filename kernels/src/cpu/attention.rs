@@ -33,8 +33,7 @@ pub const KEY_TILE: usize = 32;
 /// more than it saves. The result is identical either way.
 const PARALLEL_MIN_WORK: usize = 16 * 1024;
 
-/// One layer's paged K and V storage: token slot `s` (block `b`, offset `o`: `s = b · block_size + o`) holds the
-/// KV heads' rows at `s · slot_stride + kv_head · head_dim`.
+/// One layer's paged K and V storage, laid out as [`KvLayout`] says: V by token slot, K transposed within each block.
 #[derive(Clone, Copy, Debug)]
 pub struct PagedKv<'a> {
     pub k: &'a [f32],
@@ -42,6 +41,51 @@ pub struct PagedKv<'a> {
     pub block_size: usize,
     /// Floats per token slot (`n_kv_heads · head_dim`).
     pub slot_stride: usize,
+}
+
+/// Where a token slot's key and value live in a layer's paged storage. Token slot `s` is offset `o` of block `b`
+/// (`s = b · block_size + o`); element `i = kv_head · head_dim + d` of its
+/// - **value** is at `s · slot_stride + i` (a slot's value rows are contiguous: the softmax-weighted sum reads them);
+/// - **key** is at `b · block_size · slot_stride + i · block_size + o`: each block stores its keys transposed, so
+///   dimension `d` of one head's keys is `block_size` contiguous floats. The score micro-kernels work on a transposed
+///   key tile (`kt[d · KEY_TILE + j]`); in this layout a tile is a copy of whole page rows, not a scatter of every
+///   element (which cost as much as the scores themselves for a decode step's few query rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub block_size: usize,
+    /// Floats per token slot (`n_kv_heads · head_dim`).
+    pub slot_stride: usize,
+}
+
+impl KvLayout {
+    /// Index of element `i` of token slot `slot`'s key.
+    #[inline]
+    pub fn key_index(&self, slot: usize, i: usize) -> usize {
+        let (b, o) = (slot / self.block_size, slot % self.block_size);
+        b * self.block_size * self.slot_stride + i * self.block_size + o
+    }
+
+    /// Writes token slot `slot`'s key (`slot_stride` floats: every KV head) and value.
+    pub fn store(&self, k: &mut [f32], v: &mut [f32], slot: usize, key: &[f32], value: &[f32]) {
+        assert!(key.len() == self.slot_stride && value.len() == self.slot_stride, "KvLayout::store: rows of {} floats", self.slot_stride);
+        for (i, &x) in key.iter().enumerate() {
+            k[self.key_index(slot, i)] = x;
+        }
+        v[slot * self.slot_stride..(slot + 1) * self.slot_stride].copy_from_slice(value);
+    }
+
+    /// Token slot `slot`'s key, every KV head (`slot_stride` floats).
+    pub fn load_key(&self, k: &[f32], slot: usize, out: &mut [f32]) {
+        for (i, o) in out[..self.slot_stride].iter_mut().enumerate() {
+            *o = k[self.key_index(slot, i)];
+        }
+    }
+}
+
+impl PagedKv<'_> {
+    pub fn layout(&self) -> KvLayout {
+        KvLayout { block_size: self.block_size, slot_stride: self.slot_stride }
+    }
 }
 
 /// One sequence's query rows in a step: rows `first_row..first_row + len` of `q` / `out`, at positions
@@ -144,12 +188,31 @@ struct JobKv<'a> {
     hd: usize,
 }
 
-impl JobKv<'_> {
+impl<'a> JobKv<'a> {
+    /// Fills the transposed key tile `kt` (`kt[d · KEY_TILE + j]`, zero past key `kn`) and the value rows of keys
+    /// `k0..k0 + kn`, a page run at a time: each of the run's dimensions is one contiguous copy.
     #[inline(always)]
-    fn offset(&self, pos: usize) -> usize {
-        let bs = self.kv.block_size;
-        let slot = self.table[pos / bs] as usize * bs + pos % bs;
-        slot * self.kv.slot_stride + self.head_offset
+    fn gather_tile(&self, k0: usize, kn: usize, kt: &mut [f32], values: &mut [&'a [f32]; KEY_TILE]) {
+        let (bs, hd, stride) = (self.kv.block_size, self.hd, self.kv.slot_stride);
+        let (k, v): (&'a [f32], &'a [f32]) = (self.kv.k, self.kv.v);
+        let mut j = 0;
+        while j < kn {
+            let pos = k0 + j;
+            let (page, o) = (self.table[pos / bs] as usize, pos % bs);
+            let run = (bs - o).min(kn - j);
+            let keys = page * bs * stride + self.head_offset * bs + o;
+            for (d, row) in kt.chunks_exact_mut(KEY_TILE).enumerate().take(hd) {
+                row[j..j + run].copy_from_slice(&k[keys + d * bs..keys + d * bs + run]);
+            }
+            for (t, value) in values[j..j + run].iter_mut().enumerate() {
+                let off = (page * bs + o + t) * stride + self.head_offset;
+                *value = &v[off..off + hd];
+            }
+            j += run;
+        }
+        if kn < KEY_TILE {
+            kt.chunks_exact_mut(KEY_TILE).for_each(|row| row[kn..].fill(0.0));
+        }
     }
 }
 
@@ -163,8 +226,8 @@ struct TileJob<'a> {
 
 /// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls (`scores`,
 /// `softmax_tile`, `rescale_accumulate`, `scale_row`, defined there with that module's target features) inline into
-/// it. Each key tile is transposed once per job (`kt[d · KEY_TILE + j]`, zero past the last key) so a row's scores
-/// are plain vertical FMAs, shared by all of the job's rows.
+/// it. Each key tile is gathered transposed once per job (`kt[d · KEY_TILE + j]`, zero past the last key: copies of
+/// the pages' key rows, see [`KvLayout`]) so a row's scores are plain vertical FMAs, shared by all of the job's rows.
 macro_rules! tile_loop {
     ($job:expr, $acc:expr) => {{
         let job: &TileJob<'_> = $job;
@@ -179,18 +242,7 @@ macro_rules! tile_loop {
         let mut p = [0f32; KEY_TILE];
         for k0 in (0..=last).step_by(KEY_TILE) {
             let kn = KEY_TILE.min(last + 1 - k0);
-            for j in 0..KEY_TILE {
-                if j < kn {
-                    // K and V of a position share their offset: resolve the page once.
-                    let off = job.kv.offset(k0 + j);
-                    for (row, &x) in kt.chunks_exact_mut(KEY_TILE).zip(&job.kv.kv.k[off..off + hd]) {
-                        row[j] = x;
-                    }
-                    values[j] = &job.kv.kv.v[off..off + hd];
-                } else {
-                    kt.chunks_exact_mut(KEY_TILE).for_each(|row| row[j] = 0.0);
-                }
-            }
+            job.kv.gather_tile(k0, kn, &mut kt, &mut values);
             for r in 0..rows {
                 if job.pos[r] < k0 {
                     continue;

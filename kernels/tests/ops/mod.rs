@@ -4,7 +4,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use ferrite_kernels::cpu::attention::{AttnShape, PagedKv, SeqRows, paged_attention};
+use ferrite_kernels::cpu::attention::{AttnShape, KvLayout, PagedKv, SeqRows, paged_attention};
 use ferrite_kernels::cpu::isa::CpuIsa;
 use ferrite_kernels::cpu::ops::{RopePairing, argmax, rms_norm, rope, silu_mul};
 use ferrite_kernels::cpu::sample::{Adjust, SampleParams, SampleScratch, apply_adjustments, apply_mask, sample_row};
@@ -254,7 +254,13 @@ impl Ops for CpuOps {
                 _ => seqs.push(SeqRows { block_table: &case.tables[s], start_pos: pos, first_row: r, len: 1 }),
             }
         }
-        let kvp = PagedKv { k: &kc, v: &vc, block_size: case.block_size, slot_stride: kv };
+        // The written cache is by token slot; the CPU kernel keeps keys transposed within each block.
+        let layout = KvLayout { block_size: case.block_size, slot_stride: kv };
+        let (mut kt, mut vt) = (vec![0f32; kc.len()], vec![0f32; vc.len()]);
+        for (slot, (key, value)) in kc.chunks_exact(kv).zip(vc.chunks_exact(kv)).enumerate() {
+            layout.store(&mut kt, &mut vt, slot, key, value);
+        }
+        let kvp = PagedKv { k: &kt, v: &vt, block_size: case.block_size, slot_stride: kv };
         let shape =
             AttnShape { n_heads: case.nh, n_kv_heads: case.nkv, head_dim: hd, q_stride: case.stride(), scale: 1.0 / (hd as f32).sqrt() };
         let mut out = vec![0f32; case.rows.len() * case.nh * hd];

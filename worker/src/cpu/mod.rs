@@ -15,7 +15,7 @@ use std::sync::Arc;
 use ferrite_common::config::{LlamaConfig, RopeStyle};
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cpu::attention::{AttnShape, PagedKv, SeqRows, paged_attention};
+use ferrite_kernels::cpu::attention::{AttnShape, KvLayout, PagedKv, SeqRows, paged_attention};
 use ferrite_kernels::cpu::ops::{RopePairing, rms_norm, rope, silu_mul};
 use rayon::prelude::*;
 
@@ -49,7 +49,8 @@ impl Default for CpuOptions {
     }
 }
 
-/// Paged KV storage: per layer `[num_blocks, block_size, n_kv_heads, head_dim]` f32 for K and for V.
+/// Paged KV storage: per layer `num_blocks · block_size` token slots of `n_kv_heads · head_dim` f32 for K and for V,
+/// laid out as the attention kernel reads them ([`KvLayout`]: V by slot, K transposed within each block).
 struct KvStore {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -69,10 +70,8 @@ impl KvStore {
         Self { k: vec![0.0; total], v: vec![0.0; total], layer_stride, slot_stride, block_size, num_blocks }
     }
 
-    /// Float offset of token position `pos` of a sequence with `table`, in `layer`.
-    fn offset(&self, layer: usize, table: &[u32], pos: usize) -> usize {
-        let slot = table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
-        layer * self.layer_stride + slot * self.slot_stride
+    fn layout(&self) -> KvLayout {
+        KvLayout { block_size: self.block_size, slot_stride: self.slot_stride }
     }
 }
 
@@ -209,12 +208,13 @@ impl CpuBackend {
             sc.qkv.par_chunks_mut(qkv_width).zip(&rows).for_each(|(row, &(_, pos))| {
                 rope(&mut row[..q_width + kv_width], hd, pos, &self.inv_freq, self.pairing);
             });
-            for (row, &(s, pos)) in sc.qkv.chunks_exact(qkv_width).zip(&rows) {
-                let off = self.kv.offset(l, batch.seqs[s].block_table, pos);
-                self.kv.k[off..off + kv_width].copy_from_slice(&row[q_width..q_width + kv_width]);
-                self.kv.v[off..off + kv_width].copy_from_slice(&row[q_width + kv_width..]);
-            }
             let layer = l * self.kv.layer_stride..(l + 1) * self.kv.layer_stride;
+            let layout = self.kv.layout();
+            let (k_layer, v_layer) = (&mut self.kv.k[layer.clone()], &mut self.kv.v[layer.clone()]);
+            for (row, &(s, pos)) in sc.qkv.chunks_exact(qkv_width).zip(&rows) {
+                let slot = batch.seqs[s].block_table[pos / layout.block_size] as usize * layout.block_size + pos % layout.block_size;
+                layout.store(k_layer, v_layer, slot, &row[q_width..q_width + kv_width], &row[q_width + kv_width..]);
+            }
             let kv = PagedKv {
                 k: &self.kv.k[layer.clone()],
                 v: &self.kv.v[layer],

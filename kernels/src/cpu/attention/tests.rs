@@ -15,7 +15,10 @@ struct Case {
     nkv: usize,
     hd: usize,
     block_size: usize,
+    /// K in the cache's layout (transposed within each block, [`KvLayout`]).
     k: Vec<f32>,
+    /// The same keys by token slot (`slot · nkv · hd + kv_head · hd + d`), for the naive twin.
+    k_rows: Vec<f32>,
     v: Vec<f32>,
     /// Per sequence: its block table and its context length (positions `0..ctx` are written).
     tables: Vec<(Vec<u32>, usize)>,
@@ -30,7 +33,13 @@ impl Case {
         let tables = ctx.iter().map(|&c| ((0..c.div_ceil(block_size)).map(|_| next.next().unwrap()).collect(), c)).collect();
         let n = blocks * block_size * nkv * hd;
         let mut gen_vec = |n| (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<f32>>();
-        Case { nh, nkv, hd, block_size, k: gen_vec(n), v: gen_vec(n), tables }
+        let k = gen_vec(n);
+        let layout = KvLayout { block_size, slot_stride: nkv * hd };
+        let mut k_rows = vec![0f32; n];
+        for (slot, row) in k_rows.chunks_exact_mut(nkv * hd).enumerate() {
+            layout.load_key(&k, slot, row);
+        }
+        Case { nh, nkv, hd, block_size, k, k_rows, v: gen_vec(n), tables }
     }
 
     fn kv(&self) -> PagedKv<'_> {
@@ -81,7 +90,7 @@ impl Case {
                 let r = seq.first_row + i;
                 for h in 0..self.nh {
                     let off = (h / group) * hd;
-                    let key = |t: usize| &self.k[slot(seq.block_table, t) + off..][..hd];
+                    let key = |t: usize| &self.k_rows[slot(seq.block_table, t) + off..][..hd];
                     let value = |t: usize| &self.v[slot(seq.block_table, t) + off..][..hd];
                     let qh = &q[(r * self.nh + h) * hd..][..hd];
                     let o = &mut out[(r * self.nh + h) * hd..][..hd];
@@ -173,6 +182,25 @@ fn rows_outside_every_sequence_are_untouched() {
     assert!(out[32..160].iter().all(|v| v.is_finite() && *v != -7.0));
 }
 
+/// Keys are transposed within their block, values are not, and a stored slot reads back.
+#[test]
+fn kv_layout_transposes_keys_within_a_block() {
+    let layout = KvLayout { block_size: 4, slot_stride: 6 };
+    let (mut k, mut v) = (vec![0f32; 3 * 4 * 6], vec![0f32; 3 * 4 * 6]);
+    let key: Vec<f32> = (0..6).map(|i| i as f32 + 1.0).collect();
+    let value: Vec<f32> = (0..6).map(|i| -(i as f32) - 1.0).collect();
+    // Slot 9 = block 2, offset 1.
+    layout.store(&mut k, &mut v, 9, &key, &value);
+    for i in 0..6 {
+        assert_eq!(k[2 * 4 * 6 + i * 4 + 1], key[i], "element {i} of the key: row i of block 2, column 1");
+    }
+    assert_eq!(&v[9 * 6..10 * 6], &value[..]);
+    let mut back = vec![0f32; 6];
+    layout.load_key(&k, 9, &mut back);
+    assert_eq!(back, key);
+    assert_eq!(k.iter().filter(|&&x| x != 0.0).count(), 6, "nothing else written");
+}
+
 /// Indicative only (run alone on a quiet host): the tiled kernel against the naive per-(row, head) loop it replaced
 /// (`attend_one` fanned out over rayon like the old forward pass), in the default model's attention shape (9 query
 /// heads, 3 KV heads, head_dim 64), one layer, interleaved A/B/A/B: one prefill of 1k / 2k / 4k tokens, and a decode
@@ -200,7 +228,7 @@ fn bench_tiled_vs_naive() {
                 let ((table, pos), h) = (rows[i / nh], i % nh);
                 let slot = |t: usize| (table[t / 16] as usize * 16 + t % 16) * nkv * hd;
                 let off = (h / (nh / nkv)) * hd;
-                let key = |t: usize| &case.k[slot(t) + off..][..hd];
+                let key = |t: usize| &case.k_rows[slot(t) + off..][..hd];
                 let value = |t: usize| &case.v[slot(t) + off..][..hd];
                 attend_one(isa, &q[i * hd..][..hd], pos + 1, case.shape().scale, key, value, scores, o);
             });
