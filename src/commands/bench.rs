@@ -121,6 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         model_fingerprint: files.fingerprint()?,
         eos_token_ids: Vec::new(),
+        decode_step_target: None,
     };
     let info = backend.info();
     let new_core = || EngineCore::new(cfg.clone(), &info);
@@ -194,6 +195,7 @@ fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::
             scheduler: SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs: 64, max_waiting: 1024, max_model_len: 2048 },
             model_fingerprint: files.fingerprint()?,
             eos_token_ids: Vec::new(),
+            decode_step_target: None,
         },
     )?;
     let vocab = files.config.vocab_size as u64;

@@ -62,7 +62,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut backend = CpuBackend::load(&files, &opts)?;
     tracing::info!(model = %path.display(), prompt_tokens = prompt.len(), load_ms = started.elapsed().as_millis() as u64, "loaded");
     let scheduler = SchedulerConfig { max_num_batched_tokens: prompt.len(), max_num_seqs: 1, max_waiting: 1, max_model_len: max_ctx };
-    let cfg = EngineConfig { scheduler, model_fingerprint: files.fingerprint()?, eos_token_ids: text.eos_token_ids.clone() };
+    let cfg = EngineConfig {
+        scheduler,
+        model_fingerprint: files.fingerprint()?,
+        eos_token_ids: text.eos_token_ids.clone(),
+        decode_step_target: None,
+    };
     let mut core = EngineCore::new(cfg, &backend.info());
     let mut stdout = std::io::stdout().lock();
     let mut stream = text.tokenizer.decode_stream(true);

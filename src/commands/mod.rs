@@ -67,6 +67,11 @@ pub struct EngineArgs {
     /// Tokens computed per engine step, over all sequences (the chunked-prefill budget). 0: 256 on CPU, 2048 on CUDA.
     #[arg(long, env = "FERRITE_MAX_NUM_BATCHED_TOKENS", default_value_t = 0)]
     pub max_num_batched_tokens: usize,
+    /// While streams decode, the engine step time to aim for, in ms: a prompt arriving mid-stream is prefilled in
+    /// chunks sized from measured step times, so running streams wait about this long for a token instead of the
+    /// full token budget's step. 0: off (every step may take `--max-num-batched-tokens`).
+    #[arg(long, env = "FERRITE_DECODE_STEP_TARGET_MS", default_value_t = 150)]
+    pub decode_step_target_ms: u64,
     /// Sequences running at once. 0: 32 on CPU, 256 on CUDA.
     #[arg(long, env = "FERRITE_MAX_NUM_SEQS", default_value_t = 0)]
     pub max_num_seqs: usize,
@@ -144,6 +149,7 @@ impl EngineArgs {
                 (0, _) => 256,
                 (n, _) => n,
             },
+            decode_step_target_ms: self.decode_step_target_ms,
             max_num_seqs: match (self.max_num_seqs, self.backend) {
                 (0, Backend::Cuda) => 256,
                 (0, _) => 32,

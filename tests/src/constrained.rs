@@ -69,7 +69,8 @@ pub fn assert_constrained_draws_match_host(backend: &mut dyn Backend) {
     let run = |backend: &mut dyn Backend, logprobs: bool| -> Run {
         let mut rec = Recording { inner: backend, forward: 0, sample: 0 };
         let scheduler = SchedulerConfig { max_num_batched_tokens: 512, max_num_seqs: 8, max_waiting: 8, max_model_len: 1024 };
-        let cfg = EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: text.eos_token_ids.clone() };
+        let cfg =
+            EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: text.eos_token_ids.clone(), decode_step_target: None };
         let mut core = EngineCore::new(cfg, &rec.info());
         for (i, (prompt, seed, g)) in cases.iter().enumerate() {
             let req = EngineRequest {

@@ -31,6 +31,7 @@ pub fn test_worker_config() -> ferrite_worker::config::WorkerConfig {
         model_id: None,
         kv_cache_mib: 96,
         max_num_batched_tokens: 256,
+        decode_step_target_ms: 0,
         max_num_seqs: 16,
         max_waiting: 64,
         max_model_len: 1024,
@@ -199,7 +200,7 @@ pub fn generate(backend: &mut dyn Backend, request: EngineRequest, max_num_batch
         max_waiting: 1,
         max_model_len: backend.config().max_position_embeddings,
     };
-    let cfg = EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: Vec::new() };
+    let cfg = EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: Vec::new(), decode_step_target: None };
     let mut core = EngineCore::new(cfg, &backend.info());
     core.add(request).map_err(|e| e.to_string())?;
     let (mut tokens, mut finish) = (Vec::new(), None);

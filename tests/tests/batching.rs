@@ -113,7 +113,10 @@ fn generation_errors_are_reported_and_free_blocks() {
     let model = ModelFiles::open(&default_model()).expect("open default model");
     let mut b = CpuBackend::load(&model, &CpuOptions { num_kv_blocks: 8, ..CpuOptions::default() }).expect("load");
     let scheduler = SchedulerConfig { max_num_batched_tokens: 256, max_num_seqs: 4, max_waiting: 4, max_model_len: 2048 };
-    let mut core = EngineCore::new(EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: vec![2] }, &b.info());
+    let mut core = EngineCore::new(
+        EngineConfig { scheduler, model_fingerprint: [0; 16], eos_token_ids: vec![2], decode_step_target: None },
+        &b.info(),
+    );
     let refused = |e: AdmissionError| Err(EngineError::Admission(e));
     assert_eq!(core.add(greedy_request(&[], 4, &[])), refused(AdmissionError::EmptyPrompt));
     // 7 usable blocks of 16 tokens (block 0 is reserved) cannot hold 100 + 200 tokens.

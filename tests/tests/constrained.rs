@@ -28,6 +28,7 @@ fn model() -> Model {
         scheduler: SchedulerConfig { max_num_batched_tokens: 512, max_num_seqs: 16, max_waiting: 64, max_model_len: 2048 },
         model_fingerprint: files.fingerprint().unwrap(),
         eos_token_ids: text.eos_token_ids.clone(),
+        decode_step_target: None,
     };
     let engine = Engine::spawn(Box::new(backend), cfg).unwrap();
     Model { text, compiler, engine }

@@ -19,6 +19,7 @@ fn engine(budget: usize, kv_blocks: usize) -> EngineHandle {
         scheduler: SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs: 16, max_waiting: 64, max_model_len: 2048 },
         model_fingerprint: files.fingerprint().unwrap(),
         eos_token_ids: vec![2],
+        decode_step_target: None,
     };
     Engine::spawn(Box::new(backend), cfg).unwrap()
 }
@@ -104,6 +105,7 @@ fn a_fatal_backend_error_fails_every_request_and_stops_the_engine() {
         scheduler: SchedulerConfig { max_num_batched_tokens: 64, max_num_seqs: 2, max_waiting: 64, max_model_len: 2048 },
         model_fingerprint: files.fingerprint().unwrap(),
         eos_token_ids: vec![2],
+        decode_step_target: None,
     };
     let e = Engine::spawn(Box::new(backend), cfg).unwrap();
     // Two run at a time: when the fourth step fails, two requests are running and two are waiting.

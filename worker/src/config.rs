@@ -17,6 +17,9 @@ pub struct WorkerConfig {
     /// CPU KV cache size.
     pub kv_cache_mib: usize,
     pub max_num_batched_tokens: usize,
+    /// While streams decode, the step time to aim for (ms): a prompt is prefilled in chunks that keep steps about
+    /// this long, instead of the full `max_num_batched_tokens` at once. 0: off.
+    pub decode_step_target_ms: u64,
     pub max_num_seqs: usize,
     pub max_waiting: usize,
     /// Caps the model's context (0 = the model's own).

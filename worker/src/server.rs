@@ -1,6 +1,7 @@
 //! Starting a worker: load the model, size the KV cache, start the engine thread and serve gRPC.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrite_common::model::ModelFiles;
 use tokio::net::TcpListener;
@@ -132,6 +133,7 @@ impl Worker {
                 },
                 model_fingerprint: fingerprint,
                 eos_token_ids: text.eos_token_ids,
+                decode_step_target: (cfg.decode_step_target_ms > 0).then(|| Duration::from_millis(cfg.decode_step_target_ms)),
             },
         )?;
         // The token table for constrained decoding, built once per model.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 
+use super::pacer::StepPacer;
 use super::step::{Emitted, EngineCore};
 pub use super::step::{EngineConfig, EngineError, EngineOutput, EngineRequest, FinishReason};
 use crate::backend::{Backend, BackendError};
@@ -202,6 +203,8 @@ pub struct Engine {
     kv_events: Arc<KvEventLog>,
     started: Instant,
     fatal: watch::Sender<Option<String>>,
+    /// Sizes steps while streams decode (`EngineConfig::decode_step_target`).
+    pacer: Option<StepPacer>,
 }
 
 impl Engine {
@@ -216,6 +219,7 @@ impl Engine {
         let thread_kv_events = Arc::clone(&kv_events);
         // The core's block pool is single-threaded (`Rc`), so the core is built on the engine thread.
         std::thread::Builder::new().name("ferrite-engine".into()).spawn(move || {
+            let pacer = cfg.decode_step_target.map(|t| StepPacer::new(t, cfg.scheduler.max_num_batched_tokens));
             let core = EngineCore::new(cfg, &backend.info());
             let engine = Engine {
                 backend,
@@ -227,6 +231,7 @@ impl Engine {
                 kv_events: thread_kv_events,
                 started,
                 fatal,
+                pacer,
             };
             engine.publish();
             engine.run();
@@ -263,8 +268,13 @@ impl Engine {
                 }
             }
             if out.num_tokens > 0 {
+                let elapsed = started.elapsed();
                 let phase = if out.num_tokens > running_before { StepPhase::Prefill } else { StepPhase::Decode };
-                self.stats.step_times[phase as usize].record(started.elapsed());
+                self.stats.step_times[phase as usize].record(elapsed);
+                if let Some(pacer) = &mut self.pacer {
+                    pacer.observe(out.num_tokens, elapsed);
+                    self.core.set_decode_step_tokens(pacer.tokens());
+                }
             }
             // Stats and KV events first, so a client that has seen an output never reads older numbers or misses the
             // blocks its prompt stored.

@@ -154,7 +154,13 @@ pub(crate) struct Scheduler<M> {
     preemptions: u64,
     /// Sequences admitted for the first time since [`Scheduler::take_admitted`] (their queueing ended).
     admitted: Vec<SeqId>,
+    /// Tokens per step while any sequence decodes ([`Scheduler::set_decode_step_tokens`]); `None`: the full budget.
+    decode_step_tokens: Option<usize>,
 }
+
+/// Prompt tokens a step may always compute, whatever [`Scheduler::set_decode_step_tokens`] says: prefills progress
+/// even when decoding alone fills the target.
+pub(crate) const MIN_PREFILL_CHUNK: usize = 16;
 
 impl<M> Scheduler<M> {
     pub(crate) fn new(cfg: SchedulerConfig, pool: BlockPool, hasher: BlockHasher) -> Self {
@@ -168,6 +174,7 @@ impl<M> Scheduler<M> {
             running: Vec::new(),
             preemptions: 0,
             admitted: Vec::new(),
+            decode_step_tokens: None,
         }
     }
 
@@ -359,9 +366,23 @@ impl<M> Scheduler<M> {
         }
     }
 
+    /// Limits the steps that run decoding sequences to about `tokens` tokens (decode rows plus prompt chunks; at
+    /// least [`MIN_PREFILL_CHUNK`] prompt tokens), so a long prompt arriving mid-stream is prefilled over several
+    /// steps instead of stalling every stream for one long step. `None`: every step may take the full
+    /// `max_num_batched_tokens`. The engine's shell sets it from measured step times (no clock in here).
+    pub(crate) fn set_decode_step_tokens(&mut self, tokens: Option<usize>) {
+        self.decode_step_tokens = tokens;
+    }
+
     /// Plans the next step.
     pub(crate) fn schedule(&mut self) -> Vec<Scheduled> {
         let mut budget = self.cfg.max_num_batched_tokens;
+        // Prompt tokens this step may compute: bounded while any running sequence decodes (one token to compute).
+        let decoding = self.running.iter().filter(|id| self.seqs[id].tokens.len() - self.seqs[id].num_computed == 1).count();
+        let mut prompt_budget = match self.decode_step_tokens {
+            Some(target) if decoding > 0 => target.saturating_sub(decoding).max(MIN_PREFILL_CHUNK),
+            _ => usize::MAX,
+        };
         let mut plan = Vec::new();
         let mut preempted = false;
 
@@ -373,6 +394,12 @@ impl<M> Scheduler<M> {
                 (s.num_computed, s.tokens.len())
             };
             let n = (len - start).min(budget);
+            // A prefill chunk (more than the one token a decode computes) also draws on the prompt budget.
+            let n = if n > 1 { n.min(prompt_budget) } else { n };
+            if n == 0 {
+                i += 1;
+                continue;
+            }
             if !self.grow(id, start + n) {
                 // Out of blocks: preempt the newest running sequence (possibly this one) and retry.
                 let victim = *self.running.last().expect("non-empty");
@@ -383,12 +410,15 @@ impl<M> Scheduler<M> {
             }
             plan.push(Scheduled { id, start, num_tokens: n, sample: start + n == len });
             budget -= n;
+            if n > 1 {
+                prompt_budget -= n;
+            }
             i += 1;
         }
 
         if !preempted {
             let mut k = 0;
-            while k < self.waiting.len() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            while k < self.waiting.len() && budget > 0 && prompt_budget > 0 && self.running.len() < self.cfg.max_num_seqs {
                 let id = self.waiting[k];
                 if self.seqs[&id].wait_for.is_some_and(|p| self.seqs.get(&p).is_some_and(|p| p.num_computed < p.prompt_len)) {
                     k += 1;
@@ -401,7 +431,7 @@ impl<M> Scheduler<M> {
                     let s = &self.seqs[&id];
                     (s.num_computed, s.tokens.len())
                 };
-                let n = (len - start).min(budget);
+                let n = (len - start).min(budget).min(prompt_budget);
                 if !self.grow(id, start + n) {
                     // Give the hits back and stop admitting this step.
                     let s = self.seqs.get_mut(&id).expect("exists");
@@ -419,6 +449,7 @@ impl<M> Scheduler<M> {
                 self.running.push(id);
                 plan.push(Scheduled { id, start, num_tokens: n, sample: start + n == len });
                 budget -= n;
+                prompt_budget -= n;
             }
         }
         plan

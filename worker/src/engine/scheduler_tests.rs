@@ -42,6 +42,28 @@ fn running_first_then_waiting_with_leftover_budget() {
 }
 
 #[test]
+fn decode_step_tokens_chunk_prompts_only_while_a_stream_decodes() {
+    let mut s = sched(256, 4, 64);
+    s.set_decode_step_tokens(Some(MIN_PREFILL_CHUNK + 10));
+    // Nothing decodes: a prompt takes the full budget at once.
+    s.add(1, prompt(100, 100), 120, b"", None, ()).unwrap();
+    assert_eq!(run(&mut s)[0].num_tokens, 100);
+    // Sequence 1 now decodes: a new prompt gets the target less the decode row, a step at a time.
+    s.add(2, prompt(60, 300), 80, b"", None, ()).unwrap();
+    let plan = run(&mut s);
+    assert_eq!(plan[0], Scheduled { id: 1, start: 100, num_tokens: 1, sample: true });
+    assert_eq!((plan[1].id, plan[1].num_tokens), (2, MIN_PREFILL_CHUNK + 9));
+    // A running prefill is chunked the same way, and never below the minimum chunk.
+    s.set_decode_step_tokens(Some(2));
+    let plan = run(&mut s);
+    assert_eq!((plan[1].id, plan[1].start, plan[1].num_tokens), (2, MIN_PREFILL_CHUNK + 9, MIN_PREFILL_CHUNK));
+    // Off again: the rest of the prompt in one step.
+    s.set_decode_step_tokens(None);
+    let plan = run(&mut s);
+    assert_eq!((plan[1].id, plan[1].num_tokens, plan[1].sample), (2, 60 - 2 * MIN_PREFILL_CHUNK - 9, true));
+}
+
+#[test]
 fn max_num_seqs_limits_admission() {
     let mut s = sched(64, 2, 32);
     for id in 1..=3 {

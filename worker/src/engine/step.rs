@@ -118,6 +118,10 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     pub model_fingerprint: [u8; 16],
     pub eos_token_ids: Vec<u32>,
+    /// While any stream decodes, the step time to aim for: the engine thread measures steps and limits their prompt
+    /// tokens so a step takes about this long ([`EngineCore::set_decode_step_tokens`]). `None`: every step may take
+    /// the full token budget. Only the thread shell ([`super::core`]) reads it; the core has no clock.
+    pub decode_step_target: Option<std::time::Duration>,
 }
 
 /// One output of the core, for one request.
@@ -378,6 +382,11 @@ impl EngineCore {
     }
 
     /// Whether the core holds no sequence.
+    /// Limits steps that run decoding sequences to about `tokens` tokens (see `Scheduler::set_decode_step_tokens`).
+    pub fn set_decode_step_tokens(&mut self, tokens: Option<usize>) {
+        self.sched.set_decode_step_tokens(tokens);
+    }
+
     pub fn is_idle(&self) -> bool {
         self.sched.is_idle()
     }

@@ -154,7 +154,7 @@ fn core(backend: &dyn Backend, l: Limits) -> EngineCore {
         max_waiting: l.max_waiting,
         max_model_len: l.max_model_len,
     };
-    EngineCore::new(EngineConfig { scheduler, model_fingerprint: [7; 16], eos_token_ids: l.eos }, &backend.info())
+    EngineCore::new(EngineConfig { scheduler, model_fingerprint: [7; 16], eos_token_ids: l.eos, decode_step_target: None }, &backend.info())
 }
 
 fn instant(blocks: usize) -> InstantBackend {
