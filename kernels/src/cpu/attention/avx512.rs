@@ -112,42 +112,66 @@ fn softmax_tile(p: &mut [f32; KEY_TILE], n: usize, scale: f32, m_old: f32) -> (f
 }
 
 /// `acc = acc · alpha + Σ_j p_j · v_j`: per lane, one FMA chain over the even keys (starting from `acc · alpha`) and
-/// one over the odd keys, added at the end. Four vectors of the head at a time, so the chains stay in registers.
-#[allow(clippy::needless_range_loop)] // the same index runs over parallel arrays of accumulators
+/// one over the odd keys, added at the end. Four vectors of the head at a time (then one at a time for the rest), so
+/// the chains stay in registers and the key loop has no branch.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn rescale_accumulate(acc: &mut [f32], alpha: f32, p: &[f32], v: &[&[f32]]) {
     const G: usize = 4;
     let n = acc.len() / W * W;
     assert!(p.len() <= v.len() && v[..p.len()].iter().all(|v| v.len() >= n), "rescale_accumulate: value row too short");
+    let mut c0 = 0;
+    while c0 + G * W <= n {
+        // SAFETY: the value rows hold at least `n >= c0 + G · W` floats (asserted above).
+        unsafe { accumulate_block::<G>(acc, c0, alpha, p, v) };
+        c0 += G * W;
+    }
+    while c0 + W <= n {
+        // SAFETY: as above, with `n >= c0 + W`.
+        unsafe { accumulate_block::<1>(acc, c0, alpha, p, v) };
+        c0 += W;
+    }
+}
+
+/// [`rescale_accumulate`] for the `G` vectors of `acc` from float `c0` on.
+///
+/// # Safety
+/// Every row of `v` that `p` weighs (the first `p.len()`) holds at least `c0 + G · W` floats.
+#[allow(clippy::needless_range_loop)] // the same index runs over parallel arrays of accumulators
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn accumulate_block<const G: usize>(acc: &mut [f32], c0: usize, alpha: f32, p: &[f32], v: &[&[f32]]) {
+    assert!(c0 + G * W <= acc.len(), "accumulate_block: accumulator too short");
     let al = _mm512_set1_ps(alpha);
-    for c0 in (0..n).step_by(G * W) {
-        let g = G.min((n - c0) / W);
-        let mut even = [_mm512_setzero_ps(); G];
-        let mut odd = [_mm512_setzero_ps(); G];
-        for c in 0..g {
-            // SAFETY: `c0 + (c + 1) · W <= n <= acc.len()`.
-            even[c] = _mm512_mul_ps(unsafe { _mm512_loadu_ps(acc.as_ptr().add(c0 + c * W)) }, al);
-        }
-        let mut j = 0;
-        while j < p.len() {
-            let pe = _mm512_set1_ps(p[j]);
-            let po = _mm512_set1_ps(if j + 1 < p.len() { p[j + 1] } else { 0.0 });
-            for c in 0..g {
-                // SAFETY: every value row holds at least `n` floats (asserted above); `c0 + c · W + W <= n`.
-                unsafe {
-                    even[c] = _mm512_fmadd_ps(pe, _mm512_loadu_ps(v[j].as_ptr().add(c0 + c * W)), even[c]);
-                    if j + 1 < p.len() {
-                        odd[c] = _mm512_fmadd_ps(po, _mm512_loadu_ps(v[j + 1].as_ptr().add(c0 + c * W)), odd[c]);
-                    }
-                }
+    let mut even = [_mm512_setzero_ps(); G];
+    let mut odd = [_mm512_setzero_ps(); G];
+    for c in 0..G {
+        // SAFETY: `c0 + (c + 1) · W <= acc.len()` (asserted above).
+        even[c] = _mm512_mul_ps(unsafe { _mm512_loadu_ps(acc.as_ptr().add(c0 + c * W)) }, al);
+    }
+    for (pair, vals) in p.chunks_exact(2).zip(v.chunks_exact(2)) {
+        let (pe, po) = (_mm512_set1_ps(pair[0]), _mm512_set1_ps(pair[1]));
+        let (ve, vo) = (vals[0].as_ptr(), vals[1].as_ptr());
+        for c in 0..G {
+            // SAFETY: every value row holds at least `c0 + G · W` floats (this function's contract).
+            unsafe {
+                even[c] = _mm512_fmadd_ps(pe, _mm512_loadu_ps(ve.add(c0 + c * W)), even[c]);
+                odd[c] = _mm512_fmadd_ps(po, _mm512_loadu_ps(vo.add(c0 + c * W)), odd[c]);
             }
-            j += 2;
         }
-        for c in 0..g {
-            // SAFETY: as for the loads from `acc`.
-            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c0 + c * W), _mm512_add_ps(even[c], odd[c])) };
+    }
+    if p.len() % 2 == 1 {
+        let j = p.len() - 1;
+        let pe = _mm512_set1_ps(p[j]);
+        let ve = v[j].as_ptr();
+        for c in 0..G {
+            // SAFETY: as above.
+            even[c] = _mm512_fmadd_ps(pe, unsafe { _mm512_loadu_ps(ve.add(c0 + c * W)) }, even[c]);
         }
+    }
+    for c in 0..G {
+        // SAFETY: as for the loads from `acc`.
+        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c0 + c * W), _mm512_add_ps(even[c], odd[c])) };
     }
 }
 
