@@ -30,8 +30,10 @@ pub const QUERY_BLOCK: usize = 16;
 /// Keys per tile: the unit of the online softmax's rescaling (8 KiB of K and of V at head_dim 64).
 pub const KEY_TILE: usize = 32;
 /// Below this many (row, head, key) products a step runs on the calling thread: fanning out small decode steps costs
-/// more than it saves. The result is identical either way.
-const PARALLEL_MIN_WORK: usize = 16 * 1024;
+/// more than it saves. Above it even one decode row's KV heads run in parallel: a decode step's attention streams the
+/// sequence's whole cache (46 KB a token for the default model), and one core alone does not reach the memory
+/// bandwidth. The result is identical either way.
+const PARALLEL_MIN_WORK: usize = 2 * 1024;
 
 /// One layer's paged K and V storage, laid out as [`KvLayout`] says: V by token slot, K transposed within each block.
 #[derive(Clone, Copy, Debug)]
@@ -188,7 +190,50 @@ struct JobKv<'a> {
     hd: usize,
 }
 
+/// A tile's keys, transposed: dimension `d` of key `j` is `lo[d · stride + j]` for `j < HALF_TILE` and
+/// `hi[d · stride + j - HALF_TILE]` past it. Either two pages of the cache read in place (`stride` = the block size)
+/// or the gathered `kt` buffer (`stride` = [`KEY_TILE`]). Lanes past the tile's last key hold whatever is there (the
+/// softmax masks them); both slices hold at least `(head_dim - 1) · stride + HALF_TILE` floats.
+#[derive(Clone, Copy)]
+struct KeyTile<'a> {
+    lo: &'a [f32],
+    hi: &'a [f32],
+    stride: usize,
+}
+
+/// Keys in each half of a tile: one page at the default block size.
+const HALF_TILE: usize = KEY_TILE / 2;
+
 impl<'a> JobKv<'a> {
+    /// The keys of positions `k0..k0 + kn` (`k0` a multiple of [`KEY_TILE`]) and their value rows. When a page holds
+    /// exactly half a tile (the default block size), the tile is the pages themselves and nothing is copied (a decode
+    /// step's few query rows paid as much for the copy as for the scores); otherwise it is gathered into `kt`.
+    #[inline(always)]
+    fn key_tile<'t>(&self, k0: usize, kn: usize, kt: &'t mut [f32], values: &mut [&'a [f32]; KEY_TILE]) -> KeyTile<'t>
+    where
+        'a: 't,
+    {
+        let (bs, hd, stride) = (self.kv.block_size, self.hd, self.kv.slot_stride);
+        if bs != HALF_TILE {
+            self.gather_tile(k0, kn, kt, values);
+            return KeyTile { lo: &kt[..], hi: &kt[HALF_TILE..], stride: KEY_TILE };
+        }
+        let (k, v): (&'a [f32], &'a [f32]) = (self.kv.k, self.kv.v);
+        let page_keys = |page: usize| {
+            let base = page * bs * stride + self.head_offset * bs;
+            &k[base..base + hd * bs]
+        };
+        let first = self.table[k0 / bs] as usize;
+        // The second page exists only when the tile has keys past the first half; otherwise read the first again.
+        let second = if kn > HALF_TILE { self.table[k0 / bs + 1] as usize } else { first };
+        for (j, value) in values[..kn].iter_mut().enumerate() {
+            let page = if j < HALF_TILE { first } else { second };
+            let off = (page * bs + j % HALF_TILE) * stride + self.head_offset;
+            *value = &v[off..off + hd];
+        }
+        KeyTile { lo: page_keys(first), hi: page_keys(second), stride: bs }
+    }
+
     /// Fills the transposed key tile `kt` (`kt[d · KEY_TILE + j]`, zero past key `kn`) and the value rows of keys
     /// `k0..k0 + kn`, a page run at a time: each of the run's dimensions is one contiguous copy.
     #[inline(always)]
@@ -237,8 +282,8 @@ struct TileJob<'a> {
 
 /// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls (`scores`,
 /// `softmax_tile`, `rescale_accumulate`, `scale_row`, defined there with that module's target features) inline into
-/// it. Each key tile is gathered transposed once per job (`kt[d · KEY_TILE + j]`, zero past the last key: copies of
-/// the pages' key rows, see [`KvLayout`]) so a row's scores are plain vertical FMAs, shared by all of the job's rows.
+/// it. Each key tile is read transposed ([`KeyTile`]: the cache's pages in place, see [`KvLayout`], or a gathered copy
+/// for other block sizes) so a row's scores are plain vertical FMAs, shared by all of the job's rows.
 macro_rules! tile_loop {
     ($job:expr, $acc:expr) => {{
         let job: &TileJob<'_> = $job;
@@ -253,14 +298,14 @@ macro_rules! tile_loop {
         let mut p = [0f32; KEY_TILE];
         for k0 in (0..=last).step_by(KEY_TILE) {
             let kn = KEY_TILE.min(last + 1 - k0);
-            job.kv.gather_tile(k0, kn, &mut kt, &mut values);
+            let keys = job.kv.key_tile(k0, kn, &mut kt, &mut values);
             for r in 0..rows {
                 if job.pos[r] < k0 {
                     continue;
                 }
                 // Keys this row may see in the tile (causal mask).
                 let n = kn.min(job.pos[r] + 1 - k0);
-                scores(&job.qs[r * hd..(r + 1) * hd], &kt, &mut p);
+                scores(&job.qs[r * hd..(r + 1) * hd], keys, &mut p);
                 // `p` becomes exp(score - m) for the first `n` keys and 0 past them.
                 let (m, tile_sum) = softmax_tile(&mut p, n, job.scale, max[r]);
                 // exp(-inf) = 0 on the first tile: the empty accumulator stays 0.
@@ -279,18 +324,23 @@ use tile_loop;
 
 /// Portable micro-kernels: every sum in index order, separate multiply and add, libm's `exp`.
 mod scalar {
-    use super::{KEY_TILE, TileJob};
+    use super::{HALF_TILE, KEY_TILE, KeyTile, TileJob};
 
     pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
         tile_loop!(job, acc)
     }
 
-    /// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]`, `d` in order.
+    /// `p[j] = Σ_d q[d] · key_j[d]`, `d` in order.
     #[inline(always)]
-    fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+    fn scores(q: &[f32], keys: KeyTile<'_>, p: &mut [f32; KEY_TILE]) {
         p.fill(0.0);
-        for (&qd, k) in q.iter().zip(kt.chunks_exact(KEY_TILE)) {
-            for (pj, &kj) in p.iter_mut().zip(k) {
+        let (lo, hi) = p.split_at_mut(HALF_TILE);
+        for (d, &qd) in q.iter().enumerate() {
+            let row = d * keys.stride;
+            for (pj, &kj) in lo.iter_mut().zip(&keys.lo[row..row + HALF_TILE]) {
+                *pj += qd * kj;
+            }
+            for (pj, &kj) in hi.iter_mut().zip(&keys.hi[row..row + HALF_TILE]) {
                 *pj += qd * kj;
             }
         }

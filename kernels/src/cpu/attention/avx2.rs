@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{KEY_TILE, TileJob, tile_loop};
+use super::{HALF_TILE, KEY_TILE, KeyTile, TileJob, tile_loop};
 
 /// Lanes per vector.
 const W: usize = 8;
@@ -18,23 +18,29 @@ pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
     tile_loop!(job, acc)
 }
 
-/// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]` for the whole tile.
+/// `p[j] = Σ_d q[d] · key_j[d]` for the whole tile: two FMA chains per vector of keys, over the even and the odd
+/// dimensions, then added.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+fn scores(q: &[f32], keys: KeyTile<'_>, p: &mut [f32; KEY_TILE]) {
+    const HV: usize = TV / 2;
     let pairs = q.len() / 2;
-    assert!(kt.len() >= 2 * pairs * KEY_TILE, "scores: transposed tile too short");
+    let need = (2 * pairs).saturating_sub(1) * keys.stride + HALF_TILE;
+    assert!(pairs == 0 || (keys.lo.len() >= need && keys.hi.len() >= need), "scores: key tile too short");
     let mut even = [_mm256_setzero_ps(); TV];
     let mut odd = [_mm256_setzero_ps(); TV];
     for d in 0..pairs {
         let (q0, q1) = (_mm256_set1_ps(q[2 * d]), _mm256_set1_ps(q[2 * d + 1]));
-        // SAFETY: rows 2d and 2d+1 of `kt` (KEY_TILE floats each) lie inside it (asserted above).
+        // SAFETY: rows 2d and 2d+1 (HALF_TILE floats from `row · stride`) lie inside both halves (asserted above).
         unsafe {
-            let k0 = kt.as_ptr().add(2 * d * KEY_TILE);
-            let k1 = k0.add(KEY_TILE);
-            for v in 0..TV {
-                even[v] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0.add(v * W)), even[v]);
-                odd[v] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k1.add(v * W)), odd[v]);
+            for (h, half) in [keys.lo, keys.hi].into_iter().enumerate() {
+                let k0 = half.as_ptr().add(2 * d * keys.stride);
+                let k1 = k0.add(keys.stride);
+                for u in 0..HV {
+                    let v = h * HV + u;
+                    even[v] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0.add(u * W)), even[v]);
+                    odd[v] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k1.add(u * W)), odd[v]);
+                }
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{KEY_TILE, TileJob, tile_loop};
+use super::{HALF_TILE, KEY_TILE, KeyTile, TileJob, tile_loop};
 
 /// Lanes per vector.
 const W: usize = 16;
@@ -19,25 +19,29 @@ pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
     tile_loop!(job, acc)
 }
 
-/// `p[j] = Σ_d q[d] · kt[d · KEY_TILE + j]` for the whole tile: four FMA chains per vector of keys, over the
-/// dimensions `d ≡ 0, 1, 2, 3 (mod 4)`, summed as `(c0 + c1) + (c2 + c3)` (eight independent chains hide the FMA
-/// latency; AVX2 has enough with two per vector, as it has twice the vectors).
+/// `p[j] = Σ_d q[d] · key_j[d]` for the whole tile: four FMA chains per vector of keys, over the dimensions
+/// `d ≡ 0, 1, 2, 3 (mod 4)`, summed as `(c0 + c1) + (c2 + c3)` (eight independent chains hide the FMA latency; AVX2
+/// has enough with two per vector, as it has twice the vectors).
 #[allow(clippy::needless_range_loop)] // the same index runs over parallel arrays of accumulators
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn scores(q: &[f32], kt: &[f32], p: &mut [f32; KEY_TILE]) {
+fn scores(q: &[f32], keys: KeyTile<'_>, p: &mut [f32; KEY_TILE]) {
     const U: usize = 4;
+    const HV: usize = TV / 2;
     let quads = q.len() / U;
-    assert!(kt.len() >= U * quads * KEY_TILE, "scores: transposed tile too short");
+    let need = (U * quads).saturating_sub(1) * keys.stride + HALF_TILE;
+    assert!(quads == 0 || (keys.lo.len() >= need && keys.hi.len() >= need), "scores: key tile too short");
     let mut c = [[_mm512_setzero_ps(); TV]; U];
     for d in 0..quads {
         for (u, cu) in c.iter_mut().enumerate() {
             let qv = _mm512_set1_ps(q[U * d + u]);
-            // SAFETY: row U·d + u of `kt` (KEY_TILE floats) lies inside it (asserted above).
-            let k = unsafe { kt.as_ptr().add((U * d + u) * KEY_TILE) };
-            for (v, cv) in cu.iter_mut().enumerate() {
-                // SAFETY: as above; `v · W + W <= KEY_TILE`.
-                *cv = _mm512_fmadd_ps(qv, unsafe { _mm512_loadu_ps(k.add(v * W)) }, *cv);
+            for (h, half) in [keys.lo, keys.hi].into_iter().enumerate() {
+                // SAFETY: row U·d + u (HALF_TILE floats from `row · stride`) lies inside both halves (asserted above).
+                let k = unsafe { half.as_ptr().add((U * d + u) * keys.stride) };
+                for w in 0..HV {
+                    // SAFETY: as above; `w · W + W <= HALF_TILE`.
+                    cu[h * HV + w] = _mm512_fmadd_ps(qv, unsafe { _mm512_loadu_ps(k.add(w * W)) }, cu[h * HV + w]);
+                }
             }
         }
     }
