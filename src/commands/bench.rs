@@ -187,6 +187,7 @@ fn engine_bench(files: &ferrite_common::model::ModelFiles, a: &Args) -> anyhow::
             num_kv_blocks: blocks,
             block_size: DEFAULT_BLOCK_SIZE,
             isa: a.model.isa()?,
+            kv_dtype: a.model.kv_cache_dtype.into(),
         },
     )?;
     let engine = Engine::spawn(

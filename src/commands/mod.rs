@@ -17,7 +17,7 @@ use anyhow::bail;
 
 use crate::default_model;
 use ferrite_worker::cpu::weights::WeightPrecision;
-use ferrite_worker::cpu::{CpuIsa, IsaLevel};
+use ferrite_worker::cpu::{CpuIsa, IsaLevel, KvDtype};
 
 /// Options every model-running command takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -35,6 +35,10 @@ pub struct ModelArgs {
     /// supports; asking for one it lacks is an error).
     #[arg(long, env = "FERRITE_CPU_ISA")]
     pub cpu_isa: Option<IsaLevel>,
+    /// CPU KV cache element type: `f16` holds twice the tokens in the same memory and halves the bytes a decode step
+    /// reads (keys and values rounded to f16; every sum stays f32).
+    #[arg(long, value_enum, env = "FERRITE_KV_CACHE_DTYPE", default_value_t = KvCacheDtype::F32)]
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl ModelArgs {
@@ -51,6 +55,7 @@ impl ModelArgs {
             num_kv_blocks,
             block_size: ferrite_worker::backend::DEFAULT_BLOCK_SIZE,
             isa: self.isa()?,
+            kv_dtype: self.kv_cache_dtype.into(),
         })
     }
 }
@@ -144,6 +149,7 @@ impl EngineArgs {
             model,
             model_id,
             kv_cache_mib: self.kv_cache_mib,
+            kv_cache_dtype: m.kv_cache_dtype.into(),
             max_num_batched_tokens: match (self.max_num_batched_tokens, self.backend) {
                 (0, Backend::Cuda) => 2048,
                 (0, _) => 256,
@@ -203,6 +209,21 @@ impl From<Backend> for ferrite_worker::config::BackendKind {
             Backend::Cpu => Self::Cpu,
             Backend::Instant => Self::Instant,
             Backend::Cuda => Self::Cuda,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    F32,
+    F16,
+}
+
+impl From<KvCacheDtype> for KvDtype {
+    fn from(d: KvCacheDtype) -> Self {
+        match d {
+            KvCacheDtype::F32 => KvDtype::F32,
+            KvCacheDtype::F16 => KvDtype::F16,
         }
     }
 }
@@ -279,6 +300,9 @@ mod tests {
         assert_eq!(config(&[]).cpu_isa, None);
         assert_eq!(config(&["--cpu-isa", "scalar"]).cpu_isa, Some(IsaLevel::Scalar));
         assert_eq!(config(&["--cpu-isa", "avx512"]).cpu_isa, Some(IsaLevel::Avx512));
+        assert_eq!(config(&[]).kv_cache_dtype, KvDtype::F32);
+        assert_eq!(config(&["--kv-cache-dtype", "f16"]).kv_cache_dtype, KvDtype::F16);
+        assert_eq!(config(&["--decode-step-target-ms", "0"]).decode_step_target_ms, 0);
         let err = Cli::try_parse_from(["ferrite", "--cpu-isa", "sse4"]).err().expect("unknown ISA rejected").to_string();
         assert!(err.contains("expected one of: scalar, avx2, avx512"), "{err}");
         // A level the host lacks fails validation; the host's own levels pass.

@@ -30,6 +30,7 @@ pub fn test_worker_config() -> ferrite_worker::config::WorkerConfig {
         model: default_model(),
         model_id: None,
         kv_cache_mib: 96,
+        kv_cache_dtype: Default::default(),
         max_num_batched_tokens: 256,
         decode_step_target_ms: 0,
         max_num_seqs: 16,

@@ -12,14 +12,18 @@ use ferrite_common::model::ModelFiles;
 use ferrite_tests::{BlockTables, RefCase, default_model, ref_cases, ref_logits};
 use ferrite_worker::backend::{Backend, ForwardBatch, LogitsWanted, SeqInput};
 use ferrite_worker::cpu::weights::WeightPrecision;
-use ferrite_worker::cpu::{CpuBackend, CpuIsa, CpuOptions};
+use ferrite_worker::cpu::{CpuBackend, CpuIsa, CpuOptions, KvDtype};
 use ferrite_worker::engine::sampler::argmax;
 
 const EOS: u32 = 2;
 
 fn backend(precision: WeightPrecision, isa: CpuIsa) -> CpuBackend {
+    backend_with(precision, isa, KvDtype::F32)
+}
+
+fn backend_with(precision: WeightPrecision, isa: CpuIsa, kv_dtype: KvDtype) -> CpuBackend {
     let model = ModelFiles::open(&default_model()).expect("open default model");
-    CpuBackend::load(&model, &CpuOptions { precision, num_kv_blocks: 64, isa, ..CpuOptions::default() }).expect("load")
+    CpuBackend::load(&model, &CpuOptions { precision, num_kv_blocks: 64, isa, kv_dtype, ..CpuOptions::default() }).expect("load")
 }
 
 /// Logits at every position of `tokens` (teacher forcing), in one prefill.
@@ -81,13 +85,22 @@ fn f32_path_matches_at(isa: CpuIsa) {
 #[test]
 fn quantized_path_matches_reference_within_bound() {
     for isa in CpuIsa::supported() {
-        quantized_path_matches_at(isa);
+        quantized_path_matches_at(isa, KvDtype::F32);
     }
 }
 
-fn quantized_path_matches_at(isa: CpuIsa) {
+/// The same bound and the same greedy tokens with the KV cache in f16 (`--kv-cache-dtype f16`): rounding keys and
+/// values to f16 (relative 2⁻¹¹) adds less to the logits than the int16 activations already do.
+#[test]
+fn f16_kv_cache_matches_reference_within_bound() {
+    for isa in CpuIsa::supported() {
+        quantized_path_matches_at(isa, KvDtype::F16);
+    }
+}
+
+fn quantized_path_matches_at(isa: CpuIsa, kv_dtype: KvDtype) {
     const BOUND: f32 = 1e-3;
-    let mut b = backend(WeightPrecision::Native, isa);
+    let mut b = backend_with(WeightPrecision::Native, isa, kv_dtype);
     let (mut checked, mut total) = (0, 0);
     for case in ref_cases() {
         let want = ref_logits(&case.name);
@@ -97,7 +110,8 @@ fn quantized_path_matches_at(isa: CpuIsa) {
         let last = &steps[case.prompt_ids.len() - 1];
         let scale = max_abs(&want);
         let err = max_err(last, &want);
-        assert!(err <= BOUND * scale, "{isa} {}: max abs error {} x max|logit|", case.name, err / scale);
+        eprintln!("{isa} {kv_dtype:?} {}: max abs error {:.2e} x max|logit|", case.name, err / scale);
+        assert!(err <= BOUND * scale, "{isa} {kv_dtype:?} {}: max abs error {} x max|logit|", case.name, err / scale);
         // Teacher-forced argmax at every step whose reference margin cannot legitimately flip.
         for (i, &tok) in case.greedy_ids.iter().enumerate() {
             total += 1;

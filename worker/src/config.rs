@@ -16,6 +16,8 @@ pub struct WorkerConfig {
     pub model_id: Option<String>,
     /// CPU KV cache size.
     pub kv_cache_mib: usize,
+    /// CPU KV cache element type (f16 holds twice the tokens in the same memory).
+    pub kv_cache_dtype: crate::cpu::KvDtype,
     pub max_num_batched_tokens: usize,
     /// While streams decode, the step time to aim for (ms): a prompt is prefilled in chunks that keep steps about
     /// this long, instead of the full `max_num_batched_tokens` at once. 0: off.

@@ -30,9 +30,9 @@ pub struct Worker {
     pub info: ModelInfo,
 }
 
-/// Bytes of KV per block: K and V, every layer, f32 on CPU.
-pub fn kv_bytes_per_block(c: &ferrite_common::config::LlamaConfig, block_size: usize) -> usize {
-    2 * c.num_layers * c.num_kv_heads * c.head_dim * block_size * std::mem::size_of::<f32>()
+/// Bytes of KV per block on the CPU: K and V, every layer, in `dtype`.
+pub fn kv_bytes_per_block(c: &ferrite_common::config::LlamaConfig, block_size: usize, dtype: crate::cpu::KvDtype) -> usize {
+    2 * c.num_layers * c.num_kv_heads * c.head_dim * block_size * dtype.bytes()
 }
 
 impl Worker {
@@ -41,7 +41,7 @@ impl Worker {
         cfg.validate()?;
         let files = crate::model::open_model(&cfg.model)?;
         let c = &files.config;
-        let per_block = kv_bytes_per_block(c, DEFAULT_BLOCK_SIZE);
+        let per_block = kv_bytes_per_block(c, DEFAULT_BLOCK_SIZE, cfg.kv_cache_dtype);
         let num_blocks = cfg.kv_cache_mib * (1 << 20) / per_block;
         if num_blocks < 2 {
             return Err(WorkerError::Config(format!("--kv-cache-mib {} holds no KV block ({per_block} bytes each)", cfg.kv_cache_mib)));
@@ -82,6 +82,7 @@ impl Worker {
                     num_kv_blocks: num_blocks,
                     block_size: DEFAULT_BLOCK_SIZE,
                     isa: cfg.cpu_isa()?,
+                    kv_dtype: cfg.kv_cache_dtype,
                 };
                 if cfg.tensor_parallel_size > 1 {
                     Box::new(crate::tp::group::TpBackend::cpu(&files, &opts, plan(files.max_block_size())?)?)

@@ -35,11 +35,53 @@ pub const KEY_TILE: usize = 32;
 /// bandwidth. The result is identical either way.
 const PARALLEL_MIN_WORK: usize = 2 * 1024;
 
+/// An element type of the KV cache: `f32`, or `f16` (half the memory and the bandwidth; keys and values are rounded
+/// to f16 when stored and widened exactly when read, so every sum is still f32).
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    /// `out[i] = src[i]` as f32 (exact).
+    fn widen(src: &[Self], out: &mut [f32]);
+    /// The elements themselves when they are f32 (read in place, nothing widened).
+    fn as_f32(src: &[Self]) -> Option<&[f32]>;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn widen(src: &[Self], out: &mut [f32]) {
+        copy_run(out, src);
+    }
+    #[inline(always)]
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn widen(src: &[Self], out: &mut [f32]) {
+        // F16C where the CPU has it (detected at run time), else bit arithmetic: both exact, so the ISA cap does not
+        // change a result.
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out);
+    }
+    #[inline(always)]
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
 /// One layer's paged K and V storage, laid out as [`KvLayout`] says: V by token slot, K transposed within each block.
 #[derive(Clone, Copy, Debug)]
-pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct PagedKv<'a, T = f32> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub block_size: usize,
     /// Floats per token slot (`n_kv_heads · head_dim`).
     pub slot_stride: usize,
@@ -67,24 +109,26 @@ impl KvLayout {
         b * self.block_size * self.slot_stride + i * self.block_size + o
     }
 
-    /// Writes token slot `slot`'s key (`slot_stride` floats: every KV head) and value.
-    pub fn store(&self, k: &mut [f32], v: &mut [f32], slot: usize, key: &[f32], value: &[f32]) {
+    /// Writes token slot `slot`'s key (`slot_stride` floats: every KV head) and value, rounded to the cache's type.
+    pub fn store<T: KvElem>(&self, k: &mut [T], v: &mut [T], slot: usize, key: &[f32], value: &[f32]) {
         assert!(key.len() == self.slot_stride && value.len() == self.slot_stride, "KvLayout::store: rows of {} floats", self.slot_stride);
         for (i, &x) in key.iter().enumerate() {
-            k[self.key_index(slot, i)] = x;
+            k[self.key_index(slot, i)] = T::from_f32(x);
         }
-        v[slot * self.slot_stride..(slot + 1) * self.slot_stride].copy_from_slice(value);
+        for (o, &x) in v[slot * self.slot_stride..(slot + 1) * self.slot_stride].iter_mut().zip(value) {
+            *o = T::from_f32(x);
+        }
     }
 
-    /// Token slot `slot`'s key, every KV head (`slot_stride` floats).
-    pub fn load_key(&self, k: &[f32], slot: usize, out: &mut [f32]) {
+    /// Token slot `slot`'s key, every KV head (`slot_stride` floats), widened to f32.
+    pub fn load_key<T: KvElem>(&self, k: &[T], slot: usize, out: &mut [f32]) {
         for (i, o) in out[..self.slot_stride].iter_mut().enumerate() {
-            *o = k[self.key_index(slot, i)];
+            T::widen(std::slice::from_ref(&k[self.key_index(slot, i)]), std::slice::from_mut(o));
         }
     }
 }
 
-impl PagedKv<'_> {
+impl<T> PagedKv<'_, T> {
     pub fn layout(&self) -> KvLayout {
         KvLayout { block_size: self.block_size, slot_stride: self.slot_stride }
     }
@@ -118,7 +162,7 @@ pub struct AttnShape {
 ///
 /// Panics if a block table, `q` or `out` is too short for the rows and positions it is given (the caller validates
 /// the batch first).
-pub fn paged_attention(isa: CpuIsa, kv: &PagedKv<'_>, seqs: &[SeqRows<'_>], q: &[f32], shape: &AttnShape, out: &mut [f32]) {
+pub fn paged_attention<T: KvElem>(isa: CpuIsa, kv: &PagedKv<'_, T>, seqs: &[SeqRows<'_>], q: &[f32], shape: &AttnShape, out: &mut [f32]) {
     let group = shape.n_heads / shape.n_kv_heads.max(1);
     assert!(group * shape.n_kv_heads == shape.n_heads && shape.head_dim > 0, "paged_attention: bad head geometry {shape:?}");
     let jobs: Vec<Job> = seqs
@@ -155,7 +199,15 @@ struct Job {
 }
 
 /// The job's output, `[(i1 - i0) · group, head_dim]`, positions outer and the group's heads inner.
-fn run_job(isa: CpuIsa, kv: &PagedKv<'_>, seq: &SeqRows<'_>, job: &Job, q: &[f32], shape: &AttnShape, group: usize) -> Vec<f32> {
+fn run_job<T: KvElem>(
+    isa: CpuIsa,
+    kv: &PagedKv<'_, T>,
+    seq: &SeqRows<'_>,
+    job: &Job,
+    q: &[f32],
+    shape: &AttnShape,
+    group: usize,
+) -> Vec<f32> {
     let hd = shape.head_dim;
     let rows = (job.i1 - job.i0) * group;
     // Each row's query, gathered so the micro-kernels read contiguous memory.
@@ -183,8 +235,8 @@ fn run_job(isa: CpuIsa, kv: &PagedKv<'_>, seq: &SeqRows<'_>, job: &Job, q: &[f32
 }
 
 /// A job's view of the cache: one KV head of one sequence.
-struct JobKv<'a> {
-    kv: &'a PagedKv<'a>,
+struct JobKv<'a, T> {
+    kv: &'a PagedKv<'a, T>,
     table: &'a [u32],
     head_offset: usize,
     hd: usize,
@@ -204,21 +256,21 @@ struct KeyTile<'a> {
 /// Keys in each half of a tile: one page at the default block size.
 const HALF_TILE: usize = KEY_TILE / 2;
 
-impl<'a> JobKv<'a> {
-    /// The keys of positions `k0..k0 + kn` (`k0` a multiple of [`KEY_TILE`]) and their value rows. When a page holds
-    /// exactly half a tile (the default block size), the tile is the pages themselves and nothing is copied (a decode
-    /// step's few query rows paid as much for the copy as for the scores); otherwise it is gathered into `kt`.
+impl<'a, T: KvElem> JobKv<'a, T> {
+    /// The keys of positions `k0..k0 + kn` (`k0` a multiple of [`KEY_TILE`]) and their value rows. When the cache is
+    /// f32 and a page holds exactly half a tile (the default block size), the tile is the pages themselves and nothing
+    /// is copied (a decode step's few query rows paid as much for the copy as for the scores); otherwise keys are
+    /// gathered (widened) into `kt`, and f16 values widened into `vt` (`[KEY_TILE, head_dim]`).
     #[inline(always)]
-    fn key_tile<'t>(&self, k0: usize, kn: usize, kt: &'t mut [f32], values: &mut [&'a [f32]; KEY_TILE]) -> KeyTile<'t>
+    fn key_tile<'t>(&self, k0: usize, kn: usize, kt: &'t mut [f32], vt: &'t mut [f32], values: &mut [&'t [f32]; KEY_TILE]) -> KeyTile<'t>
     where
         'a: 't,
     {
         let (bs, hd, stride) = (self.kv.block_size, self.hd, self.kv.slot_stride);
-        if bs != HALF_TILE {
-            self.gather_tile(k0, kn, kt, values);
+        let (Some(k), Some(v), true) = (T::as_f32(self.kv.k), T::as_f32(self.kv.v), bs == HALF_TILE) else {
+            self.gather_tile(k0, kn, kt, vt, values);
             return KeyTile { lo: &kt[..], hi: &kt[HALF_TILE..], stride: KEY_TILE };
-        }
-        let (k, v): (&'a [f32], &'a [f32]) = (self.kv.k, self.kv.v);
+        };
         let page_keys = |page: usize| {
             let base = page * bs * stride + self.head_offset * bs;
             &k[base..base + hd * bs]
@@ -235,11 +287,14 @@ impl<'a> JobKv<'a> {
     }
 
     /// Fills the transposed key tile `kt` (`kt[d · KEY_TILE + j]`, zero past key `kn`) and the value rows of keys
-    /// `k0..k0 + kn`, a page run at a time: each of the run's dimensions is one contiguous copy.
+    /// `k0..k0 + kn`, a page run at a time: each of the run's dimensions is one contiguous copy (widened to f32).
     #[inline(always)]
-    fn gather_tile(&self, k0: usize, kn: usize, kt: &mut [f32], values: &mut [&'a [f32]; KEY_TILE]) {
+    fn gather_tile<'t>(&self, k0: usize, kn: usize, kt: &mut [f32], vt: &'t mut [f32], values: &mut [&'t [f32]; KEY_TILE])
+    where
+        'a: 't,
+    {
         let (bs, hd, stride) = (self.kv.block_size, self.hd, self.kv.slot_stride);
-        let (k, v): (&'a [f32], &'a [f32]) = (self.kv.k, self.kv.v);
+        let (k, v): (&'a [T], &'a [T]) = (self.kv.k, self.kv.v);
         let mut j = 0;
         while j < kn {
             let pos = k0 + j;
@@ -247,16 +302,33 @@ impl<'a> JobKv<'a> {
             let run = (bs - o).min(kn - j);
             let keys = page * bs * stride + self.head_offset * bs + o;
             for (d, row) in kt.chunks_exact_mut(KEY_TILE).enumerate().take(hd) {
-                copy_run(&mut row[j..j + run], &k[keys + d * bs..keys + d * bs + run]);
+                T::widen(&k[keys + d * bs..keys + d * bs + run], &mut row[j..j + run]);
             }
-            for (t, value) in values[j..j + run].iter_mut().enumerate() {
-                let off = (page * bs + o + t) * stride + self.head_offset;
-                *value = &v[off..off + hd];
+            if T::as_f32(v).is_none() {
+                for (t, dst) in vt[j * hd..(j + run) * hd].chunks_exact_mut(hd).enumerate() {
+                    let off = (page * bs + o + t) * stride + self.head_offset;
+                    T::widen(&v[off..off + hd], dst);
+                }
             }
             j += run;
         }
         if kn < KEY_TILE {
             kt.chunks_exact_mut(KEY_TILE).for_each(|row| row[kn..].fill(0.0));
+        }
+        match T::as_f32(v) {
+            Some(v) => {
+                for (j, value) in values[..kn].iter_mut().enumerate() {
+                    let pos = k0 + j;
+                    let off = (self.table[pos / bs] as usize * bs + pos % bs) * stride + self.head_offset;
+                    *value = &v[off..off + hd];
+                }
+            }
+            None => {
+                let vt: &'t [f32] = vt;
+                for (value, row) in values[..kn].iter_mut().zip(vt.chunks_exact(hd)) {
+                    *value = row;
+                }
+            }
         }
     }
 }
@@ -273,8 +345,8 @@ fn copy_run(dst: &mut [f32], src: &[f32]) {
 }
 
 /// What the tile loop of a job reads: its rows' queries (`[rows, hd]`) and positions (ascending).
-struct TileJob<'a> {
-    kv: &'a JobKv<'a>,
+struct TileJob<'a, T> {
+    kv: &'a JobKv<'a, T>,
     qs: &'a [f32],
     pos: &'a [usize],
     scale: f32,
@@ -286,7 +358,7 @@ struct TileJob<'a> {
 /// for other block sizes) so a row's scores are plain vertical FMAs, shared by all of the job's rows.
 macro_rules! tile_loop {
     ($job:expr, $acc:expr) => {{
-        let job: &TileJob<'_> = $job;
+        let job: &TileJob<'_, _> = $job;
         let acc: &mut [f32] = $acc;
         let hd = job.kv.hd;
         let rows = job.pos.len();
@@ -294,11 +366,12 @@ macro_rules! tile_loop {
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
         let mut kt = vec![0f32; hd * KEY_TILE];
-        let mut values: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+        let mut vt = vec![0f32; hd * KEY_TILE];
         let mut p = [0f32; KEY_TILE];
         for k0 in (0..=last).step_by(KEY_TILE) {
             let kn = KEY_TILE.min(last + 1 - k0);
-            let keys = job.kv.key_tile(k0, kn, &mut kt, &mut values);
+            let mut values: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+            let keys = job.kv.key_tile(k0, kn, &mut kt, &mut vt, &mut values);
             for r in 0..rows {
                 if job.pos[r] < k0 {
                     continue;
@@ -324,9 +397,9 @@ use tile_loop;
 
 /// Portable micro-kernels: every sum in index order, separate multiply and add, libm's `exp`.
 mod scalar {
-    use super::{HALF_TILE, KEY_TILE, KeyTile, TileJob};
+    use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, TileJob};
 
-    pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
+    pub(super) fn run_tiles<T: KvElem>(job: &TileJob<'_, T>, acc: &mut [f32]) {
         tile_loop!(job, acc)
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use ferrite_common::config::{LlamaConfig, RopeStyle};
 use ferrite_common::error::ModelError;
 use ferrite_common::model::ModelFiles;
-use ferrite_kernels::cpu::attention::{AttnShape, KvLayout, PagedKv, SeqRows, paged_attention};
+use ferrite_kernels::cpu::attention::{AttnShape, KvElem, KvLayout, PagedKv, SeqRows, paged_attention};
 use ferrite_kernels::cpu::ops::{RopePairing, rms_norm, rope, silu_mul};
 use rayon::prelude::*;
 
@@ -35,6 +35,8 @@ pub struct CpuOptions {
     pub block_size: usize,
     /// The instruction set every kernel runs at (the host's best, or the `FERRITE_CPU_ISA` cap).
     pub isa: CpuIsa,
+    /// The KV cache's element type.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for CpuOptions {
@@ -45,15 +47,41 @@ impl Default for CpuOptions {
             num_kv_blocks: 256,
             block_size: crate::backend::DEFAULT_BLOCK_SIZE,
             isa: CpuIsa::host(),
+            kv_dtype: KvDtype::F32,
         }
     }
 }
 
-/// Paged KV storage: per layer `num_blocks · block_size` token slots of `n_kv_heads · head_dim` f32 for K and for V,
-/// laid out as the attention kernel reads them ([`KvLayout`]: V by slot, K transposed within each block).
+/// The KV cache's element type on the CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    /// Exact: what the forward pass computed.
+    #[default]
+    F32,
+    /// Half the memory and bandwidth: keys and values rounded to f16 when stored (every sum stays f32).
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// K and V of every layer, in the cache's element type.
+enum KvData {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 { k: Vec<half::f16>, v: Vec<half::f16> },
+}
+
+/// Paged KV storage: per layer `num_blocks · block_size` token slots of `n_kv_heads · head_dim` elements for K and
+/// for V, laid out as the attention kernel reads them ([`KvLayout`]: V by slot, K transposed within each block).
 struct KvStore {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    data: KvData,
     /// Floats per layer.
     layer_stride: usize,
     /// Floats per token slot (`n_kv_heads · head_dim`).
@@ -63,16 +91,41 @@ struct KvStore {
 }
 
 impl KvStore {
-    fn new(c: &LlamaConfig, num_blocks: usize, block_size: usize) -> Self {
+    fn new(c: &LlamaConfig, num_blocks: usize, block_size: usize, dtype: KvDtype) -> Self {
         let slot_stride = c.num_kv_heads * c.head_dim;
         let layer_stride = num_blocks * block_size * slot_stride;
         let total = layer_stride * c.num_layers;
-        Self { k: vec![0.0; total], v: vec![0.0; total], layer_stride, slot_stride, block_size, num_blocks }
+        let data = match dtype {
+            KvDtype::F32 => KvData::F32 { k: vec![0.0; total], v: vec![0.0; total] },
+            KvDtype::F16 => KvData::F16 { k: vec![half::f16::ZERO; total], v: vec![half::f16::ZERO; total] },
+        };
+        Self { data, layer_stride, slot_stride, block_size, num_blocks }
     }
 
     fn layout(&self) -> KvLayout {
         KvLayout { block_size: self.block_size, slot_stride: self.slot_stride }
     }
+}
+
+/// Writes the step's K and V rows (`(token slot, key, value)`) into one layer's cache, then runs the layer's attention
+/// over it.
+#[allow(clippy::too_many_arguments)]
+fn store_and_attend<T: KvElem>(
+    isa: CpuIsa,
+    layout: KvLayout,
+    k: &mut [T],
+    v: &mut [T],
+    writes: &[(usize, &[f32], &[f32])],
+    seqs: &[SeqRows<'_>],
+    q: &[f32],
+    shape: &AttnShape,
+    out: &mut [f32],
+) {
+    for &(slot, key, value) in writes {
+        layout.store(k, v, slot, key, value);
+    }
+    let kv = PagedKv { k, v, block_size: layout.block_size, slot_stride: layout.slot_stride };
+    paged_attention(isa, &kv, seqs, q, shape, out);
 }
 
 /// Scratch buffers reused across steps.
@@ -143,7 +196,7 @@ impl CpuBackend {
         Ok(Self {
             isa: opts.isa,
             inv_freq: config.rope_inv_freq(),
-            kv: KvStore::new(&config, opts.num_kv_blocks, opts.block_size),
+            kv: KvStore::new(&config, opts.num_kv_blocks, opts.block_size, opts.kv_dtype),
             config,
             tp,
             weights,
@@ -210,18 +263,24 @@ impl CpuBackend {
             });
             let layer = l * self.kv.layer_stride..(l + 1) * self.kv.layer_stride;
             let layout = self.kv.layout();
-            let (k_layer, v_layer) = (&mut self.kv.k[layer.clone()], &mut self.kv.v[layer.clone()]);
-            for (row, &(s, pos)) in sc.qkv.chunks_exact(qkv_width).zip(&rows) {
-                let slot = batch.seqs[s].block_table[pos / layout.block_size] as usize * layout.block_size + pos % layout.block_size;
-                layout.store(k_layer, v_layer, slot, &row[q_width..q_width + kv_width], &row[q_width + kv_width..]);
+            // The step's rows: (token slot, its K and V), written before the layer's attention reads the cache.
+            let writes: Vec<(usize, &[f32], &[f32])> = sc
+                .qkv
+                .chunks_exact(qkv_width)
+                .zip(&rows)
+                .map(|(row, &(s, pos))| {
+                    let slot = batch.seqs[s].block_table[pos / layout.block_size] as usize * layout.block_size + pos % layout.block_size;
+                    (slot, &row[q_width..q_width + kv_width], &row[q_width + kv_width..])
+                })
+                .collect();
+            match &mut self.kv.data {
+                KvData::F32 { k, v } => {
+                    store_and_attend(isa, layout, &mut k[layer.clone()], &mut v[layer], &writes, &attn_seqs, &sc.qkv, &shape, &mut sc.attn)
+                }
+                KvData::F16 { k, v } => {
+                    store_and_attend(isa, layout, &mut k[layer.clone()], &mut v[layer], &writes, &attn_seqs, &sc.qkv, &shape, &mut sc.attn)
+                }
             }
-            let kv = PagedKv {
-                k: &self.kv.k[layer.clone()],
-                v: &self.kv.v[layer],
-                block_size: self.kv.block_size,
-                slot_stride: self.kv.slot_stride,
-            };
-            paged_attention(isa, &kv, &attn_seqs, &sc.qkv, &shape, &mut sc.attn);
             matmul::matmul(isa, &lw.wo, &sc.attn, t, &mut sc.proj);
             Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
             sc.x.par_chunks_mut(hidden).zip(sc.proj.par_chunks(hidden)).for_each(|(x, p)| add_in_place(x, p));

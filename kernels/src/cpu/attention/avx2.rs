@@ -5,7 +5,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{HALF_TILE, KEY_TILE, KeyTile, TileJob, tile_loop};
+use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, TileJob, tile_loop};
 
 /// Lanes per vector.
 const W: usize = 8;
@@ -14,7 +14,7 @@ const TV: usize = KEY_TILE / W;
 
 /// The tile loop with these micro-kernels inlined.
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn run_tiles(job: &TileJob<'_>, acc: &mut [f32]) {
+pub(super) fn run_tiles<T: KvElem>(job: &TileJob<'_, T>, acc: &mut [f32]) {
     tile_loop!(job, acc)
 }
 
