@@ -272,7 +272,9 @@ impl Engine {
                 let phase = if out.num_tokens > running_before { StepPhase::Prefill } else { StepPhase::Decode };
                 self.stats.step_times[phase as usize].record(elapsed);
                 if let Some(pacer) = &mut self.pacer {
-                    pacer.observe(out.num_tokens, elapsed);
+                    // Running sequences compute one token each unless prefilling: the rest are prompt tokens (a lower
+                    // bound: a running prefill counts once among `running_before`).
+                    pacer.observe(out.num_tokens, out.num_tokens.saturating_sub(running_before), elapsed);
                     self.core.set_decode_step_tokens(pacer.tokens());
                 }
             }

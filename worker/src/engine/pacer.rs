@@ -9,8 +9,9 @@
 
 use std::time::Duration;
 
-/// Steps of fewer tokens are not measured: their time is mostly the step's fixed cost (every weight is read once per
-/// step whatever the batch), which would overstate what one more token costs.
+/// Steps of fewer tokens, or mostly of decode rows, are not measured: their time is mostly the step's fixed cost
+/// (every weight is read once per step whatever the batch) and the decode rows' attention, which would overstate what
+/// one more prompt token costs.
 const MIN_SAMPLE_TOKENS: usize = 32;
 /// Weight of the newest measurement in the running estimate.
 const EMA_WEIGHT: f64 = 0.25;
@@ -29,9 +30,9 @@ impl StepPacer {
         Self { target, max_tokens, per_token: None }
     }
 
-    /// Records a step that computed `tokens` tokens in `elapsed`.
-    pub(crate) fn observe(&mut self, tokens: usize, elapsed: Duration) {
-        if tokens < MIN_SAMPLE_TOKENS {
+    /// Records a step that computed `tokens` tokens, `prompt_tokens` of them prompt (prefill) tokens, in `elapsed`.
+    pub(crate) fn observe(&mut self, tokens: usize, prompt_tokens: usize, elapsed: Duration) {
+        if tokens < MIN_SAMPLE_TOKENS || 2 * prompt_tokens < tokens {
             return;
         }
         let cost = elapsed.as_secs_f64() / tokens as f64;
@@ -57,10 +58,12 @@ mod tests {
     fn no_limit_until_measured_and_small_steps_do_not_count() {
         let mut p = StepPacer::new(Duration::from_millis(100), 256);
         assert_eq!(p.tokens(), None);
-        // A decode step of 4 rows: mostly fixed cost, not a measure of a token.
-        p.observe(4, Duration::from_millis(40));
+        // A decode step of 4 rows: mostly fixed cost, not a measure of a token; nor is a step of 64 decode rows.
+        p.observe(4, 0, Duration::from_millis(40));
+        p.observe(64, 0, Duration::from_millis(300));
+        p.observe(64, 20, Duration::from_millis(300));
         assert_eq!(p.tokens(), None);
-        p.observe(200, Duration::from_millis(500));
+        p.observe(200, 190, Duration::from_millis(500));
         // 2.5 ms a token: 40 tokens fit in 100 ms.
         assert_eq!(p.tokens(), Some(40));
     }
@@ -68,16 +71,16 @@ mod tests {
     #[test]
     fn follows_the_measured_cost_and_stays_within_the_budget() {
         let mut p = StepPacer::new(Duration::from_millis(100), 256);
-        p.observe(100, Duration::from_millis(100)); // 1 ms a token
+        p.observe(100, 100, Duration::from_millis(100)); // 1 ms a token
         assert_eq!(p.tokens(), Some(100));
         // Tokens get dearer (longer contexts): the estimate moves a quarter of the way each step.
         for _ in 0..40 {
-            p.observe(50, Duration::from_millis(200)); // 4 ms a token
+            p.observe(50, 50, Duration::from_millis(200)); // 4 ms a token
         }
         assert_eq!(p.tokens(), Some(25));
         // Very cheap tokens: never more than the budget.
         for _ in 0..80 {
-            p.observe(1000, Duration::from_millis(1));
+            p.observe(1000, 1000, Duration::from_millis(1));
         }
         assert_eq!(p.tokens(), Some(256));
     }
