@@ -16,14 +16,8 @@ FERRITE=${FERRITE_BIN:-target/release/ferrite}
 MODEL=$(scripts/fetch-model.sh)
 CONCURRENCY=${CONCURRENCY:-1 4 16}
 
-wait_ready() { # url
-  for _ in $(seq 1 120); do
-    curl -sf "$1" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "server at $1 did not become ready" >&2
-  return 1
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 load() { # name port
   local name=$1 port=$2

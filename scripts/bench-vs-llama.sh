@@ -20,14 +20,8 @@ MODEL=$(scripts/fetch-model.sh)
 THREADS=${THREADS:-2}
 WORKLOADS=${WORKLOADS:-decode p200-c1 p200-c4 p200-c16 prefix-c1 prefix-c4 prefix-c16 long-1000 long-2000 long-4000}
 
-wait_ready() { # url
-  for _ in $(seq 1 120); do
-    curl -sf "$1" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "server at $1 did not become ready" >&2
-  return 1
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
