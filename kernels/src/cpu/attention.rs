@@ -92,8 +92,9 @@ pub struct PagedKv<'a, T = f32> {
 /// - **value** is at `s · slot_stride + i` (a slot's value rows are contiguous: the softmax-weighted sum reads them);
 /// - **key** is at `b · block_size · slot_stride + i · block_size + o`: each block stores its keys transposed, so
 ///   dimension `d` of one head's keys is `block_size` contiguous floats. The score micro-kernels work on a transposed
-///   key tile (`kt[d · KEY_TILE + j]`); in this layout a tile is a copy of whole page rows, not a scatter of every
-///   element (which cost as much as the scores themselves for a decode step's few query rows).
+///   key tile ([`KeyTile`]); in this layout a tile is whole page rows (read in place at the default block size,
+///   copied otherwise), not a scatter of every element (which cost as much as the scores themselves for a decode
+///   step's few query rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
     pub block_size: usize,
@@ -125,12 +126,6 @@ impl KvLayout {
         for (i, o) in out[..self.slot_stride].iter_mut().enumerate() {
             T::widen(std::slice::from_ref(&k[self.key_index(slot, i)]), std::slice::from_mut(o));
         }
-    }
-}
-
-impl<T> PagedKv<'_, T> {
-    pub fn layout(&self) -> KvLayout {
-        KvLayout { block_size: self.block_size, slot_stride: self.slot_stride }
     }
 }
 

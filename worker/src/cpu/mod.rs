@@ -82,11 +82,9 @@ enum KvData {
 /// for V, laid out as the attention kernel reads them ([`KvLayout`]: V by slot, K transposed within each block).
 struct KvStore {
     data: KvData,
-    /// Floats per layer.
+    layout: KvLayout,
+    /// Elements per layer.
     layer_stride: usize,
-    /// Floats per token slot (`n_kv_heads · head_dim`).
-    slot_stride: usize,
-    block_size: usize,
     num_blocks: usize,
 }
 
@@ -99,33 +97,31 @@ impl KvStore {
             KvDtype::F32 => KvData::F32 { k: vec![0.0; total], v: vec![0.0; total] },
             KvDtype::F16 => KvData::F16 { k: vec![half::f16::ZERO; total], v: vec![half::f16::ZERO; total] },
         };
-        Self { data, layer_stride, slot_stride, block_size, num_blocks }
-    }
-
-    fn layout(&self) -> KvLayout {
-        KvLayout { block_size: self.block_size, slot_stride: self.slot_stride }
+        Self { data, layout: KvLayout { block_size, slot_stride }, layer_stride, num_blocks }
     }
 }
 
-/// Writes the step's K and V rows (`(token slot, key, value)`) into one layer's cache, then runs the layer's attention
-/// over it.
+/// Writes the step's K and V (row `r` of `qkv`, after its `q_width` query floats, into token slot `slots[r]`) into
+/// one layer's cache, then runs the layer's attention over it.
 #[allow(clippy::too_many_arguments)]
 fn store_and_attend<T: KvElem>(
     isa: CpuIsa,
     layout: KvLayout,
     k: &mut [T],
     v: &mut [T],
-    writes: &[(usize, &[f32], &[f32])],
+    slots: &[usize],
+    q_width: usize,
     seqs: &[SeqRows<'_>],
-    q: &[f32],
+    qkv: &[f32],
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    for &(slot, key, value) in writes {
-        layout.store(k, v, slot, key, value);
+    let kv_width = layout.slot_stride;
+    for (row, &slot) in qkv.chunks_exact(q_width + 2 * kv_width).zip(slots) {
+        layout.store(k, v, slot, &row[q_width..q_width + kv_width], &row[q_width + kv_width..]);
     }
     let kv = PagedKv { k, v, block_size: layout.block_size, slot_stride: layout.slot_stride };
-    paged_attention(isa, &kv, seqs, q, shape, out);
+    paged_attention(isa, &kv, seqs, qkv, shape, out);
 }
 
 /// Scratch buffers reused across steps.
@@ -234,6 +230,9 @@ impl CpuBackend {
             rows.extend((0..seq.tokens.len()).map(|i| (s, seq.start_pos + i)));
         }
         let t = rows.len();
+        // The KV cache slot of each row (the same in every layer).
+        let bs = self.kv.layout.block_size;
+        let slots: Vec<usize> = rows.iter().map(|&(s, pos)| batch.seqs[s].block_table[pos / bs] as usize * bs + pos % bs).collect();
         let sc = &mut self.scratch;
         sc.x.resize(t * hidden, 0.0);
         for (row, tok) in sc.x.chunks_exact_mut(hidden).zip(batch.seqs.iter().flat_map(|s| s.tokens)) {
@@ -262,24 +261,32 @@ impl CpuBackend {
                 rope(&mut row[..q_width + kv_width], hd, pos, &self.inv_freq, self.pairing);
             });
             let layer = l * self.kv.layer_stride..(l + 1) * self.kv.layer_stride;
-            let layout = self.kv.layout();
-            // The step's rows: (token slot, its K and V), written before the layer's attention reads the cache.
-            let writes: Vec<(usize, &[f32], &[f32])> = sc
-                .qkv
-                .chunks_exact(qkv_width)
-                .zip(&rows)
-                .map(|(row, &(s, pos))| {
-                    let slot = batch.seqs[s].block_table[pos / layout.block_size] as usize * layout.block_size + pos % layout.block_size;
-                    (slot, &row[q_width..q_width + kv_width], &row[q_width + kv_width..])
-                })
-                .collect();
+            let layout = self.kv.layout;
             match &mut self.kv.data {
-                KvData::F32 { k, v } => {
-                    store_and_attend(isa, layout, &mut k[layer.clone()], &mut v[layer], &writes, &attn_seqs, &sc.qkv, &shape, &mut sc.attn)
-                }
-                KvData::F16 { k, v } => {
-                    store_and_attend(isa, layout, &mut k[layer.clone()], &mut v[layer], &writes, &attn_seqs, &sc.qkv, &shape, &mut sc.attn)
-                }
+                KvData::F32 { k, v } => store_and_attend(
+                    isa,
+                    layout,
+                    &mut k[layer.clone()],
+                    &mut v[layer],
+                    &slots,
+                    q_width,
+                    &attn_seqs,
+                    &sc.qkv,
+                    &shape,
+                    &mut sc.attn,
+                ),
+                KvData::F16 { k, v } => store_and_attend(
+                    isa,
+                    layout,
+                    &mut k[layer.clone()],
+                    &mut v[layer],
+                    &slots,
+                    q_width,
+                    &attn_seqs,
+                    &sc.qkv,
+                    &shape,
+                    &mut sc.attn,
+                ),
             }
             matmul::matmul(isa, &lw.wo, &sc.attn, t, &mut sc.proj);
             Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
@@ -345,11 +352,11 @@ impl Backend for CpuBackend {
     }
 
     fn info(&self) -> BackendInfo {
-        BackendInfo { name: "cpu", num_kv_blocks: self.kv.num_blocks, block_size: self.kv.block_size }
+        BackendInfo { name: "cpu", num_kv_blocks: self.kv.num_blocks, block_size: self.kv.layout.block_size }
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits, BackendError> {
-        validate_batch(batch, &self.config, self.kv.block_size, self.kv.num_blocks)?;
+        validate_batch(batch, &self.config, self.kv.layout.block_size, self.kv.num_blocks)?;
         if batch.seqs.is_empty() {
             return Ok(Logits { vocab: self.config.vocab_size, data: Vec::new(), ranges: Vec::new() });
         }

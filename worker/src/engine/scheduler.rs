@@ -378,9 +378,9 @@ impl<M> Scheduler<M> {
     pub(crate) fn schedule(&mut self) -> Vec<Scheduled> {
         let mut budget = self.cfg.max_num_batched_tokens;
         // Prompt tokens this step may compute: bounded while any running sequence decodes (one token to compute).
-        let decoding = self.running.iter().filter(|id| self.seqs[id].tokens.len() - self.seqs[id].num_computed == 1).count();
-        let mut prompt_budget = match self.decode_step_tokens {
-            Some(target) if decoding > 0 => target.saturating_sub(decoding).max(MIN_PREFILL_CHUNK),
+        let decoding = || self.running.iter().filter(|id| self.seqs[id].tokens.len() - self.seqs[id].num_computed == 1).count();
+        let mut prompt_budget = match self.decode_step_tokens.map(|target| (target, decoding())) {
+            Some((target, decoding)) if decoding > 0 => target.saturating_sub(decoding).max(MIN_PREFILL_CHUNK),
             _ => usize::MAX,
         };
         let mut plan = Vec::new();
