@@ -303,6 +303,9 @@ mod tests {
         assert_eq!(config(&[]).kv_cache_dtype, KvDtype::F32);
         assert_eq!(config(&["--kv-cache-dtype", "f16"]).kv_cache_dtype, KvDtype::F16);
         assert_eq!(config(&["--decode-step-target-ms", "0"]).decode_step_target_ms, 0);
+        let err = Cli::try_parse_from(["ferrite", "--kv-cache-dtype", "bf16"]).err().expect("unknown KV dtype rejected").to_string();
+        assert!(err.contains("f32") && err.contains("f16"), "the error names the choices: {err}");
+        assert!(Cli::try_parse_from(["ferrite", "--decode-step-target-ms", "-5"]).is_err());
         let err = Cli::try_parse_from(["ferrite", "--cpu-isa", "sse4"]).err().expect("unknown ISA rejected").to_string();
         assert!(err.contains("expected one of: scalar, avx2, avx512"), "{err}");
         // A level the host lacks fails validation; the host's own levels pass.
