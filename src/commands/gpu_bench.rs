@@ -143,7 +143,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if backend.prefill_on_tensor_cores() { "flash-style on tensor cores" } else { "dense through cuBLAS" }
     );
     println!(
-        "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "{:>6} {:>6} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
         "batch",
         "ctx",
         "ms/step",
@@ -157,7 +157,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "attn frac",
         "other ms",
         "rest ms",
-        "sampled ms"
+        "sampled ms",
+        "masked ms"
     );
     for &b in &a.batch {
         let (tables, toks) = decode_inputs(b, a.ctx, blocks, &mut next_tok)?;
@@ -179,21 +180,36 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })
             .collect();
         // A failure here is reported, not fatal: the rest of the benchmark still runs.
-        let sampled_ms = match backend.forward_sample(&batch, &rows) {
-            Ok(_) => {
-                let mut sampled = Vec::new();
-                for _ in 0..a.steps.min(20) {
-                    let t = Instant::now();
-                    backend.forward_sample(&batch, &rows)?;
-                    sampled.push(t.elapsed().as_secs_f64() * 1e3);
+        let mut time_sampling = |rows: &[RowSampling], what: &str| -> anyhow::Result<f64> {
+            Ok(match backend.forward_sample(&batch, rows) {
+                Ok(_) => {
+                    let mut sampled = Vec::new();
+                    for _ in 0..a.steps.min(20) {
+                        let t = Instant::now();
+                        backend.forward_sample(&batch, rows)?;
+                        sampled.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    median(sampled)
                 }
-                median(sampled)
-            }
-            Err(e) => {
-                eprintln!("device sampling failed at batch {b}: {e}");
-                f64::NAN
-            }
+                Err(e) => {
+                    eprintln!("{what} failed at batch {b}: {e}");
+                    f64::NAN
+                }
+            })
         };
+        let sampled_ms = time_sampling(&rows, "device sampling")?;
+        // The same draws under a grammar's token mask on every row (half the vocabulary allowed, a different half
+        // per row): the mask upload and the mask kernel, what a structured-output request adds to a step.
+        let words = c.vocab_size.div_ceil(32);
+        let masked: Vec<RowSampling> = rows
+            .iter()
+            .enumerate()
+            .map(|(s, r)| RowSampling {
+                mask: Some((0..words).map(|w| 0x5555_5555u32.rotate_left(((w + s) % 2) as u32)).collect()),
+                ..r.clone()
+            })
+            .collect();
+        let masked_ms = time_sampling(&masked, "masked device sampling")?;
         // Just the step's linear layers, against the weights-only roofline.
         let linear_ms = backend.time_decode_linears(b)?;
         let linear_roof = weight_bytes / (copy_gbs * 1e9) * 1e3;
@@ -207,7 +223,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let other_ms = backend.time_decode_other_kernels(b)?;
         let rest_ms = ms - linear_ms - attn_ms - other_ms;
         println!(
-            "{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3} {linear_ms:>10.3} {:>9.3} {attn_ms:>9.3} {:>10.3} {other_ms:>9.3} {rest_ms:>9.3} {sampled_ms:>10.3}",
+            "{b:>6} {:>6} {ms:>10.3} {:>10.0} {roof_ms:>10.3} {:>7.3} {eager_ms:>10.3} {linear_ms:>10.3} {:>9.3} {attn_ms:>9.3} {:>10.3} {other_ms:>9.3} {rest_ms:>9.3} {sampled_ms:>10.3} {masked_ms:>10.3}",
             a.ctx,
             b as f64 / ms * 1e3,
             roof_ms / ms,
@@ -219,7 +235,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "linear_ms": linear_ms, "linear_fraction_of_weight_roofline": linear_roof / linear_ms,
             "attention_ms": attn_ms, "attention_fraction_of_kv_roofline": attn_roof / attn_ms,
             "other_kernels_ms": other_ms, "rest_ms": rest_ms,
-            "sampled_top_p_ms_per_step": sampled_ms}));
+            "sampled_top_p_ms_per_step": sampled_ms, "sampled_masked_ms_per_step": masked_ms}));
     }
 
     // The same graph decode steps without programmatic dependent launch (when it is on): what PDL gains.
