@@ -215,7 +215,7 @@ fn run_job<T: KvElem>(
     }
     let mut acc = vec![0f32; rows * hd];
     let job_kv = JobKv { kv, table: seq.block_table, head_offset: job.kv_head * hd, hd };
-    let tile = TileJob { kv: &job_kv, qs: &qs, pos: &pos, scale: shape.scale };
+    let tile = TileJob { kv: &job_kv, qs: &qs, pos: &pos, group, scale: shape.scale };
     let _ = isa;
     match () {
         #[cfg(target_arch = "x86_64")]
@@ -339,48 +339,76 @@ fn copy_run(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// What the tile loop of a job reads: its rows' queries (`[rows, hd]`) and positions (ascending).
+/// What the tile loop of a job reads: its rows' queries (`[rows, hd]`) and positions (ascending), `group` rows (the
+/// query heads of one KV head) per position.
 struct TileJob<'a, T> {
     kv: &'a JobKv<'a, T>,
     qs: &'a [f32],
     pos: &'a [usize],
+    group: usize,
     scale: f32,
 }
 
-/// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls (`scores`,
-/// `softmax_tile`, `rescale_accumulate`, `scale_row`, defined there with that module's target features) inline into
-/// it. Each key tile is read transposed ([`KeyTile`]: the cache's pages in place, see [`KvLayout`], or a gathered copy
-/// for other block sizes) so a row's scores are plain vertical FMAs, shared by all of the job's rows.
+/// The most query rows one micro-kernel call takes: rows of one position (they share the causal mask) that read
+/// each key and value vector once between them, and hold `ROWS_MAX` times the accumulators.
+const ROWS_MAX: usize = 3;
+
+/// How many of the `left` remaining rows of a position the next micro-kernel call takes: at most [`ROWS_MAX`], and
+/// 4 as 2 + 2 rather than 3 + 1.
+#[inline(always)]
+fn rows_in_call(left: usize) -> usize {
+    if left == 4 { 2 } else { left.min(ROWS_MAX) }
+}
+
+/// The tile loop, the same for every ISA; expanded in each ISA's module so the micro-kernels it calls
+/// (`scores_rows`, `softmax_tile`, `rescale_accumulate_rows`, `scale_row`, defined there with that module's target
+/// features) inline into it. Each key tile is read transposed ([`KeyTile`]: the cache's pages in place, see
+/// [`KvLayout`], or a gathered copy for other block sizes) so a row's scores are plain vertical FMAs, shared by all
+/// of the job's rows. The rows of one position (its GQA group's heads, which share the causal mask) go through the
+/// micro-kernels up to [`ROWS_MAX`] at a time, so each key and value vector loaded serves several rows and the
+/// independent FMA chains of those rows hide each other's latency. A row's arithmetic is the same whichever rows
+/// share the call: every lane of every row keeps its own chains, in the same order.
 macro_rules! tile_loop {
     ($job:expr, $acc:expr) => {{
         let job: &TileJob<'_, _> = $job;
         let acc: &mut [f32] = $acc;
-        let hd = job.kv.hd;
+        let (hd, group) = (job.kv.hd, job.group.max(1));
         let rows = job.pos.len();
         let last = job.pos.last().copied().unwrap_or(0);
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
         let mut kt = vec![0f32; hd * KEY_TILE];
         let mut vt = vec![0f32; hd * KEY_TILE];
-        let mut p = [0f32; KEY_TILE];
+        let mut p = [[0f32; KEY_TILE]; ROWS_MAX];
+        let mut alpha = [0f32; ROWS_MAX];
         for k0 in (0..=last).step_by(KEY_TILE) {
             let kn = KEY_TILE.min(last + 1 - k0);
             let mut values: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
             let keys = job.kv.key_tile(k0, kn, &mut kt, &mut vt, &mut values);
-            for r in 0..rows {
-                if job.pos[r] < k0 {
+            for r0 in (0..rows).step_by(group) {
+                let pos = job.pos[r0];
+                if pos < k0 {
                     continue;
                 }
-                // Keys this row may see in the tile (causal mask).
-                let n = kn.min(job.pos[r] + 1 - k0);
-                scores(&job.qs[r * hd..(r + 1) * hd], keys, &mut p);
-                // `p` becomes exp(score - m) for the first `n` keys and 0 past them.
-                let (m, tile_sum) = softmax_tile(&mut p, n, job.scale, max[r]);
-                // exp(-inf) = 0 on the first tile: the empty accumulator stays 0.
-                let alpha = (max[r] - m).exp();
-                max[r] = m;
-                sum[r] = sum[r] * alpha + tile_sum;
-                rescale_accumulate(&mut acc[r * hd..(r + 1) * hd], alpha, &p[..n], &values[..n]);
+                // Keys these rows may see in the tile (causal mask).
+                let n = kn.min(pos + 1 - k0);
+                let end = (r0 + group).min(rows);
+                let mut r = r0;
+                while r < end {
+                    let take = rows_in_call(end - r);
+                    let p = &mut p[..take];
+                    scores_rows(&job.qs[r * hd..(r + take) * hd], keys, p);
+                    for (i, pi) in p.iter_mut().enumerate() {
+                        // `pi` becomes exp(score - m) for the first `n` keys and 0 past them.
+                        let (m, tile_sum) = softmax_tile(pi, n, job.scale, max[r + i]);
+                        // exp(-inf) = 0 on the first tile: the empty accumulator stays 0.
+                        alpha[i] = (max[r + i] - m).exp();
+                        max[r + i] = m;
+                        sum[r + i] = sum[r + i] * alpha[i] + tile_sum;
+                    }
+                    rescale_accumulate_rows(&mut acc[r * hd..(r + take) * hd], &alpha[..take], p, &values[..n]);
+                    r += take;
+                }
             }
         }
         for (r, row) in acc.chunks_exact_mut(hd).enumerate() {
@@ -392,10 +420,28 @@ use tile_loop;
 
 /// Portable micro-kernels: every sum in index order, separate multiply and add, libm's `exp`.
 mod scalar {
-    use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, TileJob};
+    use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, ROWS_MAX, TileJob, rows_in_call};
 
     pub(super) fn run_tiles<T: KvElem>(job: &TileJob<'_, T>, acc: &mut [f32]) {
         tile_loop!(job, acc)
+    }
+
+    /// [`scores`] for each of the rows of `q` (`p.len()` rows of `q.len() / p.len()` floats).
+    #[inline(always)]
+    fn scores_rows(q: &[f32], keys: KeyTile<'_>, p: &mut [[f32; KEY_TILE]]) {
+        let hd = q.len() / p.len();
+        for (qr, pr) in q.chunks_exact(hd).zip(p) {
+            scores(qr, keys, pr);
+        }
+    }
+
+    /// [`rescale_accumulate`] for each row of `acc`, weighted by its row of `p` (the first `v.len()` keys).
+    #[inline(always)]
+    fn rescale_accumulate_rows(acc: &mut [f32], alpha: &[f32], p: &[[f32; KEY_TILE]], v: &[&[f32]]) {
+        let hd = acc.len() / p.len();
+        for ((row, &a), pr) in acc.chunks_exact_mut(hd).zip(alpha).zip(p) {
+            rescale_accumulate(row, a, &pr[..v.len()], v);
+        }
     }
 
     /// `p[j] = Σ_d q[d] · key_j[d]`, `d` in order.
