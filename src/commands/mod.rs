@@ -31,8 +31,8 @@ pub struct ModelArgs {
     /// Weight precision on CPU: `native` keeps GGUF quantized blocks, `f32` dequantizes everything.
     #[arg(long, value_enum, default_value_t = Precision::Native)]
     pub precision: Precision,
-    /// Cap on the instruction set of the CPU kernels: `scalar`, `avx2` or `avx512` (default: the best this CPU
-    /// supports; asking for one it lacks is an error).
+    /// Cap on the instruction set of the CPU kernels: `scalar`, `avx2`, `avx2-vnni` or `avx512` (default: the best
+    /// this CPU supports; asking for one it lacks is an error).
     #[arg(long, env = "FERRITE_CPU_ISA")]
     pub cpu_isa: Option<IsaLevel>,
     /// CPU KV cache element type: `f16` holds twice the tokens in the same memory and halves the bytes a decode step
@@ -300,6 +300,7 @@ mod tests {
         assert_eq!(config(&[]).cpu_isa, None);
         assert_eq!(config(&["--cpu-isa", "scalar"]).cpu_isa, Some(IsaLevel::Scalar));
         assert_eq!(config(&["--cpu-isa", "avx512"]).cpu_isa, Some(IsaLevel::Avx512));
+        assert_eq!(config(&["--cpu-isa", "avx2-vnni"]).cpu_isa, Some(IsaLevel::Avx2Vnni));
         assert_eq!(config(&[]).kv_cache_dtype, KvDtype::F32);
         assert_eq!(config(&["--kv-cache-dtype", "f16"]).kv_cache_dtype, KvDtype::F16);
         assert_eq!(config(&["--decode-step-target-ms", "0"]).decode_step_target_ms, 0);
@@ -307,7 +308,7 @@ mod tests {
         assert!(err.contains("f32") && err.contains("f16"), "the error names the choices: {err}");
         assert!(Cli::try_parse_from(["ferrite", "--decode-step-target-ms", "-5"]).is_err());
         let err = Cli::try_parse_from(["ferrite", "--cpu-isa", "sse4"]).err().expect("unknown ISA rejected").to_string();
-        assert!(err.contains("expected one of: scalar, avx2, avx512"), "{err}");
+        assert!(err.contains("expected one of: scalar, avx2, avx2-vnni, avx512"), "{err}");
         // A level the host lacks fails validation; the host's own levels pass.
         for level in IsaLevel::ALL {
             let c = config(&["--cpu-isa", level.name()]);

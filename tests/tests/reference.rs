@@ -5,7 +5,7 @@
 //! - The fast path (GGUF blocks, quantized activations) must stay within the bound stated in
 //!   [`quantized_path_matches_reference_within_bound`].
 //!
-//! Both run once per instruction set this CPU supports (`FERRITE_CPU_ISA`: scalar, avx2, avx512), so every kernel
+//! Both run once per instruction set this CPU supports (`FERRITE_CPU_ISA`: scalar, avx2, avx2-vnni, avx512), so every kernel
 //! path the host can take is held to the reference.
 
 use ferrite_common::model::ModelFiles;

@@ -7,13 +7,17 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// An instruction-set level, as a user names it (`scalar`, `avx2`, `avx512`); ordered from least to most.
+/// An instruction-set level, as a user names it (`scalar`, `avx2`, `avx2-vnni`, `avx512`); ordered from least to
+/// most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IsaLevel {
     /// Portable Rust, no SIMD intrinsics.
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2's set plus AVX-VNNI (`vpdpwssd` on 256-bit vectors: Alder Lake and later, Zen 5): the int16 GEMM fuses
+    /// each multiply-add pair into one instruction. Integer sums are exact, so results are bit-identical to `avx2`.
+    Avx2Vnni,
     /// AVX2's set plus avx512f, avx512bw and gfni (GFNI also rules out the Skylake-era parts whose 512-bit
     /// instructions lower the clock).
     Avx512,
@@ -21,13 +25,14 @@ pub enum IsaLevel {
 
 impl IsaLevel {
     /// Every level, lowest first.
-    pub const ALL: [IsaLevel; 3] = [IsaLevel::Scalar, IsaLevel::Avx2, IsaLevel::Avx512];
+    pub const ALL: [IsaLevel; 4] = [IsaLevel::Scalar, IsaLevel::Avx2, IsaLevel::Avx2Vnni, IsaLevel::Avx512];
 
     /// The name a user writes.
     pub fn name(self) -> &'static str {
         match self {
             IsaLevel::Scalar => "scalar",
             IsaLevel::Avx2 => "avx2",
+            IsaLevel::Avx2Vnni => "avx2-vnni",
             IsaLevel::Avx512 => "avx512",
         }
     }
@@ -40,6 +45,8 @@ impl IsaLevel {
             IsaLevel::Avx2 => {
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            IsaLevel::Avx2Vnni => IsaLevel::Avx2.host_supports() && std::is_x86_feature_detected!("avxvnni"),
             #[cfg(target_arch = "x86_64")]
             IsaLevel::Avx512 => {
                 IsaLevel::Avx2.host_supports()
@@ -62,7 +69,7 @@ impl fmt::Display for IsaLevel {
 /// Errors of choosing an instruction set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IsaError {
-    #[error("unknown CPU instruction set {0:?} (expected one of: scalar, avx2, avx512)")]
+    #[error("unknown CPU instruction set {0:?} (expected one of: scalar, avx2, avx2-vnni, avx512)")]
     Unknown(String),
     #[error("this CPU does not support the {requested} instruction set (the best it supports is {best})")]
     Unsupported { requested: IsaLevel, best: IsaLevel },
@@ -113,6 +120,12 @@ impl CpuIsa {
         self.0 >= IsaLevel::Avx2
     }
 
+    /// True if the AVX2 kernels may use AVX-VNNI (only at that level: at `avx512` the AVX-512 kernels run).
+    #[inline]
+    pub(crate) fn has_avx2_vnni(self) -> bool {
+        self.0 == IsaLevel::Avx2Vnni
+    }
+
     /// True if AVX-512 (f, bw, gfni) code may run.
     #[inline]
     pub(crate) fn has_avx512(self) -> bool {
@@ -134,6 +147,7 @@ mod tests {
     fn parses_names_and_rejects_unknown() {
         assert_eq!("avx2".parse::<IsaLevel>(), Ok(IsaLevel::Avx2));
         assert_eq!("AVX512".parse::<IsaLevel>(), Ok(IsaLevel::Avx512));
+        assert_eq!("avx2-vnni".parse::<IsaLevel>(), Ok(IsaLevel::Avx2Vnni));
         assert_eq!("scalar".parse::<IsaLevel>(), Ok(IsaLevel::Scalar));
         assert_eq!("sse4".parse::<IsaLevel>(), Err(IsaError::Unknown("sse4".into())));
         for l in IsaLevel::ALL {

@@ -434,8 +434,9 @@ pub fn gemm_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[Block
     let x = &x[..n * nb];
     match isa_q16(cpu) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa_q16(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c.
-        IsaQ16::Avx2 => unsafe { avx2_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride) },
+        // SAFETY: `isa_q16(cpu)` is Avx2 only for a `CpuIsa` checked to have avx2, fma and f16c; `has_avx2_vnni`
+        // only for one also checked to have avxvnni.
+        IsaQ16::Avx2 => unsafe { avx2_q16::gemm(t, w, row_bytes, x, nb, n, out, out_stride, cpu.has_avx2_vnni()) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa_q16(cpu)` is Avx512 only for a `CpuIsa` checked to have avx512f, avx512bw, gfni, avx2,
         // fma and f16c.

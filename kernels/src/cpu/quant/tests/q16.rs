@@ -306,25 +306,15 @@ fn check_gemm_bitwise(
     }
 }
 
+/// At every level this host supports (AVX-512, AVX2 with and without AVX-VNNI, scalar), the batched kernel gives
+/// each (row, activation row) the bits of that level's single-row product.
 #[test]
 fn gemm_q16_is_bitwise_vec_dot() {
-    check_gemm_bitwise(
-        "dispatch",
-        |t, w, row_bytes, x, n, out, stride| gemm_q16(host(), t, w, row_bytes, x, n, out, stride),
-        |t, w, x| vec_dot_q16(host(), t, w, x),
-    );
-    // The AVX2 path too when dispatch picks AVX-512.
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && isa_q16(host()) != IsaQ16::Avx2 {
+    for isa in CpuIsa::supported() {
         check_gemm_bitwise(
-            "avx2",
-            |t, w, row_bytes, x, n, out, stride| {
-                let nb = row_bytes / t.type_size();
-                // SAFETY: checked has_avx2(); the lengths are consistent.
-                unsafe { avx2_q16::gemm(t, w, row_bytes, x, nb, n, out, stride) }
-            },
-            // SAFETY: checked has_avx2().
-            |t, w, x| unsafe { avx2::vec_dot(t, w, x) },
+            isa.level().name(),
+            |t, w, row_bytes, x, n, out, stride| gemm_q16(isa, t, w, row_bytes, x, n, out, stride),
+            |t, w, x| vec_dot_q16(isa, t, w, x),
         );
     }
 }
@@ -500,9 +490,13 @@ fn bench_gemm_q16_q4_1_1536x576() {
                 });
                 // SAFETY: as above; the lengths are consistent.
                 let ns_gemm = best_ns(iters, || unsafe {
-                    avx2_q16::gemm(t, black_box(&w), row_bytes, black_box(&x), nb, n, &mut out, rows);
+                    avx2_q16::gemm(t, black_box(&w), row_bytes, black_box(&x), nb, n, &mut out, rows, false);
                 });
                 print!("; avx2 path: gemv loop {:5.2} ns, gemm {:5.2} ns ({:.2}x)", ns_gemv / per, ns_gemm / per, ns_gemv / ns_gemm);
+                if let Ok(vnni) = CpuIsa::capped(crate::cpu::isa::IsaLevel::Avx2Vnni) {
+                    let ns_vnni = best_ns(iters, || gemm_q16(vnni, t, black_box(&w), row_bytes, black_box(&x), n, &mut out, rows));
+                    print!(", avx2-vnni gemm {:5.2} ns", ns_vnni / per);
+                }
             }
             println!();
         }
