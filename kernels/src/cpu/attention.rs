@@ -257,12 +257,24 @@ impl<'a, T: KvElem> JobKv<'a, T> {
     /// is copied (a decode step's few query rows paid as much for the copy as for the scores); otherwise keys are
     /// gathered (widened) into `kt`, and f16 values widened into `vt` (`[KEY_TILE, head_dim]`).
     #[inline(always)]
-    fn key_tile<'t>(&self, k0: usize, kn: usize, kt: &'t mut [f32], vt: &'t mut [f32], values: &mut [&'t [f32]; KEY_TILE]) -> KeyTile<'t>
+    fn key_tile<'t>(
+        &self,
+        k0: usize,
+        kn: usize,
+        kt: &'t mut Vec<f32>,
+        vt: &'t mut Vec<f32>,
+        values: &mut [&'t [f32]; KEY_TILE],
+    ) -> KeyTile<'t>
     where
         'a: 't,
     {
         let (bs, hd, stride) = (self.kv.block_size, self.hd, self.kv.slot_stride);
         let (Some(k), Some(v), true) = (T::as_f32(self.kv.k), T::as_f32(self.kv.v), bs == HALF_TILE) else {
+            // The buffers are sized on first use: the in-place path (the default) never allocates them.
+            kt.resize(hd * KEY_TILE, 0.0);
+            if T::as_f32(self.kv.v).is_none() {
+                vt.resize(hd * KEY_TILE, 0.0);
+            }
             self.gather_tile(k0, kn, kt, vt, values);
             return KeyTile { lo: &kt[..], hi: &kt[HALF_TILE..], stride: KEY_TILE };
         };
@@ -377,8 +389,7 @@ macro_rules! tile_loop {
         let last = job.pos.last().copied().unwrap_or(0);
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
-        let mut kt = vec![0f32; hd * KEY_TILE];
-        let mut vt = vec![0f32; hd * KEY_TILE];
+        let (mut kt, mut vt) = (Vec::new(), Vec::new());
         let mut p = [[0f32; KEY_TILE]; ROWS_MAX];
         let mut alpha = [0f32; ROWS_MAX];
         for k0 in (0..=last).step_by(KEY_TILE) {

@@ -197,6 +197,7 @@ pub(super) unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
     let mut accm1 = _mm_setzero_ps();
     let mut i = 0;
     while i + 1 < nb {
+        prefetch_ahead(wp.wrapping_add(i * ts));
         // SAFETY: i + 1 < nb, so blocks i and i + 1 lie inside `w` (nb * ts <= w.len()) and `x`;
         // the CPU features are the caller's guarantee.
         let (sa, sb, pa, pb) = unsafe {
@@ -229,6 +230,19 @@ pub(super) unsafe fn row<const K: u8, B: ActBlock>(w: &[u8], x: &[B]) -> f32 {
         sum += _mm_cvtss_f32(_mm_movehdup_ps(m));
     }
     sum
+}
+
+/// How far ahead of the block being multiplied the weight-row kernels ask for the weights: a decode step streams
+/// every weight once from memory, and the hardware prefetcher alone left a 2-core Xeon VM at 41 % of its bandwidth
+/// (single-stream decode 89 -> 148-161 tok/s with this; 2, 3, 4 and 8 KiB measured alike).
+pub(super) const PREFETCH_BYTES: usize = 4096;
+
+/// Asks for the cache line [`PREFETCH_BYTES`] past `p` (no fault if that is past the weights: a prefetch never
+/// faults, and the pointer is never read).
+#[inline(always)]
+pub(super) fn prefetch_ahead(p: *const u8) {
+    // SAFETY: SSE is part of the x86_64 baseline; a prefetch reads nothing the program can see.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast::<i8>()) };
 }
 
 /// `vec_dot_q8` / `vec_dot_q16` for the supported types; 0.0 for the others.

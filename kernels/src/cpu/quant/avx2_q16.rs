@@ -25,7 +25,7 @@
 use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
-use super::avx2::{ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, bytes_from_bits, has_min, hsum, nibbles, row, type_size};
+use super::avx2::{ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, bytes_from_bits, has_min, hsum, nibbles, prefetch_ahead, row, type_size};
 use super::{BlockQ16, GgmlType, QK16};
 
 /// 16 bytes of packed nibbles -> (elements 0..16, elements 16..32) as unsigned i16.
@@ -355,6 +355,7 @@ macro_rules! gemm_group_fn {
                     // Both chains of every row in registers (4 · NA <= 16 with the weights).
                     let mut i = 0;
                     while i + 1 < nb {
+                        prefetch_ahead(wp.wrapping_add(i * ts));
                         // SAFETY: blocks i and i + 1 < nb of the weight row.
                         let (qa, qb) = unsafe { (quants16::<K>(wp.add(i * ts)), quants16::<K>(wp.add((i + 1) * ts))) };
                         for (b, acc) in acc0.iter_mut().enumerate() {
@@ -378,6 +379,7 @@ macro_rules! gemm_group_fn {
                     for (first, accs) in [(0, &mut acc0), (1, &mut acc1)] {
                         let mut a = [_mm256_setzero_ps(); NA];
                         for i in (first..nb).step_by(2) {
+                            prefetch_ahead(wp.wrapping_add(i * ts));
                             // SAFETY: block i < nb of the weight row.
                             let q = unsafe { quants16::<K>(wp.add(i * ts)) };
                             for (b, acc) in a.iter_mut().enumerate() {

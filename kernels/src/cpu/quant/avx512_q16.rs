@@ -30,7 +30,7 @@
 use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
-use super::avx2::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, has_min, hsum, scales, type_size};
+use super::avx2::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, has_min, hsum, prefetch_ahead, scales, type_size};
 use super::avx2_q16::{G, Group, Lanes};
 use super::{BlockQ16, GgmlType};
 
@@ -127,6 +127,7 @@ unsafe fn row<const K: u8>(w: &[u8], x: &[BlockQ16]) -> f32 {
     let mut accm1 = _mm_setzero_ps();
     let mut i = 0;
     while i + 1 < nb {
+        prefetch_ahead(wp.wrapping_add(i * ts));
         // SAFETY: i + 1 < nb, so blocks i and i + 1 lie inside `w` (nb * ts <= w.len()) and `x`;
         // the CPU features are the caller's guarantee.
         let (sa, sb, pa, pb) = unsafe {
@@ -366,6 +367,7 @@ unsafe fn gemm_group<const K: u8, const NA: usize>(
         let mut acc1 = [_mm512_setzero_ps(); NA];
         let mut i = 0;
         while i + 1 < nb {
+            prefetch_ahead(wp.wrapping_add(i * ts));
             if has_next {
                 let (na, nb_) = (next_scales(i), next_scales(i + 1));
                 if has_min(K) {
