@@ -293,6 +293,31 @@ impl<'a, T: KvElem> JobKv<'a, T> {
         KeyTile { lo: page_keys(first), hi: page_keys(second), stride: bs }
     }
 
+    /// Asks for the keys and values of the tile from key `k0` on (if the sequence has one there) to be brought into
+    /// the cache while the current tile is computed: a decode job's few rows stream the whole context once, and a
+    /// 2-core VM's hardware prefetcher did not keep ahead of the page-sized runs (see `quant`'s `prefetch_ahead`).
+    #[inline(always)]
+    fn prefetch_tile(&self, k0: usize, last: usize) {
+        let (bs, hd, stride) = (self.kv.block_size, self.hd, self.kv.slot_stride);
+        if k0 > last {
+            return;
+        }
+        let kn = KEY_TILE.min(last + 1 - k0);
+        let mut j = 0;
+        while j < kn {
+            let pos = k0 + j;
+            let (page, o) = (self.table[pos / bs] as usize, pos % bs);
+            let run = (bs - o).min(kn - j);
+            // This head's keys of the run: `hd` rows of `bs` elements in one contiguous span.
+            let keys = page * bs * stride + self.head_offset * bs;
+            prefetch_span(self.kv.k, keys, hd * bs);
+            for t in 0..run {
+                prefetch_span(self.kv.v, (page * bs + o + t) * stride + self.head_offset, hd);
+            }
+            j += run;
+        }
+    }
+
     /// Fills the transposed key tile `kt` (`kt[d · KEY_TILE + j]`, zero past key `kn`) and the value rows of keys
     /// `k0..k0 + kn`, a page run at a time: each of the run's dimensions is one contiguous copy (widened to f32).
     #[inline(always)]
@@ -340,6 +365,24 @@ impl<'a, T: KvElem> JobKv<'a, T> {
     }
 }
 
+/// Asks for the cache lines of `data[start..start + len]` (clamped to `data`); reads nothing.
+#[inline(always)]
+fn prefetch_span<T>(data: &[T], start: usize, len: usize) {
+    let end = (start + len).min(data.len());
+    if start >= end {
+        return;
+    }
+    let (first, bytes) = (data[start..end].as_ptr().cast::<u8>(), size_of_val(&data[start..end]));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (first, bytes);
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: SSE is part of the x86_64 baseline; a prefetch reads nothing the program can see, and the address
+        // is inside `data`.
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(first.add(off).cast::<i8>()) };
+    }
+}
+
 /// `dst = src` for a page run: a whole page of the default block size is a fixed-size copy (a few vector moves),
 /// not a call to `memcpy` (which cost as much as the transposition it replaced, at 64 calls per page).
 #[inline(always)]
@@ -360,6 +403,10 @@ struct TileJob<'a, T> {
     group: usize,
     scale: f32,
 }
+
+/// Jobs with at most this many rows (decode: one position's GQA group) prefetch the next tile while computing this
+/// one; a prefill block's 16 positions reuse each tile long enough for the hardware prefetcher.
+const PREFETCH_MAX_ROWS: usize = 8;
 
 /// The most query rows one micro-kernel call takes: rows of one position (they share the causal mask) that read
 /// each key and value vector once between them, and hold `ROWS_MAX` times the accumulators.
@@ -396,6 +443,9 @@ macro_rules! tile_loop {
             let kn = KEY_TILE.min(last + 1 - k0);
             let mut values: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
             let keys = job.kv.key_tile(k0, kn, &mut kt, &mut vt, &mut values);
+            if rows <= PREFETCH_MAX_ROWS {
+                job.kv.prefetch_tile(k0 + KEY_TILE, last);
+            }
             for r0 in (0..rows).step_by(group) {
                 let pos = job.pos[r0];
                 if pos < k0 {
@@ -431,7 +481,7 @@ use tile_loop;
 
 /// Portable micro-kernels: every sum in index order, separate multiply and add, libm's `exp`.
 mod scalar {
-    use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, ROWS_MAX, TileJob, rows_in_call};
+    use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, PREFETCH_MAX_ROWS, ROWS_MAX, TileJob, rows_in_call};
 
     pub(super) fn run_tiles<T: KvElem>(job: &TileJob<'_, T>, acc: &mut [f32]) {
         tile_loop!(job, acc)

@@ -6,7 +6,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, ROWS_MAX, TileJob, rows_in_call, tile_loop};
+use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, PREFETCH_MAX_ROWS, ROWS_MAX, TileJob, rows_in_call, tile_loop};
 
 /// Lanes per vector.
 const W: usize = 16;
