@@ -8,6 +8,8 @@
 # Cap the instruction set on both sides to measure the AVX2 path on an AVX-512 host: FERRITE_CPU_ISA=avx2 here, and a
 # llama-server built with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF (from the
 # llama.cpp sources vendored in the llama-cpp-python sdist on PyPI; scripts/bench-servers.sh shows the build line).
+# Uncapped, name the AVX-512 flags instead of -DGGML_NATIVE=ON where the VM hides AMX: a native build on a Sapphire
+# Rapids VM stopped with SIGILL in its AMX kernel (see BENCHMARKS.md, session 10).
 # WORKLOADS picks a subset (names below). Results: OUT_DIR/<workload>-r<round>-<server>.json and a table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
