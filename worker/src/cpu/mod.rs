@@ -262,31 +262,26 @@ impl CpuBackend {
             });
             let layer = l * self.kv.layer_stride..(l + 1) * self.kv.layer_stride;
             let layout = self.kv.layout;
+            // One call for either element type (`store_and_attend` is generic over it).
+            macro_rules! attend {
+                ($k:expr, $v:expr) => {
+                    store_and_attend(
+                        isa,
+                        layout,
+                        &mut $k[layer.clone()],
+                        &mut $v[layer],
+                        &slots,
+                        q_width,
+                        &attn_seqs,
+                        &sc.qkv,
+                        &shape,
+                        &mut sc.attn,
+                    )
+                };
+            }
             match &mut self.kv.data {
-                KvData::F32 { k, v } => store_and_attend(
-                    isa,
-                    layout,
-                    &mut k[layer.clone()],
-                    &mut v[layer],
-                    &slots,
-                    q_width,
-                    &attn_seqs,
-                    &sc.qkv,
-                    &shape,
-                    &mut sc.attn,
-                ),
-                KvData::F16 { k, v } => store_and_attend(
-                    isa,
-                    layout,
-                    &mut k[layer.clone()],
-                    &mut v[layer],
-                    &slots,
-                    q_width,
-                    &attn_seqs,
-                    &sc.qkv,
-                    &shape,
-                    &mut sc.attn,
-                ),
+                KvData::F32 { k, v } => attend!(k, v),
+                KvData::F16 { k, v } => attend!(k, v),
             }
             matmul::matmul(isa, &lw.wo, &sc.attn, t, &mut sc.proj);
             Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
