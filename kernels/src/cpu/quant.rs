@@ -19,6 +19,11 @@
 //! [`gemm_q16`] multiplies a tile of weight rows with several activation rows at once, widening
 //! each weight block once for up to 8 activation rows, with the same bits as [`vec_dot_q16`].
 //!
+//! [`gemm_q16_panels`] does the same from weight panels ([`pack_panels`]: eight rows interleaved, so a block's
+//! products are summed down a register, one lane per row, and the scale work is shared by eight rows): 1.3-1.5x the
+//! row-major kernels' speed at every SIMD level, with its own summation order (the same bits at every ISA, scalar
+//! included). The CPU backend packs the matrices of the supported types at load ([`panels_preferred`]).
+//!
 //! # Determinism
 //! Every dispatching function takes the [`CpuIsa`] to use (the host's best, or a configured cap).
 //! At `avx2` and above the SIMD path (AVX2 + FMA + F16C) runs; `scalar` runs portable code that
@@ -34,14 +39,18 @@ use half::f16;
 use super::isa::CpuIsa;
 
 pub use ferrite_common::dtype::GgmlType;
+pub use panel::{PANEL_ROWS, gemm_q16_panels, pack_panels, panel_block_bytes, panels_preferred, supports_panels, unpack_panel_row};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_panel;
 #[cfg(target_arch = "x86_64")]
 mod avx2_q16;
 #[cfg(target_arch = "x86_64")]
 mod avx512_q16;
 mod kquants;
+mod panel;
 mod scalar;
 #[cfg(test)]
 mod tests;

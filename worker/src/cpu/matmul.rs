@@ -5,7 +5,7 @@
 //! whatever the batch size. That is what makes the forward pass batch invariant.
 
 use ferrite_kernels::cpu::isa::CpuIsa;
-use ferrite_kernels::cpu::quant::{BlockQ16, QK16, dequantize_row, dot_f32, gemm_q16, quantize_row_q16};
+use ferrite_kernels::cpu::quant::{BlockQ16, PANEL_ROWS, QK16, dot_f32, gemm_q16, gemm_q16_panels, quantize_row_q16};
 use rayon::prelude::*;
 
 use super::weights::{Linear, Matrix};
@@ -54,7 +54,8 @@ pub fn matmul_into(w: &Matrix, x: &Prepared<'_>, out: &mut [f32], out_stride: us
     let n = x.n;
     debug_assert_eq!(w.cols(), x.cols);
     let threads = rayon::current_num_threads().max(1);
-    let rows_per_task = rows.div_ceil(threads * 4).max(MIN_ROWS_PER_TASK);
+    // Whole panels per task when the matrix is packed in them (MIN_ROWS_PER_TASK is a multiple of PANEL_ROWS).
+    let rows_per_task = rows.div_ceil(threads * 4).max(MIN_ROWS_PER_TASK).next_multiple_of(PANEL_ROWS);
     let tasks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rows_per_task))
         .into_par_iter()
         .map(|t| {
@@ -82,17 +83,24 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
     /// every row of the tile, so the tile should stay in L2 between groups.
     const GEMM_TILE_BYTES: usize = 256 << 10;
     let width = r1 - r0;
-    if let Matrix::Blocks { dtype, row_bytes, data, .. } = w
+    if let Matrix::Blocks { dtype, row_bytes, data, panels, .. } = w
         && w.wants_int_dot()
     {
         let q = x.q16.as_deref().expect("prepared with quantize=true");
         // `gemm_q16` takes the activation rows back to back, as `q16_row` cuts them.
         debug_assert!((0..x.n).all(|b| std::ptr::eq(x.q16_row(b), &q[b * q.len() / x.n..(b + 1) * q.len() / x.n])));
-        let tile_rows = (GEMM_TILE_BYTES / (*row_bytes).max(1)).max(TILE_ROWS);
+        // Whole panels per tile (a panel's bytes are its rows' bytes, so the byte ranges are the same).
+        let tile_rows = (GEMM_TILE_BYTES / (*row_bytes).max(1)).max(TILE_ROWS).next_multiple_of(PANEL_ROWS);
         for t0 in (r0..r1).step_by(tile_rows) {
             let t1 = (t0 + tile_rows).min(r1);
             let tile = &data[t0 * row_bytes..t1 * row_bytes];
-            gemm_q16(x.isa, *dtype, tile, *row_bytes, q, x.n, &mut local[t0 - r0..], width);
+            let out = &mut local[t0 - r0..];
+            if *panels {
+                debug_assert!(t0.is_multiple_of(PANEL_ROWS) && t1.is_multiple_of(PANEL_ROWS));
+                gemm_q16_panels(x.isa, *dtype, tile, row_bytes / dtype.type_size(), q, x.n, out, width);
+            } else {
+                gemm_q16(x.isa, *dtype, tile, *row_bytes, q, x.n, out, width);
+            }
         }
         return;
     }
@@ -102,12 +110,10 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
         for b in 0..x.n {
             let out = &mut local[b * width + (t0 - r0)..b * width + (t1 - r0)];
             match w {
-                Matrix::Blocks { dtype, cols, row_bytes, data, .. } => {
+                Matrix::Blocks { cols, .. } => {
                     scratch.resize(*cols, 0.0);
                     for (i, o) in out.iter_mut().enumerate() {
-                        let r = t0 + i;
-                        dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], &mut scratch)
-                            .expect("row geometry validated at load");
+                        w.row_f32(t0 + i, &mut scratch);
                         *o = dot_f32(x.isa, &scratch, x.f32_row(b));
                     }
                 }
@@ -171,7 +177,12 @@ mod tests {
             data.extend(half::f16::from_f32(-0.1).to_le_bytes());
             data.extend((0..16).map(|_| next() as u8));
         }
-        Matrix::Blocks { dtype: GgmlType::Q4_1, rows, cols, row_bytes, data }
+        Matrix::Blocks { dtype: GgmlType::Q4_1, rows, cols, row_bytes, data, panels: false }
+    }
+
+    fn wf_row(m: &Matrix, r: usize) -> Vec<f32> {
+        let Matrix::F32 { cols, data, .. } = m else { unreachable!() };
+        data[r * cols..(r + 1) * cols].to_vec()
     }
 
     fn dequant(m: &Matrix) -> Matrix {
@@ -183,11 +194,28 @@ mod tests {
 
     #[test]
     fn quantized_matmul_tracks_f32_and_is_batch_invariant() {
-        let (rows, cols, n) = (100, 96, 5);
-        let w = q4_1(rows, cols, 1);
-        let wf = dequant(&w);
+        // 100 rows stay row-major; 96 fill whole panels, packed at the levels that prefer them.
+        for rows in [100, 96] {
+            tracks_f32_and_is_batch_invariant(rows);
+        }
+    }
+
+    fn tracks_f32_and_is_batch_invariant(rows: usize) {
+        let (cols, n) = (96, 5);
+        let wf = dequant(&q4_1(rows, cols, 1));
         let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
         for isa in CpuIsa::supported() {
+            let mut w = q4_1(rows, cols, 1);
+            w.pack_for(isa);
+            let packed = matches!(w, Matrix::Blocks { panels: true, .. });
+            assert_eq!(
+                packed,
+                rows.is_multiple_of(8) && ferrite_kernels::cpu::quant::panels_preferred(isa, GgmlType::Q4_1),
+                "{isa} {rows}"
+            );
+            let mut row = vec![0f32; cols];
+            w.row_f32(rows - 3, &mut row);
+            assert_eq!(row, wf_row(&wf, rows - 3), "{isa}: a row read back from the panels");
             let (mut yq, mut yf) = (Vec::new(), Vec::new());
             matmul(isa, &w, &x, n, &mut yq);
             matmul(isa, &wf, &x, n, &mut yf);

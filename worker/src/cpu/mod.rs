@@ -174,10 +174,11 @@ impl CpuBackend {
     }
 
     fn load_rank(model: &ModelFiles, opts: &CpuOptions, shard: Option<(&ShardSpec, TpRank)>) -> Result<Self, ModelError> {
-        let (config, weights, tp) = match shard {
+        let (config, mut weights, tp) = match shard {
             None => (model.config.clone(), LlamaWeights::load(model, opts.precision)?, None),
             Some((s, tp)) => (s.local_config(&model.config), LlamaWeights::load_shard(model, opts.precision, Some(s))?, Some(tp)),
         };
+        weights.pack_for(opts.isa);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.threads)
             .thread_name(|i| format!("ferrite-cpu-{i}"))

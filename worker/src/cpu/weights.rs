@@ -8,7 +8,8 @@ use ferrite_common::dtype::GgmlType;
 use ferrite_common::error::ModelError;
 use ferrite_common::model::{LlamaTensor, ModelFiles, WeightView};
 use ferrite_common::shard::ShardSpec;
-use ferrite_kernels::cpu::quant::{dequantize_row, supports_q16_dot};
+use ferrite_kernels::cpu::isa::CpuIsa;
+use ferrite_kernels::cpu::quant::{PANEL_ROWS, dequantize_row, pack_panels, panels_preferred, supports_q16_dot, unpack_panel_row};
 use std::ops::Range;
 
 /// How the CPU backend keeps weights in memory.
@@ -24,13 +25,15 @@ pub enum WeightPrecision {
 /// A `[rows, cols]` row-major weight matrix.
 #[derive(Debug, Clone)]
 pub enum Matrix {
-    /// Raw GGML blocks; `row_bytes` bytes per row.
+    /// Raw GGML blocks; `row_bytes` bytes per row. With `panels`, `data` holds the same bytes packed eight rows at a
+    /// time (`ferrite_kernels::cpu::quant::pack_panels`; `rows` is then a multiple of 8).
     Blocks {
         dtype: GgmlType,
         rows: usize,
         cols: usize,
         row_bytes: usize,
         data: Vec<u8>,
+        panels: bool,
     },
     F32 {
         rows: usize,
@@ -68,11 +71,30 @@ impl Matrix {
     /// Row `r` as f32 (embedding lookup).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         match self {
-            Matrix::Blocks { dtype, row_bytes, data, .. } => {
+            Matrix::Blocks { dtype, row_bytes, data, panels: false, .. } => {
                 // Lengths were validated at load; a failure here is a bug.
                 dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], out).expect("row geometry validated at load");
             }
+            Matrix::Blocks { dtype, row_bytes, data, panels: true, .. } => {
+                let mut row = vec![0u8; *row_bytes];
+                unpack_panel_row(*dtype, data, row_bytes / dtype.type_size(), r, &mut row);
+                dequantize_row(*dtype, &row, out).expect("row geometry validated at load");
+            }
             Matrix::F32 { cols, data, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
+        }
+    }
+
+    /// Repacks the matrix into weight panels when the int16 products of its type are faster from them at `isa`
+    /// (`panels_preferred`) and its rows fill whole panels; otherwise leaves it as it is.
+    pub(crate) fn pack_for(&mut self, isa: CpuIsa) {
+        if let Matrix::Blocks { dtype, rows, row_bytes, data, panels, .. } = self
+            && !*panels
+            && panels_preferred(isa, *dtype)
+            && rows.is_multiple_of(PANEL_ROWS)
+            && let Ok(packed) = pack_panels(*dtype, data, *rows, *row_bytes)
+        {
+            *data = packed;
+            *panels = true;
         }
     }
 
@@ -94,7 +116,7 @@ impl Matrix {
             // Check that every row can be dequantized (a type without a dequantizer fails here, at load).
             let mut probe = vec![0f32; cols];
             dequantize_row(w.dtype, &w.data[..row_bytes], &mut probe).map_err(bad)?;
-            return Ok(Matrix::Blocks { dtype: w.dtype, rows, cols, row_bytes, data: w.data.to_vec() });
+            return Ok(Matrix::Blocks { dtype: w.dtype, rows, cols, row_bytes, data: w.data.to_vec(), panels: false });
         }
         let mut data = vec![0f32; rows * cols];
         dequantize_row(w.dtype, &w.data, &mut data).map_err(bad)?;
@@ -142,7 +164,9 @@ impl Matrix {
 
     fn concat_rows(parts: Vec<Matrix>) -> Result<Matrix, Vec<Matrix>> {
         let same = parts.windows(2).all(|p| match (&p[0], &p[1]) {
-            (Matrix::Blocks { dtype: a, cols: ca, .. }, Matrix::Blocks { dtype: b, cols: cb, .. }) => a == b && ca == cb,
+            (Matrix::Blocks { dtype: a, cols: ca, panels: false, .. }, Matrix::Blocks { dtype: b, cols: cb, panels: false, .. }) => {
+                a == b && ca == cb
+            }
             (Matrix::F32 { cols: ca, .. }, Matrix::F32 { cols: cb, .. }) => ca == cb,
             _ => false,
         });
@@ -157,6 +181,7 @@ impl Matrix {
                 cols: *cols,
                 row_bytes: *row_bytes,
                 data: parts.iter().flat_map(|p| if let Matrix::Blocks { data, .. } = p { data.as_slice() } else { &[] }).copied().collect(),
+                panels: false,
             },
             Matrix::F32 { cols, .. } => Matrix::F32 {
                 rows,
@@ -175,6 +200,13 @@ pub enum Linear {
 }
 
 impl Linear {
+    fn pack_for(&mut self, isa: CpuIsa) {
+        match self {
+            Linear::Fused(m) => m.pack_for(isa),
+            Linear::Split(parts) => parts.iter_mut().for_each(|m| m.pack_for(isa)),
+        }
+    }
+
     fn new(parts: Vec<Matrix>) -> Self {
         match Matrix::concat_rows(parts) {
             Ok(m) => Linear::Fused(m),
@@ -267,6 +299,21 @@ impl LlamaWeights {
             (false, _) => Some(mat(LlamaTensor::LmHead)?),
         };
         Ok(Self { embedding: whole(LlamaTensor::TokenEmbedding)?, layers, output_norm: vec(LlamaTensor::OutputNorm)?, lm_head })
+    }
+
+    /// Repacks every matrix whose products are faster from weight panels at `isa` (see [`Matrix`]); the embedding
+    /// too, as the tied lm_head, and its token rows are then unpacked one at a time.
+    pub fn pack_for(&mut self, isa: CpuIsa) {
+        for l in &mut self.layers {
+            l.qkv.pack_for(isa);
+            l.wo.pack_for(isa);
+            l.gate_up.pack_for(isa);
+            l.down.pack_for(isa);
+        }
+        self.embedding.pack_for(isa);
+        if let Some(m) = &mut self.lm_head {
+            m.pack_for(isa);
+        }
     }
 
     /// Total bytes of all matrices as stored, counting the (tied) lm_head once more: decode reads the embedding

@@ -284,4 +284,5 @@ fn dequantize_q4_1_by_hand() {
     }
 }
 
+mod panel;
 mod q16;

@@ -1,0 +1,150 @@
+//! Tests of the weight panels (`pack_panels`, `unpack_panel_row`, `gemm_q16_panels`) and their micro-benchmark.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::*;
+
+const PANEL_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+fn quantize16(x: &[f32]) -> Vec<BlockQ16> {
+    let mut q = vec![BlockQ16::default(); x.len() / QK16];
+    quantize_row_q16(host(), x, &mut q);
+    q
+}
+
+#[test]
+fn pack_then_unpack_gives_every_row_back() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for t in PANEL_TYPES {
+        let (rows, nb) = (24, 3);
+        let row_bytes = nb * t.type_size();
+        let w = random_weights(t, rows * nb, &mut rng);
+        let packed = pack_panels(t, &w, rows, row_bytes).unwrap();
+        assert_eq!(packed.len(), w.len(), "{t}: a panel holds exactly the bytes of its rows");
+        assert_ne!(packed, w, "{t}: the layout differs from the row-major one");
+        let mut row = vec![0u8; row_bytes];
+        for r in 0..rows {
+            unpack_panel_row(t, &packed, nb, r, &mut row);
+            assert_eq!(row, w[r * row_bytes..(r + 1) * row_bytes], "{t} row {r}");
+        }
+    }
+}
+
+#[test]
+fn pack_refuses_partial_panels_and_other_types() {
+    let t = GgmlType::Q4_1;
+    let w = vec![0u8; 12 * 20];
+    assert!(matches!(pack_panels(t, &w, 12, 20), Err(QuantError::BadLength { .. })));
+    assert!(matches!(pack_panels(t, &w[..8 * 20 - 1], 8, 20), Err(QuantError::BadLength { .. })));
+    assert_eq!(pack_panels(GgmlType::Q5_1, &[0u8; 8 * 24], 8, 24), Err(QuantError::Unsupported(GgmlType::Q5_1)));
+    assert!(!supports_panels(GgmlType::Q5_0) && supports_panels(GgmlType::Q8_0));
+}
+
+/// Every ISA gives the scalar twin's bits, for any number of activation rows and any output stride, and one
+/// activation row alone gives the bits it gets in a batch.
+#[test]
+fn panel_gemm_is_bitwise_the_scalar_twin_and_batch_invariant() {
+    let mut rng = StdRng::seed_from_u64(22);
+    for t in PANEL_TYPES {
+        for nb in [1usize, 2, 18] {
+            let rows = 16;
+            let row_bytes = nb * t.type_size();
+            let packed = pack_panels(t, &random_weights(t, rows * nb, &mut rng), rows, row_bytes).unwrap();
+            for n in [1usize, 2, 3, 4, 5, 7, 9] {
+                let x = quantize16(&random_acts(n * nb * QK16, &mut rng));
+                let stride = rows + 3;
+                let mut want = vec![f32::NAN; n * stride];
+                crate::cpu::quant::panel::scalar_gemm(t, &packed, nb, &x, n, &mut want, stride);
+                for isa in CpuIsa::supported() {
+                    let mut got = vec![f32::NAN; n * stride];
+                    gemm_q16_panels(isa, t, &packed, nb, &x, n, &mut got, stride);
+                    for b in 0..n {
+                        let (g, w) = (&got[b * stride..][..rows], &want[b * stride..][..rows]);
+                        assert_eq!(
+                            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{t} nb {nb} n {n} b {b} {isa}"
+                        );
+                        let mut alone = vec![0.0f32; rows];
+                        gemm_q16_panels(isa, t, &packed, nb, &x[b * nb..(b + 1) * nb], 1, &mut alone, rows);
+                        assert_eq!(alone, g, "{t} nb {nb} n {n} b {b} {isa}: alone");
+                    }
+                    // The padding between output rows is never written.
+                    assert!(got.chunks(stride).all(|r| r[rows..].iter().all(|v| v.is_nan())), "{t} {isa}");
+                }
+            }
+        }
+    }
+}
+
+/// The panel products agree with an f64 dot product of the dequantized weights and quantized activations.
+#[test]
+fn panel_gemm_tracks_the_exact_dot_product() {
+    let mut rng = StdRng::seed_from_u64(23);
+    for t in PANEL_TYPES {
+        let (rows, nb) = (8, 18);
+        let row_bytes = nb * t.type_size();
+        let w = random_weights(t, rows * nb, &mut rng);
+        let packed = pack_panels(t, &w, rows, row_bytes).unwrap();
+        let x = quantize16(&random_acts(nb * QK16, &mut rng));
+        for isa in CpuIsa::supported() {
+            let mut got = vec![0.0f32; rows];
+            gemm_q16_panels(isa, t, &packed, nb, &x, 1, &mut got, rows);
+            for (r, &g) in got.iter().enumerate() {
+                let mut wf = vec![0.0f32; nb * QK16];
+                dequantize_row(t, &w[r * row_bytes..(r + 1) * row_bytes], &mut wf).unwrap();
+                let (mut dot, mut norm) = (0.0f64, 0.0f64);
+                for (wb, xb) in wf.chunks_exact(QK16).zip(&x) {
+                    for (&wv, &q) in wb.iter().zip(&xb.qs) {
+                        let p = f64::from(wv) * f64::from(xb.d) * f64::from(q);
+                        dot += p;
+                        norm += p.abs();
+                    }
+                }
+                assert!((f64::from(g) - dot).abs() <= 1e-5 * norm + 1e-30, "{t} {isa} row {r}: {g} vs {dot} (norm {norm})");
+            }
+        }
+    }
+}
+
+/// Panels against the row-major `gemm_q16` at every supported level, ns per (row x activation row):
+/// `cargo test --release -p ferrite-kernels --lib bench_panels -- --ignored --nocapture`.
+#[test]
+#[ignore = "micro-benchmark"]
+fn bench_panels() {
+    use std::hint::black_box;
+    let mut rng = StdRng::seed_from_u64(24);
+    for (t, rows, cols) in
+        [(GgmlType::Q4_1, 1536usize, 576usize), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q8_0, 1536, 576), (GgmlType::Q4_0, 1536, 576)]
+    {
+        let row_bytes = t.bytes_for(cols).unwrap();
+        let nb = cols / QK16;
+        let w = random_weights(t, rows * nb, &mut rng);
+        let packed = pack_panels(t, &w, rows, row_bytes).unwrap();
+        for n in [1usize, 4, 32] {
+            let x = quantize16(&random_acts(n * cols, &mut rng));
+            let mut out = vec![0.0f32; n * rows];
+            let iters = (400 / n).max(10) * 576 / cols;
+            let time = |f: &mut dyn FnMut()| {
+                (0..7)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        for _ in 0..iters {
+                            f();
+                        }
+                        start.elapsed().as_nanos() as f64 / iters as f64
+                    })
+                    .fold(f64::INFINITY, f64::min)
+                    / (rows * n) as f64
+            };
+            print!("{t} {rows}x{cols} n={n:>2}:");
+            for isa in CpuIsa::supported().into_iter().filter(|i| i.has_avx2()) {
+                let rm = time(&mut || gemm_q16(isa, t, black_box(&w), row_bytes, black_box(&x), n, &mut out, rows));
+                let pn = time(&mut || gemm_q16_panels(isa, t, black_box(&packed), nb, black_box(&x), n, &mut out, rows));
+                print!("  {isa}: rows {rm:5.2} ns, panels {pn:5.2} ns ({:.2}x)", rm / pn);
+            }
+            println!();
+        }
+    }
+}
