@@ -462,8 +462,9 @@ macro_rules! tile_loop {
                     for (i, pi) in p.iter_mut().enumerate() {
                         // `pi` becomes exp(score - m) for the first `n` keys and 0 past them.
                         let (m, tile_sum) = softmax_tile(pi, n, job.scale, max[r + i]);
-                        // exp(-inf) = 0 on the first tile: the empty accumulator stays 0.
-                        alpha[i] = (max[r + i] - m).exp();
+                        // exp(-inf) = 0 on the first tile: the empty accumulator stays 0. An unchanged max (most
+                        // tiles of a long row) skips the call: exp(0) is exactly 1.
+                        alpha[i] = if m == max[r + i] { 1.0 } else { (max[r + i] - m).exp() };
                         max[r + i] = m;
                         sum[r + i] = sum[r + i] * alpha[i] + tile_sum;
                     }

@@ -1,7 +1,7 @@
 //! Multi-threaded `y = x · Wᵀ` over [`Matrix`] formats.
 //!
-//! Work is split over weight rows only, never over the reduction dimension, and each activation row is quantized on
-//! its own: every output element is one dot product of one weight row with one activation row, computed the same way
+//! Work is split over weight rows (or, for a prefill's many activation rows, over activation rows), never over the
+//! reduction dimension, and each activation row is quantized on its own: every output element is one dot product of one weight row with one activation row, computed the same way
 //! whatever the batch size. That is what makes the forward pass batch invariant.
 
 use ferrite_kernels::cpu::isa::CpuIsa;
@@ -14,6 +14,9 @@ use super::weights::{Linear, Matrix};
 const MIN_ROWS_PER_TASK: usize = 16;
 /// Weight rows per cache tile when the batch has many activation rows.
 const TILE_ROWS: usize = 16;
+/// From this many activation rows per thread on (a prefill), a matmul splits its work over activation rows instead
+/// of weight rows.
+const ACT_SPLIT_MIN_ROWS_PER_THREAD: usize = 32;
 
 /// Activations prepared for one or more matmuls that share the same input.
 pub struct Prepared<'a> {
@@ -54,6 +57,21 @@ pub fn matmul_into(w: &Matrix, x: &Prepared<'_>, out: &mut [f32], out_stride: us
     let n = x.n;
     debug_assert_eq!(w.cols(), x.cols);
     let threads = rayon::current_num_threads().max(1);
+    if let Some(q) = x.q16.as_deref()
+        && w.wants_int_dot()
+        && n >= ACT_SPLIT_MIN_ROWS_PER_THREAD * threads
+    {
+        // A prefill: split over activation rows, each task writing its rows of `out` in place (no per-task buffer
+        // to zero and copy back). Every task streams the whole matrix, which stays in its core's L2 for the default
+        // model (and goes tile by tile for larger ones).
+        debug_assert_eq!(out.len(), n * out_stride);
+        let nb = x.cols / QK16;
+        let chunk = n.div_ceil(threads * 2).clamp(16, 256).next_multiple_of(4);
+        out.par_chunks_mut(chunk * out_stride).zip(q.par_chunks(chunk * nb)).for_each(|(o, qc)| {
+            int_dot_rows(w, x.isa, qc, qc.len() / nb, 0, rows, &mut o[out_offset..], out_stride);
+        });
+        return;
+    }
     // Whole panels per task when the matrix is packed in them (MIN_ROWS_PER_TASK is a multiple of PANEL_ROWS).
     let rows_per_task = rows.div_ceil(threads * 4).max(MIN_ROWS_PER_TASK).next_multiple_of(PANEL_ROWS);
     let tasks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(rows_per_task))
@@ -75,33 +93,13 @@ pub fn matmul_into(w: &Matrix, x: &Prepared<'_>, out: &mut [f32], out_stride: us
 }
 
 /// `local[b, r - r0]` for weight rows `r0..r1`, tiled so a tile of weight rows stays in cache across the batch.
-///
-/// Int-dot matrices go through `gemm_q16`, which unpacks each weight block once for a group of activation rows and
-/// gives exactly the bits of one `gemv_q16` per activation row (so the result does not depend on the batch).
 fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut [f32]) {
-    /// Weight bytes per `gemm_q16` call: it runs each group of (up to 8) activation rows, repacked into L1, against
-    /// every row of the tile, so the tile should stay in L2 between groups.
-    const GEMM_TILE_BYTES: usize = 256 << 10;
     let width = r1 - r0;
-    if let Matrix::Blocks { dtype, row_bytes, data, panels, .. } = w
-        && w.wants_int_dot()
-    {
+    if w.wants_int_dot() {
         let q = x.q16.as_deref().expect("prepared with quantize=true");
-        // `gemm_q16` takes the activation rows back to back, as `q16_row` cuts them.
+        // The activation rows back to back, as `q16_row` cuts them.
         debug_assert!((0..x.n).all(|b| std::ptr::eq(x.q16_row(b), &q[b * q.len() / x.n..(b + 1) * q.len() / x.n])));
-        // Whole panels per tile (a panel's bytes are its rows' bytes, so the byte ranges are the same).
-        let tile_rows = (GEMM_TILE_BYTES / (*row_bytes).max(1)).max(TILE_ROWS).next_multiple_of(PANEL_ROWS);
-        for t0 in (r0..r1).step_by(tile_rows) {
-            let t1 = (t0 + tile_rows).min(r1);
-            let tile = &data[t0 * row_bytes..t1 * row_bytes];
-            let out = &mut local[t0 - r0..];
-            if *panels {
-                debug_assert!(t0.is_multiple_of(PANEL_ROWS) && t1.is_multiple_of(PANEL_ROWS));
-                gemm_q16_panels(x.isa, *dtype, tile, row_bytes / dtype.type_size(), q, x.n, out, width);
-            } else {
-                gemm_q16(x.isa, *dtype, tile, *row_bytes, q, x.n, out, width);
-            }
-        }
+        int_dot_rows(w, x.isa, q, x.n, r0, r1, local, width);
         return;
     }
     let mut scratch = Vec::new();
@@ -124,6 +122,35 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
                     }
                 }
             }
+        }
+    }
+}
+
+/// `out[b * out_stride + r - r0]` for the `n` int16 activation rows `q` and weight rows `r0..r1` (whole panels when
+/// the matrix is packed in them) of an int-dot matrix, a tile of weight rows at a time.
+///
+/// `gemm_q16` unpacks each weight block once for a group of activation rows and gives exactly the bits of one
+/// `gemv_q16` per activation row; `gemm_q16_panels` gives the same bits for any number of activation rows. Either
+/// way the result does not depend on the batch.
+#[allow(clippy::too_many_arguments)]
+fn int_dot_rows(w: &Matrix, isa: CpuIsa, q: &[BlockQ16], n: usize, r0: usize, r1: usize, out: &mut [f32], out_stride: usize) {
+    /// Weight bytes per kernel call: it runs each group of activation rows against every row of the tile, so the
+    /// tile should stay in L2 between groups.
+    const GEMM_TILE_BYTES: usize = 256 << 10;
+    let Matrix::Blocks { dtype, row_bytes, data, panels, .. } = w else {
+        unreachable!("int-dot matrices are GGML blocks");
+    };
+    // Whole panels per tile (a panel's bytes are its rows' bytes, so the byte ranges are the same).
+    let tile_rows = (GEMM_TILE_BYTES / (*row_bytes).max(1)).max(TILE_ROWS).next_multiple_of(PANEL_ROWS);
+    for t0 in (r0..r1).step_by(tile_rows) {
+        let t1 = (t0 + tile_rows).min(r1);
+        let tile = &data[t0 * row_bytes..t1 * row_bytes];
+        let o = &mut out[t0 - r0..];
+        if *panels {
+            debug_assert!(t0.is_multiple_of(PANEL_ROWS) && t1.is_multiple_of(PANEL_ROWS));
+            gemm_q16_panels(isa, *dtype, tile, row_bytes / dtype.type_size(), q, n, o, out_stride);
+        } else {
+            gemm_q16(isa, *dtype, tile, *row_bytes, q, n, o, out_stride);
         }
     }
 }
@@ -194,14 +221,18 @@ mod tests {
 
     #[test]
     fn quantized_matmul_tracks_f32_and_is_batch_invariant() {
-        // 100 rows stay row-major; 96 fill whole panels, packed at the levels that prefer them.
+        // 100 rows stay row-major; 96 fill whole panels, packed at the levels that prefer them. 5 activation rows
+        // split the work over weight rows, 150 (on 2 threads) over activation rows.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for rows in [100, 96] {
-            tracks_f32_and_is_batch_invariant(rows);
+            for n in [5, 150] {
+                pool.install(|| tracks_f32_and_is_batch_invariant(rows, n));
+            }
         }
     }
 
-    fn tracks_f32_and_is_batch_invariant(rows: usize) {
-        let (cols, n) = (96, 5);
+    fn tracks_f32_and_is_batch_invariant(rows: usize, n: usize) {
+        let cols = 96;
         let wf = dequant(&q4_1(rows, cols, 1));
         let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
         for isa in CpuIsa::supported() {

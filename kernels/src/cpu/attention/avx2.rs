@@ -133,20 +133,27 @@ fn softmax_tile(p: &mut [f32; KEY_TILE], n: usize, scale: f32, m_old: f32) -> (f
     let lane = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
     let (sc, limit) = (_mm256_set1_ps(scale), _mm256_set1_ps(n as f32));
     let mut s = [_mm256_setzero_ps(); TV];
-    let mut live = [_mm256_setzero_ps(); TV];
+    // All lanes live in a full tile (most of a long row's): the same bits without the masking.
+    let full = n >= KEY_TILE;
+    let mut live = [_mm256_castsi256_ps(_mm256_set1_epi32(-1)); TV];
     let mut mx = _mm256_set1_ps(m_old);
     for v in 0..TV {
-        live[v] = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_add_ps(lane, _mm256_set1_ps((v * W) as f32)), limit);
         // SAFETY: `p` holds KEY_TILE = TV · W floats.
         let x = _mm256_mul_ps(unsafe { _mm256_loadu_ps(p.as_ptr().add(v * W)) }, sc);
-        s[v] = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), x, live[v]);
+        s[v] = if full {
+            x
+        } else {
+            live[v] = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_add_ps(lane, _mm256_set1_ps((v * W) as f32)), limit);
+            _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), x, live[v])
+        };
         mx = _mm256_max_ps(mx, s[v]);
     }
     let m = hmax(mx);
     let mv = _mm256_set1_ps(m);
     let mut total = _mm256_setzero_ps();
     for v in 0..TV {
-        let e = _mm256_and_ps(exp(_mm256_sub_ps(s[v], mv)), live[v]);
+        let e = exp(_mm256_sub_ps(s[v], mv));
+        let e = if full { e } else { _mm256_and_ps(e, live[v]) };
         total = _mm256_add_ps(total, e);
         // SAFETY: as above.
         unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(v * W), e) };
