@@ -15,6 +15,7 @@ use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
 use super::avx2::{Q4_0, Q4_1, Q8_0, prefetch_ahead, type_size};
+use super::avx2_q16::nibbles16;
 use super::panel::PANEL_ROWS;
 use super::{BlockQ16, GgmlType};
 
@@ -61,7 +62,7 @@ macro_rules! panel_fn {
             };
             assert!(NA <= NA_MAX && x.len() >= NA * nb && nb > 0);
             let xp = x.as_ptr();
-            let (low4, eight) = (_mm256_set1_epi16(0x0F), _mm256_set1_epi16(8));
+            let eight = _mm256_set1_epi16(8);
             for (p, panel) in packed.chunks_exact(nb * pbb).enumerate() {
                 let o = p * PANEL_ROWS;
                 assert!((NA - 1) * out_stride + o + PANEL_ROWS <= out.len());
@@ -85,15 +86,15 @@ macro_rules! panel_fn {
                         // step), summed at the end: integer sums, so the order changes nothing.
                         let mut chains = [[_mm256_setzero_si256(); NA]; C];
                         for j in 0..pairs {
-                            let raw = _mm_loadu_si128(qp.add(16 * j).cast::<__m128i>());
                             if K == Q8_0 {
-                                let w = _mm256_cvtepi8_epi16(raw);
+                                let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16 * j).cast::<__m128i>()));
                                 for (b, s) in chains[j % C].iter_mut().enumerate() {
                                     *s = $dot(*s, w, pair(b, 2 * j));
                                 }
                             } else {
-                                let raw = _mm256_cvtepu8_epi16(raw);
-                                let (mut lo, mut hi) = (_mm256_and_si256(raw, low4), _mm256_srli_epi16::<4>(raw));
+                                // Widened by an in-lane `vpshufb` of the broadcast bytes: LLVM turns `vpmovzxbw` here
+                                // into two narrower ones plus more masking (5 instructions instead of 3).
+                                let (mut lo, mut hi) = nibbles16(qp.add(16 * j));
                                 if K == Q4_0 {
                                     lo = _mm256_sub_epi16(lo, eight);
                                     hi = _mm256_sub_epi16(hi, eight);

@@ -37,7 +37,7 @@ use super::{BlockQ16, GgmlType, QK16};
 /// `p` must point at 16 readable bytes; the CPU must support avx2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles16(p: *const u8) -> (__m256i, __m256i) {
+pub(super) unsafe fn nibbles16(p: *const u8) -> (__m256i, __m256i) {
     // SAFETY: the caller guarantees 16 readable bytes at `p`; loadu has no alignment needs.
     let q = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast::<__m128i>())) };
     let widen = _mm256_setr_epi8(
