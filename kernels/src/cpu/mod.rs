@@ -6,3 +6,5 @@ pub mod isa;
 pub mod ops;
 pub mod quant;
 pub mod sample;
+#[cfg(target_arch = "x86_64")]
+mod vmath;

@@ -238,7 +238,7 @@ impl Ops for CpuOps {
         let mut out = vec![0f32; rows * ffn];
         for (o, gu) in out.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
             let (g, u) = gu.split_at(ffn);
-            silu_mul(g, u, o);
+            silu_mul(CpuIsa::host(), g, u, o);
         }
         out.iter().map(|&v| round(v)).collect()
     }

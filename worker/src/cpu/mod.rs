@@ -293,7 +293,7 @@ impl CpuBackend {
             matmul::linear(isa, &lw.gate_up, &sc.h, t, hidden, &mut sc.gate_up);
             sc.act.par_chunks_mut(ffn).zip(sc.gate_up.par_chunks(2 * ffn)).for_each(|(a, gu)| {
                 let (g, u) = gu.split_at(ffn);
-                silu_mul(g, u, a);
+                silu_mul(isa, g, u, a);
             });
             matmul::matmul(isa, &lw.down, &sc.act, t, &mut sc.proj);
             Self::all_reduce(&self.tp, &mut sc.proj[..t * hidden])?;
