@@ -7,6 +7,7 @@
 use core::arch::x86_64::*;
 
 use super::{HALF_TILE, KEY_TILE, KeyTile, KvElem, PREFETCH_MAX_ROWS, ROWS_MAX, TileJob, rows_in_call, tile_loop};
+use crate::cpu::vmath::exp512 as exp;
 
 /// Lanes per vector.
 const W: usize = 16;
@@ -79,27 +80,6 @@ unsafe fn scores_pass<const R: usize>(q: &[f32], hd: usize, keys: KeyTile<'_>, p
             unsafe { _mm512_storeu_ps(p[r].as_mut_ptr().add(v * W), s) };
         }
     }
-}
-
-/// `exp(x)` to ~2 ulp for x in [-87, 88] (Cephes' `expf`: `x = n·ln2 + r`, degree-6 polynomial in r, times 2ⁿ);
-/// below -87 it gives ~2⁻¹²⁶ (callers zero masked lanes themselves).
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn exp(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-    }
-    let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
-    let pow2n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127))));
-    _mm512_mul_ps(y, pow2n)
 }
 
 #[inline]
@@ -251,38 +231,4 @@ unsafe fn accumulate_block<const R: usize, const G: usize>(
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn scale_row(row: &mut [f32], s: f32) {
     row.iter_mut().for_each(|x| *x *= s);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::isa::{CpuIsa, IsaLevel};
-
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn exp_lanes(x: &[f32]) -> Vec<f32> {
-        x.chunks_exact(W)
-            .flat_map(|c| {
-                let mut out = [0f32; W];
-                // SAFETY: `c` and `out` hold W floats.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), exp(_mm512_loadu_ps(c.as_ptr()))) };
-                out
-            })
-            .collect()
-    }
-
-    /// The polynomial exp is within 3 ulp (relative 3.6e-7) of the exact value over the softmax's range, and exact at 0.
-    #[test]
-    fn exp_is_accurate() {
-        if CpuIsa::capped(IsaLevel::Avx512).is_err() {
-            return;
-        }
-        let x: Vec<f32> = (0..W * 20_000).map(|i| -87.0 + 95.0 * i as f32 / (W * 20_000) as f32).chain([0.0; W]).collect();
-        // SAFETY: the host supports this module's features (checked above).
-        let got = unsafe { exp_lanes(&x) };
-        for (&xi, &g) in x.iter().zip(&got) {
-            let want = f64::from(xi).exp();
-            assert!((f64::from(g) - want).abs() <= 3.6e-7 * want, "exp({xi}) = {g}, want {want}");
-        }
-        assert_eq!(got[got.len() - 1], 1.0);
-    }
 }

@@ -284,5 +284,18 @@ fn dequantize_q4_1_by_hand() {
     }
 }
 
+/// Best of 7 runs of `iters` calls of `f`, in ns per call (the machine may be shared).
+fn best_ns(iters: usize, mut f: impl FnMut()) -> f64 {
+    (0..7)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            start.elapsed().as_nanos() as f64 / iters as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 mod panel;
 mod q16;

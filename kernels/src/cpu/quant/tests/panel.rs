@@ -126,18 +126,7 @@ fn bench_panels() {
             let x = quantize16(&random_acts(n * cols, &mut rng));
             let mut out = vec![0.0f32; n * rows];
             let iters = (400 / n).max(10) * 576 / cols;
-            let time = |f: &mut dyn FnMut()| {
-                (0..7)
-                    .map(|_| {
-                        let start = std::time::Instant::now();
-                        for _ in 0..iters {
-                            f();
-                        }
-                        start.elapsed().as_nanos() as f64 / iters as f64
-                    })
-                    .fold(f64::INFINITY, f64::min)
-                    / (rows * n) as f64
-            };
+            let time = |f: &mut dyn FnMut()| best_ns(iters, f) / (rows * n) as f64;
             print!("{t} {rows}x{cols} n={n:>2}:");
             for isa in CpuIsa::supported().into_iter().filter(|i| i.has_avx2()) {
                 let rm = time(&mut || gemm_q16(isa, t, black_box(&w), row_bytes, black_box(&x), n, &mut out, rows));

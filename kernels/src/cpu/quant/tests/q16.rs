@@ -374,19 +374,6 @@ fn unsupported_q16_dot_types_are_inert_in_release() {
     assert_eq!(out, [7.0]);
 }
 
-/// Best of 7 runs of `iters` calls of `f`, in ns per call (the machine may be shared).
-fn best_ns(iters: usize, mut f: impl FnMut()) -> f64 {
-    (0..7)
-        .map(|_| {
-            let start = std::time::Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            start.elapsed().as_nanos() as f64 / iters as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 /// Rough timing of the decode hot loop: `cargo test --release -p ferrite-kernels --lib --
 /// --ignored --nocapture bench_`.
 #[test]
