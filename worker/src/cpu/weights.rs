@@ -24,7 +24,7 @@ pub enum WeightPrecision {
     F32,
 }
 
-/// A `[rows, cols]` row-major weight matrix.
+/// A `[rows, cols]` weight matrix: row-major, or (`Blocks` with `panels`) in panels of eight rows.
 #[derive(Debug, Clone)]
 pub enum Matrix {
     /// Raw GGML blocks; `row_bytes` bytes per row. With `panels`, `data` holds the same bytes packed eight rows at a
