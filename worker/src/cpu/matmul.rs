@@ -102,25 +102,29 @@ fn compute_rows(w: &Matrix, x: &Prepared<'_>, r0: usize, r1: usize, local: &mut 
         int_dot_rows(w, x.isa, q, x.n, r0, r1, local, width);
         return;
     }
+    let cols = w.cols();
+    if cols == 0 {
+        local.fill(0.0);
+        return;
+    }
     let mut scratch = Vec::new();
     for t0 in (r0..r1).step_by(TILE_ROWS) {
         let t1 = (t0 + TILE_ROWS).min(r1);
+        // The tile's rows as f32, dequantized once for all the activation rows (K-quants, ...).
+        let tile: &[f32] = match w {
+            Matrix::Blocks { .. } => {
+                scratch.resize((t1 - t0) * cols, 0.0);
+                for (i, row) in scratch.chunks_exact_mut(cols).enumerate() {
+                    w.row_f32(t0 + i, row);
+                }
+                &scratch
+            }
+            Matrix::F32 { data, .. } => &data[t0 * cols..t1 * cols],
+        };
         for b in 0..x.n {
             let out = &mut local[b * width + (t0 - r0)..b * width + (t1 - r0)];
-            match w {
-                Matrix::Blocks { cols, .. } => {
-                    scratch.resize(*cols, 0.0);
-                    for (i, o) in out.iter_mut().enumerate() {
-                        w.row_f32(t0 + i, &mut scratch);
-                        *o = dot_f32(x.isa, &scratch, x.f32_row(b));
-                    }
-                }
-                Matrix::F32 { cols, data, .. } => {
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let r = t0 + i;
-                        *o = dot_f32(x.isa, &data[r * cols..(r + 1) * cols], x.f32_row(b));
-                    }
-                }
+            for (o, row) in out.iter_mut().zip(tile.chunks_exact(cols)) {
+                *o = dot_f32(x.isa, row, x.f32_row(b));
             }
         }
     }
@@ -205,6 +209,43 @@ mod tests {
             data.extend((0..16).map(|_| next() as u8));
         }
         Matrix::Blocks { dtype: GgmlType::Q4_1, rows, cols, row_bytes, data, panels: false }
+    }
+
+    /// Random Q4_K matrix (blocks of 256: f16 d and dmin 0.001..0.002, random 6-bit scales and nibbles).
+    fn q4_k(rows: usize, cols: usize, seed: u64) -> Matrix {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let row_bytes = cols / 256 * 144;
+        let mut data = Vec::with_capacity(rows * row_bytes);
+        for _ in 0..rows * cols / 256 {
+            data.extend(half::f16::from_f32(0.001 + (next() % 100) as f32 * 1e-5).to_le_bytes());
+            data.extend(half::f16::from_f32(0.001 + (next() % 100) as f32 * 1e-5).to_le_bytes());
+            data.extend((0..140).map(|_| next() as u8));
+        }
+        Matrix::Blocks { dtype: GgmlType::Q4K, rows, cols, row_bytes, data, panels: false }
+    }
+
+    /// A K-quant matrix (no integer dot product: each tile's rows are dequantized once for all activation rows) gives
+    /// exactly the bits of its dequantized f32 twin, in a batch or alone.
+    #[test]
+    fn dequantized_matmul_equals_its_f32_twin() {
+        let (rows, cols, n) = (40, 512, 7);
+        let w = q4_k(rows, cols, 2);
+        assert!(!w.wants_int_dot());
+        let wf = dequant(&w);
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 29 % 97) as f32 / 40.0) - 1.2).collect();
+        for isa in CpuIsa::supported() {
+            let (mut yq, mut yf) = (Vec::new(), Vec::new());
+            matmul(isa, &w, &x, n, &mut yq);
+            matmul(isa, &wf, &x, n, &mut yf);
+            assert_eq!(yq, yf, "{isa}");
+            let mut alone = Vec::new();
+            matmul(isa, &w, &x[3 * cols..4 * cols], 1, &mut alone);
+            assert_eq!(alone, yq[3 * rows..4 * rows], "{isa}");
+        }
     }
 
     fn wf_row(m: &Matrix, r: usize) -> Vec<f32> {
