@@ -22,7 +22,9 @@
 //! [`gemm_q16_panels`] does the same from weight panels ([`pack_panels`]: eight rows interleaved, so a block's
 //! products are summed down a register, one lane per row, and the scale work is shared by eight rows): 1.3-1.5x the
 //! row-major kernels' speed at every SIMD level, with its own summation order (the same bits at every ISA, scalar
-//! included). The CPU backend packs the matrices of the supported types at load ([`panels_preferred`]).
+//! included). Q4_K packs too, as Q4_1-like 32-element sub-blocks with f32 scale and minimum (exact, 4/3 of the
+//! bytes), so the most common K-quant gets an integer product. The CPU backend packs the matrices of the supported
+//! types at load ([`panels_preferred`]).
 //!
 //! # Determinism
 //! Every dispatching function takes the [`CpuIsa`] to use (the host's best, or a configured cap).
@@ -39,7 +41,9 @@ use half::f16;
 use super::isa::CpuIsa;
 
 pub use ferrite_common::dtype::GgmlType;
-pub use panel::{PANEL_ROWS, gemm_q16_panels, pack_panels, panel_block_bytes, panels_preferred, supports_panels, unpack_panel_row};
+pub use panel::{
+    PANEL_ROWS, dequantize_panel_row, gemm_q16_panels, pack_panels, panel_block_bytes, panel_row_bytes, panels_preferred, supports_panels,
+};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -5,7 +5,7 @@
 //! whatever the batch size. That is what makes the forward pass batch invariant.
 
 use ferrite_kernels::cpu::isa::CpuIsa;
-use ferrite_kernels::cpu::quant::{BlockQ16, PANEL_ROWS, QK16, dot_f32, gemm_q16, gemm_q16_panels, quantize_row_q16};
+use ferrite_kernels::cpu::quant::{BlockQ16, PANEL_ROWS, QK16, dot_f32, gemm_q16, gemm_q16_panels, panel_row_bytes, quantize_row_q16};
 use rayon::prelude::*;
 
 use super::weights::{Linear, Matrix};
@@ -141,18 +141,19 @@ fn int_dot_rows(w: &Matrix, isa: CpuIsa, q: &[BlockQ16], n: usize, r0: usize, r1
     /// Weight bytes per kernel call: it runs each group of activation rows against every row of the tile, so the
     /// tile should stay in L2 between groups.
     const GEMM_TILE_BYTES: usize = 256 << 10;
-    let Matrix::Blocks { dtype, row_bytes, data, panels, .. } = w else {
+    let Matrix::Blocks { dtype, cols, row_bytes, data, panels, .. } = w else {
         unreachable!("int-dot matrices are GGML blocks");
     };
-    // Whole panels per tile (a panel's bytes are its rows' bytes, so the byte ranges are the same).
-    let tile_rows = (GEMM_TILE_BYTES / (*row_bytes).max(1)).max(TILE_ROWS).next_multiple_of(PANEL_ROWS);
+    // Bytes per row as stored: a tile of whole panels is the byte range of its rows.
+    let stored = if *panels { panel_row_bytes(*dtype, *cols) } else { *row_bytes };
+    let tile_rows = (GEMM_TILE_BYTES / stored.max(1)).max(TILE_ROWS).next_multiple_of(PANEL_ROWS);
     for t0 in (r0..r1).step_by(tile_rows) {
         let t1 = (t0 + tile_rows).min(r1);
-        let tile = &data[t0 * row_bytes..t1 * row_bytes];
+        let tile = &data[t0 * stored..t1 * stored];
         let o = &mut out[t0 - r0..];
         if *panels {
             debug_assert!(t0.is_multiple_of(PANEL_ROWS) && t1.is_multiple_of(PANEL_ROWS));
-            gemm_q16_panels(isa, *dtype, tile, row_bytes / dtype.type_size(), q, n, o, out_stride);
+            gemm_q16_panels(isa, *dtype, tile, cols / QK16, q, n, o, out_stride);
         } else {
             gemm_q16(isa, *dtype, tile, *row_bytes, q, n, o, out_stride);
         }
@@ -228,16 +229,17 @@ mod tests {
         Matrix::Blocks { dtype: GgmlType::Q4K, rows, cols, row_bytes, data, panels: false }
     }
 
-    /// A K-quant matrix (no integer dot product: each tile's rows are dequantized once for all activation rows) gives
-    /// exactly the bits of its dequantized f32 twin, in a batch or alone.
+    /// A K-quant matrix left in its GGML blocks (no integer dot product: each tile's rows are dequantized once for all
+    /// activation rows) gives exactly the bits of its dequantized f32 twin, in a batch or alone (46 rows: no panels).
     #[test]
     fn dequantized_matmul_equals_its_f32_twin() {
-        let (rows, cols, n) = (40, 512, 7);
-        let w = q4_k(rows, cols, 2);
-        assert!(!w.wants_int_dot());
-        let wf = dequant(&w);
+        let (rows, cols, n) = (46, 512, 7);
         let x: Vec<f32> = (0..n * cols).map(|i| ((i * 29 % 97) as f32 / 40.0) - 1.2).collect();
+        let wf = dequant(&q4_k(rows, cols, 2));
         for isa in CpuIsa::supported() {
+            let mut w = q4_k(rows, cols, 2);
+            w.pack_for(isa);
+            assert!(!w.wants_int_dot(), "{isa}");
             let (mut yq, mut yf) = (Vec::new(), Vec::new());
             matmul(isa, &w, &x, n, &mut yq);
             matmul(isa, &wf, &x, n, &mut yf);
@@ -245,6 +247,38 @@ mod tests {
             let mut alone = Vec::new();
             matmul(isa, &w, &x[3 * cols..4 * cols], 1, &mut alone);
             assert_eq!(alone, yq[3 * rows..4 * rows], "{isa}");
+        }
+    }
+
+    /// A Q4_K matrix in panels (an integer dot product over its 32-element sub-blocks) tracks its f32 twin, reads its
+    /// rows back exactly, and gives a row alone the bits it gets in a batch, with either work split.
+    #[test]
+    fn q4_k_panels_track_f32_and_are_batch_invariant() {
+        let (rows, cols) = (48, 512);
+        let wf = dequant(&q4_k(rows, cols, 3));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for isa in CpuIsa::supported() {
+            let mut w = q4_k(rows, cols, 3);
+            w.pack_for(isa);
+            let packed = matches!(w, Matrix::Blocks { panels: true, .. });
+            assert_eq!(packed, ferrite_kernels::cpu::quant::panels_preferred(isa, GgmlType::Q4K), "{isa}");
+            let mut row = vec![0f32; cols];
+            w.row_f32(rows - 5, &mut row);
+            assert_eq!(row, wf_row(&wf, rows - 5), "{isa}: a row read back from the panels");
+            for n in [5, 150] {
+                let x: Vec<f32> = (0..n * cols).map(|i| ((i * 31 % 89) as f32 / 30.0) - 1.4).collect();
+                let (mut yq, mut yf) = (Vec::new(), Vec::new());
+                pool.install(|| matmul(isa, &w, &x, n, &mut yq));
+                matmul(isa, &wf, &x, n, &mut yf);
+                for (i, (q, f)) in yq.iter().zip(&yf).enumerate() {
+                    assert!((q - f).abs() < 0.02 * (1.0 + f.abs()), "{isa} n {n} at {i}: {q} vs {f}");
+                }
+                for b in [0, n / 2, n - 1] {
+                    let mut alone = Vec::new();
+                    matmul(isa, &w, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                    assert_eq!(alone, yq[b * rows..(b + 1) * rows], "{isa} n {n} b {b}");
+                }
+            }
         }
     }
 

@@ -11,7 +11,9 @@ use ferrite_common::error::ModelError;
 use ferrite_common::model::{LlamaTensor, ModelFiles, WeightView};
 use ferrite_common::shard::ShardSpec;
 use ferrite_kernels::cpu::isa::CpuIsa;
-use ferrite_kernels::cpu::quant::{PANEL_ROWS, dequantize_row, pack_panels, panels_preferred, supports_q16_dot, unpack_panel_row};
+use ferrite_kernels::cpu::quant::{
+    PANEL_ROWS, QK16, dequantize_panel_row, dequantize_row, pack_panels, panels_preferred, supports_q16_dot,
+};
 use std::ops::Range;
 
 /// How the CPU backend keeps weights in memory.
@@ -27,8 +29,9 @@ pub enum WeightPrecision {
 /// A `[rows, cols]` weight matrix: row-major, or (`Blocks` with `panels`) in panels of eight rows.
 #[derive(Debug, Clone)]
 pub enum Matrix {
-    /// Raw GGML blocks; `row_bytes` bytes per row. With `panels`, `data` holds the same bytes packed eight rows at a
-    /// time (`ferrite_kernels::cpu::quant::pack_panels`; `rows` is then a multiple of 8).
+    /// Raw GGML blocks; `row_bytes` bytes per row. With `panels`, `data` holds the rows packed eight at a time
+    /// (`ferrite_kernels::cpu::quant::pack_panels`: the same bytes for the legacy types, 4/3 of them for Q4_K, whose
+    /// sub-blocks get f32 scales; `rows` is then a multiple of 8).
     Blocks {
         dtype: GgmlType,
         rows: usize,
@@ -65,9 +68,10 @@ impl Matrix {
         }
     }
 
-    /// True when the matmul should quantize activations to int16 blocks for an integer dot product.
+    /// True when the matmul should quantize activations to int16 blocks for an integer dot product (the legacy block
+    /// types, and every matrix packed in panels, Q4_K included).
     pub fn wants_int_dot(&self) -> bool {
-        matches!(self, Matrix::Blocks { dtype, .. } if supports_q16_dot(*dtype))
+        matches!(self, Matrix::Blocks { dtype, panels, .. } if *panels || supports_q16_dot(*dtype))
     }
 
     /// Row `r` as f32 (embedding lookup).
@@ -77,11 +81,7 @@ impl Matrix {
                 // Lengths were validated at load; a failure here is a bug.
                 dequantize_row(*dtype, &data[r * row_bytes..(r + 1) * row_bytes], out).expect("row geometry validated at load");
             }
-            Matrix::Blocks { dtype, row_bytes, data, panels: true, .. } => {
-                let mut row = vec![0u8; *row_bytes];
-                unpack_panel_row(*dtype, data, row_bytes / dtype.type_size(), r, &mut row);
-                dequantize_row(*dtype, &row, out).expect("row geometry validated at load");
-            }
+            Matrix::Blocks { dtype, cols, data, panels: true, .. } => dequantize_panel_row(*dtype, data, cols / QK16, r, out),
             Matrix::F32 { cols, data, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
         }
     }

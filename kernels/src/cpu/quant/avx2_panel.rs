@@ -15,6 +15,9 @@ use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
 use super::avx2::{Q4_0, Q4_1, Q8_0, prefetch_ahead, type_size};
+
+/// Kernel type of Q4_K panels: Q4_1-like 32-element sub-blocks with f32 scale and minimum.
+const Q4K: u8 = 5;
 use super::avx2_q16::nibbles16;
 use super::panel::PANEL_ROWS;
 use super::{BlockQ16, GgmlType};
@@ -54,8 +57,9 @@ macro_rules! panel_fn {
             out: &mut [f32],
             out_stride: usize,
         ) {
-            let pbb = PANEL_ROWS * type_size(K);
+            let pbb = if K == Q4K { PANEL_ROWS * 24 } else { PANEL_ROWS * type_size(K) };
             let (hdr, pairs) = match K {
+                Q4K => (8 * PANEL_ROWS, 8),
                 Q4_1 => (4 * PANEL_ROWS, 8),
                 Q8_0 => (2 * PANEL_ROWS, 16),
                 _ => (2 * PANEL_ROWS, 8),
@@ -113,9 +117,17 @@ macro_rules! panel_fn {
                                 *s = _mm256_add_epi32(*s, v);
                             }
                         }
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(bp.cast::<__m128i>()));
-                        if K == Q4_1 {
-                            let m = _mm256_cvtph_ps(_mm_loadu_si128(bp.add(2 * PANEL_ROWS).cast::<__m128i>()));
+                        let d = if K == Q4K {
+                            _mm256_loadu_ps(bp.cast::<f32>())
+                        } else {
+                            _mm256_cvtph_ps(_mm_loadu_si128(bp.cast::<__m128i>()))
+                        };
+                        if K == Q4_1 || K == Q4K {
+                            let m = if K == Q4K {
+                                _mm256_loadu_ps(bp.add(4 * PANEL_ROWS).cast::<f32>())
+                            } else {
+                                _mm256_cvtph_ps(_mm_loadu_si128(bp.add(2 * PANEL_ROWS).cast::<__m128i>()))
+                            };
                             for (b, a) in acc.iter_mut().enumerate() {
                                 *a = _mm256_fmadd_ps(m, _mm256_set1_ps((*xp.add(b * nb + i)).s), *a);
                             }
@@ -181,6 +193,7 @@ pub(super) unsafe fn gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
             GgmlType::Q4_0 => gemm_k::<Q4_0>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q4_1 => gemm_k::<Q4_1>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q8_0 => gemm_k::<Q8_0>(packed, nb, x, n, out, out_stride, vnni),
+            GgmlType::Q4K => gemm_k::<Q4K>(packed, nb, x, n, out, out_stride, vnni),
             _ => {}
         }
     }

@@ -96,6 +96,28 @@ pub(crate) fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The eight 32-element sub-blocks of a Q4_K block as Q4_1-like blocks with f32 fields (the weight panels' form):
+/// f32 `d·sc_j`, f32 `-(dmin·m_j)` (both exact), then 16 bytes whose byte `t` holds element `t` (low nibble) and
+/// element `t + 16` (high nibble). `d·q + (-(dmin·m))` is [`dequant_q4_k`]'s `d·q - dmin·m`, bit for bit.
+pub(crate) fn q4_k_sub_blocks(b: &[u8]) -> [[u8; 24]; 8] {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    core::array::from_fn(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+        let v = |l: usize| if j % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+        let mut out = [0u8; 24];
+        out[0..4].copy_from_slice(&(d * f32::from(sc)).to_le_bytes());
+        out[4..8].copy_from_slice(&(-(dmin * f32::from(m))).to_le_bytes());
+        for t in 0..16 {
+            out[8 + t] = v(t) | (v(t + 16) << 4);
+        }
+        out
+    })
+}
+
 /// block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128] } (176 bytes).
 pub(crate) fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);

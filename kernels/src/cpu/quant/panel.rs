@@ -14,8 +14,11 @@
 //! (low nibbles; the high nibbles are elements `2j + 16, 2j + 17`): `vpmaddwd` with the broadcast activation pair adds
 //! one product pair per row lane.
 //!
+//! Q4_K is packed as its 32-element sub-blocks: each becomes a Q4_1-like block with an f32 scale `d·sc` and an f32
+//! minimum `-(dmin·m)` (both exact products), 24 bytes a row in place of 18, laid out as [`Q4K_SUB_BYTES`] says.
+//!
 //! # Numerics
-//! Per row and activation row, for each block `i` in order: `acc = fma(m_w, s_x, acc)` (Q4_1 only), then
+//! Per row and activation row, for each block `i` in order: `acc = fma(m_w, s_x, acc)` (Q4_1 and Q4_K only), then
 //! `acc = fma(d_w * d_x, f32(isum_i), acc)`, where `isum_i` is the block's exact integer sum. [`gemm_q16_panels`]
 //! gives exactly these bits on every ISA (the scalar twin uses `f32::mul_add`), whatever the number of activation rows:
 //! a batched prefill and a single decode step agree bit for bit.
@@ -26,9 +29,9 @@ use crate::cpu::isa::CpuIsa;
 /// Weight rows per panel.
 pub const PANEL_ROWS: usize = 8;
 
-/// True if matrices of type `t` can be packed into panels: Q4_0, Q4_1 and Q8_0.
+/// True if matrices of type `t` can be packed into panels: Q4_0, Q4_1, Q8_0 and Q4_K.
 pub fn supports_panels(t: GgmlType) -> bool {
-    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K)
 }
 
 /// True if the int16 products of type `t` are fastest from panels at `cpu`: every SIMD level. The AVX2 panel kernel
@@ -38,10 +41,20 @@ pub fn panels_preferred(cpu: CpuIsa, t: GgmlType) -> bool {
     supports_panels(t) && cpu.has_avx2()
 }
 
-/// Bytes of one panel block of type `t` (eight blocks' worth).
+/// Bytes of one panel block of type `t`: eight rows' blocks of 32 elements (for Q4_K, its 32-element sub-blocks with
+/// f32 scale and minimum: 24 bytes a row).
 pub fn panel_block_bytes(t: GgmlType) -> usize {
-    PANEL_ROWS * t.type_size()
+    PANEL_ROWS * if t == GgmlType::Q4K { Q4K_SUB_BYTES } else { t.type_size() }
 }
+
+/// Bytes a row takes in panels (`cols` elements): its GGML bytes, or 4/3 of them for Q4_K.
+pub fn panel_row_bytes(t: GgmlType, cols: usize) -> usize {
+    cols / QK16 * panel_block_bytes(t) / PANEL_ROWS
+}
+
+/// A Q4_K sub-block in panels: f32 `d·sc`, f32 `-dmin·m`, then 16 bytes of nibbles in Q4_1's order. In a panel block
+/// the eight rows' scales come first (32 bytes), then their minimums, then the quant byte pairs as for the other types.
+const Q4K_SUB_BYTES: usize = 24;
 
 /// Quant bytes per row block: 16 nibble bytes or 32 Q8_0 bytes.
 fn quant_bytes(t: GgmlType) -> usize {
@@ -68,30 +81,64 @@ pub fn pack_panels(t: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> R
     if !rows.is_multiple_of(PANEL_ROWS) || !row_bytes.is_multiple_of(ts) || data.len() != rows * row_bytes {
         return Err(QuantError::BadLength { dtype: t, elements: rows * (row_bytes / ts) * t.block_size(), bytes: data.len() });
     }
-    let nb = row_bytes / ts;
+    let cols = row_bytes / ts * t.block_size();
+    let nb = cols / QK16;
     let pbb = panel_block_bytes(t);
-    let mut out = vec![0u8; data.len()];
+    let mut out = vec![0u8; rows / PANEL_ROWS * nb * pbb];
     for (r, row) in data.chunks_exact(row_bytes).enumerate() {
         let (p, k) = (r / PANEL_ROWS, r % PANEL_ROWS);
-        for (i, blk) in row.chunks_exact(ts).enumerate() {
+        let mut place = |i: usize, blk: &[u8]| {
             let dst = &mut out[(p * nb + i) * pbb..][..pbb];
-            for (u, unit) in blk.chunks_exact(2).enumerate() {
-                dst[unit_offset(k, u)..][..2].copy_from_slice(unit);
+            if t == GgmlType::Q4K {
+                // [d, m] as f32 fields of eight rows each, then the quant byte pairs.
+                dst[4 * k..][..4].copy_from_slice(&blk[0..4]);
+                dst[4 * PANEL_ROWS + 4 * k..][..4].copy_from_slice(&blk[4..8]);
+                for (u, unit) in blk[8..].chunks_exact(2).enumerate() {
+                    dst[8 * PANEL_ROWS + unit_offset(k, u)..][..2].copy_from_slice(unit);
+                }
+            } else {
+                for (u, unit) in blk.chunks_exact(2).enumerate() {
+                    dst[unit_offset(k, u)..][..2].copy_from_slice(unit);
+                }
+            }
+        };
+        for (s, blk) in row.chunks_exact(ts).enumerate() {
+            if t == GgmlType::Q4K {
+                for (j, sub) in super::kquants::q4_k_sub_blocks(blk).iter().enumerate() {
+                    place(8 * s + j, sub);
+                }
+            } else {
+                place(s, blk);
             }
         }
     }
     Ok(out)
 }
 
-/// Row `r` of a packed matrix (`nb` blocks per row) back in its GGML bytes (`out.len() == nb * type_size`).
-pub fn unpack_panel_row(t: GgmlType, packed: &[u8], nb: usize, r: usize, out: &mut [u8]) {
-    let ts = t.type_size();
+/// Row `r` of a packed matrix (`nb` blocks of 32 per row) back in f32 (`out.len() == nb * 32`): the bits
+/// [`dequantize_row`](super::dequantize_row) gives for the row's GGML bytes.
+pub fn dequantize_panel_row(t: GgmlType, packed: &[u8], nb: usize, r: usize, out: &mut [f32]) {
     let pbb = panel_block_bytes(t);
     let (p, k) = (r / PANEL_ROWS, r % PANEL_ROWS);
-    for (i, blk) in out.chunks_exact_mut(ts).take(nb).enumerate() {
+    let f32_at = |b: &[u8], o: usize| f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let mut blk = vec![0u8; t.type_size()];
+    for (i, y) in out.chunks_exact_mut(QK16).take(nb).enumerate() {
         let src = &packed[(p * nb + i) * pbb..][..pbb];
-        for (u, unit) in blk.chunks_exact_mut(2).enumerate() {
-            unit.copy_from_slice(&src[unit_offset(k, u)..][..2]);
+        if t == GgmlType::Q4K {
+            let (d, m) = (f32_at(src, 4 * k), f32_at(src, 4 * PANEL_ROWS + 4 * k));
+            for u in 0..QK16 / 4 {
+                let pair = &src[8 * PANEL_ROWS + unit_offset(k, u)..][..2];
+                for (e, &byte) in pair.iter().enumerate() {
+                    // `m` holds -dmin·m_j: d·q + (-x) is d·q - x, ggml's dequantization, bit for bit.
+                    y[2 * u + e] = d * f32::from(byte & 0x0F) + m;
+                    y[2 * u + e + QK16 / 2] = d * f32::from(byte >> 4) + m;
+                }
+            }
+        } else {
+            for (u, unit) in blk.chunks_exact_mut(2).enumerate() {
+                unit.copy_from_slice(&src[unit_offset(k, u)..][..2]);
+            }
+            super::dequantize_row(t, &blk, y).expect("a whole block of a panel type");
         }
     }
 }
@@ -137,19 +184,28 @@ pub fn gemm_q16_panels(cpu: CpuIsa, t: GgmlType, packed: &[u8], nb: usize, x: &[
 /// The scalar twin of the SIMD panel kernels: the same operations in the same order, so the same bits.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
+    // Q4_K sub-blocks are Q4_1 blocks with f32 scales; the match below treats them as Q4_1 (`_`).
     let pbb = panel_block_bytes(t);
-    let hdr = header_bytes(t);
+    let q4k = t == GgmlType::Q4K;
+    let hdr = if q4k { 8 } else { header_bytes(t) };
     let f16 = |b: &[u8], o: usize| half::f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]])).to_f32();
+    let f32_at = |b: &[u8], o: usize| f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    // (d, m) of row k in a panel block (m = 0 for the types without a minimum).
+    let scales = |blk: &[u8], k: usize| match t {
+        GgmlType::Q4K => (f32_at(blk, 4 * k), f32_at(blk, 4 * PANEL_ROWS + 4 * k)),
+        GgmlType::Q4_1 => (f16(blk, 2 * k), f16(blk, 2 * PANEL_ROWS + 2 * k)),
+        _ => (f16(blk, 2 * k), 0.0),
+    };
     for (p, panel) in packed.chunks_exact(nb * pbb).enumerate() {
         for b in 0..n {
             let xr = &x[b * nb..(b + 1) * nb];
             for k in 0..PANEL_ROWS {
                 let mut acc = 0.0f32;
                 for (blk, xb) in panel.chunks_exact(pbb).zip(xr) {
-                    let d = f16(blk, 2 * k);
+                    let (d, m) = scales(blk, k);
                     let q = &blk[PANEL_ROWS * hdr..];
                     let mut isum = 0i32;
-                    for j in 0..quant_bytes(t) / 2 {
+                    for j in 0..if q4k { 8 } else { quant_bytes(t) / 2 } {
                         let pair = &q[j * 2 * PANEL_ROWS + 2 * k..][..2];
                         for (e, &byte) in pair.iter().enumerate() {
                             let (lo, hi) = (2 * j + e, 2 * j + e + QK16 / 2);
@@ -166,8 +222,8 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
                             }
                         }
                     }
-                    if t == GgmlType::Q4_1 {
-                        acc = f16(blk, 2 * PANEL_ROWS + 2 * k).mul_add(xb.s, acc);
+                    if matches!(t, GgmlType::Q4_1 | GgmlType::Q4K) {
+                        acc = m.mul_add(xb.s, acc);
                     }
                     acc = (d * xb.d).mul_add(isum as f32, acc);
                 }

@@ -1,11 +1,29 @@
-//! Tests of the weight panels (`pack_panels`, `unpack_panel_row`, `gemm_q16_panels`) and their micro-benchmark.
+//! Tests of the weight panels (`pack_panels`, `dequantize_panel_row`, `gemm_q16_panels`) and their micro-benchmark.
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::*;
 
-const PANEL_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+const PANEL_TYPES: [GgmlType; 4] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K];
+
+/// `rows` random rows of `nb` 32-element blocks of type `t` (for Q4_K a multiple of 8), with sane f16 fields.
+fn panel_weights(t: GgmlType, rows: usize, nb: usize, rng: &mut StdRng) -> Vec<u8> {
+    let blocks = rows * nb * QK16 / t.block_size();
+    let mut w = random_weights(t, blocks, rng);
+    if t == GgmlType::Q4K {
+        // random_weights sets `d`; `dmin` too, so no block holds an f16 NaN.
+        for b in w.chunks_exact_mut(t.type_size()) {
+            b[2..4].copy_from_slice(&f16::from_f32(0.01).to_bits().to_le_bytes());
+        }
+    }
+    w
+}
+
+/// Blocks of 32 per row that `t` can have (Q4_K: whole 256-element super-blocks).
+fn nb_for(t: GgmlType, nb: usize) -> usize {
+    if t == GgmlType::Q4K { nb.next_multiple_of(8) } else { nb }
+}
 
 fn quantize16(x: &[f32]) -> Vec<BlockQ16> {
     let mut q = vec![BlockQ16::default(); x.len() / QK16];
@@ -14,19 +32,20 @@ fn quantize16(x: &[f32]) -> Vec<BlockQ16> {
 }
 
 #[test]
-fn pack_then_unpack_gives_every_row_back() {
+fn panel_rows_dequantize_to_the_ggml_rows_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(21);
     for t in PANEL_TYPES {
-        let (rows, nb) = (24, 3);
-        let row_bytes = nb * t.type_size();
-        let w = random_weights(t, rows * nb, &mut rng);
+        let (rows, nb) = (24, nb_for(t, 3));
+        let row_bytes = nb * QK16 / t.block_size() * t.type_size();
+        let w = panel_weights(t, rows, nb, &mut rng);
         let packed = pack_panels(t, &w, rows, row_bytes).unwrap();
-        assert_eq!(packed.len(), w.len(), "{t}: a panel holds exactly the bytes of its rows");
-        assert_ne!(packed, w, "{t}: the layout differs from the row-major one");
-        let mut row = vec![0u8; row_bytes];
+        assert_eq!(packed.len(), rows * panel_row_bytes(t, nb * QK16), "{t}");
+        let (mut got, mut want) = (vec![0f32; nb * QK16], vec![0f32; nb * QK16]);
         for r in 0..rows {
-            unpack_panel_row(t, &packed, nb, r, &mut row);
-            assert_eq!(row, w[r * row_bytes..(r + 1) * row_bytes], "{t} row {r}");
+            dequantize_panel_row(t, &packed, nb, r, &mut got);
+            dequantize_row(t, &w[r * row_bytes..(r + 1) * row_bytes], &mut want).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{t} row {r}");
         }
     }
 }
@@ -38,7 +57,7 @@ fn pack_refuses_partial_panels_and_other_types() {
     assert!(matches!(pack_panels(t, &w, 12, 20), Err(QuantError::BadLength { .. })));
     assert!(matches!(pack_panels(t, &w[..8 * 20 - 1], 8, 20), Err(QuantError::BadLength { .. })));
     assert_eq!(pack_panels(GgmlType::Q5_1, &[0u8; 8 * 24], 8, 24), Err(QuantError::Unsupported(GgmlType::Q5_1)));
-    assert!(!supports_panels(GgmlType::Q5_0) && supports_panels(GgmlType::Q8_0));
+    assert!(!supports_panels(GgmlType::Q5_0) && !supports_panels(GgmlType::Q6K) && supports_panels(GgmlType::Q4K));
 }
 
 /// Every ISA gives the scalar twin's bits, for any number of activation rows and any output stride, and one
@@ -47,10 +66,10 @@ fn pack_refuses_partial_panels_and_other_types() {
 fn panel_gemm_is_bitwise_the_scalar_twin_and_batch_invariant() {
     let mut rng = StdRng::seed_from_u64(22);
     for t in PANEL_TYPES {
-        for nb in [1usize, 2, 18] {
+        for nb in [1usize, 2, 18].map(|nb| nb_for(t, nb)) {
             let rows = 16;
-            let row_bytes = nb * t.type_size();
-            let packed = pack_panels(t, &random_weights(t, rows * nb, &mut rng), rows, row_bytes).unwrap();
+            let row_bytes = nb * QK16 / t.block_size() * t.type_size();
+            let packed = pack_panels(t, &panel_weights(t, rows, nb, &mut rng), rows, row_bytes).unwrap();
             for n in [1usize, 2, 3, 4, 5, 7, 9] {
                 let x = quantize16(&random_acts(n * nb * QK16, &mut rng));
                 let stride = rows + 3;
@@ -83,9 +102,9 @@ fn panel_gemm_is_bitwise_the_scalar_twin_and_batch_invariant() {
 fn panel_gemm_tracks_the_exact_dot_product() {
     let mut rng = StdRng::seed_from_u64(23);
     for t in PANEL_TYPES {
-        let (rows, nb) = (8, 18);
-        let row_bytes = nb * t.type_size();
-        let w = random_weights(t, rows * nb, &mut rng);
+        let (rows, nb) = (8, nb_for(t, 18));
+        let row_bytes = nb * QK16 / t.block_size() * t.type_size();
+        let w = panel_weights(t, rows, nb, &mut rng);
         let packed = pack_panels(t, &w, rows, row_bytes).unwrap();
         let x = quantize16(&random_acts(nb * QK16, &mut rng));
         for isa in CpuIsa::supported() {
@@ -115,12 +134,16 @@ fn panel_gemm_tracks_the_exact_dot_product() {
 fn bench_panels() {
     use std::hint::black_box;
     let mut rng = StdRng::seed_from_u64(24);
-    for (t, rows, cols) in
-        [(GgmlType::Q4_1, 1536usize, 576usize), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q8_0, 1536, 576), (GgmlType::Q4_0, 1536, 576)]
-    {
+    for (t, rows, cols) in [
+        (GgmlType::Q4_1, 1536usize, 576usize),
+        (GgmlType::Q4_1, 576, 1536),
+        (GgmlType::Q8_0, 1536, 576),
+        (GgmlType::Q4_0, 1536, 576),
+        (GgmlType::Q4K, 1536, 512),
+    ] {
         let row_bytes = t.bytes_for(cols).unwrap();
         let nb = cols / QK16;
-        let w = random_weights(t, rows * nb, &mut rng);
+        let w = panel_weights(t, rows, nb, &mut rng);
         let packed = pack_panels(t, &w, rows, row_bytes).unwrap();
         for n in [1usize, 4, 32] {
             let x = quantize16(&random_acts(n * cols, &mut rng));
