@@ -22,9 +22,9 @@
 //! [`gemm_q16_panels`] does the same from weight panels ([`pack_panels`]: eight rows interleaved, so a block's
 //! products are summed down a register, one lane per row, and the scale work is shared by eight rows): 1.3-1.5x the
 //! row-major kernels' speed at every SIMD level, with its own summation order (the same bits at every ISA, scalar
-//! included). Q4_K packs too, as Q4_1-like 32-element sub-blocks with f32 scale and minimum (exact, 4/3 of the
-//! bytes), so the most common K-quant gets an integer product. The CPU backend packs the matrices of the supported
-//! types at load ([`panels_preferred`]).
+//! included). Q4_K and Q6_K pack too, as 32-element blocks with exact f32 scales (Q4_1-like with a minimum, 4/3 of
+//! the bytes; Q8_0-like with a scale per half, 1.52 times), so the K-quants of a Q4_K_M file get an integer product.
+//! The CPU backend packs the matrices of the supported types at load ([`panels_preferred`]).
 //!
 //! # Determinism
 //! Every dispatching function takes the [`CpuIsa`] to use (the host's best, or a configured cap).

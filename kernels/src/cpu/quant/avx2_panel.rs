@@ -18,6 +18,8 @@ use super::avx2::{Q4_0, Q4_1, Q8_0, prefetch_ahead, type_size};
 
 /// Kernel type of Q4_K panels: Q4_1-like 32-element sub-blocks with f32 scale and minimum.
 const Q4K: u8 = 5;
+/// Kernel type of Q6_K panels: Q8_0-like 32-element blocks of `q - 32` with an f32 scale per half.
+const Q6K: u8 = 6;
 use super::avx2_q16::nibbles16;
 use super::panel::PANEL_ROWS;
 use super::{BlockQ16, GgmlType};
@@ -57,9 +59,14 @@ macro_rules! panel_fn {
             out: &mut [f32],
             out_stride: usize,
         ) {
-            let pbb = if K == Q4K { PANEL_ROWS * 24 } else { PANEL_ROWS * type_size(K) };
+            let pbb = match K {
+                Q4K => PANEL_ROWS * 24,
+                Q6K => PANEL_ROWS * 40,
+                _ => PANEL_ROWS * type_size(K),
+            };
             let (hdr, pairs) = match K {
                 Q4K => (8 * PANEL_ROWS, 8),
+                Q6K => (8 * PANEL_ROWS, 16),
                 Q4_1 => (4 * PANEL_ROWS, 8),
                 Q8_0 => (2 * PANEL_ROWS, 16),
                 _ => (2 * PANEL_ROWS, 8),
@@ -86,55 +93,60 @@ macro_rules! panel_fn {
                         let xq = |b: usize| addr_of!((*xp.add(b * nb + i)).qs).cast::<i16>();
                         // The pair of activation quants at element e of row b, in every i32 lane.
                         let pair = |b: usize, e: usize| _mm256_set1_epi32(read_unaligned(xq(b).add(e).cast::<i32>()));
-                        // C independent integer chains per activation row (a `vpdpwssd` chain waits 4-5 cycles per
-                        // step), summed at the end: integer sums, so the order changes nothing.
-                        let mut chains = [[_mm256_setzero_si256(); NA]; C];
-                        for j in 0..pairs {
-                            if K == Q8_0 {
-                                let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16 * j).cast::<__m128i>()));
-                                for (b, s) in chains[j % C].iter_mut().enumerate() {
-                                    *s = $dot(*s, w, pair(b, 2 * j));
-                                }
-                            } else {
-                                // Widened by an in-lane `vpshufb` of the broadcast bytes: LLVM turns `vpmovzxbw` here
-                                // into two narrower ones plus more masking (5 instructions instead of 3).
-                                let (mut lo, mut hi) = nibbles16(qp.add(16 * j));
-                                if K == Q4_0 {
-                                    lo = _mm256_sub_epi16(lo, eight);
-                                    hi = _mm256_sub_epi16(hi, eight);
-                                }
-                                for (b, s) in chains[(2 * j) % C].iter_mut().enumerate() {
-                                    *s = $dot(*s, lo, pair(b, 2 * j));
-                                }
-                                for (b, s) in chains[(2 * j + 1) % C].iter_mut().enumerate() {
-                                    *s = $dot(*s, hi, pair(b, 2 * j + 16));
+                        // Q6_K blocks have a scale per half (16 elements): its halves are summed and scaled apart.
+                        let halves = if K == Q6K { 2 } else { 1 };
+                        for h in 0..halves {
+                            // C independent integer chains per activation row (a `vpdpwssd` chain waits 4-5 cycles per
+                            // step), summed at the end: integer sums, so the order changes nothing.
+                            let mut chains = [[_mm256_setzero_si256(); NA]; C];
+                            for j in h * pairs / halves..(h + 1) * pairs / halves {
+                                if K == Q8_0 || K == Q6K {
+                                    let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(16 * j).cast::<__m128i>()));
+                                    for (b, s) in chains[j % C].iter_mut().enumerate() {
+                                        *s = $dot(*s, w, pair(b, 2 * j));
+                                    }
+                                } else {
+                                    // Widened by an in-lane `vpshufb` of the broadcast bytes: LLVM turns `vpmovzxbw`
+                                    // here into two narrower ones plus more masking (5 instructions instead of 3).
+                                    let (mut lo, mut hi) = nibbles16(qp.add(16 * j));
+                                    if K == Q4_0 {
+                                        lo = _mm256_sub_epi16(lo, eight);
+                                        hi = _mm256_sub_epi16(hi, eight);
+                                    }
+                                    for (b, s) in chains[(2 * j) % C].iter_mut().enumerate() {
+                                        *s = $dot(*s, lo, pair(b, 2 * j));
+                                    }
+                                    for (b, s) in chains[(2 * j + 1) % C].iter_mut().enumerate() {
+                                        *s = $dot(*s, hi, pair(b, 2 * j + 16));
+                                    }
                                 }
                             }
-                        }
-                        let mut isum = chains[0];
-                        for c in &chains[1..] {
-                            for (s, &v) in isum.iter_mut().zip(c) {
-                                *s = _mm256_add_epi32(*s, v);
+                            let mut isum = chains[0];
+                            for c in &chains[1..] {
+                                for (s, &v) in isum.iter_mut().zip(c) {
+                                    *s = _mm256_add_epi32(*s, v);
+                                }
                             }
-                        }
-                        let d = if K == Q4K {
-                            _mm256_loadu_ps(bp.cast::<f32>())
-                        } else {
-                            _mm256_cvtph_ps(_mm_loadu_si128(bp.cast::<__m128i>()))
-                        };
-                        if K == Q4_1 || K == Q4K {
-                            let m = if K == Q4K {
-                                _mm256_loadu_ps(bp.add(4 * PANEL_ROWS).cast::<f32>())
+                            // The f32 fields: Q4_K [d, m], Q6_K [d of each half]; f16 [d, m] for the others.
+                            let d = if K == Q4K || K == Q6K {
+                                _mm256_loadu_ps(bp.add(4 * PANEL_ROWS * h).cast::<f32>())
                             } else {
-                                _mm256_cvtph_ps(_mm_loadu_si128(bp.add(2 * PANEL_ROWS).cast::<__m128i>()))
+                                _mm256_cvtph_ps(_mm_loadu_si128(bp.cast::<__m128i>()))
                             };
-                            for (b, a) in acc.iter_mut().enumerate() {
-                                *a = _mm256_fmadd_ps(m, _mm256_set1_ps((*xp.add(b * nb + i)).s), *a);
+                            if K == Q4_1 || K == Q4K {
+                                let m = if K == Q4K {
+                                    _mm256_loadu_ps(bp.add(4 * PANEL_ROWS).cast::<f32>())
+                                } else {
+                                    _mm256_cvtph_ps(_mm_loadu_si128(bp.add(2 * PANEL_ROWS).cast::<__m128i>()))
+                                };
+                                for (b, a) in acc.iter_mut().enumerate() {
+                                    *a = _mm256_fmadd_ps(m, _mm256_set1_ps((*xp.add(b * nb + i)).s), *a);
+                                }
                             }
-                        }
-                        for (b, a) in acc.iter_mut().enumerate() {
-                            let s = _mm256_mul_ps(d, _mm256_set1_ps((*xp.add(b * nb + i)).d));
-                            *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(isum[b]), *a);
+                            for (b, a) in acc.iter_mut().enumerate() {
+                                let s = _mm256_mul_ps(d, _mm256_set1_ps((*xp.add(b * nb + i)).d));
+                                *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(isum[b]), *a);
+                            }
                         }
                     }
                 }
@@ -194,6 +206,7 @@ pub(super) unsafe fn gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
             GgmlType::Q4_1 => gemm_k::<Q4_1>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q8_0 => gemm_k::<Q8_0>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q4K => gemm_k::<Q4K>(packed, nb, x, n, out, out_stride, vnni),
+            GgmlType::Q6K => gemm_k::<Q6K>(packed, nb, x, n, out, out_stride, vnni),
             _ => {}
         }
     }

@@ -169,6 +169,31 @@ pub(crate) fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The eight 32-element blocks of a Q6_K block in the weight panels' form: f32 `d·sc` of the first 16 elements, f32
+/// `d·sc` of the last 16 (both exact), then the 32 quants `q - 32` as i8. `d·sc · q` is [`dequant_q6_k`]'s value,
+/// bit for bit.
+pub(crate) fn q6_k_sub_blocks(b: &[u8]) -> [[u8; 40]; 8] {
+    let d = f16_at(b, 208);
+    core::array::from_fn(|jb| {
+        let (n, m) = (jb / 4, jb % 4);
+        let ql = &b[n * 64..n * 64 + 64];
+        let qh = &b[128 + n * 32..128 + n * 32 + 32];
+        let sc = &b[192 + n * 8..192 + n * 8 + 8];
+        let mut out = [0u8; 40];
+        for h in 0..2 {
+            out[4 * h..4 * h + 4].copy_from_slice(&(d * f32::from(sc[2 * m + h] as i8)).to_le_bytes());
+        }
+        for l in 0..32 {
+            // ggml's q1..q4: low nibbles of ql[l], ql[l + 32], then their high nibbles; bits 2m, 2m + 1 of qh[l].
+            let byte = ql[l + 32 * (m % 2)];
+            let low = if m < 2 { byte & 0x0F } else { byte >> 4 };
+            let q = (low | (((qh[l] >> (2 * m)) & 3) << 4)) as i8 - 32;
+            out[8 + l] = q as u8;
+        }
+        out
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,11 +15,14 @@
 //! one product pair per row lane.
 //!
 //! Q4_K is packed as its 32-element sub-blocks: each becomes a Q4_1-like block with an f32 scale `d·sc` and an f32
-//! minimum `-(dmin·m)` (both exact products), 24 bytes a row in place of 18, laid out as [`Q4K_SUB_BYTES`] says.
+//! minimum `-(dmin·m)` (both exact products), 24 bytes a row in place of 18, laid out as `Q4K_SUB_BYTES` says. Q6_K
+//! becomes Q8_0-like blocks of `q - 32` with an exact f32 scale per 16-element half (40 bytes in place of 26.25;
+//! `Q6K_SUB_BYTES`), each half summed and scaled apart.
 //!
 //! # Numerics
 //! Per row and activation row, for each block `i` in order: `acc = fma(m_w, s_x, acc)` (Q4_1 and Q4_K only), then
-//! `acc = fma(d_w * d_x, f32(isum_i), acc)`, where `isum_i` is the block's exact integer sum. [`gemm_q16_panels`]
+//! `acc = fma(d_w * d_x, f32(isum_i), acc)`, where `isum_i` is the block's exact integer sum (Q6_K: the same for each
+//! half in turn, with its scale). [`gemm_q16_panels`]
 //! gives exactly these bits on every ISA (the scalar twin uses `f32::mul_add`), whatever the number of activation rows:
 //! a batched prefill and a single decode step agree bit for bit.
 
@@ -29,9 +32,9 @@ use crate::cpu::isa::CpuIsa;
 /// Weight rows per panel.
 pub const PANEL_ROWS: usize = 8;
 
-/// True if matrices of type `t` can be packed into panels: Q4_0, Q4_1, Q8_0 and Q4_K.
+/// True if matrices of type `t` can be packed into panels: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K.
 pub fn supports_panels(t: GgmlType) -> bool {
-    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K)
+    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K)
 }
 
 /// True if the int16 products of type `t` are fastest from panels at `cpu`: every SIMD level. The AVX2 panel kernel
@@ -44,10 +47,15 @@ pub fn panels_preferred(cpu: CpuIsa, t: GgmlType) -> bool {
 /// Bytes of one panel block of type `t`: eight rows' blocks of 32 elements (for Q4_K, its 32-element sub-blocks with
 /// f32 scale and minimum: 24 bytes a row).
 pub fn panel_block_bytes(t: GgmlType) -> usize {
-    PANEL_ROWS * if t == GgmlType::Q4K { Q4K_SUB_BYTES } else { t.type_size() }
+    PANEL_ROWS
+        * match t {
+            GgmlType::Q4K => Q4K_SUB_BYTES,
+            GgmlType::Q6K => Q6K_SUB_BYTES,
+            _ => t.type_size(),
+        }
 }
 
-/// Bytes a row takes in panels (`cols` elements): its GGML bytes, or 4/3 of them for Q4_K.
+/// Bytes a row takes in panels (`cols` elements): its GGML bytes, 4/3 of them for Q4_K, 1.52 times for Q6_K.
 pub fn panel_row_bytes(t: GgmlType, cols: usize) -> usize {
     cols / QK16 * panel_block_bytes(t) / PANEL_ROWS
 }
@@ -55,6 +63,14 @@ pub fn panel_row_bytes(t: GgmlType, cols: usize) -> usize {
 /// A Q4_K sub-block in panels: f32 `d·sc`, f32 `-dmin·m`, then 16 bytes of nibbles in Q4_1's order. In a panel block
 /// the eight rows' scales come first (32 bytes), then their minimums, then the quant byte pairs as for the other types.
 const Q4K_SUB_BYTES: usize = 24;
+/// A Q6_K block of 32 in panels: the f32 `d·sc` of each 16-element half, then the 32 quants `q - 32` as i8 (in a panel
+/// block: the eight rows' first scales, their second scales, then the quant byte pairs).
+const Q6K_SUB_BYTES: usize = 40;
+
+/// True for the panel types whose block header is two f32 fields (the K-quants' sub-blocks).
+fn f32_fields(t: GgmlType) -> bool {
+    matches!(t, GgmlType::Q4K | GgmlType::Q6K)
+}
 
 /// Quant bytes per row block: 16 nibble bytes or 32 Q8_0 bytes.
 fn quant_bytes(t: GgmlType) -> usize {
@@ -89,8 +105,8 @@ pub fn pack_panels(t: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> R
         let (p, k) = (r / PANEL_ROWS, r % PANEL_ROWS);
         let mut place = |i: usize, blk: &[u8]| {
             let dst = &mut out[(p * nb + i) * pbb..][..pbb];
-            if t == GgmlType::Q4K {
-                // [d, m] as f32 fields of eight rows each, then the quant byte pairs.
+            if f32_fields(t) {
+                // Two f32 fields of eight rows each, then the quant byte pairs.
                 dst[4 * k..][..4].copy_from_slice(&blk[0..4]);
                 dst[4 * PANEL_ROWS + 4 * k..][..4].copy_from_slice(&blk[4..8]);
                 for (u, unit) in blk[8..].chunks_exact(2).enumerate() {
@@ -105,6 +121,10 @@ pub fn pack_panels(t: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> R
         for (s, blk) in row.chunks_exact(ts).enumerate() {
             if t == GgmlType::Q4K {
                 for (j, sub) in super::kquants::q4_k_sub_blocks(blk).iter().enumerate() {
+                    place(8 * s + j, sub);
+                }
+            } else if t == GgmlType::Q6K {
+                for (j, sub) in super::kquants::q6_k_sub_blocks(blk).iter().enumerate() {
                     place(8 * s + j, sub);
                 }
             } else {
@@ -132,6 +152,15 @@ pub fn dequantize_panel_row(t: GgmlType, packed: &[u8], nb: usize, r: usize, out
                     // `m` holds -dmin·m_j: d·q + (-x) is d·q - x, ggml's dequantization, bit for bit.
                     y[2 * u + e] = d * f32::from(byte & 0x0F) + m;
                     y[2 * u + e + QK16 / 2] = d * f32::from(byte >> 4) + m;
+                }
+            }
+        } else if t == GgmlType::Q6K {
+            let halves = [f32_at(src, 4 * k), f32_at(src, 4 * PANEL_ROWS + 4 * k)];
+            for u in 0..QK16 / 2 {
+                let pair = &src[8 * PANEL_ROWS + unit_offset(k, u)..][..2];
+                for (e, &byte) in pair.iter().enumerate() {
+                    let l = 2 * u + e;
+                    y[l] = halves[l / (QK16 / 2)] * f32::from(byte as i8);
                 }
             }
         } else {
@@ -184,15 +213,19 @@ pub fn gemm_q16_panels(cpu: CpuIsa, t: GgmlType, packed: &[u8], nb: usize, x: &[
 /// The scalar twin of the SIMD panel kernels: the same operations in the same order, so the same bits.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
-    // Q4_K sub-blocks are Q4_1 blocks with f32 scales; the match below treats them as Q4_1 (`_`).
+    // Q4_K sub-blocks are Q4_1 blocks with f32 scales (the match below treats them as Q4_1, `_`); Q6_K blocks are
+    // Q8_0 blocks with an f32 scale per half.
     let pbb = panel_block_bytes(t);
-    let q4k = t == GgmlType::Q4K;
-    let hdr = if q4k { 8 } else { header_bytes(t) };
+    let hdr = if f32_fields(t) { 8 } else { header_bytes(t) };
+    let pairs = match t {
+        GgmlType::Q8_0 | GgmlType::Q6K => 16,
+        _ => 8,
+    };
     let f16 = |b: &[u8], o: usize| half::f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]])).to_f32();
     let f32_at = |b: &[u8], o: usize| f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     // (d, m) of row k in a panel block (m = 0 for the types without a minimum).
     let scales = |blk: &[u8], k: usize| match t {
-        GgmlType::Q4K => (f32_at(blk, 4 * k), f32_at(blk, 4 * PANEL_ROWS + 4 * k)),
+        GgmlType::Q4K | GgmlType::Q6K => (f32_at(blk, 4 * k), f32_at(blk, 4 * PANEL_ROWS + 4 * k)),
         GgmlType::Q4_1 => (f16(blk, 2 * k), f16(blk, 2 * PANEL_ROWS + 2 * k)),
         _ => (f16(blk, 2 * k), 0.0),
     };
@@ -204,20 +237,22 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
                 for (blk, xb) in panel.chunks_exact(pbb).zip(xr) {
                     let (d, m) = scales(blk, k);
                     let q = &blk[PANEL_ROWS * hdr..];
-                    let mut isum = 0i32;
-                    for j in 0..if q4k { 8 } else { quant_bytes(t) / 2 } {
+                    // Q6_K sums its halves apart (`isum[1]` for elements 16..32); the others use `isum[0]`.
+                    let mut isum = [0i32; 2];
+                    for j in 0..pairs {
                         let pair = &q[j * 2 * PANEL_ROWS + 2 * k..][..2];
                         for (e, &byte) in pair.iter().enumerate() {
                             let (lo, hi) = (2 * j + e, 2 * j + e + QK16 / 2);
+                            let isum = &mut isum[if t == GgmlType::Q6K { lo / (QK16 / 2) } else { 0 }];
                             match t {
-                                GgmlType::Q8_0 => isum += i32::from(byte as i8) * i32::from(xb.qs[lo]),
+                                GgmlType::Q8_0 | GgmlType::Q6K => *isum += i32::from(byte as i8) * i32::from(xb.qs[lo]),
                                 GgmlType::Q4_0 => {
-                                    isum += (i32::from(byte & 0x0F) - 8) * i32::from(xb.qs[lo]);
-                                    isum += (i32::from(byte >> 4) - 8) * i32::from(xb.qs[hi]);
+                                    *isum += (i32::from(byte & 0x0F) - 8) * i32::from(xb.qs[lo]);
+                                    *isum += (i32::from(byte >> 4) - 8) * i32::from(xb.qs[hi]);
                                 }
                                 _ => {
-                                    isum += i32::from(byte & 0x0F) * i32::from(xb.qs[lo]);
-                                    isum += i32::from(byte >> 4) * i32::from(xb.qs[hi]);
+                                    *isum += i32::from(byte & 0x0F) * i32::from(xb.qs[lo]);
+                                    *isum += i32::from(byte >> 4) * i32::from(xb.qs[hi]);
                                 }
                             }
                         }
@@ -225,7 +260,11 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
                     if matches!(t, GgmlType::Q4_1 | GgmlType::Q4K) {
                         acc = m.mul_add(xb.s, acc);
                     }
-                    acc = (d * xb.d).mul_add(isum as f32, acc);
+                    acc = (d * xb.d).mul_add(isum[0] as f32, acc);
+                    if t == GgmlType::Q6K {
+                        // `m` is the second half's scale.
+                        acc = (m * xb.d).mul_add(isum[1] as f32, acc);
+                    }
                 }
                 out[b * out_stride + p * PANEL_ROWS + k] = acc;
             }

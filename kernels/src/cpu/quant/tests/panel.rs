@@ -5,16 +5,18 @@ use rand::rngs::StdRng;
 
 use super::*;
 
-const PANEL_TYPES: [GgmlType; 4] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K];
+const PANEL_TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
 
-/// `rows` random rows of `nb` 32-element blocks of type `t` (for Q4_K a multiple of 8), with sane f16 fields.
+/// `rows` random rows of `nb` 32-element blocks of type `t` (for the K-quants a multiple of 8), with sane f16 fields.
 fn panel_weights(t: GgmlType, rows: usize, nb: usize, rng: &mut StdRng) -> Vec<u8> {
     let blocks = rows * nb * QK16 / t.block_size();
     let mut w = random_weights(t, blocks, rng);
-    if t == GgmlType::Q4K {
-        // random_weights sets `d`; `dmin` too, so no block holds an f16 NaN.
-        for b in w.chunks_exact_mut(t.type_size()) {
-            b[2..4].copy_from_slice(&f16::from_f32(0.01).to_bits().to_le_bytes());
+    // random_weights sets bytes 0..2 (and 2..4 for Q4_1); the K-quants' other f16 fields too, so no block holds NaN.
+    for b in w.chunks_exact_mut(t.type_size()) {
+        match t {
+            GgmlType::Q4K => b[2..4].copy_from_slice(&f16::from_f32(0.01).to_bits().to_le_bytes()),
+            GgmlType::Q6K => b[208..210].copy_from_slice(&f16::from_f32(0.002).to_bits().to_le_bytes()),
+            _ => {}
         }
     }
     w
@@ -22,7 +24,7 @@ fn panel_weights(t: GgmlType, rows: usize, nb: usize, rng: &mut StdRng) -> Vec<u
 
 /// Blocks of 32 per row that `t` can have (Q4_K: whole 256-element super-blocks).
 fn nb_for(t: GgmlType, nb: usize) -> usize {
-    if t == GgmlType::Q4K { nb.next_multiple_of(8) } else { nb }
+    if matches!(t, GgmlType::Q4K | GgmlType::Q6K) { nb.next_multiple_of(8) } else { nb }
 }
 
 fn quantize16(x: &[f32]) -> Vec<BlockQ16> {
@@ -57,7 +59,7 @@ fn pack_refuses_partial_panels_and_other_types() {
     assert!(matches!(pack_panels(t, &w, 12, 20), Err(QuantError::BadLength { .. })));
     assert!(matches!(pack_panels(t, &w[..8 * 20 - 1], 8, 20), Err(QuantError::BadLength { .. })));
     assert_eq!(pack_panels(GgmlType::Q5_1, &[0u8; 8 * 24], 8, 24), Err(QuantError::Unsupported(GgmlType::Q5_1)));
-    assert!(!supports_panels(GgmlType::Q5_0) && !supports_panels(GgmlType::Q6K) && supports_panels(GgmlType::Q4K));
+    assert!(!supports_panels(GgmlType::Q5_0) && !supports_panels(GgmlType::Q5K) && supports_panels(GgmlType::Q6K));
 }
 
 /// Every ISA gives the scalar twin's bits, for any number of activation rows and any output stride, and one
