@@ -195,38 +195,34 @@ mod tests {
     use ferrite_common::dtype::GgmlType;
     use ferrite_kernels::cpu::quant::dequantize_row;
 
-    /// Random Q4_1 matrix: f16 scale 0.01..0.02, f16 min -0.1, random nibbles.
-    fn q4_1(rows: usize, cols: usize, seed: u64) -> Matrix {
+    /// Random matrix of type `t` from an LCG: random quant bytes after two sane f16 header fields (Q4_1: scale
+    /// 0.01..0.02 and min -0.1; Q4_K: d and dmin 0.001..0.002).
+    fn random_matrix(t: GgmlType, rows: usize, cols: usize, seed: u64) -> Matrix {
         let mut s = seed;
         let mut next = || {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
-        let row_bytes = cols / 32 * 20;
+        let row_bytes = t.bytes_for(cols).unwrap();
         let mut data = Vec::with_capacity(rows * row_bytes);
-        for _ in 0..rows * cols / 32 {
-            data.extend(half::f16::from_f32(0.01 + (next() % 100) as f32 * 1e-4).to_le_bytes());
-            data.extend(half::f16::from_f32(-0.1).to_le_bytes());
-            data.extend((0..16).map(|_| next() as u8));
+        for _ in 0..rows * cols / t.block_size() {
+            let (d, second) = match t {
+                GgmlType::Q4_1 => (0.01 + (next() % 100) as f32 * 1e-4, -0.1),
+                _ => (0.001 + (next() % 100) as f32 * 1e-5, 0.001 + (next() % 100) as f32 * 1e-5),
+            };
+            data.extend(half::f16::from_f32(d).to_le_bytes());
+            data.extend(half::f16::from_f32(second).to_le_bytes());
+            data.extend((4..t.type_size()).map(|_| next() as u8));
         }
-        Matrix::Blocks { dtype: GgmlType::Q4_1, rows, cols, row_bytes, data, panels: false }
+        Matrix::Blocks { dtype: t, rows, cols, row_bytes, data, panels: false }
     }
 
-    /// Random Q4_K matrix (blocks of 256: f16 d and dmin 0.001..0.002, random 6-bit scales and nibbles).
+    fn q4_1(rows: usize, cols: usize, seed: u64) -> Matrix {
+        random_matrix(GgmlType::Q4_1, rows, cols, seed)
+    }
+
     fn q4_k(rows: usize, cols: usize, seed: u64) -> Matrix {
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
-        let row_bytes = cols / 256 * 144;
-        let mut data = Vec::with_capacity(rows * row_bytes);
-        for _ in 0..rows * cols / 256 {
-            data.extend(half::f16::from_f32(0.001 + (next() % 100) as f32 * 1e-5).to_le_bytes());
-            data.extend(half::f16::from_f32(0.001 + (next() % 100) as f32 * 1e-5).to_le_bytes());
-            data.extend((0..140).map(|_| next() as u8));
-        }
-        Matrix::Blocks { dtype: GgmlType::Q4K, rows, cols, row_bytes, data, panels: false }
+        random_matrix(GgmlType::Q4K, rows, cols, seed)
     }
 
     /// A K-quant matrix left in its GGML blocks (no integer dot product: each tile's rows are dequantized once for all
