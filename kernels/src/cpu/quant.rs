@@ -22,7 +22,7 @@
 //! [`gemm_q16_panels`] does the same from weight panels ([`pack_panels`]: eight rows interleaved, so a block's
 //! products are summed down a register, one lane per row, and the scale work is shared by eight rows): 1.3-1.5x the
 //! row-major kernels' speed at every SIMD level, with its own summation order (the same bits at every ISA, scalar
-//! included). Q4_K and Q6_K pack too, as 32-element blocks with exact f32 scales (Q4_1-like with a minimum, 4/3 of
+//! included). Q5_0 and Q5_1 pack with their fifth bits spread for the kernel (the same bytes); Q4_K and Q6_K pack too, as 32-element blocks with exact f32 scales (Q4_1-like with a minimum, 4/3 of
 //! the bytes; Q8_0-like with a scale per half, 1.52 times), so the K-quants of a Q4_K_M file get an integer product.
 //! The CPU backend packs the matrices of the supported types at load ([`panels_preferred`]).
 //!

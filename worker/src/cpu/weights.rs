@@ -1,9 +1,9 @@
 //! CPU weight storage. Matrices stay in their GGML block format when an integer dot product exists for it (Q4_0,
 //! Q4_1, Q5_0, Q5_1, Q8_0: activations are quantized to int16 blocks of 32, 256× finer than llama.cpp's int8 at the
 //! same speed on AVX2/AVX-512); other block formats (K-quants, ...) are dequantized one row at a time inside the dot
-//! product; float formats are widened to f32 at load. After loading, the backend repacks the Q4_0/Q4_1/Q8_0 matrices
-//! into weight panels of 8 rows where its instruction set prefers them ([`LlamaWeights::pack_for`]): the same bytes
-//! in another order.
+//! product; float formats are widened to f32 at load. After loading, the backend repacks the matrices of the panel
+//! types (the legacy ones, Q4_K, Q6_K) into weight panels of 8 rows where its instruction set prefers them
+//! ([`LlamaWeights::pack_for`]): the same bytes in another order, or the K-quants' blocks with f32 scales.
 
 use ferrite_common::config::LlamaConfig;
 use ferrite_common::dtype::GgmlType;

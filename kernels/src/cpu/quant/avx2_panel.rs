@@ -14,7 +14,7 @@
 use core::arch::x86_64::*;
 use core::ptr::{addr_of, read_unaligned};
 
-use super::avx2::{Q4_0, Q4_1, Q8_0, prefetch_ahead, type_size};
+use super::avx2::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, prefetch_ahead, type_size};
 
 /// Kernel type of Q4_K panels: Q4_1-like 32-element sub-blocks with f32 scale and minimum.
 const Q4K: u8 = 5;
@@ -67,6 +67,8 @@ macro_rules! panel_fn {
             let (hdr, pairs) = match K {
                 Q4K => (8 * PANEL_ROWS, 8),
                 Q6K => (8 * PANEL_ROWS, 16),
+                Q5_0 => (6 * PANEL_ROWS, 8),
+                Q5_1 => (8 * PANEL_ROWS, 8),
                 Q4_1 => (4 * PANEL_ROWS, 8),
                 Q8_0 => (2 * PANEL_ROWS, 16),
                 _ => (2 * PANEL_ROWS, 8),
@@ -74,6 +76,7 @@ macro_rules! panel_fn {
             assert!(NA <= NA_MAX && x.len() >= NA * nb && nb > 0);
             let xp = x.as_ptr();
             let eight = _mm256_set1_epi16(8);
+            let (sixteen, fifth, bit0) = (_mm256_set1_epi16(16), _mm256_set1_epi16(0x10), _mm256_set1_epi16(1));
             for (p, panel) in packed.chunks_exact(nb * pbb).enumerate() {
                 let o = p * PANEL_ROWS;
                 assert!((NA - 1) * out_stride + o + PANEL_ROWS <= out.len());
@@ -93,6 +96,14 @@ macro_rules! panel_fn {
                         let xq = |b: usize| addr_of!((*xp.add(b * nb + i)).qs).cast::<i16>();
                         // The pair of activation quants at element e of row b, in every i32 lane.
                         let pair = |b: usize, e: usize| _mm256_set1_epi32(read_unaligned(xq(b).add(e).cast::<i32>()));
+                        // Q5: the eight rows' spread fifth bits (`panel::spread_qh`), shifted right once per byte pair,
+                        // so bits 0 / 16 are that pair's bits of elements 2j / 2j + 1 and bits 8 / 24 those of
+                        // 2j + 16 / 2j + 17.
+                        let mut qt = if K == Q5_0 || K == Q5_1 {
+                            _mm256_loadu_si256(bp.add(hdr - 32).cast::<__m256i>())
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         // Q6_K blocks have a scale per half (16 elements): its halves are summed and scaled apart.
                         let halves = if K == Q6K { 2 } else { 1 };
                         for h in 0..halves {
@@ -112,6 +123,16 @@ macro_rules! panel_fn {
                                     if K == Q4_0 {
                                         lo = _mm256_sub_epi16(lo, eight);
                                         hi = _mm256_sub_epi16(hi, eight);
+                                    }
+                                    if K == Q5_0 || K == Q5_1 {
+                                        // Bit 0 / 8 of each i16 lane to bit 4 (the value 16).
+                                        lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qt, bit0)));
+                                        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi16::<4>(qt), fifth));
+                                        qt = _mm256_srli_epi32::<1>(qt);
+                                    }
+                                    if K == Q5_0 {
+                                        lo = _mm256_sub_epi16(lo, sixteen);
+                                        hi = _mm256_sub_epi16(hi, sixteen);
                                     }
                                     for (b, s) in chains[(2 * j) % C].iter_mut().enumerate() {
                                         *s = $dot(*s, lo, pair(b, 2 * j));
@@ -133,7 +154,7 @@ macro_rules! panel_fn {
                             } else {
                                 _mm256_cvtph_ps(_mm_loadu_si128(bp.cast::<__m128i>()))
                             };
-                            if K == Q4_1 || K == Q4K {
+                            if K == Q4_1 || K == Q5_1 || K == Q4K {
                                 let m = if K == Q4K {
                                     _mm256_loadu_ps(bp.add(4 * PANEL_ROWS).cast::<f32>())
                                 } else {
@@ -204,6 +225,8 @@ pub(super) unsafe fn gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
         match t {
             GgmlType::Q4_0 => gemm_k::<Q4_0>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q4_1 => gemm_k::<Q4_1>(packed, nb, x, n, out, out_stride, vnni),
+            GgmlType::Q5_0 => gemm_k::<Q5_0>(packed, nb, x, n, out, out_stride, vnni),
+            GgmlType::Q5_1 => gemm_k::<Q5_1>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q8_0 => gemm_k::<Q8_0>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q4K => gemm_k::<Q4K>(packed, nb, x, n, out, out_stride, vnni),
             GgmlType::Q6K => gemm_k::<Q6K>(packed, nb, x, n, out, out_stride, vnni),

@@ -14,6 +14,10 @@
 //! (low nibbles; the high nibbles are elements `2j + 16, 2j + 17`): `vpmaddwd` with the broadcast activation pair adds
 //! one product pair per row lane.
 //!
+//! Q5_0 and Q5_1 keep their bytes, in another order: the f16 fields, then each row's fifth bits as a u32 whose low
+//! half holds the even elements' bits and whose high half the odd elements' (`spread_qh`: one shift per byte pair
+//! brings a pair's bits to the bottom of its two i16 lanes), then the nibble pairs.
+//!
 //! Q4_K is packed as its 32-element sub-blocks: each becomes a Q4_1-like block with an f32 scale `d·sc` and an f32
 //! minimum `-(dmin·m)` (both exact products), 24 bytes a row in place of 18, laid out as `Q4K_SUB_BYTES` says. Q6_K
 //! becomes Q8_0-like blocks of `q - 32` with an exact f32 scale per 16-element half (40 bytes in place of 26.25;
@@ -32,9 +36,31 @@ use crate::cpu::isa::CpuIsa;
 /// Weight rows per panel.
 pub const PANEL_ROWS: usize = 8;
 
-/// True if matrices of type `t` can be packed into panels: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K.
+/// True if matrices of type `t` can be packed into panels: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K.
 pub fn supports_panels(t: GgmlType) -> bool {
-    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K)
+    use GgmlType::*;
+    matches!(t, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q6K)
+}
+
+/// The f16 fields of a Q5_0 (`d`) or Q5_1 (`d`, `m`) block; 0 for the other types.
+fn q5_fields(t: GgmlType) -> usize {
+    match t {
+        GgmlType::Q5_0 => 1,
+        GgmlType::Q5_1 => 2,
+        _ => 0,
+    }
+}
+
+/// A Q5 block's fifth bits `qh` (bit `e` for element `e`) as the panels store them: the even elements' bits in the
+/// low 16 bits, the odd elements' in the high 16, so one shift brings the bits of elements `2j` and `2j + 1` to the
+/// bottom of each half (the i16 lanes of those elements).
+pub(super) fn spread_qh(qh: u32) -> u32 {
+    (0..16).fold(0, |acc, i| acc | (((qh >> (2 * i)) & 1) << i) | (((qh >> (2 * i + 1)) & 1) << (16 + i)))
+}
+
+/// The inverse of [`spread_qh`].
+fn gather_qh(s: u32) -> u32 {
+    (0..16).fold(0, |acc, i| acc | (((s >> i) & 1) << (2 * i)) | (((s >> (16 + i)) & 1) << (2 * i + 1)))
 }
 
 /// True if the int16 products of type `t` are fastest from panels at `cpu`: every SIMD level. The AVX2 panel kernel
@@ -105,7 +131,18 @@ pub fn pack_panels(t: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> R
         let (p, k) = (r / PANEL_ROWS, r % PANEL_ROWS);
         let mut place = |i: usize, blk: &[u8]| {
             let dst = &mut out[(p * nb + i) * pbb..][..pbb];
-            if f32_fields(t) {
+            if q5_fields(t) > 0 {
+                // The f16 fields, the eight rows' fifth bits (u32 each, spread), then the nibble pairs.
+                let nf = q5_fields(t);
+                for u in 0..nf {
+                    dst[unit_offset(k, u)..][..2].copy_from_slice(&blk[2 * u..2 * u + 2]);
+                }
+                let qh = u32::from_le_bytes([blk[2 * nf], blk[2 * nf + 1], blk[2 * nf + 2], blk[2 * nf + 3]]);
+                dst[16 * nf + 4 * k..][..4].copy_from_slice(&spread_qh(qh).to_le_bytes());
+                for (u, unit) in blk[2 * nf + 4..].chunks_exact(2).enumerate() {
+                    dst[16 * nf + 32 + unit_offset(k, u)..][..2].copy_from_slice(unit);
+                }
+            } else if f32_fields(t) {
                 // Two f32 fields of eight rows each, then the quant byte pairs.
                 dst[4 * k..][..4].copy_from_slice(&blk[0..4]);
                 dst[4 * PANEL_ROWS + 4 * k..][..4].copy_from_slice(&blk[4..8]);
@@ -163,6 +200,17 @@ pub fn dequantize_panel_row(t: GgmlType, packed: &[u8], nb: usize, r: usize, out
                     y[l] = halves[l / (QK16 / 2)] * f32::from(byte as i8);
                 }
             }
+        } else if q5_fields(t) > 0 {
+            let nf = q5_fields(t);
+            for u in 0..nf {
+                blk[2 * u..2 * u + 2].copy_from_slice(&src[unit_offset(k, u)..][..2]);
+            }
+            let s4 = &src[16 * nf + 4 * k..][..4];
+            blk[2 * nf..2 * nf + 4].copy_from_slice(&gather_qh(u32::from_le_bytes([s4[0], s4[1], s4[2], s4[3]])).to_le_bytes());
+            for (u, unit) in blk[2 * nf + 4..].chunks_exact_mut(2).enumerate() {
+                unit.copy_from_slice(&src[16 * nf + 32 + unit_offset(k, u)..][..2]);
+            }
+            super::dequantize_row(t, &blk, y).expect("a whole Q5 block");
         } else {
             for (u, unit) in blk.chunks_exact_mut(2).enumerate() {
                 unit.copy_from_slice(&src[unit_offset(k, u)..][..2]);
@@ -216,6 +264,7 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
     // Q4_K sub-blocks are Q4_1 blocks with f32 scales (the match below treats them as Q4_1, `_`); Q6_K blocks are
     // Q8_0 blocks with an f32 scale per half.
     let pbb = panel_block_bytes(t);
+    // Header bytes per row: the Q5 types' f16 fields and fifth bits, the K-quants' two f32s, the others' f16s.
     let hdr = if f32_fields(t) { 8 } else { header_bytes(t) };
     let pairs = match t {
         GgmlType::Q8_0 | GgmlType::Q6K => 16,
@@ -226,7 +275,7 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
     // (d, m) of row k in a panel block (m = 0 for the types without a minimum).
     let scales = |blk: &[u8], k: usize| match t {
         GgmlType::Q4K | GgmlType::Q6K => (f32_at(blk, 4 * k), f32_at(blk, 4 * PANEL_ROWS + 4 * k)),
-        GgmlType::Q4_1 => (f16(blk, 2 * k), f16(blk, 2 * PANEL_ROWS + 2 * k)),
+        GgmlType::Q4_1 | GgmlType::Q5_1 => (f16(blk, 2 * k), f16(blk, 2 * PANEL_ROWS + 2 * k)),
         _ => (f16(blk, 2 * k), 0.0),
     };
     for (p, panel) in packed.chunks_exact(nb * pbb).enumerate() {
@@ -237,6 +286,20 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
                 for (blk, xb) in panel.chunks_exact(pbb).zip(xr) {
                     let (d, m) = scales(blk, k);
                     let q = &blk[PANEL_ROWS * hdr..];
+                    let nf = q5_fields(t);
+                    let qh = if nf > 0 {
+                        let s4 = &blk[16 * nf + 4 * k..][..4];
+                        gather_qh(u32::from_le_bytes([s4[0], s4[1], s4[2], s4[3]]))
+                    } else {
+                        0
+                    };
+                    // Element e's fifth bit as 16 (Q5 types), and the offset its type subtracts.
+                    let h = |e: usize| ((qh >> e) & 1) as i32 * 16;
+                    let off = match t {
+                        GgmlType::Q4_0 => 8,
+                        GgmlType::Q5_0 => 16,
+                        _ => 0,
+                    };
                     // Q6_K sums its halves apart (`isum[1]` for elements 16..32); the others use `isum[0]`.
                     let mut isum = [0i32; 2];
                     for j in 0..pairs {
@@ -246,18 +309,14 @@ pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16],
                             let isum = &mut isum[if t == GgmlType::Q6K { lo / (QK16 / 2) } else { 0 }];
                             match t {
                                 GgmlType::Q8_0 | GgmlType::Q6K => *isum += i32::from(byte as i8) * i32::from(xb.qs[lo]),
-                                GgmlType::Q4_0 => {
-                                    *isum += (i32::from(byte & 0x0F) - 8) * i32::from(xb.qs[lo]);
-                                    *isum += (i32::from(byte >> 4) - 8) * i32::from(xb.qs[hi]);
-                                }
                                 _ => {
-                                    *isum += i32::from(byte & 0x0F) * i32::from(xb.qs[lo]);
-                                    *isum += i32::from(byte >> 4) * i32::from(xb.qs[hi]);
+                                    *isum += (i32::from(byte & 0x0F) + h(lo) - off) * i32::from(xb.qs[lo]);
+                                    *isum += (i32::from(byte >> 4) + h(hi) - off) * i32::from(xb.qs[hi]);
                                 }
                             }
                         }
                     }
-                    if matches!(t, GgmlType::Q4_1 | GgmlType::Q4K) {
+                    if matches!(t, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K) {
                         acc = m.mul_add(xb.s, acc);
                     }
                     acc = (d * xb.d).mul_add(isum[0] as f32, acc);

@@ -5,7 +5,8 @@ use rand::rngs::StdRng;
 
 use super::*;
 
-const PANEL_TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+const PANEL_TYPES: [GgmlType; 7] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
 
 /// `rows` random rows of `nb` 32-element blocks of type `t` (for the K-quants a multiple of 8), with sane f16 fields.
 fn panel_weights(t: GgmlType, rows: usize, nb: usize, rng: &mut StdRng) -> Vec<u8> {
@@ -58,8 +59,8 @@ fn pack_refuses_partial_panels_and_other_types() {
     let w = vec![0u8; 12 * 20];
     assert!(matches!(pack_panels(t, &w, 12, 20), Err(QuantError::BadLength { .. })));
     assert!(matches!(pack_panels(t, &w[..8 * 20 - 1], 8, 20), Err(QuantError::BadLength { .. })));
-    assert_eq!(pack_panels(GgmlType::Q5_1, &[0u8; 8 * 24], 8, 24), Err(QuantError::Unsupported(GgmlType::Q5_1)));
-    assert!(!supports_panels(GgmlType::Q5_0) && !supports_panels(GgmlType::Q5K) && supports_panels(GgmlType::Q6K));
+    assert_eq!(pack_panels(GgmlType::Q5K, &[0u8; 8 * 176], 8, 176), Err(QuantError::Unsupported(GgmlType::Q5K)));
+    assert!(!supports_panels(GgmlType::Q5K) && !supports_panels(GgmlType::Q2K) && supports_panels(GgmlType::Q5_1));
 }
 
 /// Every ISA gives the scalar twin's bits, for any number of activation rows and any output stride, and one
@@ -141,6 +142,8 @@ fn bench_panels() {
         (GgmlType::Q4_1, 576, 1536),
         (GgmlType::Q8_0, 1536, 576),
         (GgmlType::Q4_0, 1536, 576),
+        (GgmlType::Q5_0, 1536, 576),
+        (GgmlType::Q5_1, 1536, 576),
         (GgmlType::Q4K, 1536, 512),
     ] {
         let row_bytes = t.bytes_for(cols).unwrap();
