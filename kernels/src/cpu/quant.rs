@@ -409,6 +409,17 @@ pub fn gemv_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[Block
     }
 }
 
+/// How many of the `n >= 1` activation rows of a batched product fit both in `x` (`x_len` blocks, `nb` per row) and,
+/// with their `rows` outputs each `out_stride` apart, in `out` (`out_len` floats); `debug_assert!`s that all `n` do.
+fn batch_rows_that_fit(name: &str, n: usize, x_len: usize, nb: usize, out_len: usize, rows: usize, out_stride: usize) -> usize {
+    debug_assert_eq!(x_len, n * nb, "{name}: activation length mismatch");
+    debug_assert!(n == 1 || out_stride >= rows, "{name}: out_stride {out_stride} < rows {rows}");
+    debug_assert!(out_len >= (n - 1) * out_stride + rows, "{name}: output too short");
+    let fit_x = x_len.checked_div(nb).unwrap_or(n);
+    let fit_out = if out_len < rows { 0 } else { (out_len - rows).checked_div(out_stride).map_or(n, |q| q + 1) };
+    n.min(fit_x).min(fit_out)
+}
+
 /// `out[b * out_stride + r] = vec_dot_q16(t, row r of w, x[b])` for every weight row `r` in
 /// `0..rows` (`rows = w.len() / row_bytes`) and activation row `b` in `0..n`, where `x` holds the
 /// `n` activation rows of `blocks_per_row = row_bytes / t.type_size()` blocks each, contiguously.
@@ -433,13 +444,7 @@ pub fn gemm_q16(cpu: CpuIsa, t: GgmlType, w: &[u8], row_bytes: usize, x: &[Block
     let nb = row_bytes / t.type_size();
     let rows = w.len() / row_bytes;
     debug_assert_eq!(row_bytes, nb * t.type_size(), "gemm_q16: row_bytes is not a whole number of blocks");
-    debug_assert_eq!(x.len(), n * nb, "gemm_q16: activation length mismatch");
-    debug_assert!(n == 1 || out_stride >= rows, "gemm_q16: out_stride {out_stride} < rows {rows}");
-    debug_assert!(out.len() >= (n - 1) * out_stride + rows, "gemm_q16: output too short");
-    // Activation rows that fit in `x` and whose outputs fit in `out`.
-    let fit_x = x.len().checked_div(nb).unwrap_or(n);
-    let fit_out = if out.len() < rows { 0 } else { (out.len() - rows).checked_div(out_stride).map_or(n, |q| q + 1) };
-    let n = n.min(fit_x).min(fit_out);
+    let n = batch_rows_that_fit("gemm_q16", n, x.len(), nb, out.len(), rows, out_stride);
     if n == 0 || rows == 0 {
         return;
     }

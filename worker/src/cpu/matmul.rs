@@ -1,8 +1,9 @@
 //! Multi-threaded `y = x · Wᵀ` over [`Matrix`] formats.
 //!
 //! Work is split over weight rows (or, for a prefill's many activation rows, over activation rows), never over the
-//! reduction dimension, and each activation row is quantized on its own: every output element is one dot product of one weight row with one activation row, computed the same way
-//! whatever the batch size. That is what makes the forward pass batch invariant.
+//! reduction dimension, and each activation row is quantized on its own: every output element is one dot product of
+//! one weight row with one activation row, computed the same way whatever the batch size. That is what makes the
+//! forward pass batch invariant.
 
 use ferrite_kernels::cpu::isa::CpuIsa;
 use ferrite_kernels::cpu::quant::{BlockQ16, PANEL_ROWS, QK16, dot_f32, gemm_q16, gemm_q16_panels, panel_row_bytes, quantize_row_q16};

@@ -54,7 +54,7 @@ fn q5_fields(t: GgmlType) -> usize {
 /// A Q5 block's fifth bits `qh` (bit `e` for element `e`) as the panels store them: the even elements' bits in the
 /// low 16 bits, the odd elements' in the high 16, so one shift brings the bits of elements `2j` and `2j + 1` to the
 /// bottom of each half (the i16 lanes of those elements).
-pub(super) fn spread_qh(qh: u32) -> u32 {
+fn spread_qh(qh: u32) -> u32 {
     (0..16).fold(0, |acc, i| acc | (((qh >> (2 * i)) & 1) << i) | (((qh >> (2 * i + 1)) & 1) << (16 + i)))
 }
 
@@ -92,6 +92,21 @@ const Q4K_SUB_BYTES: usize = 24;
 /// A Q6_K block of 32 in panels: the f32 `d·sc` of each 16-element half, then the 32 quants `q - 32` as i8 (in a panel
 /// block: the eight rows' first scales, their second scales, then the quant byte pairs).
 const Q6K_SUB_BYTES: usize = 40;
+
+/// Where things are in a panel block of one type (the SIMD kernels hold the same numbers as constants; a test checks
+/// them against these).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PanelLayout {
+    /// Bytes of a panel block ([`panel_block_bytes`]).
+    pub(super) block_bytes: usize,
+    /// Bytes of its eight rows' header fields, before the quant byte pairs.
+    pub(super) header_bytes: usize,
+}
+
+/// The layout of `t`'s panel blocks.
+pub(super) fn panel_layout(t: GgmlType) -> PanelLayout {
+    PanelLayout { block_bytes: panel_block_bytes(t), header_bytes: PANEL_ROWS * if f32_fields(t) { 8 } else { header_bytes(t) } }
+}
 
 /// True for the panel types whose block header is two f32 fields (the K-quants' sub-blocks).
 fn f32_fields(t: GgmlType) -> bool {
@@ -235,12 +250,7 @@ pub fn gemm_q16_panels(cpu: CpuIsa, t: GgmlType, packed: &[u8], nb: usize, x: &[
     }
     debug_assert_eq!(packed.len() % panel_bytes, 0, "gemm_q16_panels: not whole panels");
     let rows = packed.len() / panel_bytes * PANEL_ROWS;
-    debug_assert_eq!(x.len(), n * nb, "gemm_q16_panels: activation length mismatch");
-    debug_assert!(n == 1 || out_stride >= rows, "gemm_q16_panels: out_stride {out_stride} < rows {rows}");
-    debug_assert!(out.len() >= (n - 1) * out_stride + rows, "gemm_q16_panels: output too short");
-    let fit_x = x.len() / nb;
-    let fit_out = if out.len() < rows { 0 } else { (out.len() - rows).checked_div(out_stride).map_or(n, |q| q + 1) };
-    let n = n.min(fit_x).min(fit_out);
+    let n = super::batch_rows_that_fit("gemm_q16_panels", n, x.len(), nb, out.len(), rows, out_stride);
     if n == 0 || rows == 0 {
         return;
     }
@@ -263,9 +273,10 @@ pub fn gemm_q16_panels(cpu: CpuIsa, t: GgmlType, packed: &[u8], nb: usize, x: &[
 pub(super) fn scalar_gemm(t: GgmlType, packed: &[u8], nb: usize, x: &[BlockQ16], n: usize, out: &mut [f32], out_stride: usize) {
     // Q4_K sub-blocks are Q4_1 blocks with f32 scales (the match below treats them as Q4_1, `_`); Q6_K blocks are
     // Q8_0 blocks with an f32 scale per half.
-    let pbb = panel_block_bytes(t);
+    let lay = panel_layout(t);
+    let pbb = lay.block_bytes;
     // Header bytes per row: the Q5 types' f16 fields and fifth bits, the K-quants' two f32s, the others' f16s.
-    let hdr = if f32_fields(t) { 8 } else { header_bytes(t) };
+    let hdr = lay.header_bytes / PANEL_ROWS;
     let pairs = match t {
         GgmlType::Q8_0 | GgmlType::Q6K => 16,
         _ => 8,
